@@ -1,0 +1,114 @@
+"""Official RWKV-7 `.pth` checkpoints in and out."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import CheckpointError, RWKV7Config, infer_config
+from .rwkv7 import RWKV7
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """torch.load a checkpoint safely (weights_only); CheckpointError with one line on failure."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file")
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a directory, expected a .pth file")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p}: cannot read as a PyTorch checkpoint (truncated or corrupt?): {reason}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{p}: expected a dict of tensors (an RWKV .pth state dict)")
+    return sd
+
+
+def model_from_state_dict(
+    sd: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    source: str = "checkpoint",
+    **model_kwargs,
+) -> RWKV7:
+    """Build an RWKV7 whose config is inferred from `sd` and load the weights into it."""
+    cfg = infer_config(sd, source)
+    for k, t in sd.items():
+        if t.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{source}: {k} has dtype {t.dtype}, expected bf16, fp16 or fp32")
+    with torch.device("meta"):
+        model = RWKV7(cfg, **model_kwargs)
+    model = model.to_empty(device=device).to(dtype)
+    for i, blk in enumerate(model.blocks):
+        ts = sd.get(f"blocks.{i}.att.time_state")
+        if ts is not None:
+            if tuple(ts.shape) != (cfg.n_head, cfg.head_size, cfg.head_size):
+                raise CheckpointError(f"{source}: blocks.{i}.att.time_state is {list(ts.shape)}, "
+                                      f"expected {[cfg.n_head, cfg.head_size, cfg.head_size]}")
+            blk.att.register_buffer("time_state", torch.empty(ts.shape, device=device, dtype=torch.float32))
+    with torch.no_grad():
+        own = model.state_dict()
+        for k, t in own.items():
+            t.copy_(sd[k])
+    return model
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **model_kwargs,
+) -> RWKV7:
+    """Load an official RWKV-7 `.pth` (bf16/fp16/fp32); the config is inferred from key shapes.
+
+    Weights are cast to `dtype`; the WKV state is always computed in fp32.
+    `model_kwargs` go to RWKV7 (wkv_backend, grad_cp).
+    """
+    return model_from_state_dict(read_state_dict(path), dtype, device, source=str(path), **model_kwargs)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, then rename: readers never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def official_state_dict(model: RWKV7, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The model's weights under official key names, cast to `dtype` (time_state stays fp32)."""
+    out = {}
+    for k, t in model.state_dict().items():
+        t = t.detach().to("cpu")
+        out[k] = t.float().contiguous() if k.endswith("time_state") else t.to(dtype).contiguous()
+    return out
+
+
+def save_model(model: RWKV7, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write an official RWKV-7 `.pth` (bf16 by default), atomically."""
+    atomic_save(official_state_dict(model, dtype), path)
+
+
+def new_model(cfg: RWKV7Config, seed: int = 0, **model_kwargs) -> RWKV7:
+    """A freshly initialised model (RWKV-LM's initialisation)."""
+    from .init import init_weights
+
+    return init_weights(RWKV7(cfg, **model_kwargs), seed=seed)

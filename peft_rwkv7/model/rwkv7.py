@@ -1,0 +1,180 @@
+"""RWKV-7 "Goose" (x070), readable next to the math in DESIGN.md.
+
+Shapes: B batch, T time, C = n_embd, H heads of N = head_size, V vocab, F = dim_ffn.
+Module and parameter names equal the official checkpoint keys, so `state_dict()` *is* the
+official layout. The model knows nothing of adapters: it takes an optional initial state per
+layer (token-shift vectors and WKV state) and can return the final one.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import wkv7
+from .config import RWKV7Config
+
+LN_EPS = 1e-5
+GROUPNORM_EPS = 64e-5  # RWKV-7's ln_x eps (head_size_divisor 8 squared, times 1e-5)
+DECAY_FLOOR = 0.5  # w = -softplus(-(...)) - 0.5 keeps the decay exp(-exp(w)) below exp(-exp(-0.5))
+
+
+class LayerState(NamedTuple):
+    """Recurrent state of one block. Any field may be None (= zeros)."""
+
+    att_shift: torch.Tensor | None  # [B, C] ln1 output of the previous token
+    wkv: torch.Tensor | None  # [B, H, N, N] fp32, value-major
+    ffn_shift: torch.Tensor | None  # [B, C] ln2 output of the previous token
+
+
+def _shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    """dx = x[t-1] - x[t] with x[-1] = prev (or 0). x: [B, T, C]."""
+    if prev is None:
+        prev = x.new_zeros(x.shape[0], x.shape[2])
+    shifted = torch.cat([prev.to(x.dtype)[:, None], x[:, :-1]], dim=1)
+    return shifted - x
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
+            setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.w1, self.w2 = nn.Parameter(torch.zeros(C, cfg.d_decay)), nn.Parameter(torch.zeros(cfg.d_decay, C))
+        self.a1, self.a2 = nn.Parameter(torch.zeros(C, cfg.d_aaa)), nn.Parameter(torch.zeros(cfg.d_aaa, C))
+        self.g1, self.g2 = nn.Parameter(torch.zeros(C, cfg.d_gate)), nn.Parameter(torch.zeros(cfg.d_gate, C))
+        self.has_v = layer_id > 0 or cfg.layer0_v
+        if self.has_v:
+            self.v0 = nn.Parameter(torch.zeros(1, 1, C))
+            self.v1, self.v2 = nn.Parameter(torch.zeros(C, cfg.d_mv)), nn.Parameter(torch.zeros(cfg.d_mv, C))
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+        self.wkv_backend = "auto"
+
+    def forward(self, x, v_first, shift, wkv_state):
+        """x: [B, T, C] (ln1 output); v_first: [B, T, C] or None on layer 0.
+        Returns out [B, T, C], v_first, new shift [B, C], new WKV state [B, H, N, N] fp32."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        dx = _shift(x, shift)
+        xr, xw, xk = x + dx * self.x_r, x + dx * self.x_w, x + dx * self.x_k
+        xv, xa, xg = x + dx * self.x_v, x + dx * self.x_a, x + dx * self.x_g
+
+        r = self.receptance(xr)
+        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - DECAY_FLOOR
+        k = self.key(xk)
+        v = self.value(xv)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+
+        def heads(t):
+            return t.view(B, T, H, N)
+
+        y, new_state = wkv7(
+            heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a), state=wkv_state, backend=self.wkv_backend
+        )
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
+        y = y + bonus.reshape(B, T, C)
+        return self.output(y * g), v_first, x[:, -1], new_state
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: RWKV7Config):
+        super().__init__()
+        self.x_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+        self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+
+    def forward(self, x, shift):
+        k = x + _shift(x, shift) * self.x_k
+        return self.value(torch.relu(self.key(k)) ** 2), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg)
+
+    def forward(self, x, v_first, state: LayerState):
+        att_out, v_first, att_shift, wkv = self.att(self.ln1(x), v_first, state.att_shift, state.wkv)
+        x = x + att_out
+        ffn_out, ffn_shift = self.ffn(self.ln2(x), state.ffn_shift)
+        return x + ffn_out, v_first, LayerState(att_shift, wkv, ffn_shift)
+
+
+class RWKV7(nn.Module):
+    """idx [B, T] -> logits [B, T, V]; optionally takes and returns per-layer LayerState."""
+
+    def __init__(self, cfg: RWKV7Config, wkv_backend: str = "auto", grad_cp: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.grad_cp = grad_cp
+        self.set_wkv_backend(wkv_backend)
+
+    def set_wkv_backend(self, backend: str) -> None:
+        """Which wkv7 backend every layer uses ("auto", "reference", "cpu", "cuda", "triton")."""
+        for blk in self.blocks:
+            blk.att.wkv_backend = backend
+
+    def initial_state(self) -> list[LayerState]:
+        """The state a sequence starts from: a checkpoint's `att.time_state` where it has one."""
+        return [LayerState(None, getattr(blk.att, "time_state", None), None) for blk in self.blocks]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        state: list[LayerState] | None = None,
+        return_state: bool = False,
+    ):
+        """idx: LongTensor [B, T]; state: list of n_layer LayerState (wkv may be [H, N, N],
+        broadcast over the batch). Returns logits [B, T, V] (and the final state if asked)."""
+        B = idx.shape[0]
+        if state is None:
+            state = self.initial_state()
+        x = self.blocks[0].ln0(self.emb(idx))
+        v_first = None
+        new_state = []
+        for blk, st in zip(self.blocks, state):
+            if st.wkv is not None and st.wkv.dim() == 3:
+                st = st._replace(wkv=st.wkv.float().unsqueeze(0).expand(B, -1, -1, -1))
+            if self.grad_cp and torch.is_grad_enabled():
+                x, v_first, st = checkpoint(blk, x, v_first, st, use_reentrant=False)
+            else:
+                x, v_first, st = blk(x, v_first, st)
+            new_state.append(st)
+        logits = self.head(self.ln_out(x))
+        return (logits, new_state) if return_state else logits
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, state: list[LayerState] | None = None):
+        """One RNN step for generation. token: LongTensor [B]; returns logits [B, V] and the state."""
+        logits, state = self.forward(token[:, None], state, return_state=True)
+        return logits[:, -1], state

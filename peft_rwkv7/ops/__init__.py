@@ -1,0 +1,71 @@
+"""The WKV7 operator: one entry point, several backends, no model code.
+
+`wkv7(r, w, k, v, a, b, state=None, backend="auto") -> (y, final_state)`; see DESIGN.md for the
+layout and conventions. Fused backends register in `_BACKENDS` by name; "auto" picks the fastest
+one available for the tensors' device and falls back to the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .reference import wkv7_reference
+
+__all__ = ["wkv7", "wkv7_reference", "BACKENDS", "available_backends"]
+
+WkvFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def _check_inputs(r, w, k, v, a, b, state) -> None:
+    shape = r.shape
+    if r.dim() != 4:
+        raise ValueError(f"wkv7: inputs must be [B, T, H, N], got r of shape {tuple(shape)}")
+    for name, x in zip("wkvab", (w, k, v, a, b)):
+        if x.shape != shape:
+            raise ValueError(f"wkv7: {name} has shape {tuple(x.shape)}, expected {tuple(shape)} like r")
+    if state is not None:
+        B, _, H, N = shape
+        if tuple(state.shape) != (B, H, N, N):
+            raise ValueError(f"wkv7: state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
+
+
+def _resolve(backend: str, device: torch.device) -> WkvFn:
+    if backend not in BACKENDS:
+        raise ValueError(f"wkv7: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return wkv7_reference
+    from . import dispatch
+
+    return dispatch.resolve(backend, device)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on `device` in this process (reference always can)."""
+    from . import dispatch
+
+    return dispatch.available(torch.device(device))
+
+
+def wkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WKV7 recurrence over [B, T, H, N] inputs.
+
+    w: log-log decay (per-step decay = exp(-exp(w))); a = -kk, b = kk * a as RWKV-7 passes them;
+    state: [B, H, N, N] value-major initial state (fp32) or None for zeros.
+    Returns y [B, T, H, N] (dtype of r) and the final state [B, H, N, N] fp32. Differentiable in
+    every input, including the initial state.
+    """
+    _check_inputs(r, w, k, v, a, b, state)
+    fn = _resolve(backend, r.device)
+    return fn(r, w, k, v, a, b, state)

@@ -1,0 +1,51 @@
+"""Pure-PyTorch WKV7 recurrence: the oracle every fused backend is tested against.
+
+Per head, with S value-major (S[i, j]: i = value index, j = key index):
+
+    S_t = S_{t-1} (diag(d_t) + a_t b_t^T) + v_t k_t^T,    y_t = S_t r_t,    d_t = exp(-exp(w_t))
+
+Written as a plain loop over time so that autograd differentiates every input, the initial
+state included. The state is carried in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def wkv7_reference(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r, w, k, v, a, b: [B, T, H, N]; state: [B, H, N, N] fp32 or None (zeros).
+
+    Returns y [B, T, H, N] in the dtype of r and the final state [B, H, N, N] fp32.
+    """
+    B, T, H, N = r.shape
+    dtype = r.dtype
+    r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
+    d = torch.exp(-torch.exp(w))
+    if state is None:
+        s = r.new_zeros(B, H, N, N)
+    else:
+        s = state.float()
+    ys = []
+    for t in range(T):
+        # (S a)[i] = sum_j S[i, j] a[j]; the rank-1 term (S a) b^T, then the new write v k^T.
+        sa = torch.einsum("bhij,bhj->bhi", s, a[:, t])
+        s = (
+            s * d[:, t, :, None, :]
+            + sa[..., :, None] * b[:, t, :, None, :]
+            + v[:, t, :, :, None] * k[:, t, :, None, :]
+        )
+        ys.append(torch.einsum("bhij,bhj->bhi", s, r[:, t]))
+    if T == 0:
+        y = r.new_zeros(B, 0, H, N)
+    else:
+        y = torch.stack(ys, dim=1)
+    return y.to(dtype), s
