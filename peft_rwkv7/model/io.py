@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -25,9 +23,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if p.is_dir():
         raise CheckpointError(f"{p}: is a directory, expected a .pth file")
     try:
-        sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(p, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # torch.load raises many types on damaged files (KeyError, EOFError, ...)
+        # torch's messages run to several sentences; the first says what failed.
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        if not isinstance(e, RuntimeError) or not reason:
+            reason = type(e).__name__
         raise CheckpointError(f"{p}: cannot read as a PyTorch checkpoint (truncated or corrupt?): {reason}") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{p}: expected a dict of tensors (an RWKV .pth state dict)")

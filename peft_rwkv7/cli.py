@@ -1,0 +1,177 @@
+"""`rwkv-peft` command line: argument parsing only; the work happens in the package.
+
+Every bad input ends as one line on stderr and a non-zero exit; `--debug` shows the traceback.
+Heavy modules are imported inside the subcommands so `rwkv-peft --help` starts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        return value
+
+    return parse
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rwkv-peft", description="Parameter-efficient fine-tuning for RWKV-7.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("train", help="train what a recipe names (state, LoRA, PiSSA, DiSHA, full)")
+    t.add_argument("recipe", help="recipe YAML file")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+
+    m = sub.add_parser("merge", help="fold an adapter into a base .pth (official layout)")
+    m.add_argument("--base", required=True, help="base model .pth")
+    m.add_argument("--adapter", required=True, help="run directory, adapter file, or RWKV-PEFT .pth")
+    m.add_argument("--out", required=True, help="output .pth")
+    m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    m.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha for RWKV-PEFT files (not stored there)")
+
+    g = sub.add_parser("generate", help="sample text from a model (RNN mode), streamed")
+    g.add_argument("--model", required=True, help="model .pth")
+    g.add_argument("--adapter", default=None, help="run directory or adapter to apply")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=200)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=0.85)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tokenizer", default="world", help="world or a tokenizer.json path")
+
+    e = sub.add_parser("eval", help="loss / perplexity (and LAMBADA accuracy) on a jsonl file")
+    e.add_argument("--model", required=True)
+    e.add_argument("--adapter", default=None)
+    e.add_argument("--data", required=True, help='jsonl with one {"text": ...} per line')
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--tokenizer", default="world")
+    e.add_argument("--lambada", action="store_true", help="also score last-word accuracy (LAMBADA)")
+    e.add_argument("--limit", type=_positive_int("--limit"), default=None, help="score only the first N documents")
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    b = dsub.add_parser("build", help="tokenize jsonl/json/parquet into binidx (.bin/.idx)")
+    b.add_argument("input")
+    b.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    b.add_argument("--tokenizer", default="world")
+    b.add_argument("--field", default="text")
+
+    i = sub.add_parser("inspect", help="show a model's config or a run directory's summary")
+    i.add_argument("path")
+
+    x = sub.add_parser("export", help="write an adapter in another tool's layout")
+    x.add_argument("--adapter", required=True)
+    x.add_argument("--format", choices=["rwkv-peft"], default="rwkv-peft")
+    x.add_argument("--out", required=True)
+    return p
+
+
+def _cmd_inspect(args) -> int:
+    from .infer.inspect import inspect_path
+
+    print(inspect_path(args.path))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train.runner import train_from_cli
+
+    return train_from_cli(args.recipe, args.overrides, resume=args.resume)
+
+
+def _cmd_merge(args) -> int:
+    from .adapters import merge_into_pth
+
+    print(merge_into_pth(args.base, args.adapter, args.out, dtype=args.dtype, lora_alpha=args.lora_alpha))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .adapters import export_rwkv_peft
+
+    export_rwkv_peft(args.adapter, args.out)
+    print(f"wrote {args.out} ({args.format} layout)")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .infer.generate import generate_cli
+
+    return generate_cli(args)
+
+
+def _cmd_eval(args) -> int:
+    from .infer.evaluate import evaluate_cli
+
+    result = evaluate_cli(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        acc = "n/a" if result["acc"] is None else f"{result['acc']:.4f}"
+        print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']}  acc {acc}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from .data import build_binidx
+
+    stats = build_binidx(args.input, args.out, tokenizer_spec=args.tokenizer, field=args.field)
+    print(f"wrote {args.out}.bin/.idx: {stats['docs']} documents, {stats['tokens']} tokens")
+    return 0
+
+
+_COMMANDS = {
+    "inspect": _cmd_inspect,
+    "train": _cmd_train,
+    "merge": _cmd_merge,
+    "export": _cmd_export,
+    "generate": _cmd_generate,
+    "eval": _cmd_eval,
+    "data": _cmd_data,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = _build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    try:
+        return _COMMANDS[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (OSError, RuntimeError, ValueError) as e:
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {first} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
