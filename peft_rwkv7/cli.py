@@ -111,16 +111,40 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _cmd_generate(args) -> int:
-    from .infer.generate import generate_cli
+def _load_for_inference(model_ref: str, adapter: str | None):
+    """Base model (local or hf://), with the adapter or tuned state applied when given."""
+    from .model import load_model
+    from .model.hub import resolve_model_path
 
-    return generate_cli(args)
+    model = load_model(resolve_model_path(model_ref))
+    if adapter:
+        from .adapters import load_adapter
+
+        model = load_adapter(model, adapter)
+    return model.eval()
+
+
+def _cmd_generate(args) -> int:
+    from .data import load_tokenizer
+    from .infer.generate import generate
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = _load_for_inference(args.model, args.adapter)
+    sys.stdout.write(args.prompt)
+    generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+             top_p=args.top_p, seed=args.seed, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    return 0
 
 
 def _cmd_eval(args) -> int:
-    from .infer.evaluate import evaluate_cli
+    from .data import load_eval_docs, load_tokenizer
+    from .infer.evaluate import evaluate
 
-    result = evaluate_cli(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    docs = load_eval_docs(args.data, tokenizer)[: args.limit]
+    model = _load_for_inference(args.model, args.adapter)
+    result = evaluate(model, docs, lambada=args.lambada, tokenizer=tokenizer)
     if args.json:
         print(json.dumps(result))
     else:

@@ -1,0 +1,119 @@
+"""Run output besides checkpoints: recipe.yaml, log.jsonl, progress bar, wandb, loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .recipe import Recipe, dump_recipe
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Writes one JSON record per step to log.jsonl and mirrors it to the progress bar and wandb.
+
+    On resume, records after the resumed step (from a run that was cut short) are dropped first so
+    the log reads like one uninterrupted run."""
+
+    def __init__(self, out_dir: Path, recipe: Recipe, resume_step: int = 0, enabled: bool = True):
+        self.out_dir, self.enabled = Path(out_dir), enabled
+        self.total = recipe.train.max_steps
+        self.records: list[dict] = []
+        self.bar = self.wandb_run = self.file = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / "recipe.yaml", dump_recipe(recipe))
+        log = self.out_dir / "log.jsonl"
+        if resume_step and log.exists():
+            kept = [line for line in log.read_text().splitlines() if line.strip()
+                    and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(log, "".join(line + "\n" for line in kept))
+            self.records = [json.loads(line) for line in kept]
+        elif log.exists():
+            log.unlink()
+        self.file = open(log, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        if recipe.log.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=resume_step, unit="step", file=sys.stderr, dynamic_ncols=True)
+        if recipe.log.wandb != "off":
+            import wandb
+
+            self.wandb_run = wandb.init(project=recipe.log.project, mode=recipe.log.wandb, dir=str(self.out_dir),
+                                        config=json.loads(json.dumps(_plain(recipe))), resume="allow")
+
+    def _write(self, record: dict) -> None:
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.3g} {tokens_per_s:,.0f} tok/s", refresh=False)
+            self.bar.update(1)
+
+    def eval(self, step: int, result: dict) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": step, **{f"eval_{k}": v for k, v in result.items() if v is not None}})
+        msg = f"step {step}: eval loss {result['loss']:.4f} ppl {result['ppl']:.2f}"
+        (self.bar.write if self.bar is not None else print)(msg)
+
+    def close(self, plot: bool = False) -> None:
+        if not self.enabled or self.file is None:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        self.file = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if plot:
+            plot_losses(self.records, self.out_dir / "loss.png")
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    steps = [r for r in records if "loss" in r]
+    if not steps:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss")
+    evals = [r for r in records if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plain(recipe: Recipe) -> dict:
+    import yaml
+
+    return yaml.safe_load(dump_recipe(recipe))

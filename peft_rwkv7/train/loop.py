@@ -1,0 +1,224 @@
+"""The training loop: setup -> train -> save, readable top to bottom (nanoGPT-style).
+
+One optimizer step = grad_accum micro-batches of micro_bsz sequences (per process). The data
+position and the learning rate are pure functions of the step, so a checkpoint needs only
+trainable tensors, optimizer state and RNG states to resume bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..adapters import attach, save_adapter, trainable_parameters
+from ..data import load_eval_docs, load_tokenizer, make_dataset
+from ..errors import UserError
+from ..infer.evaluate import evaluate
+from ..model import RWKV7Config, load_model, new_model, save_model
+from ..model.hub import resolve_model_path
+from . import checkpoint as ckpt
+from .logger import RunLogger
+from .recipe import Recipe
+from .schedule import get_lr
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a multi-process run (rank 0 of 1 when single)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA device is available (use cpu or auto)")
+    return torch.device(name)
+
+
+def build_base(recipe: Recipe, device: torch.device):
+    """The base model: loaded from model.path, or new (RWKV-LM init) for pretraining. Returns (model, path)."""
+    m = recipe.model
+    if m.new is not None:
+        cfg = RWKV7Config.new(m.new.n_layer, m.new.n_embd, m.new.vocab_size, head_size=m.new.head_size)
+        return new_model(cfg, seed=recipe.train.seed, wkv_backend=m.wkv_backend).to(device), None
+    path = resolve_model_path(m.path)
+    return load_model(path, dtype=torch.float32, device=device, wkv_backend=m.wkv_backend), str(path)
+
+
+def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100. idx, labels: [B, T].
+
+    With chunk_len > 0 the sequence runs chunk by chunk carrying token-shift and WKV state; the
+    state keeps its gradient (true BPTT through the kernels' state gradient) while each chunk's
+    activations are recomputed in backward, so memory is O(chunk_len) instead of O(T)."""
+    n_valid = (labels != -100).sum().clamp(min=1)
+    if not chunk_len or idx.shape[1] <= chunk_len:
+        logits = model(idx)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") / n_valid
+
+    def chunk_fn(x, y, state):
+        logits, new_state = model(x, state, return_state=True)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        return loss, new_state
+
+    total, state = idx.new_zeros((), dtype=torch.float32), None
+    for lo in range(0, idx.shape[1], chunk_len):
+        x, y = idx[:, lo : lo + chunk_len], labels[:, lo : lo + chunk_len]
+        part, state = checkpoint(chunk_fn, x, y, state, use_reentrant=False)
+        total = total + part
+    return total / n_valid
+
+
+def param_groups(named, weight_decay: float):
+    """Weight decay on matrices only (LoRA factors, full weights); never on vectors or states."""
+    decay = [p for n, p in named if p.dim() == 2 and not n.endswith("time_state")]
+    rest = [p for n, p in named if not (p.dim() == 2 and not n.endswith("time_state"))]
+    groups = [{"params": rest, "weight_decay": 0.0}]
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    return groups
+
+
+def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dict:
+    """Run the recipe; returns a summary dict (steps, first/last loss, out_dir)."""
+    dist = dist or Dist()
+    tc = recipe.train
+    out_dir = Path(recipe.out_dir)
+    device = pick_device(tc.device)
+    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    torch.manual_seed(tc.seed)
+
+    # --- setup: base model, adapter, data, optimizer --------------------------------------------
+    base, base_path = build_base(recipe, device)
+    base.grad_cp = tc.grad_cp
+    model = attach(base, recipe.method)
+    named = trainable_parameters(model)
+    if not named:
+        raise UserError("method: nothing to train (check method.kind and method.train_parts)")
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    data = make_dataset(recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size)
+    eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else None
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                  eps=tc.eps, fused=fused or None)
+    engine = None
+    if tc.deepspeed.stage:
+        from .distributed import deepspeed_engine
+
+        engine, optimizer = deepspeed_engine(model, optimizer, recipe, device)
+
+    start = 0
+    if resume:
+        payload = ckpt.load_latest_checkpoint(out_dir)
+        if payload is None:
+            raise UserError(f"{out_dir}: nothing to resume (no checkpoints/); run without --resume")
+        start = ckpt.restore(payload, named, optimizer, str(out_dir))
+    logger = RunLogger(out_dir, recipe, resume_step=start, enabled=dist.is_main)
+
+    # --- train -----------------------------------------------------------------------------------
+    tokens_per_step = tc.micro_bsz * tc.grad_accum * recipe.data.ctx_len * dist.world_size
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext)
+    completed, losses = start, []
+    stop_at = min(tc.stop_after, tc.max_steps) if tc.stop_after else tc.max_steps
+    try:
+        for step in range(start, stop_at):
+            lr = get_lr(step, lr=tc.lr, lr_final=tc.final_lr, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
+                        schedule=tc.schedule, decay_frac=tc.decay_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(tc.grad_accum):
+                idx, labels = data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
+                idx, labels = idx.to(device), labels.to(device)
+                with autocast():
+                    loss = sequence_loss(model, idx, labels, tc.chunk_len)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step + 1}: loss is {loss.item()}")
+                step_loss += loss.item() / tc.grad_accum
+                if engine is not None:
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    (loss / tc.grad_accum).backward()
+            if engine is None:
+                gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in named], tc.grad_clip or float("inf"))
+                if not torch.isfinite(gnorm):
+                    raise FloatingPointError(f"step {step + 1}: gradient norm is {gnorm.item()}")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            completed = step + 1  # from here on the step's update is in the weights
+            dt = time.perf_counter() - t0
+            losses.append(step_loss)
+            logger.step(step + 1, step_loss, lr, tokens_per_step / dt)
+            if eval_docs is not None and tc.eval_every and completed % tc.eval_every == 0 and completed < tc.max_steps:
+                logger.eval(completed, _evaluate(model, eval_docs))
+            if completed % tc.save_every == 0 or completed in (tc.max_steps, stop_at):
+                _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist)
+    except KeyboardInterrupt:
+        # A step cut short leaves only gradients behind: drop them and save the completed steps.
+        optimizer.zero_grad(set_to_none=True)
+        if completed > start and not ckpt.has_checkpoint(out_dir, completed):
+            _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist)
+        logger.close()
+        raise UserError(f"interrupted after step {completed}; continue with: rwkv-peft train ... --resume") from None
+    except FloatingPointError as e:
+        logger.close()
+        last = ckpt.list_checkpoints(out_dir)
+        kept = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written"
+        raise UserError(f"{e}; stopping ({kept}); try a lower train.lr") from None
+
+    # --- save ------------------------------------------------------------------------------------
+    if stop_at < tc.max_steps:
+        logger.close()
+        return {"steps": completed, "stopped_early": True, "out_dir": str(out_dir),
+                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+    summary = {"steps": tc.max_steps, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "out_dir": str(out_dir)}
+    if eval_docs is not None:
+        summary["eval"] = _evaluate(model, eval_docs)
+        logger.eval(tc.max_steps, summary["eval"])
+    if dist.is_main and recipe.method.kind == "full":
+        save_model(base, out_dir / "model.pth")
+    logger.close(plot=True)
+    return summary
+
+
+def _evaluate(model, docs) -> dict:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        result = evaluate(model, docs)
+    model.train(was_training)
+    return result
+
+
+def _save(out_dir, step, named, optimizer, model, base_path, recipe, dist) -> None:
+    if not dist.is_main:
+        return
+    ckpt.save_checkpoint(out_dir, step, named, optimizer, keep=recipe.train.keep_checkpoints)
+    save_adapter(model, out_dir, base_path=base_path)
+
+
+def describe(recipe: Recipe) -> str:
+    tc = recipe.train
+    m = recipe.method
+    what = m.kind + (" + state" if getattr(m, "state", False) and m.kind != "state" else "")
+    return (f"{what} on {recipe.model.path or 'a new model'}: {tc.max_steps} steps x {tc.micro_bsz * tc.grad_accum} "
+            f"x {recipe.data.ctx_len} tokens, lr {tc.lr:g} ({tc.schedule}) -> {recipe.out_dir}")
+
+
+__all__ = ["train", "sequence_loss", "get_lr", "describe", "Dist"]
