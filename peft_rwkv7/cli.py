@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from .errors import UserError
@@ -29,10 +30,17 @@ def _positive_int(name: str):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (argparse prints the whole usage block by default)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rwkv-peft", description="Parameter-efficient fine-tuning for RWKV-7.")
+    p = _Parser(prog="rwkv-peft", description="Parameter-efficient fine-tuning for RWKV-7.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train what a recipe names (state, LoRA, PiSSA, DiSHA, full)")
     t.add_argument("recipe", help="recipe YAML file")
@@ -66,7 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=_positive_int("--limit"), default=None, help="score only the first N documents")
 
     d = sub.add_parser("data", help="dataset tools")
-    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True, parser_class=_Parser)
     b = dsub.add_parser("build", help="tokenize jsonl/json/parquet into binidx (.bin/.idx)")
     b.add_argument("input")
     b.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
@@ -177,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     args = _build_parser().parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
+    # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub kernel is missing;
+    # the fallback it then uses is fine, so keep the terminal for our own messages.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return _COMMANDS[args.command](args)
     except UserError as e:

@@ -19,7 +19,6 @@ from torch.utils.checkpoint import checkpoint
 from ..adapters import attach, save_adapter, trainable_parameters
 from ..data import load_eval_docs, load_tokenizer, make_dataset
 from ..errors import UserError
-from ..infer.evaluate import evaluate
 from ..model import RWKV7Config, load_model, new_model, save_model
 from ..model.hub import resolve_model_path
 from . import checkpoint as ckpt
@@ -109,7 +108,8 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     if not named:
         raise UserError("method: nothing to train (check method.kind and method.train_parts)")
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    data = make_dataset(recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size)
+    data = make_dataset(recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
+                        progress=recipe.log.progress and dist.is_main)
     eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else None
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
@@ -198,6 +198,8 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
 
 
 def _evaluate(model, docs) -> dict:
+    from ..infer.evaluate import evaluate
+
     was_training = model.training
     model.eval()
     with torch.no_grad():
