@@ -27,6 +27,8 @@ def resolve_model_path(ref: str, cache_dir: str | None = None) -> Path:
         pass
     try:
         return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+    except LocalEntryNotFoundError:  # raised when the hub cannot be reached at all
+        raise UserError(f"{ref}: not in the local cache and the hub cannot be reached (offline?)") from None
     except (RepositoryNotFoundError, EntryNotFoundError):
         raise UserError(f"{ref}: no such file on the Hugging Face hub") from None
     except Exception as e:  # network down, proxy, ...: say so in one line
