@@ -161,6 +161,8 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             completed = step + 1  # from here on the step's update is in the weights
+            if dist.world_size > 1:  # log the global batch's loss, as one process would
+                step_loss = _mean_over_ranks(step_loss, device)
             dt = time.perf_counter() - t0
             losses.append(step_loss)
             logger.step(step + 1, step_loss, lr, tokens_per_step / dt)
@@ -195,6 +197,12 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
         save_model(base, out_dir / "model.pth")
     logger.close(plot=True)
     return summary
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() / torch.distributed.get_world_size()
 
 
 def _evaluate(model, docs) -> dict:
