@@ -47,14 +47,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_base(recipe: Recipe, device: torch.device):
-    """The base model: loaded from model.path, or new (RWKV-LM init) for pretraining. Returns (model, path)."""
+def build_base(recipe: Recipe, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
+    """The base model: loaded from model.path, or new (RWKV-LM init) for pretraining. Returns (model, path).
+    `frozen_dtype` is the storage dtype of the weights; what trains is made fp32 after attach."""
     m = recipe.model
     if m.new is not None:
         cfg = RWKV7Config.new(m.new.n_layer, m.new.n_embd, m.new.vocab_size, head_size=m.new.head_size)
         return new_model(cfg, seed=recipe.train.seed, wkv_backend=m.wkv_backend).to(device), None
     path = resolve_model_path(m.path)
-    return load_model(path, dtype=torch.float32, device=device, wkv_backend=m.wkv_backend), str(path)
+    return load_model(path, dtype=frozen_dtype, device=device, wkv_backend=m.wkv_backend), str(path)
 
 
 def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
@@ -101,10 +102,15 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     torch.manual_seed(tc.seed)
 
     # --- setup: base model, adapter, data, optimizer --------------------------------------------
-    base, base_path = build_base(recipe, device)
+    # Under bf16 autocast the frozen weights are stored in bf16 too (half the memory); trained
+    # tensors always live in fp32 so small updates are not rounded away.
+    frozen_dtype = torch.bfloat16 if use_bf16 and recipe.method.kind != "full" else torch.float32
+    base, base_path = build_base(recipe, device, frozen_dtype)
     base.grad_cp = tc.grad_cp
     model = attach(base, recipe.method)
     named = trainable_parameters(model)
+    for _, p in named:
+        p.data = p.data.float()
     if not named:
         raise UserError("method: nothing to train (check method.kind and method.train_parts)")
     tokenizer = load_tokenizer(recipe.data.tokenizer)

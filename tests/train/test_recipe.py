@@ -18,7 +18,8 @@ def test_shipped_recipes_parse_and_start_with_their_command(path):
 
 
 def test_overrides_reach_nested_keys(tmp_path):
-    r = load_recipe(str(ROOT / "recipes/lora.yaml"), ["train.lr=3e-4", "method.r=4", "out_dir=x", "train.deepspeed.stage=2"])
+    over = ["train.lr=3e-4", "method.r=4", "out_dir=x", "train.deepspeed.stage=2"]
+    r = load_recipe(str(ROOT / "recipes/lora.yaml"), over)
     assert (r.train.lr, r.method.r, r.out_dir, r.train.deepspeed.stage) == (3e-4, 4, "x", 2)
 
 
