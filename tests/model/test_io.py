@@ -15,7 +15,8 @@ from tests.conftest import make_model
 ATT = ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2",
        "g1", "g2", "k_k", "k_a", "r_k", "receptance.weight", "key.weight", "value.weight", "output.weight",
        "ln_x.weight", "ln_x.bias"]  # fmt: skip
-OFFICIAL_KEYS = {"emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias", "ln_out.weight", "ln_out.bias", "head.weight"}
+OFFICIAL_KEYS = {"emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias", "ln_out.weight", "ln_out.bias",
+                 "head.weight"}
 for _i in range(2):
     OFFICIAL_KEYS |= {f"blocks.{_i}.{n}.{p}" for n in ("ln1", "ln2") for p in ("weight", "bias")}
     OFFICIAL_KEYS |= {f"blocks.{_i}.att.{n}" for n in ATT}

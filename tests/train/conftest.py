@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    """(model .pth, train jsonl, eval jsonl): 2 layers of 64 (bitsandbytes quantizes in blocks of 64), World vocabulary."""
+    """(model .pth, train jsonl, eval jsonl): 2 layers of 64, World vocabulary.
+
+    64 wide because bitsandbytes quantizes in blocks of 64 (qlora recipe)."""
     from peft_rwkv7.model import save_model
 
     d = tmp_path_factory.mktemp("tiny_world")
