@@ -1,0 +1,187 @@
+"""`rwkv-peft data build`: a jsonl / json / parquet file -> binidx, streamed and on all cores.
+
+The main process reads the input in ~4 MB chunks of raw lines and hands them to worker
+processes, which parse the JSON, render and tokenize; results come back in order and are
+appended to a temp `.bin`. At most 2 chunks per worker are in flight, so memory stays bounded
+whatever the input size. Nothing is renamed into place until the whole input has succeeded.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .binidx import BinIdxWriter, token_dtype
+from .formats import TextFormat, encode_records
+from .records import CHUNK_BYTES, check_file, is_json_array, iter_json_array, iter_parquet, jsonl_chunks, parse_lines
+from .tokenizer import Tokenizer, load_tokenizer
+
+RECORDS_PER_JOB = 2048  # for parquet / JSON-array input, already parsed in the main process
+_START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # what this platform offers
+
+
+def default_workers() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_worker_tokenizers: dict[str, Tokenizer] = {}  # in worker processes only: loading World takes ~0.5 s
+
+
+def _init_worker(tokenizer: Tokenizer | str) -> None:
+    """Pool initializer: a forked worker inherits the parent's loaded tokenizer; a spawned one loads it."""
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    _worker_tokenizers[tok.spec] = tok
+
+
+def _encode_job(tokenizer: Tokenizer, fmt, dtype, batched: bool, job: tuple
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """("lines", raw lines, first line number, path) or ("records", [(where, rec)]) -> documents."""
+    if job[0] == "lines":
+        _, lines, first, path = job
+        records = list(parse_lines(lines, first, path))
+    else:
+        records = job[1]
+    return encode_records(fmt, tokenizer, records, dtype, batched=batched)
+
+
+def _worker_job(spec: str, fmt, dtype, job: tuple) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    # One text at a time (batched=False): pyrwkv-tokenizer's encode_batch runs on a Rust thread
+    # pool, which deadlocks in a process forked from a parent that had already started it.
+    return _encode_job(_worker_tokenizers[spec], fmt, dtype, False, job)
+
+
+def _jobs(path: Path, chunk_bytes: int) -> Iterator[tuple[tuple, int]]:
+    """(job, progress units): raw-line chunks of jsonl (units: bytes) or batches of parsed records."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet" or (suffix == ".json" and is_json_array(path)):
+        records = iter_parquet(path) if suffix == ".parquet" else iter_json_array(path)
+        batch: list = []
+        for item in records:
+            batch.append(item)
+            if len(batch) == RECORDS_PER_JOB:
+                yield ("records", batch), len(batch)
+                batch = []
+        if batch:
+            yield ("records", batch), len(batch)
+    else:
+        for lines, first, nbytes in jsonl_chunks(path, chunk_bytes):
+            yield ("lines", lines, first, str(path)), nbytes
+
+
+def ordered_map(fn: Callable, jobs: Iterable[tuple[tuple, int]], workers: int, initializer: Callable | None = None,
+                initargs: tuple = ()) -> Iterator[tuple[object, int]]:
+    """(fn(job), units) in job order, on `workers` processes with at most 2 jobs each in flight.
+
+    Workers are forked where possible: they start in milliseconds, inherit loaded objects and
+    need no importable __main__ (spawn re-runs the caller's script); fn must then avoid thread
+    pools the parent may have started.
+    """
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(_START_METHOD),
+                               initializer=initializer, initargs=initargs)
+    pending: deque = deque()
+    try:
+        for job, units in jobs:
+            pending.append((pool.submit(fn, job), units))
+            if len(pending) >= 2 * workers:
+                fut, u = pending.popleft()
+                yield fut.result(), u
+        while pending:
+            fut, u = pending.popleft()
+            yield fut.result(), u
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def tokenize_file(
+    input_path: str | os.PathLike,
+    out_prefix: str | os.PathLike,
+    fmt,
+    tokenizer: Tokenizer,
+    workers: int | None = None,
+    progress: bool = True,
+    mask_path: str | os.PathLike | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> dict:
+    """Render + tokenize every record of `input_path` with `fmt` into the binidx pair `out_prefix`.
+
+    With `mask_path` (formats with a loss mask), the per-token loss mask [num_tokens] uint8 is
+    written there too (before the pair appears, so a present .idx implies a complete mask).
+    Returns {"docs", "tokens", "bytes", "seconds", "prefix"}.
+    """
+    from tqdm.auto import tqdm
+
+    path = check_file(input_path)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    # Never start more workers than there are chunks to give them.
+    workers = min(workers, -(-path.stat().st_size // chunk_bytes))
+    dtype = token_dtype(tokenizer.vocab_size)
+    is_lines = path.suffix.lower() != ".parquet" and not (path.suffix.lower() == ".json" and is_json_array(path))
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=path.stat().st_size if is_lines else None, unit="B" if is_lines else " doc",
+        unit_scale=is_lines, desc=f"tokenizing {path.name}", disable=not progress, dynamic_ncols=True,
+    )
+    mask_tmp = Path(f"{mask_path}.{os.getpid()}.tmp") if mask_path else None
+    docs = 0
+    try:
+        jobs = _jobs(path, chunk_bytes)
+        if workers <= 1:  # in-process: small inputs, tests
+            fn = partial(_encode_job, tokenizer, fmt, dtype, True)
+            results = ((fn(job), units) for job, units in jobs)
+        else:
+            # a forked worker inherits the loaded tokenizer; a spawned one gets its spec to load
+            init = tokenizer if _START_METHOD == "fork" else tokenizer.spec
+            results = ordered_map(partial(_worker_job, tokenizer.spec, fmt, dtype), jobs, workers,
+                                  _init_worker, (init,))
+        with BinIdxWriter(out_prefix, dtype) as writer, closing(results):
+            mask_file = open(mask_tmp, "wb") if mask_tmp else None
+            try:
+                for (tokens, mask, sizes), units in results:
+                    writer.add(tokens, sizes)
+                    if mask_file:
+                        mask_file.write(mask.astype(np.uint8).tobytes())
+                    docs += len(sizes)
+                    bar.update(units)
+            finally:
+                if mask_file:
+                    mask_file.close()
+            if docs == 0:
+                raise UserError(f"{path}: no records (empty dataset)")
+            if mask_tmp:
+                os.replace(mask_tmp, mask_path)
+    finally:
+        bar.close()
+        if mask_tmp:
+            mask_tmp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
+    return {"docs": docs, "tokens": writer.num_tokens, "bytes": path.stat().st_size, "seconds": seconds,
+            "prefix": writer.prefix}
+
+
+def build_binidx(
+    input_path: str | os.PathLike,
+    out_prefix: str | os.PathLike,
+    tokenizer_spec: str | Tokenizer = "world",
+    field: str = "text",
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """`rwkv-peft data build`: each record's `field` -> one binidx entry `encode(text) + [0]`.
+
+    Writes OUT_PREFIX.bin / OUT_PREFIX.idx (uint16 tokens when the vocabulary fits) atomically.
+    `workers`: tokenizer processes (default: all cores). Returns
+    {"docs", "tokens", "bytes", "seconds", "prefix"}. UserError on bad input, naming file and line.
+    """
+    tok = tokenizer_spec if isinstance(tokenizer_spec, Tokenizer) else load_tokenizer(tokenizer_spec)
+    return tokenize_file(input_path, out_prefix, TextFormat(field), tok, workers, progress)

@@ -1,0 +1,237 @@
+"""`make_dataset`: a `DataConfig` -> `TrainData`, token batches addressed by the training step.
+
+Every source becomes one token stream of documents (each ending with end-of-text 0), kept as
+a binidx pair: binidx input as it is, jsonl / json / parquet tokenized once into the cache
+(`cache_dir`, keyed by the input's content hash, the tokenizer and the rendering options; sft
+and chat add a per-token loss mask file). A second run with the same inputs memory-maps the
+cached pair and starts at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .binidx import MMapIndexedDataset, is_binidx, split_prefix
+from .build import tokenize_file
+from .config import DataConfig
+from .formats import SFT_FIELD_SETS, ChatFormat, SftFormat, TextFormat
+from .records import check_file, first_record, iter_records
+from .sampling import PieceSampler, WindowSampler
+from .tokenizer import Tokenizer
+
+CACHE_VERSION = 1  # bump when the cached layout or rendering changes
+DEFAULT_CACHE_DIR = Path("~/.cache/rwkv-peft/data")
+IGNORE = -100  # label of positions that carry no loss (F.cross_entropy's default ignore_index)
+
+
+class TrainData:
+    """Samples of `ctx_len` tokens from a token stream; a pure function of (seed, sample index).
+
+    `sample(i)` -> (input_ids [ctx_len] int64, labels [ctx_len] int64), labels already shifted
+    (input_ids[t] predicts labels[t]) and IGNORE (-100) where no loss is taken. Indices past
+    `num_samples` run into the next epoch (a new order, see sampling.py).
+    """
+
+    def __init__(self, tokens: np.ndarray, loss_mask: np.ndarray | None, starts: np.ndarray,
+                 sizes: np.ndarray, ctx_len: int, sampling: str, split: bool, seed: int,
+                 source: str = "data") -> None:
+        self.tokens, self.loss_mask, self.ctx_len, self.sampling = tokens, loss_mask, ctx_len, sampling
+        self.num_docs, self.source = len(sizes), source
+        if sampling == "get":
+            if len(tokens) < ctx_len + 1:
+                raise UserError(f"{source}: {len(tokens)} tokens cannot fill one sample of ctx_len+1 = "
+                                f"{ctx_len + 1}; lower data.ctx_len or use data.sampling: pad")
+            self._sampler: WindowSampler | PieceSampler = WindowSampler(len(tokens), ctx_len, seed)
+        else:
+            self._sampler = PieceSampler(starts, sizes, ctx_len, split, loss_mask, seed)
+            if self._sampler.num_samples == 0:
+                raise UserError(f"{source}: no sample has a token that carries loss (every response cut "
+                                "off? raise data.ctx_len or use data.overflow: split)")
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch."""
+        return self._sampler.num_samples
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def _labels(self, targets: np.ndarray, start: int) -> np.ndarray:
+        y = targets.astype(np.int64)
+        if self.loss_mask is not None:
+            y[self.loss_mask[start : start + len(y)] == 0] = IGNORE
+        return y
+
+    def sample(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample `i` (>= 0): (input_ids [ctx_len], labels [ctx_len]), int64."""
+        L = self.ctx_len
+        if self.sampling == "get":
+            o = self._sampler.offset(i)
+            window = self.tokens[o : o + L + 1].astype(np.int64)
+            x, y = window[:-1], self._labels(window[1:], o + 1)
+        else:
+            k = self._sampler.piece(i)
+            start, n = int(self._sampler.piece_start[k]), int(self._sampler.piece_len[k])
+            targets = self.tokens[start : start + n]
+            if self._sampler.piece_first[k]:  # a document starts after end-of-text, as in the stream
+                prev = np.zeros(1, np.int64)
+                x_real = np.concatenate([prev, self.tokens[start : start + n - 1].astype(np.int64)])
+            else:
+                x_real = self.tokens[start - 1 : start + n - 1].astype(np.int64)
+            x = np.zeros(L, np.int64)
+            y = np.full(L, IGNORE, np.int64)
+            x[:n], y[:n] = x_real, self._labels(targets, start)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def batch(self, step: int, micro_step: int, micro_bsz: int, grad_accum: int, rank: int = 0,
+              world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels), each [micro_bsz, ctx_len] int64, for one micro-batch of one rank.
+
+        Sample j of the micro-batch is the global sample
+        `((step * grad_accum + micro_step) * world_size + rank) * micro_bsz + j`: the data position
+        is a function of the step alone (exact resume needs only the step), ranks read distinct
+        samples, and together they read what one process with micro_bsz * world_size would.
+        """
+        base = ((step * grad_accum + micro_step) * world_size + rank) * micro_bsz
+        xs, ys = zip(*(self.sample(base + j) for j in range(micro_bsz)), strict=True)
+        return torch.stack(xs), torch.stack(ys)
+
+    def describe(self) -> str:
+        return (f"{self.source}: {self.num_docs} docs, {self.num_tokens} tokens, {self.sampling} sampling, "
+                f"{self.num_samples} samples/epoch of ctx_len {self.ctx_len}")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sft_format(cfg: DataConfig, rec: dict, where: str) -> SftFormat:
+    """Fields set in cfg are used as given; unset ones are taken from the first known pair that fits."""
+    if cfg.prompt_fields and cfg.response_field:  # records lacking them fail later, naming their line
+        return SftFormat(tuple(cfg.prompt_fields), cfg.response_field, cfg.prompt_template,
+                         cfg.response_template, cfg.system)
+    for cand_pf, cand_rf in SFT_FIELD_SETS:
+        pf, rf = tuple(cfg.prompt_fields or cand_pf), cfg.response_field or cand_rf
+        if rf in rec and any(f in rec for f in pf):
+            return SftFormat(pf, rf, cfg.prompt_template, cfg.response_template, cfg.system)
+    keys = ", ".join(map(repr, rec))
+    raise UserError(f"{where}: cannot tell the sft prompt/response fields from keys {keys}; "
+                    "set data.prompt_fields and data.response_field")
+
+
+def resolve_format(cfg: DataConfig) -> tuple[str, TextFormat | SftFormat | ChatFormat | None]:
+    """(kind, format) for cfg: kind auto is guessed from the path and the first record."""
+    kind = cfg.kind
+    p = Path(cfg.path)
+    if kind == "binidx" or (kind == "auto" and (p.suffix in (".bin", ".idx") or
+                                                (not p.exists() and is_binidx(p)))):
+        return "binidx", None
+    where, rec = first_record(cfg.path)
+    if kind == "auto":
+        if cfg.messages_field in rec:
+            kind = "chat"
+        elif cfg.text_field in rec:
+            kind = "text"
+        else:
+            kind = "sft"
+            try:
+                _sft_format(cfg, rec, where)
+            except UserError:
+                keys = ", ".join(map(repr, rec))
+                raise UserError(f"{where}: cannot guess data.kind from keys {keys}; set data.kind to "
+                                "text, sft or chat (and the field names)") from None
+    if kind == "text":
+        return kind, TextFormat(cfg.text_field)
+    if kind == "chat":
+        return kind, ChatFormat(cfg.messages_field, cfg.system)
+    return kind, _sft_format(cfg, rec, where)
+
+
+def _open_cached(prefix: str, with_mask: bool) -> tuple[MMapIndexedDataset, np.ndarray | None] | None:
+    if not Path(prefix + ".idx").is_file():
+        return None
+    try:
+        ds = MMapIndexedDataset(prefix)
+    except UserError:
+        return None  # damaged cache: rebuild
+    if not with_mask:
+        return ds, None
+    mask_path = Path(prefix + ".mask")
+    if not mask_path.is_file() or mask_path.stat().st_size != ds.num_tokens:
+        return None
+    return ds, (np.memmap(mask_path, np.uint8, mode="r") if ds.num_tokens else np.zeros(0, np.uint8))
+
+
+def _check_vocab(ds: MMapIndexedDataset, vocab_size: int, locate) -> None:
+    """UserError naming the first document with a token id >= vocab_size (scanned in blocks)."""
+    block = 1 << 24
+    for a in range(0, ds.num_tokens, block):
+        chunk = ds.tokens[a : a + block]
+        if len(chunk) and int(chunk.max()) >= vocab_size:
+            pos = a + int(np.argmax(chunk >= vocab_size))
+            doc = int(np.searchsorted(ds.pointers // ds.dtype.itemsize, pos, side="right")) - 1
+            raise UserError(f"{locate(doc)}: token id {int(ds.tokens[pos])} is beyond the model's "
+                            f"vocabulary ({vocab_size} ids; wrong data.tokenizer?)")
+
+
+def _record_where(path: str, doc: int) -> str:
+    for i, (where, _) in enumerate(iter_records(path)):
+        if i == doc:
+            return where
+    return path
+
+
+def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_size: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, workers: int | None = None,
+                 progress: bool = True) -> TrainData:
+    """Tokenize (or load from cache) `cfg.path` and return its TrainData.
+
+    vocab_size: the model's; a token id >= vocab_size is a UserError naming file and line.
+    cache_dir: default ~/.cache/rwkv-peft/data. workers: tokenizer processes (default all cores).
+    """
+    cfg.validate()
+    kind, fmt = resolve_format(cfg)
+    if kind == "binidx":
+        ds, mask = MMapIndexedDataset(cfg.path), None
+        source = split_prefix(cfg.path) + ".bin"
+        locate = lambda d: f"{source}: document {d}"
+        must_scan = True
+    else:
+        if tokenizer is None:
+            raise ValueError("make_dataset needs a tokenizer for jsonl / json / parquet data")
+        path = check_file(cfg.path)
+        key = json.dumps([CACHE_VERSION, file_digest(path), tokenizer.fingerprint, type(fmt).__name__,
+                          dataclasses.asdict(fmt)])
+        folder = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+        prefix = str(folder / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}")
+        cached = _open_cached(prefix, fmt.has_mask)
+        if cached is None:
+            tokenize_file(path, prefix, fmt, tokenizer, workers, progress,
+                          mask_path=prefix + ".mask" if fmt.has_mask else None)
+            cached = _open_cached(prefix, fmt.has_mask)
+            assert cached is not None, f"cache {prefix} unreadable right after writing it"
+        ds, mask = cached
+        source = str(path)
+        locate = lambda d: _record_where(cfg.path, d)
+        must_scan = vocab_size is not None and tokenizer.vocab_size > vocab_size
+    if len(ds) == 0:
+        raise UserError(f"{source}: no documents (empty dataset)")
+    if vocab_size is not None and must_scan:
+        _check_vocab(ds, vocab_size, locate)
+    sampling = cfg.sampling if cfg.sampling != "auto" else ("pad" if kind in ("sft", "chat") else "get")
+    starts = ds.pointers // ds.dtype.itemsize
+    return TrainData(ds.tokens, mask, starts, ds.sizes, cfg.ctx_len, sampling, cfg.overflow == "split",
+                     seed, source=source)
