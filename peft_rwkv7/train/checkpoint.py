@@ -84,12 +84,16 @@ def restore(payload: dict, named_params, optimizer, source: str) -> int:
     names = [n for n, _ in named_params]
     if sorted(names) != sorted(params):
         missing = sorted(set(names) ^ set(params))[:3]
-        raise UserError(f"{source}: checkpoint does not match this recipe's trainable parameters ({', '.join(missing)})")
+        raise UserError(
+            f"{source}: checkpoint does not match this recipe's trainable parameters ({', '.join(missing)})"
+        )
     with torch.no_grad():
         for name, p in named_params:
             if params[name].shape != p.shape:
-                raise UserError(f"{source}: checkpoint tensor {name} is {list(params[name].shape)}, "
-                                f"the recipe makes {list(p.shape)}")
+                raise UserError(
+                    f"{source}: checkpoint tensor {name} is {list(params[name].shape)}, "
+                    f"the recipe makes {list(p.shape)}"
+                )
             p.copy_(params[name])
     optimizer.load_state_dict(payload["optimizer"])
     set_rng_state(payload["rng"])

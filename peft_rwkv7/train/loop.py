@@ -67,7 +67,10 @@ def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int
     n_valid = (labels != -100).sum().clamp(min=1)
     if not chunk_len or idx.shape[1] <= chunk_len:
         logits = model(idx)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") / n_valid
+        return (
+            F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            / n_valid
+        )
 
     def chunk_fn(x, y, state):
         logits, new_state = model(x, state, return_state=True)
@@ -114,12 +117,18 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     if not named:
         raise UserError("method: nothing to train (check method.kind and method.train_parts)")
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    data = make_dataset(recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
-                        progress=recipe.log.progress and dist.is_main)
+    data = make_dataset(
+        recipe.data,
+        tokenizer,
+        seed=tc.seed,
+        vocab_size=base.config.vocab_size,
+        progress=recipe.log.progress and dist.is_main,
+    )
     eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else None
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                  eps=tc.eps, fused=fused or None)
+    optimizer = torch.optim.AdamW(
+        param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=fused or None
+    )
     engine = None
     if tc.deepspeed.stage:
         from .distributed import deepspeed_engine
@@ -136,13 +145,20 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
 
     # --- train -----------------------------------------------------------------------------------
     tokens_per_step = tc.micro_bsz * tc.grad_accum * recipe.data.ctx_len * dist.world_size
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext
     completed, losses = start, []
     stop_at = min(tc.stop_after, tc.max_steps) if tc.stop_after else tc.max_steps
     try:
         for step in range(start, stop_at):
-            lr = get_lr(step, lr=tc.lr, lr_final=tc.final_lr, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
-                        schedule=tc.schedule, decay_frac=tc.decay_frac)
+            lr = get_lr(
+                step,
+                lr=tc.lr,
+                lr_final=tc.final_lr,
+                max_steps=tc.max_steps,
+                warmup_steps=tc.warmup_steps,
+                schedule=tc.schedule,
+                decay_frac=tc.decay_frac,
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
@@ -192,10 +208,19 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     # --- save ------------------------------------------------------------------------------------
     if stop_at < tc.max_steps:
         logger.close()
-        return {"steps": completed, "stopped_early": True, "out_dir": str(out_dir),
-                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
-    summary = {"steps": tc.max_steps, "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "out_dir": str(out_dir)}
+        return {
+            "steps": completed,
+            "stopped_early": True,
+            "out_dir": str(out_dir),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+        }
+    summary = {
+        "steps": tc.max_steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "out_dir": str(out_dir),
+    }
     if eval_docs is not None:
         summary["eval"] = _evaluate(model, eval_docs)
         logger.eval(tc.max_steps, summary["eval"])
@@ -233,8 +258,10 @@ def describe(recipe: Recipe) -> str:
     tc = recipe.train
     m = recipe.method
     what = m.kind + (" + state" if getattr(m, "state", False) and m.kind != "state" else "")
-    return (f"{what} on {recipe.model.path or 'a new model'}: {tc.max_steps} steps x {tc.micro_bsz * tc.grad_accum} "
-            f"x {recipe.data.ctx_len} tokens, lr {tc.lr:g} ({tc.schedule}) -> {recipe.out_dir}")
+    return (
+        f"{what} on {recipe.model.path or 'a new model'}: {tc.max_steps} steps x {tc.micro_bsz * tc.grad_accum} "
+        f"x {recipe.data.ctx_len} tokens, lr {tc.lr:g} ({tc.schedule}) -> {recipe.out_dir}"
+    )
 
 
 __all__ = ["train", "sequence_loss", "get_lr", "describe", "Dist"]

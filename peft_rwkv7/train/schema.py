@@ -28,7 +28,9 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if origin is typing.Literal:
         return " | ".join(str(a) for a in typing.get_args(tp))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -161,5 +163,7 @@ def load_yaml(path: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a YAML mapping (model:, method:, data:, train:), got {type(data).__name__}")
+        raise UserError(
+            f"{path}: a recipe must be a YAML mapping (model:, method:, data:, train:), got {type(data).__name__}"
+        )
     return data
