@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,15 @@ def test_help_is_fast_and_lists_commands():
     assert res.returncode == 0
     for cmd in ("train", "merge", "generate", "eval", "data", "inspect", "export"):
         assert cmd in res.stdout
+
+
+def test_eval_json_on_real_lambada(files):
+    from tests.conftest import shared_file
+
+    lambada = shared_file("lambada_test.jsonl")
+    res = cli("eval", "--model", files / "base.pth", "--data", lambada, "--json", "--lambada", "--limit", "4")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out) == {"loss", "ppl", "tokens", "acc"}
+    assert out["tokens"] > 100 and 0.0 <= out["acc"] <= 1.0
+    assert abs(out["ppl"] - math.exp(out["loss"])) < 1e-3 * out["ppl"]
