@@ -1,0 +1,387 @@
+// WKV7 recurrence on CPU: fused forward and backward, the C++ twin of the CUDA kernel.
+//
+// Per (batch, head), with the state S value-major (S[i][j]: i = value index, j = key index):
+//
+//   S_t = S_{t-1} (diag(d_t) + a_t b_t^T) + v_t k_t^T,   y_t = S_t r_t,   d_t = exp(-exp(w_t))
+//
+// Backward, with G_t = dL/dS_t (starting from dL/dS_T) and walking t = T-1 .. 0:
+//   G_t += dy_t r_t^T
+//   dv_t = G_t k_t           gb = G_t b_t           dk_t = G_t^T v_t
+//   dd_t = sum_i S_{t-1} * G_t (per key j)          da_t = S_{t-1}^T gb
+//   db_t = G_t^T (S_{t-1} a_t)                      dr_t = S_t^T dy_t
+//   G_{t-1} = G_t diag(d_t) + gb a_t^T              (dw_t = -dd_t d_t exp(w_t) is left to the caller)
+// and dL/dS_0 = G_0. The forward stores S every kChunk steps; the backward recomputes the states
+// of one chunk at a time from its checkpoint (they stay in L2), then walks the chunk backwards.
+//
+// Inside the kernel S and G are kept key-major (ST[j][i] = S[i][j]): then S a, S r, G k, G b and
+// the updates are sums of contiguous rows scaled by scalars (vectorised over i without horizontal
+// sums), and only the five per-key sums of the backward (dk, dd, da, db, dr) reduce along a row;
+// those are kept as 8-lane partial sums and reduced 8 rows at a time by a shuffle tree. The caller
+// pads N to a multiple of 8 with zeros (exact: padded rows and columns of S stay zero).
+//
+// Everything is fp32; the caller converts bf16 inputs and computes d = exp(-exp(w)) with torch. The hot loops are `omp simd` loops over
+// compile-time widths so GCC vectorises them; on x86-64 every per-head function is compiled twice
+// (AVX2+FMA and baseline) and picked at load time from the CPU's features (GCC target_clones), so
+// the build never depends on the build machine (no -march=native).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kChunk = 16;  // steps between stored states
+constexpr int kLanes = 8;   // lanes of the 8-wide vectors below; the kernel requires N % 8 == 0
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define WKV_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define WKV_CLONES
+#endif
+#define WKV_INLINE inline __attribute__((always_inline))
+
+#if defined(__clang__) || __GNUC__ >= 12
+#define WKV_SHUFFLE(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#else
+typedef int wkv_v8i __attribute__((vector_size(32)));
+#define WKV_SHUFFLE(x, y, ...) __builtin_shuffle(x, y, wkv_v8i{__VA_ARGS__})
+#endif
+typedef float wkv_v8f __attribute__((vector_size(32)));
+// One level of the tree: add lane pairs of (x, y) so that each output lane sums twice as much.
+#define WKV_PAIRSUM(x, y, e0, e1, e2, e3, e4, e5, e6, e7, o0, o1, o2, o3, o4, o5, o6, o7) \
+  (WKV_SHUFFLE(x, y, e0, e1, e2, e3, e4, e5, e6, e7) + WKV_SHUFFLE(x, y, o0, o1, o2, o3, o4, o5, o6, o7))
+#define WKV_L1(x, y) WKV_PAIRSUM(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15)
+#define WKV_L2(x, y) WKV_PAIRSUM(x, y, 0, 1, 8, 9, 4, 5, 12, 13, 2, 3, 10, 11, 6, 7, 14, 15)
+#define WKV_L3(x, y) WKV_PAIRSUM(x, y, 0, 8, 2, 10, 4, 12, 6, 14, 1, 9, 3, 11, 5, 13, 7, 15)
+
+WKV_INLINE wkv_v8f load8(const float* p) {
+  wkv_v8f x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+WKV_INLINE void store8(float* p, wkv_v8f x) { std::memcpy(p, &x, sizeof x); }
+
+// out[r] = sum of the 8 lanes of row r of part [8, 8], r = 0..7. Rows enter in the order
+// 0 4 2 6 1 5 3 7 so that after the three pair-sum levels row r sits in lane r.
+WKV_INLINE void reduce_rows8(const float* part, float* out) {
+  const wkv_v8f x0 = load8(part), x1 = load8(part + 8), x2 = load8(part + 16), x3 = load8(part + 24);
+  const wkv_v8f x4 = load8(part + 32), x5 = load8(part + 40), x6 = load8(part + 48), x7 = load8(part + 56);
+  const wkv_v8f lo = WKV_L2(WKV_L1(x0, x4), WKV_L1(x2, x6));
+  const wkv_v8f hi = WKV_L2(WKV_L1(x1, x5), WKV_L1(x3, x7));
+  store8(out, WKV_L3(lo, hi));
+}
+
+// One (batch, head) sequence. Inputs and per-step outputs: element (t, n) at ptr[t * stride + n].
+struct Head {
+  const float *r, *d, *k, *v, *a, *b;  // d = exp(-exp(w)), the per-step decay
+  int64_t stride;
+  int T, N;
+  const float* s0;  // [N, N] initial state (value-major), or nullptr for zeros
+  float* ckpt;      // [n_chunks + 1, N, N] key-major: S before steps 0, kChunk, ...; last is S_T
+  // forward
+  float* y;
+  float* s_final;  // [N, N] value-major
+  // backward
+  const float* dy;
+  const float* ds_final;  // [N, N] dL/dS_T, value-major
+  float *dr, *dd, *dk, *dv, *da, *db;  // dd = dL/dd; the caller chains it to dL/dw
+  float* ds0;  // [N, N] value-major
+};
+
+WKV_INLINE void transpose(int N, const float* src, float* dst) {
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) dst[j * N + i] = src[i * N + j];
+}
+
+// Column tile width: 16 values (2 AVX registers per tile vector) keeps the five tile vectors of
+// step_forward (sa, v, y, next sa and the row) in the 16 AVX2 registers.
+template <int NT>
+constexpr int tile_width() {
+  return NT == 0 ? 8 : (NT < 16 ? NT : 16);
+}
+
+// sa = st^T a for a key-major state st (the S a of the value-major formula).
+template <int NT>
+WKV_INLINE void state_dot_a(int n, const float* st, const float* a, float* sa) {
+  const int N = NT > 0 ? NT : n;
+  constexpr int IT = tile_width<NT>();
+  for (int i0 = 0; i0 < N; i0 += IT) {
+    // Two accumulators (even and odd keys) halve the FMA dependency chain.
+    float s0[IT] = {}, s1[IT] = {};
+    for (int j = 0; j < N; j += 2) {
+      const float *p0 = st + j * N + i0, *p1 = p0 + N;
+      const float a0 = a[j], a1 = a[j + 1];
+#pragma omp simd
+      for (int l = 0; l < IT; ++l) {
+        s0[l] += a0 * p0[l];
+        s1[l] += a1 * p1[l];
+      }
+    }
+    for (int l = 0; l < IT; ++l) sa[i0 + l] = s0[l] + s1[l];
+  }
+}
+
+// One step on key-major states, given sa = st_in^T a of this step:
+//   st_out = diag(d) st_in + b sa^T + k v^T   (may alias st_in)
+//   y = st_out^T r                            when kWantY
+//   sa_next = st_out^T a_next                 when kNext (the next step's sa, summed while the
+//                                             new rows are in registers: the state is read once)
+template <int NT, bool kWantY, bool kNext>
+WKV_INLINE void step_forward(int n, const float* st_in, float* st_out, const float* sa, const float* d,
+                             const float* b, const float* k, const float* v, const float* r, float* y,
+                             const float* a_next, float* sa_next) {
+  const int N = NT > 0 ? NT : n;
+  constexpr int IT = tile_width<NT>();
+  for (int i0 = 0; i0 < N; i0 += IT) {
+    float sat[IT], vt[IT], yt[IT] = {}, snt[IT] = {};
+    for (int l = 0; l < IT; ++l) {
+      sat[l] = sa[i0 + l];
+      vt[l] = v[i0 + l];
+    }
+    for (int j = 0; j < N; ++j) {
+      const float* p = st_in + j * N + i0;
+      float* q = st_out + j * N + i0;
+      const float dj = d[j], bj = b[j], kj = k[j];
+      const float rj = kWantY ? r[j] : 0.f, aj = kNext ? a_next[j] : 0.f;
+#pragma omp simd
+      for (int l = 0; l < IT; ++l) {
+        const float x = p[l] * dj + bj * sat[l] + kj * vt[l];
+        q[l] = x;
+        if constexpr (kWantY) yt[l] += rj * x;
+        if constexpr (kNext) snt[l] += aj * x;
+      }
+    }
+    for (int l = 0; l < IT; ++l) {
+      if constexpr (kWantY) y[i0 + l] = yt[l];
+      if constexpr (kNext) sa_next[i0 + l] = snt[l];
+    }
+  }
+}
+
+// One backward step at time t on key-major gt = G^T: enters holding dL/dS_t without y_t's term and
+// leaves holding dL/dS_{t-1}. Writes dr, dd (= dL/dd), dk, dv, da, db of step t.
+// Scratch: gb [N], part [5, N, 8].
+template <int NT>
+WKV_INLINE void step_backward(int n, float* gt, const float* so, const float* sa, const float* d, const float* r,
+                              const float* k, const float* v, const float* a, const float* b, const float* dy, float* dr, float* dd, float* dk, float* dv,
+                              float* da, float* db, float* gb, float* part) {
+  const int N = NT > 0 ? NT : n;
+  constexpr int IT = tile_width<NT>();
+  // Pass A: G += dy r^T, then dv = G k and gb = G b, per column tile.
+  for (int i0 = 0; i0 < N; i0 += IT) {
+    float dvt[IT] = {}, gbt[IT] = {}, dyt[IT];
+    for (int l = 0; l < IT; ++l) dyt[l] = dy[i0 + l];
+    for (int j = 0; j < N; ++j) {
+      float* g = gt + j * N + i0;
+      const float rj = r[j], kj = k[j], bj = b[j];
+#pragma omp simd
+      for (int l = 0; l < IT; ++l) {
+        const float x = g[l] + rj * dyt[l];
+        g[l] = x;
+        dvt[l] += kj * x;
+        gbt[l] += bj * x;
+      }
+    }
+    for (int l = 0; l < IT; ++l) {
+      dv[i0 + l] = dvt[l];
+      gb[i0 + l] = gbt[l];
+    }
+  }
+  // Pass B, row by row: the five per-key sums over the row as 8-lane partial sums, and
+  // G <- G diag(d) + gb a^T. Written with explicit 8-lane vectors so the accumulators stay in
+  // registers; the lane sums of 8 rows at a time are finished by reduce_rows8.
+  for (int j = 0; j < N; ++j) {
+    float* g = gt + j * N;
+    const float* po = so + j * N;
+    const float dj = d[j], aj = a[j];
+    wkv_v8f acc_k = {}, acc_d = {}, acc_a = {}, acc_b = {}, acc_r = {};
+    for (int i = 0; i < N; i += 8) {
+      const wkv_v8f x = load8(g + i), p = load8(po + i), gbv = load8(gb + i);
+      acc_k += x * load8(v + i);
+      acc_d += p * x;
+      acc_a += p * gbv;
+      acc_b += x * load8(sa + i);
+      acc_r += p * load8(dy + i);
+      store8(g + i, x * dj + gbv * aj);
+    }
+    const wkv_v8f acc[5] = {acc_k, acc_d, acc_a, acc_b, acc_r};
+    for (int q = 0; q < 5; ++q) store8(part + (q * N + j) * 8, acc[q]);
+  }
+  float* outs[5] = {dk, dd, da, db, dr};
+  for (int q = 0; q < 5; ++q)
+    for (int j0 = 0; j0 < N; j0 += 8) reduce_rows8(part + (q * N + j0) * 8, outs[q] + j0);
+  // dr = S_t^T dy, with row j of S_t^T = d_j S_{t-1}^T[j] + b_j (S_{t-1} a) + k_j v: pass B summed
+  // S_{t-1}^T[j] . dy, so S_t itself is never read.
+  float sa_dy = 0.f, v_dy = 0.f;
+#pragma omp simd reduction(+ : sa_dy, v_dy)
+  for (int i = 0; i < N; ++i) {
+    sa_dy += sa[i] * dy[i];
+    v_dy += v[i] * dy[i];
+  }
+#pragma omp simd
+  for (int j = 0; j < N; ++j) dr[j] = d[j] * dr[j] + b[j] * sa_dy + k[j] * v_dy;
+}
+
+template <int NT>
+WKV_INLINE void forward_head_n(const Head& h) {
+  const int N = NT > 0 ? NT : h.N;
+  const size_t NN = size_t(N) * N;
+  std::vector<float> st(NN, 0.f), sa(N), sa_next(N);  // key-major state
+  if (h.s0) transpose(N, h.s0, st.data());
+  if (h.T > 0) state_dot_a<NT>(N, st.data(), h.a, sa.data());
+  for (int t = 0; t < h.T; ++t) {
+    if (t % kChunk == 0) std::memcpy(h.ckpt + (t / kChunk) * NN, st.data(), NN * sizeof(float));
+    const int64_t o = t * h.stride;
+    float* s = st.data();
+    if (t + 1 < h.T)
+      step_forward<NT, true, true>(N, s, s, sa.data(), h.d + o, h.b + o, h.k + o, h.v + o, h.r + o, h.y + o,
+                                   h.a + o + h.stride, sa_next.data());
+    else
+      step_forward<NT, true, false>(N, s, s, sa.data(), h.d + o, h.b + o, h.k + o, h.v + o, h.r + o, h.y + o,
+                                    nullptr, nullptr);
+    sa.swap(sa_next);
+  }
+  const int n_chunks = (h.T + kChunk - 1) / kChunk;
+  std::memcpy(h.ckpt + n_chunks * NN, st.data(), NN * sizeof(float));
+  transpose(N, st.data(), h.s_final);
+}
+
+template <int NT>
+WKV_INLINE void backward_head_n(const Head& h) {
+  const int N = NT > 0 ? NT : h.N;
+  const size_t NN = size_t(N) * N;
+  // states[m] = S_{t0 + m + 1} of the current chunk; S_{t0} is read from its checkpoint in place.
+  std::vector<float> gt(NN), states((kChunk - 1) * NN), part(5 * size_t(N) * kLanes);
+  std::vector<float> sa(kChunk * N), gb(N);
+  transpose(N, h.ds_final, gt.data());
+  const int n_chunks = (h.T + kChunk - 1) / kChunk;
+  for (int c = n_chunks - 1; c >= 0; --c) {
+    const int t0 = c * kChunk, len = std::min(kChunk, h.T - t0);
+    const float* s_first = h.ckpt + c * NN;
+    auto s_at = [&](int m) { return m == 0 ? s_first : states.data() + (m - 1) * NN; };
+    // Recompute the chunk: the backward of step m needs S_{t0+m} and sa_m = S_{t0+m}^T a.
+    state_dot_a<NT>(N, s_first, h.a + t0 * h.stride, sa.data());
+    for (int m = 0; m + 1 < len; ++m) {
+      const int64_t o = (t0 + m) * h.stride;
+      step_forward<NT, false, true>(N, s_at(m), states.data() + m * NN, sa.data() + m * N, h.d + o, h.b + o,
+                                    h.k + o, h.v + o, nullptr, nullptr, h.a + o + h.stride,
+                                    sa.data() + (m + 1) * N);
+    }
+    for (int m = len - 1; m >= 0; --m) {
+      const int64_t o = (t0 + m) * h.stride;
+      step_backward<NT>(N, gt.data(), s_at(m), sa.data() + m * N, h.d + o, h.r + o, h.k + o, h.v + o, h.a + o,
+                        h.b + o, h.dy + o, h.dr + o, h.dd + o, h.dk + o, h.dv + o, h.da + o, h.db + o, gb.data(),
+                        part.data());
+    }
+  }
+  transpose(N, gt.data(), h.ds0);
+}
+
+// Compile-time head sizes for the common cases; any other N runs the same code with runtime bounds.
+WKV_CLONES void forward_head(const Head& h) {
+  switch (h.N) {
+    case 16: return forward_head_n<16>(h);
+    case 32: return forward_head_n<32>(h);
+    case 64: return forward_head_n<64>(h);
+    case 128: return forward_head_n<128>(h);
+    default: return forward_head_n<0>(h);
+  }
+}
+
+WKV_CLONES void backward_head(const Head& h) {
+  switch (h.N) {
+    case 16: return backward_head_n<16>(h);
+    case 32: return backward_head_n<32>(h);
+    case 64: return backward_head_n<64>(h);
+    case 128: return backward_head_n<128>(h);
+    default: return backward_head_n<0>(h);
+  }
+}
+
+void check(const torch::Tensor& x, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "wkv7_cpu: ", name,
+              " must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(x.sizes() == shape, "wkv7_cpu: ", name, " has shape ", x.sizes(), ", expected ", shape);
+}
+
+// Pointers for sequence (b, h) of [B, T, H, N] tensors and of [B, H, ..., N, N] tensors.
+Head head_at(const std::vector<torch::Tensor>& rdkvab, int64_t bi, int64_t hi, int64_t T, int64_t H,
+             int64_t N, int64_t n_ckpt, const torch::Tensor& ckpt) {
+  Head h{};
+  const int64_t seq = bi * T * H * N + hi * N;
+  const float** in[6] = {&h.r, &h.d, &h.k, &h.v, &h.a, &h.b};
+  for (int i = 0; i < 6; ++i) *in[i] = rdkvab[i].data_ptr<float>() + seq;
+  h.stride = H * N;
+  h.T = int(T);
+  h.N = int(N);
+  h.ckpt = ckpt.data_ptr<float>() + (bi * H + hi) * n_ckpt * N * N;
+  return h;
+}
+
+}  // namespace
+
+// rdkvab: [r, d, k, v, a, b], each [B, T, H, N] with d = exp(-exp(w)); s0: [B, H, N, N] or empty (zeros).
+// Writes y [B, T, H, N], ckpt [B, H, ceil(T / 16) + 1, N, N] and s_final [B, H, N, N].
+void wkv7_forward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& s0, torch::Tensor y,
+                  torch::Tensor ckpt, torch::Tensor s_final) {
+  TORCH_CHECK(rdkvab.size() == 6, "wkv7_cpu: expected 6 inputs r, d, k, v, a, b");
+  const auto shape = rdkvab[0].sizes().vec();
+  TORCH_CHECK(shape.size() == 4 && shape[3] % kLanes == 0, "wkv7_cpu: inputs must be [B, T, H, N], N % 8 == 0");
+  const int64_t B = shape[0], T = shape[1], H = shape[2], N = shape[3];
+  const int64_t n_ckpt = (T + kChunk - 1) / kChunk + 1;
+  for (const auto& x : rdkvab) check(x, "input", shape);
+  check(y, "y", shape);
+  check(ckpt, "ckpt", {B, H, n_ckpt, N, N});
+  check(s_final, "s_final", {B, H, N, N});
+  const bool has_s0 = s0.defined() && s0.numel() > 0;
+  if (has_s0) check(s0, "state", {B, H, N, N});
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      Head h = head_at(rdkvab, bh / H, bh % H, T, H, N, n_ckpt, ckpt);
+      const int64_t seq = (bh / H) * T * H * N + (bh % H) * N;
+      h.s0 = has_s0 ? s0.data_ptr<float>() + bh * N * N : nullptr;
+      h.y = y.data_ptr<float>() + seq;
+      h.s_final = s_final.data_ptr<float>() + bh * N * N;
+      forward_head(h);
+    }
+  });
+}
+
+// grads: [dr, dd, dk, dv, da, db] (dd = dL/dd), each [B, T, H, N] and written in full; ds0 [B, H, N, N].
+void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& ckpt, const torch::Tensor& dy,
+                   const torch::Tensor& ds_final, std::vector<torch::Tensor> grads, torch::Tensor ds0) {
+  TORCH_CHECK(rdkvab.size() == 6 && grads.size() == 6, "wkv7_cpu: expected 6 inputs and 6 gradients");
+  const auto shape = rdkvab[0].sizes().vec();
+  TORCH_CHECK(shape.size() == 4 && shape[3] % kLanes == 0, "wkv7_cpu: inputs must be [B, T, H, N], N % 8 == 0");
+  const int64_t B = shape[0], T = shape[1], H = shape[2], N = shape[3];
+  const int64_t n_ckpt = (T + kChunk - 1) / kChunk + 1;
+  for (const auto& x : rdkvab) check(x, "input", shape);
+  for (const auto& x : grads) check(x, "gradient", shape);
+  check(dy, "dy", shape);
+  check(ckpt, "ckpt", {B, H, n_ckpt, N, N});
+  check(ds_final, "ds_final", {B, H, N, N});
+  check(ds0, "ds0", {B, H, N, N});
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      Head h = head_at(rdkvab, bh / H, bh % H, T, H, N, n_ckpt, ckpt);
+      const int64_t seq = (bh / H) * T * H * N + (bh % H) * N;
+      h.dy = dy.data_ptr<float>() + seq;
+      h.ds_final = ds_final.data_ptr<float>() + bh * N * N;
+      float** out[6] = {&h.dr, &h.dd, &h.dk, &h.dv, &h.da, &h.db};
+      for (int i = 0; i < 6; ++i) *out[i] = grads[i].data_ptr<float>() + seq;
+      h.ds0 = ds0.data_ptr<float>() + bh * N * N;
+      backward_head(h);
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &wkv7_forward, "WKV7 forward (fp32, writes y, checkpoints and the final state)");
+  m.def("backward", &wkv7_backward, "WKV7 backward (fp32, writes every input gradient and dL/dS_0)");
+}

@@ -1,0 +1,215 @@
+"""Put a PEFT method onto an RWKV7: inject adapters (HF peft), quantize the frozen base
+(bitsandbytes), add trainable initial states, and freeze everything else.
+
+Trainable tensors get *canonical names*, the RWKV-PEFT checkpoint layout: `blocks.N.att.key.lora_A`
+[r, in], `...lora_B` [out, r], `...disha`, `blocks.N.att.time_state` [H, N, N], and official key
+names for parameters trained in full. Adapter files, optimizer order and exports all use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import torch
+from peft import LoraConfig, MissConfig, inject_adapter_in_model
+from peft.tuners.lora import Linear as PeftLoraLinear
+from torch import nn
+
+from ..errors import UserError
+from ..model import RWKV7
+from .config import PROJECTIONS, MethodConfig, part_of
+from .disha import BatLinear
+from .quant import quantize_linear, quantized_bytes
+
+# Randomized SVD (svd_niter > 0) draws a random test matrix: a fixed seed makes PiSSA's start
+# reproducible, so a resumed run rebuilds exactly the residual it trained against.
+PISSA_SVD_SEED = 0
+# Layer 0 stores v0/v1/v2 but never uses them (v_first is its own value): never trained.
+_UNUSED = re.compile(r"blocks\.0\.att\.v[012]")
+# Values sampled per tensor for the base-model fingerprint (strided over the flattened tensor).
+FINGERPRINT_SAMPLES = 256
+
+
+def base_fingerprint(sd: dict[str, torch.Tensor]) -> str:
+    """16 hex digits identifying a base model: sha256 over every key, shape and a strided sample
+    of each tensor's values. Values are rounded to bf16 first, so a model gives the same print in
+    memory (any float dtype it was loaded as) and as the bf16/fp16/fp32 .pth it came from."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach()
+        h.update(f"{k}:{list(t.shape)};".encode())
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        sample = flat[::step][:FINGERPRINT_SAMPLES].to("cpu", torch.float32).to(torch.bfloat16)
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def canonical_name(name: str) -> str:
+    """peft's parameter path -> the RWKV-PEFT/official name (see module docstring)."""
+    name = name.replace(".base_layer.", ".")
+    if m := re.fullmatch(r"(.+)\.lora_([AB])\.default\.weight", name):
+        return f"{m[1]}.lora_{m[2]}"
+    if m := re.fullmatch(r"(.+)\.miss_block\.default", name):
+        return f"{m[1]}.disha"
+    return name
+
+
+class AdaptedRWKV7(nn.Module):
+    """An RWKV7 with a PEFT method attached (the model is modified in place and held as `.model`).
+
+    forward(idx [B, T], state=None, return_state=False) -> logits [B, T, V] as RWKV7's; with
+    state tuning the trained `time_state` [H, N, N] per layer is the default initial state.
+    """
+
+    def __init__(self, model: RWKV7, method: MethodConfig, fingerprint: str):
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.base_fingerprint = fingerprint
+        self.base_dtype = model.emb.weight.dtype
+        # PiSSA: the SVD start (A0 [r, in], B0 [out, r]) per target, kept so the adapter can be
+        # saved as a plain LoRA delta against the original weights.
+        self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.quant_bytes = (0, 0)  # (float bytes, quantized bytes) of the quantized projections
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, idx: torch.Tensor, state=None, return_state: bool = False):
+        return self.model(idx, state, return_state)
+
+    def initial_state(self):
+        return self.model.initial_state()
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, state=None):
+        """One RNN step: token [B] -> logits [B, V] and the new state."""
+        return self.model.step(token, state)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, new)
+
+
+def _pissa_start(linear: nn.Linear, method: MethodConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's PiSSA init on one float Linear: returns (A0, B0) fp32; the Linear keeps the residual
+    W - (alpha/r) B0 A0. Runs before any quantization, so the SVD sees the float weight."""
+    init = "pissa" if method.svd_niter == 0 else f"pissa_niter_{method.svd_niter}"
+    lc = LoraConfig(r=method.r, lora_alpha=method.alpha, init_lora_weights=init)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PISSA_SVD_SEED)
+        layer = PeftLoraLinear(linear, "default", config=lc, r=method.r, lora_alpha=method.alpha)
+    return layer.lora_A["default"].weight.detach().float(), layer.lora_B["default"].weight.detach().float()
+
+
+@torch.no_grad()
+def _apply_pissa_residual(linear: nn.Linear, a0: torch.Tensor, b0: torch.Tensor, scale: float) -> None:
+    """W <- W - (scale B0) A0, in fp32 and in the order peft computes it (bitwise the same start)."""
+    w = linear.weight
+    w.copy_((w.float() - (scale * b0.to(w.device)) @ a0.to(w.device)).to(w.dtype))
+
+
+def attach(
+    model: RWKV7,
+    cfg: MethodConfig,
+    pissa_start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> AdaptedRWKV7:
+    """Attach the method `cfg` to `model` (modified in place) and freeze everything else.
+
+    pissa_start: {module name: (A0, B0)} to rebuild a saved PiSSA run instead of running the SVD.
+    """
+    if isinstance(model, AdaptedRWKV7) or not isinstance(model, RWKV7):
+        raise TypeError("attach expects a plain RWKV7 (load a fresh base model to attach another method)")
+    cfg.validate()
+    adapted = AdaptedRWKV7(model, cfg, base_fingerprint(model.state_dict()))
+    n_layer, dtype = model.config.n_layer, adapted.base_dtype
+    targets = cfg.effective_targets()
+    target_names = [f"blocks.{i}.{t}" for i in range(n_layer) for t in targets]
+
+    if cfg.kind == "pissa":
+        scale = cfg.alpha / cfg.r
+        for name in target_names:
+            linear = model.get_submodule(name)
+            if pissa_start is None:
+                adapted.pissa_init[name] = _pissa_start(linear, cfg)
+            elif name not in pissa_start:
+                raise UserError(f"PiSSA adapter has no start for {name}")
+            else:
+                a0, b0 = pissa_start[name]
+                _apply_pissa_residual(linear, a0, b0, scale)
+                adapted.pissa_init[name] = (a0.float(), b0.float())
+
+    if cfg.quant != "none":
+        full_ffn = "ffn" in cfg.train_parts
+        before = after = 0
+        for i in range(n_layer):
+            for p in PROJECTIONS:
+                if full_ffn and p.startswith("ffn."):
+                    continue  # trained in full: stays a float Linear
+                name = f"blocks.{i}.{p}"
+                linear = model.get_submodule(name)
+                q = quantize_linear(linear.weight, cfg.quant, dtype)
+                before += linear.weight.numel() * linear.weight.element_size()
+                after += quantized_bytes(q)
+                _set_module(model, name, q)
+        adapted.quant_bytes = (before, after)
+        # peft picks its bitsandbytes LoRA layers (which can merge) only when the model says so.
+        model.is_loaded_in_4bit = cfg.quant in ("nf4", "fp4")
+        model.is_loaded_in_8bit = cfg.quant == "int8"
+
+    kind = cfg.adapter_kind
+    if kind in ("lora", "pissa"):
+        lc = LoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, init_lora_weights=True
+        )
+        inject_adapter_in_model(lc, model)
+    elif kind == "bone":
+        inject_adapter_in_model(
+            MissConfig(r=cfg.r, miss_dropout=cfg.dropout, target_modules=targets, init_weights=True), model
+        )
+    elif kind == "bat":
+        for name in target_names:
+            try:
+                _set_module(model, name, BatLinear(model.get_submodule(name), cfg.r))
+            except ValueError as e:
+                raise UserError(f"method.r: {e} ({name})") from e
+
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        cname = canonical_name(name)
+        adapter_param = cname.endswith((".lora_A", ".lora_B", ".disha"))
+        if adapter_param:
+            p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
+        in_full = cfg.kind == "full" or part_of(cname) in cfg.train_parts
+        if adapter_param or (in_full and not _UNUSED.fullmatch(cname)):
+            p.requires_grad_(True)
+    for name, (a0, b0) in adapted.pissa_init.items():
+        layer = model.get_submodule(name)
+        layer.lora_A["default"].weight.data.copy_(a0)
+        layer.lora_B["default"].weight.data.copy_(b0)
+
+    if cfg.trains_state:
+        H, N = model.config.n_head, model.config.head_size
+        for blk in model.blocks:
+            start = getattr(blk.att, "time_state", None)
+            if start is None:
+                start = torch.zeros(H, N, N, device=blk.att.r_k.device)
+            else:
+                del blk.att.time_state  # the base's state (a buffer) becomes the trainable start
+            blk.att.time_state = nn.Parameter(start.detach().float().clone())
+    return adapted
+
+
+def trainable_parameters(adapted: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(canonical name, parameter) of everything that trains, in module order (stable across runs)."""
+    model = adapted.model if isinstance(adapted, AdaptedRWKV7) else adapted
+    return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_trainable(adapted: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for _, p in trainable_parameters(adapted))

@@ -1,0 +1,215 @@
+"""Adapter files: a run directory (`adapter.safetensors` + `adapter.json` [+ `state.pth`]) or a
+checkpoint in RWKV-PEFT's layout (`.pth`, canonical names, no metadata).
+
+Tensors are stored under canonical names (see attach.py), fp32. PiSSA is stored as a plain LoRA
+delta against the *original* base: rank 2r, lora_A = [A; A0], lora_B = [B, -B0], alpha 2*alpha,
+so that (2 alpha / 2r) [B, -B0] [A; A0] = (alpha / r)(B A - B0 A0) and merging needs only the base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from ..errors import UserError
+from ..model import RWKV7, atomic_save, atomic_write, read_state_dict
+from .attach import AdaptedRWKV7, attach, base_fingerprint, trainable_parameters
+from .config import PROJECTIONS, MethodConfig, part_of
+
+ADAPTER_FILE, META_FILE, STATE_FILE = "adapter.safetensors", "adapter.json", "state.pth"
+FORMAT, VERSION = "rwkv-peft-adapter", 1
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class AdapterFile:
+    """An adapter read from disk. tensors: canonical name -> fp32 tensor (PiSSA as rank-2r delta)."""
+
+    method: MethodConfig
+    tensors: dict[str, torch.Tensor]
+    source: str
+    fingerprint: str | None = None  # base model fingerprint (None for RWKV-PEFT files)
+    base_path: str | None = None
+    base_dtype: str = "fp32"  # dtype the base was held in while training (PiSSA residual rounding)
+
+    @property
+    def lora_scale(self) -> float:
+        """Scale of B @ A in the stored delta (alpha / r; for PiSSA 2 alpha / 2r, the same)."""
+        return self.method.alpha / self.method.r
+
+    def pissa_start(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module: (A0 [r, in], B0 [out, r])} recovered from the rank-2r PiSSA delta."""
+        r = self.method.r
+        return {
+            k[: -len(".lora_A")]: (a[r:], -self.tensors[k[:-1] + "B"][:, r:])
+            for k, a in self.tensors.items()
+            if k.endswith(".lora_A")
+        }
+
+
+def adapter_tensors(adapted: AdaptedRWKV7) -> dict[str, torch.Tensor]:
+    """Everything trained, under canonical names, fp32 on CPU (PiSSA converted to its delta form)."""
+    out = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in trainable_parameters(adapted)}
+    for name, (a0, b0) in adapted.pissa_init.items():
+        out[f"{name}.lora_A"] = torch.cat([out[f"{name}.lora_A"], a0.cpu()], dim=0).contiguous()
+        out[f"{name}.lora_B"] = torch.cat([out[f"{name}.lora_B"], -b0.cpu()], dim=1).contiguous()
+    return out
+
+
+def save_adapter(adapted: AdaptedRWKV7, run_dir: str | os.PathLike, base_path: str | None = None) -> None:
+    """Write adapter.safetensors, state.pth (state tuning) and adapter.json (last) into run_dir."""
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = adapted.method
+    tensors = adapter_tensors(adapted)
+    blob = safetensors.torch.save(tensors)
+    atomic_write(d / ADAPTER_FILE, lambda f: f.write(blob))
+    if cfg.trains_state:
+        atomic_save({k: t for k, t in tensors.items() if k.endswith(".att.time_state")}, d / STATE_FILE)
+    else:
+        (d / STATE_FILE).unlink(missing_ok=True)  # never leave another method's state beside this one
+    pissa = cfg.kind == "pissa"
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": cfg.to_dict(),
+        "targets": cfg.effective_targets(),
+        # What a LoRA merge needs: delta = (alpha / rank) * lora_B @ lora_A.
+        "lora": {"rank": cfg.r * (2 if pissa else 1), "alpha": cfg.alpha * (2 if pissa else 1)}
+        if cfg.kind in ("lora", "pissa")
+        else None,
+        "base": {
+            "fingerprint": adapted.base_fingerprint,
+            "path": None if base_path is None else str(base_path),
+            "dtype": _DTYPE_NAMES.get(adapted.base_dtype, "fp32"),
+            "config": adapted.config.to_dict(),
+        },
+        "trainable_parameters": sum(p.numel() for _, p in trainable_parameters(adapted)),
+        "quantized_bytes": {"float": adapted.quant_bytes[0], "quantized": adapted.quant_bytes[1]},
+    }
+    text = (json.dumps(meta, indent=2) + "\n").encode()
+    atomic_write(d / META_FILE, lambda f: f.write(text))
+
+
+def _read_run_dir(d: Path, lora_alpha: float | None) -> AdapterFile:
+    meta_path, tensor_path = d / META_FILE, d / ADAPTER_FILE
+    for p in (meta_path, tensor_path):
+        if not p.is_file():
+            raise UserError(f"{d}: not an adapter run directory, {p.name} is missing")
+    if lora_alpha is not None:
+        raise UserError(f"{d}: --lora-alpha is for RWKV-PEFT files; a run directory stores its alpha")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{meta_path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise UserError(f"{meta_path}: expected format {FORMAT} version {VERSION}")
+    if not isinstance(meta.get("method"), dict):
+        raise UserError(f"{meta_path}: has no method section")
+    method = MethodConfig.from_dict(meta["method"], where=f"{meta_path}: method")
+    try:
+        tensors = safetensors.torch.load_file(str(tensor_path))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{tensor_path}: cannot read ({e})") from e
+    base = meta.get("base") or {}
+    return AdapterFile(method, tensors, str(d), base.get("fingerprint"), base.get("path"), base.get("dtype", "fp32"))
+
+
+def _read_rwkv_peft(path: Path, lora_alpha: float | None) -> AdapterFile:
+    """Infer the method from an RWKV-PEFT checkpoint's key names and shapes."""
+    sd = {k: t.float() for k, t in read_state_dict(path).items()}
+    targets, kinds, ranks, parts = set(), set(), set(), set()
+    state = False
+    for k, t in sd.items():
+        mod, _, leaf = k.rpartition(".")
+        if leaf in ("lora_A", "lora_B", "disha"):
+            proj = mod.split(".", 2)[-1] if mod.startswith("blocks.") else mod
+            if proj not in PROJECTIONS:
+                raise UserError(f"{path}: {k} adapts {proj}, expected one of {', '.join(PROJECTIONS)}")
+            targets.add(proj)
+            if leaf == "lora_A":
+                kinds.add("lora")
+                ranks.add(t.shape[0])
+            elif leaf == "disha":
+                kinds.add("bone" if t.dim() == 2 else "bat")
+                ranks.add(t.shape[0] if t.dim() == 2 else t.shape[-1])
+        elif k.endswith(".att.time_state"):
+            state = True
+        elif (part := part_of(k)) is not None:
+            parts.add(part)
+        else:
+            raise UserError(f"{path}: unexpected key {k} for an RWKV-PEFT adapter checkpoint")
+    if len(kinds) > 1 or len(ranks) > 1:
+        raise UserError(f"{path}: mixes adapter kinds/ranks ({', '.join(sorted(kinds))}; r {sorted(ranks)})")
+    kind = next(iter(kinds), None)
+    if kind is None and not state:
+        raise UserError(f"{path}: no lora_A/lora_B, disha or time_state keys: not an RWKV-PEFT adapter")
+    if kind == "lora" and lora_alpha is None:
+        raise UserError(f"{path}: RWKV-PEFT does not store the LoRA alpha; pass --lora-alpha (lora_alpha)")
+    fields = {"train_parts": sorted(parts), "r": next(iter(ranks), 16)}
+    if kind == "lora":
+        fields.update(kind="lora", alpha=float(lora_alpha), state=state)
+    elif kind in ("bone", "bat"):
+        fields.update(kind="disha", disha_mode=kind, state=state)
+    else:
+        fields.update(kind="state")
+    if targets:
+        fields["target_modules"] = [p for p in PROJECTIONS if p in targets]
+    return AdapterFile(MethodConfig.from_dict(fields, where=f"{path}: inferred method"), sd, str(path))
+
+
+def read_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> AdapterFile:
+    """A run directory (or its adapter.safetensors/adapter.json) or an RWKV-PEFT `.pth`."""
+    p = Path(path)
+    if p.is_dir():
+        return _read_run_dir(p, lora_alpha)
+    if p.name in (ADAPTER_FILE, META_FILE):
+        return _read_run_dir(p.parent, lora_alpha)
+    if not p.exists():
+        raise UserError(f"{p}: no such adapter (expected a run directory or an RWKV-PEFT .pth)")
+    return _read_rwkv_peft(p, lora_alpha)
+
+
+def check_base(af: AdapterFile, fingerprint: str, base_name: str) -> None:
+    """UserError (one line, naming both) if the adapter was trained on another base model."""
+    if af.fingerprint is not None and af.fingerprint != fingerprint:
+        trained = f" ({af.base_path})" if af.base_path else ""
+        raise UserError(
+            f"{af.source}: adapter was trained on base {af.fingerprint}{trained}, "
+            f"but {base_name} is {fingerprint}; use the base model it was trained on"
+        )
+
+
+def load_adapter(model: RWKV7, run_dir_or_file: str | os.PathLike, lora_alpha: float | None = None) -> AdaptedRWKV7:
+    """Attach a saved adapter to a freshly loaded base `model` (modified in place); returns it adapted.
+
+    The adapted model computes what was trained: for PiSSA the saved SVD start is reused (no new
+    SVD), and a quantized base is quantized again exactly as in training.
+    """
+    af = read_adapter(run_dir_or_file, lora_alpha)
+    check_base(af, base_fingerprint(model.state_dict()), "this model")
+    pissa = af.method.kind == "pissa"
+    adapted = attach(model, af.method, af.pissa_start() if pissa else None)
+    used = set()
+    with torch.no_grad():
+        for name, p in trainable_parameters(adapted):
+            src = af.tensors.get(name)
+            if src is None:
+                raise UserError(f"{af.source}: adapter has no tensor {name}")
+            if pissa and name.endswith(".lora_A"):
+                src = src[: af.method.r]
+            elif pissa and name.endswith(".lora_B"):
+                src = src[:, : af.method.r]
+            if tuple(src.shape) != tuple(p.shape):
+                raise UserError(f"{af.source}: {name} is {list(src.shape)}, this model needs {list(p.shape)}")
+            p.copy_(src)
+            used.add(name)
+    unused = sorted(set(af.tensors) - used)
+    if unused:
+        raise UserError(f"{af.source}: tensors this method does not use: {', '.join(unused[:4])}")
+    return adapted

@@ -1,0 +1,139 @@
+"""Perplexity and LAMBADA-style last-word accuracy, as DESIGN.md defines `rwkv-peft eval`.
+
+Each document d (token ids) is scored as the sequence [0] + d: the model reads end-of-text (0)
+first, then predicts every token of d. loss = total negative log-likelihood (nats) over all
+predicted tokens of all documents / number of those tokens; ppl = exp(loss).
+
+LAMBADA accuracy: with text = decode(d) = context + " " + last_word (split at the last space), the
+document counts as correct when greedy decoding after [0] + encode(context) produces exactly
+encode(" " + last_word): every one of those target tokens is the argmax given the true tokens
+before it (teacher forcing on the target equals greedy decoding when all of them are right).
+When d itself is encode(context) + encode(" " + last_word) (the usual case) this reuses the loss
+pass; otherwise that sequence is scored separately, for accuracy only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+EOT = 0
+_IGNORE = -1
+
+
+def _forward_logits(model: nn.Module, idx: torch.Tensor, chunk_len: int):
+    """Yield (start, logits [B, t, V]) over idx [B, T] in time chunks, carrying the RNN state."""
+    if idx.shape[1] <= chunk_len:
+        yield 0, model(idx)
+        return
+    state = None
+    for s in range(0, idx.shape[1], chunk_len):
+        logits, state = model(idx[:, s : s + chunk_len], state, return_state=True)
+        yield s, logits
+
+
+@torch.no_grad()
+def score_sequences(
+    model: nn.Module,
+    seqs: list[list[int]],
+    last_k: list[int],
+    batch_size: int = 8,
+    chunk_len: int = 512,
+) -> tuple[list[float], list[int], list[bool]]:
+    """For each sequence s (s[0] is the first input), predict s[1:] from its prefix.
+
+    Returns per sequence: summed NLL (nats, fp32 softmax), number of predicted tokens, and whether
+    the argmax was right at each of the last `last_k[i]` positions (True when last_k[i] == 0).
+    Sequences are right-padded per batch (longest first); a causal model never sees the padding.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    nll, count, ok = [0.0] * len(seqs), [0] * len(seqs), [True] * len(seqs)
+    for b in range(0, len(order), batch_size):
+        ids = [i for i in order[b : b + batch_size] if len(seqs[i]) > 1]
+        if not ids:
+            continue
+        T = len(seqs[ids[0]]) - 1
+        inp = torch.full((len(ids), T), EOT, dtype=torch.long)
+        tgt = torch.full((len(ids), T), _IGNORE, dtype=torch.long)
+        check = torch.zeros(len(ids), T, dtype=torch.bool)  # positions whose argmax must be right
+        for row, i in enumerate(ids):
+            s = seqs[i]
+            n = len(s) - 1
+            inp[row, :n] = torch.tensor(s[:-1])
+            tgt[row, :n] = torch.tensor(s[1:])
+            check[row, n - last_k[i] : n] = True
+        inp, tgt, check = inp.to(device), tgt.to(device), check.to(device)
+        row_nll = torch.zeros(len(ids), dtype=torch.float64, device=device)
+        row_ok = torch.ones(len(ids), dtype=torch.bool, device=device)
+        for s, logits in _forward_logits(model, inp, chunk_len):
+            t = tgt[:, s : s + logits.shape[1]]
+            lp = F.cross_entropy(logits.float().transpose(1, 2), t, ignore_index=_IGNORE, reduction="none")
+            row_nll += lp.double().sum(dim=1)
+            wrong = (logits.argmax(dim=-1) != t) & check[:, s : s + logits.shape[1]]
+            row_ok &= ~wrong.any(dim=1)
+        for row, i in enumerate(ids):
+            nll[i], count[i], ok[i] = row_nll[row].item(), len(seqs[i]) - 1, bool(row_ok[row])
+    return nll, count, ok
+
+
+def _lambada_sequence(doc: list[int], tokenizer, n: int) -> tuple[list[int], int]:
+    """[0] + encode(context) + encode(" " + last_word) and the number of last-word tokens."""
+    text = tokenizer.decode(doc)
+    cut = text.rfind(" ")
+    if cut < 0 or cut == len(text) - 1:
+        raise UserError(f"eval data: document {n} has no last word after a space (LAMBADA accuracy needs one)")
+    target = tokenizer.encode(text[cut:])
+    return [EOT] + tokenizer.encode(text[:cut]) + target, len(target)
+
+
+def evaluate(
+    model: nn.Module,
+    docs: list[list[int]],
+    batch_size: int = 8,
+    lambada: bool = False,
+    tokenizer=None,
+    chunk_len: int = 512,
+) -> dict:
+    """Score `docs` (token ids, without the leading 0) with `model` (idx [B, T] -> logits [B, T, V];
+    for documents longer than chunk_len also `model(idx, state, return_state=True)`).
+
+    Returns {"loss": mean NLL per predicted token (nats), "ppl": exp(loss), "tokens": number of
+    predicted tokens, "acc": LAMBADA last-word accuracy or None}. `lambada=True` needs `tokenizer`
+    (encode/decode). The model runs in eval mode (dropout off) and is restored afterwards.
+    """
+    if lambada and tokenizer is None:
+        raise ValueError("evaluate: lambada=True needs the tokenizer to find each document's last word")
+    seqs = [[EOT] + list(d) for d in docs]
+    last_k = [0] * len(seqs)
+    extra: list[tuple[int, list[int], int]] = []  # (doc index, separate accuracy sequence, k)
+    if lambada:
+        for n, d in enumerate(docs):
+            seq, k = _lambada_sequence(list(d), tokenizer, n)
+            if seq == seqs[n]:
+                last_k[n] = k
+            else:
+                extra.append((n, seq, k))
+    was_training = model.training
+    model.eval()
+    try:
+        nll, count, ok = score_sequences(
+            model, seqs + [s for _, s, _ in extra], last_k + [k for _, _, k in extra], batch_size, chunk_len
+        )
+    finally:
+        model.train(was_training)
+    tokens = sum(count[: len(seqs)])
+    if tokens == 0:
+        raise UserError("eval data: no tokens to score (every document is empty)")
+    loss = sum(nll[: len(seqs)]) / tokens
+    acc = None
+    if lambada:
+        correct = [ok[n] for n in range(len(seqs)) if last_k[n]] + list(ok[len(seqs) :])
+        acc = sum(correct) / len(docs)
+    ppl = math.exp(loss) if loss < math.log(float.fromhex("0x1p1023")) else math.inf
+    return {"loss": loss, "ppl": ppl, "tokens": tokens, "acc": acc}

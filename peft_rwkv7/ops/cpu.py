@@ -1,0 +1,168 @@
+"""Fused WKV7 on CPU: the C++ kernel in cuda/wkv7_cpu.cpp, built on first use.
+
+The extension is compiled with `torch.utils.cpp_extension.load` (cached by torch across processes)
+the first time `is_available` or `wkv7_cpu` is called. If the build fails, `is_available` returns
+False, the reason is warned once, and `wkv7(..., backend="auto")` falls back to the reference.
+
+The kernel computes in fp32 whatever the input dtype. Its forward stores the state every 16 steps;
+the backward recomputes the states of one 16-step chunk at a time from those checkpoints, so memory
+is O(T / 16 * N^2) per head instead of one state per step. The first build takes about a minute
+on two cores; later processes load it from torch's extension cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["is_available", "wkv7_cpu"]
+
+CHUNK = 16  # steps between stored states; must match kChunk in wkv7_cpu.cpp
+LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
+_SOURCE = Path(__file__).resolve().parents[2] / "cuda" / "wkv7_cpu.cpp"
+# Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
+# picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
+_CFLAGS = ["-O3", "-fopenmp"]
+
+Alloc = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+def _empty(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _extension() -> ModuleType | None:
+    """Build (or load from torch's extension cache) the kernel once per process; None on failure."""
+    try:
+        if not _SOURCE.is_file():
+            raise FileNotFoundError(f"kernel source {_SOURCE} is missing")
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="peft_rwkv7_wkv7_cpu",
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # any build or load failure means "not available", never a crash
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(
+            f"wkv7: the CPU kernel could not be built, using the reference op instead ({reason})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def is_available(device: torch.device) -> bool:
+    """True for CPU tensors once the extension has been built and loaded in this process."""
+    return torch.device(device).type == "cpu" and _extension() is not None
+
+
+def _forward(
+    ext: ModuleType, rdkvab: list[torch.Tensor], state: torch.Tensor | None, alloc: Alloc
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rdkvab: [r, d, k, v, a, b], contiguous fp32 [B, T, H, N] with d = exp(-exp(w)) and N % 8 == 0;
+    state: contiguous fp32 [B, H, N, N] or None.
+
+    Returns y [B, T, H, N], checkpoints [B, H, ceil(T/16) + 1, N, N] (the kernel's own layout) and
+    the final state [B, H, N, N].
+    """
+    B, T, H, N = rdkvab[0].shape
+    y = alloc((B, T, H, N))
+    ckpt = alloc((B, H, -(-T // CHUNK) + 1, N, N))
+    s_final = alloc((B, H, N, N))
+    ext.forward(rdkvab, torch.empty(0) if state is None else state, y, ckpt, s_final)
+    return y, ckpt, s_final
+
+
+def _backward(
+    ext: ModuleType,
+    rdkvab: list[torch.Tensor],
+    ckpt: torch.Tensor,
+    dy: torch.Tensor,
+    ds_final: torch.Tensor,
+    alloc: Alloc,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Gradients [dr, dd, dk, dv, da, db] (each [B, T, H, N], dd = dL/dd) and dL/dS_0 [B, H, N, N]."""
+    B, T, H, N = rdkvab[0].shape
+    grads = [alloc((B, T, H, N)) for _ in range(6)]
+    ds0 = alloc((B, H, N, N))
+    ext.backward(rdkvab, ckpt, dy, ds_final, grads, ds0)
+    return grads, ds0
+
+
+def _fp32(x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Detached contiguous fp32 (no copy when already so), the last dim zero-padded by `pad`."""
+    x = x.detach().to(torch.float32)
+    return F.pad(x, (0, pad)).contiguous() if pad else x.contiguous()
+
+
+def _pad_square(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """[..., N, N] -> [..., N + pad, N + pad], contiguous fp32, zeros in the new rows and columns."""
+    return F.pad(_fp32(x), (0, pad, 0, pad)) if pad else _fp32(x)
+
+
+class _Wkv7Cpu(torch.autograd.Function):
+    # The kernel wants N % 8 == 0. Zero padding is exact: padded keys have a = b = k = r = 0 and
+    # padded values have v = 0, so the padded rows and columns of the state stay zero.
+    @staticmethod
+    def forward(ctx, alloc, r, w, k, v, a, b, state):
+        N = r.shape[-1]
+        pad = -N % LANES
+        # The decay is computed here with torch's vectorised exp (the same ops as the reference);
+        # the kernel gets d and returns dL/dd, chained to dL/dw in backward by dd/dw = -d exp(w).
+        ew = torch.exp(_fp32(w, pad))
+        d = torch.exp(-ew)
+        dd_dw = -d * ew if ctx.needs_input_grad[2] else None
+        rdkvab = [_fp32(r, pad), d, *(_fp32(x, pad) for x in (k, v, a, b))]
+        s0 = None if state is None else _pad_square(state, pad)
+        y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc)
+        ctx.save_for_backward(*rdkvab, ckpt, dd_dw)
+        ctx.alloc, ctx.N = alloc, N
+        ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
+        ctx.state_dtype = None if state is None else state.dtype
+        return y[..., :N].to(r.dtype), s_final[..., :N, :N]
+
+    @staticmethod
+    def backward(ctx, dy, ds_final):
+        *rdkvab, ckpt, dd_dw = ctx.saved_tensors
+        N = ctx.N
+        pad = -N % LANES
+        grads, ds0 = _backward(_extension(), rdkvab, ckpt, _fp32(dy, pad), _pad_square(ds_final, pad), ctx.alloc)
+        if dd_dw is not None:
+            grads[1].mul_(dd_dw)
+        need = ctx.needs_input_grad
+        grads = [g[..., :N].to(dt) if need[i + 1] else None for i, (g, dt) in enumerate(zip(grads, ctx.dtypes))]
+        ds0 = ds0[..., :N, :N].to(ctx.state_dtype) if need[7] else None
+        return (None, *grads, ds0)
+
+
+def wkv7_cpu(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+    alloc: Alloc = _empty,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused CPU kernel with `wkv7_reference`'s semantics.
+
+    r, w, k, v, a, b: [B, T, H, N] fp32 or bf16 CPU tensors; state: [B, H, N, N] or None (zeros).
+    Returns y [B, T, H, N] in r's dtype and the final state [B, H, N, N] fp32; differentiable in every
+    input and the initial state, with gradients flowing from both outputs. `alloc(shape)` makes the
+    kernel's fp32 output buffers (tests pass a NaN-filled allocator to catch unwritten memory).
+    """
+    if _extension() is None:
+        raise RuntimeError("wkv7: the CPU kernel is not available in this process (see the earlier warning)")
+    return _Wkv7Cpu.apply(alloc, r, w, k, v, a, b, state)

@@ -1,0 +1,195 @@
+"""Train -> save -> merge -> the `rwkv` package: the merged .pth computes what base + adapter computed.
+Also: reloading a run directory, state.pth as an RNN state, mismatched bases, RWKV-PEFT export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peft_rwkv7.adapters import (
+    MethodConfig,
+    attach,
+    export_rwkv_peft,
+    load_adapter,
+    merge_into_pth,
+    save_adapter,
+    trainable_parameters,
+)
+from peft_rwkv7.errors import UserError
+from peft_rwkv7.infer.evaluate import evaluate
+from peft_rwkv7.model import load_model, read_state_dict
+
+IDX = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(5))
+
+METHODS = [
+    dict(kind="lora"),
+    dict(kind="pissa"),
+    dict(kind="disha"),
+    dict(kind="disha", disha_mode="bat"),
+    dict(kind="state"),
+    dict(kind="lora", state=True),
+    dict(kind="pissa", state=True, train_parts=["ln", "time", "emb"]),
+    dict(kind="disha", train_parts=["ffn", "head"]),
+    dict(kind="full", state=True),
+    dict(kind="lora", quant="nf4"),
+    dict(kind="pissa", quant="int8"),
+    dict(kind="disha", quant="fp4"),
+    dict(kind="disha", disha_mode="bat", quant="nf4", state=True),
+]
+
+
+def _id(m: dict) -> str:
+    return "-".join(f"{v if not isinstance(v, list) else '+'.join(v)}" for v in m.values())
+
+
+def _time_states(path) -> list[torch.Tensor] | None:
+    sd = read_state_dict(path)
+    ts = [sd[k] for k in sorted(k for k in sd if k.endswith(".att.time_state"))]
+    return ts or None
+
+
+@pytest.mark.parametrize("method", METHODS, ids=_id)
+def test_merged_pth_in_rwkv_package_matches_base_plus_adapter(
+    method, base_path, load_base, docs, train, rwkv_loss, tmp_path
+):
+    cfg = MethodConfig(**{"r": 8, **method})
+    adapted = attach(load_base(), cfg)
+    train(adapted)
+    run = tmp_path / "run"
+    save_adapter(adapted, run, base_path=str(base_path))
+    ours = evaluate(adapted, docs, batch_size=3)
+
+    merged = tmp_path / "merged.pth"
+    line = merge_into_pth(base_path, run, merged, dtype="fp32")
+    assert ("quantized" in line) == (cfg.quant != "none")
+    theirs = rwkv_loss(merged, docs, _time_states(merged))
+    assert abs(theirs - ours["loss"]) <= (2e-2 if cfg.quant != "none" else 1e-3)
+
+    # The run directory alone rebuilds the trained model on a fresh base (PiSSA start, quantized
+    # residual and state included), and our loader reads the merged file (time_state too).
+    with torch.no_grad():
+        want = adapted(IDX)
+        again = load_adapter(load_base(), run)(IDX)
+        from_merged = load_model(merged, wkv_backend="reference")(IDX)
+        untrained = load_base()(IDX)
+    assert (want - untrained).abs().max() > 1e-2  # training moved the logits: the checks have teeth
+    assert torch.allclose(again, want, atol=1e-5)
+    assert torch.allclose(from_merged, want, atol=1e-4 if cfg.quant == "none" else 2e-3)
+
+
+def test_state_pth_is_the_rwkv_package_rnn_state(base_path, load_base, train, rwkv_model, tmp_path):
+    adapted = attach(load_base(), MethodConfig(kind="state"))
+    train(adapted, steps=4, lr=5e-2)
+    save_adapter(adapted, tmp_path)
+    states = torch.load(tmp_path / "state.pth", weights_only=True)
+    assert sorted(states) == ["blocks.0.att.time_state", "blocks.1.att.time_state"]
+    model = rwkv_model(base_path)
+    rnn = []
+    for i in range(2):
+        assert states[f"blocks.{i}.att.time_state"].shape == (4, 16, 16)
+        assert states[f"blocks.{i}.att.time_state"].dtype == torch.float32
+        rnn += [torch.zeros(64), states[f"blocks.{i}.att.time_state"].clone(), torch.zeros(64)]
+    tokens = IDX[0].tolist()
+    theirs, _ = model.forward(tokens, rnn, full_output=True)
+    with torch.no_grad():
+        ours = adapted(IDX[:1])[0]
+        untuned = load_base()(IDX[:1])[0]
+    assert torch.allclose(theirs, ours, atol=1e-4)
+    assert (ours - untuned).abs().max() > 1e-2
+
+
+def test_adapter_on_another_base_is_refused(base_path, other_base_path, load_base, tmp_path):
+    adapted = attach(load_base(), MethodConfig(kind="lora", r=4))
+    save_adapter(adapted, tmp_path / "run", base_path=str(base_path))
+    fp = json.loads((tmp_path / "run" / "adapter.json").read_text())["base"]["fingerprint"]
+    with pytest.raises(UserError) as e:
+        load_adapter(load_base(other_base_path), tmp_path / "run")
+    msg = str(e.value)
+    assert "\n" not in msg and fp in msg and str(base_path) in msg
+    with pytest.raises(UserError, match=f"{fp}.*{other_base_path.name}"):
+        merge_into_pth(other_base_path, tmp_path / "run", tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_fingerprint_survives_a_bf16_copy_of_the_base(base_path, load_base, tmp_path):
+    from peft_rwkv7.model import save_model
+
+    bf16 = tmp_path / "base_bf16.pth"
+    save_model(load_base(), bf16, dtype=torch.bfloat16)
+    adapted = attach(load_base(bf16), MethodConfig(kind="lora", r=4))
+    save_adapter(adapted, tmp_path / "run")
+    load_adapter(load_base(bf16), tmp_path / "run")  # the bf16 file, loaded as fp32: same base
+
+
+def test_missing_or_broken_adapter_files(base_path, load_base, tmp_path):
+    adapted = attach(load_base(), MethodConfig(kind="lora", r=4))
+    save_adapter(adapted, tmp_path / "run")
+    (tmp_path / "run" / "adapter.json").unlink()
+    with pytest.raises(UserError, match="adapter.json is missing"):
+        load_adapter(load_base(), tmp_path / "run")
+    with pytest.raises(UserError, match="no such adapter"):
+        merge_into_pth(base_path, tmp_path / "nothing.pth", tmp_path / "out.pth")
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        dict(kind="lora", r=4, alpha=12),
+        dict(kind="pissa", r=4),
+        dict(kind="disha", disha_mode="bat", state=True, train_parts=["ln"]),
+    ],
+    ids=["lora", "pissa", "bat+state+ln"],
+)
+def test_rwkv_peft_export_merges_like_the_run_dir(method, base_path, load_base, train, tmp_path):
+    cfg = MethodConfig(**method)
+    adapted = attach(load_base(), cfg)
+    train(adapted)
+    save_adapter(adapted, tmp_path / "run")
+    line = export_rwkv_peft(tmp_path / "run", tmp_path / "rwkv_peft.pth")
+    exported = torch.load(tmp_path / "rwkv_peft.pth", weights_only=True)
+    merge_into_pth(base_path, tmp_path / "run", tmp_path / "a.pth", dtype="fp32")
+    alpha = None
+    if cfg.kind in ("lora", "pissa"):
+        rank = cfg.r * (2 if cfg.kind == "pissa" else 1)  # PiSSA exports as a rank-2r delta
+        assert exported["blocks.0.att.receptance.lora_A"].shape == (rank, 64)  # [r, in]
+        assert exported["blocks.1.ffn.key.lora_B"].shape == (256, rank)  # [out, r]
+        alpha = cfg.alpha * (2 if cfg.kind == "pissa" else 1)
+        assert f"--lora-alpha {alpha:g}" in line
+        with pytest.raises(UserError, match="lora-alpha"):
+            merge_into_pth(base_path, tmp_path / "rwkv_peft.pth", tmp_path / "b.pth")
+    else:
+        assert exported["blocks.0.ffn.key.disha"].shape == (64 // cfg.r, cfg.r, cfg.r)  # [in/r, r, r]
+        assert exported["blocks.1.att.time_state"].shape == (4, 16, 16)
+        assert "blocks.1.att.ln_x.weight" in exported
+    merge_into_pth(base_path, tmp_path / "rwkv_peft.pth", tmp_path / "b.pth", dtype="fp32", lora_alpha=alpha)
+    a, b = read_state_dict(tmp_path / "a.pth"), read_state_dict(tmp_path / "b.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # The exported file also loads as an adapter onto the base and computes the same logits.
+    with torch.no_grad():
+        want = adapted(IDX)
+        got = load_adapter(load_base(), tmp_path / "rwkv_peft.pth", lora_alpha=alpha)(IDX)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bf16_merge_rounds_within_bf16_precision(base_path, load_base, train, tmp_path):
+    adapted = attach(load_base(), MethodConfig(kind="lora", r=4))
+    train(adapted)
+    save_adapter(adapted, tmp_path / "run")
+    merge_into_pth(base_path, tmp_path / "run", tmp_path / "fp32.pth", dtype="fp32")
+    merge_into_pth(base_path, tmp_path / "run", tmp_path / "bf16.pth")
+    a, b = read_state_dict(tmp_path / "fp32.pth"), read_state_dict(tmp_path / "bf16.pth")
+    for k in a:
+        assert b[k].dtype == torch.bfloat16
+        assert torch.allclose(b[k].float(), a[k], rtol=2**-8, atol=0), k
+
+
+def test_trainable_names_are_rwkv_peft_keys(load_base):
+    adapted = attach(load_base(), MethodConfig(kind="lora", r=4, target_modules=["att.key"], state=True))
+    assert [n for n, _ in trainable_parameters(adapted)] == [
+        "blocks.0.att.time_state", "blocks.0.att.key.lora_A", "blocks.0.att.key.lora_B",
+        "blocks.1.att.time_state", "blocks.1.att.key.lora_A", "blocks.1.att.key.lora_B",
+    ]  # fmt: skip

@@ -1,0 +1,50 @@
+"""Shared helpers for op tests: WKV7 inputs in the ranges a real RWKV-7 layer produces."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def wkv_inputs(
+    B: int,
+    T: int,
+    H: int,
+    N: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    with_state: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Realistic random WKV7 inputs: ([r, w, k, v, a, b] each [B, T, H, N] in `dtype`, state or None).
+
+    Built as the model builds them (DESIGN.md): w = -softplus(-x) - 0.5, so the per-step decay
+    exp(-exp(w)) lies in (0.545, 1); kk is unit-norm per head, a = -kk, b = kk * sigmoid(.);
+    k is scaled like k * (1 + (a - 1) * k_a). The state is fp32 [B, H, N, N] of the size a
+    trained model carries.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    shape = (B, T, H, N)
+    r = randn(*shape) * 0.5
+    w = -F.softplus(-(randn(*shape) - 0.5)) - 0.5
+    k = randn(*shape) * 0.5
+    v = randn(*shape)
+    kk = F.normalize(randn(*shape), dim=-1, eps=1e-12)
+    a_gate = torch.sigmoid(randn(*shape))
+    k = k * (1 + (a_gate - 1) * torch.rand(*shape, generator=g))
+    inputs = [x.to(dtype) for x in (r, w, k, v, -kk, kk * a_gate)]
+    state = randn(B, H, N, N) * 0.5 if with_state else None
+    return inputs, state
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str) -> None:
+    """Max abs error relative to the expected tensor's max magnitude (robust to tiny elements)."""
+    actual, expected = actual.float(), expected.float()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = expected.abs().max().clamp_min(1e-6)
+    err = ((actual - expected).abs().max() / scale).item()
+    assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"

@@ -1,0 +1,199 @@
+"""The fused CPU WKV7 kernel against the reference op: outputs, every gradient, dispatch, the model.
+
+Outputs are allocated NaN-filled in these tests, so any element the kernel fails to write shows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from peft_rwkv7.ops import available_backends, cpu, dispatch, wkv7, wkv7_reference
+from tests.conftest import make_model
+from tests.ops.conftest import assert_close, wkv_inputs
+
+NAMES = ("y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate")
+FP32_RTOL = 1e-5
+# bf16 outputs (y and the input gradients) are fp32 results rounded to bf16: up to one bf16 ulp
+# (2^-8 relative) apart when the two fp32 values straddle a rounding boundary.
+BF16_RTOL = 8e-3
+
+
+def nan_alloc(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.full(shape, math.nan, dtype=torch.float32)
+
+
+kernel = functools.partial(cpu.wkv7_cpu, alloc=nan_alloc)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    # The kernel ships with the package: a build failure here is a test failure, not a skip.
+    assert cpu.is_available(torch.device("cpu")), "the CPU kernel did not build (see the warning above)"
+
+
+def fwd_bwd(fn, inputs, state, seed=1, use_y=True, use_state=True) -> list[torch.Tensor]:
+    """[y, final state, grads of r w k v a b (, initial state)] for a random upstream gradient."""
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    s0 = None if state is None else state.clone().requires_grad_()
+    y, s = fn(*leaves, s0)
+    g = torch.Generator().manual_seed(seed)
+    dy, ds = torch.randn(y.shape, generator=g).to(y.dtype), torch.randn(s.shape, generator=g)
+    loss = 0.0
+    if use_y:
+        loss = loss + (y.float() * dy.float()).sum()
+    if use_state:
+        loss = loss + (s * ds).sum()
+    loss.backward()
+    return [y.detach(), s.detach()] + [x.grad for x in leaves] + ([] if s0 is None else [s0.grad])
+
+
+def compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for name, a, b in zip(NAMES, got, want):
+        if b is None:  # autograd gives None where an input cannot reach the loss; zeros are equal
+            assert a is None or not a.any(), f"{name}: expected no gradient"
+            continue
+        assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != {b.dtype}"
+        rtol = BF16_RTOL if a.dtype == torch.bfloat16 else FP32_RTOL
+        assert_close(a, b, rtol, name)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 100])
+def test_lengths_match_reference(T, dtype, with_state):
+    inputs, state = wkv_inputs(3, T, 3, 32, dtype, seed=T, with_state=with_state)
+    compare(fwd_bwd(kernel, inputs, state), fwd_bwd(wkv7_reference, inputs, state))
+
+
+@pytest.mark.parametrize(
+    "B, H, N, dtype",
+    [
+        (1, 1, 16, torch.float32),
+        (3, 12, 16, torch.float32),
+        (1, 12, 64, torch.float32),
+        (3, 3, 64, torch.bfloat16),
+        (2, 2, 128, torch.float32),
+        (2, 3, 24, torch.float32),  # N % 8 != 0: padded inside
+    ],
+)
+def test_shapes_match_reference(B, H, N, dtype):
+    inputs, state = wkv_inputs(B, 33, H, N, dtype, seed=N + H, with_state=True)
+    compare(fwd_bwd(kernel, inputs, state), fwd_bwd(wkv7_reference, inputs, state))
+
+
+@pytest.mark.parametrize("use_y, use_state", [(False, True), (True, False)], ids=["state-only", "y-only"])
+def test_one_output_used(use_y, use_state):
+    # The unused output's gradient arrives as None/zeros; the other must still be exact.
+    inputs, state = wkv_inputs(2, 21, 2, 32, seed=7, with_state=True)
+    got = fwd_bwd(kernel, inputs, state, use_y=use_y, use_state=use_state)
+    want = fwd_bwd(wkv7_reference, inputs, state, use_y=use_y, use_state=use_state)
+    compare(got, want)
+
+
+def test_only_the_state_trainable():
+    # State tuning with a frozen model: only the initial state asks for a gradient.
+    inputs, state = wkv_inputs(2, 19, 2, 32, seed=9, with_state=True)
+    grads = []
+    for fn in (kernel, wkv7_reference):
+        s0 = state.clone().requires_grad_()
+        y, s = fn(*inputs, s0)
+        (y.square().sum() + s.sum()).backward()
+        grads.append(s0.grad)
+    assert_close(grads[0], grads[1], FP32_RTOL, "dstate")
+
+
+def test_chunked_bptt_equals_whole_sequence():
+    # Long-context training: the sequence in uneven pieces, the state carried between them with
+    # gradients flowing back through it, must equal one pass over the whole sequence.
+    inputs, state = wkv_inputs(2, 40, 3, 32, seed=11, with_state=True)
+
+    def pieces(*args):
+        *rwkvab, s = args
+        ys = []
+        for lo, hi in ((0, 7), (7, 23), (23, 40)):
+            y, s = kernel(*(x[:, lo:hi] for x in rwkvab), s)
+            ys.append(y)
+        return torch.cat(ys, dim=1), s
+
+    compare(fwd_bwd(pieces, inputs, state), fwd_bwd(wkv7_reference, inputs, state))
+
+
+def test_empty_sequence_passes_state_through():
+    inputs, state = wkv_inputs(2, 0, 2, 16, with_state=True)
+    y, s, *grads = fwd_bwd(kernel, inputs, state, use_y=False)
+    assert y.shape == (2, 0, 2, 16)
+    assert torch.equal(s, state)
+    g = torch.Generator().manual_seed(1)
+    torch.randn(y.shape, generator=g)
+    assert torch.equal(grads[-1], torch.randn(s.shape, generator=g))  # dL/dS_0 = dL/dS_T
+
+
+def test_default_allocator_gives_identical_results():
+    inputs, state = wkv_inputs(2, 20, 2, 24, seed=3, with_state=True)
+    a = fwd_bwd(kernel, inputs, state)
+    b = fwd_bwd(cpu.wkv7_cpu, inputs, state)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_auto_uses_the_cpu_kernel():
+    assert "cpu" in available_backends("cpu")
+    assert dispatch.resolve("auto", torch.device("cpu")) is cpu.wkv7_cpu
+    inputs, state = wkv_inputs(1, 5, 2, 16, with_state=True)
+    y, _ = wkv7(*(x.requires_grad_() for x in inputs), state=state, backend="auto")
+    assert type(y.grad_fn).__name__ == "_Wkv7CpuBackward"
+
+
+def test_only_cpu_tensors():
+    assert not cpu.is_available(torch.device("cuda"))
+    assert not cpu.is_available(torch.device("meta"))
+
+
+def test_build_failure_falls_back_to_reference(monkeypatch, tmp_path):
+    inputs, _ = wkv_inputs(1, 3, 1, 16)
+    monkeypatch.setattr(cpu, "_SOURCE", tmp_path / "missing.cpp")
+    cpu._extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built"):
+            assert not cpu.is_available(torch.device("cpu"))
+        assert dispatch.resolve("auto", torch.device("cpu")) is wkv7_reference
+        with pytest.raises(RuntimeError, match="not available"):
+            wkv7(*inputs, backend="cpu")
+    finally:
+        monkeypatch.undo()
+        cpu._extension.cache_clear()
+    assert cpu.is_available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("head_size", [16, 32])
+def test_model_cpu_backend_equals_reference(head_size):
+    """A tiny random RWKV7, forward + backward, with a trainable initial state (state tuning)."""
+    model = make_model(seed=2, n_layer=2, n_embd=64, head_size=head_size)
+    H, N = model.config.n_head, head_size
+    idx = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(5))
+    s0 = torch.randn(H, N, N, generator=torch.Generator().manual_seed(6)) * 0.3
+
+    def run(backend):
+        model.zero_grad()
+        model.set_wkv_backend(backend)
+        state = [blk_state._replace(wkv=s0.clone().requires_grad_()) for blk_state in model.initial_state()]
+        logits = model(idx, state)
+        logits.float().square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads, [st.wkv.grad for st in state]
+
+    logits_ref, grads_ref, sgrad_ref = run("reference")
+    logits_cpu, grads_cpu, sgrad_cpu = run("cpu")
+    model.set_wkv_backend("auto")
+    scale = logits_ref.abs().max()
+    assert (logits_cpu - logits_ref).abs().max() <= 1e-5 * scale
+    assert grads_cpu.keys() == grads_ref.keys() and len(grads_ref) > 10
+    for name, g in grads_ref.items():
+        err = (grads_cpu[name] - g).abs().max() / g.abs().max().clamp_min(1e-12)
+        assert err <= 1e-4, f"{name}: relative error {err:.1e}"
+    for got, want in zip(sgrad_cpu, sgrad_ref):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
