@@ -114,8 +114,7 @@ def _cmd_merge(args) -> int:
 def _cmd_export(args) -> int:
     from .adapters import export_rwkv_peft
 
-    export_rwkv_peft(args.adapter, args.out)
-    print(f"wrote {args.out} ({args.format} layout)")
+    print(export_rwkv_peft(args.adapter, args.out))
     return 0
 
 
