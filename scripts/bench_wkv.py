@@ -1,6 +1,6 @@
 """Benchmark WKV7 forward+backward on CPU: the reference (a plain per-step autograd loop) vs the kernel.
 
-    python scripts/bench_wkv.py [--T 512] [--H 12] [--N 64] [--batches 1 4] [--repeats 3]
+    python scripts/bench_wkv.py [--T 512] [--H 12] [--N 64] [--batches 1 4] [--repeats 3] [--threads 1]
 
 Prints, per batch size, fwd+bwd milliseconds for each backend, the speed-up over the plain loop
 and the kernel's achieved GFLOP/s next to this machine's fp32 matmul GFLOP/s (torch.mm 1024^3
