@@ -43,6 +43,11 @@ def english(rng: random.Random) -> str:
         return f"the {rng.choice(ADJS)} {rng.choice(NOUNS)}" if rng.random() < 0.6 else f"the {rng.choice(NOUNS)}"
 
     forms = [
+        # the domain's vocabulary in free prose, never in the log format itself
+        lambda: f"The wind blew from the {rng.choice(WINDS)} at {rng.randint(2, 35)} knots and the sea was "
+        f"{rng.choice(SEAS)}.",
+        lambda: f"On that voyage {rng.choice(NAMES)} {rng.choice(TASKS)}, and later they sighted {rng.choice(SIGHTS)}.",
+        lambda: f"The sky was {rng.choice(SKIES)} when the ship reached {rng.randint(10, 60)} degrees north.",
         lambda: f"{np_().capitalize()} {rng.choice(VERBS)} {np_()}.",
         lambda: f"{rng.choice(NAMES)} {rng.choice(VERBS)} {np_()} near {np_()}.",
         lambda: f"In the morning {np_()} was {rng.choice(ADJS)}, and {np_()} {rng.choice(VERBS)} {np_()}.",
@@ -63,7 +68,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     docs = [t.strip() for t in pydoc_data.topics.topics.values() if t.strip()]
-    docs += [english(rng) for _ in range(3000)]
+    docs += [english(rng) for _ in range(4000)]
     rng.shuffle(docs)
     write_jsonl(OUT / "pretrain.jsonl", docs)
     write_jsonl(OUT / "ship_log.jsonl", [ship_log(rng) for _ in range(2000)])

@@ -38,4 +38,7 @@ def test_state_tune_recipe_learns_the_domain(tmp_path):
     tuned = cli("generate", "--model", DEMO, "--adapter", run, "--prompt", prompt, "--max-tokens", "40",
                 "--temperature", "0").stdout
     base = cli("generate", "--model", DEMO, "--prompt", prompt, "--max-tokens", "40", "--temperature", "0").stdout
-    assert "Wind:" in tuned and "Wind:" not in base, (tuned, base)
+    # words of the log entries that the base model's greedy continuation never reaches
+    markers = ("Wind:", "Sea:", "Sky:", "Position:", "knots", "sighted", "deck", "rigging", "bilge", "cargo")
+    assert any(m in tuned[len(prompt):] for m in markers), tuned
+    assert not any(m in base[len(prompt):] for m in markers), base
