@@ -1,15 +1,25 @@
 """PEFT methods for RWKV-7: LoRA, PiSSA, DiSHA (Bone/Bat), state tuning, train_parts, full
 fine-tuning, on float or bitsandbytes-quantized bases; adapter files, merge into official .pth,
 RWKV-PEFT interop. A training loop needs only `attach`, `trainable_parameters` and `save_adapter`.
+
+Names resolve on first use, so reading a recipe (MethodConfig) does not import peft/bitsandbytes.
 """
 
-from .attach import AdaptedRWKV7, attach, base_fingerprint, count_trainable, trainable_parameters
-from .config import KINDS, PART_PATTERNS, PROJECTIONS, QUANTS, MethodConfig
-from .files import AdapterFile, load_adapter, read_adapter, save_adapter
-from .merge import export_rwkv_peft, merge_into_pth
+from __future__ import annotations
 
-__all__ = [
-    "MethodConfig", "AdaptedRWKV7", "AdapterFile", "attach", "trainable_parameters", "count_trainable",
-    "save_adapter", "load_adapter", "read_adapter", "merge_into_pth", "export_rwkv_peft",
-    "base_fingerprint", "KINDS", "QUANTS", "PROJECTIONS", "PART_PATTERNS",
-]  # fmt: skip
+import importlib
+
+_LAZY = {
+    "AdaptedRWKV7": "attach", "attach": "attach", "base_fingerprint": "attach", "count_trainable": "attach",
+    "trainable_parameters": "attach",
+    "KINDS": "config", "PART_PATTERNS": "config", "PROJECTIONS": "config", "QUANTS": "config", "MethodConfig": "config",
+    "AdapterFile": "files", "load_adapter": "files", "read_adapter": "files", "save_adapter": "files",
+    "export_rwkv_peft": "merge", "merge_into_pth": "merge",
+}  # fmt: skip
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..adapters import MethodConfig
-from ..data import DataConfig
+from ..adapters.config import MethodConfig
+from ..data.config import DataConfig
 from ..errors import UserError
 from .schema import apply_overrides, from_dict, load_yaml, to_dict
 

@@ -6,13 +6,14 @@ from pathlib import Path
 
 from ..errors import UserError
 from .checkpoint import list_checkpoints
-from .distributed import launcher_dist
-from .loop import describe, train
 from .recipe import load_recipe
 
 
 def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False) -> int:
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides)  # before the heavy imports: bad recipes fail fast
+    from .distributed import launcher_dist
+    from .loop import describe, train
+
     out_dir = Path(recipe.out_dir)
     if not resume and list_checkpoints(out_dir):
         raise UserError(
