@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "AdaptedRWKV7": "attach", "attach": "attach", "base_fingerprint": "attach", "count_trainable": "attach",
-    "trainable_parameters": "attach",
+    "AdaptedRWKV7": "methods", "attach": "methods", "base_fingerprint": "methods", "count_trainable": "methods",
+    "trainable_parameters": "methods",
     "KINDS": "config", "PART_PATTERNS": "config", "PROJECTIONS": "config", "QUANTS": "config", "MethodConfig": "config",
     "AdapterFile": "files", "load_adapter": "files", "read_adapter": "files", "save_adapter": "files",
     "export_rwkv_peft": "merge", "merge_into_pth": "merge",

@@ -18,8 +18,8 @@ import torch
 
 from ..errors import UserError
 from ..model import RWKV7, atomic_save, atomic_write, read_state_dict
-from .attach import AdaptedRWKV7, attach, base_fingerprint, trainable_parameters
 from .config import PROJECTIONS, MethodConfig, part_of
+from .methods import AdaptedRWKV7, attach, base_fingerprint, trainable_parameters
 
 ADAPTER_FILE, META_FILE, STATE_FILE = "adapter.safetensors", "adapter.json", "state.pth"
 FORMAT, VERSION = "rwkv-peft-adapter", 1

@@ -20,10 +20,10 @@ import torch
 
 from ..errors import UserError
 from ..model import DTYPES, atomic_save, infer_config, read_state_dict
-from .attach import base_fingerprint
 from .config import PROJECTIONS
 from .disha import bat_delta, bone_delta
 from .files import AdapterFile, check_base, read_adapter
+from .methods import base_fingerprint
 from .quant import roundtrip
 
 _ADAPTER_LEAVES = (".lora_A", ".lora_B", ".disha")
