@@ -66,7 +66,6 @@ _BLOCK_KEYS = (
     "att.ln_x.weight", "att.ln_x.bias",
     "ffn.x_k", "ffn.key.weight", "ffn.value.weight",
 )  # fmt: skip
-_V_KEYS = ("att.v0", "att.v1", "att.v2")
 _TOP_KEYS = ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias", "ln_out.weight", "ln_out.bias", "head.weight")
 
 

@@ -87,8 +87,11 @@ def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int
 
 def param_groups(named, weight_decay: float):
     """Weight decay on matrices only (LoRA factors, full weights); never on vectors or states."""
-    decay = [p for n, p in named if p.dim() == 2 and not n.endswith("time_state")]
-    rest = [p for n, p in named if not (p.dim() == 2 and not n.endswith("time_state"))]
+    def decays(name: str, p) -> bool:
+        return p.dim() == 2 and not name.endswith("time_state")
+
+    decay = [p for n, p in named if decays(n, p)]
+    rest = [p for n, p in named if not decays(n, p)]
     groups = [{"params": rest, "weight_decay": 0.0}]
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})
@@ -257,7 +260,7 @@ def _save(out_dir, step, named, optimizer, model, base_path, recipe, dist) -> No
 def describe(recipe: Recipe) -> str:
     tc = recipe.train
     m = recipe.method
-    what = m.kind + (" + state" if getattr(m, "state", False) and m.kind != "state" else "")
+    what = m.kind + (" + state" if m.trains_state and m.kind != "state" else "")
     return (
         f"{what} on {recipe.model.path or 'a new model'}: {tc.max_steps} steps x {tc.micro_bsz * tc.grad_accum} "
         f"x {recipe.data.ctx_len} tokens, lr {tc.lr:g} ({tc.schedule}) -> {recipe.out_dir}"

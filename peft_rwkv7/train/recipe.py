@@ -13,13 +13,13 @@ import yaml
 from ..adapters.config import MethodConfig
 from ..data.config import DataConfig
 from ..errors import UserError
+from ..ops import BACKENDS as WKV_BACKENDS
 from .schema import apply_overrides, from_dict, load_yaml, to_dict
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("off", "offline", "online")
-WKV_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 
 @dataclass
@@ -152,10 +152,6 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML, apply `dotted.key=value` overrides, validate everything."""
     data = apply_overrides(load_yaml(path), overrides or [])
     return from_dict(Recipe, data, source=str(path))
-
-
-def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
-    return from_dict(Recipe, data, source=source)
 
 
 def dump_recipe(recipe: Recipe) -> str:
