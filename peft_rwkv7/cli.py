@@ -118,14 +118,12 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _load_for_inference(model_ref: str, adapter: str | None, generation: bool = False):
+def _load_for_inference(model_ref: str, adapter: str | None):
     """Base model (local or hf://), with the adapter or tuned state applied when given."""
     from .model import load_model
     from .model.hub import resolve_model_path
 
     model = load_model(resolve_model_path(model_ref))
-    if generation:
-        model.to_generation_layout()
     if adapter:
         from .adapters import load_adapter
 
@@ -138,7 +136,7 @@ def _cmd_generate(args) -> int:
     from .infer.generate import generate
 
     tokenizer = load_tokenizer(args.tokenizer)
-    model = _load_for_inference(args.model, args.adapter, generation=True)
+    model = _load_for_inference(args.model, args.adapter)
     sys.stdout.write(args.prompt)
     generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
              top_p=args.top_p, seed=args.seed, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))

@@ -51,8 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.pth"
         save_model(randomize(new_model(cfg)), path, dtype=torch.bfloat16)
-        # the layout `rwkv-peft generate` uses; sequence forward speed is the same either way
-        ours = load_model(path, dtype=torch.float32, wkv_backend=args.backend).eval().to_generation_layout()
+        ours = load_model(path, dtype=torch.float32, wkv_backend=args.backend).eval()
         theirs = RWKV(model=str(path)[:-4], strategy="cpu fp32")
     tokens = torch.randint(0, args.vocab, (args.T,), generator=torch.Generator().manual_seed(0))
     idx = tokens[None]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import wkv7
+from ..ops import linear, wkv7
 from .config import RWKV7Config
 
 LN_EPS = 1e-5
@@ -29,6 +29,17 @@ class LayerState(NamedTuple):
     att_shift: torch.Tensor | None  # [B, C] ln1 output of the previous token
     wkv: torch.Tensor | None  # [B, H, N, N] fp32, value-major
     ffn_shift: torch.Tensor | None  # [B, C] ln2 output of the previous token
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose single-row CPU inference (batch-1 generation) takes ops.linear's
+    fast matvec. Same parameter, same state-dict key; adapters wrap it like any nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
 
 
 def _shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
@@ -68,10 +79,10 @@ class TimeMix(nn.Module):
             self.v0 = nn.Parameter(torch.zeros(1, 1, C))
             self.v1, self.v2 = nn.Parameter(torch.zeros(C, cfg.d_mv)), nn.Parameter(torch.zeros(cfg.d_mv, C))
         self.r_k = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C)
+        self.key = Linear(C, C)
+        self.value = Linear(C, C)
+        self.output = Linear(C, C)
         self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
         self.wkv_backend = "auto"
 
@@ -116,8 +127,8 @@ class ChannelMix(nn.Module):
     def __init__(self, cfg: RWKV7Config):
         super().__init__()
         self.x_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
-        self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
-        self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+        self.key = Linear(cfg.n_embd, cfg.dim_ffn)
+        self.value = Linear(cfg.dim_ffn, cfg.n_embd)
 
     def forward(self, x, shift):
         k = x + _shift(x, shift) * self.x_k
@@ -151,24 +162,9 @@ class RWKV7(nn.Module):
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.n_embd, cfg.vocab_size)
         self.grad_cp = grad_cp
         self.set_wkv_backend(wkv_backend)
-
-    @torch.no_grad()
-    def to_generation_layout(self) -> RWKV7:
-        """Re-store every float Linear weight as [in, out] memory (same [out, in] parameter and values).
-
-        At batch 1 (RNN generation) BLAS's vector-matrix product over that layout is ~1.6x faster;
-        sequences run as fast either way. Training keeps the default contiguous layout, which
-        DeepSpeed's flattening requires. Quantized weights are left alone. Returns self."""
-        for m in self.modules():
-            w = getattr(m, "weight", None)
-            if isinstance(m, nn.Linear) and type(w) is nn.Parameter and w.is_floating_point() and w.is_contiguous():
-                t = torch.empty(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype).t()
-                t.copy_(w)
-                m.weight = nn.Parameter(t, requires_grad=w.requires_grad)
-        return self
 
     def set_wkv_backend(self, backend: str) -> None:
         """Which wkv7 backend every layer uses ("auto", "reference", "cpu", "cuda", "triton")."""

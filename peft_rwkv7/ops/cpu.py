@@ -1,5 +1,7 @@
 """Fused WKV7 on CPU: the C++ kernel in cuda/wkv7_cpu.cpp, built on first use.
 
+The same extension holds `matvec` (cuda/matvec_cpu.cpp), the single-row product generation uses.
+
 The extension is compiled with `torch.utils.cpp_extension.load` (cached by torch across processes)
 the first time `is_available` or `wkv7_cpu` is called. If the build fails, `is_available` returns
 False, the reason is warned once, and `wkv7(..., backend="auto")` falls back to the reference.
@@ -21,11 +23,12 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-__all__ = ["is_available", "wkv7_cpu"]
+__all__ = ["is_available", "matvec", "wkv7_cpu"]
 
 CHUNK = 16  # steps between stored states; must match kChunk in wkv7_cpu.cpp
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
-_SOURCE = Path(__file__).resolve().parents[2] / "cuda" / "wkv7_cpu.cpp"
+_KERNELS = Path(__file__).resolve().parents[2] / "cuda"
+_SOURCES = (_KERNELS / "wkv7_cpu.cpp", _KERNELS / "matvec_cpu.cpp")
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
 _CFLAGS = ["-O3", "-fopenmp"]
@@ -41,13 +44,14 @@ def _empty(shape: tuple[int, ...]) -> torch.Tensor:
 def _extension() -> ModuleType | None:
     """Build (or load from torch's extension cache) the kernel once per process; None on failure."""
     try:
-        if not _SOURCE.is_file():
-            raise FileNotFoundError(f"kernel source {_SOURCE} is missing")
+        missing = [str(p) for p in _SOURCES if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"kernel source {', '.join(missing)} is missing")
         from torch.utils.cpp_extension import load
 
         return load(
             name="peft_rwkv7_wkv7_cpu",
-            sources=[str(_SOURCE)],
+            sources=[str(p) for p in _SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -166,3 +170,13 @@ def wkv7_cpu(
     if _extension() is None:
         raise RuntimeError("wkv7: the CPU kernel is not available in this process (see the earlier warning)")
     return _Wkv7Cpu.apply(alloc, r, w, k, v, a, b, state)
+
+
+def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight [O, K] (contiguous fp32 or bf16) times the K elements of x -> [O] in x's dtype, no autograd.
+
+    A single row is memory-bound; this streams the weight about twice as fast as BLAS's gemv here."""
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("matvec: the CPU extension is not available in this process (see the earlier warning)")
+    return ext.matvec(weight, x)

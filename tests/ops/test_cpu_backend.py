@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from peft_rwkv7.ops import available_backends, cpu, dispatch, wkv7, wkv7_reference
+from peft_rwkv7.ops import available_backends, cpu, dispatch, linear, wkv7, wkv7_reference
 from tests.conftest import make_model
 from tests.ops.conftest import assert_close, wkv_inputs
 
@@ -155,7 +155,7 @@ def test_only_cpu_tensors():
 
 def test_build_failure_falls_back_to_reference(monkeypatch, tmp_path):
     inputs, _ = wkv_inputs(1, 3, 1, 16)
-    monkeypatch.setattr(cpu, "_SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setattr(cpu, "_SOURCES", (tmp_path / "missing.cpp",))
     cpu._extension.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not be built"):
@@ -163,6 +163,8 @@ def test_build_failure_falls_back_to_reference(monkeypatch, tmp_path):
         assert dispatch.resolve("auto", torch.device("cpu")) is wkv7_reference
         with pytest.raises(RuntimeError, match="not available"):
             wkv7(*inputs, backend="cpu")
+        x, weight = torch.randn(1, 1, 24), torch.randn(40, 24)
+        assert torch.equal(linear(x, weight), torch.nn.functional.linear(x, weight))  # F.linear fallback
     finally:
         monkeypatch.undo()
         cpu._extension.cache_clear()

@@ -1,0 +1,74 @@
+"""The CPU matvec batch-1 generation uses (ops.linear) against torch's fp64 product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_rwkv7 import ops
+from peft_rwkv7.ops import cpu
+from tests.conftest import make_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu.is_available(torch.device("cpu")), "the CPU extension did not build (see the warning above)"
+
+
+# out sizes not a multiple of the kernel's 4-row bands, in sizes not a multiple of 8 SIMD lanes,
+# and out large enough to be split across threads
+@pytest.mark.parametrize("out_f, in_f", [(1, 1), (3, 5), (7, 13), (64, 768), (768, 64), (4099, 37), (1000, 3072)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matvec_matches_fp64(out_f, in_f, dtype):
+    g = torch.Generator().manual_seed(out_f * 7 + in_f)
+    weight = torch.randn(out_f, in_f, generator=g).to(dtype)
+    x = torch.randn(in_f, generator=g).to(dtype)
+    got = cpu.matvec(weight, x)
+    assert got.shape == (out_f,) and got.dtype == dtype
+    want = weight.double() @ x.double()
+    # fp32 sums in another order; bf16 adds the rounding of the result to bf16 (2^-8 relative)
+    scale = (weight.double().abs() @ x.double().abs()).max()
+    tol = 1e-6 * scale if dtype == torch.float32 else 4e-3 * want.abs().max() + 1e-6 * scale
+    assert (got.double() - want).abs().max() <= tol
+
+
+def test_linear_takes_matvec_for_one_row_without_grad(monkeypatch):
+    weight, x = torch.randn(33, 20), torch.randn(1, 1, 20)
+    calls = []
+    real = cpu.matvec
+    monkeypatch.setattr(cpu, "matvec", lambda w, v: calls.append(1) or real(w, v))
+    with torch.no_grad():
+        y = ops.linear(x, weight)
+    assert calls and y.shape == (1, 1, 33)
+    assert torch.allclose(y, F.linear(x, weight), atol=1e-5)
+    calls.clear()
+    ops.linear(torch.randn(2, 1, 20), weight)  # two rows
+    ops.linear(x, weight.t().contiguous().t())  # not [out, in] contiguous
+    with pytest.raises(RuntimeError):  # mixed dtypes: F.linear's own error, not the kernel's
+        ops.linear(x.bfloat16(), weight)
+    assert not calls
+
+
+def test_linear_keeps_autograd():
+    weight = torch.randn(9, 6, requires_grad=True)
+    x = torch.randn(1, 6, requires_grad=True)
+    ops.linear(x, weight).sum().backward()
+    assert torch.allclose(weight.grad, x.detach().expand(9, 6))
+    assert torch.allclose(x.grad, weight.detach().sum(0, keepdim=True))
+
+
+def test_rnn_step_uses_matvec_and_matches_the_sequence(monkeypatch):
+    model = make_model(seed=3).eval()
+    idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = model(idx)[0]
+    calls = []
+    real = cpu.matvec
+    monkeypatch.setattr(cpu, "matvec", lambda w, v: calls.append(1) or real(w, v))
+    state, steps = None, []
+    for t in range(idx.shape[1]):
+        logits, state = model.step(idx[:, t], state)
+        steps.append(logits[0])
+    assert len(calls) == idx.shape[1] * (6 * model.config.n_layer + 1)  # r k v o, ffn key value; head
+    assert (torch.stack(steps) - whole).abs().max() <= 1e-4
