@@ -381,10 +381,15 @@ void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor
   });
 }
 
-torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x);  // matvec_cpu.cpp
+// rnn_step_cpu.cpp
+torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x);
+torch::Tensor vecmat(const torch::Tensor& x, const torch::Tensor& weight);
+std::vector<torch::Tensor> wkv7_step(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& state);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &wkv7_forward, "WKV7 forward (fp32, writes y, checkpoints and the final state)");
   m.def("backward", &wkv7_backward, "WKV7 backward (fp32, writes every input gradient and dL/dS_0)");
   m.def("matvec", &matvec, "one row times a contiguous [out, in] fp32/bf16 weight (batch-1 generation)");
+  m.def("vecmat", &vecmat, "one row times a contiguous [in, out] fp32 weight (batch-1 generation)");
+  m.def("wkv7_step", &wkv7_step, "WKV7 update of one token, no autograd (fp32; returns y and the new state)");
 }

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import linear, wkv7
+from ..ops import linear, matmul, wkv7, wkv7_step
 from .config import RWKV7Config
 
 LN_EPS = 1e-5
@@ -52,18 +52,6 @@ def _shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
     return shifted - x
 
 
-def _wkv_single_step(r, w, k, v, a, b, state):
-    """The WKV recurrence for one token without autograd (generation): same math as ops.wkv7
-    with T = 1, minus the op's per-call set-up. Inputs [B, 1, H, N]; state [B, H, N, N] or None."""
-    r, w, k, v, a, b = (t[:, 0].float() for t in (r, w, k, v, a, b))
-    d = torch.exp(-torch.exp(w))
-    s = torch.zeros(*r.shape, r.shape[-1], device=r.device) if state is None else state.float()
-    sa = (s @ a.unsqueeze(-1)).squeeze(-1)  # (S a)[i] = sum_j S[i, j] a[j]
-    s = s * d.unsqueeze(-2) + sa.unsqueeze(-1) * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
-    y = (s @ r.unsqueeze(-1)).squeeze(-1)
-    return y.unsqueeze(1), s
-
-
 class TimeMix(nn.Module):
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
@@ -92,29 +80,31 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         dx = _shift(x, shift)
-        xr, xw, xk = x + dx * self.x_r, x + dx * self.x_w, x + dx * self.x_k
-        xv, xa, xg = x + dx * self.x_v, x + dx * self.x_a, x + dx * self.x_g
+        xr, xw, xk = torch.addcmul(x, dx, self.x_r), torch.addcmul(x, dx, self.x_w), torch.addcmul(x, dx, self.x_k)
+        xv, xa, xg = torch.addcmul(x, dx, self.x_v), torch.addcmul(x, dx, self.x_a), torch.addcmul(x, dx, self.x_g)
 
+        # ops.matmul is x @ W, with a fast path for the single rows of batch-1 generation
         r = self.receptance(xr)
-        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - DECAY_FLOOR
+        w = -F.softplus(-(self.w0 + matmul(torch.tanh(matmul(xw, self.w1)), self.w2))) - DECAY_FLOOR
         k = self.key(xk)
         v = self.value(xv)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        a = torch.sigmoid(self.a0 + matmul(matmul(xa, self.a1), self.a2))
+        g = matmul(torch.sigmoid(matmul(xg, self.g1)), self.g2)
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
         k = k * (1 + (a - 1) * self.k_a)
         if self.layer_id == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + matmul(matmul(xv, self.v1), self.v2))
 
         def heads(t):
             return t.view(B, T, H, N)
 
         args = (heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a), wkv_state)
-        if T == 1 and not torch.is_grad_enabled():
-            y, new_state = _wkv_single_step(*args)
+        if T == 1 and not torch.is_grad_enabled():  # an RNN step: no per-call set-up of the sequence op
+            y, new_state = wkv7_step(*(t[:, 0] for t in args[:6]), wkv_state)
+            y = y.unsqueeze(1)
         else:
             y, new_state = wkv7(*args, backend=self.wkv_backend)
         y = self.ln_x(y.to(x.dtype).reshape(B * T, C)).view(B, T, C)

@@ -4,8 +4,9 @@
 layout and conventions. Fused backends register in `_BACKENDS` by name; "auto" picks the fastest
 one available for the tensors' device and falls back to the reference.
 
-`linear(x, weight)` is F.linear without bias, with a faster CPU path for the single rows of
-batch-1 generation.
+For the single-token RNN step (generation, no autograd) there are `wkv7_step`, and `linear`
+(x @ weight.T) and `matmul` (x @ weight), which take the CPU extension's kernels for the single rows
+of batch-1 generation and are plain torch products otherwise.
 """
 
 from __future__ import annotations
@@ -15,9 +16,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .reference import wkv7_reference
+from .reference import wkv7_reference, wkv7_step_reference
 
-__all__ = ["wkv7", "wkv7_reference", "linear", "BACKENDS", "available_backends"]
+__all__ = [
+    "wkv7",
+    "wkv7_reference",
+    "wkv7_step",
+    "wkv7_step_reference",
+    "linear",
+    "matmul",
+    "BACKENDS",
+    "available_backends",
+]
 
 WkvFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -75,24 +85,58 @@ def wkv7(
     return fn(r, w, k, v, a, b, state)
 
 
+def _one_row_on_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """True where the CPU extension can take x times weight: one row, no autograd, matching dtypes."""
+    if not (
+        x.device.type == "cpu"
+        and x.numel() == x.shape[-1]
+        and x.dtype == weight.dtype
+        and x.dtype in dtypes
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return False
+    from . import cpu
+
+    return cpu.is_available(x.device)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T (weight [out, in], as nn.Linear stores it).
 
     One row on CPU outside autograd (an RNN step at batch 1) is memory-bound; it goes through the CPU
     extension's matvec, which streams the weight 2-2.5x faster than BLAS's gemv. Everything else, and
     any case the extension cannot take, is F.linear."""
-    if (
-        x.device.type == "cpu"
-        and x.numel() == x.shape[-1]
-        and x.dtype == weight.dtype
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and weight.dim() == 2
-        and weight.shape[1] == x.shape[-1]
-        and weight.is_contiguous()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
+    fits = weight.dim() == 2 and weight.shape[1] == x.shape[-1]
+    if fits and _one_row_on_cpu(x, weight, (torch.float32, torch.bfloat16)):
         from . import cpu
 
-        if cpu.is_available(x.device):
-            return cpu.matvec(weight, x).view(*x.shape[:-1], weight.shape[0])
+        return cpu.matvec(weight, x).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight (weight [in, out], as RWKV-7's low-rank w1/w2, a1/a2, ... are stored); one fp32 row on
+    CPU outside autograd goes through the CPU extension's vecmat, the rest is torch's matmul."""
+    if weight.dim() == 2 and weight.shape[0] == x.shape[-1] and _one_row_on_cpu(x, weight, (torch.float32,)):
+        from . import cpu
+
+        return cpu.vecmat(x, weight).view(*x.shape[:-1], weight.shape[1])
+    return x @ weight
+
+
+def wkv7_step(r, w, k, v, a, b, state=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the WKV7 recurrence for generation; call it with autograd off (no gradients).
+
+    r, w, k, v, a, b: [B, H, N] (wkv7's conventions); state [B, H, N, N] or None (zeros). Returns y
+    [B, H, N] in r's dtype and the new state [B, H, N, N] fp32. The CPU extension's kernel on CPU,
+    torch's batched products elsewhere."""
+    if r.device.type == "cpu":
+        from . import cpu
+
+        if cpu.is_available(r.device):
+            y, s = cpu.wkv7_step_cpu(r, w, k, v, a, b, state)
+            return y.to(r.dtype), s
+    y, s = wkv7_step_reference(r, w, k, v, a, b, state)
+    return y.to(r.dtype), s

@@ -1,6 +1,7 @@
 """Fused WKV7 on CPU: the C++ kernel in cuda/wkv7_cpu.cpp, built on first use.
 
-The same extension holds `matvec` (cuda/matvec_cpu.cpp), the single-row product generation uses.
+The same extension holds the single-token RNN step's pieces (cuda/rnn_step_cpu.cpp): `matvec`,
+`vecmat` and `wkv7_step`, which batch-1 generation uses.
 
 The extension is compiled with `torch.utils.cpp_extension.load` (cached by torch across processes)
 the first time `is_available` or `wkv7_cpu` is called. If the build fails, `is_available` returns
@@ -23,12 +24,12 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-__all__ = ["is_available", "matvec", "wkv7_cpu"]
+__all__ = ["is_available", "matvec", "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
 
 CHUNK = 16  # steps between stored states; must match kChunk in wkv7_cpu.cpp
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
 _KERNELS = Path(__file__).resolve().parents[2] / "cuda"
-_SOURCES = (_KERNELS / "wkv7_cpu.cpp", _KERNELS / "matvec_cpu.cpp")
+_SOURCES = (_KERNELS / "wkv7_cpu.cpp", _KERNELS / "rnn_step_cpu.cpp")
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
 _CFLAGS = ["-O3", "-fopenmp"]
@@ -172,11 +173,33 @@ def wkv7_cpu(
     return _Wkv7Cpu.apply(alloc, r, w, k, v, a, b, state)
 
 
+def _ext(name: str) -> ModuleType:
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError(f"{name}: the CPU extension is not available in this process (see the earlier warning)")
+    return ext
+
+
 def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """weight [O, K] (contiguous fp32 or bf16) times the K elements of x -> [O] in x's dtype, no autograd.
 
     A single row is memory-bound; this streams the weight about twice as fast as BLAS's gemv here."""
-    ext = _extension()
-    if ext is None:
-        raise RuntimeError("matvec: the CPU extension is not available in this process (see the earlier warning)")
-    return ext.matvec(weight, x)
+    return _ext("matvec").matvec(weight, x)
+
+
+def vecmat(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The K elements of x times weight [K, O] (contiguous fp32) -> [O] fp32, no autograd."""
+    return _ext("vecmat").vecmat(x, weight)
+
+
+def wkv7_step_cpu(r, w, k, v, a, b, state):
+    """One token of the WKV7 recurrence, no autograd: inputs [B, H, N], state [B, H, N, N] or None.
+
+    Returns y [B, H, N] and the new state [B, H, N, N], both fp32."""
+    ext = _ext("wkv7_step")
+    d = torch.exp(-torch.exp(w.float()))
+    rdkvab = [t.float().contiguous() for t in (r, d, k, v, a, b)]
+    if state is None:
+        state = r.new_zeros(*r.shape, r.shape[-1], dtype=torch.float32)
+    y, s = ext.wkv7_step(rdkvab, state.float().contiguous())
+    return y, s

@@ -49,3 +49,14 @@ def wkv7_reference(
     else:
         y = torch.stack(ys, dim=1)
     return y.to(dtype), s
+
+
+def wkv7_step_reference(r, w, k, v, a, b, state):
+    """One token of the same recurrence without autograd's time loop: inputs [B, H, N], state
+    [B, H, N, N] or None. Returns y [B, H, N] and the new state [B, H, N, N], both fp32."""
+    r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
+    d = torch.exp(-torch.exp(w))
+    s = r.new_zeros(*r.shape, r.shape[-1]) if state is None else state.float()
+    sa = (s @ a.unsqueeze(-1)).squeeze(-1)
+    s = s * d.unsqueeze(-2) + sa.unsqueeze(-1) * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
+    return (s @ r.unsqueeze(-1)).squeeze(-1), s

@@ -70,5 +70,50 @@ def test_rnn_step_uses_matvec_and_matches_the_sequence(monkeypatch):
     for t in range(idx.shape[1]):
         logits, state = model.step(idx[:, t], state)
         steps.append(logits[0])
-    assert len(calls) == idx.shape[1] * (6 * model.config.n_layer + 1)  # r k v o, ffn key value; head
+    assert len(calls) == idx.shape[1] * (6 * model.config.n_layer + 1)  # r k v o, ffn key value; the head
     assert (torch.stack(steps) - whole).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("in_f, out_f", [(1, 1), (5, 3), (13, 7), (768, 64), (64, 768), (37, 4099), (3072, 100)])
+def test_vecmat_matches_fp64(in_f, out_f):
+    g = torch.Generator().manual_seed(in_f * 5 + out_f)
+    weight = torch.randn(in_f, out_f, generator=g)
+    x = torch.randn(in_f, generator=g)
+    got = cpu.vecmat(x, weight)
+    want = x.double() @ weight.double()
+    scale = (x.double().abs() @ weight.double().abs()).max()
+    assert got.shape == (out_f,) and (got.double() - want).abs().max() <= 1e-6 * scale
+
+
+def test_matmul_takes_vecmat_for_one_row_only(monkeypatch):
+    weight, x = torch.randn(20, 33), torch.randn(1, 1, 20)
+    calls = []
+    real = cpu.vecmat
+    monkeypatch.setattr(cpu, "vecmat", lambda v, w: calls.append(1) or real(v, w))
+    with torch.no_grad():
+        y = ops.matmul(x, weight)
+        assert calls and y.shape == (1, 1, 33) and torch.allclose(y, x @ weight, atol=1e-5)
+        calls.clear()
+        ops.matmul(torch.randn(3, 20), weight)
+        ops.matmul(x.bfloat16(), weight.bfloat16())  # fp32 only
+    ops.matmul(x, weight.requires_grad_())  # autograd on
+    assert not calls
+
+
+@pytest.mark.parametrize("B, H, N", [(1, 1, 1), (1, 12, 64), (3, 2, 12), (2, 4, 16)])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+def test_wkv7_step_matches_the_reference_op(B, H, N, with_state):
+    """The single-token kernel against wkv7_reference at T = 1 (its time loop, an independent path)."""
+    g = torch.Generator().manual_seed(B * 100 + H * 10 + N)
+    r, w, k, v = (torch.randn(B, 1, H, N, generator=g) for _ in range(4))
+    kk = torch.nn.functional.normalize(torch.randn(B, 1, H, N, generator=g), dim=-1)
+    a = torch.sigmoid(torch.randn(B, 1, H, N, generator=g))
+    w = -torch.nn.functional.softplus(-w) - 0.5
+    state = torch.randn(B, H, N, N, generator=g) if with_state else None
+    want_y, want_s = ops.wkv7_reference(r, w, k, v, -kk, kk * a, state)
+    with torch.no_grad():
+        got_y, got_s = ops.wkv7_step(*(t[:, 0] for t in (r, w, k, v, -kk, kk * a)), state)
+        ref_y, ref_s = ops.wkv7_step_reference(*(t[:, 0] for t in (r, w, k, v, -kk, kk * a)), state)
+    for y, s in ((got_y, got_s), (ref_y, ref_s)):
+        assert (y - want_y[:, 0]).abs().max() <= 1e-5 * want_y.abs().max()
+        assert (s - want_s).abs().max() <= 1e-5 * want_s.abs().max()
