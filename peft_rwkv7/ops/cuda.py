@@ -21,7 +21,7 @@ import torch
 
 from .reference import wkv7_reference
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
+SOURCE_DIR = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
 SOURCES = (SOURCE_DIR / "wkv7_cuda_op.cpp", SOURCE_DIR / "wkv7_cuda.cu")
 HEAD_SIZES = (16, 32, 64, 128)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
