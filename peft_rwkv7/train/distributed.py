@@ -7,6 +7,7 @@ writes files; each rank reads its own samples (data.TrainData.batch shards by ra
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -53,3 +54,14 @@ def deepspeed_engine(model, optimizer, recipe: Recipe, device: torch.device):
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, ds_optimizer
+
+
+def gathered(named_params, stage: int):
+    """A context in which ZeRO-3's partitioned trainable tensors are whole on every process, for saving
+    and restoring them; what rank 0 writes into them is kept on exit. Other stages: nothing to do.
+    Every process must enter it (a collective)."""
+    if stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for _, p in named_params], modifier_rank=0)

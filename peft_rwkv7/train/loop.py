@@ -143,7 +143,9 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
         payload = ckpt.load_latest_checkpoint(out_dir)
         if payload is None:
             raise UserError(f"{out_dir}: nothing to resume (no checkpoints/); run without --resume")
-        start = ckpt.restore(payload, named, optimizer, str(out_dir))
+        with _gathered(named, tc.deepspeed.stage):
+            start = ckpt.restore(payload, named, optimizer, str(out_dir), zero=engine is not None, rank=dist.rank,
+                                 world_size=dist.world_size)
     logger = RunLogger(out_dir, recipe, resume_step=start, enabled=dist.is_main)
 
     # --- train -----------------------------------------------------------------------------------
@@ -194,14 +196,20 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
             if eval_docs is not None and tc.eval_every and completed % tc.eval_every == 0 and completed < tc.max_steps:
                 logger.eval(completed, _evaluate(model, eval_docs))
             if completed % tc.save_every == 0 or completed in (tc.max_steps, stop_at):
-                _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist)
+                _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist, engine is not None)
     except KeyboardInterrupt:
-        # A step cut short leaves only gradients behind: drop them and save the completed steps.
+        # A step cut short leaves only gradients behind: drop them and save the completed steps. Several
+        # processes are not interrupted at the same point, so they cannot meet in a collective save:
+        # they resume from the last periodic checkpoint instead.
         optimizer.zero_grad(set_to_none=True)
-        if completed > start and not ckpt.has_checkpoint(out_dir, completed):
-            _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist)
+        if completed > start and not ckpt.has_checkpoint(out_dir, completed) and dist.world_size == 1:
+            _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist, engine is not None)
         logger.close()
-        raise UserError(f"interrupted after step {completed}; continue with: rwkv-peft train ... --resume") from None
+        saved = ckpt.list_checkpoints(out_dir)
+        where = f"checkpoint at step {saved[-1][0]}" if saved else "no checkpoint yet"
+        raise UserError(
+            f"interrupted after step {completed} ({where}); continue with: rwkv-peft train ... --resume"
+        ) from None
     except FloatingPointError as e:
         logger.close()
         last = ckpt.list_checkpoints(out_dir)
@@ -227,8 +235,10 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     if eval_docs is not None:
         summary["eval"] = _evaluate(model, eval_docs)
         logger.eval(tc.max_steps, summary["eval"])
-    if dist.is_main and recipe.method.kind == "full":
-        save_model(base, out_dir / "model.pth")
+    if recipe.method.kind == "full":
+        with _gathered(named, tc.deepspeed.stage):
+            if dist.is_main:
+                save_model(base, out_dir / "model.pth")
     logger.close(plot=True)
     return summary
 
@@ -250,11 +260,21 @@ def _evaluate(model, docs) -> dict:
     return result
 
 
-def _save(out_dir, step, named, optimizer, model, base_path, recipe, dist) -> None:
-    if not dist.is_main:
-        return
-    ckpt.save_checkpoint(out_dir, step, named, optimizer, keep=recipe.train.keep_checkpoints)
-    save_adapter(model, out_dir, base_path=base_path)
+def _save(out_dir, step, named, optimizer, model, base_path, recipe, dist, zero: bool) -> None:
+    """Checkpoint and adapter files; under ZeRO every process takes part, rank 0 writes."""
+    keep = recipe.train.keep_checkpoints
+    with _gathered(named, recipe.train.deepspeed.stage):
+        ckpt.save_checkpoint(out_dir, step, named, optimizer, keep=keep, zero=zero, world_size=dist.world_size)
+        if dist.is_main:
+            save_adapter(model, out_dir, base_path=base_path)
+
+
+def _gathered(named, stage: int):
+    if not stage:
+        return contextlib.nullcontext()
+    from .distributed import gathered
+
+    return gathered(named, stage)
 
 
 def describe(recipe: Recipe) -> str:

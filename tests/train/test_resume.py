@@ -96,3 +96,21 @@ def test_killed_run_resumes(tiny_world, tmp_path, sig):
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert "done: 40 steps" in res.stdout
+
+
+def test_checkpoint_from_another_process_layout_is_refused(tmp_path):
+    """A ZeRO checkpoint resumes only under ZeRO with as many processes, and a plain one only without."""
+    from peft_rwkv7.train import checkpoint as ckpt
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p])
+    path = ckpt.save_checkpoint(tmp_path, 1, [("p", p)], opt)
+    plain = torch.load(path, weights_only=False)
+    with pytest.raises(UserError, match="without DeepSpeed"):
+        ckpt.restore(plain, [("p", p)], opt, "run", zero=True, world_size=2)
+    zero = {**plain, "optimizer": [plain["optimizer"]] * 2, "rng": [plain["rng"]] * 2, "zero_world_size": 2}
+    with pytest.raises(UserError, match="written with DeepSpeed"):
+        ckpt.restore(zero, [("p", p)], opt, "run")
+    with pytest.raises(UserError, match="by 2 processes; resume with 2, not 4"):
+        ckpt.restore(zero, [("p", p)], opt, "run", zero=True, world_size=4)
+    assert ckpt.restore(plain, [("p", p)], opt, "run") == 1
