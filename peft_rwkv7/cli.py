@@ -37,6 +37,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {message} (see: {self.prog} --help)\n")
 
 
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (auto: cuda when available)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="weights in memory (auto: bf16 on cuda, fp32 on cpu); the WKV state stays fp32")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rwkv-peft", description="Parameter-efficient fine-tuning for RWKV-7.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -63,6 +70,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.85)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tokenizer", default="world", help="world or a tokenizer.json path")
+    _add_placement(g)
 
     e = sub.add_parser("eval", help="loss / perplexity (and LAMBADA accuracy) on a jsonl file")
     e.add_argument("--model", required=True)
@@ -72,6 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", default="world")
     e.add_argument("--lambada", action="store_true", help="also score last-word accuracy (LAMBADA)")
     e.add_argument("--limit", type=_positive_int("--limit"), default=None, help="score only the first N documents")
+    _add_placement(e)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True, parser_class=_Parser)
@@ -118,12 +127,21 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _load_for_inference(model_ref: str, adapter: str | None):
-    """Base model (local or hf://), with the adapter or tuned state applied when given."""
+def _load_for_inference(args):
+    """Base model (local or hf://) on --device in --dtype, with --adapter (or tuned state) applied."""
+    import torch
+
     from .model import load_model
     from .model.hub import resolve_model_path
 
-    model = load_model(resolve_model_path(model_ref))
+    adapter = args.adapter
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use cpu or auto)")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": None}[args.dtype]
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_model(resolve_model_path(args.model), dtype=dtype, device=device)
     if adapter:
         from .adapters import load_adapter
 
@@ -136,7 +154,7 @@ def _cmd_generate(args) -> int:
     from .infer.generate import generate
 
     tokenizer = load_tokenizer(args.tokenizer)
-    model = _load_for_inference(args.model, args.adapter)
+    model = _load_for_inference(args)
     sys.stdout.write(args.prompt)
     generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
              top_p=args.top_p, seed=args.seed, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
@@ -150,7 +168,7 @@ def _cmd_eval(args) -> int:
 
     tokenizer = load_tokenizer(args.tokenizer)
     docs = load_eval_docs(args.data, tokenizer)[: args.limit]
-    model = _load_for_inference(args.model, args.adapter)
+    model = _load_for_inference(args)
     result = evaluate(model, docs, lambada=args.lambada, tokenizer=tokenizer)
     if args.json:
         print(json.dumps(result))

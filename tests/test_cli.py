@@ -110,3 +110,21 @@ def test_eval_json_on_real_lambada(files):
     assert set(out) == {"loss", "ppl", "tokens", "acc"}
     assert out["tokens"] > 100 and 0.0 <= out["acc"] <= 1.0
     assert abs(out["ppl"] - math.exp(out["loss"])) < 1e-3 * out["ppl"]
+
+
+def test_eval_in_bf16_is_close_to_fp32(files):
+    """--dtype bf16 (with an adapter attached) scores like fp32 up to bf16 rounding of the weights."""
+    args = ["eval", "--model", files / "base.pth", "--adapter", files / "run", "--data", files / "good.jsonl", "--json"]
+    fp32 = cli(*args, "--dtype", "fp32")
+    bf16 = cli(*args, "--dtype", "bf16", "--device", "cpu")
+    assert fp32.returncode == 0 and bf16.returncode == 0, fp32.stderr + bf16.stderr
+    a, b = json.loads(fp32.stdout), json.loads(bf16.stdout)
+    assert a["tokens"] == b["tokens"] and a["loss"] != b["loss"]  # really ran in another dtype
+    assert abs(a["loss"] - b["loss"]) <= 0.02 * a["loss"], (a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line(files):
+    res = cli("generate", "--model", files / "base.pth", "--prompt", "hi", "--device", "cuda")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "--device cuda" in res.stderr
