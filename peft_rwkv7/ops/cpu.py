@@ -24,6 +24,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from .build import build_notice
+
 __all__ = ["is_available", "matvec", "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
 
 CHUNK = 16  # steps between stored states; must match kChunk in wkv7_cpu.cpp
@@ -50,13 +52,14 @@ def _extension() -> ModuleType | None:
             raise FileNotFoundError(f"kernel source {', '.join(missing)} is missing")
         from torch.utils.cpp_extension import load
 
-        return load(
-            name="peft_rwkv7_wkv7_cpu",
-            sources=[str(p) for p in _SOURCES],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with build_notice("the CPU kernels, about a minute"):
+            return load(
+                name="peft_rwkv7_wkv7_cpu",
+                sources=[str(p) for p in _SOURCES],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as e:  # any build or load failure means "not available", never a crash
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(

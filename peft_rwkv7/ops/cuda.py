@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .build import build_notice
 from .reference import wkv7_reference
 
 SOURCE_DIR = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
@@ -40,13 +41,14 @@ def _extension():
         if missing:
             raise RuntimeError(f"kernel sources not found: {', '.join(missing)}")
         # No --use_fast_math: exp(-exp(w)) must match the reference to fp32 accuracy.
-        return load(
-            name="peft_rwkv7_wkv7_cuda",
-            sources=[str(p) for p in SOURCES],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3"],
-            verbose=False,
-        )
+        with build_notice("the CUDA kernels, a few minutes"):
+            return load(
+                name="peft_rwkv7_wkv7_cuda",
+                sources=[str(p) for p in SOURCES],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3"],
+                verbose=False,
+            )
     except Exception as e:  # any build failure means "not available", never a crash
         msg = str(e).strip().splitlines()
         warnings.warn(
