@@ -86,13 +86,12 @@ def wkv7(
 
 
 def _one_row_on_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
-    """True where the CPU extension can take x times weight: one row, no autograd, matching dtypes."""
+    """True where the CPU extension can take x times the 2-D weight: one row, no autograd, matching dtypes."""
     if not (
         x.device.type == "cpu"
         and x.numel() == x.shape[-1]
         and x.dtype == weight.dtype
         and x.dtype in dtypes
-        and weight.dim() == 2
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):

@@ -171,8 +171,7 @@ def wkv7_cpu(
     input and the initial state, with gradients flowing from both outputs. `alloc(shape)` makes the
     kernel's fp32 output buffers (tests pass a NaN-filled allocator to catch unwritten memory).
     """
-    if _extension() is None:
-        raise RuntimeError("wkv7: the CPU kernel is not available in this process (see the earlier warning)")
+    _ext("wkv7")  # raises when the extension could not be built
     return _Wkv7Cpu.apply(alloc, r, w, k, v, a, b, state)
 
 
@@ -204,5 +203,5 @@ def wkv7_step_cpu(r, w, k, v, a, b, state):
     rdkvab = [t.float().contiguous() for t in (r, d, k, v, a, b)]
     if state is None:
         state = r.new_zeros(*r.shape, r.shape[-1], dtype=torch.float32)
-    y, s = ext.wkv7_step(rdkvab, state.float().contiguous())
+    y, s = ext.wkv7_step(rdkvab, state.float().contiguous())  # the binding returns a list
     return y, s

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..model import RWKV7Config, load_model, new_model, save_model
 from ..model.hub import resolve_model_path
 from . import checkpoint as ckpt
+from .distributed import gathered
 from .logger import RunLogger
 from .recipe import Recipe
 from .schedule import get_lr
@@ -143,7 +144,7 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
         payload = ckpt.load_latest_checkpoint(out_dir)
         if payload is None:
             raise UserError(f"{out_dir}: nothing to resume (no checkpoints/); run without --resume")
-        with _gathered(named, tc.deepspeed.stage):
+        with gathered(named, tc.deepspeed.stage):
             start = ckpt.restore(payload, named, optimizer, str(out_dir), zero=engine is not None, rank=dist.rank,
                                  world_size=dist.world_size)
     logger = RunLogger(out_dir, recipe, resume_step=start, enabled=dist.is_main)
@@ -196,14 +197,14 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
             if eval_docs is not None and tc.eval_every and completed % tc.eval_every == 0 and completed < tc.max_steps:
                 logger.eval(completed, _evaluate(model, eval_docs))
             if completed % tc.save_every == 0 or completed in (tc.max_steps, stop_at):
-                _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist, engine is not None)
+                _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist)
     except KeyboardInterrupt:
         # A step cut short leaves only gradients behind: drop them and save the completed steps. Several
         # processes are not interrupted at the same point, so they cannot meet in a collective save:
         # they resume from the last periodic checkpoint instead.
         optimizer.zero_grad(set_to_none=True)
         if completed > start and not ckpt.has_checkpoint(out_dir, completed) and dist.world_size == 1:
-            _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist, engine is not None)
+            _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist)
         logger.close()
         saved = ckpt.list_checkpoints(out_dir)
         where = f"checkpoint at step {saved[-1][0]}" if saved else "no checkpoint yet"
@@ -236,7 +237,7 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
         summary["eval"] = _evaluate(model, eval_docs)
         logger.eval(tc.max_steps, summary["eval"])
     if recipe.method.kind == "full":
-        with _gathered(named, tc.deepspeed.stage):
+        with gathered(named, tc.deepspeed.stage):
             if dist.is_main:
                 save_model(base, out_dir / "model.pth")
     logger.close(plot=True)
@@ -260,21 +261,14 @@ def _evaluate(model, docs) -> dict:
     return result
 
 
-def _save(out_dir, step, named, optimizer, model, base_path, recipe, dist, zero: bool) -> None:
+def _save(out_dir, step, named, optimizer, model, base_path, recipe, dist) -> None:
     """Checkpoint and adapter files; under ZeRO every process takes part, rank 0 writes."""
-    keep = recipe.train.keep_checkpoints
-    with _gathered(named, recipe.train.deepspeed.stage):
-        ckpt.save_checkpoint(out_dir, step, named, optimizer, keep=keep, zero=zero, world_size=dist.world_size)
+    keep, stage = recipe.train.keep_checkpoints, recipe.train.deepspeed.stage
+    with gathered(named, stage):
+        ckpt.save_checkpoint(out_dir, step, named, optimizer, keep=keep, zero=bool(stage), world_size=dist.world_size)
         if dist.is_main:
             save_adapter(model, out_dir, base_path=base_path)
 
-
-def _gathered(named, stage: int):
-    if not stage:
-        return contextlib.nullcontext()
-    from .distributed import gathered
-
-    return gathered(named, stage)
 
 
 def describe(recipe: Recipe) -> str:
