@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from .build import build_notice
+from .build import load_extension
 
 __all__ = ["is_available", "matvec", "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
 
@@ -47,19 +47,13 @@ def _empty(shape: tuple[int, ...]) -> torch.Tensor:
 def _extension() -> ModuleType | None:
     """Build (or load from torch's extension cache) the kernel once per process; None on failure."""
     try:
-        missing = [str(p) for p in _SOURCES if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"kernel source {', '.join(missing)} is missing")
-        from torch.utils.cpp_extension import load
-
-        with build_notice("the CPU kernels, about a minute"):
-            return load(
-                name="peft_rwkv7_wkv7_cpu",
-                sources=[str(p) for p in _SOURCES],
-                extra_cflags=_CFLAGS,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+        return load_extension(
+            "peft_rwkv7_wkv7_cpu",
+            _SOURCES,
+            "the CPU kernels, about a minute",
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+        )
     except Exception as e:  # any build or load failure means "not available", never a crash
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .build import build_notice
+from .build import load_extension
 from .reference import wkv7_reference
 
 SOURCE_DIR = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
@@ -33,22 +33,18 @@ CHUNK_LEN = 16  # steps between forward state checkpoints; kChunk in wkv7_cuda.c
 def _extension():
     """The compiled extension module, or None (after one warning) when it cannot be built."""
     try:
-        from torch.utils.cpp_extension import CUDA_HOME, load
+        from torch.utils.cpp_extension import CUDA_HOME
 
         if CUDA_HOME is None:
             raise RuntimeError("no CUDA toolkit found (nvcc)")
-        missing = [str(p) for p in SOURCES if not p.is_file()]
-        if missing:
-            raise RuntimeError(f"kernel sources not found: {', '.join(missing)}")
         # No --use_fast_math: exp(-exp(w)) must match the reference to fp32 accuracy.
-        with build_notice("the CUDA kernels, a few minutes"):
-            return load(
-                name="peft_rwkv7_wkv7_cuda",
-                sources=[str(p) for p in SOURCES],
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3"],
-                verbose=False,
-            )
+        return load_extension(
+            "peft_rwkv7_wkv7_cuda",
+            SOURCES,
+            "the CUDA kernels, a few minutes",
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3"],
+        )
     except Exception as e:  # any build failure means "not available", never a crash
         msg = str(e).strip().splitlines()
         warnings.warn(
