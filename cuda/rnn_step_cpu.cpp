@@ -124,24 +124,24 @@ torch::Tensor vecmat(const torch::Tensor& x, const torch::Tensor& weight) {
   const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
   const float* xp = xf.data_ptr<float>();
   const float* Wp = weight.data_ptr<float>();
-  torch::Tensor y = torch::empty({O}, xf.options());
-  float* yp = y.data_ptr<float>();
   if (O >= K) {  // wide: each thread owns a band of columns (bands of 64, whole cache lines)
+    torch::Tensor y = torch::empty({O}, xf.options());
+    float* yp = y.data_ptr<float>();
     const int64_t bands = (O + 63) / 64;
     at::parallel_for(0, bands, 4, [&](int64_t b0, int64_t b1) {
       vecmat_rows(xp, Wp, yp, O, 0, K, b0 * 64, std::min(O, b1 * 64));
     });
-  } else {  // tall: each thread sums a band of rows into its own partial, then the partials add up
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K / 128));
-    torch::Tensor partial = torch::empty({parts, O}, xf.options());
-    float* pp = partial.data_ptr<float>();
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        vecmat_rows(xp, Wp, pp + p * O, O, K * p / parts, K * (p + 1) / parts, 0, O);
-    });
-    y.copy_(partial.sum(0));
+    return y;
   }
-  return y;
+  // tall: each thread sums a band of rows into its own partial, then the partials add up
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K / 128));
+  torch::Tensor partial = torch::empty({parts, O}, xf.options());
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      vecmat_rows(xp, Wp, pp + p * O, O, K * p / parts, K * (p + 1) / parts, 0, O);
+  });
+  return partial.sum(0);
 }
 
 // r, d, k, v, a, b: contiguous fp32 [B, H, N]; state: contiguous fp32 [B, H, N, N] (read only).

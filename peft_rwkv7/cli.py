@@ -131,21 +131,18 @@ def _load_for_inference(args):
     """Base model (local or hf://) on --device in --dtype, with --adapter (or tuned state) applied."""
     import torch
 
-    from .model import load_model
+    from .model import load_model, pick_device
     from .model.hub import resolve_model_path
 
-    adapter = args.adapter
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use cpu or auto)")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device, "--device")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": None}[args.dtype]
     if dtype is None:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(resolve_model_path(args.model), dtype=dtype, device=device)
-    if adapter:
+    if args.adapter:
         from .adapters import load_adapter
 
-        model = load_adapter(model, adapter)
+        model = load_adapter(model, args.adapter)
     return model.eval()
 
 

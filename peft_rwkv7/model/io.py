@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 import torch
 
+from ..errors import UserError
 from .config import CheckpointError, RWKV7Config, infer_config
 from .rwkv7 import RWKV7
 
@@ -69,6 +70,15 @@ def model_from_state_dict(
         for k, t in own.items():
             t.copy_(sd[k])
     return model
+
+
+def pick_device(name: str, field: str) -> torch.device:
+    """"auto" (cuda when available), "cpu" or "cuda"; `field` names the setting in the error when CUDA is missing."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{field} cuda: no CUDA device is available (use cpu or auto)")
+    return torch.device(name)
 
 
 def load_model(

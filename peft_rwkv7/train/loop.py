@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..adapters import attach, save_adapter, trainable_parameters
 from ..data import load_eval_docs, load_tokenizer, make_dataset
 from ..errors import UserError
-from ..model import RWKV7Config, load_model, new_model, save_model
+from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
 from . import checkpoint as ckpt
 from .distributed import gathered
@@ -38,14 +38,6 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA device is available (use cpu or auto)")
-    return torch.device(name)
 
 
 def build_base(recipe: Recipe, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
@@ -104,7 +96,7 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     dist = dist or Dist()
     tc = recipe.train
     out_dir = Path(recipe.out_dir)
-    device = pick_device(tc.device)
+    device = pick_device(tc.device, "train.device")
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     torch.manual_seed(tc.seed)
 
