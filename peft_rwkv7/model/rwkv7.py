@@ -101,7 +101,11 @@ class TimeMix(nn.Module):
         def heads(t):
             return t.view(B, T, H, N)
 
-        args = (heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a), wkv_state)
+        # The six inputs reach the kernel in one dtype: r's, which is bf16 under autocast (the
+        # projections' output) while w, a and kk come out of fp32-policy ops. Without this every layer
+        # would make fp32 copies of r, k, v for the kernel; RWKV-LM and fla also feed w as bf16.
+        dt = r.dtype
+        args = (*(heads(t).to(dt) for t in (r, w, k, v)), (-kk).to(dt), (kk * heads(a)).to(dt), wkv_state)
         if T == 1 and not torch.is_grad_enabled():  # an RNN step: no per-call set-up of the sequence op
             y, new_state = wkv7_step(*(t[:, 0] for t in args[:6]), wkv_state)
             y = y.unsqueeze(1)

@@ -8,6 +8,7 @@ trainable tensors, optimizer state and RNG states to resume bit for bit.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,40 +52,51 @@ def build_base(recipe: Recipe, device: torch.device, frozen_dtype: torch.dtype =
     return load_model(path, dtype=frozen_dtype, device=device, wkv_backend=m.wkv_backend), str(path)
 
 
-def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != -100. idx, labels: [B, T].
+def sequence_loss_sum(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
+    """Sum (fp32 scalar) of next-token cross-entropy over labels != -100. idx, labels: [B, T].
 
     With chunk_len > 0 the sequence runs chunk by chunk carrying token-shift and WKV state; the
     state keeps its gradient (true BPTT through the kernels' state gradient) while each chunk's
     activations are recomputed in backward, so memory is O(chunk_len) instead of O(T)."""
-    n_valid = (labels != -100).sum().clamp(min=1)
-    if not chunk_len or idx.shape[1] <= chunk_len:
-        logits = model(idx)
-        return (
-            F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-            / n_valid
-        )
 
-    def chunk_fn(x, y, state):
+    def chunk_loss(x, y, state):
         logits, new_state = model(x, state, return_state=True)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
         return loss, new_state
 
+    if not chunk_len or idx.shape[1] <= chunk_len:
+        return chunk_loss(idx, labels, None)[0]
     total, state = idx.new_zeros((), dtype=torch.float32), None
     for lo in range(0, idx.shape[1], chunk_len):
         x, y = idx[:, lo : lo + chunk_len], labels[:, lo : lo + chunk_len]
-        part, state = checkpoint(chunk_fn, x, y, state, use_reentrant=False)
+        part, state = checkpoint(chunk_loss, x, y, state, use_reentrant=False)
         total = total + part
-    return total / n_valid
+    return total
+
+
+def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100 (see sequence_loss_sum)."""
+    return sequence_loss_sum(model, idx, labels, chunk_len) / (labels != -100).sum().clamp(min=1)
+
+
+# Weight decay by role: the big matrices that map between token and feature spaces (embedding, head,
+# the r/k/v/output and FFN projections when trained in full) and every adapter factor (LoRA A/B,
+# DiSHA Bone/Bat shards, whatever their rank as tensors) are decayed. The initial state, norms,
+# token-shift mixes, decay/bonus vectors and the small time-mix low-rank maps (w1..v2) are not:
+# they set the recurrence's dynamics, and RWKV-LM never decays them either.
+_DECAYED_WEIGHT = re.compile(r"(^|\.)(emb|head|receptance|key|value|output)\.weight$")
+_ADAPTER_FACTOR = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|disha)(\.|$)")
+
+
+def decays(name: str) -> bool:
+    """Whether the trained tensor called `name` (as trainable_parameters names it) gets weight decay."""
+    return bool(_DECAYED_WEIGHT.search(name) or _ADAPTER_FACTOR.search(name))
 
 
 def param_groups(named, weight_decay: float):
-    """Weight decay on matrices only (LoRA factors, full weights); never on vectors or states."""
-    def decays(name: str, p) -> bool:
-        return p.dim() == 2 and not name.endswith("time_state")
-
-    decay = [p for n, p in named if decays(n, p)]
-    rest = [p for n, p in named if not decays(n, p)]
+    """Two AdamW groups: tensors decayed by role (see `decays`) and the rest."""
+    decay = [p for n, p in named if decays(n)]
+    rest = [p for n, p in named if not decays(n)]
     groups = [{"params": rest, "weight_decay": 0.0}]
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})
@@ -143,7 +155,7 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
 
     # --- train -----------------------------------------------------------------------------------
     tokens_per_step = tc.micro_bsz * tc.grad_accum * recipe.data.ctx_len * dist.world_size
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext
+    precision = _precision_context(device, use_bf16)
     completed, losses = start, []
     stop_at = min(tc.stop_after, tc.max_steps) if tc.stop_after else tc.max_steps
     try:
@@ -160,20 +172,26 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            step_loss = 0.0
-            for micro in range(tc.grad_accum):
-                idx, labels = data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
-                idx, labels = idx.to(device), labels.to(device)
-                with autocast():
-                    loss = sequence_loss(model, idx, labels, tc.chunk_len)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step + 1}: loss is {loss.item()}")
-                step_loss += loss.item() / tc.grad_accum
+            batches = [data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
+                       for micro in range(tc.grad_accum)]
+            # One global batch, one loss: the sum of token losses over every micro-batch of every rank
+            # divided by the loss tokens of the whole step, however the batch is split. Ranks average
+            # their gradients, so each scales its sums by world_size / n_tokens.
+            n_tokens = _sum_over_ranks(float(sum(int((y != -100).sum()) for _, y in batches)), dist, device)
+            scale = dist.world_size / max(n_tokens, 1.0)
+            loss_sum = 0.0
+            for idx, labels in batches:
+                with precision():
+                    part = sequence_loss_sum(model, idx.to(device), labels.to(device), tc.chunk_len)
+                if not torch.isfinite(part):
+                    raise FloatingPointError(f"step {step + 1}: loss is {part.item()}")
+                loss_sum += part.item()
                 if engine is not None:
-                    engine.backward(loss)
+                    engine.backward(part * scale, scale_wrt_gas=False)
                     engine.step()
                 else:
-                    (loss / tc.grad_accum).backward()
+                    (part * scale).backward()
+            step_loss = _sum_over_ranks(loss_sum, dist, device) / max(n_tokens, 1.0)
             if engine is None:
                 gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in named], tc.grad_clip or float("inf"))
                 if not torch.isfinite(gnorm):
@@ -181,13 +199,11 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             completed = step + 1  # from here on the step's update is in the weights
-            if dist.world_size > 1:  # log the global batch's loss, as one process would
-                step_loss = _mean_over_ranks(step_loss, device)
             dt = time.perf_counter() - t0
             losses.append(step_loss)
             logger.step(step + 1, step_loss, lr, tokens_per_step / dt)
             if eval_docs is not None and tc.eval_every and completed % tc.eval_every == 0 and completed < tc.max_steps:
-                logger.eval(completed, _evaluate(model, eval_docs))
+                logger.eval(completed, _evaluate(model, eval_docs, precision))
             if completed % tc.save_every == 0 or completed in (tc.max_steps, stop_at):
                 _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist)
     except KeyboardInterrupt:
@@ -226,7 +242,7 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
         "out_dir": str(out_dir),
     }
     if eval_docs is not None:
-        summary["eval"] = _evaluate(model, eval_docs)
+        summary["eval"] = _evaluate(model, eval_docs, precision)
         logger.eval(tc.max_steps, summary["eval"])
     if recipe.method.kind == "full":
         with gathered(named, tc.deepspeed.stage):
@@ -236,18 +252,28 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     return summary
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
+def _precision_context(device: torch.device, use_bf16: bool):
+    """A factory of fresh contexts for every forward of the run, training and evaluation alike: bf16
+    autocast on the run's device (CPU autocast included), or nothing for fp32."""
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _sum_over_ranks(value: float, dist: Dist, device: torch.device) -> float:
+    if dist.world_size == 1:
+        return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
-    return t.item() / torch.distributed.get_world_size()
+    return t.item()
 
 
-def _evaluate(model, docs) -> dict:
+def _evaluate(model, docs, precision=contextlib.nullcontext) -> dict:
     from ..infer.evaluate import evaluate
 
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), precision():
         result = evaluate(model, docs)
     model.train(was_training)
     return result
@@ -273,4 +299,4 @@ def describe(recipe: Recipe) -> str:
     )
 
 
-__all__ = ["train", "sequence_loss", "get_lr", "describe", "Dist"]
+__all__ = ["train", "sequence_loss", "sequence_loss_sum", "param_groups", "get_lr", "describe", "Dist"]

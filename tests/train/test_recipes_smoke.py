@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ["state_tune", "lora", "pissa", "disha", "qlora", "infctx", "full", "world-0.1b-state"]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_smoke(tiny_world, tmp_path, name):
+def test_recipe_smoke(tiny_world, tmp_path, name, precision):
     extra = {"data.ctx_len": 64, "train.chunk_len": 16} if name == "infctx" else {}
+    extra["train.precision"] = precision
     if name == "world-0.1b-state":
         extra.update({"train.grad_accum": 1})
     out = tmp_path / name
@@ -31,7 +33,8 @@ def test_recipe_smoke(tiny_world, tmp_path, name):
         assert (out / "state.pth").exists()
     if name == "full":
         assert (out / "model.pth").exists()
-    assert meta
+    kind = {"state_tune": "state", "infctx": "lora", "qlora": "lora", "world-0.1b-state": "state"}.get(name, name)
+    assert meta["method"]["kind"] == kind
 
 
 def test_pretrain_recipe_smoke(tiny_world, tmp_path):
