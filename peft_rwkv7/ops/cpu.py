@@ -3,14 +3,15 @@
 The same extension holds the single-token RNN step's pieces (cuda/rnn_step_cpu.cpp): `matvec`,
 `vecmat` and `wkv7_step`, which batch-1 generation uses.
 
-The extension is compiled with `torch.utils.cpp_extension.load` (cached by torch across processes)
+The extension is compiled by `ops.build.load_extension` (one cache folder per source hash, torch
+version, compiler and flags, so installs never evict each other; later processes import it at once)
 the first time `is_available` or `wkv7_cpu` is called. If the build fails, `is_available` returns
 False, the reason is warned once, and `wkv7(..., backend="auto")` falls back to the reference.
 
 The kernel computes in fp32 whatever the input dtype. Its forward stores the state every 16 steps;
 the backward recomputes the states of one 16-step chunk at a time from those checkpoints, so memory
 is O(T / 16 * N^2) per head instead of one state per step. The first build takes about a minute
-on two cores; later processes load it from torch's extension cache.
+on two cores; later processes load the built library directly.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _empty(shape: tuple[int, ...]) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _extension() -> ModuleType | None:
-    """Build (or load from torch's extension cache) the kernel once per process; None on failure."""
+    """Build (or load from the kernel cache) the extension once per process; None on failure."""
     try:
         return load_extension(
             "peft_rwkv7_wkv7_cpu",
