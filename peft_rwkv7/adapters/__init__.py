@@ -14,7 +14,8 @@ _LAZY = {
     "trainable_parameters": "methods",
     "KINDS": "config", "PART_PATTERNS": "config", "PROJECTIONS": "config", "QUANTS": "config", "MethodConfig": "config",
     "AdapterFile": "files", "load_adapter": "files", "read_adapter": "files", "save_adapter": "files",
-    "export_rwkv_peft": "merge", "merge_into_pth": "merge",
+    "export_rwkv_peft": "pth_merge", "merge_into_pth": "pth_merge",
+    "detach": "lifecycle", "disable_adapter": "lifecycle", "merge": "lifecycle",
 }  # fmt: skip
 __all__ = list(_LAZY)
 

@@ -54,8 +54,11 @@ class BatLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features, self.r = in_f, out_f, r
         self.disha = nn.Parameter(torch.zeros(in_f // r, r, r))
+        self.enabled = True  # False: the frozen layer alone (adapters.disable_adapter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
         w = dequantized_weight(self.base_layer)
         w = w + bat_delta(w, self.disha.float())
         return F.linear(x, w.to(x.dtype))

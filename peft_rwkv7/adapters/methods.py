@@ -73,6 +73,9 @@ class AdaptedRWKV7(nn.Module):
         # saved as a plain LoRA delta against the original weights.
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.quant_bytes = (0, 0)  # (float bytes, quantized bytes) of the quantized projections
+        # State tuning: the base's own initial state per layer (a merged checkpoint's time_state, or
+        # None for zeros), for disable_adapter and detach.
+        self.base_time_states: list[torch.Tensor | None] = [None] * model.config.n_layer
 
     @property
     def config(self):
@@ -194,11 +197,12 @@ def attach(
 
     if cfg.trains_state:
         H, N = model.config.n_head, model.config.head_size
-        for blk in model.blocks:
+        for i, blk in enumerate(model.blocks):
             start = getattr(blk.att, "time_state", None)
             if start is None:
                 start = torch.zeros(H, N, N, device=blk.att.r_k.device)
             else:
+                adapted.base_time_states[i] = start.detach().clone()
                 del blk.att.time_state  # the base's state (a buffer) becomes the trainable start
             blk.att.time_state = nn.Parameter(start.detach().float().clone())
     return adapted

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Iterator
 
 import torch
 
@@ -22,7 +23,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
+def check_sampling(max_tokens: int, temperature: float, top_p: float) -> None:
+    """One-line UserErrors for sampling settings (call before loading a model)."""
+    if max_tokens <= 0:
+        raise UserError(f"--max-tokens must be positive, got {max_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def generate(
     model,
     tokenizer,
@@ -31,23 +41,26 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 0.85,
     seed: int = 0,
-    on_text: Callable[[str], None] | None = None,
     stop_at_eot: bool = True,
-) -> str:
-    """Continue `prompt`; `on_text` receives the new text as it becomes decodable (streaming).
+) -> Iterator[str]:
+    """Continue `prompt`, yielding the new text piece by piece as it becomes decodable (streaming).
 
-    `model` is an RWKV7 or an adapted model: anything with forward(idx, state, return_state=True)."""
-    if max_tokens <= 0:
-        raise UserError(f"--max-tokens must be positive, got {max_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature}, {top_p}")
+    `model` is an RWKV7 or an adapted model: anything with forward(idx, state, return_state=True).
+    The prompt is read in one forward pass, then one RNN step per token. Join the pieces for the
+    whole text: `"".join(generate(model, tok, "Hello"))`."""
+    check_sampling(max_tokens, temperature, top_p)
+    return _stream(model, tokenizer, prompt, max_tokens, temperature, top_p, seed, stop_at_eot)
+
+
+def _stream(model, tokenizer, prompt, max_tokens, temperature, top_p, seed, stop_at_eot) -> Iterator[str]:
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt)
     if not ids:
         ids = [0]  # an empty prompt starts from end-of-text, as a new document does
     gen = torch.Generator().manual_seed(seed)
     model.eval()
-    logits, state = model(torch.tensor([ids], device=device), None, return_state=True)
+    with torch.no_grad():
+        logits, state = model(torch.tensor([ids], device=device), None, return_state=True)
     logits = logits[0, -1]
     out: list[int] = []
     shown = ""
@@ -57,12 +70,12 @@ def generate(
             break
         out.append(token)
         text = tokenizer.decode(out)
-        if on_text is not None and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-            on_text(text[len(shown):])
+        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            yield text[len(shown):]
             shown = text
-        logits, state = model(torch.tensor([[token]], device=device), state, return_state=True)
+        with torch.no_grad():
+            logits, state = model(torch.tensor([[token]], device=device), state, return_state=True)
         logits = logits[0, -1]
     text = tokenizer.decode(out)
-    if on_text is not None and len(text) > len(shown):
-        on_text(text[len(shown):])
-    return text
+    if len(text) > len(shown):
+        yield text[len(shown):]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from peft_rwkv7.data import load_tokenizer
+from peft_rwkv7.errors import UserError
 from peft_rwkv7.infer.generate import generate, sample_next
 from tests.conftest import make_model
 
@@ -13,8 +15,8 @@ def test_greedy_generation_matches_full_recompute():
     tok = load_tokenizer("world")
     model = make_model(seed=41, n_embd=64, vocab_size=65536).eval()
     prompt = "Ship's log, day 7."
-    streamed: list[str] = []
-    text = generate(model, tok, prompt, max_tokens=12, temperature=0.0, on_text=streamed.append, stop_at_eot=False)
+    streamed = list(generate(model, tok, prompt, max_tokens=12, temperature=0.0, stop_at_eot=False))
+    text = "".join(streamed)
     ids = tok.encode(prompt)
     expect = []
     with torch.no_grad():
@@ -22,7 +24,15 @@ def test_greedy_generation_matches_full_recompute():
             nxt = int(model(torch.tensor([ids + expect]))[0, -1].argmax())
             expect.append(nxt)
     assert text == tok.decode(expect)
-    assert "".join(streamed) == text
+    assert len(streamed) > 1  # streamed piece by piece
+
+
+@pytest.mark.parametrize("kwargs,match", [({"temperature": float("nan")}, "--temperature must be a number >= 0"),
+                                          ({"temperature": -1.0}, "--temperature"), ({"top_p": 0.0}, "--top-p"),
+                                          ({"max_tokens": 0}, "--max-tokens")])
+def test_bad_sampling_settings_fail_before_any_work(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        generate(None, None, "x", **kwargs)  # checked at the call, before the model is touched
 
 
 def test_top_p_keeps_only_the_nucleus():
