@@ -6,11 +6,15 @@ exactly the dequantized weight the adapter was trained against.
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
+
+from ..errors import UserError
 
 # nf4/fp4 quantize blocks of 64 values with one absmax each; double quantization of the absmax
 # ("compress_statistics") saves another ~0.4 bit per weight, as in QLoRA.
@@ -18,15 +22,31 @@ BLOCKSIZE_4BIT = 64
 DOUBLE_QUANT = True
 
 
-class Int8Linear(bnb.nn.Linear8bitLt):
-    """LLM.int8 row-wise weights, multiplied as the dequantized weight in every mode.
+def _bnb():
+    """bitsandbytes, imported on first need: it is the optional extra `quant`."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("method.quant needs bitsandbytes, which is not installed: "
+                        "pip install 'rwkv-peft[quant]'") from None
+    return bitsandbytes
 
-    bitsandbytes' eval-mode path also quantizes the activations to int8 (~2e-2 off per layer on
-    CPU), so evaluation would not compute what training computed, nor what a merge reproduces.
-    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize_module_weight(self).to(x.dtype))
+@functools.lru_cache(maxsize=1)
+def _int8_linear() -> type:
+    bnb = _bnb()
+
+    class Int8Linear(bnb.nn.Linear8bitLt):
+        """LLM.int8 row-wise weights, multiplied as the dequantized weight in every mode.
+
+        bitsandbytes' eval-mode path also quantizes the activations to int8 (~2e-2 off per layer on
+        CPU), so evaluation would not compute what training computed, nor what a merge reproduces.
+        """
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, dequantize_module_weight(self).to(x.dtype))
+
+    return Int8Linear
 
 
 def quantize_linear(weight: torch.Tensor, quant: str, compute_dtype: torch.dtype) -> nn.Module:
@@ -35,6 +55,7 @@ def quantize_linear(weight: torch.Tensor, quant: str, compute_dtype: torch.dtype
     nf4/fp4: 4-bit blockwise; int8: row-wise absmax int8 (LLM.int8 without outlier split).
     Matmuls run in `compute_dtype`.
     """
+    bnb = _bnb()
     out_f, in_f = weight.shape
     w = weight.detach().to("cpu", torch.float32).clone()
     if quant in ("nf4", "fp4"):
@@ -56,7 +77,7 @@ def quantize_linear(weight: torch.Tensor, quant: str, compute_dtype: torch.dtype
         layer.support_avx512bf16_for_cpu = False
     elif quant == "int8":
         # threshold 0: no fp16 outlier columns, so the layer is exactly its dequantized weight.
-        layer = Int8Linear(in_f, out_f, bias=False, has_fp16_weights=False, threshold=0.0, device="meta")
+        layer = _int8_linear()(in_f, out_f, bias=False, has_fp16_weights=False, threshold=0.0, device="meta")
         layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     else:
         raise ValueError(f"unknown quantization {quant!r}")
@@ -66,7 +87,8 @@ def quantize_linear(weight: torch.Tensor, quant: str, compute_dtype: torch.dtype
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The float weight [out, in] (fp32) a quantized layer multiplies by; the weight itself for nn.Linear."""
-    if isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+    bnb = sys.modules.get("bitsandbytes")  # a quantized layer exists only where it was imported
+    if bnb is not None and isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
         return dequantize_module_weight(layer).float()
     return layer.weight.detach().float()
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..extras import check_recipe
 from .checkpoint import list_checkpoints
 from .recipe import load_recipe
 
 
 def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False) -> int:
     recipe = load_recipe(recipe_path, overrides)  # before the heavy imports: bad recipes fail fast
+    check_recipe(recipe)  # optional extras the recipe needs (bitsandbytes, deepspeed, ...)
     from .distributed import launcher_dist
     from .loop import describe, train
 
