@@ -8,7 +8,7 @@ layer (token-shift vectors and WKV state) and can return the final one.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,9 @@ class TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
         self.wkv_backend = "auto"
 
-    def forward(self, x, v_first, shift, wkv_state):
+    def forward(
+        self, x: torch.Tensor, v_first: torch.Tensor | None, shift: torch.Tensor | None, wkv_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, T, C] (ln1 output); v_first: [B, T, C] or None on layer 0.
         Returns out [B, T, C], v_first, new shift [B, C], new WKV state [B, H, N, N] fp32."""
         B, T, C = x.shape
@@ -124,7 +126,8 @@ class ChannelMix(nn.Module):
         self.key = Linear(cfg.n_embd, cfg.dim_ffn)
         self.value = Linear(cfg.dim_ffn, cfg.n_embd)
 
-    def forward(self, x, shift):
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, C] (ln2 output) -> out [B, T, C] and the new shift [B, C]."""
         k = x + _shift(x, shift) * self.x_k
         return self.value(torch.relu(self.key(k)) ** 2), x[:, -1]
 
@@ -140,7 +143,10 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg)
 
-    def forward(self, x, v_first, state: LayerState):
+    def forward(
+        self, x: torch.Tensor, v_first: torch.Tensor | None, state: LayerState
+    ) -> tuple[torch.Tensor, torch.Tensor, LayerState]:
+        """x: [B, T, C] residual stream -> (x, v_first [B, T, C] from layer 0, this block's new state)."""
         att_out, v_first, att_shift, wkv = self.att(self.ln1(x), v_first, state.att_shift, state.wkv)
         x = x + att_out
         ffn_out, ffn_shift = self.ffn(self.ln2(x), state.ffn_shift)
@@ -169,12 +175,27 @@ class RWKV7(nn.Module):
         """The state a sequence starts from: a checkpoint's `att.time_state` where it has one."""
         return [LayerState(None, getattr(blk.att, "time_state", None), None) for blk in self.blocks]
 
+    @overload
+    def forward(
+        self, idx: torch.Tensor, state: list[LayerState] | None = None, return_state: Literal[False] = False
+    ) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self, idx: torch.Tensor, state: list[LayerState] | None = None, *, return_state: Literal[True]
+    ) -> tuple[torch.Tensor, list[LayerState]]: ...
+
+    @overload
+    def forward(
+        self, idx: torch.Tensor, state: list[LayerState] | None, return_state: Literal[True]
+    ) -> tuple[torch.Tensor, list[LayerState]]: ...
+
     def forward(
         self,
         idx: torch.Tensor,
         state: list[LayerState] | None = None,
         return_state: bool = False,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, list[LayerState]]:
         """idx: LongTensor [B, T]; state: list of n_layer LayerState (wkv may be [H, N, N],
         broadcast over the batch). Returns logits [B, T, V] (and the final state if asked)."""
         B = idx.shape[0]
@@ -195,7 +216,9 @@ class RWKV7(nn.Module):
         return (logits, new_state) if return_state else logits
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor, state: list[LayerState] | None = None):
+    def step(
+        self, token: torch.Tensor, state: list[LayerState] | None = None
+    ) -> tuple[torch.Tensor, list[LayerState]]:
         """One RNN step for generation. token: LongTensor [B]; returns logits [B, V] and the state."""
         logits, state = self.forward(token[:, None], state, return_state=True)
         return logits[:, -1], state
