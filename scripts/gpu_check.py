@@ -1,18 +1,28 @@
-"""GPU check of the WKV7 backends: build, correctness against the reference, speed and memory.
+"""GPU check: WKV7 kernels vs the reference, their speed, training VRAM and speed, the doctor's verdict.
+
+Kernel build, correctness and speed, training through the real trainer and `rwkv-peft doctor`, summed up
+in one table of figures against goals.
 
     bash scripts/gpu_check.sh [OUT.json]        (from the repo root; writes gpu_check.json by default)
+    python scripts/gpu_check.py [--out OUT.json]
 
 Sections (each in its own try/except, so one failure still reports the others):
   env          torch / CUDA / GPU / triton / fla versions
-  build        compiles the CUDA extension (torch.utils.cpp_extension, cached) and times it
+  build        compiles the CUDA extension (torch.utils.cpp_extension, cached) and times it; the CPU
+               kernel (for the doctor) builds meanwhile in a separate process
   correctness  CUDA and Triton (and fla when importable) vs the reference on the GPU: y, final
                state and the gradients of r, w, k, v, a, b and the initial state, with random
                upstream gradients on y and the final state; fp32 and bf16, odd T
+  training     gpu_check_train.py: state tuning and LoRA on a random 0.1B-shape model at ctx 1024,
+               batch 1, bf16, through peft_rwkv7.train.loop.train: peak VRAM and tokens/s
   speed        fwd and fwd+bwd at B=8, T=4096, H=12, N=64, bf16, with a trainable initial state
                and gradients on y and the final state; peak memory (torch.cuda.max_memory_allocated)
                above the inputs. The reference runs at a smaller T and is extrapolated linearly.
-  vram         measure_state_tuning_vram(): 0.1B state tuning peak VRAM at ctx 1024, batch 1, bf16
-Needs no network: everything comes from the repo and the installed torch/triton (fla optional).
+  doctor       peft_rwkv7.doctor.collect(): every backend on this machine vs the reference, packages
+Goals: our CUDA fwd+bwd <= 0.8x fla's chunk_rwkv7; 0.1B state tuning <= 1.5 GiB peak VRAM. Exit status 1
+on any correctness failure (a kernel, the doctor) or a crashed section, 2 without a CUDA device; missed
+speed / memory goals show in the table only. Whole run: under 5 minutes on an H200 once the CUDA
+extension is cached (its first build adds a minute or two). Needs no network (fla optional).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import inspect
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +44,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # gpu_check_train
 
 from peft_rwkv7.ops import cuda as wkv_cuda  # noqa: E402
 from peft_rwkv7.ops.reference import wkv7_reference  # noqa: E402
@@ -40,6 +52,8 @@ from peft_rwkv7.ops.reference import wkv7_reference  # noqa: E402
 START = time.monotonic()
 DEVICE = torch.device("cuda")
 BUDGET_S = 270  # stop starting new timings after this (the whole check should stay < 5 min)
+TRAINING_S = 90  # what the training section needs at most (model setup, two short runs)
+GOAL_VS_FLA = 0.8  # our CUDA fwd+bwd time / fla chunk_rwkv7's
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |err| / max |ref|, per tensor
 BENCH = dict(B=8, T=4096, H=12, N=64)
 REF_T = 256  # the reference's T for timing (a Python loop over steps), extrapolated to BENCH["T"]
@@ -236,43 +250,33 @@ def section_speed() -> list:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# HOOK: 0.1B state-tuning peak VRAM at ctx 1024 (to be filled in later, by the model/train owners).
-# Expected to build the 0.1B RWKV-7 model (L12, C768, N64; bundled or randomly initialised),
-# freeze everything but the per-layer initial states, run forward+backward at ctx_len 1024 and
-# return {"ctx_len": 1024, "peak_mib": ..., "backend": ..., "ms_per_step": ...}.
-# ----------------------------------------------------------------------------------------------
-def measure_state_tuning_vram(ctx_len: int = 1024) -> dict:
-    """0.1B World shape (random weights), state tuning, batch 1, bf16 autocast, as the trainer runs it
-    (frozen weights stored bf16, trainable state fp32). Goal: peak <= 1.5 GB (RWKV-PEFT reports 2.6 GB)."""
-    from peft_rwkv7.adapters import MethodConfig, attach, trainable_parameters
-    from peft_rwkv7.model import RWKV7Config, new_model
-    from peft_rwkv7.train.loop import sequence_loss
+def section_training() -> dict:
+    if time.monotonic() - START > BUDGET_S - TRAINING_S:
+        return {"skipped": "time budget spent"}
+    from gpu_check_train import run_all
 
-    dev = torch.device("cuda")
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model = new_model(RWKV7Config.new(12, 768, 65536, head_size=64)).to(dev, torch.bfloat16)
-    adapted = attach(model, MethodConfig(kind="state"))
-    named = trainable_parameters(adapted)
-    for _, p in named:
-        p.data = p.data.float()
-    opt = torch.optim.AdamW([p for _, p in named], lr=1.0, fused=True)
-    idx = torch.randint(0, 65536, (1, ctx_len + 1), device=dev)
-    times = []
-    for _ in range(4):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = sequence_loss(adapted, idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20
-    return {"ctx_len": ctx_len, "peak_mib": round(peak, 1), "goal_mib": 1536, "pass": peak <= 1536,
-            "ms_per_step": round(min(times[1:]) * 1e3, 2), "backend": "auto"}
+    return run_all(ctx=1024, steps=12)
+
+
+def section_doctor(cpu_build: subprocess.Popen | None = None) -> dict:
+    """`rwkv-peft doctor` in this process (its CUDA/Triton verdicts are the ones auto uses here)."""
+    if cpu_build is not None:  # the CPU kernel's build started at the beginning: let it finish first
+        cpu_build.wait()
+    from peft_rwkv7 import doctor
+
+    report = doctor.collect()
+    return {"ok": report.ok, "problems": report.problems, "warnings": report.warnings,
+            "auto": report.auto, "screen": doctor.render(report)}  # fmt: skip
+
+
+def _start_cpu_build() -> subprocess.Popen | None:
+    """Build (or load) the CPU kernel in another process while the GPU sections run; the build's file lock
+    makes the doctor's load later wait for it or reuse it."""
+    code = "import torch; from peft_rwkv7.ops import cpu; cpu.is_available(torch.device('cpu'))"
+    try:
+        return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL)
+    except OSError:
+        return None
 
 
 def _print_table(report: dict) -> None:
@@ -294,9 +298,63 @@ def _print_table(report: dict) -> None:
                   f"{peak}above inputs {row['peak_above_inputs_mib']:8.0f} MiB  {row.get('note', '')}")  # fmt: skip
         else:
             print(f"  {row['backend']:9s} {row.get('error') or row.get('skipped')}")
-    print("\n== state tuning VRAM ==\n ", report.get("state_tuning_vram"))
+    print("\n== training (real trainer, random 0.1B shape, ctx 1024, batch 1, bf16) ==")
+    for method in ("state", "lora"):
+        row = report.get("training", {}).get(method)
+        if row:
+            print(f"  {method:6s} peak {row['peak_mib']:7.0f} MiB (reserved {row['reserved_mib']:.0f})  "
+                  f"{row['tokens_per_s']} tok/s  loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}  "
+                  f"wkv {', '.join(row['wkv_checks'])}")  # fmt: skip
+    if "doctor" in report:
+        print("\n== doctor ==\n" + report["doctor"]["screen"])
     for err in report.get("errors", []):
         print("\nERROR in", err["section"], ":", err["error"])
+
+
+def _summary(report: dict) -> list[tuple[str, str, str, str]]:
+    """(check, figure, goal, status) rows. FAIL: something computes wrong or crashed (exit 1); MISS: a
+    speed / memory goal not met; info: a figure without a goal."""
+    rows = []
+    for name in ("cuda", "triton", "fla"):
+        cases = [r for r in report.get("correctness", []) if r["backend"] == name]
+        if cases:
+            passed = sum(r["pass"] for r in cases)
+            ok = passed == len(cases)
+            status = "PASS" if ok else ("differs" if name == "fla" else "FAIL")
+            rows.append((f"{name} vs reference", f"{passed}/{len(cases)} cases", "all pass", status))
+    speed = {r["backend"]: r for r in report.get("speed", []) if "fwd_bwd_ms" in r}
+    fla_ms = speed["fla"]["fwd_bwd_ms"] if "fla" in speed else None
+    for name in ("cuda", "triton"):
+        if name in speed:
+            ms = speed[name]["fwd_bwd_ms"]
+            ratio = f" = {ms / fla_ms:.2f}x fla" if fla_ms else " (fla not timed)"
+            goal, status = ("-", "info") if name != "cuda" else (f"<= {GOAL_VS_FLA}x fla", "info")
+            if name == "cuda" and fla_ms:
+                status = "PASS" if ms <= GOAL_VS_FLA * fla_ms else "MISS"
+            rows.append((f"{name} fwd+bwd B8 T4096 H12 N64 bf16", f"{ms:.2f} ms{ratio}", goal, status))
+    training = report.get("training", {})
+    for method in ("state", "lora"):
+        if method in training:
+            t = training[method]
+            goal = f"<= {t['goal_mib']} MiB" if "goal_mib" in t else "-"
+            status = ("PASS" if t["pass_goal"] else "MISS") if "goal_mib" in t else "info"
+            figure = f"{t['peak_mib']:.0f} MiB, {t['tokens_per_s']} tok/s"
+            what = "state tuning" if method == "state" else "LoRA r16"
+            rows.append((f"0.1B {what} ctx1024 bs1 bf16", figure, goal, status))
+    if "doctor" in report:
+        d = report["doctor"]
+        rows.append(("doctor verdict", "OK" if d["ok"] else "; ".join(d["problems"])[:60], "OK",
+                     "PASS" if d["ok"] else "FAIL"))  # fmt: skip
+    for err in report.get("errors", []):
+        rows.append((f"section {err['section']}", err["error"][:60], "runs", "FAIL"))
+    return rows
+
+
+def _print_summary(rows: list[tuple[str, str, str, str]]) -> None:
+    print("\n== summary ==")
+    print(f"  {'check':38s} {'figure':34s} {'goal':16s} status")
+    for check, figure, goal, status in rows:
+        print(f"  {check:38s} {figure:34s} {goal:16s} {status}")
 
 
 def _write_json(path: Path, report: dict) -> None:
@@ -311,12 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = parser.parse_args(argv)
-    report: dict = {"errors": []}
     if not torch.cuda.is_available():
-        print("gpu_check: torch sees no CUDA device", file=sys.stderr)
+        print(f"gpu_check: no CUDA device (torch {torch.__version__} sees none); run it on a GPU machine",
+              file=sys.stderr)  # fmt: skip
         return 2
+    report: dict = {"errors": []}
+    cpu_build = _start_cpu_build()
     sections = [("env", section_env), ("build", section_build), ("correctness", section_correctness),
-                ("speed", section_speed), ("state_tuning_vram", measure_state_tuning_vram)]  # fmt: skip
+                ("training", section_training), ("speed", section_speed),
+                ("doctor", lambda: section_doctor(cpu_build))]  # fmt: skip
     for name, fn in sections:
         try:
             report[name] = fn()
@@ -326,10 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         report["elapsed_s"] = round(time.monotonic() - START, 1)
         _write_json(args.out, report)  # after every section: a later crash keeps the earlier ones
     _print_table(report)
+    rows = _summary(report)
+    report["summary"] = [dict(zip(("check", "figure", "goal", "status"), row)) for row in rows]
+    _write_json(args.out, report)
+    _print_summary(rows)
     print(f"\nwrote {args.out} ({report['elapsed_s']} s)")
-    failed = report["errors"] or not all(r["pass"] for r in report.get("correctness", []) if r["backend"] != "fla")
-    return 1 if failed else 0
-
+    return 1 if any(status == "FAIL" for *_, status in rows) else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -96,8 +96,22 @@ def test_debug_shows_traceback(files):
 def test_help_is_fast_and_lists_commands():
     res = cli("--help")
     assert res.returncode == 0
-    for cmd in ("train", "merge", "generate", "eval", "data", "inspect", "export"):
+    for cmd in ("train", "merge", "generate", "eval", "data", "inspect", "export", "doctor", "recipes", "init"):
         assert cmd in res.stdout
+
+
+def test_version_and_help_with_defaults():
+    from peft_rwkv7 import __version__
+
+    res = cli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"rwkv-peft {__version__}"
+    res = cli("generate", "--help")
+    text = " ".join(res.stdout.split())
+    for shown in ("tokens to generate at most (default: 200)", "0 = greedy (default: 1.0)", "(default: 0.85)",
+                  "(default: world)"):
+        assert shown in text, shown
+    res = cli("train", "--help")
+    assert "recipe" in res.stdout and "dotted key=value overrides" in " ".join(res.stdout.split())
 
 
 def test_eval_json_on_real_lambada(files):

@@ -7,13 +7,20 @@ checkpoint key names, so they select the same tensors in a model, an adapter fil
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal, get_args
 
+from pydantic import Field, ValidationError, field_validator, model_validator
+from typing_extensions import Self
+
+from ..config_base import ConfigModel, Number, Wording, invalid, user_error
 from ..errors import UserError
 
-KINDS = ("state", "lora", "pissa", "disha", "full")
-QUANTS = ("none", "nf4", "fp4", "int8")
-DISHA_MODES = ("bone", "bat")
+Kind = Literal["state", "lora", "pissa", "disha", "full"]
+Quant = Literal["none", "nf4", "fp4", "int8"]
+DishaMode = Literal["bone", "bat"]
+KINDS: tuple[str, ...] = get_args(Kind)
+QUANTS: tuple[str, ...] = get_args(Quant)
+DISHA_MODES: tuple[str, ...] = get_args(DishaMode)
 PROJECTIONS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 # Official key names (without the `blocks.N.` prefix where there is one) of each train_parts group.
@@ -35,49 +42,78 @@ def part_of(key: str) -> str | None:
     return None
 
 
-@dataclass
-class MethodConfig:
-    """What trains. Everything not selected here stays frozen.
+class MethodConfig(ConfigModel):
+    """What trains. Everything not selected here stays frozen. Bad fields are UserErrors "method.<field>: ..."."""
 
-    kind:           state | lora | pissa | disha | full.
-    r:              rank of LoRA/PiSSA; shard size of DiSHA (Bone: [r, out] per matrix; Bat: [in/r, r, r]).
-    alpha:          LoRA/PiSSA scale numerator: the update is (alpha / r) * B @ A.
-    dropout:        LoRA/PiSSA/Bone input dropout probability (Bat has none).
-    target_modules: projection Linears that get an adapter (names within a block, e.g. "att.key").
-                    Targets in a train_parts group (`ffn`) are trained in full instead.
-    quant:          none | nf4 | fp4 | int8: frozen projection weights of every block are quantized with
-                    bitsandbytes (QLoRA-style); embedding, head and the small time-mix tensors stay float.
-    train_parts:    groups of base parameters trained in full: emb, head, ln, time, ffn.
-    state:          also train the initial WKV state per layer ([H, N, N]); kind "state" means only that.
-    svd_niter:      PiSSA: subspace iterations of the randomized SVD (0 = exact SVD, slow on big matrices).
-    disha_mode:     DiSHA variant: "bone" (one shared [r, out] shard added to every in-block) or "bat"
-                    (block affine: W_ij @ D_j + D_j, a nonlinear update that uses the frozen weight).
-    """
+    section: ClassVar[str] = "method"
+    wording: ClassVar[Wording] = Wording(
+        "{key}: expected {allowed}, got {value}", "{key}: expected {allowed}, got {value}",
+        "{key}: {value} is not one of {choices}",
+    )
 
-    kind: str = "lora"
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
-    quant: str = "none"
-    train_parts: list[str] = field(default_factory=list)
-    state: bool = False
-    svd_niter: int = 4
-    disha_mode: str = "bone"
+    kind: Kind = Field("lora", description=(
+        "state: only the initial WKV state per layer; lora, pissa, disha: adapters on target_modules; "
+        "full: every weight"))
+    r: int = Field(16, gt=0, description=(
+        "rank of LoRA/PiSSA; shard size of DiSHA (Bone: [r, out] per matrix; Bat: [in/r, r, r])"))
+    alpha: Number = Field(32.0, gt=0, description="LoRA/PiSSA scale numerator: the update is (alpha / r) * B @ A")
+    dropout: Number = Field(0.0, ge=0, lt=1, description="LoRA/PiSSA/Bone input dropout probability (Bat has none)")
+    target_modules: list[str] = Field(default_factory=lambda: list(PROJECTIONS), description=(
+        f"projection Linears of every block that get an adapter, some of {', '.join(PROJECTIONS)}; "
+        "those in a train_parts group (ffn) are trained in full instead"))
+    quant: Quant = Field("none", description=(
+        "quantize the frozen projection weights of every block with bitsandbytes (QLoRA-style); "
+        "embedding, head and the small time-mix tensors stay float"))
+    train_parts: list[str] = Field(default_factory=list, description=(
+        f"groups of base parameters trained in full, some of {', '.join(PART_PATTERNS)}"))
+    state: bool = Field(False, description='also train the initial WKV state per layer ([H, N, N]); kind "state" '
+                                           "trains only that")
+    svd_niter: int = Field(4, ge=0, description=(
+        "PiSSA: subspace iterations of the randomized SVD (0 = exact SVD, slow on big matrices)"))
+    disha_mode: DishaMode = Field("bone", description=(
+        "DiSHA variant: bone (one shared [r, out] shard added to every in-block) or bat "
+        "(block affine: W_ij @ D_j + D_j, a nonlinear update that uses the frozen weight)"))
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _known_targets(cls, v: Any) -> Any:
+        if not isinstance(v, list) or not v:
+            raise invalid(f"{{key}}: expected a non-empty list of {', '.join(PROJECTIONS)}")
+        wrong = [t for t in v if t not in PROJECTIONS]
+        if wrong:
+            raise invalid(f"{{key}}: unknown {', '.join(map(str, wrong))}; expected some of {', '.join(PROJECTIONS)}")
+        return v
+
+    @field_validator("train_parts", mode="before")
+    @classmethod
+    def _known_parts(cls, v: Any) -> Any:
+        if not isinstance(v, list) or any(p not in PART_PATTERNS for p in v):
+            raise invalid(f"{{key}}: {v!r}: expected a list of {', '.join(PART_PATTERNS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.quant != "none" and self.kind == "full":
+            raise invalid("{key}: a quantized base cannot be trained in full; use quant: none with kind: full", "quant")
+        if self.adapter_kind is not None and not self.effective_targets():
+            raise invalid("{key}: every target is trained in full through train_parts: nothing left to adapt",
+                          "target_modules")
+        return self
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "method") -> MethodConfig:
         """Build from a recipe/adapter.json mapping; unknown keys are a UserError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - set(cls.model_fields))
         if unknown:
-            raise UserError(f"{where}: unknown keys {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
-        cfg = cls(**d)
-        cfg.validate(where)
-        return cfg
+            known = ", ".join(sorted(cls.model_fields))
+            raise UserError(f"{where}: unknown keys {', '.join(unknown)}; expected some of {known}")
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise user_error(e, cls, where) from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
     @property
     def trains_state(self) -> bool:
@@ -98,39 +134,3 @@ class MethodConfig:
             return []
         full = {"ffn.key", "ffn.value"} if "ffn" in self.train_parts else set()
         return [t for t in PROJECTIONS if t in self.target_modules and t not in full]
-
-    def validate(self, where: str = "method") -> MethodConfig:
-        """Raise UserError("method.<field>: ...") on the first bad field; returns self."""
-
-        def bad(name: str, msg: str) -> UserError:
-            return UserError(f"{where}.{name}: {msg}")
-
-        if self.kind not in KINDS:
-            raise bad("kind", f"{self.kind!r} is not one of {', '.join(KINDS)}")
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise bad("r", f"expected a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise bad("alpha", f"expected a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", f"expected a probability in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.target_modules, list) or not self.target_modules:
-            raise bad("target_modules", f"expected a non-empty list of {', '.join(PROJECTIONS)}")
-        wrong = [t for t in self.target_modules if t not in PROJECTIONS]
-        if wrong:
-            shown = ", ".join(map(str, wrong))
-            raise bad("target_modules", f"unknown {shown}; expected some of {', '.join(PROJECTIONS)}")
-        if self.quant not in QUANTS:
-            raise bad("quant", f"{self.quant!r} is not one of {', '.join(QUANTS)}")
-        if self.quant != "none" and self.kind == "full":
-            raise bad("quant", "a quantized base cannot be trained in full; use quant: none with kind: full")
-        if not isinstance(self.train_parts, list) or any(p not in PART_PATTERNS for p in self.train_parts):
-            raise bad("train_parts", f"{self.train_parts!r}: expected a list of {', '.join(PART_PATTERNS)}")
-        if not isinstance(self.state, bool):
-            raise bad("state", f"expected true or false, got {self.state!r}")
-        if not isinstance(self.svd_niter, int) or self.svd_niter < 0:
-            raise bad("svd_niter", f"expected an integer >= 0, got {self.svd_niter!r}")
-        if self.disha_mode not in DISHA_MODES:
-            raise bad("disha_mode", f"{self.disha_mode!r} is not one of {', '.join(DISHA_MODES)}")
-        if self.adapter_kind is not None and not self.effective_targets():
-            raise bad("target_modules", "every target is trained in full through train_parts: nothing left to adapt")
-        return self

@@ -1,7 +1,7 @@
 """Adapter files: a run directory (`adapter.safetensors` + `adapter.json` [+ `state.pth`]) or a
 checkpoint in RWKV-PEFT's layout (`.pth`, canonical names, no metadata).
 
-Tensors are stored under canonical names (see attach.py), fp32. PiSSA is stored as a plain LoRA
+Tensors are stored under canonical names (see methods.py), fp32. PiSSA is stored as a plain LoRA
 delta against the *original* base: rank 2r, lora_A = [A; A0], lora_B = [B, -B0], alpha 2*alpha,
 so that (2 alpha / 2r) [B, -B0] [A; A0] = (alpha / r)(B A - B0 A0) and merging needs only the base.
 """

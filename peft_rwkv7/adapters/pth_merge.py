@@ -27,6 +27,13 @@ from .methods import base_fingerprint
 from .quant import roundtrip
 
 _ADAPTER_LEAVES = (".lora_A", ".lora_B", ".disha")
+# Who reads a merged `att.time_state`: rwkv-peft itself (as the default initial state), not the `rwkv`
+# pip package, which reads it for RWKV-5/6 only and starts RWKV-7 from zeros.
+STATE_NOTE = (
+    "; the tuned state is in the file as blocks.N.att.time_state: rwkv-peft (generate, eval, load_model) "
+    "starts from it, but the rwkv pip package ignores it for RWKV-7 - pass the run's state.pth as its state "
+    "(state[3*i+1] = time_state of layer i); RWKV-Runner and Ai00 load state.pth as a state file"
+)
 
 
 def _is_quantized(af: AdapterFile, proj: str) -> bool:
@@ -128,6 +135,8 @@ def merge_into_pth(
         out_path,
     )
     line = f"merged {_describe(af)} into {out_path} ({dtype}, {changed} tensors changed)"
+    if af.method.trains_state:
+        line += STATE_NOTE
     if af.method.quant != "none":
         line += (
             f"; base was {af.method.quant}-quantized in training, so the merged weights are the"

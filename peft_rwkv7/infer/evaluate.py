@@ -1,4 +1,4 @@
-"""Perplexity and LAMBADA-style last-word accuracy, as DESIGN.md defines `rwkv-peft eval`.
+"""Perplexity and LAMBADA-style last-word accuracy, as docs/formats.md defines `rwkv-peft eval`.
 
 Each document d (token ids) is scored as the sequence [0] + d: the model reads end-of-text (0)
 first, then predicts every token of d. loss = total negative log-likelihood (nats) over all

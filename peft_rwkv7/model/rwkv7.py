@@ -1,4 +1,4 @@
-"""RWKV-7 "Goose" (x070), readable next to the math in DESIGN.md.
+"""RWKV-7 "Goose" (x070), readable next to the math in docs/rwkv7.md.
 
 Shapes: B batch, T time, C = n_embd, H heads of N = head_size, V vocab, F = dim_ffn.
 Module and parameter names equal the official checkpoint keys, so `state_dict()` *is* the
@@ -20,7 +20,7 @@ from .config import RWKV7Config
 
 LN_EPS = 1e-5
 GROUPNORM_EPS = 64e-5  # RWKV-7's ln_x eps (head_size_divisor 8 squared, times 1e-5)
-DECAY_FLOOR = 0.5  # w = -softplus(-(...)) - 0.5 keeps the decay exp(-exp(w)) below exp(-exp(-0.5))
+DECAY_FLOOR = 0.5  # w = -softplus(-(...)) - 0.5 <= -0.5, so the decay exp(-exp(w)) is at least exp(-exp(-0.5)) = 0.545
 
 
 class LayerState(NamedTuple):

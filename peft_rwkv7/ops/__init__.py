@@ -1,8 +1,9 @@
 """The WKV7 operator: one entry point, several backends, no model code.
 
-`wkv7(r, w, k, v, a, b, state=None, backend="auto") -> (y, final_state)`; see DESIGN.md for the
-layout and conventions. Fused backends register in `_BACKENDS` by name; "auto" picks the fastest
-one available for the tensors' device and falls back to the reference.
+`wkv7(r, w, k, v, a, b, state=None, backend="auto") -> (y, final_state)`; see docs/rwkv7.md for the
+layout and conventions. Fused backends are listed in `dispatch._MODULES` (names in `BACKENDS`);
+"auto" picks the fastest one available for the tensors' device that passes its check against the
+reference (`ops.verify`), and falls back to the reference.
 
 For the single-token RNN step (generation, no autograd) there are `wkv7_step`, and `linear`
 (x @ weight.T) and `matmul` (x @ weight), which take the CPU extension's kernels for the single rows
@@ -46,14 +47,14 @@ def _check_inputs(r, w, k, v, a, b, state) -> None:
             raise ValueError(f"wkv7: state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
 
 
-def _resolve(backend: str, device: torch.device) -> WkvFn:
+def _resolve(backend: str, device: torch.device, head_size: int, dtype: torch.dtype) -> WkvFn:
     if backend not in BACKENDS:
         raise ValueError(f"wkv7: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "reference":
         return wkv7_reference
     from . import dispatch
 
-    return dispatch.resolve(backend, device)
+    return dispatch.resolve(backend, device, head_size, dtype)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -81,7 +82,10 @@ def wkv7(
     every input, including the initial state.
     """
     _check_inputs(r, w, k, v, a, b, state)
-    fn = _resolve(backend, r.device)
+    # The dtype the kernels compute in: the inputs' when they all share it, else fp32 (auto checks a
+    # kernel once per head size and dtype before using it).
+    dtype = r.dtype if all(x.dtype == r.dtype for x in (w, k, v, a, b)) else torch.float32
+    fn = _resolve(backend, r.device, r.shape[-1], dtype)
     return fn(r, w, k, v, a, b, state)
 
 

@@ -230,6 +230,24 @@ def _exclusive(lock: Path, what: str) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def _interpreter_tools_first() -> Iterator[None]:
+    """PATH with the running interpreter's scripts folder first, for the duration of a build.
+
+    torch's cpp_extension runs `ninja` by name, so `.venv/bin/rwkv-peft` started without activating the
+    venv would otherwise use whatever ninja the shell finds first (or none), not the venv's own."""
+    scripts = sysconfig.get_path("scripts")
+    old = os.environ.get("PATH", "")
+    if not scripts or old.split(os.pathsep)[:1] == [scripts]:
+        yield
+        return
+    os.environ["PATH"] = os.pathsep.join([scripts, old]) if old else scripts
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 def _build(name: str, sources: Sequence[Path], what: str, folder: Path, load_kwargs: dict[str, Any]) -> ModuleType:
     """Compile in `<folder>.tmp-<pid>`, move the library into `folder`, then write the marker. Called
     with the lock held (or where none exists: then concurrent builds only duplicate work)."""
@@ -239,7 +257,7 @@ def _build(name: str, sources: Sequence[Path], what: str, folder: Path, load_kwa
     shutil.rmtree(tmp, ignore_errors=True)  # a dead build's, torch's stale `lock` file included
     tmp.mkdir(parents=True)
     try:
-        with build_notice(what):
+        with build_notice(what), _interpreter_tools_first():
             module = load(name=name, sources=[str(p) for p in sources], build_directory=str(tmp), **load_kwargs)
         if not isinstance(module, ModuleType) or not module.__file__:
             raise TypeError("load_extension builds Python extension modules only")

@@ -1,4 +1,4 @@
-"""CUDA WKV7 backend: the kernels in cuda/wkv7_cuda.cu, built on first use.
+"""CUDA WKV7 backend: the kernels in cuda/wkv7_cuda.cuh (launched from wkv7_cuda.cu), built on first use.
 
 One block per (batch, head), one thread per value row; the forward stores the state every
 `CHUNK_LEN` (16) steps and the backward recomputes each chunk from its checkpoint. Head sizes
@@ -26,7 +26,7 @@ SOURCE_DIR = Path(__file__).parent / "kernels"  # a link to the repository's cud
 SOURCES = (SOURCE_DIR / "wkv7_cuda_op.cpp", SOURCE_DIR / "wkv7_cuda.cu")
 HEAD_SIZES = (16, 32, 64, 128)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-CHUNK_LEN = 16  # steps between forward state checkpoints; kChunk in wkv7_cuda.cu (checked there)
+CHUNK_LEN = 16  # steps between forward state checkpoints; kChunk in wkv7_cuda.cuh (checked there)
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,9 +65,9 @@ def is_available(device: torch.device | str) -> bool:
 
 
 class _Wkv7Cuda(torch.autograd.Function):
+    # ext: the compiled module (the CUDA build, or in tests the CPU emulation of the same kernels).
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, state):
-        ext = _extension()
+    def forward(ctx, ext, r, w, k, v, a, b, state):
         B, T, H, N = r.shape
         inputs = [x.contiguous() for x in (r, w, k, v, a, b)]
         need_grad = any(ctx.needs_input_grad)
@@ -79,13 +79,14 @@ class _Wkv7Cuda(torch.autograd.Function):
         ckpt = r.new_empty(B, H, n_chunks, N, N, dtype=torch.float32) if need_grad else empty
         ext.forward(*inputs, s0, y, s_out, ckpt)
         ctx.save_for_backward(*inputs, ckpt)
+        ctx.ext = ext
         ctx.state_dtype = None if state is None else state.dtype
         return y, s_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, ds_out):
-        ext = _extension()
+        ext = ctx.ext
         r, w, k, v, a, b, ckpt = ctx.saved_tensors
         B, T, H, N = r.shape
         empty = r.new_empty(0, dtype=torch.float32)
@@ -93,10 +94,10 @@ class _Wkv7Cuda(torch.autograd.Function):
         ds_out = empty if ds_out is None else ds_out.to(torch.float32).contiguous()
         scratch = r.new_empty(B, H, CHUNK_LEN, N, N, dtype=torch.float32)
         grads = [torch.empty_like(r) for _ in range(6)]
-        want_state = ctx.state_dtype is not None and ctx.needs_input_grad[6]
+        want_state = ctx.state_dtype is not None and ctx.needs_input_grad[7]
         ds0 = r.new_empty(B, H, N, N, dtype=torch.float32) if want_state else empty
         ext.backward(r, w, k, v, a, b, dy, ds_out, ckpt, scratch, *grads, ds0)
-        return (*grads, ds0.to(ctx.state_dtype) if want_state else None)
+        return (None, *grads, ds0.to(ctx.state_dtype) if want_state else None)
 
 
 def wkv7_cuda(
@@ -120,9 +121,15 @@ def wkv7_cuda(
         )
     if T == 0:
         return wkv7_reference(r, w, k, v, a, b, state)
+    return wkv7_with_extension(_extension(), r, w, k, v, a, b, state)
+
+
+def wkv7_with_extension(ext, r, w, k, v, a, b, state=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """wkv7_cuda's dtype handling and autograd around a given extension module: the CUDA build, or in
+    tests the CPU emulation of the same kernel source (cuda/wkv7_cuda_emu_op.cpp). T >= 1."""
     dtype = r.dtype
     same = all(x.dtype == dtype for x in (w, k, v, a, b))
     compute = dtype if same and dtype in _KERNEL_DTYPES else torch.float32
     args = [x.to(compute) for x in (r, w, k, v, a, b)]
-    y, s_out = _Wkv7Cuda.apply(*args, state)
+    y, s_out = _Wkv7Cuda.apply(ext, *args, state)
     return y.to(dtype), s_out

@@ -1,158 +1,154 @@
 """The recipe: one YAML file (plus key=value overrides) that says what to train on what.
 
 Sections: model, method (adapters.MethodConfig), data (data.DataConfig), train, log, out_dir.
-Every field is validated at load with a message that names the dotted key.
+Every field is validated at load with a message that names the dotted key; `rwkv-peft train
+--print-schema` lists them all (train/schema.py). Reading a recipe imports neither torch nor peft.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import yaml
+from pydantic import Field, model_validator
+from typing_extensions import Self
 
 from ..adapters.config import MethodConfig
+from ..config_base import ConfigModel, Number, Text, invalid
 from ..data.config import DataConfig
-from ..errors import UserError
-from ..ops import BACKENDS as WKV_BACKENDS
-from .schema import apply_overrides, from_dict, load_yaml, to_dict
+from .schema import apply_overrides, from_dict, load_yaml, render_markdown, render_text
 
-SCHEDULES = ("cosine", "wsd", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
-WANDB_MODES = ("off", "offline", "online")
+WkvBackend = Literal["auto", "reference", "cpu", "cuda", "triton"]  # ops.BACKENDS (a test keeps them equal)
 
 
-@dataclass
-class NewModel:
+class NewModel(ConfigModel):
     """Shape of a model trained from scratch (RWKV-LM initialisation)."""
 
-    n_layer: int = 4
-    n_embd: int = 128
-    head_size: int = 32
-    vocab_size: int = 65536
+    section: ClassVar[str] = "model.new"
 
-    def validate(self) -> None:
-        for name in ("n_layer", "n_embd", "head_size", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.new.{name} must be positive, got {getattr(self, name)}")
+    n_layer: int = Field(4, gt=0, description="blocks")
+    n_embd: int = Field(128, gt=0, description="width C; a multiple of head_size")
+    head_size: int = Field(32, gt=0, description="N; the model has n_embd / head_size heads")
+    vocab_size: int = Field(65536, gt=0, description="V; 65536 for the World tokenizer")
+
+    @model_validator(mode="after")
+    def _whole_heads(self) -> Self:
         if self.n_embd % self.head_size:
-            raise UserError(f"model.new.n_embd {self.n_embd} must be a multiple of head_size {self.head_size}")
+            raise invalid(f"{{key}} {self.n_embd} must be a multiple of head_size {self.head_size}", "n_embd")
+        return self
 
 
-@dataclass
-class ModelSection:
-    path: str = ""  # local .pth or hf://OWNER/REPO/FILE.pth
-    new: NewModel | None = None  # train from scratch instead (pretraining); needs method.kind full
-    wkv_backend: str = "auto"
+class ModelSection(ConfigModel):
+    """The base model."""
 
-    def validate(self) -> None:
+    section: ClassVar[str] = "model"
+
+    path: Text = Field("", description="local .pth, or hf://OWNER/REPO/FILE.pth (downloaded once, cached)")
+    new: NewModel | None = Field(None, description="train from scratch instead (pretraining); needs method.kind full")
+    wkv_backend: WkvBackend = Field("auto", description="WKV7 kernel; auto picks the fastest for the device")
+
+    @model_validator(mode="after")
+    def _path_or_new(self) -> Self:
         if not self.path and self.new is None:
-            raise UserError("model.path is required (a local .pth or hf://OWNER/REPO/FILE.pth)")
+            raise invalid("{key} is required (a local .pth or hf://OWNER/REPO/FILE.pth)", "path")
         if self.path and self.new is not None:
-            raise UserError("model: give either path or new, not both")
-        if self.wkv_backend not in WKV_BACKENDS:
-            raise UserError(f"model.wkv_backend must be one of {', '.join(WKV_BACKENDS)}, got {self.wkv_backend!r}")
+            raise invalid("{key}: give either path or new, not both")
+        return self
 
 
-@dataclass
-class DeepSpeedConfig:
-    stage: int = 0  # 0 = off; 1, 2, 3 = ZeRO stage (launch with `deepspeed` or `torchrun`)
-    offload: bool = False  # offload optimizer state to CPU
+class DeepSpeedConfig(ConfigModel):
+    """ZeRO through DeepSpeed (launch with `deepspeed` or `torchrun`)."""
 
-    def validate(self) -> None:
-        if self.stage not in (0, 1, 2, 3):
-            raise UserError(f"train.deepspeed.stage must be 0 (off), 1, 2 or 3, got {self.stage}")
+    section: ClassVar[str] = "train.deepspeed"
+
+    stage: Literal[0, 1, 2, 3] = Field(0, description="0 = off; 1, 2, 3 = ZeRO stage")
+    offload: bool = Field(False, description="offload optimizer state to CPU")
 
 
-@dataclass
-class TrainConfig:
-    max_steps: int = 200  # optimizer steps
-    micro_bsz: int = 4  # sequences per forward pass (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # peak learning rate
-    lr_final: float | None = None  # at the end of the schedule; default lr / 10
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
-    warmup_steps: int = 10
-    decay_frac: float = 0.2  # wsd: share of the steps spent decaying
-    weight_decay: float = 0.0  # applied to matrices only
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    seed: int = 0
-    grad_cp: bool = False  # recompute each block in backward (less memory)
-    chunk_len: int = 0  # > 0: long-context (infctx) training in chunks carrying state
-    save_every: int = 100  # checkpoint every N steps (and at the end)
-    eval_every: int = 0  # score data.eval_path every N steps (and at the end); 0 = only at the end
-    keep_checkpoints: int = 2
-    stop_after: int = 0  # > 0: end this invocation after that step (checkpointed); --resume goes on
-    precision: str = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
-    device: str = "auto"
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+class TrainConfig(ConfigModel):
+    """The optimisation."""
 
-    def validate(self) -> None:
-        for name in ("max_steps", "micro_bsz", "grad_accum", "save_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "chunk_len", "keep_checkpoints", "stop_after"):
-            if getattr(self, name) < 0:
-                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise UserError(f"train.lr must be a positive number, got {self.lr}")
+    section: ClassVar[str] = "train"
+
+    max_steps: int = Field(200, gt=0, description="optimizer steps")
+    micro_bsz: int = Field(4, gt=0, description="sequences per forward pass (per process)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: Number = Field(1e-4, gt=0, description="peak learning rate")
+    lr_final: Number | None = Field(None, description="at the end of the schedule, between 0 and lr; null: lr / 10")
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="wsd: warmup-stable-decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup from lr / warmup_steps to lr")
+    decay_frac: Number = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    weight_decay: Number = Field(0.0, ge=0, description="AdamW weight decay, by role: embedding, head, projection "
+                                 "matrices, adapter factors (LoRA A/B, DiSHA shards); never states, norms, mixes, "
+                                 "decay/bonus vectors or the time-mix low-rank maps")
+    beta1: Number = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: Number = Field(0.99, ge=0, lt=1, description="AdamW beta2")
+    eps: Number = Field(1e-8, description="AdamW epsilon")
+    grad_clip: Number = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    seed: int = Field(0, description="seeds torch (initialisation, dropout) and the data order")
+    grad_cp: bool = Field(False, description="recompute each block in backward (less memory)")
+    chunk_len: int = Field(0, ge=0, description=(
+        "> 0: long-context (infctx) training in chunks of this many tokens carrying state; divides data.ctx_len"))
+    save_every: int = Field(100, gt=0, description="checkpoint every N steps (and at the end)")
+    eval_every: int = Field(0, ge=0, description=(
+        "score data.eval_path every N steps (and at the end); 0 = only at the end"))
+    keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept in out_dir/checkpoints; 0 keeps all")
+    stop_after: int = Field(0, ge=0, description=(
+        "> 0: end this invocation after that step (checkpointed); --resume goes on"))
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: fp32 on CPU, bf16 autocast on GPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="multi-GPU training")
+
+    @model_validator(mode="after")
+    def _final_below_peak(self) -> Self:
         if self.lr_final is not None and not 0 <= self.lr_final <= self.lr:
-            raise UserError(f"train.lr_final must be between 0 and train.lr ({self.lr}), got {self.lr_final}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not 0 < self.decay_frac <= 1:
-            raise UserError(f"train.decay_frac must be in (0, 1], got {self.decay_frac}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise UserError("train.weight_decay and train.grad_clip must be >= 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise UserError(f"train.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.device not in DEVICES:
-            raise UserError(f"train.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise invalid(f"{{key}} must be between 0 and train.lr ({self.lr}), got {self.lr_final}", "lr_final")
+        return self
 
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.lr_final is None else self.lr_final
 
 
-@dataclass
-class LogConfig:
-    wandb: str = "off"  # off | offline | online
-    project: str = "rwkv-peft"
-    progress: bool = True  # progress bar on stderr
+class LogConfig(ConfigModel):
+    """What a run reports besides log.jsonl."""
 
-    def validate(self) -> None:
-        if self.wandb not in WANDB_MODES:
-            raise UserError(f"log.wandb must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}")
+    section: ClassVar[str] = "log"
+
+    wandb: Literal["off", "offline", "online"] = Field("off", description="Weights & Biases logging")
+    project: Text = Field("rwkv-peft", description="wandb project")
+    progress: bool = Field(True, description="progress bar on stderr")
 
 
-@dataclass
-class Recipe:
-    model: ModelSection
-    data: DataConfig
-    method: MethodConfig = field(default_factory=MethodConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    out_dir: str = "runs/run"
+class Recipe(ConfigModel):
+    """A whole recipe file."""
 
-    def validate(self) -> None:
+    model: ModelSection = Field(description="the base model (or the shape of a new one)")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="what trains; everything else is frozen")
+    data: DataConfig = Field(description="the training data and how it becomes samples")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the optimisation")
+    log: LogConfig = Field(default_factory=LogConfig, description="reporting")
+    out_dir: Text = Field("runs/run", description="the run directory: recipe.yaml, adapter, checkpoints/, log.jsonl")
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Self:
         if self.model.new is not None and self.method.kind != "full":
-            raise UserError("model.new (training from scratch) needs method.kind: full")
+            raise invalid("{key} (training from scratch) needs method.kind: full", "model.new")
         if self.train.chunk_len and self.data.ctx_len % self.train.chunk_len:
-            raise UserError(
-                f"train.chunk_len {self.train.chunk_len} must divide data.ctx_len {self.data.ctx_len}"
-            )
+            raise invalid(f"{{key}} {self.train.chunk_len} must divide data.ctx_len {self.data.ctx_len}",
+                          "train.chunk_len")
+        return self
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML, apply `dotted.key=value` overrides, validate everything."""
-    data = apply_overrides(load_yaml(path), overrides or [])
-    return from_dict(Recipe, data, source=str(path))
+    return from_dict(Recipe, apply_overrides(load_yaml(path), overrides or []), source=str(path))
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+    return yaml.safe_dump(recipe.model_dump(), sort_keys=False)
+
+
+def recipe_reference(markdown: bool = False) -> str:
+    """Every recipe key with its type, default and meaning (`rwkv-peft train --print-schema [--markdown]`)."""
+    return render_markdown(Recipe) if markdown else render_text(Recipe)

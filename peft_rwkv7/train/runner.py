@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from ..errors import UserError
 from ..extras import check_recipe
 from .checkpoint import list_checkpoints
-from .recipe import load_recipe
+from .recipe import Recipe, dump_recipe, load_recipe
+from .runlock import run_lock
+from .schedule import get_lr
+
+# Keys a resumed run may change: they move no number of the steps already taken nor of those to come
+# (where checkpoints go, what is logged and shown) or only the kernel that computes the same math.
+RESUME_FREE = {"train.stop_after", "train.save_every", "train.eval_every", "train.keep_checkpoints",
+               "log.progress", "log.wandb", "log.project", "train.device", "model.wkv_backend"}
 
 
 def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False) -> int:
@@ -17,19 +26,96 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
     from .loop import describe, train
 
     out_dir = Path(recipe.out_dir)
-    if not resume and list_checkpoints(out_dir):
-        raise UserError(
-            f"{out_dir} already holds a run; add --resume to continue it, or set out_dir=... for a new one"
-        )
     dist = launcher_dist(recipe)
+    with run_lock(out_dir, enabled=dist.is_main):  # one run per directory, for the run's lifetime
+        if resume:
+            check_resume(recipe, out_dir)
+        elif list_checkpoints(out_dir):
+            raise UserError(
+                f"{out_dir} already holds a run; add --resume to continue it, or set out_dir=... for a new one"
+            )
+        if dist.is_main:
+            print(describe(recipe), flush=True)
+        summary = train(recipe, resume=resume, dist=dist)
     if dist.is_main:
-        print(describe(recipe), flush=True)
-    summary = train(recipe, resume=resume, dist=dist)
-    if dist.is_main:
-        first, last = summary.get("first_loss"), summary.get("last_loss")
-        losses = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no new steps"
-        tail = "stopped early (train.stop_after); continue with --resume" if summary.get("stopped_early") else "done"
-        ev = summary.get("eval")
-        ev_text = f", eval loss {ev['loss']:.4f}" if ev else ""
-        print(f"{tail}: {summary['steps']} steps, {losses}{ev_text}; run directory {out_dir}", flush=True)
+        print(summary_line(summary, out_dir), flush=True)
+        if not summary.get("stopped_early"):
+            print(next_steps(recipe), flush=True)
     return 0
+
+
+def summary_line(summary: dict, out_dir: Path) -> str:
+    first, last = summary.get("first_loss"), summary.get("last_loss")
+    losses = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no new steps"
+    tail = "stopped early (train.stop_after); continue with --resume" if summary.get("stopped_early") else "done"
+    ev = summary.get("eval")
+    ev_text = f", eval loss {ev['loss']:.4f}" if ev else ""
+    return f"{tail}: {summary['steps']} steps, {losses}{ev_text}; run directory {out_dir}"
+
+
+def next_steps(recipe: Recipe) -> str:
+    """The commands a user runs next on this run (generate, eval, merge), with its own paths."""
+    out = recipe.out_dir
+    if recipe.method.kind == "full" or recipe.model.new is not None:
+        model = f"{out}/model.pth"
+        lines = [f"  rwkv-peft generate --model {model} --prompt \"...\""]
+        if recipe.data.eval_path:
+            lines.append(f"  rwkv-peft eval --model {model} --data {recipe.data.eval_path}")
+    else:
+        base = recipe.model.path
+        lines = [f"  rwkv-peft generate --model {base} --adapter {out} --prompt \"...\""]
+        if recipe.data.eval_path:
+            lines.append(f"  rwkv-peft eval --model {base} --adapter {out} --data {recipe.data.eval_path}")
+        lines.append(f"  rwkv-peft merge --base {base} --adapter {out} --out {out}/merged.pth")
+    return "next:\n" + "\n".join(lines)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume(recipe: Recipe, out_dir: Path) -> None:
+    """Refuse (one line, nothing written) a resume whose recipe differs from the run's in a way that
+    changes the result, and a resume of a finished run. Extending train.max_steps is allowed when the
+    learning rate of every step taken so far stays the same (constant schedule; wsd before its decay)."""
+    saved = list_checkpoints(out_dir)
+    if not saved:
+        raise UserError(f"{out_dir}: nothing to resume (no checkpoints/); run without --resume")
+    done = saved[-1][0]
+    path = out_dir / "recipe.yaml"
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot read the run's recipe ({e})") from None
+    new = _flat(yaml.safe_load(dump_recipe(recipe)))
+    old = _flat(old if isinstance(old, dict) else {})
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE)
+    if "train.max_steps" in changed and _same_lr_so_far(recipe, old, done):
+        changed.remove("train.max_steps")
+    if changed:
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+        raise UserError(f"{out_dir}: --resume with a recipe that differs from the run's: {shown}{more}; "
+                        f"resume with the run's own recipe ({path}), or train into a new out_dir=...")
+    if done >= recipe.train.max_steps:
+        raise UserError(f"{out_dir}: the run is finished ({done} of {recipe.train.max_steps} steps); nothing to "
+                        f"resume (to train on, raise train.max_steps where the schedule allows: constant or wsd)")
+
+
+def _same_lr_so_far(recipe: Recipe, old: dict, done: int) -> bool:
+    tc = recipe.train
+    old_max = old.get("train.max_steps")
+    if not isinstance(old_max, int):
+        return False
+
+    def lr(step: int, max_steps: int) -> float:
+        return get_lr(step, lr=tc.lr, lr_final=tc.final_lr, max_steps=max_steps, warmup_steps=tc.warmup_steps,
+                      schedule=tc.schedule, decay_frac=tc.decay_frac)
+
+    return all(lr(s, old_max) == lr(s, tc.max_steps) for s in range(done))

@@ -193,3 +193,21 @@ def test_trainable_names_are_rwkv_peft_keys(load_base):
         "blocks.0.att.time_state", "blocks.0.att.key.lora_A", "blocks.0.att.key.lora_B",
         "blocks.1.att.time_state", "blocks.1.att.key.lora_A", "blocks.1.att.key.lora_B",
     ]  # fmt: skip
+
+
+def test_merged_state_is_ignored_by_the_rwkv_package_and_merge_says_so(base_path, load_base, train, rwkv_model,
+                                                                       tmp_path):
+    # What the merge message and the README say, pinned: the rwkv package reads time_state for RWKV-5/6
+    # only, so a merged RWKV-7 file gives the base's logits there, while rwkv-peft starts from the state.
+    adapted = attach(load_base(), MethodConfig(kind="state"))
+    train(adapted, steps=4, lr=5e-2)
+    save_adapter(adapted, tmp_path / "run")
+    line = merge_into_pth(base_path, tmp_path / "run", tmp_path / "merged.pth", dtype="fp32")
+    assert "rwkv pip package ignores it for RWKV-7" in line and "state.pth" in line
+    tokens = IDX[0].tolist()
+    theirs, _ = rwkv_model(tmp_path / "merged.pth").forward(tokens, None, full_output=True)
+    base, _ = rwkv_model(base_path).forward(tokens, None, full_output=True)
+    with torch.no_grad():
+        ours = load_model(tmp_path / "merged.pth", wkv_backend="reference")(IDX[:1])[0]
+    assert torch.allclose(theirs, base, atol=1e-5)
+    assert (ours - theirs).abs().max() > 1e-2

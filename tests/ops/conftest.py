@@ -17,7 +17,7 @@ def wkv_inputs(
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Realistic random WKV7 inputs: ([r, w, k, v, a, b] each [B, T, H, N] in `dtype`, state or None).
 
-    Built as the model builds them (DESIGN.md): w = -softplus(-x) - 0.5, so the per-step decay
+    Built as the model builds them (docs/rwkv7.md): w = -softplus(-x) - 0.5, so the per-step decay
     exp(-exp(w)) lies in (0.545, 1); kk is unit-norm per head, a = -kk, b = kk * sigmoid(.);
     k is scaled like k * (1 + (a - 1) * k_a). The state is fp32 [B, H, N, N] of the size a
     trained model carries.

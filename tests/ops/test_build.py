@@ -191,3 +191,15 @@ def test_changed_source_builds_beside_the_old_one(tmp_path):
     answer, seconds, again, _ = _load(src, root, env=_without_ninja(tmp_path))
     assert answer == 42 and again == old and seconds < 2.0
     assert old.stat().st_mtime_ns == old_built
+
+
+def test_builds_find_the_interpreters_own_tools(monkeypatch):
+    import os
+    import sysconfig
+
+    from peft_rwkv7.ops.build import _interpreter_tools_first
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with _interpreter_tools_first():
+        assert os.environ["PATH"].split(os.pathsep)[0] == sysconfig.get_path("scripts")
+    assert os.environ["PATH"] == "/usr/bin:/bin"

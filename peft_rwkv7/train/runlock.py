@@ -1,0 +1,64 @@
+"""One run per run directory: an exclusive lock on `out_dir/.lock` for the run's lifetime.
+
+The lock is an OS file lock (fcntl.flock; msvcrt on Windows), so it is released when its process dies,
+however it dies: a lock file left by a dead run is simply taken over. The file's text names the
+holder (pid, host, start time) for the message a second run prints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold `out_dir/.lock` while the body runs; a second holder gets a one-line UserError at once.
+
+    enabled=False (ranks other than 0 of a multi-process run) does nothing."""
+    if not enabled:
+        yield
+        return
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"out_dir {out_dir}: cannot be created or written ({e.strerror})") from None
+    try:
+        if not _try_lock(fd):
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise UserError(f"{out_dir} is in use by another rwkv-peft train ({holder}); wait for it to finish "
+                            f"or train into another out_dir=...")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                      .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,93 @@
+"""One run per run directory, and a --resume that only continues the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft_rwkv7.errors import UserError
+from peft_rwkv7.train.runlock import run_lock
+from peft_rwkv7.train.runner import train_from_cli
+from tests.train.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+LORA = str(ROOT / "recipes/lora.yaml")
+
+
+def test_a_second_run_into_a_locked_directory_stops_at_once(tiny_world, tmp_path):
+    out = tmp_path / "r"
+    with run_lock(out):
+        t0 = time.perf_counter()
+        with pytest.raises(UserError, match=r"is in use by another rwkv-peft train \(pid \d+ on .*\); wait"):
+            train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=1))
+        assert time.perf_counter() - t0 < 5
+    assert not (out / "recipe.yaml").exists()  # the refused run wrote nothing
+    assert train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=1)) == 0  # released on exit
+
+
+def test_a_killed_runs_lock_is_taken_over(tiny_world, tmp_path):
+    out = tmp_path / "k"
+    over = tiny_overrides(tiny_world, out, steps=400, **{"train.save_every": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "peft_rwkv7.cli", "train", LORA, *over], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list((out / "checkpoints").glob("step_*")) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, "-m", "peft_rwkv7.cli", "train", LORA, *over], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # the dead run's lock file is still there; a resume takes it over
+    assert (out / ".lock").exists()
+    done = max(int(p.name[5:11]) for p in (out / "checkpoints").glob("step_*"))
+    assert train_from_cli(LORA, [*over, f"train.stop_after={done + 1}"], resume=True) == 0
+    assert f"pid {os.getpid()}" in (out / ".lock").read_text()
+
+
+def _bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_with_a_changed_recipe_is_refused_and_writes_nothing(tiny_world, tmp_path):
+    out = tmp_path / "c"
+    train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=4, **{"train.save_every": 1}) + ["train.stop_after=3"])
+    before = _bytes(out)
+    with pytest.raises(UserError, match=r"differs from the run's: train\.lr 0\.0001 -> 0\.5"):
+        train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=4, **{"train.lr": 0.5}), resume=True)
+    with pytest.raises(UserError, match=r"train\.max_steps 4 -> 60"):  # cosine: step 3's lr would change
+        train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=60, **{"train.save_every": 1}), resume=True)
+    assert _bytes(out) == before
+
+
+def test_a_finished_run_says_so(tiny_world, tmp_path):
+    out = tmp_path / "f"
+    train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=2))
+    before = _bytes(out)
+    with pytest.raises(UserError, match=r"the run is finished \(2 of 2 steps\)"):
+        train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=2), resume=True)
+    assert _bytes(out) == before  # no duplicate eval record, no rewritten recipe
+
+
+def test_extending_a_constant_schedule_equals_the_longer_run(tiny_world, tmp_path):
+    const = {"train.schedule": "constant", "train.lr": 3e-3, "train.save_every": 2}
+    short, long = tmp_path / "short", tmp_path / "long"
+    train_from_cli(LORA, tiny_overrides(tiny_world, short, steps=2, **const))
+    train_from_cli(LORA, tiny_overrides(tiny_world, short, steps=4, **const), resume=True)
+    train_from_cli(LORA, tiny_overrides(tiny_world, long, steps=4, **const))
+    a, b = load_file(short / "adapter.safetensors"), load_file(long / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in map(json.loads, (short / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
