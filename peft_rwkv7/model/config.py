@@ -105,10 +105,29 @@ def expected_shapes(cfg: RWKV7Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def older_generation(sd: dict) -> str | None:
+    """"RWKV-4" / "RWKV-5" / "RWKV-6" where the keys are that generation's time-mix (None otherwise).
+
+    RWKV-6: data-dependent token shift `att.time_maa_*`; RWKV-5: per-head `att.time_faaaa` bonus and
+    `att.ln_x` without time_maa; RWKV-4: `att.time_first` and `att.time_mix_k`, no ln_x."""
+    keys = {k.split(".", 2)[-1] for k in sd if k.startswith("blocks.0.")}
+    if any(k.startswith("att.time_maa") for k in keys):
+        return "RWKV-6"
+    if "att.time_faaaa" in keys or ("att.time_first" in keys and "att.ln_x.weight" in keys):
+        return "RWKV-5"
+    if "att.time_first" in keys or "att.time_mix_k" in keys:
+        return "RWKV-4"
+    return None
+
+
 def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> RWKV7Config:
     """Read the model shape from an official state dict; raise CheckpointError naming what is wrong."""
     missing = [k for k in _TOP_KEYS + tuple("blocks.0." + k for k in _BLOCK_KEYS) if k not in sd]
     if missing:
+        older = older_generation(sd)
+        if older:
+            raise CheckpointError(f"{source}: this is an {older} checkpoint; rwkv-peft works with RWKV-7 (x070) models "
+                                  f"only")
         shown = ", ".join(missing[:4]) + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else "")
         raise CheckpointError(f"{source}: not an RWKV-7 checkpoint, missing keys: {shown}")
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}

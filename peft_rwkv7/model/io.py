@@ -105,8 +105,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """Write through `write(file)` to a temp file in the same folder, fsync, then rename: readers
     (and a run killed mid-write) never see half a file. The result follows the umask like open()."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:  # name the file the user asked for, not our temp file
+        raise UserError(f"{p}: cannot write here ({e.strerror or e}); choose another path") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -114,6 +117,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{p}: cannot write here ({e.strerror or e}); choose another path") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -16,6 +16,7 @@ from typing_extensions import Self
 from ..adapters.config import MethodConfig
 from ..config_base import ConfigModel, Number, Text, invalid
 from ..data.config import DataConfig
+from ..errors import UserError
 from .schema import apply_overrides, from_dict, load_yaml, render_markdown, render_text
 
 WkvBackend = Literal["auto", "reference", "cpu", "cuda", "triton"]  # ops.BACKENDS (a test keeps them equal)
@@ -142,7 +143,11 @@ class Recipe(ConfigModel):
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML, apply `dotted.key=value` overrides, validate everything."""
-    return from_dict(Recipe, apply_overrides(load_yaml(path), overrides or []), source=str(path))
+    data = load_yaml(path)
+    if not data:
+        raise UserError(f"{path}: the recipe is empty; it needs at least model: and data: sections "
+                        f"(rwkv-peft init --model M --data D writes a starter)")
+    return from_dict(Recipe, apply_overrides(data, overrides or []), source=str(path))
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -61,6 +61,13 @@ def bad_files(tmp_path):
     sd = torch.load(good, weights_only=True)
     del sd["blocks.1.ffn.value.weight"]
     torch.save(sd, tmp_path / "missing_key.pth")
+    # the time-mix keys that tell older generations apart (RWKV-LM's v4/v5/v6 model files)
+    z = torch.zeros(4)
+    emb = {"emb.weight": torch.zeros(8, 4), "head.weight": torch.zeros(8, 4)}
+    torch.save({**emb, "blocks.0.att.time_maa_x": z, "blocks.0.att.time_faaaa": z, "blocks.0.att.ln_x.weight": z},
+               tmp_path / "rwkv6.pth")
+    torch.save({**emb, "blocks.0.att.time_faaaa": z, "blocks.0.att.ln_x.weight": z}, tmp_path / "rwkv5.pth")
+    torch.save({**emb, "blocks.0.att.time_first": z, "blocks.0.att.time_mix_k": z}, tmp_path / "rwkv4.pth")
     return tmp_path
 
 
@@ -71,6 +78,9 @@ CASES = {
     "other.pth": "not an RWKV-7 checkpoint, missing keys: emb.weight",
     "shapes.pth": "blocks.1.att.key.weight is [64, 32], expected [64, 64]",
     "missing_key.pth": "missing keys: blocks.1.ffn.value.weight",
+    "rwkv6.pth": "this is an RWKV-6 checkpoint; rwkv-peft works with RWKV-7 (x070) models only",
+    "rwkv5.pth": "this is an RWKV-5 checkpoint",
+    "rwkv4.pth": "this is an RWKV-4 checkpoint",
 }
 
 
@@ -100,3 +110,17 @@ def test_cli_inspect_good_checkpoint(bad_files):
     )
     assert res.returncode == 0, res.stderr
     assert "layers 2  n_embd 64  heads 4 x 16  vocab 97" in res.stdout
+
+
+def test_unwritable_path_is_one_line_naming_it(tmp_path):
+    from peft_rwkv7.errors import UserError
+    from peft_rwkv7.model import atomic_write
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    target = blocker / "sub" / "out.pth"  # a folder cannot be made inside a file (root or not)
+    with pytest.raises(UserError) as e:
+        atomic_write(target, lambda f: f.write(b"data"))
+    msg = str(e.value)
+    assert msg.startswith(f"{target}: cannot write here (") and ".tmp" not in msg and "\n" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

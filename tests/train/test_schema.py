@@ -105,3 +105,9 @@ def test_method_config_fails_at_construction_and_after_assignment():
     cfg.r = 0  # assignments are not checked; validate() is
     with pytest.raises(UserError, match=r"^adapter\.json: method\.r: expected a positive integer, got 0$"):
         cfg.validate("adapter.json: method")
+
+
+def test_an_empty_recipe_says_what_a_recipe_needs(tmp_path):
+    (tmp_path / "e.yaml").write_text("# nothing yet\n")
+    with pytest.raises(UserError, match=r"e\.yaml: the recipe is empty; it needs at least model: and data: sections"):
+        load_recipe(str(tmp_path / "e.yaml"))
