@@ -22,7 +22,7 @@ from ..errors import UserError
 from .binidx import MMapIndexedDataset, is_binidx, split_prefix
 from .build import tokenize_file
 from .config import DataConfig
-from .formats import SFT_FIELD_SETS, ChatFormat, SftFormat, TextFormat
+from .formats import SFT_FIELD_SETS, SHAREGPT_FIELD, ChatFormat, SftFormat, TextFormat, chat_field
 from .records import check_file, first_record, iter_records
 from .sampling import PieceSampler, WindowSampler
 from .tokenizer import Tokenizer
@@ -141,7 +141,7 @@ def resolve_format(cfg: DataConfig) -> tuple[str, TextFormat | SftFormat | ChatF
         return "binidx", None
     where, rec = first_record(cfg.path)
     if kind == "auto":
-        if cfg.messages_field in rec:
+        if cfg.messages_field in rec or SHAREGPT_FIELD in rec:  # ShareGPT: conversations of {from, value}
             kind = "chat"
         elif cfg.text_field in rec:
             kind = "text"
@@ -156,7 +156,7 @@ def resolve_format(cfg: DataConfig) -> tuple[str, TextFormat | SftFormat | ChatF
     if kind == "text":
         return kind, TextFormat(cfg.text_field)
     if kind == "chat":
-        return kind, ChatFormat(cfg.messages_field, cfg.system)
+        return kind, ChatFormat(chat_field(cfg.messages_field, rec), cfg.system)
     return kind, _sft_format(cfg, rec, where)
 
 
@@ -196,11 +196,14 @@ def _record_where(path: str, doc: int) -> str:
 
 def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_size: int | None = None,
                  cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                 progress: bool = True) -> TrainData:
+                 progress: bool = True, build: bool = True) -> TrainData | None:
     """Tokenize (or load from cache) `cfg.path` and return its TrainData.
 
     vocab_size: the model's; a token id >= vocab_size is a UserError naming file and line.
     cache_dir: default ~/.cache/rwkv-peft/data. workers: tokenizer processes (default all cores).
+    build: False only opens the cache, returning None where it is missing or damaged (several
+    processes: one builds it, the others wait and open it). The cache appears atomically (temp
+    files renamed, `.idx` last), so a reader never sees a half-written one.
     """
     cfg.validate()
     kind, fmt = resolve_format(cfg)
@@ -218,6 +221,8 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
         folder = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
         prefix = str(folder / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}")
         cached = _open_cached(prefix, fmt.has_mask)
+        if cached is None and not build:
+            return None
         if cached is None:
             tokenize_file(path, prefix, fmt, tokenizer, workers, progress,
                           mask_path=prefix + ".mask" if fmt.has_mask else None)

@@ -1,34 +1,50 @@
-"""Training checkpoints: everything needed to resume a run exactly, written atomically.
+"""Training checkpoints: everything needed to resume a run exactly, committed atomically.
 
-`checkpoints/step_000120.pt` holds the trainable tensors (by name), the optimizer state, the step
-and every RNG state. The data position is a pure function of the step (data.TrainData.batch), and
-so is the learning rate, so nothing else is needed. Writes go to a temp file and are renamed, so
-a SIGKILL at any moment leaves the previous checkpoint intact.
+The data position is a pure function of the step (data.TrainData.batch), and so is the learning
+rate, so a checkpoint holds the trained tensors, the optimizer state, the step and the RNG states.
 
-Under DeepSpeed ZeRO each process holds its own partition of the optimizer state (and its own RNG):
-every process calls `save_checkpoint`, the partitions are gathered to rank 0, and the one file holds
-the list of them, which DeepSpeed's optimizer loads back rank by rank.
+One process: `checkpoints/step_000120.pt` (trained tensors by name, optimizer state, step, RNG),
+written to a temp file and renamed.
+
+DeepSpeed (any number of processes): `checkpoints/step_000120/` holds DeepSpeed's own sharded engine
+checkpoint in `ds/` (each rank writes its ZeRO optimizer partition, under ZeRO-3 its parameter
+partition too; nothing is gathered, frozen weights are left out), `rng_rank00000.pt` ... written by
+each rank for itself, and `meta.json` (step, processes, ZeRO stage, the trained tensors' names, shapes
+and dtypes). Every rank writes into `step_000120.tmp/`; after a barrier rank 0 writes meta.json and
+renames the folder. The rename is the commit point: only renamed folders are checkpoints, so a run
+killed mid-save keeps its last good one. Old checkpoints are renamed away before they are deleted.
+All ranks must see the same out_dir (a shared filesystem across nodes, as DeepSpeed itself assumes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import random
 import re
+import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model import atomic_save
+from ..model import atomic_save, atomic_write
 
-_NAME = re.compile(r"step_(\d{6,})\.pt$")
+_NAME = re.compile(r"^step_(\d{6,})(\.pt)?$")
+_GARBAGE = re.compile(r"^step_\d{6,}\.(tmp|old)$")  # a save cut short, a checkpoint being deleted
+DS_TAG = "ds"  # DeepSpeed's tag: the engine checkpoint lives in step_N/ds/
+META = "meta.json"
 
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own device only: get_rng_state_all would open a context on every visible GPU
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -37,14 +53,40 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], (list, tuple)):  # checkpoints written before: every device's
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def ctrl_c_after_save():
+    """Ctrl-C while checkpoint files are written takes effect once they are (raised on exit). Raised inside
+    torch.save's writer, it would surface as a RuntimeError from the zip writer and lose the finished steps."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(signal.SIGINT, None)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first: `step_N.pt` files (one process) and
+    renamed `step_N/` folders (DeepSpeed)."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.search(p.name))]
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p.is_file() if m.group(2) else p.is_dir()):
+            found.append((int(m.group(1)), p))
     return sorted(found)
 
 
@@ -52,48 +94,42 @@ def has_checkpoint(run_dir: Path, step: int) -> bool:
     return any(s == step for s, _ in list_checkpoints(run_dir))
 
 
-def _gather_to_main(obj, world_size: int) -> list | None:
-    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (a collective call)."""
-    if world_size == 1:
-        return [obj]
-    import torch.distributed as dist
+def _prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (0 keeps all) and what killed saves left behind."""
+    folder = Path(run_dir) / "checkpoints"
+    for _, old in list_checkpoints(run_dir)[:-keep] if keep else []:
+        if old.is_dir():
+            gone = old.with_name(old.name + ".old")
+            os.replace(old, gone)  # never a half-deleted folder under a checkpoint's name
+            shutil.rmtree(gone, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    for stale in folder.iterdir():
+        if _GARBAGE.match(stale.name) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
-    out = [None] * world_size if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
+# --- one process --------------------------------------------------------------------------------------
 
-def save_checkpoint(
-    run_dir: Path, step: int, named_params, optimizer, keep: int = 2, zero: bool = False, world_size: int = 1
-) -> Path | None:
-    """Write checkpoints/step_{step}.pt and prune all but the newest `keep` (0 keeps all).
-
-    zero: the optimizer is DeepSpeed's ZeRO optimizer; then every process must call this (it gathers
-    each rank's optimizer partition and RNG state) and only rank 0 writes. Returns the path on the
-    writing process, None on the others."""
+def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int = 2) -> Path:
+    """Write checkpoints/step_{step}.pt and prune all but the newest `keep` (0 keeps all)."""
     path = Path(run_dir) / "checkpoints" / f"step_{step:06d}.pt"
-    optimizer_state, rng = optimizer.state_dict(), rng_state()
-    if zero:
-        optimizer_state, rng = _gather_to_main(optimizer_state, world_size), _gather_to_main(rng, world_size)
-        if optimizer_state is None:
-            return None
     payload = {
         "step": step,
         "params": {name: p.detach().cpu().clone() for name, p in named_params},
-        "optimizer": optimizer_state,
-        "rng": rng,
-        "zero_world_size": world_size if zero else None,
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
     }
     atomic_save(payload, path)
-    if keep:
-        for _, old in list_checkpoints(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+    _prune(run_dir, keep)
     return path
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict | None:
-    """The newest readable checkpoint, or None when the run has none."""
+    """The newest readable one-process checkpoint, or None when the run has none."""
     for step, path in reversed(list_checkpoints(run_dir)):
+        if path.is_dir():
+            continue
         try:
             # Optimizer and RNG states hold numpy and python objects, so weights_only cannot be used;
             # these files are written by this program into the user's own run directory.
@@ -105,41 +141,138 @@ def load_latest_checkpoint(run_dir: Path) -> dict | None:
     return None
 
 
-def restore(payload: dict, named_params, optimizer, source: str, zero: bool = False, rank: int = 0,
-            world_size: int = 1) -> int:
-    """Load a checkpoint into the live trainable tensors and optimizer; returns the step reached.
-
-    zero / rank / world_size: as save_checkpoint; a ZeRO checkpoint resumes with the same number of
-    processes (each takes its own optimizer partition and RNG state)."""
-    saved_world = payload.get("zero_world_size")
-    if zero != (saved_world is not None):
-        raise UserError(
-            f"{source}: checkpoint was written {'with' if saved_world else 'without'} DeepSpeed; "
-            f"resume with the same train.deepspeed.stage"
-        )
-    if zero and saved_world != world_size:
-        raise UserError(f"{source}: checkpoint was written by {saved_world} processes; resume with {saved_world}, "
-                        f"not {world_size}")
-    params = payload["params"]
+def _check_params(saved: dict[str, list[int]], named_params, source: str) -> None:
     names = [n for n, _ in named_params]
-    if sorted(names) != sorted(params):
-        missing = sorted(set(names) ^ set(params))[:3]
+    if sorted(names) != sorted(saved):
+        missing = sorted(set(names) ^ set(saved))[:3]
         raise UserError(
             f"{source}: checkpoint does not match this recipe's trainable parameters ({', '.join(missing)})"
         )
+    for name, p in named_params:
+        shape = list(_full_shape(p))
+        if list(saved[name]) != shape:
+            raise UserError(f"{source}: checkpoint tensor {name} is {list(saved[name])}, the recipe makes {shape}")
+
+
+def restore(payload: dict, named_params, optimizer, source: str) -> int:
+    """Load a one-process checkpoint into the live trainable tensors and optimizer; returns its step."""
+    params = payload["params"]
+    _check_params({n: list(t.shape) for n, t in params.items()}, named_params, source)
     with torch.no_grad():
         for name, p in named_params:
-            if params[name].shape != p.shape:
-                raise UserError(
-                    f"{source}: checkpoint tensor {name} is {list(params[name].shape)}, "
-                    f"the recipe makes {list(p.shape)}"
-                )
             p.copy_(params[name])
-    if zero:
-        # the fp32 master partitions come from the checkpoint too, so they match the weights exactly
-        optimizer.load_state_dict(payload["optimizer"], load_from_fp32_weights=True)
-        set_rng_state(payload["rng"][rank])
-    else:
-        optimizer.load_state_dict(payload["optimizer"])
-        set_rng_state(payload["rng"])
+    optimizer.load_state_dict(payload["optimizer"])
+    set_rng_state(payload["rng"])
     return int(payload["step"])
+
+
+# --- DeepSpeed ----------------------------------------------------------------------------------------
+
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape  # ZeRO-3 partitions: p itself is empty
+
+
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_engine_checkpoint(engine, run_dir: Path, step: int, named_params, keep: int, rank: int, world_size: int,
+                           stage: int) -> Path:
+    """Every process calls this: DeepSpeed's sharded checkpoint + this rank's RNG into step_N.tmp/,
+    then rank 0 commits it by renaming it to step_N/ and prunes (see the module docstring)."""
+    folder = Path(run_dir) / "checkpoints"
+    final, tmp = folder / f"step_{step:06d}", folder / f"step_{step:06d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a save killed at this step left
+        tmp.mkdir(parents=True)
+    _barrier()
+    atomic_save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+    _barrier()  # every shard is written
+    if rank == 0:
+        meta = {
+            "step": step, "world_size": world_size, "zero_stage": stage,
+            "params": {n: {"shape": list(_full_shape(p)), "dtype": str(p.dtype).removeprefix("torch.")}
+                       for n, p in named_params},
+        }
+        text = (json.dumps(meta, indent=1) + "\n").encode()
+        atomic_write(tmp / META, lambda f: f.write(text))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        if final.exists():  # this step was committed before (a repeated save): keep that one
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, final)  # the commit point
+            _fsync(folder)
+        _prune(run_dir, keep)
+    _barrier()  # committed when this returns, on every rank
+    return final
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable checkpoint ({e})") from None
+
+
+def _load_engine_checkpoint(engine, path: Path, named_params, rank: int, world_size: int, stage: int) -> int:
+    meta = _read_meta(path)
+    saved_world, saved_stage = meta["world_size"], meta["zero_stage"]
+    if (saved_world, saved_stage) != (world_size, stage):
+        raise UserError(
+            f"{path}: checkpoint was written by {saved_world} processes under ZeRO-{saved_stage}; resume with "
+            f"{saved_world} processes and train.deepspeed.stage={saved_stage} (ZeRO keeps one optimizer shard per "
+            f"process), not {world_size} under ZeRO-{stage}"
+        )
+    _check_params({n: v["shape"] for n, v in meta["params"].items()}, named_params, str(path))
+    # Frozen weights are not in the checkpoint (they come from model.path), hence load_module_strict=False;
+    # the trained tensors come back from the fp32 ZeRO partitions (load_from_fp32_weights).
+    loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"{path}: DeepSpeed found no checkpoint in {path / DS_TAG}")
+    set_rng_state(torch.load(path / f"rng_rank{rank:05d}.pt", map_location="cpu", weights_only=False))
+    return int(meta["step"])
+
+
+# --- resume -------------------------------------------------------------------------------------------
+
+def resume(run_dir: Path, named_params, optimizer, engine=None, stage: int = 0, rank: int = 0,
+           world_size: int = 1) -> int:
+    """Restore the newest checkpoint of run_dir into the live trained tensors and optimizer (under
+    DeepSpeed: into the engine, every process calls this); returns the step it reached."""
+    found = list_checkpoints(run_dir)
+    if engine is not None and world_size > 1:  # every rank takes the checkpoint rank 0 sees
+        pick = [found[-1][0] if found else None]
+        torch.distributed.broadcast_object_list(pick, src=0)
+        found = [(s, p) for s, p in found if s == pick[0]]
+        if pick[0] is not None and not found:
+            raise UserError(f"{run_dir}: rank 0 resumes from step {pick[0]}, which rank {rank} cannot see; "
+                            "out_dir must be on a filesystem every process shares")
+    if not found:
+        raise UserError(f"{run_dir}: nothing to resume (no checkpoints/); run without --resume")
+    step, path = found[-1]
+    if path.is_dir():
+        if engine is None:
+            meta = _read_meta(path)
+            raise UserError(
+                f"{path}: checkpoint was written with DeepSpeed; resume with train.deepspeed.stage="
+                f"{meta['zero_stage']} on {meta['world_size']} processes"
+            )
+        return _load_engine_checkpoint(engine, path, named_params, rank, world_size, stage)
+    if engine is not None:
+        raise UserError(f"{path}: checkpoint was written without DeepSpeed; resume without train.deepspeed")
+    payload = load_latest_checkpoint(run_dir)
+    if payload is None:
+        raise UserError(f"{run_dir}: no readable checkpoint in checkpoints/; run without --resume")
+    return restore(payload, named_params, optimizer, str(run_dir))

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
 from . import checkpoint as ckpt
-from .distributed import gathered
+from .distributed import gathered, main_first
 from .logger import RunLogger
 from .recipe import Recipe
 from .schedule import get_lr
@@ -125,13 +125,10 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     if not named:
         raise UserError("method: nothing to train (check method.kind and method.train_parts)")
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    data = make_dataset(
-        recipe.data,
-        tokenizer,
-        seed=tc.seed,
-        vocab_size=base.config.vocab_size,
-        progress=recipe.log.progress and dist.is_main,
-    )
+    # Several processes: rank 0 tokenizes into the cache while the others wait, then they open it.
+    data = main_first(dist, lambda build: make_dataset(
+        recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
+        progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
     eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else None
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(
@@ -141,16 +138,12 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     if tc.deepspeed.stage:
         from .distributed import deepspeed_engine
 
-        engine, optimizer = deepspeed_engine(model, optimizer, recipe, device)
+        engine, optimizer = deepspeed_engine(model, optimizer, recipe)
 
     start = 0
     if resume:
-        payload = ckpt.load_latest_checkpoint(out_dir)
-        if payload is None:
-            raise UserError(f"{out_dir}: nothing to resume (no checkpoints/); run without --resume")
-        with gathered(named, tc.deepspeed.stage):
-            start = ckpt.restore(payload, named, optimizer, str(out_dir), zero=engine is not None, rank=dist.rank,
-                                 world_size=dist.world_size)
+        start = ckpt.resume(out_dir, named, optimizer, engine, stage=tc.deepspeed.stage, rank=dist.rank,
+                            world_size=dist.world_size)
     logger = RunLogger(out_dir, recipe, resume_step=start, enabled=dist.is_main)
 
     # --- train -----------------------------------------------------------------------------------
@@ -205,14 +198,14 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
             if eval_docs is not None and tc.eval_every and completed % tc.eval_every == 0 and completed < tc.max_steps:
                 logger.eval(completed, _evaluate(model, eval_docs, precision))
             if completed % tc.save_every == 0 or completed in (tc.max_steps, stop_at):
-                _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist)
+                _save(out_dir, completed, named, optimizer, engine, model, base_path, recipe, dist)
     except KeyboardInterrupt:
-        # A step cut short leaves only gradients behind: drop them and save the completed steps. Several
-        # processes are not interrupted at the same point, so they cannot meet in a collective save:
-        # they resume from the last periodic checkpoint instead.
+        # A step cut short leaves only gradients behind: drop them and save the completed steps. Under
+        # DeepSpeed the ranks are not interrupted at the same point (nor the engine at a step boundary),
+        # so they cannot meet in a collective save: they resume from the last periodic checkpoint instead.
         optimizer.zero_grad(set_to_none=True)
-        if completed > start and not ckpt.has_checkpoint(out_dir, completed) and dist.world_size == 1:
-            _save(out_dir, completed, named, optimizer, model, base_path, recipe, dist)
+        if completed > start and not ckpt.has_checkpoint(out_dir, completed) and engine is None:
+            _save(out_dir, completed, named, optimizer, engine, model, base_path, recipe, dist)
         logger.close()
         saved = ckpt.list_checkpoints(out_dir)
         where = f"checkpoint at step {saved[-1][0]}" if saved else "no checkpoint yet"
@@ -279,14 +272,19 @@ def _evaluate(model, docs, precision=contextlib.nullcontext) -> dict:
     return result
 
 
-def _save(out_dir, step, named, optimizer, model, base_path, recipe, dist) -> None:
-    """Checkpoint and adapter files; under ZeRO every process takes part, rank 0 writes."""
+def _save(out_dir, step, named, optimizer, engine, model, base_path, recipe, dist) -> None:
+    """Checkpoint and adapter files. Under DeepSpeed every process takes part: each writes its own shard of
+    the engine checkpoint; the adapter is one file as in a one-process run (ZeRO-3: gathered), rank 0 writes."""
     keep, stage = recipe.train.keep_checkpoints, recipe.train.deepspeed.stage
-    with gathered(named, stage):
-        ckpt.save_checkpoint(out_dir, step, named, optimizer, keep=keep, zero=bool(stage), world_size=dist.world_size)
-        if dist.is_main:
-            save_adapter(model, out_dir, base_path=base_path)
-
+    with ckpt.ctrl_c_after_save():
+        if engine is None:
+            ckpt.save_checkpoint(out_dir, step, named, optimizer, keep=keep)
+        else:
+            ckpt.save_engine_checkpoint(engine, out_dir, step, named, keep=keep, rank=dist.rank,
+                                        world_size=dist.world_size, stage=stage)
+        with gathered(named, stage):
+            if dist.is_main:
+                save_adapter(model, out_dir, base_path=base_path)
 
 
 def describe(recipe: Recipe) -> str:

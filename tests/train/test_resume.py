@@ -99,18 +99,41 @@ def test_killed_run_resumes(tiny_world, tmp_path, sig):
 
 
 def test_checkpoint_from_another_process_layout_is_refused(tmp_path):
-    """A ZeRO checkpoint resumes only under ZeRO with as many processes, and a plain one only without."""
+    """A DeepSpeed checkpoint resumes only under DeepSpeed with as many processes and the same ZeRO stage, and a
+    one-process checkpoint only without DeepSpeed; each refusal is one line saying what to do."""
     from peft_rwkv7.train import checkpoint as ckpt
 
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.AdamW([p])
-    path = ckpt.save_checkpoint(tmp_path, 1, [("p", p)], opt)
-    plain = torch.load(path, weights_only=False)
-    with pytest.raises(UserError, match="without DeepSpeed"):
-        ckpt.restore(plain, [("p", p)], opt, "run", zero=True, world_size=2)
-    zero = {**plain, "optimizer": [plain["optimizer"]] * 2, "rng": [plain["rng"]] * 2, "zero_world_size": 2}
-    with pytest.raises(UserError, match="written with DeepSpeed"):
-        ckpt.restore(zero, [("p", p)], opt, "run")
-    with pytest.raises(UserError, match="by 2 processes; resume with 2, not 4"):
-        ckpt.restore(zero, [("p", p)], opt, "run", zero=True, world_size=4)
-    assert ckpt.restore(plain, [("p", p)], opt, "run") == 1
+    ckpt.save_checkpoint(tmp_path, 1, [("p", p)], opt)
+    with pytest.raises(UserError, match="written without DeepSpeed; resume without train.deepspeed"):
+        ckpt.resume(tmp_path, [("p", p)], opt, engine=object(), stage=2)
+    assert ckpt.resume(tmp_path, [("p", p)], opt) == 1
+
+    # a committed DeepSpeed checkpoint (the engine's shards are not read before the layout is checked)
+    folder = tmp_path / "checkpoints" / "step_000002"
+    folder.mkdir()
+    meta = {"step": 2, "world_size": 2, "zero_stage": 3, "params": {"p": {"shape": [3], "dtype": "float32"}}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "checkpoints" / "step_000003.tmp").mkdir()  # a save cut short is not a checkpoint
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]
+    with pytest.raises(UserError, match="written with DeepSpeed; resume with train.deepspeed.stage=3 on 2 processes"):
+        ckpt.resume(tmp_path, [("p", p)], opt)
+    for stage, world in [(3, 1), (2, 1)]:
+        with pytest.raises(UserError, match=rf"written by 2 processes under ZeRO-3; resume with 2 processes and "
+                                            rf"train.deepspeed.stage=3 .*, not {world} under ZeRO-{stage}$"):
+            ckpt.resume(tmp_path, [("p", p)], opt, engine=object(), stage=stage, world_size=world)
+
+
+def test_ctrl_c_during_a_save_waits_for_it(tmp_path):
+    """Ctrl-C landing inside torch.save would break the zip writer (a RuntimeError, the steps lost): it is
+    held until the checkpoint files are written, then raised."""
+    from peft_rwkv7.train import checkpoint as ckpt
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p])
+    with pytest.raises(KeyboardInterrupt), ckpt.ctrl_c_after_save():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the signal arrives while the save is still to come
+        ckpt.save_checkpoint(tmp_path, 1, [("p", p)], opt)
+    assert ckpt.resume(tmp_path, [("p", p)], opt) == 1
