@@ -25,7 +25,7 @@ _LAZY = {
     "MethodConfig": "adapters", "attach": "adapters", "detach": "adapters", "disable_adapter": "adapters",
     "merge": "adapters", "trainable_parameters": "adapters", "load_adapter": "adapters", "save_adapter": "adapters",
     "merge_into_pth": "adapters",
-    "sequence_loss": "train.loop", "sequence_loss_sum": "train.loop", "param_groups": "train.loop",
+    "sequence_loss": "train.losses", "sequence_loss_sum": "train.losses", "param_groups": "train.losses",
     "generate": "infer.generate", "evaluate": "infer.evaluate", "load_tokenizer": "data",
 }  # fmt: skip
 __all__ = [*_LAZY, "__version__"]

@@ -45,6 +45,7 @@ class TrainData:
                  source: str = "data") -> None:
         self.tokens, self.loss_mask, self.ctx_len, self.sampling = tokens, loss_mask, ctx_len, sampling
         self.num_docs, self.source = len(sizes), source
+        self.empty_docs = int((np.asarray(sizes) <= 1).sum())  # nothing but the end-of-text token
         if sampling == "get":
             if len(tokens) < ctx_len + 1:
                 raise UserError(f"{source}: {len(tokens)} tokens cannot fill one sample of ctx_len+1 = "

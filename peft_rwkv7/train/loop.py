@@ -1,4 +1,5 @@
-"""The training loop: setup -> train -> save, readable top to bottom (nanoGPT-style).
+"""The training loop: `setup` -> `train_step` for each step -> `finish`, each readable on one screen
+(nanoGPT-style); `train` runs them with the error handling around.
 
 One optimizer step = grad_accum micro-batches of micro_bsz sequences (per process). The data
 position and the learning rate are pure functions of the step, so a checkpoint needs only
@@ -8,14 +9,12 @@ trainable tensors, optimizer state and RNG states to resume bit for bit.
 from __future__ import annotations
 
 import contextlib
-import re
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..adapters import attach, save_adapter, trainable_parameters
 from ..data import load_eval_docs, load_tokenizer, make_dataset
@@ -25,6 +24,7 @@ from ..model.hub import resolve_model_path
 from . import checkpoint as ckpt
 from .distributed import gathered, main_first
 from .logger import RunLogger
+from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
 from .recipe import Recipe
 from .schedule import get_lr
 
@@ -52,67 +52,39 @@ def build_base(recipe: Recipe, device: torch.device, frozen_dtype: torch.dtype =
     return load_model(path, dtype=frozen_dtype, device=device, wkv_backend=m.wkv_backend), str(path)
 
 
-def sequence_loss_sum(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
-    """Sum (fp32 scalar) of next-token cross-entropy over labels != -100. idx, labels: [B, T].
+@dataclass
+class Run:
+    """Everything `setup` builds for a run, used by `train_step` and `finish`."""
 
-    With chunk_len > 0 the sequence runs chunk by chunk carrying token-shift and WKV state; the
-    state keeps its gradient (true BPTT through the kernels' state gradient) while each chunk's
-    activations are recomputed in backward, so memory is O(chunk_len) instead of O(T)."""
+    recipe: Recipe
+    dist: Dist
+    device: torch.device
+    base: torch.nn.Module
+    base_path: str | None
+    model: torch.nn.Module
+    named: list
+    data: object
+    eval_docs: list | None
+    optimizer: torch.optim.Optimizer
+    engine: object | None
+    precision: object
+    start: int
+    logger: RunLogger | None = None
+    losses: list[float] = field(default_factory=list)
 
-    def chunk_loss(x, y, state):
-        logits, new_state = model(x, state, return_state=True)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-        return loss, new_state
-
-    if not chunk_len or idx.shape[1] <= chunk_len:
-        return chunk_loss(idx, labels, None)[0]
-    total, state = idx.new_zeros((), dtype=torch.float32), None
-    for lo in range(0, idx.shape[1], chunk_len):
-        x, y = idx[:, lo : lo + chunk_len], labels[:, lo : lo + chunk_len]
-        part, state = checkpoint(chunk_loss, x, y, state, use_reentrant=False)
-        total = total + part
-    return total
-
-
-def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != -100 (see sequence_loss_sum)."""
-    return sequence_loss_sum(model, idx, labels, chunk_len) / (labels != -100).sum().clamp(min=1)
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.recipe.out_dir)
 
 
-# Weight decay by role: the big matrices that map between token and feature spaces (embedding, head,
-# the r/k/v/output and FFN projections when trained in full) and every adapter factor (LoRA A/B,
-# DiSHA Bone/Bat shards, whatever their rank as tensors) are decayed. The initial state, norms,
-# token-shift mixes, decay/bonus vectors and the small time-mix low-rank maps (w1..v2) are not:
-# they set the recurrence's dynamics, and RWKV-LM never decays them either.
-_DECAYED_WEIGHT = re.compile(r"(^|\.)(emb|head|receptance|key|value|output)\.weight$")
-_ADAPTER_FACTOR = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|disha)(\.|$)")
-
-
-def decays(name: str) -> bool:
-    """Whether the trained tensor called `name` (as trainable_parameters names it) gets weight decay."""
-    return bool(_DECAYED_WEIGHT.search(name) or _ADAPTER_FACTOR.search(name))
-
-
-def param_groups(named, weight_decay: float):
-    """Two AdamW groups: tensors decayed by role (see `decays`) and the rest."""
-    decay = [p for n, p in named if decays(n)]
-    rest = [p for n, p in named if not decays(n)]
-    groups = [{"params": rest, "weight_decay": 0.0}]
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    return groups
-
-
-def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dict:
-    """Run the recipe; returns a summary dict (steps, first/last loss, out_dir)."""
+def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run:
+    """Base model, method, data, optimizer (and DeepSpeed engine), restored from the last checkpoint
+    when resuming."""
     dist = dist or Dist()
     tc = recipe.train
-    out_dir = Path(recipe.out_dir)
     device = pick_device(tc.device, "train.device")
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     torch.manual_seed(tc.seed)
-
-    # --- setup: base model, adapter, data, optimizer --------------------------------------------
     # Under bf16 autocast the frozen weights are stored in bf16 too (half the memory); trained
     # tensors always live in fp32 so small updates are not rounded away.
     frozen_dtype = torch.bfloat16 if use_bf16 and recipe.method.kind != "full" else torch.float32
@@ -130,82 +102,101 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
         recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
         progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
     eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else None
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=fused or None
-    )
+    if dist.is_main:
+        print(data_summary(recipe, data, dist.world_size), file=sys.stderr, flush=True)
+    optimizer = torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                  eps=tc.eps, fused=(device.type == "cuda") or None)
     engine = None
     if tc.deepspeed.stage:
         from .distributed import deepspeed_engine
 
         engine, optimizer = deepspeed_engine(model, optimizer, recipe)
-
-    start = 0
+    run = Run(recipe, dist, device, base, base_path, model, named, data, eval_docs, optimizer, engine,
+              _precision_context(device, use_bf16), start=0)
     if resume:
-        start = ckpt.resume(out_dir, named, optimizer, engine, stage=tc.deepspeed.stage, rank=dist.rank,
-                            world_size=dist.world_size)
-    logger = RunLogger(out_dir, recipe, resume_step=start, enabled=dist.is_main)
+        run.start = ckpt.resume(run.out_dir, named, optimizer, engine, stage=tc.deepspeed.stage, rank=dist.rank,
+                                world_size=dist.world_size)
+    return run
 
-    # --- train -----------------------------------------------------------------------------------
-    tokens_per_step = tc.micro_bsz * tc.grad_accum * recipe.data.ctx_len * dist.world_size
-    precision = _precision_context(device, use_bf16)
-    completed, losses = start, []
+
+def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
+    """One line on what the run will read: documents, tokens, empty ones, and how many epochs the steps
+    cover; a warning where one step asks for more samples than the data has (they repeat)."""
+    tc = recipe.train
+    per_step = tc.micro_bsz * tc.grad_accum * world_size
+    epochs = tc.max_steps * per_step / max(data.num_samples, 1)
+    line = (f"data: {data.num_docs} documents, {data.num_tokens} tokens, {data.num_samples} samples of "
+            f"{recipe.data.ctx_len} tokens per epoch; {tc.max_steps} steps x {per_step} samples = {epochs:.3g} epochs")
+    if data.empty_docs:
+        line += f"; {data.empty_docs} empty documents (no text) add nothing"
+    if per_step > data.num_samples:
+        line += (f"\nwarning: one step takes {per_step} samples but {data.source} has only {data.num_samples}: "
+                 f"samples repeat within a step (lower train.micro_bsz / grad_accum, or add data)")
+    return line
+
+
+def train_step(run: Run, step: int) -> tuple[float, float]:
+    """One optimizer step (0-based `step`); returns (the step's loss, its learning rate)."""
+    tc, dist, device = run.recipe.train, run.dist, run.device
+    lr = get_lr(step, lr=tc.lr, lr_final=tc.final_lr, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
+                schedule=tc.schedule, decay_frac=tc.decay_frac)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batches = [run.data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
+               for micro in range(tc.grad_accum)]
+    # One global batch, one loss: the sum of token losses over every micro-batch of every rank
+    # divided by the loss tokens of the whole step, however the batch is split. Ranks average
+    # their gradients, so each scales its sums by world_size / n_tokens.
+    n_tokens = _sum_over_ranks(float(sum(int((y != -100).sum()) for _, y in batches)), dist, device)
+    scale = dist.world_size / max(n_tokens, 1.0)
+    loss_sum = 0.0
+    for idx, labels in batches:
+        with run.precision():
+            part = sequence_loss_sum(run.model, idx.to(device), labels.to(device), tc.chunk_len)
+        if not torch.isfinite(part):
+            raise FloatingPointError(f"step {step + 1}: loss is {part.item()}")
+        loss_sum += part.item()
+        if run.engine is not None:
+            run.engine.backward(part * scale, scale_wrt_gas=False)
+            run.engine.step()
+        else:
+            (part * scale).backward()
+    if run.engine is None:
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in run.named], tc.grad_clip or float("inf"))
+        if not torch.isfinite(gnorm):
+            raise FloatingPointError(f"step {step + 1}: gradient norm is {gnorm.item()}")
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return _sum_over_ranks(loss_sum, dist, device) / max(n_tokens, 1.0), lr
+
+
+def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dict:
+    """Run the recipe; returns a summary dict (steps, first/last loss, out_dir, eval)."""
+    run = setup(recipe, resume, dist)
+    tc, out_dir = recipe.train, run.out_dir
+    run.logger = logger = RunLogger(out_dir, recipe, resume_step=run.start, enabled=run.dist.is_main)
+    tokens_per_step = tc.micro_bsz * tc.grad_accum * recipe.data.ctx_len * run.dist.world_size
+    completed = run.start
     stop_at = min(tc.stop_after, tc.max_steps) if tc.stop_after else tc.max_steps
     try:
-        for step in range(start, stop_at):
-            lr = get_lr(
-                step,
-                lr=tc.lr,
-                lr_final=tc.final_lr,
-                max_steps=tc.max_steps,
-                warmup_steps=tc.warmup_steps,
-                schedule=tc.schedule,
-                decay_frac=tc.decay_frac,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        for step in range(run.start, stop_at):
             t0 = time.perf_counter()
-            batches = [data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
-                       for micro in range(tc.grad_accum)]
-            # One global batch, one loss: the sum of token losses over every micro-batch of every rank
-            # divided by the loss tokens of the whole step, however the batch is split. Ranks average
-            # their gradients, so each scales its sums by world_size / n_tokens.
-            n_tokens = _sum_over_ranks(float(sum(int((y != -100).sum()) for _, y in batches)), dist, device)
-            scale = dist.world_size / max(n_tokens, 1.0)
-            loss_sum = 0.0
-            for idx, labels in batches:
-                with precision():
-                    part = sequence_loss_sum(model, idx.to(device), labels.to(device), tc.chunk_len)
-                if not torch.isfinite(part):
-                    raise FloatingPointError(f"step {step + 1}: loss is {part.item()}")
-                loss_sum += part.item()
-                if engine is not None:
-                    engine.backward(part * scale, scale_wrt_gas=False)
-                    engine.step()
-                else:
-                    (part * scale).backward()
-            step_loss = _sum_over_ranks(loss_sum, dist, device) / max(n_tokens, 1.0)
-            if engine is None:
-                gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in named], tc.grad_clip or float("inf"))
-                if not torch.isfinite(gnorm):
-                    raise FloatingPointError(f"step {step + 1}: gradient norm is {gnorm.item()}")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss, lr = train_step(run, step)
             completed = step + 1  # from here on the step's update is in the weights
-            dt = time.perf_counter() - t0
-            losses.append(step_loss)
-            logger.step(step + 1, step_loss, lr, tokens_per_step / dt)
-            if eval_docs is not None and tc.eval_every and completed % tc.eval_every == 0 and completed < tc.max_steps:
-                logger.eval(completed, _evaluate(model, eval_docs, precision))
+            run.losses.append(loss)
+            logger.step(completed, loss, lr, tokens_per_step / (time.perf_counter() - t0))
+            if run.eval_docs is not None and tc.eval_every and completed % tc.eval_every == 0 \
+                    and completed < tc.max_steps:
+                logger.eval(completed, _evaluate(run.model, run.eval_docs, run.precision))
             if completed % tc.save_every == 0 or completed in (tc.max_steps, stop_at):
-                _save(out_dir, completed, named, optimizer, engine, model, base_path, recipe, dist)
+                _save(run, completed)
     except KeyboardInterrupt:
         # A step cut short leaves only gradients behind: drop them and save the completed steps. Under
         # DeepSpeed the ranks are not interrupted at the same point (nor the engine at a step boundary),
         # so they cannot meet in a collective save: they resume from the last periodic checkpoint instead.
-        optimizer.zero_grad(set_to_none=True)
-        if completed > start and not ckpt.has_checkpoint(out_dir, completed) and engine is None:
-            _save(out_dir, completed, named, optimizer, engine, model, base_path, recipe, dist)
+        run.optimizer.zero_grad(set_to_none=True)
+        if completed > run.start and not ckpt.has_checkpoint(out_dir, completed) and run.engine is None:
+            _save(run, completed)
         logger.close()
         saved = ckpt.list_checkpoints(out_dir)
         where = f"checkpoint at step {saved[-1][0]}" if saved else "no checkpoint yet"
@@ -217,31 +208,29 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
         last = ckpt.list_checkpoints(out_dir)
         kept = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written"
         raise UserError(f"{e}; stopping ({kept}); try a lower train.lr") from None
+    return finish(run, completed, stopped_early=stop_at < tc.max_steps)
 
-    # --- save ------------------------------------------------------------------------------------
-    if stop_at < tc.max_steps:
-        logger.close()
-        return {
-            "steps": completed,
-            "stopped_early": True,
-            "out_dir": str(out_dir),
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-        }
+
+def finish(run: Run, completed: int, stopped_early: bool) -> dict:
+    """The end of the run: the final eval, a full model's model.pth, the loss plot; the summary dict."""
+    tc = run.recipe.train
     summary = {
-        "steps": tc.max_steps,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "out_dir": str(out_dir),
+        "steps": completed,
+        "first_loss": run.losses[0] if run.losses else None,
+        "last_loss": run.losses[-1] if run.losses else None,
+        "out_dir": str(run.out_dir),
     }
-    if eval_docs is not None:
-        summary["eval"] = _evaluate(model, eval_docs, precision)
-        logger.eval(tc.max_steps, summary["eval"])
-    if recipe.method.kind == "full":
-        with gathered(named, tc.deepspeed.stage):
-            if dist.is_main:
-                save_model(base, out_dir / "model.pth")
-    logger.close(plot=True)
+    if stopped_early:
+        run.logger.close()
+        return {**summary, "stopped_early": True}
+    if run.eval_docs is not None:
+        summary["eval"] = _evaluate(run.model, run.eval_docs, run.precision)
+        run.logger.eval(tc.max_steps, summary["eval"])
+    if run.recipe.method.kind == "full":
+        with gathered(run.named, tc.deepspeed.stage):
+            if run.dist.is_main:
+                save_model(run.base, run.out_dir / "model.pth")
+    run.logger.close(plot=True)
     return summary
 
 
@@ -272,19 +261,19 @@ def _evaluate(model, docs, precision=contextlib.nullcontext) -> dict:
     return result
 
 
-def _save(out_dir, step, named, optimizer, engine, model, base_path, recipe, dist) -> None:
+def _save(run: Run, step: int) -> None:
     """Checkpoint and adapter files. Under DeepSpeed every process takes part: each writes its own shard of
     the engine checkpoint; the adapter is one file as in a one-process run (ZeRO-3: gathered), rank 0 writes."""
-    keep, stage = recipe.train.keep_checkpoints, recipe.train.deepspeed.stage
+    keep, stage, dist = run.recipe.train.keep_checkpoints, run.recipe.train.deepspeed.stage, run.dist
     with ckpt.ctrl_c_after_save():
-        if engine is None:
-            ckpt.save_checkpoint(out_dir, step, named, optimizer, keep=keep)
+        if run.engine is None:
+            ckpt.save_checkpoint(run.out_dir, step, run.named, run.optimizer, keep=keep)
         else:
-            ckpt.save_engine_checkpoint(engine, out_dir, step, named, keep=keep, rank=dist.rank,
+            ckpt.save_engine_checkpoint(run.engine, run.out_dir, step, run.named, keep=keep, rank=dist.rank,
                                         world_size=dist.world_size, stage=stage)
-        with gathered(named, stage):
+        with gathered(run.named, stage):
             if dist.is_main:
-                save_adapter(model, out_dir, base_path=base_path)
+                save_adapter(run.model, run.out_dir, base_path=run.base_path)
 
 
 def describe(recipe: Recipe) -> str:
@@ -297,4 +286,5 @@ def describe(recipe: Recipe) -> str:
     )
 
 
-__all__ = ["train", "sequence_loss", "sequence_loss_sum", "param_groups", "get_lr", "describe", "Dist"]
+__all__ = ["train", "setup", "train_step", "finish", "Run", "sequence_loss", "sequence_loss_sum", "decays",
+           "param_groups", "get_lr", "describe", "Dist"]

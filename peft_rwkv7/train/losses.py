@@ -1,0 +1,63 @@
+"""The pieces of a training step that are pure functions: token losses and AdamW parameter groups."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def sequence_loss_sum(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
+    """Sum (fp32 scalar) of next-token cross-entropy over labels != -100. idx, labels: [B, T].
+
+    With chunk_len > 0 the sequence runs chunk by chunk carrying token-shift and WKV state; the
+    state keeps its gradient (true BPTT through the kernels' state gradient) while each chunk's
+    activations are recomputed in backward, so memory is O(chunk_len) instead of O(T)."""
+
+    def chunk_loss(x, y, state):
+        logits, new_state = model(x, state, return_state=True)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        return loss, new_state
+
+    if not chunk_len or idx.shape[1] <= chunk_len:
+        return chunk_loss(idx, labels, None)[0]
+    total, state = idx.new_zeros((), dtype=torch.float32), None
+    for lo in range(0, idx.shape[1], chunk_len):
+        x, y = idx[:, lo : lo + chunk_len], labels[:, lo : lo + chunk_len]
+        part, state = checkpoint(chunk_loss, x, y, state, use_reentrant=False)
+        total = total + part
+    return total
+
+
+def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100 (see sequence_loss_sum)."""
+    return sequence_loss_sum(model, idx, labels, chunk_len) / (labels != -100).sum().clamp(min=1)
+
+
+# Weight decay by role: the big matrices that map between token and feature spaces (embedding, head,
+# the r/k/v/output and FFN projections when trained in full) and every adapter factor (LoRA A/B,
+# DiSHA Bone/Bat shards, whatever their rank as tensors) are decayed. The initial state, norms,
+# token-shift mixes, decay/bonus vectors and the small time-mix low-rank maps (w1..v2) are not:
+# they set the recurrence's dynamics, and RWKV-LM never decays them either.
+_DECAYED_WEIGHT = re.compile(r"(^|\.)(emb|head|receptance|key|value|output)\.weight$")
+_ADAPTER_FACTOR = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|disha)(\.|$)")
+
+
+def decays(name: str) -> bool:
+    """Whether the trained tensor called `name` (as trainable_parameters names it) gets weight decay."""
+    return bool(_DECAYED_WEIGHT.search(name) or _ADAPTER_FACTOR.search(name))
+
+
+def param_groups(named, weight_decay: float):
+    """Two AdamW groups: tensors decayed by role (see `decays`) and the rest."""
+    decay = [p for n, p in named if decays(n)]
+    rest = [p for n, p in named if not decays(n)]
+    groups = [{"params": rest, "weight_decay": 0.0}]
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    return groups
+
+
+__all__ = ["sequence_loss", "sequence_loss_sum", "decays", "param_groups"]
