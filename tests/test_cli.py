@@ -96,7 +96,7 @@ def test_debug_shows_traceback(files):
 def test_help_is_fast_and_lists_commands():
     res = cli("--help")
     assert res.returncode == 0
-    for cmd in ("train", "merge", "generate", "eval", "data", "inspect", "export", "doctor", "recipes", "init"):
+    for cmd in ("train", "merge", "generate", "eval", "data", "inspect", "export", "doctor", "recipes", "init", "convert"):
         assert cmd in res.stdout
 
 

@@ -10,12 +10,15 @@ from ..model import infer_config, read_state_dict
 
 
 def _describe_model(path: Path) -> str:
+    from ..model.formats import FORMAT_NAMES, detect_format
+
     sd = read_state_dict(path)
     cfg = infer_config(sd, str(path))
     n_params = sum(t.numel() for k, t in sd.items() if not k.endswith("time_state"))
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
     lines = [
         f"{path}: RWKV-7 (x070), {n_params / 1e6:.2f}M parameters, {'/'.join(dtypes)}",
+        f"  format: {FORMAT_NAMES[detect_format(path)]}",
         f"  layers {cfg.n_layer}  n_embd {cfg.n_embd}  heads {cfg.n_head} x {cfg.head_size}  vocab {cfg.vocab_size}",
         f"  ffn {cfg.dim_ffn}  low-rank w/a/v/g {cfg.d_decay}/{cfg.d_aaa}/{cfg.d_mv}/{cfg.d_gate}"
         f"  layer-0 v0/v1/v2 {'present' if cfg.layer0_v else 'absent'}",
@@ -52,7 +55,9 @@ def _describe_run(path: Path) -> str:
 
 
 def inspect_path(path: str) -> str:
+    from ..model.formats import is_hf_dir
+
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and not is_hf_dir(p):
         return _describe_run(p)
     return _describe_model(p)

@@ -19,12 +19,16 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """torch.load a checkpoint safely (weights_only); CheckpointError with one line on failure."""
+    """A model's tensors under official names: a `.pth` (torch.load, weights_only), or a web-rwkv `.st`
+    file or HF (fla-hub) directory converted on read (`model.formats`); CheckpointError with one line on failure."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file")
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a directory, expected a .pth file")
+    from .formats import read_other  # formats imports this module
+
+    other = read_other(p)
+    if other is not None:
+        return other
     try:
         try:
             sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -87,7 +91,8 @@ def load_model(
     device: str | torch.device = "cpu",
     **model_kwargs,
 ) -> RWKV7:
-    """Load an official RWKV-7 `.pth` (bf16/fp16/fp32); the config is inferred from key shapes.
+    """Load an RWKV-7 model: an official `.pth` (bf16/fp16/fp32), a web-rwkv/Ai00 `.st` or an HF (fla-hub)
+    directory (`read_state_dict` converts the last two); the config is inferred from key shapes.
 
     Weights are cast to `dtype`; the WKV state is always computed in fp32.
     `model_kwargs` go to RWKV7 (wkv_backend, grad_cp).

@@ -44,7 +44,8 @@ class ModelSection(ConfigModel):
 
     section: ClassVar[str] = "model"
 
-    path: Text = Field("", description="local .pth, or hf://OWNER/REPO/FILE.pth (downloaded once, cached)")
+    path: Text = Field("", description="local .pth, .st (web-rwkv/Ai00) or HF RWKV-7 directory (fla-hub layout), "
+                                       "or hf://OWNER/REPO/FILE.pth (downloaded once, cached)")
     new: NewModel | None = Field(None, description="train from scratch instead (pretraining); needs method.kind full")
     wkv_backend: WkvBackend = Field("auto", description="WKV7 kernel; auto picks the fastest for the device")
 
