@@ -1,63 +1,167 @@
-"""`rwkv-peft inspect`: a model's config or a run directory's summary, as text."""
+"""`rwkv-peft inspect PATH`: what a file or folder of ours is, as a short readable summary (or JSON).
+
+Knows models (official `.pth`, web-rwkv `.st`, HF RWKV-7 directories; older RWKV generations are named
+as such), run directories, training checkpoints (one-process `.pt` files and DeepSpeed `step_N/`
+folders) and binidx datasets (`PREFIX`, `PREFIX.bin` or `PREFIX.idx`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
 from ..model import infer_config, read_state_dict
 
 
-def _describe_model(path: Path) -> str:
+def describe_model(path: Path) -> dict:
     from ..model.formats import FORMAT_NAMES, detect_format
 
     sd = read_state_dict(path)
     cfg = infer_config(sd, str(path))
-    n_params = sum(t.numel() for k, t in sd.items() if not k.endswith("time_state"))
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
-    lines = [
-        f"{path}: RWKV-7 (x070), {n_params / 1e6:.2f}M parameters, {'/'.join(dtypes)}",
-        f"  format: {FORMAT_NAMES[detect_format(path)]}",
-        f"  layers {cfg.n_layer}  n_embd {cfg.n_embd}  heads {cfg.n_head} x {cfg.head_size}  vocab {cfg.vocab_size}",
-        f"  ffn {cfg.dim_ffn}  low-rank w/a/v/g {cfg.d_decay}/{cfg.d_aaa}/{cfg.d_mv}/{cfg.d_gate}"
-        f"  layer-0 v0/v1/v2 {'present' if cfg.layer0_v else 'absent'}",
-    ]
-    if any(k.endswith("time_state") for k in sd):
-        lines.append("  carries a tuned initial state (att.time_state)")
-    return "\n".join(lines)
+    return {
+        "kind": "model", "path": str(path), "format": FORMAT_NAMES[detect_format(path)],
+        "parameters": sum(t.numel() for k, t in sd.items() if not k.endswith("time_state")),
+        "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in sd.values()}),
+        "config": cfg.to_dict(), "tuned_state": any(k.endswith("time_state") for k in sd),
+    }
 
 
-def _describe_run(path: Path) -> str:
-    lines = [f"{path}: run directory"]
-    meta = path / "adapter.json"
-    if meta.exists():
-        try:
-            info = json.loads(meta.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{meta}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        shown = {k: v for k, v in info.items() if k not in ("fingerprint", "tensors")}
-        lines.append("  adapter: " + json.dumps(shown))
-    log = path / "log.jsonl"
-    if log.exists():
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        steps = [r for r in records if "loss" in r and "step" in r]
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def describe_run(path: Path) -> dict:
+    from ..train.checkpoint import list_checkpoints
+
+    info: dict = {"kind": "run", "path": str(path)}
+    if (path / "adapter.json").is_file():
+        meta = _read_json(path / "adapter.json")
+        method = meta.get("method", {})
+        info["method"] = {k: v for k, v in method.items() if _relevant(method, k)}
+        info["trainable_parameters"] = meta.get("trainable_parameters")
+        info["base"] = {k: meta.get("base", {}).get(k) for k in ("path", "fingerprint", "dtype")}
+    if (path / "recipe.yaml").is_file():
+        import yaml
+
+        recipe = yaml.safe_load((path / "recipe.yaml").read_text()) or {}
+        info["max_steps"] = recipe.get("train", {}).get("max_steps")
+        info["data"] = recipe.get("data", {}).get("path")
+    if (path / "log.jsonl").is_file():
+        records = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines() if line.strip()]
+        steps = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval_loss" in r]
         if steps:
-            first, last = steps[0], steps[-1]
-            lines.append(f"  steps {last['step']}  first loss {first['loss']:.4f}  last loss {last['loss']:.4f}")
-    ckpt = path / "checkpoints"
-    if ckpt.is_dir():
-        names = sorted(p.name for p in ckpt.iterdir() if not p.name.startswith("."))
-        lines.append(f"  checkpoints: {', '.join(names) if names else 'none'}")
-    if len(lines) == 1:
-        raise UserError(f"{path}: not a run directory (no adapter.json, log.jsonl or checkpoints/)")
-    return "\n".join(lines)
+            info["steps_done"], info["first_loss"], info["last_loss"] = steps[-1]["step"], steps[0]["loss"], \
+                steps[-1]["loss"]
+        if evals:
+            info["eval_loss"] = evals[-1]["eval_loss"]
+    info["checkpoints"] = [s for s, _ in list_checkpoints(path)]
+    info["files"] = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if len(info) == 4 and not info["checkpoints"]:
+        raise UserError(f"{path}: not a run directory (no adapter.json, recipe.yaml, log.jsonl or checkpoints/)")
+    return info
 
 
-def inspect_path(path: str) -> str:
+def _relevant(method: dict, key: str) -> bool:
+    """adapter.json keys that mean something for this method (no LoRA fields on a state run)."""
+    kind = method.get("kind")
+    if key in ("r", "alpha", "dropout", "target_modules", "svd_niter"):
+        return kind in ("lora", "pissa", "disha") and (key != "alpha" or kind != "disha") and key != "svd_niter" \
+            or (key == "svd_niter" and kind == "pissa")
+    if key == "disha_mode":
+        return kind == "disha"
+    if key in ("quant", "train_parts", "state"):
+        return bool(method.get(key)) and method.get(key) != "none"
+    return True
+
+
+def describe_checkpoint(path: Path) -> dict:
+    if path.is_dir():  # DeepSpeed: step_N/ with meta.json and one shard per rank
+        meta = _read_json(path / "meta.json")
+        return {"kind": "checkpoint", "path": str(path), "layout": "deepspeed", "step": meta.get("step"),
+                "processes": meta.get("world_size"), "zero_stage": meta.get("zero_stage"),
+                "tensors": len(meta.get("tensors", meta.get("params", [])) or [])}
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
+    params = payload.get("params", {})
+    return {"kind": "checkpoint", "path": str(path), "layout": "single process", "step": payload.get("step"),
+            "tensors": len(params), "trained_values": sum(t.numel() for t in params.values())}
+
+
+def describe_binidx(path: Path) -> dict:
+    from ..data.binidx import MMapIndexedDataset
+
+    ds = MMapIndexedDataset(path)
+    return {"kind": "binidx", "prefix": ds.prefix, "documents": len(ds.sizes), "tokens": int(ds.sizes.sum()),
+            "dtype": str(ds.dtype), "largest_document": int(ds.sizes.max()) if len(ds.sizes) else 0}
+
+
+def inspect(path: str) -> dict:
+    """What `path` is, as a dict (see the module docstring)."""
     from ..model.formats import is_hf_dir
 
     p = Path(path)
+    if p.suffix in (".bin", ".idx") or (not p.exists() and Path(f"{path}.idx").is_file()):
+        return describe_binidx(p)
+    if p.is_dir() and (p / "meta.json").is_file() and p.parent.name == "checkpoints":
+        return describe_checkpoint(p)
     if p.is_dir() and not is_hf_dir(p):
-        return _describe_run(p)
-    return _describe_model(p)
+        return describe_run(p)
+    if p.suffix == ".pt" and p.parent.name == "checkpoints":
+        return describe_checkpoint(p)
+    return describe_model(p)
+
+
+def render(info: dict) -> str:
+    """The dict of `inspect` as a few readable lines."""
+    kind = info["kind"]
+    if kind == "model":
+        c = info["config"]
+        lines = [f"{info['path']}: RWKV-7 (x070) model, {info['parameters'] / 1e6:.2f}M parameters, "
+                 f"{'/'.join(info['dtypes'])}",
+                 f"  format: {info['format']}",
+                 f"  layers {c['n_layer']}  n_embd {c['n_embd']}  heads {c['n_embd'] // c['head_size']} x "
+                 f"{c['head_size']}  vocab {c['vocab_size']}",
+                 f"  ffn {c['dim_ffn']}  low-rank w/a/v/g {c['d_decay']}/{c['d_aaa']}/{c['d_mv']}/{c['d_gate']}  "
+                 f"layer-0 v0/v1/v2 {'present' if c['layer0_v'] else 'absent'}"]
+        if info["tuned_state"]:
+            lines.append("  carries a tuned initial state (att.time_state)")
+        return "\n".join(lines)
+    if kind == "run":
+        lines = [f"{info['path']}: run directory"]
+        if "method" in info:
+            m = info["method"]
+            shown = "  ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in m.items())
+            lines.append(f"  method: {shown}")
+            lines.append(f"  trains {info['trainable_parameters']:,} values; base {info['base']['path'] or '?'} "
+                         f"(fingerprint {info['base']['fingerprint']})")
+        if info.get("data"):
+            lines.append(f"  data: {info['data']}")
+        if "steps_done" in info:
+            total = f" of {info['max_steps']}" if info.get("max_steps") else ""
+            ev = f"  eval loss {info['eval_loss']:.4f}" if "eval_loss" in info else ""
+            lines.append(f"  steps {info['steps_done']}{total}  loss {info['first_loss']:.4f} -> "
+                         f"{info['last_loss']:.4f}{ev}")
+        ck = info["checkpoints"]
+        lines.append(f"  checkpoints at steps: {', '.join(map(str, ck))}" if ck else "  no checkpoints")
+        lines.append(f"  files: {', '.join(info['files'])}")
+        return "\n".join(lines)
+    if kind == "checkpoint":
+        extra = (f", {info['processes']} processes, ZeRO-{info['zero_stage']}" if info["layout"] == "deepspeed"
+                 else f", {info['trained_values']:,} trained values")
+        return (f"{info['path']}: training checkpoint ({info['layout']}) at step {info['step']}, "
+                f"{info['tensors']} trained tensors{extra}; resume with rwkv-peft train RECIPE --resume")
+    return (f"{info['prefix']}: binidx dataset, {info['documents']:,} documents, {info['tokens']:,} tokens "
+            f"({info['dtype']}), the longest {info['largest_document']:,} tokens")
+
+
+def inspect_path(path: str, as_json: bool = False) -> str:
+    info = inspect(path)
+    return json.dumps(info) if as_json else render(info)
