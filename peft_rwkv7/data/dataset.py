@@ -23,12 +23,15 @@ from .binidx import MMapIndexedDataset, is_binidx, split_prefix
 from .build import tokenize_file
 from .config import DataConfig
 from .formats import SFT_FIELD_SETS, SHAREGPT_FIELD, ChatFormat, SftFormat, TextFormat, chat_field
+from .preference import PreferenceFormat, is_preference, make_preference_data, preference_format
 from .records import check_file, first_record, iter_records
 from .sampling import PieceSampler, WindowSampler
 from .tokenizer import Tokenizer
 
 CACHE_VERSION = 1  # bump when the cached layout or rendering changes
 DEFAULT_CACHE_DIR = Path("~/.cache/rwkv-peft/data")
+DEFAULT_EVAL_SPLIT = 0.02  # held out of the user's own data when no eval_path is given
+EVAL_SPLIT_STREAM = 7  # a random stream of its own for the held-out choice (independent of sampling)
 IGNORE = -100  # label of positions that carry no loss (F.cross_entropy's default ignore_index)
 
 
@@ -46,6 +49,7 @@ class TrainData:
         self.tokens, self.loss_mask, self.ctx_len, self.sampling = tokens, loss_mask, ctx_len, sampling
         self.num_docs, self.source = len(sizes), source
         self.empty_docs = int((np.asarray(sizes) <= 1).sum())  # nothing but the end-of-text token
+        self.held_out: list[list[int]] = []  # documents make_dataset kept out for evaluation
         if sampling == "get":
             if len(tokens) < ctx_len + 1:
                 raise UserError(f"{source}: {len(tokens)} tokens cannot fill one sample of ctx_len+1 = "
@@ -133,8 +137,9 @@ def _sft_format(cfg: DataConfig, rec: dict, where: str) -> SftFormat:
                     "set data.prompt_fields and data.response_field")
 
 
-def resolve_format(cfg: DataConfig) -> tuple[str, TextFormat | SftFormat | ChatFormat | None]:
-    """(kind, format) for cfg: kind auto is guessed from the path and the first record."""
+def resolve_format(cfg: DataConfig) -> tuple[str, TextFormat | SftFormat | ChatFormat | PreferenceFormat | None]:
+    """(kind, format) for cfg: kind auto is guessed from the path and the first record. For preference
+    data the format renders the chosen side (what `eval` scores); training reads both (make_dataset)."""
     kind = cfg.kind
     p = Path(cfg.path)
     if kind == "binidx" or (kind == "auto" and (p.suffix in (".bin", ".idx") or
@@ -142,7 +147,9 @@ def resolve_format(cfg: DataConfig) -> tuple[str, TextFormat | SftFormat | ChatF
         return "binidx", None
     where, rec = first_record(cfg.path)
     if kind == "auto":
-        if cfg.messages_field in rec or SHAREGPT_FIELD in rec:  # ShareGPT: conversations of {from, value}
+        if cfg.chosen_field in rec and cfg.rejected_field in rec:
+            kind = "preference"
+        elif cfg.messages_field in rec or SHAREGPT_FIELD in rec:  # ShareGPT: conversations of {from, value}
             kind = "chat"
         elif cfg.text_field in rec:
             kind = "text"
@@ -154,6 +161,8 @@ def resolve_format(cfg: DataConfig) -> tuple[str, TextFormat | SftFormat | ChatF
                 keys = ", ".join(map(repr, rec))
                 raise UserError(f"{where}: cannot guess data.kind from keys {keys}; set data.kind to "
                                 "text, sft or chat (and the field names)") from None
+    if kind == "preference":
+        return kind, preference_format(cfg, "chosen")
     if kind == "text":
         return kind, TextFormat(cfg.text_field)
     if kind == "chat":
@@ -207,6 +216,8 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
     files renamed, `.idx` last), so a reader never sees a half-written one.
     """
     cfg.validate()
+    if is_preference(cfg):  # pairs, not a token stream: data/preference.py
+        return make_preference_data(cfg, tokenizer, seed, vocab_size, cache_dir, workers, progress, build)
     kind, fmt = resolve_format(cfg)
     if kind == "binidx":
         ds, mask = MMapIndexedDataset(cfg.path), None
@@ -238,6 +249,35 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
     if vocab_size is not None and must_scan:
         _check_vocab(ds, vocab_size, locate)
     sampling = cfg.sampling if cfg.sampling != "auto" else ("pad" if kind in ("sft", "chat") else "get")
-    starts = ds.pointers // ds.dtype.itemsize
-    return TrainData(ds.tokens, mask, starts, ds.sizes, cfg.ctx_len, sampling, cfg.overflow == "split",
-                     seed, source=source)
+    tokens, starts, sizes = ds.tokens, ds.pointers // ds.dtype.itemsize, ds.sizes
+    held_out: list[list[int]] = []
+    split = cfg.eval_split if cfg.eval_split is not None else (0.0 if cfg.eval_path or mask is not None
+                                                                else DEFAULT_EVAL_SPLIT)
+    if split and mask is not None:
+        raise UserError(f"data.eval_split: holds out text or binidx documents; for {kind} data give a held-out "
+                        f"file as data.eval_path")
+    n_eval = int(split * len(sizes))
+    if n_eval:
+        tokens, starts, sizes, held_out = _hold_out(tokens, starts, sizes, n_eval, seed)
+    data = TrainData(tokens, mask, starts, sizes, cfg.ctx_len, sampling, cfg.overflow == "split", seed,
+                     source=source)
+    data.held_out = held_out
+    return data
+
+
+def _hold_out(tokens: np.ndarray, starts: np.ndarray, sizes: np.ndarray, n_eval: int, seed: int):
+    """Move `n_eval` documents (a seeded random choice) out of the training stream. Returns the training
+    (tokens, starts, sizes) and the held-out documents as token lists without their end-of-text token
+    (the evaluator puts token 0 in front, as for data.eval_path)."""
+    order = np.random.default_rng([seed, EVAL_SPLIT_STREAM]).permutation(len(sizes))
+    held = np.zeros(len(sizes), bool)
+    held[order[:n_eval]] = True
+    docs = []
+    for i in np.flatnonzero(held):
+        doc = tokens[starts[i] : starts[i] + sizes[i]].tolist()
+        docs.append(doc[:-1] if doc and doc[-1] == 0 else doc)
+    keep = np.flatnonzero(~held)
+    pieces = [tokens[starts[i] : starts[i] + sizes[i]] for i in keep]
+    kept_sizes = sizes[keep].astype(np.int32)
+    kept_starts = np.concatenate([[0], np.cumsum(kept_sizes[:-1], dtype=np.int64)])
+    return np.concatenate(pieces), kept_starts, kept_sizes, [d for d in docs if d]

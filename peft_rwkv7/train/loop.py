@@ -101,7 +101,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     data = main_first(dist, lambda build: make_dataset(
         recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
         progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
-    eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else None
+    eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else data.held_out or None
     if dist.is_main:
         print(data_summary(recipe, data, dist.world_size), file=sys.stderr, flush=True)
     optimizer = torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
@@ -127,6 +127,8 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
     epochs = tc.max_steps * per_step / max(data.num_samples, 1)
     line = (f"data: {data.num_docs} documents, {data.num_tokens} tokens, {data.num_samples} samples of "
             f"{recipe.data.ctx_len} tokens per epoch; {tc.max_steps} steps x {per_step} samples = {epochs:.3g} epochs")
+    if data.held_out:
+        line += f"; {len(data.held_out)} more documents held out for eval (data.eval_split)"
     if data.empty_docs:
         line += f"; {data.empty_docs} empty documents (no text) add nothing"
     if per_step > data.num_samples:

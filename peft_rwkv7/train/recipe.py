@@ -148,7 +148,13 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     if not data:
         raise UserError(f"{path}: the recipe is empty; it needs at least model: and data: sections "
                         f"(rwkv-peft init --model M --data D writes a starter)")
-    return from_dict(Recipe, apply_overrides(data, overrides or []), source=str(path))
+    overrides = overrides or []
+    given = {o.partition("=")[0] for o in overrides}
+    if "data.path" in given and "data.eval_path" not in given and isinstance(data.get("data"), dict):
+        # the recipe's eval file belongs to the recipe's data, not to the data given here: hold out part of
+        # the user's own data instead (data.eval_split), unless they name an eval file
+        data["data"].pop("eval_path", None)
+    return from_dict(Recipe, apply_overrides(data, overrides), source=str(path))
 
 
 def dump_recipe(recipe: Recipe) -> str:
