@@ -11,7 +11,9 @@ does: text and sft always, chat when the conversation ends with an assistant tur
 - chat: RWKV World chat format, `User: ...\\n\\n`, `System: ...\\n\\n`, `Assistant: ...\\n\\n`;
   loss on each assistant reply (the text after `Assistant:`, from its leading space through the
   closing blank line). Contents are stripped and blank lines inside them collapse to one newline,
-  because a blank line is the World format's turn separator.
+  because a blank line is the World format's turn separator. Messages are `{"role", "content"}`
+  (user/assistant/system) or ShareGPT's `{"from", "value"}` (human/gpt/system), usually under
+  `conversations`. `infer/chat.py` renders conversations at inference with this same class.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ SFT_FIELD_SETS = (
     (("input",), "output"),
 )
 ROLES = ("user", "assistant", "system")
+SHAREGPT_FIELD = "conversations"  # ShareGPT's list of {"from", "value"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+ASSISTANT_PROMPT = "Assistant:"  # what the model reads before it writes a reply
 _EOT = (0,)
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
 
@@ -83,6 +88,28 @@ class SftFormat:
         return segs
 
 
+def chat_field(messages_field: str, rec: dict) -> str:
+    """The key holding a record's conversation: `messages_field`, else ShareGPT's `conversations`."""
+    return SHAREGPT_FIELD if messages_field not in rec and SHAREGPT_FIELD in rec else messages_field
+
+
+def _message(m: object, at: str) -> tuple[str, str]:
+    """(role, content) of one message: {"role", "content"} or ShareGPT's {"from", "value"}."""
+    if not isinstance(m, dict):
+        raise UserError(f"{at} must be an object with 'role' and 'content' (or ShareGPT 'from' and 'value'), "
+                        f"got {json_type(m)}")
+    if "role" not in m and "from" in m:
+        sender = get_str(m, "from", at)
+        if sender not in SHAREGPT_ROLES:
+            raise UserError(f"{at}: from {sender!r} is not one of {', '.join(SHAREGPT_ROLES)}")
+        return SHAREGPT_ROLES[sender], get_str(m, "value", at)
+    role = get_str(m, "role", at)
+    content = get_str(m, "content", at)
+    if role not in ROLES:
+        raise UserError(f"{at}: role {role!r} is not one of {', '.join(ROLES)}")
+    return role, content
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """`system` is prepended when a conversation has no system message of its own."""
@@ -92,27 +119,23 @@ class ChatFormat:
     has_mask = True
 
     def segments(self, rec: dict, where: str) -> Segments:
-        msgs = rec.get(self.messages_field)
-        if self.messages_field not in rec:
-            raise UserError(f"{where}: missing field {self.messages_field!r} (keys: {', '.join(map(repr, rec))})")
+        field = chat_field(self.messages_field, rec)
+        msgs = rec.get(field)
+        if field not in rec:
+            raise UserError(f"{where}: missing field {field!r} (keys: {', '.join(map(repr, rec))})")
         if not isinstance(msgs, list):
-            raise UserError(f"{where}: field {self.messages_field!r} must be an array, got {json_type(msgs)}")
+            raise UserError(f"{where}: field {field!r} must be an array, got {json_type(msgs)}")
         if not msgs:
-            raise UserError(f"{where}: field {self.messages_field!r} is empty")
+            raise UserError(f"{where}: field {field!r} is empty")
+        turns = [_message(m, f"{where}: {field}[{j}]") for j, m in enumerate(msgs)]
         segs: Segments = []
-        for j, m in enumerate(msgs):
-            at = f"{where}: {self.messages_field}[{j}]"
-            if not isinstance(m, dict):
-                raise UserError(f"{at} must be an object with 'role' and 'content', got {json_type(m)}")
-            role = get_str(m, "role", at)
-            content = clean_turn(get_str(m, "content", at))
-            if role not in ROLES:
-                raise UserError(f"{at}: role {role!r} is not one of {', '.join(ROLES)}")
+        for role, text in turns:
+            content = clean_turn(text)
             if role == "assistant":
-                segs += [("Assistant:", False), (f" {content}\n\n", True)]
+                segs += [(ASSISTANT_PROMPT, False), (f" {content}\n\n", True)]
             else:
                 segs.append((f"{role.capitalize()}: {content}\n\n", False))
-        if self.system and not any(m.get("role") == "system" for m in msgs):
+        if self.system and not any(role == "system" for role, _ in turns):
             segs.insert(0, (f"System: {clean_turn(self.system)}\n\n", False))
         return segs
 
@@ -125,6 +148,18 @@ def merge(segs: Segments) -> Segments:
         else:
             out.append((text, loss))
     return out
+
+
+def encode_segments(tokenizer, segs: Segments) -> tuple[list[int], list[bool]]:
+    """One rendered document as `encode_records` tokenizes it, without the end-of-text: runs of
+    equal loss flag joined and encoded on their own. Returns (token ids, loss flag per token)."""
+    ids: list[int] = []
+    flags: list[bool] = []
+    for text, loss in merge(segs):
+        piece = tokenizer.encode(text)
+        ids += piece
+        flags += [loss] * len(piece)
+    return ids, flags
 
 
 def encode_records(fmt, tokenizer, records, dtype, batched: bool = True

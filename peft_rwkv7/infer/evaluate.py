@@ -10,12 +10,20 @@ encode(" " + last_word): every one of those target tokens is the argmax given th
 before it (teacher forcing on the target equals greedy decoding when all of them are right).
 When d itself is encode(context) + encode(" " + last_word) (the usual case) this reuses the loss
 pass; otherwise that sequence is scored separately, for accuracy only.
+
+sft and chat data (`load_eval_data`) are rendered and masked exactly as training renders them
+(`data.formats`): each document is its rendered tokens plus end-of-text, and only the tokens that
+carry loss in training (the responses / assistant replies, and the end-of-text after a final one)
+are scored; loss and tokens count those alone.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,11 +52,13 @@ def score_sequences(
     last_k: list[int],
     batch_size: int = 8,
     chunk_len: int = 512,
+    scored: list[list[bool]] | None = None,
 ) -> tuple[list[float], list[int], list[bool]]:
     """For each sequence s (s[0] is the first input), predict s[1:] from its prefix.
 
     Returns per sequence: summed NLL (nats, fp32 softmax), number of predicted tokens, and whether
     the argmax was right at each of the last `last_k[i]` positions (True when last_k[i] == 0).
+    scored: per sequence, a flag per predicted token (len(s) - 1); only flagged tokens are counted.
     Sequences are right-padded per batch (longest first); a causal model never sees the padding.
     """
     device = next(model.parameters()).device
@@ -67,6 +77,8 @@ def score_sequences(
             n = len(s) - 1
             inp[row, :n] = torch.tensor(s[:-1])
             tgt[row, :n] = torch.tensor(s[1:])
+            if scored is not None:
+                tgt[row, :n][~torch.tensor(scored[i], dtype=torch.bool)] = _IGNORE
             check[row, n - last_k[i] : n] = True
         inp, tgt, check = inp.to(device), tgt.to(device), check.to(device)
         row_nll = torch.zeros(len(ids), dtype=torch.float64, device=device)
@@ -78,7 +90,8 @@ def score_sequences(
             wrong = (logits.argmax(dim=-1) != t) & check[:, s : s + logits.shape[1]]
             row_ok &= ~wrong.any(dim=1)
         for row, i in enumerate(ids):
-            nll[i], count[i], ok[i] = row_nll[row].item(), len(seqs[i]) - 1, bool(row_ok[row])
+            n = len(seqs[i]) - 1 if scored is None else sum(scored[i])
+            nll[i], count[i], ok[i] = row_nll[row].item(), n, bool(row_ok[row])
     return nll, count, ok
 
 
@@ -99,16 +112,23 @@ def evaluate(
     lambada: bool = False,
     tokenizer=None,
     chunk_len: int = 512,
+    masks: list[list[bool]] | None = None,
 ) -> dict:
     """Score `docs` (token ids, without the leading 0) with `model` (idx [B, T] -> logits [B, T, V];
     for documents longer than chunk_len also `model(idx, state, return_state=True)`).
 
+    masks: per document, which of its tokens are scored (sft/chat: those that carry loss in
+    training, see `load_eval_data`); None scores every token.
     Returns {"loss": mean NLL per predicted token (nats), "ppl": exp(loss), "tokens": number of
     predicted tokens, "acc": LAMBADA last-word accuracy or None}. `lambada=True` needs `tokenizer`
     (encode/decode). The model runs in eval mode (dropout off) and is restored afterwards.
     """
     if lambada and tokenizer is None:
         raise ValueError("evaluate: lambada=True needs the tokenizer to find each document's last word")
+    if lambada and masks is not None:
+        raise UserError("--lambada scores the last word of plain text; sft/chat data are scored on their replies")
+    if masks is not None and [len(m) for m in masks] != [len(d) for d in docs]:
+        raise ValueError("evaluate: masks must have one flag per token of each document")
     seqs = [[EOT] + list(d) for d in docs]
     last_k = [0] * len(seqs)
     extra: list[tuple[int, list[int], int]] = []  # (doc index, separate accuracy sequence, k)
@@ -123,13 +143,15 @@ def evaluate(
     model.eval()
     try:
         nll, count, ok = score_sequences(
-            model, seqs + [s for _, s, _ in extra], last_k + [k for _, _, k in extra], batch_size, chunk_len
+            model, seqs + [s for _, s, _ in extra], last_k + [k for _, _, k in extra], batch_size, chunk_len,
+            scored=None if masks is None else [list(m) for m in masks],
         )
     finally:
         model.train(was_training)
     tokens = sum(count[: len(seqs)])
     if tokens == 0:
-        raise UserError("eval data: no tokens to score (every document is empty)")
+        what = "every document is empty" if masks is None else "no document has a response or assistant reply"
+        raise UserError(f"eval data: no tokens to score ({what})")
     loss = sum(nll[: len(seqs)]) / tokens
     acc = None
     if lambada:
@@ -137,3 +159,45 @@ def evaluate(
         acc = sum(correct) / len(docs)
     ppl = math.exp(loss) if loss < math.log(float.fromhex("0x1p1023")) else math.inf
     return {"loss": loss, "ppl": ppl, "tokens": tokens, "acc": acc}
+
+
+@dataclass
+class EvalData:
+    """Documents to score: token ids (without the leading 0), and for sft/chat which of them are scored."""
+
+    kind: str
+    docs: list[list[int]]
+    masks: list[list[bool]] | None
+
+
+def load_eval_data(path: str | os.PathLike, tokenizer, kind: str = "auto", system: str | None = None,
+                   limit: int | None = None) -> EvalData:
+    """A .jsonl / .json / .parquet file as `evaluate` input, kind guessed as `data.kind: auto` does.
+
+    text: `encode(text)` per record, every token scored (as before: no end-of-text predicted after it).
+    sft / chat (incl. ShareGPT `conversations`): rendered, tokenized and masked by the training code
+    (`data.formats.encode_records`, `system` as `data.system`): each document ends with end-of-text and
+    only the tokens training takes loss on are scored. limit: keep the first N records."""
+    from itertools import islice
+
+    from ..data.config import DataConfig
+    from ..data.dataset import resolve_format
+    from ..data.formats import TextFormat, encode_records
+    from ..data.records import encode_checked, get_str, iter_records
+
+    cfg = DataConfig(path=str(path), kind=kind, system=system)
+    found, fmt = resolve_format(cfg)
+    if fmt is None:
+        raise UserError(f"{path}: eval reads .jsonl / .json / .parquet records, not a binidx pair ({found})")
+    records = list(islice(iter_records(path), limit))
+    if not records:
+        raise UserError(f"{path}: no records (empty dataset)")
+    if isinstance(fmt, TextFormat):
+        docs = [encode_checked(tokenizer, get_str(rec, fmt.field, where), where) for where, rec in records]
+        return EvalData(found, docs, None)
+    tokens, mask, sizes = encode_records(fmt, tokenizer, records, np.int64, batched=False)
+    assert mask is not None
+    ends = np.cumsum(sizes)
+    docs = [tokens[e - n : e].tolist() for e, n in zip(ends, sizes, strict=True)]
+    masks = [mask[e - n : e].tolist() for e, n in zip(ends, sizes, strict=True)]
+    return EvalData(found, docs, masks)
