@@ -8,7 +8,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from ..config_base import ConfigModel, Text, Wording, invalid
 
-Kind = Literal["auto", "text", "sft", "chat", "binidx"]
+Kind = Literal["auto", "text", "sft", "chat", "binidx", "preference"]
 Sampling = Literal["auto", "get", "pad"]
 Overflow = Literal["split", "truncate"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -36,8 +36,9 @@ class DataConfig(ConfigModel):
 
     path: Name = Field(description="a .jsonl / .json / .parquet file, or a binidx PREFIX (PREFIX.bin + PREFIX.idx)")
     kind: Kind = Field("auto", description=(
-        "auto guesses: a binidx pair -> binidx, else from the first record: messages_field -> chat, "
-        "text_field -> text, known prompt/response fields -> sft"))
+        "auto guesses: a binidx pair -> binidx, else from the first record: messages_field or ShareGPT "
+        "conversations -> chat, text_field -> text, chosen_field + rejected_field -> preference, known "
+        "prompt/response fields -> sft"))
     tokenizer: Name = Field("world", description="world, or a path to a tokenizer.json (unused for binidx)")
     ctx_len: int = Field(512, gt=0, description=(
         "tokens per sample (the model sees ctx_len inputs and predicts ctx_len targets)"))
@@ -47,7 +48,11 @@ class DataConfig(ConfigModel):
     overflow: Overflow = Field("split", description=(
         "pad sampling: documents longer than ctx_len are split into consecutive pieces (every token trained "
         "once) or cut after ctx_len tokens"))
-    eval_path: Name | None = Field(None, description='held-out {"text": ...} jsonl scored during training')
+    eval_path: Name | None = Field(None, description=(
+        'held-out {"text": ...} jsonl scored during training; for kind preference, held-out pairs like data.path'))
+    eval_split: float | None = Field(None, ge=0, lt=0.5, description="share of the documents held out of training "
+                                     "and scored as the eval set (text and binidx data); default 0.02 when no "
+                                     "eval_path is given, else 0")
     text_field: Name = Field("text", description="the text key for kind text")
     prompt_fields: list[str] | None = Field(None, description=(
         "sft prompt keys (one name or a list); unset: guessed from the first record among instruction+input/output, "
@@ -60,7 +65,15 @@ class DataConfig(ConfigModel):
         "sft rendering of the response; loss is taken on it and on end-of-text"))
     system: Text | None = Field(None, description=(
         "system message, rendered 'System: ...' first (sft, and chat records that have none)"))
-    messages_field: Name = Field("messages", description="the chat key: a list of {role, content}")
+    messages_field: Name = Field("messages", description=(
+        "the chat key: a list of {role, content}; records without it are read from ShareGPT's conversations "
+        "(a list of {from, value}, from human, gpt or system)"))
+
+    chosen_field: Name = Field("chosen", description=(
+        "preference: the preferred response (a string, or a list of chat messages {role, content})"))
+    rejected_field: Name = Field("rejected", description=(
+        "preference: the dispreferred response (a string, or a list of chat messages {role, content}); the "
+        "prompt comes from prompt_fields (default prompt: a string rendered with prompt_template, or chat messages)"))
 
     @field_validator("prompt_fields", mode="before")
     @classmethod

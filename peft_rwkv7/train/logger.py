@@ -56,19 +56,28 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, extra: dict | None = None) -> None:
+        """One step's record. `extra`: more numbers of the step, such as the preference metrics
+        (reward_margin, reward_acc, chosen_logp, rejected_logp; see train/preference.py)."""
         if not self.enabled:
             return
-        self._write({"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+        more = {k: round(v, 6) for k, v in (extra or {}).items() if k != "loss"}
+        self._write({"step": step, "loss": round(loss, 6), **more, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.3g} {tokens_per_s:,.0f} tok/s", refresh=False)
+            acc = f" acc {more['reward_acc']:.2f}" if "reward_acc" in more else ""
+            self.bar.set_postfix_str(f"loss {loss:.4f}{acc} lr {lr:.3g} {tokens_per_s:,.0f} tok/s", refresh=False)
             self.bar.update(1)
 
     def eval(self, step: int, result: dict) -> None:
         if not self.enabled:
             return
         self._write({"step": step, **{f"eval_{k}": v for k, v in result.items() if v is not None}})
-        msg = f"step {step}: eval loss {result['loss']:.4f} ppl {result['ppl']:.2f}"
+        msg = f"step {step}: eval loss {result['loss']:.4f}"
+        if "ppl" in result:
+            msg += f" ppl {result['ppl']:.2f}"
+        if "reward_acc" in result:
+            msg += (f" reward accuracy {result['reward_acc']:.3f} margin {result['reward_margin']:.4f} "
+                    f"({result['pairs']} pairs)")
         (self.bar.write if self.bar is not None else print)(msg)
 
     def close(self, plot: bool = False) -> None:

@@ -4,6 +4,10 @@
 One optimizer step = grad_accum micro-batches of micro_bsz sequences (per process). The data
 position and the learning rate are pure functions of the step, so a checkpoint needs only
 trainable tensors, optimizer state and RNG states to resume bit for bit.
+
+`train.objective` sft takes the token-mean loss of the step here; the preference objectives (dpo,
+orpo, simpo) take the mean per-pair loss through train/preference.py. Schedule, clipping, optimizer
+(train/optim.py: AdamW or Muon), checkpoints and logging are the same for both.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from . import checkpoint as ckpt
 from .distributed import gathered, main_first
 from .logger import RunLogger
 from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
+from .objectives import Objective
+from .optim import build_optimizer
+from .preference import evaluate_preference, load_eval_pairs, preference_backward, preference_setup
 from .recipe import Recipe
 from .schedule import get_lr
 
@@ -71,6 +78,10 @@ class Run:
     start: int
     logger: RunLogger | None = None
     losses: list[float] = field(default_factory=list)
+    objective: Objective | None = None  # a preference objective (train.objective dpo/orpo/simpo), else sft
+    reference: torch.nn.Module | None = None  # DPO's frozen reference when the method cannot be switched off
+    eval_pairs: object | None = None  # held-out preference pairs (data.eval_path of preference data)
+    metrics: dict = field(default_factory=dict)  # the last step's preference metrics (reward margin, ...)
 
     @property
     def out_dir(self) -> Path:
@@ -96,23 +107,33 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
         p.data = p.data.float()
     if not named:
         raise UserError("method: nothing to train (check method.kind and method.train_parts)")
+    # A preference objective, and DPO's frozen reference where the method has no "off" (made here, before
+    # any step and before a checkpoint is restored).
+    objective, reference = preference_setup(recipe, model)
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     # Several processes: rank 0 tokenizes into the cache while the others wait, then they open it.
     data = main_first(dist, lambda build: make_dataset(
         recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
         progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
-    eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else data.held_out or None
+    eval_docs, eval_pairs = None, None
+    if objective is not None:  # preference pairs, held-out pairs from data.eval_path
+        eval_pairs = load_eval_pairs(recipe, data, tokenizer, dist, base.config.vocab_size)
+    elif getattr(data, "kind", None) == "preference":
+        raise UserError("data.kind: preference pairs need train.objective dpo, orpo or simpo")
+    else:
+        eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else \
+            data.held_out or None
     if dist.is_main:
         print(data_summary(recipe, data, dist.world_size), file=sys.stderr, flush=True)
-    optimizer = torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                  eps=tc.eps, fused=(device.type == "cuda") or None)
+    optimizer = build_optimizer(named, tc, device)
     engine = None
     if tc.deepspeed.stage:
         from .distributed import deepspeed_engine
 
         engine, optimizer = deepspeed_engine(model, optimizer, recipe)
     run = Run(recipe, dist, device, base, base_path, model, named, data, eval_docs, optimizer, engine,
-              _precision_context(device, use_bf16), start=0)
+              _precision_context(device, use_bf16), start=0, objective=objective, reference=reference,
+              eval_pairs=eval_pairs)
     if resume:
         run.start = ckpt.resume(run.out_dir, named, optimizer, engine, stage=tc.deepspeed.stage, rank=dist.rank,
                                 world_size=dist.world_size)
@@ -125,6 +146,13 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
     tc = recipe.train
     per_step = tc.micro_bsz * tc.grad_accum * world_size
     epochs = tc.max_steps * per_step / max(data.num_samples, 1)
+    if getattr(data, "kind", None) == "preference":
+        line = (f"data: {data.num_docs} preference pairs, {data.num_tokens} tokens (both sides), "
+                f"{data.truncated} responses cut at ctx_len {recipe.data.ctx_len}; {tc.max_steps} steps x {per_step} "
+                f"pairs = {epochs:.3g} epochs")
+        if per_step > data.num_samples:
+            line += f"\nwarning: one step takes {per_step} pairs but {data.source} has only {data.num_samples}"
+        return line
     line = (f"data: {data.num_docs} documents, {data.num_tokens} tokens, {data.num_samples} samples of "
             f"{recipe.data.ctx_len} tokens per epoch; {tc.max_steps} steps x {per_step} samples = {epochs:.3g} epochs")
     if data.held_out:
@@ -139,16 +167,34 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
 
 def train_step(run: Run, step: int) -> tuple[float, float]:
     """One optimizer step (0-based `step`); returns (the step's loss, its learning rate)."""
-    tc, dist, device = run.recipe.train, run.dist, run.device
+    tc, dist = run.recipe.train, run.dist
     lr = get_lr(step, lr=tc.lr, lr_final=tc.final_lr, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
                 schedule=tc.schedule, decay_frac=tc.decay_frac)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batches = [run.data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
                for micro in range(tc.grad_accum)]
-    # One global batch, one loss: the sum of token losses over every micro-batch of every rank
-    # divided by the loss tokens of the whole step, however the batch is split. Ranks average
-    # their gradients, so each scales its sums by world_size / n_tokens.
+    if run.objective is not None:  # the mean per-pair loss over the global batch (train/preference.py)
+        run.metrics = preference_backward(run, step, batches)
+        loss = run.metrics["loss"]
+    else:
+        loss = _sft_backward(run, step, batches)
+    if run.engine is None:
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in run.named], tc.grad_clip or float("inf"))
+        if not torch.isfinite(gnorm):
+            raise FloatingPointError(f"step {step + 1}: gradient norm is {gnorm.item()}")
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, lr
+
+
+def _sft_backward(run: Run, step: int, batches) -> float:
+    """Forward and backward of this rank's micro-batches; returns the step's token-mean loss.
+
+    One global batch, one loss: the sum of token losses over every micro-batch of every rank divided by
+    the loss tokens of the whole step, however the batch is split. Ranks average their gradients, so
+    each scales its sums by world_size / n_tokens."""
+    tc, dist, device = run.recipe.train, run.dist, run.device
     n_tokens = _sum_over_ranks(float(sum(int((y != -100).sum()) for _, y in batches)), dist, device)
     scale = dist.world_size / max(n_tokens, 1.0)
     loss_sum = 0.0
@@ -163,13 +209,7 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
             run.engine.step()
         else:
             (part * scale).backward()
-    if run.engine is None:
-        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in run.named], tc.grad_clip or float("inf"))
-        if not torch.isfinite(gnorm):
-            raise FloatingPointError(f"step {step + 1}: gradient norm is {gnorm.item()}")
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    return _sum_over_ranks(loss_sum, dist, device) / max(n_tokens, 1.0), lr
+    return _sum_over_ranks(loss_sum, dist, device) / max(n_tokens, 1.0)
 
 
 def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dict:
@@ -178,6 +218,8 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     tc, out_dir = recipe.train, run.out_dir
     run.logger = logger = RunLogger(out_dir, recipe, resume_step=run.start, enabled=run.dist.is_main)
     tokens_per_step = tc.micro_bsz * tc.grad_accum * recipe.data.ctx_len * run.dist.world_size
+    if run.objective is not None:
+        tokens_per_step *= 2  # a sample is a pair: chosen and rejected (at most ctx_len tokens each)
     completed = run.start
     stop_at = min(tc.stop_after, tc.max_steps) if tc.stop_after else tc.max_steps
     try:
@@ -186,10 +228,11 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
             loss, lr = train_step(run, step)
             completed = step + 1  # from here on the step's update is in the weights
             run.losses.append(loss)
-            logger.step(completed, loss, lr, tokens_per_step / (time.perf_counter() - t0))
-            if run.eval_docs is not None and tc.eval_every and completed % tc.eval_every == 0 \
-                    and completed < tc.max_steps:
-                logger.eval(completed, _evaluate(run.model, run.eval_docs, run.precision))
+            logger.step(completed, loss, lr, tokens_per_step / (time.perf_counter() - t0), extra=run.metrics)
+            if tc.eval_every and completed % tc.eval_every == 0 and completed < tc.max_steps:
+                result = _run_eval(run)
+                if result is not None:
+                    logger.eval(completed, result)
             if completed % tc.save_every == 0 or completed in (tc.max_steps, stop_at):
                 _save(run, completed)
     except KeyboardInterrupt:
@@ -225,9 +268,10 @@ def finish(run: Run, completed: int, stopped_early: bool) -> dict:
     if stopped_early:
         run.logger.close()
         return {**summary, "stopped_early": True}
-    if run.eval_docs is not None:
-        summary["eval"] = _evaluate(run.model, run.eval_docs, run.precision)
-        run.logger.eval(tc.max_steps, summary["eval"])
+    result = _run_eval(run)
+    if result is not None:
+        summary["eval"] = result
+        run.logger.eval(tc.max_steps, result)
     if run.recipe.method.kind == "full":
         with gathered(run.named, tc.deepspeed.stage):
             if run.dist.is_main:
@@ -250,6 +294,17 @@ def _sum_over_ranks(value: float, dist: Dist, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.item()
+
+
+def _run_eval(run: Run) -> dict | None:
+    """The run's held-out evaluation: preference metrics on eval pairs, or loss/ppl on eval documents."""
+    if run.eval_pairs is not None:
+        tc = run.recipe.train
+        return evaluate_preference(run.objective, run.model, run.reference, run.eval_pairs, tc.micro_bsz,
+                                   tc.chunk_len, run.precision)
+    if run.eval_docs is not None:
+        return _evaluate(run.model, run.eval_docs, run.precision)
+    return None
 
 
 def _evaluate(model, docs, precision=contextlib.nullcontext) -> dict:
@@ -282,9 +337,12 @@ def describe(recipe: Recipe) -> str:
     tc = recipe.train
     m = recipe.method
     what = m.kind + (" + state" if m.trains_state and m.kind != "state" else "")
+    if tc.objective != "sft":
+        what = f"{tc.objective.upper()} with {what}"
+    unit = " pairs" if tc.objective != "sft" else ""
     return (
-        f"{what} on {recipe.model.path or 'a new model'}: {tc.max_steps} steps x {tc.micro_bsz * tc.grad_accum} "
-        f"x {recipe.data.ctx_len} tokens, lr {tc.lr:g} ({tc.schedule}) -> {recipe.out_dir}"
+        f"{what} on {recipe.model.path or 'a new model'}: {tc.max_steps} steps x {tc.micro_bsz * tc.grad_accum}"
+        f"{unit} x {recipe.data.ctx_len} tokens, lr {tc.lr:g} ({tc.schedule}, {tc.optimizer}) -> {recipe.out_dir}"
     )
 
 

@@ -1,4 +1,5 @@
-"""The pieces of a training step that are pure functions: token losses and AdamW parameter groups."""
+"""The pieces of a training step that are pure functions: token losses, per-sequence log-probs and the
+optimizers' parameter groups."""
 
 from __future__ import annotations
 
@@ -31,6 +32,29 @@ def sequence_loss_sum(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len:
     return total
 
 
+def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence log-probabilities for preference objectives: (logps [B] fp32, tokens [B] int64) with
+    `logps[b] = sum_t log p(labels[b, t] | idx[b, :t+1])` over labels != -100 and `tokens[b]` their count.
+
+    chunk_len > 0 runs the sequence in chunks carrying state, as in sequence_loss_sum."""
+
+    def chunk_logps(x, y, state):
+        logits, new_state = model(x, state, return_state=True)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none")
+        return -nll.view(y.shape).sum(dim=1), new_state
+
+    tokens = (labels != -100).sum(dim=1)
+    if not chunk_len or idx.shape[1] <= chunk_len:
+        return chunk_logps(idx, labels, None)[0], tokens
+    total, state = idx.new_zeros(idx.shape[0], dtype=torch.float32), None
+    for lo in range(0, idx.shape[1], chunk_len):
+        x, y = idx[:, lo : lo + chunk_len], labels[:, lo : lo + chunk_len]
+        part, state = checkpoint(chunk_logps, x, y, state, use_reentrant=False)
+        total = total + part
+    return total, tokens
+
+
 def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != -100 (see sequence_loss_sum)."""
     return sequence_loss_sum(model, idx, labels, chunk_len) / (labels != -100).sum().clamp(min=1)
@@ -60,4 +84,15 @@ def param_groups(named, weight_decay: float):
     return groups
 
 
-__all__ = ["sequence_loss", "sequence_loss_sum", "decays", "param_groups"]
+# Muon is for the 2-D weight matrices of hidden layers (Jordan et al. 2024); the embedding and the head
+# (token-indexed, not a linear map between hidden spaces) and the per-head bonus r_k [H, N] go to AdamW,
+# as do the state [H, N, N], Bat shards [in/r, r, r] and every vector.
+_NOT_MUON = re.compile(r"(^|\.)(emb|head)\.weight$|(^|\.)r_k$")
+
+
+def muon_eligible(name: str, p: torch.Tensor) -> bool:
+    """Whether the trained tensor `name` is a hidden 2-D matrix that Muon updates (see _NOT_MUON)."""
+    return p.ndim == 2 and not _NOT_MUON.search(name)
+
+
+__all__ = ["sequence_loss", "sequence_loss_sum", "sequence_logps", "decays", "param_groups", "muon_eligible"]

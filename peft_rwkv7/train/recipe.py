@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from typing_extensions import Self
 
 from ..adapters.config import MethodConfig
@@ -19,6 +19,7 @@ from ..data.config import DataConfig
 from ..errors import UserError
 from .schema import apply_overrides, from_dict, load_yaml, render_markdown, render_text
 
+Objective = Literal["sft", "dpo", "orpo", "simpo"]
 WkvBackend = Literal["auto", "reference", "cpu", "cuda", "triton"]  # ops.BACKENDS (a test keeps them equal)
 
 
@@ -67,13 +68,36 @@ class DeepSpeedConfig(ConfigModel):
     offload: bool = Field(False, description="offload optimizer state to CPU")
 
 
-class TrainConfig(ConfigModel):
+# What is optimised, and by which optimizer. Built with create_model because ORPO's weight is called
+# `lambda` (a Python keyword); these keys come first in the train section. Read it as getattr(tc, "lambda").
+_Objective = create_model(
+    "_Objective", __base__=ConfigModel,
+    objective=(Objective, Field("sft", description=(
+        "sft: next-token loss on data's loss tokens; dpo, orpo, simpo: preference tuning on data.kind preference "
+        "pairs (train/objectives.py has the formulas)"))),
+    beta=(Number | None, Field(None, gt=0, description=(
+        "dpo: reward scale beta in beta * (log pi - log pi_ref), null: 0.1; simpo: beta / |y| * log pi, null: 2.0"))),
+    **{"lambda": (Number, Field(0.1, ge=0, description="orpo: weight of the odds-ratio term next to the SFT loss"))},
+    gamma=(Number, Field(1.0, description="simpo: target reward margin gamma in -log sigmoid(r_w - r_l - gamma)")),
+    length_norm=(bool, Field(True, description="simpo: divide log pi(y|x) by the response's tokens |y|")),
+    nll_weight=(Number, Field(0.0, ge=0, description=(
+        "dpo, simpo: add this times the chosen response's mean token NLL (RPO); 0 = the pure objective, which "
+        "can separate the pairs without making the chosen answers likely"))),
+    optimizer=(Literal["adamw", "muon"], Field("adamw", description=(
+        "muon: torch.optim.Muon (lr and weight decay matched to AdamW's scale) for the trained 2-D matrices "
+        "(LoRA A/B, DiSHA Bone shards, projections and time-mix maps in full), AdamW for the rest (states, "
+        "vectors, emb, head); not with train.deepspeed"))),
+)
+
+
+class TrainConfig(_Objective):
     """The optimisation."""
 
     section: ClassVar[str] = "train"
 
     max_steps: int = Field(200, gt=0, description="optimizer steps")
-    micro_bsz: int = Field(4, gt=0, description="sequences per forward pass (per process)")
+    micro_bsz: int = Field(4, gt=0, description=(
+        "sequences per forward pass (per process); preference objectives: pairs, 2 sequences each"))
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: Number = Field(1e-4, gt=0, description="peak learning rate")
     lr_final: Number | None = Field(None, description="at the end of the schedule, between 0 and lr; null: lr / 10")
@@ -139,6 +163,14 @@ class Recipe(ConfigModel):
         if self.train.chunk_len and self.data.ctx_len % self.train.chunk_len:
             raise invalid(f"{{key}} {self.train.chunk_len} must divide data.ctx_len {self.data.ctx_len}",
                           "train.chunk_len")
+        if self.train.objective != "sft" and self.data.kind not in ("preference", "auto"):
+            raise invalid(f"{{key}} {self.train.objective} trains on preference pairs; data.kind is "
+                          f"{self.data.kind} (set data.kind: preference)", "train.objective")
+        if self.train.objective == "sft" and self.data.kind == "preference":
+            raise invalid("{key}: preference data need train.objective dpo, orpo or simpo", "data.kind")
+        if self.train.optimizer == "muon" and self.train.deepspeed.stage:
+            raise invalid("{key}: muon is not available under train.deepspeed (ZeRO shards the matrices Muon "
+                          "orthogonalizes); use adamw", "train.optimizer")
         return self
 
 

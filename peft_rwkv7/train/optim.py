@@ -1,0 +1,82 @@
+"""The optimizer of a run (`train.optimizer`): AdamW, or Muon for the hidden 2-D matrices plus AdamW for
+the rest, as one `torch.optim.Optimizer` (one `param_groups` list for the schedule, one `state_dict` for
+checkpoints, so exact resume works the same for both).
+
+Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/; at scale: Liu et al. 2025,
+"Muon is Scalable for LLM Training", arXiv:2502.16982) replaces the update of a weight matrix W by
+the orthogonalised momentum: with B_t = mu B_{t-1} + g_t and Nesterov's g_t + mu B_t,
+`W <- W (1 - lr wd) - lr * 0.2 sqrt(max(A, B)) * NS5(g_t + mu B_t)`, NS5 five Newton-Schulz steps
+towards U V^T of the SVD. The 0.2 sqrt(max(A, B)) factor (torch's `adjust_lr_fn="match_rms_adamw"`)
+gives the update the RMS of an AdamW update, so `train.lr` and `train.weight_decay` mean the same for
+both optimizers. Which tensors are matrices for Muon: `losses.muon_eligible` (LoRA A/B, DiSHA Bone
+shards, projections and time-mix low-rank maps trained in full); everything else (states, vectors,
+embedding, head, Bat shards) is updated by AdamW, as Muon is meant to be used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import decays, muon_eligible, param_groups
+
+MUON_MOMENTUM = 0.95
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon on the groups marked `use_muon`, torch.optim.AdamW on the others (either may be
+    empty: LoRA has only matrices, state tuning none).
+
+    The inner optimizers share this object's param group dicts and its `state`, so the schedule (setting
+    group["lr"]), `state_dict()` and `load_state_dict()` see one optimizer."""
+
+    def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], lr: float, betas: tuple[float, float],
+                 eps: float, momentum: float = MUON_MOMENTUM) -> None:
+        inner: list[torch.optim.Optimizer] = []
+        if muon_groups:
+            inner.append(torch.optim.Muon([{**g, "use_muon": True} for g in muon_groups], lr=lr, momentum=momentum,
+                                          nesterov=True, adjust_lr_fn="match_rms_adamw"))
+        if adamw_groups:
+            inner.append(torch.optim.AdamW([{**g, "use_muon": False} for g in adamw_groups], lr=lr, betas=betas,
+                                           eps=eps))
+        self.inner = inner
+        super().__init__([g for opt in inner for g in opt.param_groups], {})
+        self._bind()
+
+    def _bind(self) -> None:
+        """Point the inner optimizers at this object's groups and state (after init and after a load)."""
+        for opt in self.inner:
+            is_muon = isinstance(opt, torch.optim.Muon)
+            opt.param_groups = [g for g in self.param_groups if g["use_muon"] is is_muon]
+            opt.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._bind()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.inner:
+            opt.step()
+        return loss
+
+
+def build_optimizer(named, tc, device: torch.device) -> torch.optim.Optimizer:
+    """The run's optimizer for the trained tensors `named` [(name, param)] and the recipe's train section."""
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                 eps=tc.eps, fused=(device.type == "cuda") or None)
+    matrices = [(n, p) for n, p in named if muon_eligible(n, p)]
+    rest = [(n, p) for n, p in named if not muon_eligible(n, p)]
+    muon_groups = [g for g in (
+        {"params": [p for n, p in matrices if decays(n)], "weight_decay": tc.weight_decay},
+        {"params": [p for n, p in matrices if not decays(n)], "weight_decay": 0.0},
+    ) if g["params"]]
+    adamw_groups = [g for g in param_groups(rest, tc.weight_decay) if g["params"]]
+    return MuonAdamW(muon_groups, adamw_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+
+
+__all__ = ["MuonAdamW", "build_optimizer", "MUON_MOMENTUM"]

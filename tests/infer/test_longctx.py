@@ -1,0 +1,128 @@
+"""Loss per position bucket (`eval --ctx-curve`): exact fp64 losses, chunked = whole, flat memory
+(no forward pass longer than a chunk), buckets, errors, JSON/PNG outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peft_rwkv7.errors import UserError
+from peft_rwkv7.infer.longctx import (
+    ctx_curve,
+    default_bucket,
+    exact_logprobs,
+    format_ctx_curve,
+    plot_ctx_curve,
+    write_json,
+)
+from tests.conftest import make_model
+
+
+def _docs(n: int, lengths: list[int], vocab: int = 97, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (L,), generator=g).tolist() for L in lengths[:n]]
+
+
+def _reference(model, docs, max_ctx, bucket):
+    """Per-bucket (sum NLL, count) from one whole forward per document, fp64 log-softmax."""
+    sums, counts = {}, {}
+    with torch.no_grad():
+        for d in docs:
+            seq = torch.tensor([[0, *d[:max_ctx]]])
+            lp = torch.log_softmax(model(seq[:, :-1]).double(), dim=-1)
+            nll = -lp.gather(-1, seq[:, 1:, None])[0, :, 0]
+            for p, v in enumerate(nll.tolist()):
+                sums[p // bucket] = sums.get(p // bucket, 0.0) + v
+                counts[p // bucket] = counts.get(p // bucket, 0) + 1
+    return sums, counts
+
+
+def test_exact_logprobs_is_an_fp64_log_softmax_where_fp32_cross_entropy_is_not():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, 5000, generator=g) * 2
+    targets = torch.randint(0, 5000, (3, 40), generator=g)
+    logits.scatter_(-1, targets[..., None], 30.0)  # confident and right: tiny losses
+    targets[0, :3] = -1
+    want = torch.log_softmax(logits.double(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    want[0, :3] = 0
+    got = exact_logprobs(logits, targets)
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max().item() < 1e-12
+
+
+def test_ctx_curve_equals_an_fp64_computation_on_a_confident_model():
+    model = make_model(seed=1, vocab_size=97)
+    with torch.no_grad():
+        model.head.weight.mul_(40)  # peaked distributions: where fp32 reductions lose ~1e-4 nats
+    docs = _docs(3, [60, 45, 20])
+    with torch.no_grad():
+        seq = torch.tensor([[0, *docs[0]]])
+        probs = torch.softmax(model(seq[:, :-1]).double(), -1).max(-1).values
+    assert probs.median() > 0.99, "the model is not confident enough for this test"
+    res = ctx_curve(model, docs, max_ctx=64, bucket=16, chunk_len=1024, progress=False)
+    sums, counts = _reference(model, docs, 64, 16)
+    for i, b in enumerate(res["buckets"]):
+        assert b["tokens"] == counts.get(i, 0)
+        assert b["loss"] == pytest.approx(sums[i] / counts[i], abs=1e-9)
+    assert res["tokens"] == 125 and res["docs"] == 3
+
+
+def test_chunked_batched_curve_equals_whole_documents_and_reads_at_most_a_chunk():
+    model = make_model(seed=2, vocab_size=97)
+    docs = _docs(4, [300, 170, 90, 5], seed=2)
+    seen = []
+    forward = model.forward
+
+    def spy(idx, state=None, return_state=False):
+        seen.append(idx.shape[1])
+        return forward(idx, state, return_state)
+
+    model.forward = spy
+    res = ctx_curve(model, docs, max_ctx=256, bucket=32, chunk_len=24, batch_size=3, progress=False)
+    assert max(seen) <= 24 and len(seen) > 256 // 24  # the state carried chunk to chunk, never the whole text
+    model.forward = forward
+    sums, counts = _reference(model, docs, 256, 32)
+    assert [b["start"] for b in res["buckets"]] == list(range(0, 256, 32))
+    assert res["buckets"][-1]["end"] == 256
+    for i, b in enumerate(res["buckets"]):
+        assert b["tokens"] == counts[i]
+        assert b["loss"] == pytest.approx(sums[i] / counts[i], abs=2e-5)
+    assert res["tokens"] == 256 + 170 + 90 + 5
+
+
+def test_buckets_no_document_reaches_are_null_and_defaults():
+    model = make_model(seed=3, vocab_size=97)
+    res = ctx_curve(model, _docs(1, [10]), max_ctx=64, bucket=16, progress=False)
+    assert [b["tokens"] for b in res["buckets"]] == [10, 0, 0, 0]
+    assert res["buckets"][1]["loss"] is None
+    assert default_bucket(16384) == 1024 and default_bucket(8) == 1
+    text = format_ctx_curve([{"label": "m", **res}])
+    assert "0-16" in text.replace(" ", "") and "-" in text.splitlines()[2]
+
+
+def test_bad_input_is_a_user_error():
+    model = make_model(seed=3, vocab_size=97)
+    with pytest.raises(UserError, match="no tokens"):
+        ctx_curve(model, [[], []], progress=False)
+    with pytest.raises(UserError, match="max-ctx"):
+        ctx_curve(model, [[1, 2]], max_ctx=0, progress=False)
+
+
+def test_model_mode_is_restored():
+    model = make_model(seed=4, vocab_size=97).train()
+    ctx_curve(model, _docs(1, [8]), max_ctx=8, progress=False)
+    assert model.training
+
+
+def test_json_and_png_outputs(tmp_path):
+    model = make_model(seed=5, vocab_size=97)
+    res = ctx_curve(model, _docs(2, [40, 30]), max_ctx=40, bucket=10, progress=False)
+    write_json(tmp_path / "c.json", res)
+    back = json.loads((tmp_path / "c.json").read_text())
+    assert set(back["buckets"][0]) == {"start", "end", "loss", "tokens"}
+    plot_ctx_curve([{"label": "a", **res}, {"label": "b", **res}], str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
