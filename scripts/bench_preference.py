@@ -77,6 +77,40 @@ def bench(name: str, out_dir: Path, extra: list[str]) -> dict:
             "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"], "before": before, "after": after}
 
 
+def step_time_ratio(steps: int, out: Path) -> dict:
+    """Muon / AdamW time per step on recipes/dpo.yaml, their steps interleaved so that a shared machine's
+    load falls on both alike (median over `steps` steps after one warm-up step each)."""
+    from peft_rwkv7.train.loop import train_step
+
+    recipe = ROOT / "recipes/dpo.yaml"
+    runs = {opt: setup(load_recipe(str(recipe), [f"out_dir={out}/{opt}_ratio", "log.progress=false",
+                                                 f"train.optimizer={opt}"])) for opt in ("adamw", "muon")}
+    times: dict[str, list[float]] = {opt: [] for opt in runs}
+    opt_times: dict[str, list[float]] = {opt: [] for opt in runs}
+    for step in range(steps + 1):
+        for opt, run in runs.items():
+            real_step = run.optimizer.step
+            spent = []
+
+            def timed(*a, _real=real_step, _spent=spent, **k):
+                t = time.perf_counter()
+                r = _real(*a, **k)
+                _spent.append(time.perf_counter() - t)
+                return r
+
+            run.optimizer.step = timed
+            t0 = time.perf_counter()
+            train_step(run, step)
+            if step:
+                times[opt].append(time.perf_counter() - t0)
+                opt_times[opt].append(spent[0])
+            run.optimizer.step = real_step
+    med = {opt: sorted(v)[len(v) // 2] for opt, v in times.items()}
+    med_opt = {opt: sorted(v)[len(v) // 2] for opt, v in opt_times.items()}
+    return {"steps": steps, "median_step_s": med, "median_optimizer_step_s": med_opt,
+            "ratio_muon_over_adamw": med["muon"] / med["adamw"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_pref")
@@ -84,7 +118,11 @@ def main() -> None:
     ap.add_argument("--muon", action="store_true", help="also run recipes/dpo.yaml with train.optimizer=muon")
     ap.add_argument("--extra", nargs="*", default=[], help="key=value overrides for every run")
     ap.add_argument("--tag", default="", help="suffix of the run directories")
+    ap.add_argument("--ratio-steps", type=int, default=0, help="> 0: only time Muon against AdamW per step")
     args = ap.parse_args()
+    if args.ratio_steps:
+        print(json.dumps(step_time_ratio(args.ratio_steps, Path(args.out))))
+        return
     results = []
     runs = [(name, [], name) for name in args.recipes]
     if args.muon:

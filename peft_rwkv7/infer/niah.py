@@ -6,8 +6,8 @@ tokens long together with the answer (the haystack is whole sentences), with the
 sentence boundary nearest to depth x the haystack's length (depth 0: first, depth 1: last before
 the question). The answer is scored after the question by teacher forcing: `correct` when greedy
 decoding reproduces the answer's tokens (each is the argmax given the true ones before it),
-`logprob` = the answer's summed fp64 log-probability (nats). The prompt is read chunk by chunk carrying the RNN state, so any context
-length fits in the memory of one chunk.
+`logprob` = the answer's summed fp64 log-probability (nats). The prompt is read chunk by chunk
+carrying the RNN state, so any context length fits in the memory of one chunk.
 """
 
 from __future__ import annotations
@@ -282,16 +282,20 @@ def format_grid(runs: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
-def passkey_records(n: int, lengths: Sequence[int], tokenizer, seed: int = 0) -> list[dict]:
-    """`n` passkey training examples as sft records {"prompt", "response"}: prompt = the passkey
-    prompt (without the leading 0) of a random length from `lengths` and random depth, response =
-    the answer. With data.prompt_template "{prompt}" and response_template " {response}" an sft
-    recipe trains exactly what `--passkey` scores."""
+def passkey_records(n: int, lengths: Sequence[int], tokenizer, seed: int = 0, per_doc: int = 1) -> list[dict]:
+    """`n` passkey training documents {"text": ...} for `data.kind: text`: the instruction line, then
+    `per_doc` rounds of haystack with a needle at a random depth + the question + " " + answer + ".",
+    each round (with the instruction for the first) at most a length drawn from `lengths` tokens.
+    A round is exactly what `--passkey` scores; later rounds ask for their own, newer pass key."""
     rng = random.Random(seed)
     hay = _Hay(read_haystack(None, passkey=True), tokenizer)
     recs = []
     for _ in range(n):
-        ctx = rng.choice(list(lengths))
-        prompt, answer = build_trial(tokenizer, hay, PASSKEY, ctx, rng.random(), rng)
-        recs.append({"prompt": tokenizer.decode(prompt[1:]), "response": tokenizer.decode(answer)[1:]})
+        text = ""
+        for k in range(per_doc):
+            spec = PASSKEY if k == 0 else NeedleSpec(PASSKEY.needle, PASSKEY.question)
+            ctx = rng.choice(list(lengths))
+            prompt, answer = build_trial(tokenizer, hay, spec, ctx, rng.random(), rng)
+            text += tokenizer.decode(prompt[1:]) + tokenizer.decode(answer) + "."
+        recs.append({"text": text})
     return recs

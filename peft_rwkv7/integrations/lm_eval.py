@@ -168,9 +168,8 @@ class RWKVPeftLM(LM):
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         for members in tqdm(groups.values(), desc="loglikelihood", disable=disable_tqdm, leave=False):
             ctx = pairs[members[0]][0]
-            if not self.reuse_state:  # one pass over context + continuation, nothing shared
-                (i,) = members
-                results[i] = self._whole(ctx, pairs[i][1])
+            if len(members) == 1:  # nothing to share (or reuse_state=False): one pass over context + continuation
+                results[members[0]] = self._whole(ctx, pairs[members[0]][1])
                 continue
             last, state = self._read(ctx)
             for i, res in zip(members, self._continuations(last, state, [pairs[i][1] for i in members])):

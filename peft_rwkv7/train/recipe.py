@@ -168,6 +168,9 @@ class Recipe(ConfigModel):
                           f"{self.data.kind} (set data.kind: preference)", "train.objective")
         if self.train.objective == "sft" and self.data.kind == "preference":
             raise invalid("{key}: preference data need train.objective dpo, orpo or simpo", "data.kind")
+        if self.train.objective == "dpo" and self.method.trains_state and self.train.deepspeed.stage == 3:
+            raise invalid("{key}: dpo with a trained state runs under ZeRO-1/2, not 3 (ZeRO-3 partitions the state "
+                          "that the reference switches off); use train.deepspeed.stage=2", "train.deepspeed.stage")
         if self.train.optimizer == "muon" and self.train.deepspeed.stage:
             raise invalid("{key}: muon is not available under train.deepspeed (ZeRO shards the matrices Muon "
                           "orthogonalizes); use adamw", "train.optimizer")

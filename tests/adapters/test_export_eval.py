@@ -27,7 +27,7 @@ def test_eval_of_an_rwkv_peft_export_equals_the_run(base_path, load_base, train,
     want = run("--adapter", str(tmp_path / "run"))
     got = run("--adapter", str(tmp_path / "x.pth"), "--lora-alpha", "16")
     base = run()
-    assert abs(got["loss"] - want["loss"]) <= 1e-5 and abs(base["loss"] - want["loss"]) > 1e-3
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 and abs(base["loss"] - want["loss"]) > 1e-4
     wrong = run("--adapter", str(tmp_path / "x.pth"), "--lora-alpha", "64")  # the alpha matters
     assert abs(wrong["loss"] - want["loss"]) > 1e-4
     assert main(["generate", "--model", str(base_path), "--adapter", str(tmp_path / "x.pth"), "--lora-alpha", "16",

@@ -131,10 +131,14 @@ def test_haystack_files_and_specs(tmp_path):
 
 
 def test_passkey_records_render_what_passkey_scores():
-    recs = niah.passkey_records(5, [400, 500], TOK, seed=3)
+    recs = niah.passkey_records(5, [400, 500], TOK, seed=3, per_doc=3)
     for r in recs:
-        assert r["response"].isdigit() and len(r["response"]) == 5
-        assert r["prompt"].startswith("There is an important info")
-        assert r["prompt"].endswith(" What is the pass key? The pass key is")
-        assert f"The pass key is {r['response']}. Remember it." in r["prompt"]
-        assert len(TOK.encode(r["prompt"] + " " + r["response"])) + 1 <= 500
+        text = r["text"]
+        assert text.startswith(niah.PASSKEY.intro) and text.count(niah.PASSKEY.intro) == 1
+        rounds = text.split(niah.PASSKEY.question)
+        assert len(rounds) == 4
+        for before, after in zip(rounds[:-1], rounds[1:]):
+            key = after[1:6]
+            assert key.isdigit() and after[6] == "."
+            assert f"The pass key is {key}. Remember it. {key} is the pass key." in before
+        assert len(TOK.encode(text)) <= 500 * 3

@@ -147,6 +147,8 @@ BASE = "model: {path: m.pth}\ndata: {path: d.jsonl}\n"
      "train.objective dpo trains on preference"),
     ("model: {path: m.pth}\ndata: {path: d.jsonl, kind: preference}\n", "data.kind: preference data need"),
     (BASE + "train: {optimizer: muon, deepspeed: {stage: 2}}\n", "train.optimizer: muon is not available"),
+    (BASE + "method: {kind: state}\ntrain: {objective: dpo, deepspeed: {stage: 3}}\n",
+     "train.deepspeed.stage: dpo with a trained state runs under ZeRO-1/2"),
     (BASE + "train: {objective: kto}\n", "train.objective must be one of sft, dpo, orpo, simpo"),
     (BASE + "train: {beta: 0}\n", "train.beta"),
 ])
