@@ -96,8 +96,8 @@ def test_debug_shows_traceback(files):
 def test_help_is_fast_and_lists_commands():
     res = cli("--help")
     assert res.returncode == 0
-    commands = ("train", "merge", "generate", "eval", "data", "inspect", "export", "doctor", "recipes", "init", "convert",
-                "chat")
+    commands = ("train", "merge", "generate", "eval", "data", "inspect", "export", "doctor", "recipes", "init",
+                "convert", "chat")
     for cmd in commands:
         assert cmd in res.stdout
 
