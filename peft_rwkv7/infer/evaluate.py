@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .longctx import exact_logprobs
 
 EOT = 0
 _IGNORE = -1
@@ -56,7 +56,7 @@ def score_sequences(
 ) -> tuple[list[float], list[int], list[bool]]:
     """For each sequence s (s[0] is the first input), predict s[1:] from its prefix.
 
-    Returns per sequence: summed NLL (nats, fp32 softmax), number of predicted tokens, and whether
+    Returns per sequence: summed NLL (nats, an fp64 log-softmax of the logits), number of predicted tokens, and whether
     the argmax was right at each of the last `last_k[i]` positions (True when last_k[i] == 0).
     scored: per sequence, a flag per predicted token (len(s) - 1); only flagged tokens are counted.
     Sequences are right-padded per batch (longest first); a causal model never sees the padding.
@@ -85,8 +85,7 @@ def score_sequences(
         row_ok = torch.ones(len(ids), dtype=torch.bool, device=device)
         for s, logits in _forward_logits(model, inp, chunk_len):
             t = tgt[:, s : s + logits.shape[1]]
-            lp = F.cross_entropy(logits.float().transpose(1, 2), t, ignore_index=_IGNORE, reduction="none")
-            row_nll += lp.double().sum(dim=1)
+            row_nll -= exact_logprobs(logits, t).sum(dim=1)  # fp64 log-softmax: exact on confident text
             wrong = (logits.argmax(dim=-1) != t) & check[:, s : s + logits.shape[1]]
             row_ok &= ~wrong.any(dim=1)
         for row, i in enumerate(ids):

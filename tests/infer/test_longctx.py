@@ -126,3 +126,30 @@ def test_json_and_png_outputs(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
 
+class Peaked(torch.nn.Module):
+    """A confident model: logit 10 on token (current + 1) mod V, 0 on the other 65535."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, state=None, return_state=False):
+        logits = torch.zeros(*idx.shape, 65536).scatter_(-1, ((idx + 1) % 65536)[..., None], 10.0)
+        return (logits, state) if return_state else logits
+
+
+def test_the_curve_is_exact_where_fp32_reductions_are_not():
+    docs = [[(5 + i) % 65536 if i % 7 else 3 for i in range(200)]]  # mostly the predicted token
+    res = ctx_curve(Peaked(), docs, max_ctx=200, bucket=200, progress=False)
+    seq = torch.tensor([[0, *docs[0]]])
+    want = -torch.log_softmax(Peaked()(seq[:, :-1]).double(), -1).gather(-1, seq[:, 1:, None]).mean().item()
+    assert res["loss"] == pytest.approx(want, abs=1e-9)
+
+
+def test_eval_loss_is_an_fp64_log_softmax_on_a_confident_model():
+    from peft_rwkv7.infer.evaluate import evaluate
+
+    docs = [[(5 + i) % 65536 if i % 7 else 3 for i in range(200)]]
+    seq = torch.tensor([[0, *docs[0]]])
+    want = -torch.log_softmax(Peaked()(seq[:, :-1]).double(), -1).gather(-1, seq[:, 1:, None]).mean().item()
+    assert abs(evaluate(Peaked(), docs)["loss"] - want) < 1e-6
