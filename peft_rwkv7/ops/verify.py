@@ -103,6 +103,10 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _rel_err(got: torch.Tensor | None, want: torch.Tensor) -> float:
     if got is None or got.shape != want.shape:
         return math.inf
@@ -120,7 +124,11 @@ def check(
     tol = tolerance(dtype)
     t0 = time.perf_counter()
     try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        # Its own autograd graph, isolated from the caller's: identity saved-tensor hooks hide an enclosing
+        # activation checkpoint's, which would otherwise count this first-use check's saved tensors in the
+        # layer's forward and then miss them in the recomputation (CheckpointError).
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(_same, _same):
             inputs, state, dy, ds = _problem(head_size, dtype, device, seed)
             got = _run(fn, inputs, state, dy, ds)
             # The reference computes in fp32 from the same (rounded) inputs the kernel saw.

@@ -156,3 +156,23 @@ def test_explicit_backends_are_not_checked_and_still_raise(fresh, monkeypatch):
         dispatch.resolve("cuda", CPU, 16, torch.float32)
     with pytest.raises(ValueError, match="unknown backend"):
         wkv7(*wkv_inputs(1, 2, 1, 16)[0], backend="fast")
+
+
+def test_first_use_check_inside_an_activation_checkpoint(fresh):
+    # The first `auto` call of a run can come inside a checkpointed layer (train.chunk_len, grad_cp):
+    # the check's own graph must not count as tensors the layer saved, or the backward's
+    # recomputation (which finds the verdict cached) raises CheckpointError.
+    inputs, state = wkv_inputs(1, 9, 2, 16, with_state=True)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+
+    def layer(*xs):
+        y, s = wkv7(*xs, state=state, backend="auto")
+        return y.sum() + s.sum()
+
+    out = torch.utils.checkpoint.checkpoint(layer, *leaves, use_reentrant=False)
+    out.backward()
+    ref = [x.clone().requires_grad_() for x in inputs]
+    y, s = wkv7_reference(*ref, state=state)
+    (y.sum() + s.sum()).backward()
+    for got, want in zip(leaves, ref):
+        assert torch.allclose(got.grad, want.grad, rtol=1e-4, atol=1e-5)
