@@ -43,6 +43,7 @@ def _forward_logits(model: nn.Module, idx: torch.Tensor, chunk_len: int):
     for s in range(0, idx.shape[1], chunk_len):
         logits, state = model(idx[:, s : s + chunk_len], state, return_state=True)
         yield s, logits
+        del logits  # one chunk of logits alive at a time (the caller drops its reference too)
 
 
 @torch.no_grad()
@@ -88,6 +89,7 @@ def score_sequences(
             row_nll -= exact_logprobs(logits, t).sum(dim=1)  # fp64 log-softmax: exact on confident text
             wrong = (logits.argmax(dim=-1) != t) & check[:, s : s + logits.shape[1]]
             row_ok &= ~wrong.any(dim=1)
+            del logits, wrong
         for row, i in enumerate(ids):
             n = len(seqs[i]) - 1 if scored is None else sum(scored[i])
             nll[i], count[i], ok[i] = row_nll[row].item(), n, bool(row_ok[row])

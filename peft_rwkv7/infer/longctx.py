@@ -55,13 +55,15 @@ def chunked_forward(
     """Yield (start, logits [B, t, V], state after the chunk) over idx [B, T], t <= chunk_len.
 
     `state` is the model's per-layer state (None: the model's initial state); the model must
-    accept `model(idx, state, return_state=True)`. No tensor kept here grows with T.
+    accept `model(idx, state, return_state=True)`. No tensor kept here grows with T; a caller that
+    drops its `logits` before asking for the next chunk keeps one chunk of logits alive, not two.
     """
     if chunk_len <= 0:
         raise UserError(f"chunk length must be positive, got {chunk_len}")
     for s in range(0, idx.shape[1], chunk_len):
         logits, state = model(idx[:, s : s + chunk_len], state, return_state=True)
         yield s, logits, state
+        del logits  # before the next chunk's logits exist: one chunk of logits alive at a time
 
 
 def expand_state(state: list, batch: int) -> list:
@@ -130,6 +132,7 @@ def ctx_curve(
                 sums.index_add_(0, where, nll)
                 counts.index_add_(0, where, n)
                 bar.update(int(n.sum()))
+                del logits  # (see chunked_forward)
     finally:
         bar.close()
         model.train(was_training)

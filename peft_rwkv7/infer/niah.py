@@ -187,10 +187,12 @@ def score_answer(model: nn.Module, prompt: Sequence[int], answer: Sequence[int],
     correct, logprob = True, 0.0
     for s, logits, _ in chunked_forward(model, inp, None, chunk_len):
         if s + logits.shape[1] <= first:
+            del logits
             continue
         lo, t = logits[:, max(first - s, 0):], tgt[:, max(first, s) : s + logits.shape[1]]
         logprob += float(exact_logprobs(lo, t).sum())
         correct &= bool((lo.argmax(dim=-1) == t).all())
+        del logits, lo  # one chunk of logits alive at a time
     return correct, logprob
 
 

@@ -194,6 +194,7 @@ class RWKVPeftLM(LM):
             t = tgt[:, s : s + logits.shape[1]]
             lp += float(exact_logprobs(logits, t).sum())
             greedy &= bool(((logits.argmax(dim=-1) == t) | (t < 0)).all())
+            del logits  # one chunk of logits alive at a time
         return lp, greedy
 
     @torch.no_grad()
