@@ -37,11 +37,11 @@ def rss_mb() -> float:
 
 
 def memory_child(ctx: int, layers: int, embd: int) -> None:
+    import psutil
+
     from peft_rwkv7.infer.longctx import ctx_curve
     from peft_rwkv7.model.config import RWKV7Config
     from peft_rwkv7.model.io import new_model
-
-    import psutil
 
     model = new_model(RWKV7Config.new(layers, embd, 65536, 64)).eval()
     doc = torch.randint(1, 65536, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()
