@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .longctx import exact_logprobs
+from .longctx import chunked_forward, exact_logprobs
 
 EOT = 0
 _IGNORE = -1
@@ -39,9 +39,7 @@ def _forward_logits(model: nn.Module, idx: torch.Tensor, chunk_len: int):
     if idx.shape[1] <= chunk_len:
         yield 0, model(idx)
         return
-    state = None
-    for s in range(0, idx.shape[1], chunk_len):
-        logits, state = model(idx[:, s : s + chunk_len], state, return_state=True)
+    for s, logits, _ in chunked_forward(model, idx, None, chunk_len):
         yield s, logits
         del logits  # one chunk of logits alive at a time (the caller drops its reference too)
 

@@ -66,6 +66,26 @@ def chunked_forward(
         del logits  # before the next chunk's logits exist: one chunk of logits alive at a time
 
 
+@torch.no_grad()
+def score_continuation(model: nn.Module, seq: Sequence[int], state=None, skip: int = 0,
+                       chunk_len: int = DEFAULT_CHUNK) -> tuple[float, bool]:
+    """(summed fp64 log p of seq[1 + skip:], whether greedy decoding reproduces every one of them),
+    reading seq[:-1] from `state` (None: the model's initial state) chunk by chunk, batch 1.
+    Chunks that predict only skipped tokens are read for the state and not scored."""
+    device = model_device(model)
+    inp = torch.tensor([list(seq[:-1])], dtype=torch.long, device=device)
+    tgt = torch.tensor([list(seq[1:])], dtype=torch.long, device=device)
+    logprob, greedy = 0.0, True
+    for s, logits, _ in chunked_forward(model, inp, state, chunk_len):
+        if s + logits.shape[1] > skip:
+            lo, t = logits[:, max(skip - s, 0):], tgt[:, max(skip, s) : s + logits.shape[1]]
+            logprob += float(exact_logprobs(lo, t).sum())
+            greedy &= bool((lo.argmax(dim=-1) == t).all())
+            del lo
+        del logits  # one chunk of logits alive at a time
+    return logprob, greedy
+
+
 def expand_state(state: list, batch: int) -> list:
     """A batch-1 state repeated to `batch` rows (fields [1, ...] -> [batch, ...]; None stays None)."""
     return [type(st)(*(None if t is None else t.expand(batch, *t.shape[1:]) for t in st)) for st in state]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .longctx import DEFAULT_CHUNK, EOT, chunked_forward, exact_logprobs, model_device
+from .longctx import DEFAULT_CHUNK, EOT, score_continuation
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -175,24 +175,11 @@ def check_grid(tokenizer, spec: NeedleSpec, lengths: Sequence[int], depths: Sequ
     return hay
 
 
-@torch.no_grad()
 def score_answer(model: nn.Module, prompt: Sequence[int], answer: Sequence[int],
                  chunk_len: int = DEFAULT_CHUNK) -> tuple[bool, float]:
     """(greedy reproduces `answer`, summed log p(answer | prompt) in nats) reading prompt + answer
     chunk by chunk (batch 1, state carried)."""
-    seq = torch.tensor([[*prompt, *answer]], dtype=torch.long, device=model_device(model))
-    inp, tgt = seq[:, :-1], seq[:, 1:].clone()
-    first = len(prompt) - 1  # position (in inp) whose logits predict answer[0]
-    tgt[:, :first] = -1
-    correct, logprob = True, 0.0
-    for s, logits, _ in chunked_forward(model, inp, None, chunk_len):
-        if s + logits.shape[1] <= first:
-            del logits
-            continue
-        lo, t = logits[:, max(first - s, 0):], tgt[:, max(first, s) : s + logits.shape[1]]
-        logprob += float(exact_logprobs(lo, t).sum())
-        correct &= bool((lo.argmax(dim=-1) == t).all())
-        del logits, lo  # one chunk of logits alive at a time
+    logprob, correct = score_continuation(model, [*prompt, *answer], None, skip=len(prompt) - 1, chunk_len=chunk_len)
     return correct, logprob
 
 

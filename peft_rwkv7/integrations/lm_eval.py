@@ -30,7 +30,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "pip install 'rwkv-peft[lmeval]'") from e
 
 from ..errors import UserError
-from ..infer.longctx import EOT, chunked_forward, exact_logprobs, expand_state
+from ..infer.longctx import EOT, chunked_forward, exact_logprobs, expand_state, score_continuation
 
 NAME = "rwkv-peft"
 _CONT_TOKENS = 1024  # continuation tokens per batched forward pass (bounds the logits' memory)
@@ -185,17 +185,8 @@ class RWKVPeftLM(LM):
         return self._chunked([*ctx, *cont], None, skip=len(ctx) - 1)
 
     def _chunked(self, seq: Sequence[int], state, skip: int = 0) -> tuple[float, bool]:
-        """(summed log p, all greedy) of seq[1 + skip:] reading seq[:-1] from `state` chunk by chunk."""
-        idx = torch.tensor([seq[:-1]], dtype=torch.long, device=self._device)
-        tgt = torch.tensor([seq[1:]], dtype=torch.long, device=self._device)
-        tgt[:, :skip] = -1
-        lp, greedy = 0.0, True
-        for s, logits, _ in chunked_forward(self.model, idx, state, self.chunk_len):
-            t = tgt[:, s : s + logits.shape[1]]
-            lp += float(exact_logprobs(logits, t).sum())
-            greedy &= bool(((logits.argmax(dim=-1) == t) | (t < 0)).all())
-            del logits  # one chunk of logits alive at a time
-        return lp, greedy
+        """(summed log p, all greedy) of seq[1 + skip:], reading seq[:-1] from `state` chunk by chunk."""
+        return score_continuation(self.model, seq, state, skip, self.chunk_len)
 
     @torch.no_grad()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
