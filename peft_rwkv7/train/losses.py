@@ -10,34 +10,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def sequence_loss_sum(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
-    """Sum (fp32 scalar) of next-token cross-entropy over labels != -100. idx, labels: [B, T].
+def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence log-probabilities: (logps [B] fp32, tokens [B] int64) with
+    `logps[b] = sum_t log p(labels[b, t] | idx[b, :t+1])` over labels != -100 and `tokens[b]` their count.
 
     With chunk_len > 0 the sequence runs chunk by chunk carrying token-shift and WKV state; the
     state keeps its gradient (true BPTT through the kernels' state gradient) while each chunk's
     activations are recomputed in backward, so memory is O(chunk_len) instead of O(T)."""
-
-    def chunk_loss(x, y, state):
-        logits, new_state = model(x, state, return_state=True)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-        return loss, new_state
-
-    if not chunk_len or idx.shape[1] <= chunk_len:
-        return chunk_loss(idx, labels, None)[0]
-    total, state = idx.new_zeros((), dtype=torch.float32), None
-    for lo in range(0, idx.shape[1], chunk_len):
-        x, y = idx[:, lo : lo + chunk_len], labels[:, lo : lo + chunk_len]
-        part, state = checkpoint(chunk_loss, x, y, state, use_reentrant=False)
-        total = total + part
-    return total
-
-
-def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence log-probabilities for preference objectives: (logps [B] fp32, tokens [B] int64) with
-    `logps[b] = sum_t log p(labels[b, t] | idx[b, :t+1])` over labels != -100 and `tokens[b]` their count.
-
-    chunk_len > 0 runs the sequence in chunks carrying state, as in sequence_loss_sum."""
 
     def chunk_logps(x, y, state):
         logits, new_state = model(x, state, return_state=True)
@@ -53,6 +33,12 @@ def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: in
         part, state = checkpoint(chunk_logps, x, y, state, use_reentrant=False)
         total = total + part
     return total, tokens
+
+
+def sequence_loss_sum(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
+    """Sum (fp32 scalar) of next-token cross-entropy over labels != -100. idx, labels: [B, T];
+    chunk_len as in sequence_logps."""
+    return -sequence_logps(model, idx, labels, chunk_len)[0].sum()
 
 
 def sequence_loss(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:
