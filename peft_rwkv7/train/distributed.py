@@ -77,6 +77,19 @@ def deepspeed_engine(model, optimizer, recipe: Recipe):
     return engine, ds_optimizer
 
 
+def micro_backward(engine, part: torch.Tensor, scale: float, step: int) -> None:
+    """Backward of one micro-batch's summed loss `part` times `scale` (its share of the step's mean),
+    through the DeepSpeed engine when there is one (it counts micro-batches itself and steps at the last);
+    a non-finite loss stops the run naming the step."""
+    if not torch.isfinite(part):
+        raise FloatingPointError(f"step {step + 1}: loss is {part.item()}")
+    if engine is not None:
+        engine.backward(part * scale, scale_wrt_gas=False)
+        engine.step()
+    else:
+        (part * scale).backward()
+
+
 def main_first(dist, make, *, what: str):
     """`make(build=True)` on rank 0 while the other ranks wait, then `make(build=False)` on them.
 

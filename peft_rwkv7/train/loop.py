@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
 from . import checkpoint as ckpt
-from .distributed import gathered, main_first
+from .distributed import gathered, main_first, micro_backward
 from .logger import RunLogger
 from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
 from .objectives import Objective
@@ -201,14 +201,8 @@ def _sft_backward(run: Run, step: int, batches) -> float:
     for idx, labels in batches:
         with run.precision():
             part = sequence_loss_sum(run.model, idx.to(device), labels.to(device), tc.chunk_len)
-        if not torch.isfinite(part):
-            raise FloatingPointError(f"step {step + 1}: loss is {part.item()}")
+        micro_backward(run.engine, part, scale, step)
         loss_sum += part.item()
-        if run.engine is not None:
-            run.engine.backward(part * scale, scale_wrt_gas=False)
-            run.engine.step()
-        else:
-            (part * scale).backward()
     return _sum_over_ranks(loss_sum, dist, device) / max(n_tokens, 1.0)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..adapters import disable_adapter
 from ..errors import UserError
+from .distributed import micro_backward
 from .losses import sequence_logps
 from .objectives import Objective, PairTerms
 
@@ -104,15 +105,8 @@ def preference_backward(run, step: int, batches) -> dict:
     for idx, labels in batches:
         terms, logps = pair_terms(run.objective, run.model, run.reference, idx.to(device), labels.to(device),
                                   tc.chunk_len, run.precision)
-        part = terms.loss.sum()
-        if not torch.isfinite(part):
-            raise FloatingPointError(f"step {step + 1}: loss is {part.item()}")
+        micro_backward(run.engine, terms.loss.sum(), scale, step)
         sums += _sums(terms, logps)
-        if run.engine is not None:
-            run.engine.backward(part * scale, scale_wrt_gas=False)
-            run.engine.step()
-        else:
-            (part * scale).backward()
     if dist.world_size > 1:
         sums = sums.to(device)
         torch.distributed.all_reduce(sums)
