@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import decays, muon_eligible, param_groups
+from .losses import muon_eligible, param_groups
 
 MUON_MOMENTUM = 0.95
 
@@ -71,11 +71,8 @@ def build_optimizer(named, tc, device: torch.device) -> torch.optim.Optimizer:
                                  eps=tc.eps, fused=(device.type == "cuda") or None)
     matrices = [(n, p) for n, p in named if muon_eligible(n, p)]
     rest = [(n, p) for n, p in named if not muon_eligible(n, p)]
-    muon_groups = [g for g in (
-        {"params": [p for n, p in matrices if decays(n)], "weight_decay": tc.weight_decay},
-        {"params": [p for n, p in matrices if not decays(n)], "weight_decay": 0.0},
-    ) if g["params"]]
-    adamw_groups = [g for g in param_groups(rest, tc.weight_decay) if g["params"]]
+    muon_groups, adamw_groups = ([g for g in param_groups(part, tc.weight_decay) if g["params"]]
+                                 for part in (matrices, rest))
     return MuonAdamW(muon_groups, adamw_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
 
 
