@@ -23,7 +23,7 @@ from .binidx import MMapIndexedDataset, is_binidx, split_prefix
 from .build import tokenize_file
 from .config import DataConfig
 from .formats import SFT_FIELD_SETS, SHAREGPT_FIELD, ChatFormat, SftFormat, TextFormat, chat_field
-from .preference import PreferenceFormat, is_preference, make_preference_data, preference_format
+from .preference import PreferenceFormat, make_preference_data, preference_format
 from .records import check_file, first_record, iter_records
 from .sampling import PieceSampler, WindowSampler
 from .tokenizer import Tokenizer
@@ -216,7 +216,8 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
     files renamed, `.idx` last), so a reader never sees a half-written one.
     """
     cfg.validate()
-    if is_preference(cfg):  # pairs, not a token stream: data/preference.py
+    if cfg.kind == "preference" or (cfg.kind == "auto" and resolve_format(cfg)[0] == "preference"):
+        # pairs, not a token stream: data/preference.py
         return make_preference_data(cfg, tokenizer, seed, vocab_size, cache_dir, workers, progress, build)
     kind, fmt = resolve_format(cfg)
     if kind == "binidx":

@@ -31,26 +31,12 @@ import torch
 
 from ..errors import UserError
 from .config import DataConfig
-from .formats import ChatFormat, Segments, clean_turn
-from .records import check_file, first_record, get_str, json_type
+from .formats import ChatFormat, Segments, SftFormat
+from .records import check_file, get_str, json_type
 from .tokenizer import Tokenizer
 
 IGNORE = -100
 SIDES = ("chosen", "rejected")
-
-
-def is_preference(cfg: DataConfig) -> bool:
-    """Whether `cfg` reads preference pairs: kind preference, or kind auto and a first record that has
-    both `chosen_field` and `rejected_field`."""
-    if cfg.kind == "preference":
-        return True
-    if cfg.kind != "auto":
-        return False
-    p = Path(cfg.path)
-    if p.suffix in (".bin", ".idx") or not p.is_file():
-        return False
-    _, rec = first_record(p)
-    return cfg.chosen_field in rec and cfg.rejected_field in rec
 
 
 @dataclass(frozen=True)
@@ -97,8 +83,8 @@ class PreferenceFormat:
             raise UserError(f"{where}: field {field!r} is empty")
         return v
 
-    def _chat(self, field: str, messages: list, where: str, loss: bool) -> Segments:
-        segs = ChatFormat(messages_field=field).segments({field: messages}, where)
+    def _chat(self, field: str, messages: list, where: str, loss: bool, system: str | None = None) -> Segments:
+        segs = ChatFormat(messages_field=field, system=system).segments({field: messages}, where)
         return [(text, flag and loss) for text, flag in segs]
 
     def segments(self, rec: dict, where: str) -> Segments:
@@ -106,16 +92,12 @@ class PreferenceFormat:
         responses = {s: self._response(rec, f, where) for s, f in zip(SIDES, (self.chosen_field, self.rejected_field))}
         field = self.chosen_field if self.side == "chosen" else self.rejected_field
         response = responses[self.side]
-        if isinstance(prompt, str) and isinstance(response, str):
-            segs: Segments = [(f"System: {clean_turn(self.system)}\n\n", False)] if self.system else []
-            segs.append((self.prompt_template.replace("{prompt}", prompt), False))
-            segs.append((self.response_template.replace("{response}", response.strip()), True))
-            return segs
+        if isinstance(prompt, str) and isinstance(response, str):  # the sft rendering
+            sft = SftFormat(("prompt",), "response", self.prompt_template, self.response_template, self.system)
+            return sft.segments({"prompt": prompt, "response": response}, where)
         pfield = next(f for f in self.prompt_fields if f in rec and rec[f] is not None)
         turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        segs = self._chat(pfield, turns, where, loss=False)
-        if self.system and not any(isinstance(m, dict) and "system" in (m.get("role"), m.get("from")) for m in turns):
-            segs.insert(0, (f"System: {clean_turn(self.system)}\n\n", False))
+        segs = self._chat(pfield, turns, where, loss=False, system=self.system)
         reply = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
         reply_segs = self._chat(field, reply, where, loss=True)
         if not any(loss and text.strip() for text, loss in reply_segs):
@@ -268,4 +250,4 @@ def make_preference_data(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int
                           locate=lambda d: _record_where(cfg.path, d))
 
 
-__all__ = ["PreferenceFormat", "PreferenceData", "make_preference_data", "is_preference", "preference_format"]
+__all__ = ["PreferenceFormat", "PreferenceData", "make_preference_data", "preference_format"]
