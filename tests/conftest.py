@@ -22,6 +22,14 @@ def shared_file(name: str) -> Path:
     return p
 
 
+@pytest.fixture(scope="session")
+def world():
+    """The World tokenizer (loaded once per test session)."""
+    from peft_rwkv7.data import load_tokenizer
+
+    return load_tokenizer("world")
+
+
 @torch.no_grad()
 def randomize(model, seed: int = 0):
     """Give every parameter a non-trivial random value in its realistic range (nothing zero)."""

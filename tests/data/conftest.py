@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from peft_rwkv7.data import load_tokenizer
-
 # Text that stresses a byte-level greedy tokenizer: CJK, emoji (ZWJ sequences, skin tones, flags),
 # combining marks, other scripts, code with tabs, CRLF, control characters, runs of spaces.
 CORPUS = [
@@ -29,11 +27,6 @@ CORPUS = [
     "http://example.com/path?q=1&r=2#frag <html><body class=\"x\">&amp;</body></html>",
     "数学 ∀x∈ℝ: x² ≥ 0 ∑∫∂ √2 ≈ 1.414 — “quotes” ‘single’ … ½ ¾ ℃",
 ]
-
-
-@pytest.fixture(scope="session")
-def world():
-    return load_tokenizer("world")
 
 
 @pytest.fixture(scope="session")

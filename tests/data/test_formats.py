@@ -67,6 +67,17 @@ def test_sft_query_response_guessed(tmp_path, world, trie):
     assert_sample(got, expected(trie, [("User: hi\n\nAssistant:", False), (" hello\n\n", True), (0, True)]))
 
 
+# The multi-turn conversation below (and its ShareGPT form in test_sharegpt.py) as training renders
+# it: (text or token id, carries loss).
+MULTI_TURN_RENDERED = [
+    ("System: You are helpful.\n\nUser: Hi\nthere\n\nAssistant:", False),
+    (" Hello! 你好\n\n", True),
+    ("User: 2+2?\n\nAssistant:", False),
+    (" 4\n\n", True),
+    (0, True),
+]
+
+
 def test_chat_multi_turn_with_system(tmp_path, world, trie):
     msgs = [
         {"role": "system", "content": "You are helpful."},
@@ -76,13 +87,7 @@ def test_chat_multi_turn_with_system(tmp_path, world, trie):
         {"role": "assistant", "content": " 4 "},
     ]
     got = one_sample(tmp_path, [{"messages": msgs}], world)
-    assert_sample(got, expected(trie, [
-        ("System: You are helpful.\n\nUser: Hi\nthere\n\nAssistant:", False),
-        (" Hello! 你好\n\n", True),
-        ("User: 2+2?\n\nAssistant:", False),
-        (" 4\n\n", True),
-        (0, True),
-    ]))
+    assert_sample(got, expected(trie, MULTI_TURN_RENDERED))
     loss_text = world.decode([t for t in got[1].tolist() if t != -100])
     assert loss_text == " Hello! 你好\n\n 4\n\n"
 

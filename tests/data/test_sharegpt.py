@@ -11,7 +11,7 @@ from peft_rwkv7.data.dataset import resolve_format
 from peft_rwkv7.data.formats import ChatFormat
 from peft_rwkv7.errors import UserError
 from tests.data.conftest import write_jsonl
-from tests.data.test_formats import assert_sample, expected, one_sample
+from tests.data.test_formats import MULTI_TURN_RENDERED, assert_sample, expected, one_sample
 
 SHAREGPT = {"id": "x1", "conversations": [
     {"from": "system", "value": "You are helpful."},
@@ -26,13 +26,7 @@ MESSAGES = {"messages": [{"role": ROLE[m["from"]], "content": m["value"]} for m 
 
 def test_sharegpt_renders_and_masks_as_messages(tmp_path, world, trie):
     got = one_sample(tmp_path / "s", [SHAREGPT], world)  # data.kind auto
-    assert_sample(got, expected(trie, [
-        ("System: You are helpful.\n\nUser: Hi\nthere\n\nAssistant:", False),
-        (" Hello! 你好\n\n", True),
-        ("User: 2+2?\n\nAssistant:", False),
-        (" 4\n\n", True),
-        (0, True),
-    ]))
+    assert_sample(got, expected(trie, MULTI_TURN_RENDERED))
     assert_sample(got, one_sample(tmp_path / "m", [MESSAGES], world))
     assert_sample(got, one_sample(tmp_path / "c", [SHAREGPT], world, kind="chat"))
 

@@ -17,18 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from peft_rwkv7.data import DataConfig, load_tokenizer, make_dataset
+from peft_rwkv7.data import DataConfig, make_dataset
 from peft_rwkv7.infer.chat import ChatSession, run_chat
 from tests.conftest import make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data/demo/rwkv7-demo.pth"
 SYSTEM = "You keep the ship's log. " * 12  # a long first turn: later turns must not read it again
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("world")
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +52,10 @@ class Spy(nn.Module):
         return (logits, state) if return_state else logits
 
 
-def scripted(base, tok, reply: str, **kw) -> Spy:
+def scripted(base, world, reply: str, **kw) -> Spy:
     """A Spy whose greedy reply after `Assistant:` is exactly the tokens of `reply`."""
-    ids = tok.encode(reply)
-    trigger = tok.encode("Assistant:")[-1]
+    ids = world.encode(reply)
+    trigger = world.encode("Assistant:")[-1]
     assert len(set(ids)) == len(ids) and trigger not in ids
     return Spy(base, dict(zip([trigger, *ids[:-1]], ids, strict=True)), **kw)
 
@@ -74,25 +69,25 @@ def one_pass_logits(model, tokens: list[int]) -> torch.Tensor:
         return model(torch.tensor([tokens]))[0, -1].float()
 
 
-def test_render_is_the_training_rendering(tmp_path, tok, base):
+def test_render_is_the_training_rendering(tmp_path, world, base):
     msgs = [{"role": "user", "content": "Hi\n\n\nthere"}, {"role": "assistant", "content": " Hello "},
             {"role": "user", "content": "Wind?"}, {"role": "assistant", "content": "North, 20 knots."}]
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps({"messages": msgs}) + "\n")
-    ds = make_dataset(DataConfig(path=str(src), ctx_len=64, system="Sys"), tok, seed=0,
+    ds = make_dataset(DataConfig(path=str(src), ctx_len=64, system="Sys"), world, seed=0,
                       cache_dir=tmp_path / "cache", workers=1, progress=False)
     x, _ = ds.sample(0)  # [0] + the document's tokens (its end-of-text is the last target)
-    session = ChatSession(base, tok, system="Sys")
+    session = ChatSession(base, world, system="Sys")
     rendered = session.render(msgs)
     assert rendered == x[: len(rendered)].tolist() and x[len(rendered)] == 0
     prompt = session.render(msgs[:3], reply_next=True)
-    assert tok.decode(prompt) == "System: Sys\n\nUser: Hi\nthere\n\nAssistant: Hello\n\nUser: Wind?\n\nAssistant:"
+    assert world.decode(prompt) == "System: Sys\n\nUser: Hi\nthere\n\nAssistant: Hello\n\nUser: Wind?\n\nAssistant:"
     assert prompt == rendered[: len(prompt)]
 
 
-def test_each_turn_reads_only_its_new_tokens(tok, base):
-    spy = scripted(base, tok, " Hello there.\n\n")
-    session = ChatSession(spy, tok, system=SYSTEM, temperature=0)
+def test_each_turn_reads_only_its_new_tokens(world, base):
+    spy = scripted(base, world, " Hello there.\n\n")
+    session = ChatSession(spy, world, system=SYSTEM, temperature=0)
     assert ask(session, "Wind today") == "Hello there."
     first = session.render(session.messages)
     assert session.tokens == first and spy.read == len(first)
@@ -107,23 +102,23 @@ def test_each_turn_reads_only_its_new_tokens(tok, base):
 
 
 @pytest.mark.parametrize("reply", ["  Hi\n\n", " Hi  \n\n"])
-def test_reply_tokenized_otherwise_is_reread_as_training_tokenizes_it(tok, base, reply):
-    spy = scripted(base, tok, reply)
-    session = ChatSession(spy, tok, temperature=0)
+def test_reply_tokenized_otherwise_is_reread_as_training_tokenizes_it(world, base, reply):
+    spy = scripted(base, world, reply)
+    session = ChatSession(spy, world, temperature=0)
     assert ask(session, "Hello").strip() == "Hi"
     assert session.last.rewound and session.messages[-1]["content"] == "Hi"
-    assert session.tokens == session.render(session.messages) == [0, *tok.encode("User: Hello\n\nAssistant:"),
-                                                                  *tok.encode(" Hi\n\n")]
+    assert session.tokens == session.render(session.messages) == [0, *world.encode("User: Hello\n\nAssistant:"),
+                                                                  *world.encode(" Hi\n\n")]
     assert torch.allclose(session._logits, one_pass_logits(spy, session.tokens), atol=1e-4)
     before = spy.read
     ask(session, "Again")
     assert spy.read - before == len(session.render(session.messages)) - len(session.render(session.messages[:2])) \
-        + (len(tok.encode(reply)) - 1 if session.last.rewound else 0)
+        + (len(world.encode(reply)) - 1 if session.last.rewound else 0)
 
 
-def test_real_model_turns_equal_a_fresh_run(tok, base):
+def test_real_model_turns_equal_a_fresh_run(world, base):
     spy = Spy(base)
-    session = ChatSession(spy, tok, system=SYSTEM, temperature=0, max_tokens=8)
+    session = ChatSession(spy, world, system=SYSTEM, temperature=0, max_tokens=8)
     ask(session, "Where are we")
     after_first, read_first = session.render(session.messages), spy.read
     second = ask(session, "How is the wind")
@@ -132,28 +127,28 @@ def test_real_model_turns_equal_a_fresh_run(tok, base):
     reply_tokens = len(whole) - len(session.render(session.messages[:-1], reply_next=True))
     assert spy.read - read_first <= len(whole) - len(after_first) + reply_tokens  # a re-read costs one reply
     assert spy.read - read_first < len(after_first) / 2
-    fresh = ChatSession(Spy(base), tok, system=SYSTEM, temperature=0, max_tokens=8, messages=session.messages[:2])
+    fresh = ChatSession(Spy(base), world, system=SYSTEM, temperature=0, max_tokens=8, messages=session.messages[:2])
     assert ask(fresh, "How is the wind") == second
     assert fresh.messages == session.messages and fresh.tokens == whole
     assert torch.allclose(session._logits, fresh._logits, atol=1e-4)
     assert torch.allclose(session._logits, one_pass_logits(base, whole), atol=1e-4)
 
 
-def test_reply_ends_at_blank_line_end_of_text_or_max_tokens(tok, base):
-    session = ChatSession(scripted(base, tok, " Aye.\n\nUser more"), tok, temperature=0)
+def test_reply_ends_at_blank_line_end_of_text_or_max_tokens(world, base):
+    session = ChatSession(scripted(base, world, " Aye.\n\nUser more"), world, temperature=0)
     pieces = list(session.ask("Report"))
     assert "".join(pieces) == "Aye." and "\n" not in "".join(pieces)
-    eot = Spy(base, {tok.encode("Assistant:")[-1]: 0})
-    session = ChatSession(eot, tok, temperature=0)
+    eot = Spy(base, {world.encode("Assistant:")[-1]: 0})
+    session = ChatSession(eot, world, temperature=0)
     assert ask(session, "Report") == "" and session.messages[-1]["content"] == ""
-    session = ChatSession(Spy(base), tok, temperature=0, max_tokens=3)
+    session = ChatSession(Spy(base), world, temperature=0, max_tokens=3)
     ask(session, "Report")
     assert session.last.generated <= 3 and (session.last.cut or session.last.generated < 3)
 
 
-def test_abandoned_reply_leaves_the_conversation_as_it_was(tok, base):
-    spy = scripted(base, tok, " Hello there.\n\n")
-    session = ChatSession(spy, tok, temperature=0)
+def test_abandoned_reply_leaves_the_conversation_as_it_was(world, base):
+    spy = scripted(base, world, " Hello there.\n\n")
+    session = ChatSession(spy, world, temperature=0)
     ask(session, "One")
     messages = list(session.messages)
     stream = session.ask("Two")
@@ -165,9 +160,9 @@ def test_abandoned_reply_leaves_the_conversation_as_it_was(tok, base):
     assert torch.allclose(session._logits, one_pass_logits(spy, session.tokens), atol=1e-4)
 
 
-def test_run_chat_reads_lines_as_a_person_types_them(tok, base):
-    spy = scripted(base, tok, " Hello there.\n\n")
-    session = ChatSession(spy, tok, system="Be brief.", temperature=0)
+def test_run_chat_reads_lines_as_a_person_types_them(world, base):
+    spy = scripted(base, world, " Hello there.\n\n")
+    session = ChatSession(spy, world, system="Be brief.", temperature=0)
     out, err = io.StringIO(), io.StringIO()
     lines = ["hello\n", "\n", "two \\\n", "lines\n", "/what\n", "/reset\n", "again\n"]
     assert run_chat(session, iter(lines), out, err, show_stats=True) == 0
@@ -179,19 +174,19 @@ def test_run_chat_reads_lines_as_a_person_types_them(tok, base):
     assert len(stats) == 3 and "unknown command /what" in err.getvalue() and "(new conversation)" in err.getvalue()
 
 
-def test_ctrl_c_during_a_reply_drops_only_that_turn(tok, base):
-    spy = scripted(base, tok, " Hello there.\n\n", stop_after=3)
-    session = ChatSession(spy, tok, temperature=0)
+def test_ctrl_c_during_a_reply_drops_only_that_turn(world, base):
+    spy = scripted(base, world, " Hello there.\n\n", stop_after=3)
+    session = ChatSession(spy, world, temperature=0)
     out, err = io.StringIO(), io.StringIO()
     run_chat(session, iter(["first\n", "second\n"]), out, err)
     assert "(reply stopped: this turn is dropped)" in err.getvalue() and session.messages == []
 
 
-def test_bad_sampling_settings_fail_at_once(tok, base):
+def test_bad_sampling_settings_fail_at_once(world, base):
     from peft_rwkv7.errors import UserError
 
     with pytest.raises(UserError, match="--temperature"):
-        ChatSession(base, tok, temperature=float("nan"))
+        ChatSession(base, world, temperature=float("nan"))
 
 
 def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -199,7 +194,7 @@ def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_cli_chat_piped_and_generate_chat(tmp_path, base, tok):
+def test_cli_chat_piped_and_generate_chat(tmp_path, base, world):
     from peft_rwkv7.model import load_model, save_model
 
     save_model(base, tmp_path / "m.pth", dtype=torch.float32)
@@ -209,7 +204,7 @@ def test_cli_chat_piped_and_generate_chat(tmp_path, base, tok):
     assert one.returncode == 0 and chat.returncode == 0, one.stderr + chat.stderr
     reply = one.stdout.rstrip("\n")
     assert f"User: Where are we\nAssistant: {reply}\n\nUser: How is the wind\nAssistant: " in chat.stdout
-    session = ChatSession(load_model(tmp_path / "m.pth"), tok, "Be brief.", temperature=0, max_tokens=12)
+    session = ChatSession(load_model(tmp_path / "m.pth"), world, "Be brief.", temperature=0, max_tokens=12)
     assert ask(session, "Where are we") == reply
     second = ask(session, "How is the wind")
     assert chat.stdout.endswith(f"Assistant: {second}\n\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_rwkv7.data import DataConfig, load_eval_docs, load_tokenizer, make_dataset
+from peft_rwkv7.data import DataConfig, load_eval_docs, make_dataset
 from peft_rwkv7.errors import UserError
 from peft_rwkv7.infer.evaluate import evaluate, load_eval_data
 from peft_rwkv7.train.loop import sequence_loss_sum
@@ -29,11 +29,6 @@ SFT = [{"instruction": "Log the weather.", "input": "day 12", "output": "Wind: e
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("world")
-
-
-@pytest.fixture(scope="module")
 def model():
     return make_model(seed=11, n_embd=64, vocab_size=65536).eval()
 
@@ -43,12 +38,12 @@ def write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def training_loss(model, path: Path, tok, tmp_path: Path, **cfg) -> tuple[float, int]:
+def training_loss(model, path: Path, world, tmp_path: Path, **cfg) -> tuple[float, int]:
     """Summed loss and loss tokens of every training sample (pad sampling: one document each)."""
     total, count = 0.0, 0
     for i, rec in enumerate(json.loads(x) for x in path.read_text().splitlines()):
         one = write(tmp_path / f"one{i}.jsonl", [rec])
-        ds = make_dataset(DataConfig(path=str(one), ctx_len=128, **cfg), tok, seed=0, cache_dir=tmp_path / "cache",
+        ds = make_dataset(DataConfig(path=str(one), ctx_len=128, **cfg), world, seed=0, cache_dir=tmp_path / "cache",
                           workers=1, progress=False)
         x, y = ds.sample(0)
         with torch.no_grad():
@@ -58,41 +53,41 @@ def training_loss(model, path: Path, tok, tmp_path: Path, **cfg) -> tuple[float,
 
 
 @pytest.mark.parametrize("records,cfg", [(CHAT, {}), (SFT, {"kind": "sft"}), (SFT[:1], {"system": "Sys"})])
-def test_eval_scores_what_training_trains(tmp_path, tok, model, records, cfg):
+def test_eval_scores_what_training_trains(tmp_path, world, model, records, cfg):
     path = write(tmp_path / "d.jsonl", records)
     # the ShareGPT record is read as chat whatever the first record is
-    data = load_eval_data(path, tok, kind=cfg.get("kind", "auto"), system=cfg.get("system"))
+    data = load_eval_data(path, world, kind=cfg.get("kind", "auto"), system=cfg.get("system"))
     assert data.kind == ("chat" if records is CHAT else "sft") and data.masks is not None
     got = evaluate(model, data.docs, masks=data.masks, batch_size=2, chunk_len=8)
-    total, count = training_loss(model, path, tok, tmp_path, **cfg)
+    total, count = training_loss(model, path, world, tmp_path, **cfg)
     assert got["tokens"] == count
     assert got["loss"] == pytest.approx(total / count, abs=1e-5)
 
 
-def test_reply_tokens_only(tmp_path, tok):
-    data = load_eval_data(write(tmp_path / "c.jsonl", CHAT), tok)
+def test_reply_tokens_only(tmp_path, world):
+    data = load_eval_data(write(tmp_path / "c.jsonl", CHAT), world)
     scored = [[t for t, m in zip(d, ms, strict=True) if m] for d, ms in zip(data.docs, data.masks, strict=True)]
-    assert tok.decode(scored[0]) == " North, 20 knots.\n\n Heavy swell.\n\n" and scored[0][-1] == 0
-    assert tok.decode(scored[1]) == " 43 N, 8 W.\n\n" and scored[1][-1] != 0
+    assert world.decode(scored[0]) == " North, 20 knots.\n\n Heavy swell.\n\n" and scored[0][-1] == 0
+    assert world.decode(scored[1]) == " 43 N, 8 W.\n\n" and scored[1][-1] != 0
 
 
-def test_text_data_is_scored_as_before(tmp_path, tok, model):
+def test_text_data_is_scored_as_before(tmp_path, world, model):
     path = write(tmp_path / "t.jsonl", [{"text": "Ship's log, day 3."}, {"text": "Wind: north."}])
-    data = load_eval_data(path, tok, limit=1)
-    assert data.kind == "text" and data.masks is None and data.docs == load_eval_docs(path, tok)[:1]
+    data = load_eval_data(path, world, limit=1)
+    assert data.kind == "text" and data.masks is None and data.docs == load_eval_docs(path, world)[:1]
 
 
-def test_chat_without_replies_and_lambada_on_chat_are_user_errors(tmp_path, tok, model):
-    data = load_eval_data(write(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]), tok)
+def test_chat_without_replies_and_lambada_on_chat_are_user_errors(tmp_path, world, model):
+    data = load_eval_data(write(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]), world)
     with pytest.raises(UserError, match="no tokens to score .no document has a response or assistant reply"):
         evaluate(model, data.docs, masks=data.masks)
     with pytest.raises(UserError, match="--lambada"):
-        evaluate(model, data.docs, masks=data.masks, lambada=True, tokenizer=tok)
+        evaluate(model, data.docs, masks=data.masks, lambada=True, tokenizer=world)
     with pytest.raises(UserError, match=r"u2\.jsonl:1: messages\[0\]: role 'bot' is not one of"):
-        load_eval_data(write(tmp_path / "u2.jsonl", [{"messages": [{"role": "bot", "content": "hi"}]}]), tok)
+        load_eval_data(write(tmp_path / "u2.jsonl", [{"messages": [{"role": "bot", "content": "hi"}]}]), world)
 
 
-def test_cli_eval_on_sharegpt(tmp_path, tok, model):
+def test_cli_eval_on_sharegpt(tmp_path, world, model):
     from peft_rwkv7.model import save_model
 
     save_model(model, tmp_path / "m.pth", dtype=torch.float32)
@@ -100,10 +95,10 @@ def test_cli_eval_on_sharegpt(tmp_path, tok, model):
     cmd = [sys.executable, "-m", "peft_rwkv7.cli", "eval", "--model", str(tmp_path / "m.pth"), "--data", str(path)]
     res = subprocess.run([*cmd, "--json", "--limit", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
-    data = load_eval_data(path, tok, limit=2)
+    data = load_eval_data(path, world, limit=2)
     want = evaluate(model, data.docs, masks=data.masks)
     got = json.loads(res.stdout)
-    assert got["tokens"] == want["tokens"] == 2 * len(tok.encode(" 43 N, 8 W.\n\n"))
+    assert got["tokens"] == want["tokens"] == 2 * len(world.encode(" 43 N, 8 W.\n\n"))
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-4)
     res = subprocess.run([*cmd, "--lambada"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--lambada" in res.stderr
