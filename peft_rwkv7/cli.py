@@ -206,6 +206,7 @@ def _cmd_eval_longctx(args) -> int:
         print(longctx.format_ctx_curve(runs) if args.ctx_curve else niah.format_grid(runs))
     return 0
 
+
 def _cmd_data(args) -> int:
     from .data import build_binidx
 
