@@ -21,6 +21,13 @@ from .schema import apply_overrides, from_dict, load_yaml, render_markdown, rend
 
 Objective = Literal["sft", "dpo", "orpo", "simpo"]
 WkvBackend = Literal["auto", "reference", "cpu", "cuda", "triton"]  # ops.BACKENDS (a test keeps them equal)
+# The train keys each objective reads (train/objectives.py); another objective's key set to anything but its
+# default is refused, so that `objective: orpo` with `beta: 0.5` cannot pass for a tuned ORPO run.
+OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
+    "sft": (), "dpo": ("beta", "nll_weight"), "orpo": ("lambda",),
+    "simpo": ("beta", "gamma", "length_norm", "nll_weight"),
+}
+_SHOWN = {"dpo": "DPO", "orpo": "ORPO", "simpo": "SimPO"}
 
 
 class NewModel(ConfigModel):
@@ -129,6 +136,25 @@ class TrainConfig(_Objective):
     def _final_below_peak(self) -> Self:
         if self.lr_final is not None and not 0 <= self.lr_final <= self.lr:
             raise invalid(f"{{key}} must be between 0 and train.lr ({self.lr}), got {self.lr_final}", "lr_final")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_reads_the_keys(self) -> Self:
+        reads = OBJECTIVE_KEYS[self.objective]
+        for key in ("beta", "lambda", "gamma", "length_norm", "nll_weight"):
+            default = type(self).model_fields[key].default
+            # a key left out is at its default: a saved recipe.yaml (every key) loads again, and a recipe's
+            # key is neutralised on the command line by setting it back (train.beta=null)
+            if key in reads or key not in self.model_fields_set or getattr(self, key) == default:
+                continue
+            if self.objective == "sft":
+                hint = "only " + ", ".join(o for o, keys in OBJECTIVE_KEYS.items() if key in keys) + " read it"
+            else:
+                hint = f"{_SHOWN[self.objective]} reads " + ", ".join(f"train.{k}" for k in reads)
+                if self.objective == "orpo" and key == "nll_weight":
+                    hint += "; its NLL term is built in, weight 1"
+            raise invalid(f"{{key}} is not used by objective {self.objective} ({hint}); remove it or set it to "
+                          f"{yaml.safe_dump(default).splitlines()[0]}", key)
         return self
 
     @property
