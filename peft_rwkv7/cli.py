@@ -11,7 +11,8 @@ import json
 import logging
 import sys
 
-from .cli_args import EXIT_USER_ERROR, build_parser
+from .cli_args import EXIT_USER_ERROR, parse_args
+from .cli_checks import check_inputs
 from .errors import UserError
 
 EXIT_INTERRUPTED = 130
@@ -139,10 +140,6 @@ def _cmd_eval(args) -> int:
 
     if args.ctx_curve or args.niah or args.passkey:
         return _cmd_eval_longctx(args)
-    if args.compare is not None:
-        raise UserError("--compare works with --ctx-curve, --niah or --passkey")
-    if args.data is None:
-        raise UserError("eval needs --data (a jsonl file), or one of --ctx-curve, --niah, --passkey")
     tokenizer = load_tokenizer(args.tokenizer)
     data = load_eval_data(args.data, tokenizer, kind=args.kind, system=args.system, limit=args.limit)
     if args.lambada and data.masks is not None:
@@ -150,6 +147,10 @@ def _cmd_eval(args) -> int:
                         "(scored on its replies without --lambada)")
     model = _load_for_inference(args)
     result = evaluate(model, data.docs, lambada=args.lambada, tokenizer=tokenizer, masks=data.masks)
+    if args.out:
+        from .infer.longctx import write_json
+
+        write_json(args.out, result)
     if args.json:
         print(json.dumps(result))
     else:
@@ -159,18 +160,15 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_eval_longctx(args) -> int:
-    """--ctx-curve / --niah / --passkey for one model, or with --compare for the base and each adapter."""
+    """--ctx-curve / --niah / --passkey for one model, or with --compare for the base and each adapter
+    (cli_checks has refused the flags these modes do not read)."""
     from .data import load_eval_docs, load_tokenizer
     from .infer import longctx, niah
 
-    if args.lambada:
-        raise UserError("--lambada does not combine with --ctx-curve, --niah or --passkey")
     tokenizer = load_tokenizer(args.tokenizer)
     adapters = [args.adapter] if args.compare is None else [None, *([args.adapter] if args.adapter else []),
                                                              *args.compare]
     if args.ctx_curve:
-        if args.data is None:
-            raise UserError("--ctx-curve needs --data: a jsonl file of (long) documents")
         docs = load_eval_docs(args.data, tokenizer)[: args.limit]
 
         def score(model, label):
@@ -258,12 +256,13 @@ _COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args = parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
     # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub kernel is missing;
     # the fallback it then uses is fine, so keep the terminal for our own messages.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
+        check_inputs(args)  # every path and flag before any work (train: its recipe's, in train.runner)
         return _COMMANDS[args.command](args)
     except UserError as e:
         if args.debug:

@@ -194,3 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="check this machine: torch, GPU, bf16, WKV kernels vs the reference, packages")
     dr.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line; `train`'s key=value overrides may come before and after its flags
+    (`train RECIPE --resume train.max_steps=500`): argparse takes one run of positionals, so the later
+    ones come back unrecognized and join the overrides here. Anything else unrecognized is an error."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command == "train" and all("=" in a and not a.startswith("-") for a in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args

@@ -131,10 +131,11 @@ def test_eval_json_on_real_lambada(files):
 def test_eval_in_bf16_is_close_to_fp32(files):
     """--dtype bf16 (with an adapter attached) scores like fp32 up to bf16 rounding of the weights."""
     args = ["eval", "--model", files / "base.pth", "--adapter", files / "run", "--data", files / "good.jsonl", "--json"]
-    fp32 = cli(*args, "--dtype", "fp32")
+    fp32 = cli(*args, "--dtype", "fp32", "--out", files / "eval_fp32.json")
     bf16 = cli(*args, "--dtype", "bf16", "--device", "cpu")
     assert fp32.returncode == 0 and bf16.returncode == 0, fp32.stderr + bf16.stderr
     a, b = json.loads(fp32.stdout), json.loads(bf16.stdout)
+    assert json.loads((files / "eval_fp32.json").read_text()) == a  # --out: the printed result, also on file
     assert a["tokens"] == b["tokens"] and a["loss"] != b["loss"]  # really ran in another dtype
     assert abs(a["loss"] - b["loss"]) <= 0.02 * a["loss"], (a, b)
 

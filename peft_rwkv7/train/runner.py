@@ -1,14 +1,19 @@
-"""`rwkv-peft train`: recipe file -> checked run directory -> training loop -> summary line."""
+"""`rwkv-peft train`: recipe file -> checked run directory -> training loop -> summary line.
+
+Everything before the training loop is light: the recipe, its paths, the run lock and the state of the
+run directory are checked before torch, the model code or DeepSpeed are imported, so a refused run (a
+busy or finished out_dir, a missing file) says so at once."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
 
 from ..errors import UserError
 from ..extras import check_recipe
-from .checkpoint import list_checkpoints
+from ..path_checks import check_recipe_paths
 from .recipe import Recipe, dump_recipe, load_recipe
 from .runlock import run_lock
 from .schedule import get_lr
@@ -22,18 +27,19 @@ RESUME_FREE = {"train.stop_after", "train.save_every", "train.eval_every", "trai
 def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False) -> int:
     recipe = load_recipe(recipe_path, overrides)  # before the heavy imports: bad recipes fail fast
     check_recipe(recipe)  # optional extras the recipe needs (bitsandbytes, deepspeed, ...)
-    from .distributed import launcher_dist
-    from .loop import describe, train
-
+    check_recipe_paths(recipe)
     out_dir = Path(recipe.out_dir)
-    dist = launcher_dist(recipe)
-    with run_lock(out_dir, enabled=dist.is_main):  # one run per directory, for the run's lifetime
+    with run_lock(out_dir, enabled=_global_rank0(recipe)):  # one run per directory, for the run's lifetime
         if resume:
             check_resume(recipe, out_dir)
-        elif list_checkpoints(out_dir):
-            raise UserError(
-                f"{out_dir} already holds a run; add --resume to continue it, or set out_dir=... for a new one"
-            )
+        elif (done := check_fresh(recipe, out_dir)) is not None:
+            print(f"{out_dir} already holds this finished run ({done} steps); nothing to do — to train again "
+                  f"pick another out_dir=..., or raise train.max_steps with --resume", flush=True)
+            return 0
+        from .distributed import launcher_dist
+        from .loop import describe, train
+
+        dist = launcher_dist(recipe)
         if dist.is_main:
             print(describe(recipe), flush=True)
         summary = train(recipe, resume=resume, dist=dist)
@@ -42,6 +48,19 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
         if not summary.get("stopped_early"):
             print(next_steps(recipe), flush=True)
     return 0
+
+
+def _global_rank0(recipe: Recipe) -> bool:
+    """Whether this process is the one that holds the run lock: the only one without DeepSpeed, else global
+    rank 0 as the launcher numbers it (RANK, the launcher protocol that train.distributed follows; read here
+    because initialising torch.distributed would import torch before the lock)."""
+    return not recipe.train.deepspeed.stage or os.environ.get("RANK", "0") == "0"
+
+
+def _list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    from .checkpoint import list_checkpoints  # imports torch: only once a checkpoints/ folder is there
+
+    return list_checkpoints(out_dir) if (out_dir / "checkpoints").is_dir() else []
 
 
 def summary_line(summary: dict, out_dir: Path) -> str:
@@ -80,14 +99,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume(recipe: Recipe, out_dir: Path) -> None:
-    """Refuse (one line, nothing written) a resume whose recipe differs from the run's in a way that
-    changes the result, and a resume of a finished run. Extending train.max_steps is allowed when the
-    learning rate of every step taken so far stays the same (constant schedule; wsd before its decay)."""
-    saved = list_checkpoints(out_dir)
-    if not saved:
-        raise UserError(f"{out_dir}: nothing to resume (no checkpoints/); run without --resume")
-    done = saved[-1][0]
+def _changes(recipe: Recipe, out_dir: Path) -> tuple[dict, dict, list[str]]:
+    """(the run's recipe and this one, flattened; the keys whose change moves a number)."""
     path = out_dir / "recipe.yaml"
     try:
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -96,13 +109,47 @@ def check_resume(recipe: Recipe, out_dir: Path) -> None:
     new = _flat(yaml.safe_load(dump_recipe(recipe)))
     old = _flat(old if isinstance(old, dict) else {})
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE)
+    return old, new, changed
+
+
+def _show(old: dict, new: dict, changed: list[str]) -> str:
+    shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+    return shown + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "")
+
+
+def check_fresh(recipe: Recipe, out_dir: Path) -> int | None:
+    """A run without --resume: None for an out_dir that holds no run; the steps of the finished run it
+    holds when the recipe is the same (up to RESUME_FREE keys), so running the same command again does
+    nothing; else (an unfinished run, another recipe) a one-line refusal pointing at --resume / out_dir."""
+    saved = _list_checkpoints(out_dir)
+    if not saved:
+        return None
+    done = saved[-1][0]
+    old, new, changed = _changes(recipe, out_dir)
+    if changed:
+        raise UserError(f"{out_dir} already holds a run of another recipe ({_show(old, new, changed)}); set "
+                        f"out_dir=... for a new one, or continue it with its own recipe and --resume")
+    if done < recipe.train.max_steps:
+        raise UserError(f"{out_dir} already holds a run ({done} of {recipe.train.max_steps} steps); add --resume "
+                        f"to continue it, or set out_dir=... for a new one")
+    return done
+
+
+def check_resume(recipe: Recipe, out_dir: Path) -> None:
+    """Refuse (one line, nothing written) a resume whose recipe differs from the run's in a way that
+    changes the result, and a resume of a finished run. Extending train.max_steps is allowed when the
+    learning rate of every step taken so far stays the same (constant schedule; wsd before its decay)."""
+    saved = _list_checkpoints(out_dir)
+    if not saved:
+        raise UserError(f"{out_dir}: nothing to resume (no checkpoints/); run without --resume")
+    done = saved[-1][0]
+    old, new, changed = _changes(recipe, out_dir)
     if "train.max_steps" in changed and _same_lr_so_far(recipe, old, done):
         changed.remove("train.max_steps")
     if changed:
-        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
-        more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-        raise UserError(f"{out_dir}: --resume with a recipe that differs from the run's: {shown}{more}; "
-                        f"resume with the run's own recipe ({path}), or train into a new out_dir=...")
+        raise UserError(f"{out_dir}: --resume with a recipe that differs from the run's: {_show(old, new, changed)}; "
+                        f"resume with the run's own recipe ({out_dir / 'recipe.yaml'}), or train into a new "
+                        "out_dir=...")
     if done >= recipe.train.max_steps:
         raise UserError(f"{out_dir}: the run is finished ({done} of {recipe.train.max_steps} steps); nothing to "
                         f"resume (to train on, raise train.max_steps where the schedule allows: constant or wsd)")

@@ -91,3 +91,73 @@ def test_extending_a_constant_schedule_equals_the_longer_run(tiny_world, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in map(json.loads, (short / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == [1, 2, 3, 4]
+
+
+def _cli_main(*argv) -> int:
+    from peft_rwkv7.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_resume_takes_overrides_before_and_after_the_flag(tiny_world, tmp_path):
+    """The finished-run message invites raising train.max_steps: `--resume train.max_steps=N` must parse."""
+    out = tmp_path / "x"
+    over = tiny_overrides(tiny_world, out, steps=2, **{"train.schedule": "constant", "train.save_every": 2})
+    assert _cli_main("train", LORA, *over) == 0
+    assert _cli_main("train", LORA, *over, "--resume", "train.max_steps=4", "train.save_every=4") == 0
+    steps = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step_000004.pt"
+
+
+# Run in a fresh interpreter: which modules the refusal needed, and how long it took.
+_PROBE = """
+import json, sys, time
+t0 = time.perf_counter()
+from peft_rwkv7.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "s": time.perf_counter() - t0, "heavy": sorted(
+    m for m in ("torch", "deepspeed", "peft", "peft_rwkv7.model", "peft_rwkv7.train.loop") if m in sys.modules)}))
+"""
+
+
+def test_a_locked_directory_is_refused_before_torch_is_imported(tiny_world, tmp_path):
+    out = tmp_path / "busy"
+    with run_lock(out):
+        res = subprocess.run([sys.executable, "-c", _PROBE, "train", LORA, *tiny_overrides(tiny_world, out, steps=1)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    probe = json.loads(res.stdout.strip().splitlines()[-1])
+    assert probe["rc"] == 2 and "is in use by another rwkv-peft train" in res.stderr, res.stderr
+    assert probe["heavy"] == [], probe
+    assert not (out / "recipe.yaml").exists()
+
+
+def test_rerunning_a_finished_run_is_a_no_op(tiny_world, tmp_path, capsys):
+    """The README's set-up one-liner ends with `rwkv-peft train recipes/state_tune.yaml`: running it twice
+    must not fail. The same finished run again: one line, exit 0, nothing written; anything else is refused."""
+    out = tmp_path / "done"
+    over = tiny_overrides(tiny_world, out, steps=2)
+    assert _cli_main("train", LORA, *over) == 0
+    before = _bytes(out)
+    capsys.readouterr()
+    assert _cli_main("train", LORA, *over, "log.progress=true") == 0  # progress bars change no number
+    said = capsys.readouterr().out.strip()
+    assert said == (f"{out} already holds this finished run (2 steps); nothing to do — to train again pick "
+                    "another out_dir=..., or raise train.max_steps with --resume")
+    assert _bytes(out) == before
+    assert _cli_main("train", LORA, *over, "train.lr=0.5") == 2  # another recipe: refused
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "train.lr" in err and "out_dir=" in err, err
+    assert _bytes(out) == before
+
+
+def test_an_unfinished_run_is_not_restarted_without_resume(tiny_world, tmp_path, capsys):
+    out = tmp_path / "half"
+    over = tiny_overrides(tiny_world, out, steps=3, **{"train.save_every": 1})
+    assert _cli_main("train", LORA, *over, "train.stop_after=1") == 0
+    before = _bytes(out)
+    capsys.readouterr()
+    assert _cli_main("train", LORA, *over) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err, err
+    assert _bytes(out) == before
