@@ -7,6 +7,7 @@ Higham's gamma_n = n u / (1 - n u) bounds n successive roundings, e.g. a dot pro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -37,6 +38,16 @@ def forward_rounding(cfg, T: int, u: float = U32) -> float:
     return (cfg.n_layer + 1) * gamma(max(cfg.n_embd, cfg.dim_ffn) + T, u)
 
 
+def loss_rounding(cfg, T: int, max_logit: float, loss: float, n_tokens: int, u: float = U32) -> float:
+    """Absolute bound on |token-mean cross-entropy computed in precision u - exact|.
+
+    A token's loss logsumexp(z) - z_y moves by at most 2 max|dz| when the logits z move (its gradient
+    softmax(z) - onehot(y) has L1 norm <= 2), with max|dz| <= forward_rounding * max|logit|; logsumexp's
+    sum of V exponentials rounds <= gamma_V relative in any summation order, and so the log gamma_(V+2)
+    absolute; the mean of n_tokens losses adds gamma_(n_tokens) relative."""
+    return 2 * forward_rounding(cfg, T, u) * max_logit + gamma(cfg.vocab_size + 2, u) + gamma(n_tokens, u) * loss
+
+
 def wkv7_fp64(r, w, k, v, a, b, state=None, backend=None):
     """The WKV7 recurrence of DESIGN.md in fp64 (the oracle's op; the package's reference runs in fp32)."""
     r, w, k, v, a, b = (x.double() for x in (r, w, k, v, a, b))
@@ -56,12 +67,19 @@ def _wkv7_step_fp64(r, w, k, v, a, b, state=None):
     return y[:, 0], s
 
 
+@contextlib.contextmanager
+def fp64_forward():
+    """Within the context an fp64 model computes in fp64 throughout (its WKV recurrence included)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rwkv7_module, "wkv7", wkv7_fp64)
+        mp.setattr(rwkv7_module, "wkv7_step", _wkv7_step_fp64)
+        yield
+
+
 @torch.no_grad()
 def logits64(model, idx: torch.Tensor) -> torch.Tensor:
     """fp64 logits [B, T, V] of `model`'s weights as they are (a copy cast to fp64; fp32 weights are
     exact in fp64), the WKV recurrence in fp64 too: an oracle ~1e-16 relative from exact arithmetic."""
     m = copy.deepcopy(model).double()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rwkv7_module, "wkv7", wkv7_fp64)
-        mp.setattr(rwkv7_module, "wkv7_step", _wkv7_step_fp64)
+    with fp64_forward():
         return m(idx)

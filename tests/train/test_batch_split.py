@@ -7,20 +7,26 @@ much as one with a long response, and so differs (step-1 loss 19.48 vs 20.18 on 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from peft_rwkv7.adapters import trainable_parameters
+from peft_rwkv7.train.loop import setup, train_step
+from peft_rwkv7.train.recipe import load_recipe
 from peft_rwkv7.train.runner import train_from_cli
+from tests.fp_oracle import forward_rounding, fp64_forward, gamma, logits64, loss_rounding
 from tests.train.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = str(ROOT / "recipes/lora.yaml")
 # Responses from 1 to ~40 words: the number of loss tokens per record differs by an order of magnitude.
-LR = 1e-4  # Adam divides by |g| + eps: fp32 summation order shows in near-zero gradients, scaled by lr
+LR = 1e-4
 RESPONSES = ["Aye.", "Wind from the north-west, force five, seas moderate, visibility good, course held at 270.",
              "Nothing to report.", " ".join(["All hands mustered on deck at dawn for the inspection."] * 3),
              "Fog.", "Sighted a merchant brig to starboard, exchanged signals, she reports clear weather ahead.",
@@ -52,19 +58,24 @@ def max_diff(a: Path, b: Path) -> float:
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
-def test_micro_batches_and_accumulation_give_one_update(tiny_world, tmp_path):
-    whole, accum = tmp_path / "4x1", tmp_path / "1x4"
-    assert train_from_cli(LORA, split_overrides(tiny_world, tmp_path, whole, 4, 1)) == 0
-    assert train_from_cli(LORA, split_overrides(tiny_world, tmp_path, accum, 1, 4)) == 0
-    a, b = step_losses(whole), step_losses(accum)
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
-    assert max_diff(whole, accum) <= 1e-6
+def adam_bound(steps: int, beta1: float = 0.9, beta2: float = 0.99) -> float:
+    """Largest difference per coordinate, in units of lr, between two Adam runs (no weight decay) of
+    `steps` steps whose gradients differ by rounding: a coordinate whose gradient is near zero can take
+    the opposite sign in the other run, and Adam's step lr m^/(sqrt(v^) + eps) has magnitude at most
+    lr sqrt(sum_i w_i^2 / w'_i) (Cauchy-Schwarz; w, w' the bias-corrected weights of m^ and v^)."""
+    total = 0.0
+    for t in range(1, steps + 1):
+        w = [(1 - beta1) * beta1 ** (t - i) / (1 - beta1**t) for i in range(1, t + 1)]
+        w2 = [(1 - beta2) * beta2 ** (t - i) / (1 - beta2**t) for i in range(1, t + 1)]
+        total += 2 * sum(a * a / b for a, b in zip(w, w2)) ** 0.5
+    return total
 
-    # The independent expectation of step 1: the base model's token-mean loss over the same 4 records,
-    # computed here in one batch with the masks the data pipeline made.
+
+def step_one_expectation(tiny_world, tmp_path) -> tuple[float, float]:
+    """(the base model's token-mean loss over the step's 4 records, computed here in fp64 in one batch
+    with the masks the data pipeline made; its rounding bound in fp32)."""
     from peft_rwkv7.data import load_tokenizer, make_dataset
     from peft_rwkv7.model import load_model
-    from peft_rwkv7.train.recipe import load_recipe
 
     recipe = load_recipe(LORA, split_overrides(tiny_world, tmp_path, tmp_path / "unused", 4, 1))
     data = make_dataset(recipe.data, load_tokenizer("world"), seed=0, vocab_size=65536, progress=False)
@@ -72,10 +83,24 @@ def test_micro_batches_and_accumulation_give_one_update(tiny_world, tmp_path):
     counts = (labels != -100).sum(dim=1)
     assert counts.max() >= 3 * counts.min(), counts  # the masks really are uneven
     model = load_model(tiny_world[0], dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(idx)
-    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
-    assert abs(a[0] - want) <= 1e-5, (a[0], want)
+    logits = logits64(model, idx)
+    want = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
+    tol = loss_rounding(model.config, idx.shape[1], logits.abs().max().item(), want, int(counts.sum()))
+    return want, tol
+
+
+def test_micro_batches_and_accumulation_give_one_update(tiny_world, tmp_path):
+    whole, accum = tmp_path / "4x1", tmp_path / "1x4"
+    assert train_from_cli(LORA, split_overrides(tiny_world, tmp_path, whole, 4, 1)) == 0
+    assert train_from_cli(LORA, split_overrides(tiny_world, tmp_path, accum, 1, 4)) == 0
+    a, b = step_losses(whole), step_losses(accum)
+    # Step 1, both splits: the base model's token-mean loss over the same 4 records (a mean of per-micro-
+    # batch means differs by ~0.7 here). Later steps: see the gradient test below; Adam makes them equal
+    # only up to adam_bound.
+    want, tol = step_one_expectation(tiny_world, tmp_path)
+    assert abs(a[0] - want) <= tol and abs(b[0] - want) <= tol, (a[0], b[0], want, tol)
+    assert len(a) == len(b) == 3
+    assert max_diff(whole, accum) <= adam_bound(3) * LR
 
 
 @pytest.mark.slow
@@ -87,5 +112,57 @@ def test_two_processes_split_the_same_global_batch(tiny_world, tmp_path):
     assert train_from_cli(LORA, split_overrides(tiny_world, tmp_path, whole, 4, 1)) == 0
     run_two_processes(split_overrides(tiny_world, tmp_path, multi, 2, 1, **{"train.deepspeed.stage": 2}))
     a, b = step_losses(whole), step_losses(multi)
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
-    assert max_diff(whole, multi) <= 1e-6
+    want, tol = step_one_expectation(tiny_world, tmp_path)  # as in the test above
+    assert abs(a[0] - want) <= tol and abs(b[0] - want) <= tol, (a[0], b[0], want, tol)
+    assert len(a) == len(b) == 3
+    assert max_diff(whole, multi) <= adam_bound(3) * LR
+
+
+def optimizer_gradient(recipe) -> tuple[dict[str, torch.Tensor], object]:
+    """(the gradient the optimizer steps with at step 1, by trained-tensor name; the run before the step)."""
+    run = setup(recipe)
+    start = copy.deepcopy(run)
+    seen = {}
+    run.optimizer.register_step_pre_hook(lambda *_: seen.update({n: p.grad.clone() for n, p in run.named}))
+    train_step(run, 0)
+    return seen, start
+
+
+def global_mean_gradient(run, n_samples: int) -> dict[str, torch.Tensor]:
+    """DESIGN's step loss by plain autograd, in fp64: one batch of the step's n_samples samples, cross-entropy
+    summed over every loss token and divided by their number; its gradient by trained-tensor name."""
+    idx, labels = run.data.batch(0, 0, n_samples, 1)
+    model = copy.deepcopy(run.model).double()
+    with fp64_forward():
+        logits = model(idx)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    (loss / (labels != -100).sum()).backward()
+    return {n: p.grad for n, p in trainable_parameters(model)}
+
+
+def test_the_step_gradient_is_the_global_batch_mean_with_clipping_on(tiny_world, tmp_path):
+    """What the optimizer gets, for every split of 4 samples, against the fp64 gradient of the step's loss.
+
+    Clipping on, at twice the reference norm (not clipped: a gradient k > 2 times too large is clipped to
+    2x, one k times too small stays so) and, for one split, at half of it (clipped: exactly half the
+    reference). Adam is scale-free, so without these checks a gradient off by grad_accum trains alike."""
+    def recipe(micro_bsz, grad_accum, clip=0.0):
+        over = split_overrides(tiny_world, tmp_path, tmp_path / f"{micro_bsz}x{grad_accum}", micro_bsz, grad_accum,
+                               steps=1, **{"train.grad_clip": clip})
+        return load_recipe(LORA, over)
+
+    _, start = optimizer_gradient(recipe(4, 1))
+    ref = global_mean_gradient(start, 4)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref.values()])).item()
+    assert norm > 0
+    # fp32 against fp64: the forward's bound, doubled for the backward (the same chain of ops in reverse),
+    # plus the weight gradients' sums over the step's 4 x ctx_len tokens (gamma_(4 T)).
+    T = start.recipe.data.ctx_len
+    tol = 2 * forward_rounding(start.base.config, T) + gamma(4 * T)
+    for micro_bsz, grad_accum, ratio in [(4, 1, 2.0), (2, 2, 2.0), (1, 4, 2.0), (1, 4, 0.5)]:
+        got, _ = optimizer_gradient(recipe(micro_bsz, grad_accum, clip=ratio * norm))
+        want = min(1.0, ratio)  # what clipping to ratio * |g| leaves of g
+        assert got.keys() == ref.keys()
+        err = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(got[n].double() - want * g)
+                                                    for n, g in ref.items()])).item()
+        assert err <= tol * want * norm, (micro_bsz, grad_accum, ratio, f"|g - want| / |want| {err / want / norm:.2e}")
