@@ -6,7 +6,9 @@
 The package declares the entry point `rwkv-peft` in the group `lm_eval.models`, which lm-eval
 releases with plugin discovery read; `python -m peft_rwkv7.integrations.lm_eval ARGS` registers the
 model and runs lm-eval's command line with any release. From Python, pass an instance:
-`lm_eval.simple_evaluate(model=RWKVPeftLM(model="M.pth"), tasks=[...])`.
+`lm_eval.simple_evaluate(model=RWKVPeftLM(model="M.pth"), tasks=[...])`. The device is lm-eval's
+`--device` (not a model_args key: lm-eval passes its own); its default, cuda:0, runs on the CPU with
+one line saying so where CUDA is absent.
 
 Scoring follows `rwkv-peft eval`: a context is read as [0] + encode(context) (end-of-text first, an
 empty context is just [0]), the continuation as encode(continuation) right after it; log-probs are
@@ -18,6 +20,7 @@ batch. `loglikelihood_rolling` reads [0] + encode(text) whole (an RNN needs no s
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -36,16 +39,37 @@ NAME = "rwkv-peft"
 _CONT_TOKENS = 1024  # continuation tokens per batched forward pass (bounds the logits' memory)
 
 
+def eval_device(device: str) -> torch.device:
+    """The device to evaluate on: "auto" (CUDA when available), "cpu", or a CUDA device such as lm-eval's
+    default "cuda:0", which falls back to the CPU (one line on stderr) where CUDA is absent, as
+    lm-eval's HF model does; anything else is a one-line error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device {device!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(f"rwkv-peft: device {device}: no CUDA device is available; evaluating on the CPU", file=sys.stderr,
+              flush=True)
+        return torch.device("cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r}: rwkv-peft evaluates on cpu or cuda")
+    return dev
+
+
 def load_for_eval(model: str, adapter: str | None = None, state: str | None = None, lora_alpha: float | None = None,
                   device: str = "auto", dtype: str = "auto") -> nn.Module:
     """Base model (local path or hf://) with `adapter` (run directory or RWKV-PEFT .pth) and/or a
     tuned `state` file (keys blocks.N.att.time_state [H, N, N], e.g. a run's state.pth) applied."""
     from ..adapters import load_adapter
-    from ..model import load_model, pick_device
+    from ..model import load_model
     from ..model.hub import resolve_model_path
     from ..model.io import read_state_dict
 
-    dev = pick_device(device, "device") if device in ("auto", "cpu", "cuda") else torch.device(device)
+    dev = eval_device(device)
     dtypes = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "fp32": torch.float32,
               "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:

@@ -20,6 +20,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from peft_rwkv7.infer.longctx import exact_logprobs  # noqa: E402
 from peft_rwkv7.integrations.lm_eval import NAME, RWKVPeftLM  # noqa: E402
 from tests.conftest import make_model, shared_file  # noqa: E402
+from tests.integrations.lmeval_tasks import LAMBADA_TASKS, write_tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data/demo/rwkv7-demo.pth"
@@ -125,54 +126,11 @@ def test_generate_until_is_greedy_and_stops(tiny):
     assert out == [full[: full.index(stop)]] * 2
 
 
-LAMBADA_TASKS = {
-    "rwkv_lambada_acc": """task: rwkv_lambada_acc
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
-doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""",
-    "rwkv_lambada_ppl": """task: rwkv_lambada_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-process_results: !function rwkv_tasks.token_perplexity
-metric_list:
-  - metric: token_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-""",
-}
-TASK_UTILS = '''from peft_rwkv7.data import load_tokenizer
-
-_TOK = load_tokenizer("world")
-
-
-def token_perplexity(doc, results):
-    return {"token_perplexity": (results[0], len(_TOK.encode(doc["text"])))}
-'''
-
-
 def _tasks(tmp_path: Path, n: int) -> Path:
     lines = shared_file("lambada_test.jsonl").read_text().splitlines()[:n]
     data = tmp_path / "lambada_subset.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    for name, text in LAMBADA_TASKS.items():
-        (tasks / f"{name}.yaml").write_text(text.format(data=json.dumps(str(data))))
-    (tasks / "rwkv_tasks.py").write_text(TASK_UTILS)
+    write_tasks(tmp_path, data)
     return data
 
 
