@@ -146,6 +146,10 @@ def check_resume(recipe: Recipe, out_dir: Path) -> None:
     old, new, changed = _changes(recipe, out_dir)
     if "train.max_steps" in changed and _same_lr_so_far(recipe, old, done):
         changed.remove("train.max_steps")
+    if changed == ["train.max_steps"]:
+        raise UserError(f"{out_dir}: {_show(old, new, changed)} would change the learning rate of the {done} steps "
+                        f"already taken (train.schedule {recipe.train.schedule}; constant, and wsd before its decay, "
+                        f"can be extended); train a longer run into a new out_dir=...")
     if changed:
         raise UserError(f"{out_dir}: --resume with a recipe that differs from the run's: {_show(old, new, changed)}; "
                         f"resume with the run's own recipe ({out_dir / 'recipe.yaml'}), or train into a new "

@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 LORA = str(ROOT / "recipes/lora.yaml")
 
 
+def _cli_main(*argv) -> int:
+    from peft_rwkv7.cli import main
+
+    return main([str(a) for a in argv])
+
+
 def test_a_second_run_into_a_locked_directory_stops_at_once(tiny_world, tmp_path):
     out = tmp_path / "r"
     with run_lock(out):
@@ -67,7 +73,7 @@ def test_resume_with_a_changed_recipe_is_refused_and_writes_nothing(tiny_world, 
     before = _bytes(out)
     with pytest.raises(UserError, match=r"differs from the run's: train\.lr 0\.0001 -> 0\.5"):
         train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=4, **{"train.lr": 0.5}), resume=True)
-    with pytest.raises(UserError, match=r"train\.max_steps 4 -> 60"):  # cosine: step 3's lr would change
+    with pytest.raises(UserError, match=r"train\.max_steps 4 -> 60 would change the learning rate of the 3 steps"):
         train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=60, **{"train.save_every": 1}), resume=True)
     assert _bytes(out) == before
 
@@ -85,29 +91,14 @@ def test_extending_a_constant_schedule_equals_the_longer_run(tiny_world, tmp_pat
     const = {"train.schedule": "constant", "train.lr": 3e-3, "train.save_every": 2}
     short, long = tmp_path / "short", tmp_path / "long"
     train_from_cli(LORA, tiny_overrides(tiny_world, short, steps=2, **const))
-    train_from_cli(LORA, tiny_overrides(tiny_world, short, steps=4, **const), resume=True)
+    # as the finished-run message says: the same command line, --resume, then the raised key (after the flag)
+    assert _cli_main("train", LORA, *tiny_overrides(tiny_world, short, steps=2, **const), "--resume",
+                     "train.max_steps=4") == 0
     train_from_cli(LORA, tiny_overrides(tiny_world, long, steps=4, **const))
     a, b = load_file(short / "adapter.safetensors"), load_file(long / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in map(json.loads, (short / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == [1, 2, 3, 4]
-
-
-def _cli_main(*argv) -> int:
-    from peft_rwkv7.cli import main
-
-    return main([str(a) for a in argv])
-
-
-def test_resume_takes_overrides_before_and_after_the_flag(tiny_world, tmp_path):
-    """The finished-run message invites raising train.max_steps: `--resume train.max_steps=N` must parse."""
-    out = tmp_path / "x"
-    over = tiny_overrides(tiny_world, out, steps=2, **{"train.schedule": "constant", "train.save_every": 2})
-    assert _cli_main("train", LORA, *over) == 0
-    assert _cli_main("train", LORA, *over, "--resume", "train.max_steps=4", "train.save_every=4") == 0
-    steps = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
-    assert steps == [1, 2, 3, 4]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step_000004.pt"
 
 
 # Run in a fresh interpreter: which modules the refusal needed, and how long it took.
