@@ -1,7 +1,8 @@
 """`rwkv-peft` command line: each subcommand calls into the package (the parser: `cli_args.py`).
 
 Every bad input ends as one line on stderr and a non-zero exit; `--debug` shows the traceback.
-Heavy modules are imported inside the subcommands so `rwkv-peft --help` starts at once.
+Paths and flags are checked before any work (`cli_checks.py`); heavy modules are imported inside the
+subcommands, so `rwkv-peft --help` and a refused command end at once.
 """
 
 from __future__ import annotations
