@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import peft_rwkv7.model.rwkv7 as rwkv7_module
 
@@ -83,3 +84,56 @@ def logits64(model, idx: torch.Tensor) -> torch.Tensor:
     m = copy.deepcopy(model).double()
     with fp64_forward():
         return m(idx)
+
+
+# Functions whose result holds values of their inputs unchanged (no rounding), and the functions that
+# autocast runs in the low precision, rounding their fp32 operands first.
+_EXACT = {"view", "reshape", "__getitem__", "cat", "stack", "neg", "relu", "embedding", "requires_grad_",
+          "unsqueeze", "squeeze", "expand", "permute", "transpose", "contiguous", "flatten", "clone", "detach", "t",
+          "chunk", "split", "unbind", "narrow", "select", "__get__", "dim", "size"}
+_CASTS_OPERANDS = {"linear", "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "einsum"}
+
+
+class LowPrecisionRoundings(TorchFunctionMode):
+    """Collects, during a forward, every place a low-precision (`dtype`) computation rounds: each result in
+    `dtype` of a function that is not a pure data movement (PyTorch's CPU and CUDA kernels compute bf16 in
+    fp32 and round the result once), and each fp32 operand that autocast rounds to `dtype` for a matmul
+    (cloned, so that each use gets the gradient of that use alone). After backward, `terms()` are the
+    |dL/dz| |z| of all of them: one rounding moves z by at most u |z|, so the loss by <= u |dL/dz| |z|
+    to first order."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.dtype, self.sites = dtype, []
+
+    def _track(self, t):
+        if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None:
+            t.retain_grad()
+            self.sites.append(t)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _CASTS_OPERANDS and (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.requires_grad
+                         else a for a in args)
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.dtype == torch.float32:
+                    self._track(a)
+        out = func(*args, **(kwargs or {}))
+        if name not in _EXACT:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == self.dtype:
+                    self._track(t)
+        return out
+
+    def terms(self) -> torch.Tensor:
+        return torch.cat([(t.grad.double() * t.double()).abs().flatten() for t in self.sites if t.grad is not None])
+
+
+def rounding_bounds(terms: torch.Tensor, u: float, lam: float = 6.0) -> tuple[float, float]:
+    """(worst case, probabilistic bound) on sum_i a_i e_i with |e_i| <= u and terms a_i = |dL/dz_i| |z_i|.
+
+    Worst case: u sum a_i. Probabilistic (Higham & Mary, SIAM J. Sci. Comput. 41(5), 2019: rounding errors
+    as independent, mean-zero): by Hoeffding, |sum a_i e_i| <= lam u sqrt(sum a_i^2) but with probability
+    <= 2 exp(-lam^2 / 2) (3e-8 for lam = 6)."""
+    return u * terms.sum().item(), lam * u * terms.pow(2).sum().sqrt().item()
