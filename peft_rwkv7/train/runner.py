@@ -33,8 +33,10 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
         if resume:
             check_resume(recipe, out_dir)
         elif (done := check_fresh(recipe, out_dir)) is not None:
+            longer = (", or raise train.max_steps with --resume" if recipe.train.schedule in ("constant", "wsd")
+                      else "")  # a cosine schedule's past steps would change: only a new run is longer
             print(f"{out_dir} already holds this finished run ({done} steps); nothing to do — to train again "
-                  f"pick another out_dir=..., or raise train.max_steps with --resume", flush=True)
+                  f"pick another out_dir=...{longer}", flush=True)
             return 0
         from .distributed import launcher_dist
         from .loop import describe, train
