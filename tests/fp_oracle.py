@@ -86,6 +86,20 @@ def logits64(model, idx: torch.Tensor) -> torch.Tensor:
         return m(idx)
 
 
+def stored_rounding(model, idx: torch.Tensor, u: float, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """(proj, bound): storing every weight of `model` in a format of unit roundoff u moves the projection
+    sum(proj * logits) of its logits on idx by at most u sum |d/dW| |W| over all weights, to first order.
+    proj: fixed random fp64 [B, T, V]; compare (logits_a - logits_b) * proj summed against the bound."""
+    model = copy.deepcopy(model).float()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    logits = model(idx)
+    proj = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (logits.double() * proj).sum().backward()
+    bound = sum((p.grad.double() * p.double()).abs().sum().item() for p in model.parameters() if p.grad is not None)
+    return proj, u * bound
+
+
 # Functions whose result holds values of their inputs unchanged (no rounding), and the functions that
 # autocast runs in the low precision, rounding their fp32 operands first.
 _EXACT = {"view", "reshape", "__getitem__", "cat", "stack", "neg", "relu", "embedding", "requires_grad_",

@@ -18,6 +18,7 @@ import torch
 from peft_rwkv7.model import CheckpointError, load_model, read_state_dict, save_model
 from peft_rwkv7.model.formats import convert, detect_format
 from tests.conftest import make_model
+from tests.fp_oracle import forward_rounding
 
 
 def fla_keys(n_layer: int) -> set[str]:
@@ -114,9 +115,10 @@ def test_logits_after_loading_hf_equal_the_original(exported):
     model, d = exported
     x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        err = (load_model(d / "hf")(x) - model(x)).abs().max().item()
-    print(f"hf logits vs original (fp32): max |d| {err:.2e}")
-    assert err <= 1e-5
+        want = model(x)
+        err = (load_model(d / "hf")(x) - want).abs().max().item()
+    # The weights are equal (test above): two fp32 forwards of one network, each within the forward's bound.
+    assert err <= 2 * forward_rounding(model.config, x.shape[1]) * want.abs().max().item()
 
 
 def test_tuned_state_goes_to_state_pth_and_back(tmp_path):
