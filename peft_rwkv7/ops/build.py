@@ -3,8 +3,11 @@ each other, with a notice while one compiles (the first use on a machine takes a
 
 Each build gets its own folder, `<torch extensions root>/peft_rwkv7/<name>-<key>/`, where the key hashes
 everything that changes the binary: the sources and the headers they include with quotes, the torch, CUDA
-and Python versions, the load arguments (compile flags), the compilers' identities and the platform. So
-checkouts, venvs and torch versions on one machine each keep their own build.
+and Python versions, the load arguments (compile flags), the compilers' identities and the platform; and
+where this package is installed. So checkouts, venvs and torch versions on one machine each keep their own
+build: an install never loads a library compiled from another install's files, even identical ones (a
+fresh install compiles once, and a wheel provably builds from the sources it ships). Within one install,
+identical sources share a build wherever they lie (a copy in a temporary folder reuses it).
 
 A folder counts as built once its marker (`built.json`, written last by an atomic rename) names the library
 beside it; such a folder is imported directly, with no compiler, ninja or lock involved. Otherwise the
@@ -47,6 +50,7 @@ except ImportError:  # POSIX
     msvcrt = None  # type: ignore[assignment]
 
 MARKER = "built.json"
+_PACKAGE = Path(__file__).resolve().parents[1]  # this install of peft_rwkv7: part of every build key
 _LAYOUT = 1  # bump when the folder layout or the way builds run changes
 _QUOTED_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)
 _CUDA_SUFFIXES = (".cu", ".cuh")
@@ -123,6 +127,7 @@ def _build_key(name: str, sources: Sequence[Path], load_kwargs: dict[str, Any]) 
 
     add("layout", _LAYOUT)
     add("name", name)
+    add("package", _PACKAGE)
     include_dirs = [Path(p) for p in load_kwargs.get("extra_include_paths") or ()]
     files = _with_headers(sources, include_dirs)
     for path in files:

@@ -43,7 +43,7 @@ print(m.answer(), time.perf_counter() - t, m.__file__)
 
 def _source(tmp_path: Path, answer: int = 42) -> Path:
     src = tmp_path / "src" / "answer.cpp"
-    src.parent.mkdir(exist_ok=True)
+    src.parent.mkdir(parents=True, exist_ok=True)
     src.write_text(_SOURCE.replace("ANSWER", str(answer)))
     return src
 
@@ -203,3 +203,16 @@ def test_builds_find_the_interpreters_own_tools(monkeypatch):
     with _interpreter_tools_first():
         assert os.environ["PATH"].split(os.pathsep)[0] == sysconfig.get_path("scripts")
     assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
+def test_each_installed_package_builds_its_own_and_copies_of_a_source_share_one(tmp_path, monkeypatch):
+    """Another install of the package (a wheel in a venv, another checkout) never loads this one's build,
+    even of identical sources; within one install, identical sources anywhere share a build."""
+    from peft_rwkv7.ops import build
+
+    root = tmp_path / "root"
+    a, b = _source(tmp_path / "a"), _source(tmp_path / "b")
+    assert extension_folder(NAME, [a], root=root) == extension_folder(NAME, [b], root=root)
+    here = extension_folder(NAME, [a], root=root)
+    monkeypatch.setattr(build, "_PACKAGE", tmp_path / "venv" / "site-packages" / "peft_rwkv7", raising=False)
+    assert extension_folder(NAME, [a], root=root) != here

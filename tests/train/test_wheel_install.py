@@ -1,13 +1,18 @@
-"""A non-editable wheel in a fresh venv: it builds the kernels from package data and trains; without
-the `quant` extra a QLoRA recipe is refused in one line naming it.
+"""A non-editable wheel in a fresh venv: it builds the kernels from its own package data and trains;
+without the `quant` extra a QLoRA recipe is refused in one line naming it.
 
 The fresh venv gets the package only from the wheel; its third-party dependencies are borrowed from
 the running environment through a plain path entry (no download, and the running environment's
-editable install of this project is not visible through it)."""
+editable install of this project is not visible through it). Its kernel cache is a private folder
+that already holds this checkout's CPU build: the wheel must build its own beside it, from the
+sources inside the venv (the cache key names the installed package's location), not load the
+checkout's."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -36,25 +41,41 @@ def wheel_venv(tmp_path_factory):
     res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    return venv, tmp
+    from peft_rwkv7.ops import cpu
+
+    checkout_build = cpu._extension()  # this checkout's CPU kernel, from its own kernel cache
+    if checkout_build is None:
+        pytest.skip("the CPU kernel does not build on this machine")
+    seeded = Path(checkout_build.__file__).parent
+    shutil.copytree(seeded, tmp / "kernels" / "peft_rwkv7" / seeded.name)
+    return venv, tmp, seeded.name
 
 
 def run_in(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`args` run with the venv's executables, its kernel cache the private cwd/kernels."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["TORCH_EXTENSIONS_DIR"] = str(cwd / "kernels")
     return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
 
 
 @pytest.mark.slow
 def test_wheel_trains_two_steps_with_kernels_from_package_data(wheel_venv, tiny_world):
-    venv, tmp = wheel_venv
+    venv, tmp, checkout_folder = wheel_venv
     where = run_in(venv, tmp, "python", "-c",
                    "import peft_rwkv7, torch; from peft_rwkv7.ops import cpu; "
-                   "print(peft_rwkv7.__file__); print(cpu.is_available(torch.device('cpu')))")
+                   "print(peft_rwkv7.__file__); print(cpu.is_available(torch.device('cpu'))); "
+                   "print(cpu._extension().__file__)")
     assert where.returncode == 0, where.stderr[-2000:]
-    file, ok = where.stdout.split()
+    file, ok, library = where.stdout.split()
     assert str(venv) in file and str(ROOT) not in file  # the wheel's copy, not this checkout
-    assert ok == "True"  # the CPU kernel built (or loaded) from the sources inside the wheel
+    assert ok == "True"
+    # Built here, from the wheel's sources, beside (not from) the checkout's build of the same sources.
+    library = Path(library)
+    assert library.parent.parent == tmp / "kernels" / "peft_rwkv7" and library.parent.name != checkout_folder
+    sources = json.loads((library.parent / "built.json").read_text())["sources"]
+    assert sources and all(Path(s).is_relative_to(venv) for s in sources), sources
+    assert "peft_rwkv7: compiling the CPU kernels" in where.stderr, where.stderr[-2000:]
     res = run_in(venv, tmp, "rwkv-peft", "train", str(ROOT / "recipes/state_tune.yaml"),
                  *tiny_overrides(tiny_world, tmp / "run", steps=2))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -78,7 +99,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_missing_extra_is_one_line_naming_it(wheel_venv, tiny_world):
-    venv, tmp = wheel_venv
+    venv, tmp, _ = wheel_venv
     res = run_in(venv, tmp, "python", "-c", BLOCK_BNB, "train", str(ROOT / "recipes/qlora.yaml"),
                  *tiny_overrides(tiny_world, tmp / "q", steps=1))
     assert res.returncode == 2, (res.stdout, res.stderr)
