@@ -2,9 +2,11 @@
 
 Python / torch, the CUDA device, bf16 support, nvcc, which WKV7 backends build here and which pass
 the check against the reference op (`ops.verify`, the same cached verdicts `wkv_backend: auto`
-uses), what auto picks, and the optional packages. The last line is the verdict; the exit status is
-0 when everything this machine's device needs works and 1 when a correctness check fails (or the
-device has no working fused kernel). A missing GPU on a CPU machine is not a failure.
+uses), what auto picks, and the optional packages. Without a CUDA device but with nvcc, the CUDA
+kernels are compiled (compile-only, `nvcc -c` for sm_80, nothing runs) to tell whether they build.
+The last line is the verdict; the exit status is 0 when everything this machine's device needs works
+and 1 when a correctness check fails (or the device has no working fused kernel). A missing GPU on a
+CPU machine is not a failure, nor is a CUDA kernel that does not compile there (a warning).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,7 @@ HEAD_SIZE = 64  # the head size of every released RWKV-7 World model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PACKAGES = ("peft", "bitsandbytes", "deepspeed", "wandb", "triton")
 REQUIRED = {"peft": "LoRA, PiSSA and DiSHA need it"}
+COMPILE_ARCH = "80"  # sm_80 (Ampere): the oldest architecture with the bf16 kernels
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Backend:
     built: bool | None  # None: not for this machine (skipped)
     note: str = ""
     checks: dict[str, dict] = field(default_factory=dict)  # "fp32" / "bf16" -> {ok, max_err, worst, tol, error}
+    compile: dict | None = None  # cuda without a GPU, with nvcc: {ok, arch, seconds, error} of `nvcc -c`
 
     @property
     def passed(self) -> bool:
@@ -106,6 +112,40 @@ def _nvcc() -> str | None:
         return f"{path} (does not run: {type(e).__name__})"
     release = re.search(r"release ([\d.]+)", out)
     return f"{path} (CUDA {release.group(1)})" if release else path
+
+
+def _compile_cuda(sources: tuple[Path, ...] | None = None, arch: str = COMPILE_ARCH) -> dict:
+    """Compile the CUDA kernels (default: ops.cuda's .cu sources) with nvcc, compile-only, with the
+    flags torch's build adds; {ok, arch, seconds, error: the first error line or None}."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    from .ops import cuda
+
+    nvcc = shutil.which("nvcc")
+    if sources is None:
+        sources = tuple(p for p in cuda.SOURCES if p.suffix == ".cu")
+    result: dict = {"ok": False, "arch": f"sm_{arch}", "seconds": 0.0, "error": None}
+    if nvcc is None:
+        result["error"] = "nvcc not found"
+        return result
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rwkv-peft-doctor-") as tmp:
+        for i, src in enumerate(sources):
+            cmd = [nvcc, "-c", "-O3", "-std=c++17", *COMMON_NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                   str(src), "-o", str(Path(tmp) / f"{i}.o")]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            except (OSError, subprocess.SubprocessError) as e:
+                result["error"] = f"{Path(src).name}: nvcc did not run ({type(e).__name__})"
+                break
+            if proc.returncode != 0:
+                errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] or proc.stderr.splitlines()
+                result["error"] = errors[0].strip() if errors else f"nvcc exited with {proc.returncode}"
+                break
+        else:
+            result["ok"] = True
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
 
 
 def _build(name: str, device: torch.device) -> tuple[bool, str]:
@@ -178,17 +218,20 @@ def collect() -> Report:
     dev = _device_info()
     gpu = torch.device("cuda") if dev["cuda"] else None
     no_gpu = "no CUDA device"
+    nvcc = _nvcc()
     backends = [
         _backend("cpu", torch.device("cpu")),
         _backend("cuda", gpu, no_gpu),
         _backend("triton", gpu, f"{no_gpu} (Triton is the GPU path)"),
     ]
+    if gpu is None and nvcc is not None:  # with a GPU, the real build above says whether it builds
+        backends[1].compile = _compile_cuda()
     report = Report(
         python=platform.python_version(),
         torch=torch.__version__,
         device=dev,
         bf16=_bf16_info(dev["cuda"]),
-        nvcc=_nvcc(),
+        nvcc=nvcc,
         backends=backends,
         auto=_auto(gpu or torch.device("cpu")),
         packages=_packages(),
@@ -216,6 +259,9 @@ def _judge(r: Report) -> None:
                 r.warnings.append(f"{n} kernel unavailable: {by_name[n].note}")
         if r.bf16["gpu"] != "ok":
             r.warnings.append("this GPU has no bf16: train with train.precision=fp32")
+    compiled = by_name["cuda"].compile
+    if compiled is not None and not compiled["ok"]:
+        r.warnings.append(f"the CUDA kernels do not compile with this nvcc ({compiled['arch']}): {compiled['error']}")
     if r.bf16["cpu_autocast"] != "ok":
         r.warnings.append(f"CPU bf16 autocast {r.bf16['cpu_autocast']}: keep train.precision fp32 on CPU")
     for name, version in r.packages.items():
@@ -230,6 +276,18 @@ def _describe(check: dict) -> str:
         return f"FAIL: {check['worst']} missing or not finite"
     verdict, cmp = ("PASS", "<=") if check["ok"] else ("FAIL", ">")
     return f"{verdict} err {check['max_err']:.1e} {cmp} {check['tol']:.0e} ({check['worst']})"
+
+
+def _compiled(b: Backend, nvcc: str | None) -> str:
+    """What the compile-only check of the CUDA kernels found, for the skipped cuda line."""
+    if b.name != "cuda":
+        return ""
+    if b.compile is None:
+        return "; no nvcc, so not compiled" if nvcc is None else ""
+    c = b.compile
+    if c["ok"]:
+        return f"; its kernels compile (nvcc -c for {c['arch']} in {c['seconds']} s, compile-only: nothing ran)"
+    return f"; its kernels do NOT compile (nvcc -c for {c['arch']}): {c['error']}"
 
 
 def _line(label: str, text: str) -> str:
@@ -254,7 +312,7 @@ def render(r: Report) -> str:
     ]
     for b in r.backends:
         if b.built is None:
-            lines.append(_line(b.name, f"skipped: {b.note}"))
+            lines.append(_line(b.name, f"skipped: {b.note}{_compiled(b, r.nvcc)}"))
         elif not b.built:
             lines.append(_line(b.name, f"NOT BUILT: {b.note}"))
         else:

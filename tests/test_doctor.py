@@ -1,19 +1,26 @@
-"""`rwkv-peft doctor` on this (CPU) machine: exit 0, every section on screen, clean --json, and exit 1
-when a kernel computes wrong (a wrong CPU kernel put in place of the real one)."""
+"""`rwkv-peft doctor`: exit 0, every section on screen, clean --json, and exit 1 when a kernel computes
+wrong (a wrong CPU kernel put in place of the real one). The CPU-machine screen is checked with CUDA
+hidden (so it holds on a GPU machine too), with and without nvcc; the CUDA kernels' compile-only check
+runs for real where nvcc exists; a GPU machine's own screen is checked where there is one."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from peft_rwkv7 import doctor
 from peft_rwkv7.cli import main
 from peft_rwkv7.ops import cpu, dispatch, wkv7_reference
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPILED = {"ok": True, "arch": "sm_80", "seconds": 1.5, "error": None}
+BROKEN = {"ok": False, "arch": "sm_80", "seconds": 0.5, "error": "wkv7_cuda.cu(1): error: expected a ';'"}
 
 
 def wrong_output(r, w, k, v, a, b, state=None):
@@ -21,41 +28,102 @@ def wrong_output(r, w, k, v, a, b, state=None):
     return y + 0.01 * y.detach(), s
 
 
-def test_doctor_screen(capsys):
-    assert main(["doctor"]) == 0
+@pytest.fixture
+def cpu_machine(monkeypatch):
+    """This machine as one without a CUDA device (whatever it has) and without nvcc; returns monkeypatch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(doctor, "_nvcc", lambda: None)
+    monkeypatch.setattr(doctor, "_compile_cuda", lambda: pytest.fail("compiled although there is no nvcc"))
+    return monkeypatch
+
+
+def _screen(capsys, status: int = 0) -> tuple[str, dict[str, str]]:
+    assert main(["doctor"]) == status
     out = capsys.readouterr().out
-    labels = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    return out, lines
+
+
+def test_doctor_screen_without_gpu_or_nvcc(cpu_machine, capsys):
+    out, lines = _screen(capsys)
     for label in ("python", "torch", "GPU", "bf16", "nvcc", "cpu", "cuda", "triton", "reference", "auto",
                   "peft", "bitsandbytes", "deepspeed", "wandb"):
-        assert label in labels, f"no {label} line in:\n{out}"
+        assert label in lines, f"no {label} line in:\n{out}"
     assert "  cpu          fp32 PASS" in out and "bf16 PASS" in out
-    assert "cuda         skipped: no CUDA device" in out  # a CPU machine: not a failure
+    assert lines["cuda"] == "  cuda         skipped: no CUDA device; no nvcc, so not compiled"  # not a failure
+    assert lines["nvcc"].startswith("  nvcc         not found")
     assert "auto picks   fp32 -> cpu, bf16 -> cpu" in out
+    assert out.rstrip().splitlines()[-1].startswith("verdict: OK - ready to train on CPU")
+
+
+@pytest.mark.parametrize("result", [COMPILED, BROKEN], ids=["compiles", "broken"])
+def test_doctor_reports_the_cuda_compile_where_nvcc_is_but_no_gpu(cpu_machine, capsys, result):
+    cpu_machine.setattr(doctor, "_nvcc", lambda: "/opt/cuda/bin/nvcc (CUDA 13.0)")
+    cpu_machine.setattr(doctor, "_compile_cuda", lambda: result)
+    out, lines = _screen(capsys)  # a CUDA kernel that does not compile on a CPU machine is a warning only
+    if result["ok"]:
+        assert lines["cuda"] == ("  cuda         skipped: no CUDA device; its kernels compile "
+                                 "(nvcc -c for sm_80 in 1.5 s, compile-only: nothing ran)")
+        assert "warning: the CUDA kernels" not in out
+    else:
+        assert lines["cuda"] == ("  cuda         skipped: no CUDA device; its kernels do NOT compile "
+                                 "(nvcc -c for sm_80): wkv7_cuda.cu(1): error: expected a ';'")
+        assert "warning: the CUDA kernels do not compile with this nvcc (sm_80): wkv7_cuda.cu(1)" in out
     assert out.rstrip().splitlines()[-1].startswith("verdict: OK")
 
 
-def test_doctor_fails_on_a_wrong_kernel(capsys, monkeypatch):
-    monkeypatch.setattr(dispatch, "_VERDICTS", {})  # fresh verdicts, restored after the test
-    monkeypatch.setattr(cpu, "wkv7_cpu", wrong_output)
-    assert main(["doctor"]) == 1
-    out = capsys.readouterr().out
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_compile_check_compiles_the_kernels_and_names_an_error(tmp_path):
+    # The kernels compile with this nvcc (tests/ops/test_cuda_compile.py compiles them for sm_90/sm_80 too).
+    got = doctor._compile_cuda()
+    assert got["ok"] and got["error"] is None and got["arch"] == "sm_80", got
+    broken = tmp_path / "broken.cu"
+    broken.write_text("__global__ void k() { int x = ; }\n")
+    got = doctor._compile_cuda((broken,))
+    assert not got["ok"] and "broken.cu" in got["error"] and "error" in got["error"], got
+
+
+def test_doctor_fails_on_a_wrong_kernel(cpu_machine, capsys):
+    cpu_machine.setattr(dispatch, "_VERDICTS", {})  # fresh verdicts, restored after the test
+    cpu_machine.setattr(cpu, "wkv7_cpu", wrong_output)
+    out, _ = _screen(capsys, status=1)
     assert "  cpu          fp32 FAIL err 1.0e-02 > 1e-04 (y)" in out
     assert "auto picks   fp32 -> reference" in out
     assert out.rstrip().splitlines()[-1].startswith("verdict: FAIL - cpu kernel is WRONG in fp32")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_doctor_screen_on_a_gpu_machine(capsys):
+    assert main(["doctor"]) in (0, 1)
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert torch.cuda.get_device_name(0) in lines["GPU"]
+    for name in ("cuda", "triton"):  # built and checked, or not built with the reason: never skipped
+        assert "skipped" not in lines[name] and ("PASS" in lines[name] or "FAIL" in lines[name]
+                                                 or "NOT BUILT" in lines[name]), lines[name]
+    assert "cuda tensors" in lines["auto"]
+
+
 def test_doctor_json_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-m", "peft_rwkv7.cli", "doctor", "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+                          capture_output=True, text=True, timeout=1200)
     report = json.loads(proc.stdout)  # stdout holds the JSON object only (import chatter is swallowed)
-    assert report["ok"] and report["problems"] == []
-    assert report["device"]["cuda"] is False
+    assert proc.returncode == (0 if report["ok"] else 1), proc.stderr
     backends = {b["name"]: b for b in report["backends"]}
     assert backends["cpu"]["built"] and all(c["ok"] for c in backends["cpu"]["checks"].values())
+    assert set(report["packages"]) >= {"peft", "bitsandbytes", "deepspeed", "wandb"}
+    assert report["device"]["cuda"] is torch.cuda.is_available()
+    if report["device"]["cuda"]:  # the real build and checks, no compile-only check
+        assert backends["cuda"]["built"] is not None and backends["cuda"]["compile"] is None
+        return
+    assert report["ok"] and report["problems"] == []
     assert backends["cuda"]["built"] is None and backends["triton"]["built"] is None
     assert report["auto"] == {"fp32": "cpu", "bf16": "cpu"}
-    assert set(report["packages"]) >= {"peft", "bitsandbytes", "deepspeed", "wandb"}
+    compiled = backends["cuda"]["compile"]
+    if shutil.which("nvcc") is None:
+        assert compiled is None and report["nvcc"] is None
+    else:  # the kernels compile with this nvcc (as tests/ops/test_cuda_compile.py checks)
+        assert compiled["ok"] and compiled["error"] is None, compiled
 
 
 def test_doctor_help(capsys):
