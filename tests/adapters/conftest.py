@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from peft_rwkv7.adapters import trainable_parameters
+from peft_rwkv7.adapters.files import read_adapter
 from peft_rwkv7.model import RWKV7Config, load_model, new_model, save_model
+from tests.fp_oracle import gamma
 
 TINY = dict(n_layer=2, n_embd=64, vocab_size=128, head_size=16)
 
@@ -71,6 +73,30 @@ def train_steps(adapted, steps: int = 3, lr: float = 1e-2, seed: int = 0) -> Non
     for (name, p), b in zip(params, before):
         assert not torch.equal(p.detach(), b), f"{name} did not train"
     adapted.eval()
+
+
+def merge_rounding(run_dir, base_path, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per element, a bound on |one merge - another| from the roundings the two formulas make (written
+    for the in-memory merge against the file merge; any two orders of the same sums are within it).
+
+    Both add the same exact terms, base W + s B A (PiSSA: the file's rank-2r [B, -B0] [A; A0], memory
+    the residual fl(W - s B0 A0) held since attach, plus s B A), in different orders. Each r-term dot
+    product rounds r times (Higham gamma_r on s |B| |A|), each add once: memory gamma_(r+1) + gamma_r + u,
+    the file gamma_(2r+1), together <= gamma_(4r+3) times S = |W| + |merged| + s |B_2r| |A_2r|, which
+    bounds every summand and partial sum. Tensors copied as they are (full parts, states) get 0."""
+    af, base = read_adapter(run_dir), torch.load(base_path)
+    out = {}
+    for key, w in merged.items():
+        module = key[: -len(".weight")]
+        if f"{module}.lora_A" not in af.tensors and f"{module}.disha" not in af.tensors and af.method.quant == "none":
+            out[key] = torch.zeros_like(w)
+            continue
+        scale = w.abs() + base[key].float().abs()
+        if f"{module}.lora_A" in af.tensors:
+            a, b = af.tensors[f"{module}.lora_A"], af.tensors[f"{module}.lora_B"]
+            scale = scale + af.lora_scale * (b.abs() @ a.abs())
+        out[key] = gamma(4 * af.method.r + 3) * scale
+    return out
 
 
 @pytest.fixture

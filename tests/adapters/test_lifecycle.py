@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from peft_rwkv7 import MethodConfig, attach, detach, disable_adapter, merge, merge_into_pth, save_adapter
-from peft_rwkv7.adapters.files import read_adapter
 from peft_rwkv7.model import load_model
-from tests.adapters.conftest import make_base
-from tests.fp_oracle import forward_rounding, gamma, logits64
+from tests.adapters.conftest import make_base, merge_rounding
+from tests.fp_oracle import forward_rounding, logits64
 
 IDX = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(5))
 METHODS = [
@@ -32,29 +31,6 @@ def _id(m: dict) -> str:
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(IDX)
-
-
-def merge_rounding(run_dir, base_path, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per element, a bound on |in-memory merge - file merge| from the roundings the two formulas make.
-
-    Both add the same exact terms, base W + s B A (PiSSA: the file's rank-2r [B, -B0] [A; A0], memory
-    the residual fl(W - s B0 A0) held since attach, plus s B A), in different orders. Each r-term dot
-    product rounds r times (Higham gamma_r on s |B| |A|), each add once: memory gamma_(r+1) + gamma_r + u,
-    the file gamma_(2r+1), together <= gamma_(4r+3) times S = |W| + |merged| + s |B_2r| |A_2r|, which
-    bounds every summand and partial sum. Tensors copied as they are (full parts, states) get 0."""
-    af, base = read_adapter(run_dir), torch.load(base_path)
-    out = {}
-    for key, w in merged.items():
-        module = key[: -len(".weight")]
-        if f"{module}.lora_A" not in af.tensors and f"{module}.disha" not in af.tensors and af.method.quant == "none":
-            out[key] = torch.zeros_like(w)
-            continue
-        scale = w.abs() + base[key].float().abs()
-        if f"{module}.lora_A" in af.tensors:
-            a, b = af.tensors[f"{module}.lora_A"], af.tensors[f"{module}.lora_B"]
-            scale = scale + af.lora_scale * (b.abs() @ a.abs())
-        out[key] = gamma(4 * af.method.r + 3) * scale
-    return out
 
 
 @pytest.mark.parametrize("method", METHODS, ids=_id)
