@@ -33,6 +33,13 @@ def logits(model) -> torch.Tensor:
         return model(IDX)
 
 
+def two_forwards(model, scale: torch.Tensor) -> float:
+    """How far two fp32 forwards of one network can be apart: twice the forward's rounding bound, relative
+    to the largest logit `scale` (PiSSA's start or a detached residual + B0 A0 rebuilds the base weight
+    within gamma_(r+1) of its summands, far inside that bound)."""
+    return 2 * forward_rounding(model.config, IDX.shape[1]) * scale.abs().max().item()
+
+
 @pytest.mark.parametrize("method", METHODS, ids=_id)
 def test_merge_in_memory_equals_the_file_merge(method, base_path, load_base, train, tmp_path):
     adapted = attach(load_base(), MethodConfig(**{"r": 8, **method}))
@@ -67,16 +74,17 @@ def test_disable_adapter_gives_the_base_and_comes_back(method, load_base, train)
     # The base as this method holds it: a fresh, untrained attach (a quantized base computes with its
     # 4/8-bit weights; PiSSA at its start is residual + start). For float bases that is the base itself.
     start = logits(attach(load_base(), cfg))
+    tol = two_forwards(load_base(), start)
     if cfg.quant == "none":
-        assert (start - logits(load_base())).abs().max() <= 1e-5 * start.abs().max()
+        assert (start - logits(load_base())).abs().max() <= tol
     adapted = attach(load_base(), cfg)
     train(adapted)
     tuned = logits(adapted)
     flags = [p.requires_grad for p in adapted.parameters()]
     with disable_adapter(adapted):
         off = logits(adapted)
-    assert (off - start).abs().max() <= 1e-5 * start.abs().max()
-    assert (tuned - start).abs().max() > 1e-2  # training moved it: the check above can fail
+    assert (off - start).abs().max() <= tol
+    assert (tuned - start).abs().max() > 10 * tol  # training moved it: the check above can fail
     assert torch.equal(logits(adapted), tuned)
     assert [p.requires_grad for p in adapted.parameters()] == flags
 
@@ -92,10 +100,11 @@ def test_disable_adapter_restores_a_checkpoints_own_state(tmp_path):
     with torch.no_grad():
         for blk in adapted.model.blocks:
             blk.att.time_state.add_(1.0)
+    tol = two_forwards(base, want)
     with disable_adapter(adapted):
-        assert torch.allclose(logits(adapted), want, atol=1e-5)
+        assert (logits(adapted) - want).abs().max() <= tol
     model = detach(adapted)
-    assert torch.allclose(logits(model), want, atol=1e-5)
+    assert (logits(model) - want).abs().max() <= tol
 
 
 def test_full_parts_cannot_be_switched_off(load_base):
@@ -113,5 +122,5 @@ def test_detach_returns_the_base(method, load_base, train):
     model = detach(adapted)
     assert type(model).__name__ == "RWKV7"
     assert not any("lora" in n or "disha" in n or "base_layer" in n for n, _ in model.named_parameters())
-    assert (logits(model) - base).abs().max() <= 1e-5 * base.abs().max()
+    assert (logits(model) - base).abs().max() <= two_forwards(model, base)
     attach(model, MethodConfig(kind="lora", r=4))  # and it takes another method
