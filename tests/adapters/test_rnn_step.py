@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from peft_rwkv7.adapters import MethodConfig, attach
+from tests.fp_oracle import forward_rounding
 
 METHODS = {
     "lora": dict(kind="lora", r=4),
@@ -33,4 +34,6 @@ def test_token_by_token_equals_the_sequence(name, load_base, train):
             logits, state = adapted(idx[:, t : t + 1], state, return_state=True)
             steps.append(logits[0, -1])
     err = (torch.stack(steps) - whole).abs().max().item()
-    assert err <= 1e-4 * whole.abs().max().item(), f"{name}: max |diff| {err:.2e}"
+    # two fp32 forwards of one network (the step kernels and the sequence op): twice the forward's bound
+    tol = 2 * forward_rounding(adapted.config, idx.shape[1]) * whole.abs().max().item()
+    assert err <= tol, f"{name}: max |diff| {err:.2e} > {tol:.2e}"
