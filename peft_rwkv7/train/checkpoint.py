@@ -10,10 +10,16 @@ DeepSpeed (any number of processes): `checkpoints/step_000120/` holds DeepSpeed'
 checkpoint in `ds/` (each rank writes its ZeRO optimizer partition, under ZeRO-3 its parameter
 partition too; nothing is gathered, frozen weights are left out), `rng_rank00000.pt` ... written by
 each rank for itself, and `meta.json` (step, processes, ZeRO stage, the trained tensors' names, shapes
-and dtypes). Every rank writes into `step_000120.tmp/`; after a barrier rank 0 writes meta.json and
-renames the folder. The rename is the commit point: only renamed folders are checkpoints, so a run
-killed mid-save keeps its last good one. Old checkpoints are renamed away before they are deleted.
-All ranks must see the same out_dir (a shared filesystem across nodes, as DeepSpeed itself assumes).
+and dtypes). Every rank writes into `step_000120.tmp/`; after a barrier the folder's writer writes
+meta.json and renames the folder. The rename is the commit point: only renamed folders are checkpoints,
+so a run killed mid-save keeps its last good one. Old checkpoints are renamed away (and deleted) only
+once every out_dir has committed the new one.
+
+The writer is global rank 0 when every process sees the same out_dir. Several machines without a
+shared filesystem (train.distributed.Dist.shared_out_dir False) each have their own out_dir: there each
+node's local rank 0 is the writer of its node's folders, which hold that node's shards, DeepSpeed's
+module states (its `use_node_local_storage`) and a meta.json; resume takes the newest step that every
+process finds.
 """
 
 from __future__ import annotations
@@ -185,19 +191,21 @@ def _fsync(path: Path) -> None:
 
 
 def save_engine_checkpoint(engine, run_dir: Path, step: int, named_params, keep: int, rank: int, world_size: int,
-                           stage: int) -> Path:
+                           stage: int, writer: bool | None = None) -> Path:
     """Every process calls this: DeepSpeed's sharded checkpoint + this rank's RNG into step_N.tmp/,
-    then rank 0 commits it by renaming it to step_N/ and prunes (see the module docstring)."""
+    then the folder's writer (default: rank 0) commits it by renaming it to step_N/ and, once every
+    writer has, prunes (see the module docstring)."""
+    writer = rank == 0 if writer is None else writer
     folder = Path(run_dir) / "checkpoints"
     final, tmp = folder / f"step_{step:06d}", folder / f"step_{step:06d}.tmp"
-    if rank == 0:
+    if writer:
         shutil.rmtree(tmp, ignore_errors=True)  # what a save killed at this step left
         tmp.mkdir(parents=True)
     _barrier()
     atomic_save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
     _barrier()  # every shard is written
-    if rank == 0:
+    if writer:
         meta = {
             "step": step, "world_size": world_size, "zero_stage": stage,
             "params": {n: {"shape": list(_full_shape(p)), "dtype": str(p.dtype).removeprefix("torch.")}
@@ -213,8 +221,9 @@ def save_engine_checkpoint(engine, run_dir: Path, step: int, named_params, keep:
         else:
             os.replace(tmp, final)  # the commit point
             _fsync(folder)
+    _barrier()  # committed in every out_dir when this returns, on every rank
+    if writer:
         _prune(run_dir, keep)
-    _barrier()  # committed when this returns, on every rank
     return final
 
 
@@ -247,18 +256,27 @@ def _load_engine_checkpoint(engine, path: Path, named_params, rank: int, world_s
 
 # --- resume -------------------------------------------------------------------------------------------
 
+def _found_everywhere(run_dir: Path, found: list[tuple[int, Path]], world_size: int) -> list[tuple[int, Path]]:
+    """The newest checkpoint that every process finds in the out_dir it sees (one shared folder, or each
+    node's own); the same decision, or the same one-line refusal, on every rank."""
+    steps: list = [None] * world_size
+    torch.distributed.all_gather_object(steps, [s for s, _ in found])
+    common = set.intersection(*(set(s) for s in steps))
+    if not common and any(steps):
+        lacking = next(r for r, s in enumerate(steps) if set(s) != set(steps[0]))
+        raise UserError(f"{run_dir}: no checkpoint is there for every process (rank 0 finds steps {steps[0]}, rank "
+                        f"{lacking} {steps[lacking]}); each node must keep the checkpoint folders its processes "
+                        f"wrote in its out_dir")
+    return [(s, p) for s, p in found if s == max(common)] if common else []
+
+
 def resume(run_dir: Path, named_params, optimizer, engine=None, stage: int = 0, rank: int = 0,
            world_size: int = 1) -> int:
     """Restore the newest checkpoint of run_dir into the live trained tensors and optimizer (under
     DeepSpeed: into the engine, every process calls this); returns the step it reached."""
     found = list_checkpoints(run_dir)
-    if engine is not None and world_size > 1:  # every rank takes the checkpoint rank 0 sees
-        pick = [found[-1][0] if found else None]
-        torch.distributed.broadcast_object_list(pick, src=0)
-        found = [(s, p) for s, p in found if s == pick[0]]
-        if pick[0] is not None and not found:
-            raise UserError(f"{run_dir}: rank 0 resumes from step {pick[0]}, which rank {rank} cannot see; "
-                            "out_dir must be on a filesystem every process shares")
+    if engine is not None and world_size > 1:
+        found = _found_everywhere(run_dir, found, world_size)
     if not found:
         raise UserError(f"{run_dir}: nothing to resume (no checkpoints/); run without --resume")
     step, path = found[-1]

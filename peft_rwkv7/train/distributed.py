@@ -1,9 +1,16 @@
-"""Multi-process training through DeepSpeed's ZeRO engine.
+"""Multi-process training through DeepSpeed's ZeRO engine, on one machine or several.
 
 Launch with `deepspeed` or `torchrun`; they pass rank and world size to every process through
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (the launcher protocol). Each rank reads
 its own samples (data.TrainData.batch shards by rank) and writes its own shard of a checkpoint
-(train.checkpoint); rank 0 alone tokenizes the data and writes the log, adapter and model files.
+(train.checkpoint); global rank 0 alone writes the log, adapter and model files.
+
+Several machines need not share a filesystem. At the start every node's local rank 0 leaves a probe
+file in out_dir and in the data cache folder, and every process says whose probes it sees: a folder
+all of them see is shared (global rank 0 tokenizes into it, commits checkpoints in it), a folder each
+node sees alone is the node's own (its local rank 0 tokenizes the node's cache, commits the node's
+checkpoint shards and keeps a copy of the run's recipe.yaml for the resume checks); anything in
+between is refused in one line.
 """
 
 from __future__ import annotations
@@ -12,19 +19,53 @@ import contextlib
 import datetime
 import os
 import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from .recipe import Recipe
+from .recipe import Recipe, dump_recipe
+
+PROBE = ".rwkv-peft-probe"  # out_dir/.rwkv-peft-probe-{token}-{rank}, for the moment of the check
 
 
-def launcher_dist(recipe: Recipe):
+@dataclass
+class Dist:
+    """Where this process stands in a multi-process run (rank 0 of 1 when single), and which of its
+    folders the other processes see (see the module docstring)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    shared_out_dir: bool = True  # False: each node has its own out_dir (its own checkpoint shards)
+    shared_cache: bool = True  # False: each node has its own data cache (its local rank 0 tokenizes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def writes_out_dir(self) -> bool:
+        """Whether this process creates and commits the checkpoint folders of the out_dir it sees."""
+        return self.is_main if self.shared_out_dir else self.local_rank == 0
+
+
+def launcher_dist(recipe: Recipe) -> Dist:
     """Rank and world size from the launcher, initialising torch.distributed when the recipe asks
-    for DeepSpeed; a single process otherwise."""
-    from .loop import Dist
-
-    if not recipe.train.deepspeed.stage:
+    for DeepSpeed; a single process otherwise. Refuses (one line) several processes without DeepSpeed,
+    and train.deepspeed.offload where DeepSpeed's CPU Adam cannot be built."""
+    ds = recipe.train.deepspeed
+    if ds.offload and not ds.stage:
+        raise UserError("train.deepspeed.offload: offloading the optimizer is a ZeRO feature; set "
+                        "train.deepspeed.stage to 1, 2 or 3 (and launch with deepspeed or torchrun)")
+    if not ds.stage:
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world != "1":
+            raise UserError(f"launched as {world} processes (WORLD_SIZE) but train.deepspeed.stage is 0: each would "
+                            "train the whole run alone; multi-process training runs through ZeRO, set "
+                            "train.deepspeed.stage=1, 2 or 3 (or start a single process)")
         return Dist()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise UserError("train.deepspeed is on: launch with `deepspeed` or `torchrun` (RANK/WORLD_SIZE not set)")
@@ -32,13 +73,88 @@ def launcher_dist(recipe: Recipe):
 
     backend = "nccl" if torch.cuda.is_available() and recipe.train.device != "cpu" else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # deepspeed.init_distributed requires (or sets) it
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
+        torch.cuda.set_device(local_rank)
+    dist = Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                local_rank=local_rank)
+    if ds.offload:  # built (or refused, on every process) now, before any data or model work
+        from .optim import cpu_adam_op
+
+        error = None
+        try:
+            cpu_adam_op(announce=dist.is_main)
+        except UserError as e:
+            error = str(e)
+        _raise_anywhere(dist, error)
+    if dist.world_size > 1:
+        from ..data.dataset import DEFAULT_CACHE_DIR
+
+        token = [uuid.uuid4().hex[:12]]
+        torch.distributed.broadcast_object_list(token, src=0)
+        out_dir = Path(recipe.out_dir)
+        dist.shared_out_dir = folder_is_shared(out_dir, "out_dir", token[0], dist)
+        dist.shared_cache = folder_is_shared(DEFAULT_CACHE_DIR.expanduser(), "the data cache", token[0], dist)
+        if not dist.shared_out_dir:
+            if dist.local_rank == 0 and not dist.is_main:  # what the resume checks of this node read
+                from .logger import atomic_write_text
+
+                atomic_write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
+            if dist.is_main:
+                print(f"out_dir {out_dir} is each node's own (not shared between the nodes): each node keeps its "
+                      "processes' checkpoint shards there; the log, adapter and model files are on rank 0's node; "
+                      "resume with every node's out_dir as the run left it", file=sys.stderr, flush=True)
+    return dist
 
 
-def deepspeed_config(recipe: Recipe) -> dict:
-    """The DeepSpeed config for the recipe: ZeRO stage/offload, batch shape and clipping.
+def _raise_anywhere(dist: Dist, error: str | None) -> None:
+    """Every process calls this with its error (or None): the first one, if any, is raised on all of them."""
+    errors: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise UserError(first if first == error else f"{first} (on another process)")
+
+
+def folder_is_shared(folder: Path, what: str, token: str, dist: Dist) -> bool:
+    """Every process calls this: True when every process sees the probe files every node's local rank 0
+    writes into `folder` (one folder for all), False when each sees exactly one (its node's own folder);
+    a UserError (on every process) when some share it and others do not."""
+    mine = folder / f"{PROBE}-{token}-{dist.rank}"
+    error = None
+    if dist.local_rank == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            mine.touch()
+        except OSError as e:
+            error = f"{what} {folder}: cannot be written by rank {dist.rank} ({e.strerror or e})"
+    torch.distributed.barrier()
+    seen = sorted(int(p.name.rsplit("-", 1)[1]) for p in folder.glob(f"{PROBE}-{token}-*")) if folder.is_dir() else []
+    views: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(views, (dist.local_rank, seen))  # every process has looked
+    if dist.local_rank == 0:
+        mine.unlink(missing_ok=True)
+    _raise_anywhere(dist, error)
+    return sharing(folder, what, views)
+
+
+def sharing(folder: Path, what: str, views: list[tuple[int, list[int]]]) -> bool:
+    """The decision of folder_is_shared from every rank's (local rank, ranks whose probes it sees)."""
+    leaders = [r for r, (local_rank, _) in enumerate(views) if local_rank == 0]
+    if all(seen == leaders for _, seen in views):
+        return True
+    if all(len(seen) == 1 and seen[0] in leaders for _, seen in views) and all(views[r][1] == [r] for r in leaders):
+        return False
+    odd = next(r for r, (_, seen) in enumerate(views) if seen != leaders)
+    raise UserError(f"{what} {folder} is shared by some nodes and not others (rank {odd} sees the files of ranks "
+                    f"{views[odd][1]}, the nodes' local rank 0 are {leaders}): give every node the same shared folder, "
+                    f"or each node a folder of its own")
+
+
+def deepspeed_config(recipe: Recipe, node_local_out_dir: bool = False) -> dict:
+    """The DeepSpeed config for the recipe: ZeRO stage/offload, batch shape and clipping; with
+    `node_local_out_dir` (each node its own out_dir) every node's local rank 0 writes the engine's
+    module states into its node's checkpoint and each rank reads only its own shard back.
 
     DeepSpeed's own mixed precision stays off. Its `bf16` mode casts every parameter of the module to
     bf16, the trained ones included (LoRA factors, state, train_parts would then be stored and updated
@@ -64,16 +180,19 @@ def deepspeed_config(recipe: Recipe) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if tc.deepspeed.offload:
+    if tc.deepspeed.offload:  # the optimizer is then DeepSpeed's CPU Adam (train/optim.py)
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if node_local_out_dir:
+        config["checkpoint"] = {"use_node_local_storage": True}
     return config
 
 
-def deepspeed_engine(model, optimizer, recipe: Recipe):
-    """Wrap model + our AdamW in a DeepSpeed engine (see deepspeed_config)."""
+def deepspeed_engine(model, optimizer, recipe: Recipe, dist: Dist):
+    """Wrap model + the run's optimizer in a DeepSpeed engine (see deepspeed_config)."""
     import deepspeed
 
-    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(recipe))
+    config = deepspeed_config(recipe, node_local_out_dir=not dist.shared_out_dir)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, ds_optimizer
 
 
@@ -90,35 +209,40 @@ def micro_backward(engine, part: torch.Tensor, scale: float, step: int) -> None:
         (part * scale).backward()
 
 
-def main_first(dist, make, *, what: str):
-    """`make(build=True)` on rank 0 while the other ranks wait, then `make(build=False)` on them.
+def main_first(dist: Dist, make, *, what: str):
+    """`make(build=True)` on the processes that prepare the data cache while the others wait, then
+    `make(build=False)` on the others.
 
-    For work that only one process should do, such as tokenizing the data into the shared cache: the
-    others open what rank 0 wrote. `make(build=False)` returning None means the result is not visible
-    here (a cache folder on a node-local disk): that rank then builds its own and says so on stderr.
-    If rank 0 fails, every rank stops with its error. The wait is on a gloo group without DeepSpeed's
-    10-minute collective timeout, since tokenizing a large corpus can take longer."""
+    For work that only one process per cache folder should do, such as tokenizing the data: global rank 0
+    when the cache folder is shared, else every node's local rank 0 for its node (dist.shared_cache); the
+    others open what was written. `make(build=False)` returning None means the result is still not visible
+    here: that rank then builds its own and says so on stderr. If a builder fails, every rank stops with its
+    error. The wait is on a gloo group without DeepSpeed's 10-minute collective timeout, since tokenizing a
+    large corpus can take longer."""
     if dist.world_size == 1:
         return make(build=True)
+    builds = dist.is_main if dist.shared_cache else dist.local_rank == 0
     result, error = None, None
-    if dist.is_main:
+    if builds:
         try:
             result = make(build=True)
         except Exception as e:  # noqa: BLE001 - reported to the other ranks, then re-raised
             error = e
     group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
-    message = [None if error is None else f"rank 0 stopped ({what}): {error}"]
-    torch.distributed.broadcast_object_list(message, src=0, group=group)
+    messages: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(
+        messages, None if error is None else f"rank {dist.rank} stopped ({what}): {error}", group=group)
     torch.distributed.destroy_process_group(group)
     if error is not None:
         raise error
-    if message[0] is not None:
-        raise UserError(message[0])
+    first = next((m for m in messages if m is not None), None)
+    if first is not None:
+        raise UserError(first)
     if result is None:
         result = make(build=False)
     if result is None:
-        print(f"rank {dist.rank}: {what}: rank 0's result is not visible from this process (a folder on a "
-              "node-local disk?); doing it again here", file=sys.stderr, flush=True)
+        print(f"rank {dist.rank}: {what}: the cache its builder wrote is not visible from this process; "
+              "doing it again here", file=sys.stderr, flush=True)
         result = make(build=True)
     return result
 

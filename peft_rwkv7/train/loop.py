@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
 from . import checkpoint as ckpt
-from .distributed import gathered, main_first, micro_backward
+from .distributed import Dist, gathered, main_first, micro_backward
 from .logger import RunLogger
 from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
 from .objectives import Objective
@@ -34,18 +34,6 @@ from .optim import build_optimizer
 from .preference import evaluate_preference, load_eval_pairs, preference_backward, preference_setup
 from .recipe import Recipe
 from .schedule import get_lr
-
-
-@dataclass
-class Dist:
-    """Where this process stands in a multi-process run (rank 0 of 1 when single)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def build_base(recipe: Recipe, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
@@ -111,7 +99,8 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     # any step and before a checkpoint is restored).
     objective, reference = preference_setup(recipe, model)
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    # Several processes: rank 0 tokenizes into the cache while the others wait, then they open it.
+    # Several processes: rank 0 (each node's local rank 0 where the cache is not shared) tokenizes while
+    # the others wait, then they open it.
     data = main_first(dist, lambda build: make_dataset(
         recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
         progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
@@ -130,7 +119,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     if tc.deepspeed.stage:
         from .distributed import deepspeed_engine
 
-        engine, optimizer = deepspeed_engine(model, optimizer, recipe)
+        engine, optimizer = deepspeed_engine(model, optimizer, recipe, dist)
     run = Run(recipe, dist, device, base, base_path, model, named, data, eval_docs, optimizer, engine,
               _precision_context(device, use_bf16), start=0, objective=objective, reference=reference,
               eval_pairs=eval_pairs)
@@ -321,7 +310,7 @@ def _save(run: Run, step: int) -> None:
             ckpt.save_checkpoint(run.out_dir, step, run.named, run.optimizer, keep=keep)
         else:
             ckpt.save_engine_checkpoint(run.engine, run.out_dir, step, run.named, keep=keep, rank=dist.rank,
-                                        world_size=dist.world_size, stage=stage)
+                                        world_size=dist.world_size, stage=stage, writer=dist.writes_out_dir)
         with gathered(run.named, stage):
             if dist.is_main:
                 save_adapter(run.model, run.out_dir, base_path=run.base_path)

@@ -11,12 +11,19 @@ gives the update the RMS of an AdamW update, so `train.lr` and `train.weight_dec
 both optimizers. Which tensors are matrices for Muon: `losses.muon_eligible` (LoRA A/B, DiSHA Bone
 shards, projections and time-mix low-rank maps trained in full); everything else (states, vectors,
 embedding, head, Bat shards) is updated by AdamW, as Muon is meant to be used.
+
+Under `train.deepspeed.offload` the optimizer is DeepSpeed's CPU Adam (decoupled weight decay, as
+AdamW) on the fp32 partitions ZeRO keeps in CPU memory: DeepSpeed refuses an optimizer of ours there.
+Its C++ op is compiled with ninja on first use (minutes, once; cached in torch's extension folder).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from ..errors import UserError
 from .losses import muon_eligible, param_groups
 
 MUON_MOMENTUM = 0.95
@@ -64,8 +71,44 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
 
+def cpu_adam_op(announce: bool = False):
+    """DeepSpeed's CPU Adam op, compiled on first use; a one-line UserError naming why where it does not build."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    if announce:
+        print("train.deepspeed.offload: loading DeepSpeed's CPU Adam (compiled with ninja on first use: "
+              "minutes, once)", file=sys.stderr, flush=True)
+    try:
+        return CPUAdamBuilder().load(verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure becomes the one-line refusal
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # compiler output follows line 1
+        raise UserError(f"train.deepspeed.offload: DeepSpeed's CPU Adam (deepspeed.ops.adam.DeepSpeedCPUAdam) does "
+                        f"not build here ({why}); it needs a C++ compiler and ninja (pip install ninja), or run "
+                        f"without offload (train.deepspeed.offload=false)") from None
+
+
+def _powers_from_the_step(optimizer, args, kwargs) -> None:
+    """A step pre-hook for DeepSpeedCPUAdam: give its C++ state a fresh start before every step.
+
+    The op keeps beta^t as a float updated by one multiplication per step, but computes it as
+    pow(beta, t) when the step count jumps (the first step after a resume): the two differ in the last
+    bit (beta2 0.99 at t = 3), so a resumed run would drift from the uninterrupted one. Created afresh,
+    the op takes pow(beta, t) at every step (t = 1: 1.0 * beta, the same number), in both runs."""
+    g = optimizer.param_groups[0]
+    optimizer.ds_opt_adam.create_adam(optimizer.opt_id, g["lr"], g["betas"][0], g["betas"][1], g["eps"],
+                                      g["weight_decay"], optimizer.adam_w_mode, False)
+
+
 def build_optimizer(named, tc, device: torch.device) -> torch.optim.Optimizer:
     """The run's optimizer for the trained tensors `named` [(name, param)] and the recipe's train section."""
+    if tc.deepspeed.offload:  # muon is refused with DeepSpeed by the recipe
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        cpu_adam_op()
+        optimizer = DeepSpeedCPUAdam(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                     eps=tc.eps, adamw_mode=True)
+        optimizer.register_step_pre_hook(_powers_from_the_step)
+        return optimizer
     if tc.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                  eps=tc.eps, fused=(device.type == "cuda") or None)
@@ -76,4 +119,4 @@ def build_optimizer(named, tc, device: torch.device) -> torch.optim.Optimizer:
     return MuonAdamW(muon_groups, adamw_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
 
 
-__all__ = ["MuonAdamW", "build_optimizer", "MUON_MOMENTUM"]
+__all__ = ["MuonAdamW", "build_optimizer", "cpu_adam_op", "MUON_MOMENTUM"]

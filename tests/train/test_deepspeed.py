@@ -1,7 +1,9 @@
-"""DeepSpeed with 2 CPU processes (gloo): sharded engine checkpoints resume exactly under ZeRO-2 and ZeRO-3,
-trained tensors stay fp32 under bf16 autocast, and rank 0 alone tokenizes a cold data cache.
+"""DeepSpeed with 2 CPU processes (gloo): sharded engine checkpoints resume exactly under ZeRO-2 and ZeRO-3 and
+with the optimizer offloaded (DeepSpeed's CPU Adam), trained tensors stay fp32 under bf16 autocast, and rank 0
+alone tokenizes a cold data cache.
 
-(Two processes against one on the same global batch: tests/train/test_batch_split.py.)"""
+(Two processes against one on the same global batch: tests/train/test_batch_split.py; two machines without a
+shared filesystem: tests/train/test_multinode.py.)"""
 
 from __future__ import annotations
 
@@ -59,14 +61,104 @@ def test_engine_config_leaves_precision_to_the_loop():
     assert config["gradient_predivide_factor"] == 1.0 and not config["prescale_gradients"]
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (3, 2)
     assert config["gradient_clipping"] == 0.5 and config["zero_optimization"]["stage"] == 3
+    assert "offload_optimizer" not in config["zero_optimization"] and "checkpoint" not in config
+    offload = load_recipe(LORA, ["train.deepspeed.stage=2", "train.deepspeed.offload=true"])
+    config = deepspeed_config(offload, node_local_out_dir=True)
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert config["checkpoint"] == {"use_node_local_storage": True}
+
+
+def test_offload_refusals(monkeypatch):
+    """Offload without ZeRO, Muon with offload, and a CPU Adam that does not build: each one line saying what to do."""
+    from peft_rwkv7.train.distributed import launcher_dist
+    from peft_rwkv7.train.optim import build_optimizer
+    from peft_rwkv7.train.recipe import load_recipe
+
+    with pytest.raises(UserError, match=r"offload.*set train\.deepspeed\.stage to 1, 2 or 3") as e:
+        launcher_dist(load_recipe(LORA, ["train.deepspeed.offload=true"]))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"muon is not available under train\.deepspeed.*use adamw") as e:
+        load_recipe(LORA, ["train.optimizer=muon", "train.deepspeed.stage=2", "train.deepspeed.offload=true"])
+    assert "\n" not in str(e.value)
+
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    def no_ninja(self, verbose=False):  # what DeepSpeed raises on a machine without ninja
+        raise RuntimeError("Unable to JIT load the cpu_adam op due to ninja not being installed.")
+
+    monkeypatch.setattr(CPUAdamBuilder, "load", no_ninja)
+    tc = load_recipe(LORA, ["train.deepspeed.stage=2", "train.deepspeed.offload=true"]).train
+    with pytest.raises(UserError, match=r"CPU Adam .*does not build here \(Unable to JIT load the cpu_adam op due to "
+                                        r"ninja not being installed\.\); .*pip install ninja.*offload=false") as e:
+        build_optimizer([("p", torch.nn.Parameter(torch.zeros(3)))], tc, torch.device("cpu"))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_sharded_checkpoint_resumes_exactly(tiny_world, tmp_path, stage):
+def test_cpu_adam_is_adamw_and_resumes_exactly():
+    """The offload optimizer (DeepSpeed's CPU Adam, compiled on first use) takes the recipe's lr, betas, eps and
+    weight decay by group, as torch's AdamW does; and one rebuilt from a state_dict after step 2 takes step 3
+    exactly as the one that ran on (the op's own beta^t would differ in the last bit)."""
+    pytest.importorskip("deepspeed")
+    from peft_rwkv7.train.losses import param_groups
+    from peft_rwkv7.train.optim import build_optimizer, cpu_adam_op
+    from peft_rwkv7.train.recipe import load_recipe
+
+    try:
+        cpu_adam_op()
+    except UserError as e:
+        pytest.skip(str(e))
+    tc = load_recipe(LORA, ["train.deepspeed.stage=2", "train.deepspeed.offload=true", "train.weight_decay=0.1",
+                            "train.lr=1e-2", "train.beta2=0.99"]).train
+    g = torch.Generator().manual_seed(0)
+    shapes = {"blocks.0.att.receptance.lora_A.default.weight": (8, 16), "blocks.0.att.time_state": (2, 4, 4)}
+    init = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    grads = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(4)]
+
+    def run(make, steps, start=None):
+        named = [(n, torch.nn.Parameter((start or init)[n].clone())) for n in shapes]
+        opt = make(named)
+        for step in steps:
+            for n, p in named:
+                p.grad = grads[step][n].clone()
+            opt.step()
+        return {n: p.detach().clone() for n, p in named}, opt
+
+    cpu_adam = lambda named: build_optimizer(named, tc, torch.device("cpu"))  # noqa: E731
+    adamw = lambda named: torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr,  # noqa: E731
+                                            betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    ours, opt = run(cpu_adam, range(4))
+    assert type(opt).__name__ == "DeepSpeedCPUAdam"
+    ref, _ = run(adamw, range(4))
+    p_max = max(t.abs().max().item() for t in init.values())
+    # Per step the two round the decayed parameter and its update at |p| (2 roundings each, 4 between them, of
+    # 2^-24 |p|), and the CPU op holds the betas in fp32, where 1 - beta2 loses 2^-24 / (1 - beta2) = 6e-6 of
+    # itself, so v by that and the Adam direction m/sqrt(v) (|.| <= 1.01 for these betas at t <= 4, Cauchy-Schwarz)
+    # by half of it: < 1e-5 of lr. Decay applied to the wrong group, or another lr or beta, moves p by ~1e-3.
+    bound = 4 * (4 * 2**-24 * p_max + 1e-5 * tc.lr)
+    for n in shapes:
+        assert (ours[n] - ref[n]).abs().max().item() <= bound, n
+
+    half, opt2 = run(cpu_adam, range(2))
+    state = opt2.state_dict()
+    resumed, _ = run(lambda named: _loaded(cpu_adam(named), state), range(2, 4), start=half)
+    for n in shapes:
+        assert torch.equal(resumed[n], ours[n]), n  # bit for bit
+
+
+def _loaded(optimizer, state):
+    optimizer.load_state_dict(state)
+    return optimizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, offload", [(2, False), (3, False), (2, True)])
+def test_sharded_checkpoint_resumes_exactly(tiny_world, tmp_path, stage, offload):
     pytest.importorskip("deepspeed")
     run, full = tmp_path / "run", tmp_path / "full"
-    over = tiny_overrides(tiny_world, run, steps=4, **COMMON, **{"train.deepspeed.stage": stage})
+    over = tiny_overrides(tiny_world, run, steps=4, **COMMON,
+                          **{"train.deepspeed.stage": stage, "train.deepspeed.offload": offload})
     run_two_processes(over)
     shutil.copytree(run, full)  # the uninterrupted run, kept
     assert [s for s, _ in ckpt.list_checkpoints(full)] == [2, 4]
@@ -83,6 +175,11 @@ def test_sharded_checkpoint_resumes_exactly(tiny_world, tmp_path, stage):
     if stage == 2:
         module = torch.load(last / "ds/mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         assert sorted(module) and {t.dtype for t in module.values()} == {torch.float32}
+        optim = torch.load(last / "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                           weights_only=False)["optimizer_state_dict"]
+        # DeepSpeed's CPU Adam keeps a bias_correction flag in its groups, torch's AdamW does not
+        groups = optim["base_optimizer_state"]["param_groups"]
+        assert all(("bias_correction" in group) is offload for group in groups)
     assert load_file(full / "adapter.safetensors").keys() == meta["params"].keys()  # one file, as one process
 
     # Resume the run from its step-2 checkpoint, as if stopped there; a save killed at step 3 left a temp folder.
