@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Mutation testing (mutmut 3) of one module against the few test files that cover it. Not in CI: slow.
+#   bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants "NAME ..."]
+#     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7   (the map below)
+#     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
+#     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
+#     --mutants    only these mutants (mutmut names or globs, e.g. the survivors of an earlier run)
+# Needs `pip install -e ".[mutation]"`. Works in .mutation/MODULE/ (a copy of the tree; mutmut's own copy of it is
+# .mutation/MODULE/mutants/), never in the checkout, so other work in the checkout is undisturbed. Prints the count
+# per verdict and every surviving mutant; `cd .mutation/MODULE && mutmut show NAME` shows one mutant's diff.
+# One test process at a time (--max-children 1), one torch thread, under nice: it shares the machine.
+# See docs/mutation.md for the results and the survivors that are equivalent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+module="${1:-}"
+shift || true
+rev="" new_tests=0 only=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rev) rev="$2"; shift 2 ;;
+        --new-tests) new_tests=1; shift ;;
+        --mutants) only="$2"; shift 2 ;;
+        *) echo "error: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+# module -> (source file, tests, mutant-name globs or "" for every function). Each mutant runs only the
+# listed tests that call the mutated function; keep the lists small: each surviving mutant runs all of them.
+globs=""
+case "$module" in
+    losses)
+        src=peft_rwkv7/train/losses.py
+        tests="tests/train/test_infctx.py tests/train/test_weight_decay.py
+               tests/train/test_preference_oracle.py::test_sequence_logps_equal_the_rwkv_package
+               tests/train/test_preference_train.py::test_muon_takes_the_hidden_matrices_and_adamw_the_rest
+               tests/train/test_mut_losses.py" ;;
+    objectives)
+        src=peft_rwkv7/train/objectives.py
+        tests="tests/train/test_objectives.py tests/train/test_mut_objectives.py" ;;
+    loop)
+        # the loss and gradient path only: the token-mean loss over the global batch and its gradient scale, the
+        # bf16 autocast, the sum over ranks. Not train_step (68 more mutants) nor setup (194): each mutant of loop
+        # runs two training runs (~20 s on a shared 2-core machine); add them with --mutants when there is time.
+        src=peft_rwkv7/train/loop.py
+        globs="*.x__sft_backward__mutmut_* *.x__sum_over_ranks__mutmut_* *.x__precision_context__mutmut_*"
+        tests="tests/train/test_batch_split.py::test_micro_batches_and_accumulation_give_one_update
+               tests/train/test_precision.py::test_bf16_with_train_parts_trains_and_evaluates
+               tests/train/test_mut_loop.py" ;;
+    pth_merge)
+        # the merge arithmetic only (not the summary lines of merge_into_pth and export)
+        src=peft_rwkv7/adapters/pth_merge.py
+        globs="*.x__is_quantized__mutmut_* *.x_merged_weight__mutmut_* *.x_merged_state_dict__mutmut_*"
+        tests="tests/adapters/test_merge.py tests/adapters/test_mut_pth_merge.py" ;;
+    formats)
+        src=peft_rwkv7/data/formats.py
+        tests="tests/data/test_formats.py tests/data/test_sharegpt.py tests/data/test_mut_formats.py" ;;
+    rwkv7)
+        # the forward computation only (not the constructors, 350 more mutants: left out for time)
+        src=peft_rwkv7/model/rwkv7.py
+        globs="*.x__shift__mutmut_* *ǁforward__mutmut_* *ǁinitial_state__mutmut_* *ǁstep__mutmut_*"
+        tests="tests/model/test_parity.py tests/model/test_state.py tests/model/test_mut_rwkv7.py" ;;
+    *)
+        echo "usage: bash scripts/mutation.sh losses|objectives|loop|pth_merge|formats|rwkv7 [--rev REV [--new-tests]]" \
+             "[--mutants 'NAME ...']" >&2
+        exit 2 ;;
+esac
+
+py=$(command -v python3)
+[ -x .venv/bin/python ] && py=$root/.venv/bin/python
+mutmut=$(dirname "$py")/mutmut
+[ -x "$mutmut" ] || { echo "error: mutmut is not installed: pip install -e '.[mutation]'" >&2; exit 2; }
+
+# Every run starts afresh from a copy of the tree: mutmut's incremental mode would keep old verdicts after tests change.
+work=$root/.mutation/$module
+rm -rf "$work" && mkdir -p "$work"
+if [ -n "$rev" ]; then
+    git archive "$rev" | tar -x -C "$work"
+    if [ "$new_tests" = 1 ]; then
+        for f in $tests; do
+            case "$f" in */test_mut_*) [ -e "$f" ] && cp "$f" "$work/$f" ;; esac
+        done
+    fi
+else
+    git ls-files -z --cached --others --exclude-standard | tar --null -T - -c --no-recursion --ignore-failed-read | tar -x -C "$work"
+fi
+for f in $tests; do  # test files of this map that do not exist (yet) are left out
+    [ -e "$work/${f%%::*}" ] || tests=$(echo "$tests" | tr -s ' \n' '\n\n' | grep -vxF "$f" || true)
+done
+[ -n "$only" ] && globs=$only
+cd "$work"
+
+# mutmut skips decorated functions (@torch.no_grad(), @property, ...): lift such decorators to an assignment
+# after the function (`f = dec(f)`, the same object as before) so that the function itself is mutated.
+"$py" - "$src" <<'EOF'
+import sys
+
+import libcst as cst
+
+KEEP = {"staticmethod", "classmethod", "overload"}  # mutmut handles the first two; overload stubs stay stubs
+
+
+def name_of(dec):
+    d = dec.decorator.func if isinstance(dec.decorator, cst.Call) else dec.decorator
+    return d.attr.value if isinstance(d, cst.Attribute) else getattr(d, "value", "")
+
+
+def lift(body):
+    out = []
+    for stmt in body:
+        if isinstance(stmt, cst.ClassDef) and isinstance(stmt.body, cst.IndentedBlock):
+            stmt = stmt.with_changes(body=stmt.body.with_changes(body=lift(stmt.body.body)))
+        if isinstance(stmt, cst.FunctionDef) and stmt.decorators and not {name_of(d) for d in stmt.decorators} & KEEP:
+            call = stmt.name.value
+            for dec in reversed(stmt.decorators):
+                call = f"{cst.Module([]).code_for_node(dec.decorator)}({call})"
+            out += [stmt.with_changes(decorators=[]), cst.parse_statement(f"{stmt.name.value} = {call}\n")]
+        else:
+            out.append(stmt)
+    return out
+
+
+path = sys.argv[1]
+mod = cst.parse_module(open(path).read())
+open(path, "w").write(mod.with_changes(body=lift(mod.body)).code)
+EOF
+
+# Each mutant is a fresh pytest session, so session fixtures are rebuilt per mutant. The rwkv package's trie (the
+# tokenizer oracle of the data and preference tests: pure Python, 5 s to build, read-only) is built once, in the
+# process mutmut forks the test runs from, by this plugin; what it encodes is unchanged.
+cat > mutation_memo.py <<'PLUGIN'
+"""Loaded by scripts/mutation.sh with -p: one rwkv.rwkv_tokenizer.TRIE_TOKENIZER per vocabulary file per process."""
+import functools
+from pathlib import Path
+
+import rwkv
+import rwkv.rwkv_tokenizer as _t
+
+_Trie = _t.TRIE_TOKENIZER
+
+
+@functools.cache
+def _built(file_name: str):
+    return _Trie(file_name)
+
+
+class _SharedTrie(_Trie):
+    def __new__(cls, file_name):  # an instance of the base class, so Python does not run __init__ again
+        return _built(str(file_name))
+
+
+_t.TRIE_TOKENIZER = _SharedTrie
+_built(str(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"))
+PLUGIN
+
+toml_list() { printf '"%s", ' "$@" | sed 's/, $//'; }
+# shellcheck disable=SC2086
+cat >> pyproject.toml <<EOF
+
+[tool.mutmut]
+source_paths = ["peft_rwkv7"]
+only_mutate = ["$src"]
+pytest_add_cli_args_test_selection = [$(toml_list $tests)]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "mutation_memo", "-W", "ignore::DeprecationWarning"]
+# links in the package (kernels -> cuda/, recipes -> recipes/) are copied as folders; tests read data/ and recipes/
+also_copy = ["peft_rwkv7/ops/kernels", "peft_rwkv7/recipes", "cuda", "recipes", "data", "README.md", "mutation_memo.py"]
+process_isolation = "forkserver"
+use_git_change_detection = false
+EOF
+
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
+echo "mutating $src with: $(echo $tests)${globs:+ (mutants: $(echo $globs))}; log: $work/mutmut.log"
+start=$(date +%s)
+# shellcheck disable=SC2086
+nice -n 10 "$mutmut" run --max-children 1 $globs > mutmut.log 2>&1 || true
+elapsed=$(( $(date +%s) - start ))
+if [ ! -s "mutants/$src.meta" ]; then
+    tr '\r' '\n' < mutmut.log | tail -n 40
+    echo "error: mutmut did not run (see above)" >&2
+    exit 1
+fi
+
+"$py" - "$src" "$elapsed" $globs <<'EOF'
+import fnmatch
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from mutmut.stats import status_by_exit_code
+
+src, elapsed, globs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+codes = json.loads(Path(f"mutants/{src}.meta").read_text())["exit_code_by_key"]
+codes = {k: v for k, v in codes.items() if not globs or any(fnmatch.fnmatch(k, g) for g in globs)}
+status = {k: status_by_exit_code[v] for k, v in codes.items()}
+count = Counter(status.values())
+caught = count["killed"] + count["timeout"]
+print(f"\n{src}: {len(status)} mutants, {count['killed']} killed, {count['timeout']} timeout, "
+      f"{count['survived']} survived, {count['no tests']} no tests, "
+      f"other {len(status) - caught - count['survived'] - count['no tests']}"
+      f" -> caught {caught}/{len(status)} = {caught / max(len(status), 1):.1%} in {elapsed} s")
+for k in sorted(status):
+    if status[k] not in ("killed", "timeout"):
+        print(f"  {status[k]}: {k}")
+EOF
