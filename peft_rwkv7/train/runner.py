@@ -29,7 +29,7 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
     check_recipe(recipe)  # optional extras the recipe needs (bitsandbytes, deepspeed, ...)
     check_recipe_paths(recipe)
     out_dir = Path(recipe.out_dir)
-    with run_lock(out_dir, enabled=_global_rank0(recipe)):  # one run per directory, for the run's lifetime
+    with run_lock(out_dir, enabled=_global_rank0()):  # one run per directory, for the run's lifetime
         if resume:
             check_resume(recipe, out_dir)
         elif (done := check_fresh(recipe, out_dir)) is not None:
@@ -52,11 +52,12 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
     return 0
 
 
-def _global_rank0(recipe: Recipe) -> bool:
-    """Whether this process is the one that holds the run lock: the only one without DeepSpeed, else global
-    rank 0 as the launcher numbers it (RANK, the launcher protocol that train.distributed follows; read here
-    because initialising torch.distributed would import torch before the lock)."""
-    return not recipe.train.deepspeed.stage or os.environ.get("RANK", "0") == "0"
+def _global_rank0() -> bool:
+    """Whether this process is the one that holds the run lock: global rank 0 as the launcher numbers it (RANK,
+    the launcher protocol that train.distributed follows; read here because initialising torch.distributed
+    would import torch before the lock). Several processes without DeepSpeed are refused later, in one line,
+    by launcher_dist; the lock must not refuse them first with a misleading "in use"."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:

@@ -51,8 +51,9 @@ def test_resume_equals_uninterrupted(tiny_world, tmp_path):
 def test_existing_run_is_not_overwritten(tiny_world, tmp_path):
     out = tmp_path / "r"
     train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=1))
+    # the identical recipe again is a no-op (tests/train/test_runlock.py); another one must not overwrite it
     with pytest.raises(UserError, match="already holds a run"):
-        train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=1))
+        train_from_cli(LORA, [*tiny_overrides(tiny_world, out, steps=1), "train.lr=0.5"])
 
 
 def test_resume_without_checkpoint_is_an_error(tiny_world, tmp_path):
