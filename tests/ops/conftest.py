@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tests.fp_oracle import U32, UBF16, gamma
+
 
 def wkv_inputs(
     B: int,
@@ -38,6 +40,26 @@ def wkv_inputs(
     inputs = [x.to(dtype) for x in (r, w, k, v, -kk, kk * a_gate)]
     state = randn(B, H, N, N) * 0.5 if with_state else None
     return inputs, state
+
+
+def wkv_rtol(T: int, N: int, dtype: torch.dtype) -> float:
+    """Bound on max |a - b| / max |b| for two implementations of the WKV7 op, outputs and gradients.
+
+    Per step each state entry is an N-term sum (S a) and 3 more roundings (the decay, the rank-1 and the
+    v k^T terms), the errors of T steps add up (the transition does not grow the state: |d| < 1 and
+    a b^T = -kk (kk * gate)^T with unit kk), and y = S r adds N more: gamma_(T (N + 3) + N) of the largest
+    entry. The backward runs the same recurrence in reverse (x2), and two implementations differ by at
+    most the sum of their errors (x2). bf16 outputs are fp32 results rounded once on each side (2^-8)."""
+    fp32 = 2 * 2 * gamma(max(T, 1) * (N + 3) + N)
+    return fp32 if dtype == torch.float32 else 2 * UBF16 + fp32
+
+
+def wkv_rounding_level(T: int, N: int, dtype: torch.dtype, lam: float = 6.0) -> float:
+    """Where a correct WKV7 implementation's error sits, as wkv_rtol measures it: the n = T (N + 3) + N
+    roundings wkv_rtol counts add as a random walk, lam sqrt(n) u with lam = 6 (the probabilistic model of
+    Higham & Mary 2019), x4 as there; bf16 outputs: one round-to-nearest of the fp32 result (2^-8)."""
+    fp32 = 4 * lam * (max(T, 1) * (N + 3) + N) ** 0.5 * U32
+    return fp32 if dtype == torch.float32 else UBF16 + fp32
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str) -> None:

@@ -26,8 +26,8 @@ import torch
 from peft_rwkv7.ops import cuda as wkv_cuda
 from peft_rwkv7.ops import wkv7_reference
 from peft_rwkv7.ops.build import load_extension
-from tests.ops.conftest import assert_close, wkv_inputs
-from tests.ops.test_cpu_backend import FP32_RTOL, NAMES, compare, fwd_bwd
+from tests.ops.conftest import assert_close, wkv_inputs, wkv_rounding_level, wkv_rtol
+from tests.ops.test_cpu_backend import NAMES, compare, fwd_bwd
 
 KERNELS = wkv_cuda.SOURCE_DIR
 EMU_FILES = ("cuda_emu.h", "wkv7_cuda.cuh", "wkv7_cuda_emu_op.cpp")
@@ -117,7 +117,7 @@ def test_only_the_state_trainable(emu):
         y, s = fn(*inputs, s0)
         (y.square().sum() + s.sum()).backward()
         grads.append(s0.grad)
-    assert_close(grads[0], grads[1], FP32_RTOL, "dstate")
+    assert_close(grads[0], grads[1], wkv_rtol(19, 32, torch.float32), "dstate")
 
 
 def test_absent_final_state_gradient_is_zero(emu):
@@ -159,10 +159,11 @@ def test_chunked_bptt_equals_whole_sequence(emu):
 
 
 def test_fp32_error_is_at_rounding_level(emu):
-    # Same fp32 recurrence in a different summation order: far below the 1e-5 bound, not just under it.
+    # Same fp32 recurrence in a different summation order: at the level of rounding errors that add as a
+    # random walk, an order below the worst case wkv_rtol allows.
     inputs, state = wkv_inputs(1, 40, 2, 64, seed=5, with_state=True)
     errors = rel_errors(run(emu, inputs, state), fwd_bwd(wkv7_reference, inputs, state))
-    assert max(errors.values()) < FP32_RTOL / 10, errors
+    assert max(errors.values()) <= wkv_rounding_level(40, 64, torch.float32) < wkv_rtol(40, 64, torch.float32) / 8
 
 
 @pytest.mark.slow
