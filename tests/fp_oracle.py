@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 import peft_rwkv7.model.rwkv7 as rwkv7_module
 
+U64 = 2.0**-53  # fp64: 53-bit significand
 U32 = 2.0**-24  # fp32: 24-bit significand
 U16 = 2.0**-11  # fp16: 11-bit significand
 UBF16 = 2.0**-8  # bf16: 8-bit significand
@@ -47,6 +48,13 @@ def loss_rounding(cfg, T: int, max_logit: float, loss: float, n_tokens: int, u: 
     sum of V exponentials rounds <= gamma_V relative in any summation order, and so the log gamma_(V+2)
     absolute; the mean of n_tokens losses adds gamma_(n_tokens) relative."""
     return 2 * forward_rounding(cfg, T, u) * max_logit + gamma(cfg.vocab_size + 2, u) + gamma(n_tokens, u) * loss
+
+
+def fp64_nll_rounding(vocab: int, max_logit: float) -> float:
+    """Bound on |difference| of two fp64 log-softmax NLLs of the same fp32 logits (or means of them): per
+    token max-shift, exp, a V-term sum, log and two subtractions, gamma_(V+4) in fp64 of 1 + 2 max|logit|,
+    on each side."""
+    return 2 * gamma(vocab + 4, U64) * (1 + 2 * max_logit)
 
 
 def wkv7_fp64(r, w, k, v, a, b, state=None, backend=None):
