@@ -8,6 +8,7 @@ import torch
 from peft_rwkv7.adapters import MethodConfig, attach, trainable_parameters
 from peft_rwkv7.train.loop import sequence_loss
 from tests.conftest import make_model
+from tests.fp_oracle import forward_rounding, gamma, loss_rounding
 
 
 def test_chunked_loss_and_grads_equal_whole_sequence():
@@ -30,9 +31,16 @@ def test_chunked_loss_and_grads_equal_whole_sequence():
 
     whole, g_whole = run(0)
     chunked, g_chunked = run(16)
-    assert abs(whole - chunked) < 1e-5
+    # Two fp32 computations of one loss and its gradient: the loss within twice its rounding bound; each
+    # gradient tensor, relative to its largest entry, within twice the backward's (the forward's chain in
+    # reverse, x2, plus the sums over the 2 x 48 positions).
+    with torch.no_grad():
+        max_logit = model(idx).abs().max().item()
+    n_tokens = int((labels != -100).sum())
+    assert abs(whole - chunked) <= 2 * loss_rounding(model.config, 48, max_logit, whole, n_tokens)
+    rel = 2 * (2 * forward_rounding(model.config, 48) + gamma(idx.numel()))
     for n in g_whole:
-        assert torch.allclose(g_whole[n], g_chunked[n], atol=1e-6, rtol=1e-4), n
+        assert (g_whole[n] - g_chunked[n]).abs().max() <= rel * g_whole[n].abs().max(), n
     # the first chunk's state gradient depends on later chunks: a detached (truncated) carry would differ
     state_grads = [n for n in g_whole if n.endswith("time_state")]
     assert state_grads and all(g_whole[n].abs().sum() > 0 for n in state_grads)
