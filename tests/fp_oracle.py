@@ -20,6 +20,7 @@ U64 = 2.0**-53  # fp64: 53-bit significand
 U32 = 2.0**-24  # fp32: 24-bit significand
 U16 = 2.0**-11  # fp16: 11-bit significand
 UBF16 = 2.0**-8  # bf16: 8-bit significand
+LOGGED = 5e-7  # log.jsonl keeps losses and metrics to 6 decimals (train/logger.py): half a unit of the 6th
 
 
 def gamma(n: int, u: float = U32) -> float:
@@ -55,6 +56,19 @@ def fp64_nll_rounding(vocab: int, max_logit: float) -> float:
     token max-shift, exp, a V-term sum, log and two subtractions, gamma_(V+4) in fp64 of 1 + 2 max|logit|,
     on each side."""
     return 2 * gamma(vocab + 4, U64) * (1 + 2 * max_logit)
+
+
+def adam_bound(steps: int, beta1: float = 0.9, beta2: float = 0.99) -> float:
+    """Largest difference per coordinate, in units of lr, between two Adam runs (no weight decay) of
+    `steps` steps whose gradients differ by rounding: a coordinate whose gradient is near zero can take
+    the opposite sign in the other run, and Adam's step lr m^/(sqrt(v^) + eps) has magnitude at most
+    lr sqrt(sum_i w_i^2 / w'_i) (Cauchy-Schwarz; w, w' the bias-corrected weights of m^ and v^)."""
+    total = 0.0
+    for t in range(1, steps + 1):
+        w = [(1 - beta1) * beta1 ** (t - i) / (1 - beta1**t) for i in range(1, t + 1)]
+        w2 = [(1 - beta2) * beta2 ** (t - i) / (1 - beta2**t) for i in range(1, t + 1)]
+        total += 2 * sum(a * a / b for a, b in zip(w, w2)) ** 0.5
+    return total
 
 
 def wkv7_fp64(r, w, k, v, a, b, state=None, backend=None):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from peft_rwkv7.errors import UserError
 from peft_rwkv7.train.recipe import load_recipe
 from peft_rwkv7.train.runner import train_from_cli
+from tests.fp_oracle import LOGGED, adam_bound, forward_rounding, gamma
 from tests.train.conftest import tiny_overrides
 from tests.train.test_preference_oracle import PAIRS, pairs_file
 
@@ -52,6 +53,34 @@ def max_diff(a: Path, b: Path) -> float:
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
+def step_one_logp_tol(tiny_world, ctx_len: int = 48) -> float:
+    """How far two splits' step-1 per-sequence log-probs (sums over <= ctx_len tokens) can be apart: each
+    token's log-prob moves by at most twice the logits' difference (2 x the fp32 forward's bound, two
+    runs) plus the log-sum-exp's rounding (gamma_(V+2), both runs), the fp32 sum adds gamma_(ctx_len)."""
+    from peft_rwkv7.data import load_tokenizer
+    from peft_rwkv7.model import load_model
+
+    model, world = load_model(tiny_world[0]), load_tokenizer("world")
+    texts = [p["prompt"] + " " + p[side] for p in MORE for side in ("chosen", "rejected")]
+    with torch.no_grad():  # the scale of the logits on these texts
+        max_logit = max(model(torch.tensor([[0, *world.encode(t)][:ctx_len]])).abs().max().item() for t in texts)
+    token = 2 * 2 * forward_rounding(model.config, ctx_len) * max_logit + 2 * gamma(model.config.vocab_size + 2)
+    return ctx_len * token * (1 + gamma(ctx_len))
+
+
+def assert_one_update(whole: Path, other: Path, tol: float, objective: str) -> None:
+    """Step 1 (same start) within the log-prob bound; afterwards the runs' weights differ by Adam's sign
+    flips at most (adam_bound), so only the trained tensors are compared there."""
+    for key in ("chosen_logp", "rejected_logp"):  # means over the pairs of per-sequence sums
+        a, b = step_values(whole, key)[0], step_values(other, key)[0]
+        assert abs(a - b) <= tol + 2 * LOGGED, (key, a, b, tol)
+    if objective == "dpo":  # policy and reference logps come from one forward each: the margin is exactly 0,
+        # and the loss ln 2 + nll_weight (1) x the chosen per-token NLL, within nll_weight x the logp bound
+        assert step_values(whole, "reward_margin")[0] == step_values(other, "reward_margin")[0] == 0.0
+        assert abs(step_values(whole)[0] - step_values(other)[0]) <= tol + 2 * LOGGED
+    assert max_diff(whole, other) <= adam_bound(3) * 1e-4  # train.lr in overrides()
+
+
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_micro_batches_and_accumulation_give_one_update(tiny_world, tmp_path, objective):
     runs = {}
@@ -63,11 +92,9 @@ def test_micro_batches_and_accumulation_give_one_update(tiny_world, tmp_path, ob
                                                                                  **keys})) == 0
         runs[(mb, ga)] = out
     whole = runs[(4, 1)]
+    tol = step_one_logp_tol(tiny_world)
     for split in ((1, 4), (2, 2)):
-        for key in ("loss", "reward_margin", "chosen_logp", "rejected_logp"):
-            a, b = step_values(whole, key), step_values(runs[split], key)
-            assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5 * max(1.0, max(map(abs, a))), (key, split, a, b)
-        assert max_diff(whole, runs[split]) <= 1e-6
+        assert_one_update(whole, runs[split], tol, objective)
     if objective == "dpo":  # the policy starts as its reference (nll_weight adds the NLL to ln 2)
         assert step_values(whole, "reward_margin")[0] == 0.0
     assert step_values(whole)[-1] < step_values(whole)[0]
@@ -96,7 +123,11 @@ def test_bf16_starts_at_ln2_and_follows_fp32(tiny_world, tmp_path):
         assert train_from_cli(DPO, overrides(tiny_world, tmp_path, outs[precision], steps=3, **{
             "train.precision": precision, "train.lr": 3e-3, "train.nll_weight": 0.0})) == 0
     bf16, fp32 = step_values(outs["bf16"]), step_values(outs["fp32"])
-    assert abs(bf16[0] - math.log(2)) <= 1e-6 and step_values(outs["bf16"], "reward_margin")[0] == 0.0
+    # margin exactly 0 at the start: the loss is -log sigmoid(0) = ln 2, rounded at most twice, then logged
+    assert abs(bf16[0] - math.log(2)) <= gamma(2) * math.log(2) + LOGGED
+    assert step_values(outs["bf16"], "reward_margin")[0] == 0.0
+    # not a rounding bound: after step 1 the weights differ (Adam) and training sets the gap; 0.02 nats (3%
+    # of ln 2) is the fidelity bf16 promises, step 1's rounding alone is bounded in test_precision
     assert all(abs(x - y) <= 0.02 for x, y in zip(bf16, fp32)), (bf16, fp32)
     assert bf16[-1] < bf16[0]
 
@@ -177,7 +208,4 @@ def test_two_processes_split_the_same_global_batch(tiny_world, tmp_path):
     whole, multi = tmp_path / "4x1", tmp_path / "2x1x2"
     assert train_from_cli(DPO, overrides(tiny_world, tmp_path, whole, 4, 1)) == 0
     run_two_processes(overrides(tiny_world, tmp_path, multi, 2, 1, **{"train.deepspeed.stage": 2}))
-    for key in ("loss", "reward_margin", "chosen_logp"):
-        a, b = step_values(whole, key), step_values(multi, key)
-        assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5 * max(1.0, max(map(abs, a))), (key, a, b)
-    assert max_diff(whole, multi) <= 1e-6
+    assert_one_update(whole, multi, step_one_logp_tol(tiny_world), "dpo")
