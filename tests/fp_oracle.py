@@ -71,6 +71,14 @@ def adam_bound(steps: int, beta1: float = 0.9, beta2: float = 0.99) -> float:
     return total
 
 
+def logp_rounding(cfg, T: int, max_logit: float, n_tokens: int, u: float = U32) -> float:
+    """Bound on |a sequence's log-prob summed over n_tokens, computed in precision u (fp32 cross-entropy)
+    - exact|: per token twice the logits' error (forward_rounding) plus the log-sum-exp's gamma_(V+2),
+    and the sum's gamma_(n_tokens)."""
+    token = 2 * forward_rounding(cfg, T, u) * max_logit + gamma(cfg.vocab_size + 2, u)
+    return n_tokens * token * (1 + gamma(n_tokens, u))
+
+
 def wkv7_fp64(r, w, k, v, a, b, state=None, backend=None):
     """The WKV7 recurrence of DESIGN.md in fp64 (the oracle's op; the package's reference runs in fp32)."""
     r, w, k, v, a, b = (x.double() for x in (r, w, k, v, a, b))

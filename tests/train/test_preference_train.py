@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from peft_rwkv7.errors import UserError
 from peft_rwkv7.train.recipe import load_recipe
 from peft_rwkv7.train.runner import train_from_cli
-from tests.fp_oracle import LOGGED, adam_bound, forward_rounding, gamma
+from tests.fp_oracle import LOGGED, adam_bound, gamma, logp_rounding
 from tests.train.conftest import tiny_overrides
 from tests.train.test_preference_oracle import PAIRS, pairs_file
 
@@ -54,9 +54,8 @@ def max_diff(a: Path, b: Path) -> float:
 
 
 def step_one_logp_tol(tiny_world, ctx_len: int = 48) -> float:
-    """How far two splits' step-1 per-sequence log-probs (sums over <= ctx_len tokens) can be apart: each
-    token's log-prob moves by at most twice the logits' difference (2 x the fp32 forward's bound, two
-    runs) plus the log-sum-exp's rounding (gamma_(V+2), both runs), the fp32 sum adds gamma_(ctx_len)."""
+    """How far two splits' step-1 per-sequence log-probs (sums over <= ctx_len tokens) can be apart: twice
+    one run's rounding bound (tests/fp_oracle.py: logp_rounding)."""
     from peft_rwkv7.data import load_tokenizer
     from peft_rwkv7.model import load_model
 
@@ -64,8 +63,7 @@ def step_one_logp_tol(tiny_world, ctx_len: int = 48) -> float:
     texts = [p["prompt"] + " " + p[side] for p in MORE for side in ("chosen", "rejected")]
     with torch.no_grad():  # the scale of the logits on these texts
         max_logit = max(model(torch.tensor([[0, *world.encode(t)][:ctx_len]])).abs().max().item() for t in texts)
-    token = 2 * 2 * forward_rounding(model.config, ctx_len) * max_logit + 2 * gamma(model.config.vocab_size + 2)
-    return ctx_len * token * (1 + gamma(ctx_len))
+    return 2 * logp_rounding(model.config, ctx_len, max_logit, ctx_len)  # two runs
 
 
 def assert_one_update(whole: Path, other: Path, tol: float, objective: str) -> None:
