@@ -35,6 +35,8 @@ def test_demo_recipe_prefers_the_held_out_chosen_answers(tmp_path, name, styled)
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert records[0]["reward_acc"] <= 0.5  # DPO starts at a tie; ORPO's base prefers the rejected prose
     final = [r for r in records if "eval_reward_acc" in r][-1]
+    # a training outcome, not a rounding bound: the demo promises the tuned model prefers the held-out chosen
+    # answer on more than 9 pairs in 10 (54 of 60)
     assert final["eval_reward_acc"] > 0.9 and final["eval_pairs"] == 60, final
     base = ROOT / "data/demo/rwkv7-demo.pth"
     assert "Ship's log" not in reply(base, None)
