@@ -13,6 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..model import infer_config, read_state_dict
+from ..run_dir import list_checkpoints
 
 
 def describe_model(path: Path) -> dict:
@@ -36,8 +37,6 @@ def _read_json(path: Path) -> dict:
 
 
 def describe_run(path: Path) -> dict:
-    from ..train.checkpoint import list_checkpoints
-
     info: dict = {"kind": "run", "path": str(path)}
     if (path / "adapter.json").is_file():
         meta = _read_json(path / "adapter.json")

@@ -39,8 +39,8 @@ import torch
 
 from ..errors import UserError
 from ..model import atomic_save, atomic_write
+from ..run_dir import list_checkpoints  # noqa: F401 (the loop and tests read it here too)
 
-_NAME = re.compile(r"^step_(\d{6,})(\.pt)?$")
 _GARBAGE = re.compile(r"^step_\d{6,}\.(tmp|old)$")  # a save cut short, a checkpoint being deleted
 DS_TAG = "ds"  # DeepSpeed's tag: the engine checkpoint lives in step_N/ds/
 META = "meta.json"
@@ -80,20 +80,6 @@ def ctrl_c_after_save():
         signal.signal(signal.SIGINT, previous)
         if pending and callable(previous):
             previous(signal.SIGINT, None)
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first: `step_N.pt` files (one process) and
-    renamed `step_N/` folders (DeepSpeed)."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        m = _NAME.match(p.name)
-        if m and (p.is_file() if m.group(2) else p.is_dir()):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def has_checkpoint(run_dir: Path, step: int) -> bool:

@@ -14,6 +14,7 @@ import yaml
 from ..errors import UserError
 from ..extras import check_recipe
 from ..path_checks import check_recipe_paths
+from ..run_dir import list_checkpoints
 from .recipe import Recipe, dump_recipe, load_recipe
 from .runlock import run_lock
 from .schedule import get_lr
@@ -60,10 +61,6 @@ def _global_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    from .checkpoint import list_checkpoints  # imports torch: only once a checkpoints/ folder is there
-
-    return list_checkpoints(out_dir) if (out_dir / "checkpoints").is_dir() else []
 
 
 def summary_line(summary: dict, out_dir: Path) -> str:
@@ -124,7 +121,7 @@ def check_fresh(recipe: Recipe, out_dir: Path) -> int | None:
     """A run without --resume: None for an out_dir that holds no run; the steps of the finished run it
     holds when the recipe is the same (up to RESUME_FREE keys), so running the same command again does
     nothing; else (an unfinished run, another recipe) a one-line refusal pointing at --resume / out_dir."""
-    saved = _list_checkpoints(out_dir)
+    saved = list_checkpoints(out_dir)
     if not saved:
         return None
     done = saved[-1][0]
@@ -142,7 +139,7 @@ def check_resume(recipe: Recipe, out_dir: Path) -> None:
     """Refuse (one line, nothing written) a resume whose recipe differs from the run's in a way that
     changes the result, and a resume of a finished run. Extending train.max_steps is allowed when the
     learning rate of every step taken so far stays the same (constant schedule; wsd before its decay)."""
-    saved = _list_checkpoints(out_dir)
+    saved = list_checkpoints(out_dir)
     if not saved:
         raise UserError(f"{out_dir}: nothing to resume (no checkpoints/); run without --resume")
     done = saved[-1][0]

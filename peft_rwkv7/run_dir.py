@@ -1,0 +1,26 @@
+"""Reading a run directory's checkpoint folder, with the standard library only.
+
+Below both `train` (which writes checkpoints) and `infer` (`inspect` lists them), and light enough for
+the CLI to look at a run before torch is imported (the finished-run and resume checks).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})(\.pt)?$")
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first: `step_N.pt` files (one process) and
+    renamed `step_N/` folders (DeepSpeed)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = CHECKPOINT_NAME.match(p.name)
+        if m and (p.is_file() if m.group(2) else p.is_dir()):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
