@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+from typing_extensions import Self
 
 from ..config_base import ConfigModel, Text, Wording, invalid
 
@@ -50,9 +51,9 @@ class DataConfig(ConfigModel):
         "once) or cut after ctx_len tokens"))
     eval_path: Name | None = Field(None, description=(
         'held-out {"text": ...} jsonl scored during training; for kind preference, held-out pairs like data.path'))
-    eval_split: float | None = Field(None, ge=0, lt=0.5, description="share of the documents held out of training "
-                                     "and scored as the eval set (text and binidx data); default 0.02 when no "
-                                     "eval_path is given, else 0")
+    eval_split: float | None = Field(None, ge=0, lt=0.5, description=(
+        "share of the documents (preference: pairs) held out of training and scored as the eval set, every kind "
+        "(sft/chat: on their loss tokens); default 0.02 without an eval_path; not with one"))
     text_field: Name = Field("text", description="the text key for kind text")
     prompt_fields: list[str] | None = Field(None, description=(
         "sft prompt keys (one name or a list); unset: guessed from the first record among instruction+input/output, "
@@ -74,6 +75,13 @@ class DataConfig(ConfigModel):
     rejected_field: Name = Field("rejected", description=(
         "preference: the dispreferred response (a string, or a list of chat messages {role, content}); the "
         "prompt comes from prompt_fields (default prompt: a string rendered with prompt_template, or chat messages)"))
+
+    @model_validator(mode="after")
+    def _one_eval_set(self) -> Self:
+        if self.eval_split and self.eval_path:
+            raise invalid(f"{{key}}: {self.eval_split} holds out part of data.path for eval, but data.eval_path names "
+                          f"an eval file; give one of them (data.eval_path=null holds out instead)", "eval_split")
+        return self
 
     @field_validator("prompt_fields", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ from .binidx import MMapIndexedDataset, is_binidx, split_prefix
 from .build import tokenize_file
 from .config import DataConfig
 from .formats import SFT_FIELD_SETS, SHAREGPT_FIELD, ChatFormat, SftFormat, TextFormat, chat_field
-from .preference import PreferenceFormat, make_preference_data, preference_format
+from .preference import PreferenceData, PreferenceFormat, Side, make_preference_data, preference_format
 from .records import check_file, first_record, iter_records
 from .sampling import PieceSampler, WindowSampler
 from .tokenizer import Tokenizer
@@ -50,6 +50,8 @@ class TrainData:
         self.num_docs, self.source = len(sizes), source
         self.empty_docs = int((np.asarray(sizes) <= 1).sum())  # nothing but the end-of-text token
         self.held_out: list[list[int]] = []  # documents make_dataset kept out for evaluation
+        self.held_out_masks: list[list[bool]] | None = None  # sft/chat: which of their tokens are scored
+        self.eval_note = ""  # why nothing is held out, where no data.eval_path is given either
         if sampling == "get":
             if len(tokens) < ctx_len + 1:
                 raise UserError(f"{source}: {len(tokens)} tokens cannot fill one sample of ctx_len+1 = "
@@ -218,7 +220,8 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
     cfg.validate()
     if cfg.kind == "preference" or (cfg.kind == "auto" and resolve_format(cfg)[0] == "preference"):
         # pairs, not a token stream: data/preference.py
-        return make_preference_data(cfg, tokenizer, seed, vocab_size, cache_dir, workers, progress, build)
+        pairs = make_preference_data(cfg, tokenizer, seed, vocab_size, cache_dir, workers, progress, build)
+        return None if pairs is None else _hold_out_pairs(cfg, pairs, seed)
     kind, fmt = resolve_format(cfg)
     if kind == "binidx":
         ds, mask = MMapIndexedDataset(cfg.path), None
@@ -252,33 +255,76 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
     sampling = cfg.sampling if cfg.sampling != "auto" else ("pad" if kind in ("sft", "chat") else "get")
     tokens, starts, sizes = ds.tokens, ds.pointers // ds.dtype.itemsize, ds.sizes
     held_out: list[list[int]] = []
-    split = cfg.eval_split if cfg.eval_split is not None else (0.0 if cfg.eval_path or mask is not None
-                                                                else DEFAULT_EVAL_SPLIT)
-    if split and mask is not None:
-        raise UserError(f"data.eval_split: holds out text or binidx documents; for {kind} data give a held-out "
-                        f"file as data.eval_path")
-    n_eval = int(split * len(sizes))
+    held_masks: list[list[bool]] | None = None
+    n_eval, note = eval_count(cfg, len(sizes), "documents")
     if n_eval:
-        tokens, starts, sizes, held_out = _hold_out(tokens, starts, sizes, n_eval, seed)
+        held = _held_out_choice(len(sizes), n_eval, seed)
+        held_out, held_masks = _held_out_docs(tokens, mask, starts, sizes, held)
+        tokens, mask, starts, sizes = _without(tokens, mask, starts, sizes, held)
+        if not held_out:
+            note = "no eval: the held-out documents have nothing to score (set data.eval_path)"
     data = TrainData(tokens, mask, starts, sizes, cfg.ctx_len, sampling, cfg.overflow == "split", seed,
                      source=source)
-    data.held_out = held_out
+    data.held_out, data.held_out_masks, data.eval_note = held_out, held_masks, note
     return data
 
 
-def _hold_out(tokens: np.ndarray, starts: np.ndarray, sizes: np.ndarray, n_eval: int, seed: int):
-    """Move `n_eval` documents (a seeded random choice) out of the training stream. Returns the training
-    (tokens, starts, sizes) and the held-out documents as token lists without their end-of-text token
-    (the evaluator puts token 0 in front, as for data.eval_path)."""
-    order = np.random.default_rng([seed, EVAL_SPLIT_STREAM]).permutation(len(sizes))
-    held = np.zeros(len(sizes), bool)
-    held[order[:n_eval]] = True
-    docs = []
-    for i in np.flatnonzero(held):
-        doc = tokens[starts[i] : starts[i] + sizes[i]].tolist()
-        docs.append(doc[:-1] if doc and doc[-1] == 0 else doc)
-    keep = np.flatnonzero(~held)
-    pieces = [tokens[starts[i] : starts[i] + sizes[i]] for i in keep]
-    kept_sizes = sizes[keep].astype(np.int32)
+def eval_count(cfg: DataConfig, n: int, unit: str) -> tuple[int, str]:
+    """(how many of the n documents (or pairs) data.eval_split holds out, and where none is, a note
+    saying why there is no eval); data.eval_split defaults to DEFAULT_EVAL_SPLIT without an eval_path."""
+    split = cfg.eval_split if cfg.eval_split is not None else (0.0 if cfg.eval_path else DEFAULT_EVAL_SPLIT)
+    n_eval = int(split * n)
+    if n_eval or cfg.eval_path:
+        return n_eval, ""
+    if not split:
+        return 0, "no eval: data.eval_split is 0 and no data.eval_path"
+    return 0, (f"no eval: {split:.0%} of {n} {unit} is less than one (set data.eval_split, or a held-out file "
+               f"as data.eval_path)")
+
+
+def _held_out_choice(n: int, n_eval: int, seed: int) -> np.ndarray:
+    """The indices (ascending) of `n_eval` of `n` documents held out for evaluation: a seeded random choice
+    of its own random stream, so that a resume (and every rank) holds out the same ones."""
+    return np.sort(np.random.default_rng([seed, EVAL_SPLIT_STREAM]).permutation(n)[:n_eval])
+
+
+def _held_out_docs(tokens: np.ndarray, mask: np.ndarray | None, starts: np.ndarray, sizes: np.ndarray,
+                   held: np.ndarray) -> tuple[list[list[int]], list[list[bool]] | None]:
+    """The documents `held` as `infer.evaluate` scores them, each with something to score: text as
+    data.eval_path records are (without their end-of-text; the evaluator puts token 0 in front), sft/chat
+    as training and `eval --data` see them (with the end-of-text, scored where the loss mask is set)."""
+    docs = [tokens[starts[i] : starts[i] + sizes[i]].tolist() for i in held]
+    if mask is None:
+        docs = [d[:-1] if d and d[-1] == 0 else d for d in docs]
+        return [d for d in docs if d], None
+    masks = [(mask[starts[i] : starts[i] + sizes[i]] != 0).tolist() for i in held]
+    kept = [k for k, m in enumerate(masks) if any(m)]
+    return [docs[k] for k in kept], [masks[k] for k in kept]
+
+
+def _without(tokens: np.ndarray, mask: np.ndarray | None, starts: np.ndarray, sizes: np.ndarray, held: np.ndarray):
+    """(tokens, mask, starts, sizes) of the stream without the documents `held`, as one new contiguous stream."""
+    drop = np.zeros(len(tokens), bool)
+    for i in held:
+        drop[starts[i] : starts[i] + sizes[i]] = True
+    kept_sizes = np.delete(np.asarray(sizes), held).astype(np.int32)
     kept_starts = np.concatenate([[0], np.cumsum(kept_sizes[:-1], dtype=np.int64)])
-    return np.concatenate(pieces), kept_starts, kept_sizes, [d for d in docs if d]
+    return tokens[~drop], None if mask is None else mask[~drop], kept_starts, kept_sizes
+
+
+def _hold_out_pairs(cfg: DataConfig, data: PreferenceData, seed: int) -> PreferenceData:
+    """The pairs without those data.eval_split holds out (whole records, both sides), which become its
+    `held_out_pairs`, chosen as documents are."""
+    n_eval, note = eval_count(cfg, data.num_docs, "pairs")
+    held_pairs = None
+    if n_eval:
+        held = _held_out_choice(data.num_docs, n_eval, seed)
+        keep = np.setdiff1d(np.arange(data.num_docs), held)
+
+        def sides(drop: np.ndarray) -> list[Side]:
+            return [Side(*_without(s.tokens, s.mask, s.starts, s.sizes, drop)) for s in data.sides]
+
+        held_pairs = PreferenceData(*sides(keep), data.ctx_len, seed, source=f"{data.source} (held out)")
+        data = PreferenceData(*sides(held), data.ctx_len, seed, source=data.source)
+    data.held_out_pairs, data.eval_note = held_pairs, note
+    return data

@@ -129,7 +129,8 @@ class PreferenceData:
 
     kind = "preference"
     empty_docs = 0
-    held_out: list = []  # data.eval_split does not apply: held-out pairs come from data.eval_path
+    held_out_pairs: PreferenceData | None = None  # pairs data.eval_split kept out of training (make_dataset)
+    eval_note = ""  # why nothing is held out, where no data.eval_path is given either
 
     def __init__(self, chosen: Side, rejected: Side, ctx_len: int, seed: int, source: str = "data",
                  locate=None) -> None:
@@ -220,9 +221,6 @@ def make_preference_data(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int
     if cfg.sampling == "get":
         raise UserError("data.sampling: get does not apply to preference pairs (each sample is one pair); "
                         "use pad or auto")
-    if cfg.eval_split:
-        raise UserError("data.eval_split: holds out text or binidx documents; for preference pairs give a held-out "
-                        "file as data.eval_path")
     if Path(cfg.path).suffix in (".bin", ".idx"):
         raise UserError(f"data.path: {cfg.path}: preference data are .jsonl / .json / .parquet records")
     if tokenizer is None:

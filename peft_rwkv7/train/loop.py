@@ -68,7 +68,8 @@ class Run:
     losses: list[float] = field(default_factory=list)
     objective: Objective | None = None  # a preference objective (train.objective dpo/orpo/simpo), else sft
     reference: torch.nn.Module | None = None  # DPO's frozen reference when the method cannot be switched off
-    eval_pairs: object | None = None  # held-out preference pairs (data.eval_path of preference data)
+    eval_pairs: object | None = None  # held-out preference pairs (data.eval_path, else data.eval_split)
+    eval_masks: list | None = None  # per eval document, which tokens are scored (data.eval_split of sft/chat)
     metrics: dict = field(default_factory=dict)  # the last step's preference metrics (reward margin, ...)
 
     @property
@@ -104,14 +105,17 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     data = main_first(dist, lambda build: make_dataset(
         recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
         progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
-    eval_docs, eval_pairs = None, None
-    if objective is not None:  # preference pairs, held-out pairs from data.eval_path
+    eval_docs, eval_masks, eval_pairs = None, None, None
+    if objective is not None:  # preference pairs; held out: data.eval_path's pairs, else data.eval_split's
         eval_pairs = load_eval_pairs(recipe, data, tokenizer, dist, base.config.vocab_size)
+        if eval_pairs is None:
+            eval_pairs = data.held_out_pairs
     elif getattr(data, "kind", None) == "preference":
         raise UserError("data.kind: preference pairs need train.objective dpo, orpo or simpo")
-    else:
-        eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer) if recipe.data.eval_path else \
-            data.held_out or None
+    elif recipe.data.eval_path:
+        eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer)
+    elif data.held_out:  # data.eval_split's documents (sft/chat: scored on their loss tokens)
+        eval_docs, eval_masks = data.held_out, data.held_out_masks
     if dist.is_main:
         print(data_summary(recipe, data, dist.world_size), file=sys.stderr, flush=True)
     optimizer = build_optimizer(named, tc, device)
@@ -122,7 +126,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
         engine, optimizer = deepspeed_engine(model, optimizer, recipe, dist)
     run = Run(recipe, dist, device, base, base_path, model, named, data, eval_docs, optimizer, engine,
               _precision_context(device, use_bf16), start=0, objective=objective, reference=reference,
-              eval_pairs=eval_pairs)
+              eval_pairs=eval_pairs, eval_masks=eval_masks)
     if resume:
         run.start = ckpt.resume(run.out_dir, named, optimizer, engine, stage=tc.deepspeed.stage, rank=dist.rank,
                                 world_size=dist.world_size)
@@ -139,6 +143,10 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
         line = (f"data: {data.num_docs} preference pairs, {data.num_tokens} tokens (both sides), "
                 f"{data.truncated} responses cut at ctx_len {recipe.data.ctx_len}; {tc.max_steps} steps x {per_step} "
                 f"pairs = {epochs:.3g} epochs")
+        if data.held_out_pairs is not None and not recipe.data.eval_path:
+            line += f"; {data.held_out_pairs.num_docs} more pairs held out for eval (data.eval_split)"
+        elif data.eval_note:
+            line += f"; {data.eval_note}"
         if per_step > data.num_samples:
             line += f"\nwarning: one step takes {per_step} pairs but {data.source} has only {data.num_samples}"
         return line
@@ -146,6 +154,8 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
             f"{recipe.data.ctx_len} tokens per epoch; {tc.max_steps} steps x {per_step} samples = {epochs:.3g} epochs")
     if data.held_out:
         line += f"; {len(data.held_out)} more documents held out for eval (data.eval_split)"
+    elif data.eval_note:
+        line += f"; {data.eval_note}"
     if data.empty_docs:
         line += f"; {data.empty_docs} empty documents (no text) add nothing"
     if per_step > data.num_samples:
@@ -286,17 +296,17 @@ def _run_eval(run: Run) -> dict | None:
         return evaluate_preference(run.objective, run.model, run.reference, run.eval_pairs, tc.micro_bsz,
                                    tc.chunk_len, run.precision)
     if run.eval_docs is not None:
-        return _evaluate(run.model, run.eval_docs, run.precision)
+        return _evaluate(run.model, run.eval_docs, run.precision, run.eval_masks)
     return None
 
 
-def _evaluate(model, docs, precision=contextlib.nullcontext) -> dict:
+def _evaluate(model, docs, precision=contextlib.nullcontext, masks=None) -> dict:
     from ..infer.evaluate import evaluate
 
     was_training = model.training
     model.eval()
     with torch.no_grad(), precision():
-        result = evaluate(model, docs)
+        result = evaluate(model, docs, masks=masks)
     model.train(was_training)
     return result
 

@@ -49,7 +49,8 @@ def load_eval_pairs(recipe, data, tokenizer, dist, vocab_size: int):
                         f"({{prompt, chosen, rejected}}); {recipe.data.path} is not (set data.kind: preference)")
     if not recipe.data.eval_path:
         return None
-    cfg = recipe.data.model_copy(update={"path": recipe.data.eval_path, "eval_path": None, "kind": "preference"})
+    cfg = recipe.data.model_copy(update={"path": recipe.data.eval_path, "eval_path": None, "eval_split": 0.0,
+                                         "kind": "preference"})  # every pair of the eval file is scored
     return main_first(dist, lambda build: make_dataset(cfg, tokenizer, seed=recipe.train.seed, vocab_size=vocab_size,
                                                        progress=False, build=build),
                       what=f"tokenizing {recipe.data.eval_path}")

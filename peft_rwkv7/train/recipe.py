@@ -7,6 +7,8 @@ Every field is validated at load with a message that names the dotted key; `rwkv
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
@@ -18,6 +20,11 @@ from ..config_base import ConfigModel, Number, Text, invalid
 from ..data.config import DataConfig
 from ..errors import UserError
 from .schema import apply_overrides, from_dict, load_yaml, render_markdown, render_text
+
+# The recipes ship inside the package (peft_rwkv7/recipes links to the repository's recipes/); the demo
+# model and data they train on are a checkout's data/demo, not package data.
+BUNDLED = Path(__file__).resolve().parents[1] / "recipes"
+DEMO_DIR = "data/demo/"
 
 Objective = Literal["sft", "dpo", "orpo", "simpo"]
 WkvBackend = Literal["auto", "reference", "cpu", "cuda", "triton"]  # ops.BACKENDS (a test keeps them equal)
@@ -81,7 +88,8 @@ _Objective = create_model(
     "_Objective", __base__=ConfigModel,
     objective=(Objective, Field("sft", description=(
         "sft: next-token loss on data's loss tokens; dpo, orpo, simpo: preference tuning on data.kind preference "
-        "pairs (train/objectives.py has the formulas)"))),
+        "pairs (train/objectives.py has the formulas); the keys below that the objective does not read are "
+        "refused unless at their defaults"))),
     beta=(Number | None, Field(None, gt=0, description=(
         "dpo: reward scale beta in beta * (log pi - log pi_ref), null: 0.1; simpo: beta / |y| * log pi, null: 2.0"))),
     **{"lambda": (Number, Field(0.1, ge=0, description="orpo: weight of the odds-ratio term next to the SFT loss"))},
@@ -124,7 +132,8 @@ class TrainConfig(_Objective):
         "> 0: long-context (infctx) training in chunks of this many tokens carrying state; divides data.ctx_len"))
     save_every: int = Field(100, gt=0, description="checkpoint every N steps (and at the end)")
     eval_every: int = Field(0, ge=0, description=(
-        "score data.eval_path every N steps (and at the end); 0 = only at the end"))
+        "score the eval set (data.eval_path, else data.eval_split's held-out part) every N steps (and at the "
+        "end); 0 = only at the end"))
     keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept in out_dir/checkpoints; 0 keeps all")
     stop_after: int = Field(0, ge=0, description=(
         "> 0: end this invocation after that step (checkpointed); --resume goes on"))
@@ -215,7 +224,25 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         # the recipe's eval file belongs to the recipe's data, not to the data given here: hold out part of
         # the user's own data instead (data.eval_split), unless they name an eval file
         data["data"].pop("eval_path", None)
-    return from_dict(Recipe, apply_overrides(data, overrides), source=str(path))
+    recipe = from_dict(Recipe, apply_overrides(data, overrides), source=str(path))
+    if Path(path).resolve().parent == BUNDLED.resolve():
+        check_demo_files(recipe, str(path))
+    return recipe
+
+
+def check_demo_files(recipe: Recipe, path: str) -> None:
+    """A bundled recipe's demo files (data/demo/..., relative to the working directory) are there, else
+    one line saying where they live and how to train on one's own files instead."""
+    keys = {"model.path": recipe.model.path, "data.path": recipe.data.path, "data.eval_path": recipe.data.eval_path}
+    missing = {k: v for k, v in keys.items() if v and v.startswith(DEMO_DIR) and not os.path.exists(v)}
+    if not missing:
+        return
+    own = " ".join(f"{k}=YOUR_{'MODEL.pth' if k == 'model.path' else 'DATA.jsonl'}" for k in missing
+                   if k != "data.eval_path" or "data.path" not in missing)
+    raise UserError(f"{path}: this bundled recipe reads {', '.join(missing.values())} from the working directory "
+                    f"({os.getcwd()}); the demo files live in data/demo of a rwkv-peft checkout (not installed with "
+                    f"the package): run it from the checkout's root, or give your own files: rwkv-peft train "
+                    f"{Path(path).stem} {own}")
 
 
 def dump_recipe(recipe: Recipe) -> str:

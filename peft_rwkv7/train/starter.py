@@ -11,10 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from .recipe import load_recipe
-
-# The recipes ship inside the package (peft_rwkv7/recipes links to the repository's recipes/).
-BUNDLED = Path(__file__).resolve().parents[1] / "recipes"
+from .recipe import BUNDLED, load_recipe
 
 # What `init` writes per method: the learning rate and schedule that suit it, and what it trains.
 STARTERS = {

@@ -117,9 +117,8 @@ def test_a_prompt_that_fills_ctx_len_is_an_error_naming_its_line(tmp_path, world
     assert "p.jsonl:2" in text and "the prompt alone is" in text and "data.ctx_len is 24" in text, text
 
 
-def test_preference_kind_refuses_get_sampling_and_eval_split(tmp_path, world):
+def test_preference_kind_refuses_get_sampling(tmp_path, world):
+    # (data.eval_split holds out pairs: tests/train/test_eval_split.py)
     rec = {"prompt": "p", "chosen": "a", "rejected": "b"}
     with pytest.raises(UserError, match="data.sampling"):
         load(tmp_path, [rec], world, sampling="get")
-    with pytest.raises(UserError, match="data.eval_split"):
-        load(tmp_path, [rec], world, eval_split=0.1)

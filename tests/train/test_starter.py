@@ -59,3 +59,33 @@ def test_init_never_overwrites(tmp_path, capsys):
     out.write_text("mine\n")
     assert main(["init", "--model", "m.pth", "--data", "d.jsonl", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_text() == "mine\n"
+
+
+def test_a_bundled_recipe_outside_a_checkout_says_where_the_demo_files_are(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/demo here, as for a wheel installed and run elsewhere
+    assert main(["train", "lora"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: "), err
+    for text in ("data/demo/rwkv7-demo.pth", "data/demo/ship_log.jsonl", "data/demo of a rwkv-peft checkout",
+                 "model.path=", "data.path="):
+        assert text in err, (text, err)
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
+    # only what is still missing is named: the 0.1B World recipe downloads its model, the demo data stay
+    assert main(["train", "world-0.1b-state"]) == 2
+    err = capsys.readouterr().err
+    assert "data/demo/ship_log.jsonl" in err and "model.path=" not in err and "data.path=" in err, err
+
+
+def test_a_bundled_recipe_outside_a_checkout_trains_on_the_users_files(tiny_world, tmp_path, monkeypatch):
+    model, data, _ = tiny_world
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(resolve_recipe("lora"), [f"model.path={model}", f"data.path={data}"])
+    assert (recipe.model.path, recipe.data.path, recipe.data.eval_path) == (str(model), str(data), None)
+    recipe = load_recipe(resolve_recipe("pretrain_demo"), [f"data.path={data}"])  # a new model: no model.path
+    assert recipe.data.path == str(data)
+
+
+def test_in_the_checkout_the_bundled_recipes_find_the_demo_files(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for name in ("lora", "state_tune", "dpo", "pretrain_demo", "passkey"):
+        load_recipe(resolve_recipe(name))
