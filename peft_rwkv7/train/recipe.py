@@ -79,7 +79,8 @@ class DeepSpeedConfig(ConfigModel):
     section: ClassVar[str] = "train.deepspeed"
 
     stage: Literal[0, 1, 2, 3] = Field(0, description="0 = off; 1, 2, 3 = ZeRO stage")
-    offload: bool = Field(False, description="offload optimizer state to CPU")
+    offload: bool = Field(False, description="ZeRO-Offload: optimizer state and update on the CPU with "
+                          "DeepSpeed's CPU Adam; needs stage 1-3 and adamw")
 
 
 # What is optimised, and by which optimizer. Built with create_model because ORPO's weight is called
