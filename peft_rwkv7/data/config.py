@@ -50,7 +50,9 @@ class DataConfig(ConfigModel):
         "pad sampling: documents longer than ctx_len are split into consecutive pieces (every token trained "
         "once) or cut after ctx_len tokens"))
     eval_path: Name | None = Field(None, description=(
-        'held-out {"text": ...} jsonl scored during training; for kind preference, held-out pairs like data.path'))
+        "held-out records scored during training, their kind found from the file (text: every token; sft/chat: "
+        "rendered like data.path, their loss tokens only, as eval --data scores them); for kind preference, "
+        "held-out pairs like data.path"))
     eval_split: float | None = Field(None, ge=0, lt=0.5, description=(
         "share of the documents (preference: pairs) held out of training and scored as the eval set, every kind "
         "(sft/chat: on their loss tokens); default 0.02 without an eval_path; not with one"))

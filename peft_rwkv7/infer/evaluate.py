@@ -170,13 +170,15 @@ class EvalData:
 
 
 def load_eval_data(path: str | os.PathLike, tokenizer, kind: str = "auto", system: str | None = None,
-                   limit: int | None = None) -> EvalData:
+                   limit: int | None = None, data_config=None) -> EvalData:
     """A .jsonl / .json / .parquet file as `evaluate` input, kind guessed as `data.kind: auto` does.
 
     text: `encode(text)` per record, every token scored (as before: no end-of-text predicted after it).
     sft / chat (incl. ShareGPT `conversations`): rendered, tokenized and masked by the training code
     (`data.formats.encode_records`, `system` as `data.system`): each document ends with end-of-text and
-    only the tokens training takes loss on are scored. limit: keep the first N records."""
+    only the tokens training takes loss on are scored. limit: keep the first N records. data_config: a
+    training run's `DataConfig`, whose field names and templates render the file (its kind is still found
+    from the file itself: a text eval file beside sft training data is scored as text)."""
     from itertools import islice
 
     from ..data.config import DataConfig
@@ -184,7 +186,10 @@ def load_eval_data(path: str | os.PathLike, tokenizer, kind: str = "auto", syste
     from ..data.formats import TextFormat, encode_records
     from ..data.records import encode_checked, get_str, iter_records
 
-    cfg = DataConfig(path=str(path), kind=kind, system=system)
+    if data_config is not None:
+        cfg = data_config.model_copy(update={"path": str(path), "kind": kind, "eval_path": None, "eval_split": None})
+    else:
+        cfg = DataConfig(path=str(path), kind=kind, system=system)
     found, fmt = resolve_format(cfg)
     if fmt is None:
         raise UserError(f"{path}: eval reads .jsonl / .json / .parquet records, not a binidx pair ({found})")

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from ..adapters import attach, save_adapter, trainable_parameters
-from ..data import load_eval_docs, load_tokenizer, make_dataset
+from ..data import load_tokenizer, make_dataset
 from ..errors import UserError
+from ..infer.evaluate import load_eval_data
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
 from . import checkpoint as ckpt
@@ -112,8 +113,9 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
             eval_pairs = data.held_out_pairs
     elif getattr(data, "kind", None) == "preference":
         raise UserError("data.kind: preference pairs need train.objective dpo, orpo or simpo")
-    elif recipe.data.eval_path:
-        eval_docs = load_eval_docs(recipe.data.eval_path, tokenizer)
+    elif recipe.data.eval_path:  # rendered and masked as training renders data.path (sft/chat: loss tokens only)
+        held = load_eval_data(recipe.data.eval_path, tokenizer, data_config=recipe.data)
+        eval_docs, eval_masks = held.docs, held.masks
     elif data.held_out:  # data.eval_split's documents (sft/chat: scored on their loss tokens)
         eval_docs, eval_masks = data.held_out, data.held_out_masks
     if dist.is_main:

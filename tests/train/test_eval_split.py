@@ -186,3 +186,20 @@ def test_too_few_documents_to_hold_out_say_so_in_the_summary(tmp_path):
     recipe = load_recipe(str(ROOT / "recipes/dpo.yaml"), [f"data.path={prefs_file(tmp_path / 'p.jsonl', 30)}"])
     data = make_dataset(recipe.data, tok, seed=0, progress=False, cache_dir=tmp_path)
     assert "no eval: 2% of 30 pairs is less than one" in data_summary(recipe, data)
+
+
+def test_an_sft_eval_file_is_scored_on_its_replies_as_eval_data_scores_it(tiny_world, tmp_path):
+    """data.eval_path with sft records: the run scores the replies (and end-of-text) only, exactly the tokens
+    `rwkv-peft eval --data` scores on that file (was: every token, read as {"text"} records)."""
+    from peft_rwkv7.infer.evaluate import load_eval_data
+
+    src, held = qa_file(tmp_path / "qa.jsonl", 40), qa_file(tmp_path / "qa_eval.jsonl", 6)
+    out = tmp_path / "r"
+    over = [o for o in tiny_overrides(tiny_world, out, steps=2) if not o.startswith(("data.eval_path", "data.path"))]
+    assert train_from_cli(str(ROOT / "recipes/lora.yaml"), [f"data.path={src}", f"data.eval_path={held}", *over]) == 0
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    expected = load_eval_data(held, load_tokenizer("world"))  # eval --data's rendering and masks
+    assert expected.kind == "sft" and expected.masks is not None
+    scored = sum(sum(m) for m in expected.masks)
+    assert 0 < scored < sum(len(d) for d in expected.docs)  # the prompts are not scored
+    assert len(evals) == 1 and evals[0]["eval_tokens"] == scored
