@@ -125,7 +125,7 @@ def test_eval_json_on_real_lambada(files):
     out = json.loads(res.stdout)
     assert set(out) == {"loss", "ppl", "tokens", "acc"}
     assert out["tokens"] > 100 and 0.0 <= out["acc"] <= 1.0
-    assert abs(out["ppl"] - math.exp(out["loss"])) < 1e-3 * out["ppl"]
+    assert abs(out["ppl"] - math.exp(out["loss"])) <= 1e-12 * out["ppl"]  # fp64 exp of the printed fp64 loss
 
 
 def test_eval_in_bf16_is_close_to_fp32(files):
@@ -137,6 +137,8 @@ def test_eval_in_bf16_is_close_to_fp32(files):
     a, b = json.loads(fp32.stdout), json.loads(bf16.stdout)
     assert json.loads((files / "eval_fp32.json").read_text()) == a  # --out: the printed result, also on file
     assert a["tokens"] == b["tokens"] and a["loss"] != b["loss"]  # really ran in another dtype
+    # an outcome bound, not a rounding count: bf16 weights and activations through the whole eval may move
+    # the loss by up to 2% (the rounding itself is bounded per site in tests/train/test_precision.py)
     assert abs(a["loss"] - b["loss"]) <= 0.02 * a["loss"], (a, b)
 
 

@@ -26,7 +26,9 @@ def test_readme_python_example_runs(tmp_path):
     losses = [float(x) for x in re.findall(r"^step \d+: loss ([\d.]+)$", res.stdout, re.M)]
     base = float(re.search(r"^base model: ([\d.]+)$", res.stdout, re.M).group(1))
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, res.stdout
-    assert abs(base - losses[0]) < 1e-4  # the state starts at zeros: step 1 is the base's loss
+    # the state starts at zeros: step 1 is the base's loss. Both are printed to 3 decimals, so two values a
+    # rounding apart (~1e-6 here) can print one last digit apart: 1e-3 (+ the parse's 1e-12) is the bound.
+    assert abs(base - losses[0]) <= 1e-3 + 1e-12
     assert (tmp_path / "runs/python_api/state.pth").is_file()
     assert (tmp_path / "runs/python_api/adapter.json").is_file()
     generated = res.stdout.strip().splitlines()[-1]
