@@ -18,6 +18,19 @@ from peft_rwkv7.train.runner import train_from_cli
 from tests.fp_oracle import UBF16, LowPrecisionRoundings, logits64, loss_rounding, rounding_bounds
 from tests.train.conftest import tiny_overrides
 
+
+def spy_wkv_dtypes(monkeypatch) -> list[set]:
+    """Record the dtypes of the six WKV inputs of every wkv7 call the model makes (one set per call)."""
+    seen: list[set] = []
+    real = rwkv7_module.wkv7
+
+    def spy(*args, **kwargs):
+        seen.append({t.dtype for t in args[:6]})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rwkv7_module, "wkv7", spy)
+    return seen
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,14 +69,7 @@ def test_bf16_training_is_bf16_where_it_should_be_and_fp32_where_it_trains(tiny_
     """train.precision bf16: frozen weights stored in bf16, the WKV kernel fed bf16, what trains in fp32,
     and a step-1 loss that differs from fp32's (same start, same batch) by more than zero and by less than
     the rounding bound of bf16 (each bf16 rounding moves its value by <= 2^-8 relative)."""
-    seen = []
-    real = rwkv7_module.wkv7
-
-    def spy(*args, **kwargs):
-        seen.append({t.dtype for t in args[:6]})
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rwkv7_module, "wkv7", spy)
+    seen = spy_wkv_dtypes(monkeypatch)
     runs, losses, wkv_dtypes = {}, {}, {}
     for precision in ("fp32", "bf16"):
         over = tiny_overrides(tiny_world, tmp_path / precision, steps=1, **{
@@ -93,17 +99,9 @@ def test_bf16_training_is_bf16_where_it_should_be_and_fp32_where_it_trains(tiny_
 
 
 def test_wkv_inputs_reach_the_kernel_in_one_dtype(monkeypatch):
-    import peft_rwkv7.model.rwkv7 as rwkv7
     from tests.conftest import make_model
 
-    seen = []
-    real = rwkv7.wkv7
-
-    def spy(*args, **kwargs):
-        seen.append({t.dtype for t in args[:6]})
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rwkv7, "wkv7", spy)
+    seen = spy_wkv_dtypes(monkeypatch)
     model = make_model(seed=0, n_layer=2, n_embd=64, head_size=16, vocab_size=256).to(torch.bfloat16)
     for p in model.parameters():
         if p.dim() < 2:  # as in training: what trains is fp32 beside bf16 matrices
