@@ -40,6 +40,7 @@ class Rows:
     def batch(self, step, micro, micro_bsz, grad_accum, rank, world_size):
         self.calls.append((step, micro, micro_bsz, grad_accum, rank, world_size))
         r = self.rows(step, micro, micro_bsz, grad_accum, rank, world_size)
+        assert r.stop <= len(self.idx), "the pool has no such rows"
         return self.idx[r], self.labels[r]
 
 
@@ -131,19 +132,26 @@ def test_the_step_uses_the_schedule_of_the_recipe(schedule, step, want):
 def test_a_non_finite_gradient_stops_before_the_update():
     data = Rows(MASKS)
     run = make_run(data, grad_clip=1.0)
-    name, p = run.named[0]
+    _, p = run.named[0]
     p.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     before = flat(q for _, q in run.named)
-    with pytest.raises(FloatingPointError, match=r"^step 3: gradient norm is inf$"):
-        train_step(run, 2)
+    with pytest.raises(FloatingPointError, match=r"^step 2: gradient norm is inf$"):
+        train_step(run, 1)
     assert torch.equal(flat(q for _, q in run.named), before)
 
 
 def test_precision_context_is_bf16_autocast_or_nothing():
+    """bf16 by name: autocast's default dtype is bf16 on the CPU but fp16 on CUDA, so here the CPU default is
+    set to fp16 while the context is made."""
     cpu = torch.device("cpu")
-    with _precision_context(cpu, True)():
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    default = torch.get_autocast_dtype("cpu")
+    torch.set_autocast_dtype("cpu", torch.float16)
+    try:
+        with _precision_context(cpu, True)():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    finally:
+        torch.set_autocast_dtype("cpu", default)
     with _precision_context(cpu, False)():
         assert not torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
@@ -160,3 +168,60 @@ def test_sum_over_ranks_is_float64(tmp_path):
         assert _sum_over_ranks(16777217.0, Dist(0, 2), torch.device("cpu")) == 16777217.0
     finally:
         tdist.destroy_process_group()
+
+
+def test_chunk_len_reaches_the_loss():
+    """train.chunk_len 4 runs each 12-token micro-batch as chunks of 4 (recomputed once more in backward)."""
+    data = Rows(MASKS)
+    run = make_run(data, grad_clip=0.0)
+    model, lengths = run.model, []
+
+    def counting(x, state, return_state):
+        lengths.append(x.shape[1])
+        return model(x, state, return_state=return_state)
+
+    run.model = counting
+    train_step(run, 0)
+    assert lengths == [T, T]
+    run.recipe.train.chunk_len, lengths[:] = 4, []
+    train_step(run, 0)
+    assert lengths == [4] * 12  # 2 micro-batches x 3 chunks, each in forward and again in backward
+
+
+class Engine:
+    """DeepSpeed's engine as the loop uses it: backward of each micro-batch's share, then step()."""
+
+    def __init__(self):
+        self.losses, self.steps = [], 0
+
+    def backward(self, loss, scale_wrt_gas):
+        assert scale_wrt_gas is False
+        self.losses.append(loss.item())
+        loss.backward()
+
+    def step(self):
+        self.steps += 1
+
+
+def test_an_engine_gets_each_micro_batch_share_and_steps_itself():
+    data = Rows(MASKS)
+    run = make_run(data, grad_clip=0.05)
+    run.engine = Engine()
+    want_loss, grads = oracle(run, data, step=1)
+    before = flat(p for _, p in run.named)
+    loss, _ = train_step(run, 1)
+    assert run.engine.steps == ACCUM and len(run.engine.losses) == ACCUM
+    assert abs(sum(run.engine.losses) - want_loss) <= 1e-4 and abs(loss - want_loss) <= 1e-4
+    # the engine clips and steps: the loop leaves the gradients (unclipped) and the weights to it
+    assert torch.equal(flat(p for _, p in run.named), before)
+    g = flat(grads)
+    assert (flat(p.grad for _, p in run.named) - g).norm() <= 1e-4 * g.norm()
+
+
+def test_a_non_finite_loss_names_the_step():
+    data = Rows(MASKS)
+    run = make_run(data, grad_clip=1.0)
+    with torch.no_grad():
+        run.named[0][1].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"^step 2: loss is nan$"):
+        train_step(run, 1)
