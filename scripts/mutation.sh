@@ -173,11 +173,12 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 echo "mutating $src with: $(echo $tests)${globs:+ (mutants: $(echo $globs))}; log: $work/mutmut.log"
 start=$(date +%s)
 # shellcheck disable=SC2086
-nice -n 10 "$mutmut" run --max-children 1 $globs > mutmut.log 2>&1 || true
+rc=0
+nice -n 10 "$mutmut" run --max-children 1 $globs > mutmut.log 2>&1 || rc=$?
 elapsed=$(( $(date +%s) - start ))
-if [ ! -s "mutants/$src.meta" ]; then
+if [ "$rc" != 0 ] || [ ! -s "mutants/$src.meta" ]; then
     tr '\r' '\n' < mutmut.log | tail -n 40
-    echo "error: mutmut did not run (see above)" >&2
+    echo "error: mutmut failed (exit $rc; see above and $work/mutmut.log)" >&2
     exit 1
 fi
 

@@ -61,10 +61,11 @@ def test_the_wkv_op_gets_one_dtype_and_the_chosen_backend(monkeypatch):
     monkeypatch.setattr(rwkv7, "wkv7", spy)
     model = make_model(seed=0, n_layer=2, n_embd=64, head_size=16, vocab_size=V)
     model.set_wkv_backend("reference")
-    for n, p in model.named_parameters():  # as in bf16 training: frozen matrices bf16, trained tensors fp32
-        p.data = p.data.float() if p.dim() < 2 or n == "emb.weight" else p.data.to(torch.bfloat16)
-    # the WKV output goes back to the activations' dtype before ln_x (GroupNorm keeps a bf16 input in bf16);
-    # with the embedding trained (fp32) the residual stream, and so the activations, are fp32
+    # as in bf16 training with train_parts [emb, time, ln]: frozen matrices bf16, trained tensors fp32, so w, a and
+    # kk come out fp32 beside r, k, v in bf16, and the residual stream (from the fp32 embedding) is fp32
+    for n, p in model.named_parameters():
+        p.data = p.data.float() if p.dim() != 2 or n == "emb.weight" else p.data.to(torch.bfloat16)
+    # the WKV output goes back to the activations' dtype before ln_x (GroupNorm keeps a bf16 input in bf16)
     dtypes = []
     for blk in model.blocks:
         blk.att.register_forward_pre_hook(lambda m, args: dtypes.append(("x", args[0].dtype)))
