@@ -63,8 +63,11 @@ def test_resume_without_checkpoint_is_an_error(tiny_world, tmp_path):
 
 def _start(tiny_world, out: Path, steps: int) -> subprocess.Popen:
     args = tiny_overrides(tiny_world, out, steps=steps, **{"train.save_every": 1})
+    # Ctrl-C as a terminal delivers it: a test run started in the background (`pytest &` in a script) inherits
+    # SIGINT ignored, which Python keeps (no KeyboardInterrupt at all), so the child gets the default back.
     return subprocess.Popen([sys.executable, "-m", "peft_rwkv7.cli", "train", LORA, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -133,8 +136,14 @@ def test_ctrl_c_during_a_save_waits_for_it(tmp_path):
 
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.AdamW([p])
-    with pytest.raises(KeyboardInterrupt), ckpt.ctrl_c_after_save():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the signal arrives while the save is still to come
-        ckpt.save_checkpoint(tmp_path, 1, [("p", p)], opt)
+    # Python's own Ctrl-C handler, as an interactive run has it (pytest started in the background inherits
+    # SIGINT ignored, and then no KeyboardInterrupt would come at all)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), ckpt.ctrl_c_after_save():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal arrives while the save is still to come
+            ckpt.save_checkpoint(tmp_path, 1, [("p", p)], opt)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert ckpt.resume(tmp_path, [("p", p)], opt) == 1
