@@ -34,8 +34,10 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
         if resume:
             check_resume(recipe, out_dir)
         elif (done := check_fresh(recipe, out_dir)) is not None:
-            longer = (", or raise train.max_steps with --resume" if recipe.train.schedule in ("constant", "wsd")
-                      else "")  # a cosine schedule's past steps would change: only a new run is longer
+            # offered only where a longer schedule keeps the lr of the steps taken (constant; not a finished
+            # wsd or cosine run): the rule check_resume applies to a raised max_steps
+            longer = (", or raise train.max_steps with --resume"
+                      if _lr_unchanged(recipe.train, done, done + 1, done) else "")
             print(f"{out_dir} already holds this finished run ({done} steps); nothing to do — to train again "
                   f"pick another out_dir=...{longer}", flush=True)
             return 0
@@ -160,13 +162,15 @@ def check_resume(recipe: Recipe, out_dir: Path) -> None:
 
 
 def _same_lr_so_far(recipe: Recipe, old: dict, done: int) -> bool:
-    tc = recipe.train
     old_max = old.get("train.max_steps")
-    if not isinstance(old_max, int):
-        return False
+    return isinstance(old_max, int) and _lr_unchanged(recipe.train, old_max, recipe.train.max_steps, done)
+
+
+def _lr_unchanged(tc, old_max: int, new_max: int, done: int) -> bool:
+    """Whether the first `done` steps get the same learning rate with max_steps new_max as with old_max."""
 
     def lr(step: int, max_steps: int) -> float:
         return get_lr(step, lr=tc.lr, lr_final=tc.final_lr, max_steps=max_steps, warmup_steps=tc.warmup_steps,
                       schedule=tc.schedule, decay_frac=tc.decay_frac)
 
-    return all(lr(s, old_max) == lr(s, tc.max_steps) for s in range(done))
+    return all(lr(s, old_max) == lr(s, new_max) for s in range(done))

@@ -133,9 +133,10 @@ def test_rerunning_a_finished_run_is_a_no_op(tiny_world, tmp_path, capsys):
     capsys.readouterr()
     assert _cli_main("train", LORA, *over, "log.progress=true") == 0  # progress bars change no number
     said = capsys.readouterr().out.strip()
-    # a cosine schedule cannot be extended (its past steps' lr would change): only another out_dir is offered
+    # --resume is offered exactly where check_resume would take a raised max_steps: here the 2 steps (1 of
+    # warmup, then the cosine's first, at the peak) keep their lr in a longer run
     assert said == (f"{out} already holds this finished run (2 steps); nothing to do — to train again pick "
-                    "another out_dir=...")
+                    "another out_dir=..., or raise train.max_steps with --resume")
     assert _bytes(out) == before
     assert _cli_main("train", LORA, *over, "train.lr=0.5") == 2  # another recipe: refused
     err = capsys.readouterr().err
