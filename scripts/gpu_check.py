@@ -1,264 +1,149 @@
-"""GPU check: WKV7 kernels vs the reference, their speed, training VRAM and speed, the doctor's verdict.
+"""GPU check: WKV7 kernels vs the reference and vs fla, 0.1B training VRAM and speed beside the field's figures.
 
-Kernel build, correctness and speed, training through the real trainer and `rwkv-peft doctor`, summed up
-in one table of figures against goals.
+    bash scripts/gpu_check.sh [OUT.json] [--dry-run] [--skip PART]   (from anywhere; default gpu_check.json)
+    python scripts/gpu_check.py [--out OUT.json] [--dry-run] [--skip PART ...]
 
-    bash scripts/gpu_check.sh [OUT.json]        (from the repo root; writes gpu_check.json by default)
-    python scripts/gpu_check.py [--out OUT.json]
-
-Sections (each in its own try/except, so one failure still reports the others):
+Parts, in order (each prints one line with its time as it ends, then its screen; one that fails prints
+its error in one line and the rest still run):
   env          torch / CUDA / GPU / triton / fla versions
   build        compiles the CUDA extension (torch.utils.cpp_extension, cached) and times it; the CPU
                kernel (for the doctor) builds meanwhile in a separate process
-  correctness  CUDA and Triton (and fla when importable) vs the reference on the GPU: y, final
-               state and the gradients of r, w, k, v, a, b and the initial state, with random
-               upstream gradients on y and the final state; fp32 and bf16, odd T
-  training     gpu_check_train.py: state tuning and LoRA on a random 0.1B-shape model at ctx 1024,
-               batch 1, bf16, through peft_rwkv7.train.loop.train: peak VRAM and tokens/s
-  speed        fwd and fwd+bwd at B=8, T=4096, H=12, N=64, bf16, with a trainable initial state
-               and gradients on y and the final state; peak memory (torch.cuda.max_memory_allocated)
-               above the inputs. The reference runs at a smaller T and is extrapolated linearly.
+  correctness  gpu_check_kernels.py: CUDA and Triton vs the reference on the GPU, fp32 and bf16, every
+               gradient (fla is compared with our CUDA kernel in speed, where it compiles only once)
+  training     gpu_check_train.py: state tuning and LoRA r16 on a random 0.1B-shape model through the
+               real trainer, bf16, at ctx 1024 batch 1 and ctx 512 batch 16: peak VRAM and tokens/s
+  speed        gpu_check_kernels.py: our CUDA vs Triton vs fla's chunk_rwkv7, fwd and fwd+bwd at B8
+               T4096 H12 N64 bf16, in the summary beside each other (fla skipped with a line where it
+               does not import)
   doctor       peft_rwkv7.doctor.collect(): every backend on this machine vs the reference, packages
-Goals: our CUDA fwd+bwd <= 0.8x fla's chunk_rwkv7; 0.1B state tuning <= 1.5 GiB peak VRAM. Exit status 1
-on any correctness failure (a kernel, the doctor) or a crashed section, 2 without a CUDA device; missed
-speed / memory goals show in the table only. Whole run: under 5 minutes on an H200 once the CUDA
-extension is cached (its first build adds a minute or two). Needs no network (fla optional).
+correctness, training and speed run in their own processes under a time cap each, so a hang or a broken
+CUDA context stops only that part; the rows a part finished before its cap are kept. One summary table
+puts our figures beside goals and the field's anchors (gpu_check_report.ANCHORS: RWKV-PEFT's RTX 4090
+VRAM table, RWKV-LM's tokens/s; other hardware, for orientation).
+
+Time on an H200 (estimated, never run there yet; see BUDGETS): env ~5 s; build ~40 s fresh (nvcc of the
+kernels took 8 s and a torch-extension binding 40 s on a loaded 2-core CPU, built in parallel) or ~1 s
+cached; correctness ~20-45 s (Triton JIT per head size and dtype; cap 60); training ~35-50 s (0.1B init
+and save ~8 s, four runs of a few seconds each: load, 12 steps, save; cap 90); speed ~20 s, up to its cap
+of 80 where fla compiles and autotunes on first use; doctor ~15 s. About 3 minutes expected, 5 when every
+cap is hit; nothing starts when it could run past 9 minutes (the device call's limit is 10).
+Exit status: 0 = every correctness check passed and nothing crashed, 1 = something computes wrong or
+crashed (a kernel unverified because its part stopped counts), 2 = no CUDA device. Missed speed /
+memory goals (MISS) and parts stopped at their cap (TIME) show in the table only. --dry-run runs every
+part on the CPU at tiny stand-in shapes (the CPU kernel in place of CUDA/Triton, fp32 training) to test
+this script without a GPU. Needs no network (fla optional).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import os
-import statistics
+import platform
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))  # gpu_check_train
+sys.path.insert(0, str(REPO / "scripts"))
 
-from peft_rwkv7.ops import cuda as wkv_cuda  # noqa: E402
-from peft_rwkv7.ops.reference import wkv7_reference  # noqa: E402
+import gpu_check_report as rep  # noqa: E402
 
-START = time.monotonic()
-DEVICE = torch.device("cuda")
-BUDGET_S = 270  # stop starting new timings after this (the whole check should stay < 5 min)
-TRAINING_S = 90  # what the training section needs at most (model setup, two short runs)
-GOAL_VS_FLA = 0.8  # our CUDA fwd+bwd time / fla chunk_rwkv7's
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |err| / max |ref|, per tensor
-BENCH = dict(B=8, T=4096, H=12, N=64)
-REF_T = 256  # the reference's T for timing (a Python loop over steps), extrapolated to BENCH["T"]
-GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "dstate")
-
-
-def _inputs(B, T, H, N, dtype, seed=0):
-    """Realistic inputs as an RWKV-7 layer makes them (decay in (0.545, 1)) and a random state."""
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    shape = (B, T, H, N)
-    r, x, k, v, n, z = (torch.randn(shape, generator=g, device=DEVICE) for _ in range(6))
-    w = -F.softplus(-(x - 0.5)) - 0.5
-    kk = F.normalize(n, dim=-1)
-    xs = [t.to(dtype) for t in (r * 0.5, w, k * 0.5, v, -kk, kk * torch.sigmoid(z))]
-    return xs, torch.randn(B, H, N, N, generator=g, device=DEVICE) * 0.5
+CHILD_PARTS = ("correctness", "training", "speed")
+PARTS = ("env", "build", *CHILD_PARTS, "doctor")
+# cap_s: a child part's time cap; min_s: what it needs to be worth starting; hard_s: no part starts
+# when it could run past this; doctor_s: kept for the doctor at the end (in-process, not capped);
+# inline_s: the estimate for the in-process parts on an H200 (env, a fresh CUDA build, the doctor).
+BUDGETS = {
+    "gpu": {"cap_s": {"correctness": 60, "training": 90, "speed": 80},
+            "min_s": {"correctness": 20, "training": 40, "speed": 20}, "hard_s": 540, "doctor_s": 30,
+            "inline_s": {"env": 5, "build": 45, "doctor": 20}},
+    # The CPU dry run: generous caps (a shared 2-core machine), only a guard against a hang.
+    "dry": {"cap_s": {"correctness": 300, "training": 300, "speed": 300},
+            "min_s": {"correctness": 10, "training": 10, "speed": 10}, "hard_s": 1500, "doctor_s": 60,
+            "inline_s": {"env": 5, "build": 5, "doctor": 60}},
+}  # fmt: skip
 
 
-def _fla_fn():
-    """fla's chunk_rwkv7 adapted to our convention, or None when fla is not importable."""
-    try:
-        from fla.ops.rwkv7 import chunk_rwkv7
-    except Exception:
-        return None
-
-    # fla takes the log decay (ours is log-log: decay = exp(-exp(w))) and a key-major state. Its
-    # keyword for the log decay changed between versions: `log_w` where present, else `w`.
-    decay_kw = "log_w" if "log_w" in inspect.signature(chunk_rwkv7).parameters else "w"
-
-    def run(r, w, k, v, a, b, state=None):
-        log_w = -torch.exp(w.float()).to(w.dtype)
-        s0 = None if state is None else state.transpose(-1, -2).contiguous()
-        y, s = chunk_rwkv7(r=r, k=k, v=v, a=a, b=b, **{decay_kw: log_w}, scale=1.0, initial_state=s0,
-                           output_final_state=True)  # fmt: skip
-        return y, s.transpose(-1, -2)
-
-    return run
+def exit_status(rows: list[tuple]) -> int:
+    """1 when a summary row FAILs (something computes wrong, crashed, or a kernel went unverified), else 0."""
+    return 1 if any(row[-1] == "FAIL" for row in rows) else 0
 
 
-def _backends() -> dict:
-    from peft_rwkv7.ops.triton_wkv import wkv7_triton
-
-    fns = {"cuda": wkv_cuda.wkv7_cuda, "triton": wkv7_triton}
-    fla = _fla_fn()
-    if fla is not None:
-        fns["fla"] = fla
-    return fns
+def part_timeout(name: str, elapsed: float, budget: dict, skip=()) -> float:
+    """The cap for child part `name` started `elapsed` s into the run: its own cap, less whatever would
+    leave the later parts their minimum before the hard limit."""
+    later = [p for p in CHILD_PARTS[CHILD_PARTS.index(name) + 1:] if p not in skip]
+    reserve = sum(budget["min_s"][p] for p in later) + (0 if "doctor" in skip else budget["doctor_s"])
+    return min(budget["cap_s"][name], budget["hard_s"] - elapsed - reserve)
 
 
-def section_env() -> dict:
-    import triton
+def run_child(argv: list[str], timeout_s: float, log_path: Path) -> dict:
+    """Run `python argv...` in its own process group under `timeout_s`; stdout and stderr go to `log_path`.
+    Returns the part's status: ok, error (one line: the exit status and the log's last line) or timeout."""
+    part: dict = {"cap_s": round(timeout_s)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=timeout_s)
+            part["status"] = "ok" if rc == 0 else "error"
+            if rc:
+                part["error"] = f"exit status {rc}: {rep.one_line(log_path.read_text(errors='replace'))}"
+        except subprocess.TimeoutExpired:
+            part["status"] = "timeout"
+            part["error"] = f"stopped at its {timeout_s:.0f} s cap; rows finished before it are kept"
+        finally:
+            if proc.poll() is None:  # the cap, or this process interrupted: the child and its children go too
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if part["status"] != "ok":
+        part["log_tail"] = log_path.read_text(errors="replace")[-2000:]
+    return part
 
-    info = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name(0),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-        "triton": triton.__version__,
-    }
-    try:
-        import fla
 
-        info["fla"] = getattr(fla, "__version__", "unknown")
-    except Exception as e:
-        info["fla"] = f"not importable ({type(e).__name__}); its rows are skipped"
+def part_env(dry_run: bool) -> dict:
+    info = {"mode": "dry run on the CPU" if dry_run else "GPU", "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_threads": torch.get_num_threads()}  # fmt: skip
+    if not dry_run:
+        info.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(0),
+                    capability=".".join(map(str, torch.cuda.get_device_capability(0))))  # fmt: skip
+    for name in ("triton", "fla"):
+        try:
+            info[name] = getattr(__import__(name), "__version__", "unknown")
+        except Exception as e:
+            info[name] = f"not importable ({type(e).__name__})" + ("; its rows are skipped" if name == "fla" else "")
     return info
 
 
-def section_build() -> dict:
+def part_build(dry_run: bool) -> dict:
+    """The fused kernel this device uses, built (or loaded from the cache) here, with the build's warning."""
     t0 = time.monotonic()
-    ok = wkv_cuda.is_available(torch.device("cuda"))
+    device = torch.device("cpu" if dry_run else "cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if dry_run:
+            from peft_rwkv7.ops import cpu as kernel
+        else:
+            from peft_rwkv7.ops import cuda as kernel
+        ok = kernel.is_available(device)
     from peft_rwkv7.ops import available_backends
 
-    return {"cuda_extension": ok, "seconds": round(time.monotonic() - t0, 1),
-            "auto_candidates": available_backends("cuda")}  # fmt: skip
+    out = {f"{device.type}_extension": ok, "seconds": round(time.monotonic() - t0, 1),
+           "auto_candidates": available_backends(device)}  # fmt: skip
+    if not ok:
+        out["warning"] = "; ".join(rep.one_line(str(w.message)) for w in caught) or "unavailable"
+    return out
 
 
-def _run_case(fn, B, T, H, N, dtype, with_state, seed) -> dict:
-    xs, state = _inputs(B, T, H, N, dtype, seed)
-    ours = [x.clone().requires_grad_() for x in xs]
-    ref = [x.detach().float().requires_grad_() for x in xs]
-    s_ours = state.clone().requires_grad_() if with_state else None
-    s_ref = state.clone().requires_grad_() if with_state else None
-    y, s = fn(*ours, state=s_ours)
-    y_ref, s_out_ref = wkv7_reference(*ref, state=s_ref)
-    gy, gs = torch.randn_like(y_ref), torch.randn_like(s_out_ref)
-    ((y.float() * gy).sum() + (s.float() * gs).sum()).backward()
-    ((y_ref * gy).sum() + (s_out_ref * gs).sum()).backward()
-    pairs = {"y": (y, y_ref), "state_out": (s, s_out_ref)}
-    pairs.update({n: (o.grad, q.grad) for n, o, q in zip(GRAD_NAMES, ours, ref)})
-    if with_state:
-        pairs["dstate"] = (s_ours.grad, s_ref.grad)
-    errs = {}
-    for name, (got, want) in pairs.items():
-        if got is None:
-            errs[name] = float("inf")
-            continue
-        got, want = got.detach().float(), want.detach().float()
-        errs[name] = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
-    return errs
-
-
-def section_correctness() -> list:
-    cases = [  # (B, T, H, N, dtype, with_state): odd T, B > 1, each head size family
-        (2, 37, 3, 64, torch.float32, True),
-        (2, 37, 3, 64, torch.bfloat16, True),
-        (1, 16, 2, 128, torch.float32, True),
-        (2, 5, 2, 32, torch.bfloat16, False),
-        (1, 300, 1, 64, torch.float32, True),
-    ]
-    rows = []
-    for name, fn in _backends().items():
-        for seed, (B, T, H, N, dtype, with_state) in enumerate(cases):
-            row = {"backend": name, "B": B, "T": T, "H": H, "N": N, "dtype": str(dtype).split(".")[-1],
-                   "state": with_state, "tol": TOL[dtype]}  # fmt: skip
-            if time.monotonic() - START > BUDGET_S - 60:  # leave time for the speed section
-                rows.append({**row, "pass": False, "error": "skipped: time budget spent"})
-                continue
-            try:
-                errs = _run_case(fn, B, T, H, N, dtype, with_state, seed)
-                row["max_rel_err"] = {k: float(f"{v:.2e}") for k, v in errs.items()}
-                row["pass"] = all(v <= TOL[dtype] for v in errs.values())
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-                row["pass"] = False
-            rows.append(row)
-    return rows
-
-
-def _time_ms(step, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _bench(fn, T: int, iters: int) -> dict:
-    """fwd (no grad) and fwd+bwd (trainable initial state, gradients on y and the final state)."""
-    B, H, N = BENCH["B"], BENCH["H"], BENCH["N"]
-    xs, state = _inputs(B, T, H, N, torch.bfloat16, seed=123)
-    leaves = [x.requires_grad_() for x in xs] + [state.requires_grad_()]
-
-    def fwd():
-        with torch.no_grad():
-            fn(*xs, state=state)
-
-    def fwd_bwd():
-        y, s = fn(*leaves[:6], state=leaves[6])
-        (y.float().sum() + s.float().sum()).backward()
-        for x in leaves:
-            x.grad = None
-
-    fwd_bwd()  # warm-up: compiles / autotunes
-    fwd()
-    torch.cuda.synchronize()
-    fwd_ms = _time_ms(fwd, iters)
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fwd_bwd_ms = _time_ms(fwd_bwd, iters)
-    peak = torch.cuda.max_memory_allocated()
-    return {"fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "peak_mib": peak / 2**20,
-            "peak_above_inputs_mib": (peak - base) / 2**20}  # fmt: skip
-
-
-def section_speed() -> list:
-    rows = []
-    shape = f"B={BENCH['B']} T={BENCH['T']} H={BENCH['H']} N={BENCH['N']} bf16"
-    notes = {"fla": "times include our -exp(w) and state transposes"}
-    fns = _backends()
-    for name, fn in fns.items():
-        row = {"backend": name, "shape": shape, **({"note": notes[name]} if name in notes else {})}
-        if time.monotonic() - START > BUDGET_S:
-            rows.append({**row, "skipped": "time budget spent"})
-            continue
-        try:
-            rows.append({**row, **_bench(fn, BENCH["T"], iters=5)})
-        except Exception as e:
-            rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
-    if "fla" not in fns:
-        rows.append({"backend": "fla", "shape": shape, "skipped": "fla not importable"})
-    row = {"backend": "reference", "shape": shape}
-    try:
-        scale = BENCH["T"] / REF_T
-        res = _bench(wkv7_reference, REF_T, iters=2)
-        rows.append({**row, "note": f"measured at T={REF_T}; time and memory above inputs extrapolated x{scale:g}",
-                     "fwd_ms": res["fwd_ms"] * scale, "fwd_bwd_ms": res["fwd_bwd_ms"] * scale,
-                     "peak_above_inputs_mib": res["peak_above_inputs_mib"] * scale})  # fmt: skip
-    except Exception as e:
-        rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
-    return rows
-
-
-def section_training() -> dict:
-    if time.monotonic() - START > BUDGET_S - TRAINING_S:
-        return {"skipped": "time budget spent"}
-    from gpu_check_train import run_all
-
-    return run_all(ctx=1024, steps=12)
-
-
-def section_doctor(cpu_build: subprocess.Popen | None = None) -> dict:
+def part_doctor(cpu_build: subprocess.Popen | None = None) -> dict:
     """`rwkv-peft doctor` in this process (its CUDA/Triton verdicts are the ones auto uses here)."""
     if cpu_build is not None:  # the CPU kernel's build started at the beginning: let it finish first
         cpu_build.wait()
@@ -270,129 +155,109 @@ def section_doctor(cpu_build: subprocess.Popen | None = None) -> dict:
 
 
 def _start_cpu_build() -> subprocess.Popen | None:
-    """Build (or load) the CPU kernel in another process while the GPU sections run; the build's file lock
+    """Build (or load) the CPU kernel in another process while the GPU parts run; the build's file lock
     makes the doctor's load later wait for it or reuse it."""
     code = "import torch; from peft_rwkv7.ops import cpu; cpu.is_available(torch.device('cpu'))"
     try:
-        return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL)
+        return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
     except OSError:
         return None
 
 
-def _print_table(report: dict) -> None:
-    print("\n== env ==")
-    for k, v in report.get("env", {}).items():
-        print(f"  {k:12s} {v}")
-    print("\n== build ==\n ", report.get("build"))
-    print("\n== correctness (max |err| / max |ref| over y, state_out and every gradient) ==")
-    for row in report.get("correctness", []):
-        worst = max(row["max_rel_err"].items(), key=lambda kv: kv[1]) if "max_rel_err" in row else None
-        what = f"worst {worst[0]}={worst[1]:.1e}" if worst else row.get("error", "")
-        print(f"  {'PASS' if row['pass'] else 'FAIL'}  {row['backend']:9s} {row['dtype']:9s} B={row['B']} "
-              f"T={row['T']:<4d} H={row['H']} N={row['N']:<4d} state={row['state']!s:5s} {what}")  # fmt: skip
-    print("\n== speed ==")
-    for row in report.get("speed", []):
-        if "fwd_bwd_ms" in row:
-            peak = f"peak {row['peak_mib']:8.0f} MiB, " if "peak_mib" in row else ""
-            print(f"  {row['backend']:9s} fwd {row['fwd_ms']:9.2f} ms  fwd+bwd {row['fwd_bwd_ms']:9.2f} ms  "
-                  f"{peak}above inputs {row['peak_above_inputs_mib']:8.0f} MiB  {row.get('note', '')}")  # fmt: skip
-        else:
-            print(f"  {row['backend']:9s} {row.get('error') or row.get('skipped')}")
-    print("\n== training (real trainer, random 0.1B shape, ctx 1024, batch 1, bf16) ==")
-    for method in ("state", "lora"):
-        row = report.get("training", {}).get(method)
-        if row:
-            print(f"  {method:6s} peak {row['peak_mib']:7.0f} MiB (reserved {row['reserved_mib']:.0f})  "
-                  f"{row['tokens_per_s']} tok/s  loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}  "
-                  f"wkv {', '.join(row['wkv_checks'])}")  # fmt: skip
-    if "doctor" in report:
+def child_argv(name: str, part_json: Path, budget_s: float, dry_run: bool, build: dict) -> list[str]:
+    """The command line of a child part. Without a CUDA extension the children neither try to build it
+    again nor time it: the kernels part runs Triton and fla, training asks for Triton."""
+    cuda_ok = dry_run or build.get("cuda_extension", False)
+    common = ["--out", str(part_json), "--budget-s", f"{max(budget_s - 5, 1):.0f}"] + (["--dry-run"] if dry_run else [])
+    if name == "training":
+        return ["scripts/gpu_check_train.py", *common, "--wkv-backend", "auto" if cuda_ok else "triton"]
+    backends = [] if cuda_ok else ["--backends", "triton" if name == "correctness" else "triton,fla"]
+    return ["scripts/gpu_check_kernels.py", name, *common, *backends]
+
+
+def show(name: str, report: dict) -> None:
+    """A part's screen, printed as soon as it ends."""
+    if name == "env":
+        rep.print_env(report.get("env", {}))
+    elif name == "build":
+        rep.print_build(report.get("build", {}))
+    elif name == "correctness":
+        rep.print_correctness(report.get("correctness", []))
+    elif name == "training":
+        rep.print_training(report.get("training", {}))
+    elif name == "speed":
+        rep.print_speed(report.get("speed", []))
+    elif name == "doctor" and "doctor" in report:
         print("\n== doctor ==\n" + report["doctor"]["screen"])
-    for err in report.get("errors", []):
-        print("\nERROR in", err["section"], ":", err["error"])
-
-
-def _summary(report: dict) -> list[tuple[str, str, str, str]]:
-    """(check, figure, goal, status) rows. FAIL: something computes wrong or crashed (exit 1); MISS: a
-    speed / memory goal not met; info: a figure without a goal."""
-    rows = []
-    for name in ("cuda", "triton", "fla"):
-        cases = [r for r in report.get("correctness", []) if r["backend"] == name]
-        if cases:
-            passed = sum(r["pass"] for r in cases)
-            ok = passed == len(cases)
-            status = "PASS" if ok else ("differs" if name == "fla" else "FAIL")
-            rows.append((f"{name} vs reference", f"{passed}/{len(cases)} cases", "all pass", status))
-    speed = {r["backend"]: r for r in report.get("speed", []) if "fwd_bwd_ms" in r}
-    fla_ms = speed["fla"]["fwd_bwd_ms"] if "fla" in speed else None
-    for name in ("cuda", "triton"):
-        if name in speed:
-            ms = speed[name]["fwd_bwd_ms"]
-            ratio = f" = {ms / fla_ms:.2f}x fla" if fla_ms else " (fla not timed)"
-            goal, status = ("-", "info") if name != "cuda" else (f"<= {GOAL_VS_FLA}x fla", "info")
-            if name == "cuda" and fla_ms:
-                status = "PASS" if ms <= GOAL_VS_FLA * fla_ms else "MISS"
-            rows.append((f"{name} fwd+bwd B8 T4096 H12 N64 bf16", f"{ms:.2f} ms{ratio}", goal, status))
-    training = report.get("training", {})
-    for method in ("state", "lora"):
-        if method in training:
-            t = training[method]
-            goal = f"<= {t['goal_mib']} MiB" if "goal_mib" in t else "-"
-            status = ("PASS" if t["pass_goal"] else "MISS") if "goal_mib" in t else "info"
-            figure = f"{t['peak_mib']:.0f} MiB, {t['tokens_per_s']} tok/s"
-            what = "state tuning" if method == "state" else "LoRA r16"
-            rows.append((f"0.1B {what} ctx1024 bs1 bf16", figure, goal, status))
-    if "doctor" in report:
-        d = report["doctor"]
-        rows.append(("doctor verdict", "OK" if d["ok"] else "; ".join(d["problems"])[:60], "OK",
-                     "PASS" if d["ok"] else "FAIL"))  # fmt: skip
-    for err in report.get("errors", []):
-        rows.append((f"section {err['section']}", err["error"][:60], "runs", "FAIL"))
-    return rows
-
-
-def _print_summary(rows: list[tuple[str, str, str, str]]) -> None:
-    print("\n== summary ==")
-    print(f"  {'check':38s} {'figure':34s} {'goal':16s} status")
-    for check, figure, goal, status in rows:
-        print(f"  {check:38s} {figure:34s} {goal:16s} {status}")
-
-
-def _write_json(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--dry-run", action="store_true", help="every part on the CPU at tiny shapes (no GPU)")
+    parser.add_argument("--skip", action="append", default=[], choices=PARTS, help="leave a part out (repeatable)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"gpu_check: no CUDA device (torch {torch.__version__} sees none); run it on a GPU machine",
-              file=sys.stderr)  # fmt: skip
+    if not args.dry_run and not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device (torch {torch.__version__} sees none); run it on a GPU machine, "
+              "or use --dry-run to test this script on the CPU", file=sys.stderr)  # fmt: skip
         return 2
-    report: dict = {"errors": []}
-    cpu_build = _start_cpu_build()
-    sections = [("env", section_env), ("build", section_build), ("correctness", section_correctness),
-                ("training", section_training), ("speed", section_speed),
-                ("doctor", lambda: section_doctor(cpu_build))]  # fmt: skip
-    for name, fn in sections:
+    start = time.monotonic()
+    out = args.out.resolve()
+    work = out.parent / f"{out.stem}_parts"  # each child part's JSON and log
+    budget = BUDGETS["dry" if args.dry_run else "gpu"]
+    report: dict = {"mode": "dry-run" if args.dry_run else "gpu", "parts": {}}
+    cpu_build = None if args.dry_run or "doctor" in args.skip else _start_cpu_build()
+    for name in PARTS:
+        if name in args.skip:
+            report["parts"][name] = {"status": "skipped (--skip)"}
+            continue
+        t0 = time.monotonic()
+        part: dict = {"status": "ok"}
         try:
-            report[name] = fn()
+            if name in CHILD_PARTS:
+                timeout = part_timeout(name, t0 - start, budget, args.skip)
+                if timeout < budget["min_s"][name]:
+                    part = {"status": "timeout", "cap_s": 0, "error": f"not started: {timeout:.0f} s left before "
+                            f"the {budget['hard_s']} s limit, it needs {budget['min_s'][name]}"}  # fmt: skip
+                else:
+                    part_json = work / f"{name}.json"
+                    part_json.unlink(missing_ok=True)
+                    argv_ = child_argv(name, part_json, timeout, args.dry_run, report.get("build", {}))
+                    part = run_child(argv_, timeout, work / f"{name}.log")
+                    result = rep.read_json(part_json)
+                    if result is None and part["status"] == "ok":
+                        part.update(status="error", error="the part wrote no results")
+                    elif result is not None:
+                        report[name] = result if name == "training" else result["rows"]
+            elif name == "env":
+                report["env"] = part_env(args.dry_run)
+            elif name == "build":
+                report["build"] = part_build(args.dry_run)
+            else:
+                report["doctor"] = part_doctor(cpu_build)
         except Exception as e:
-            report["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}",
-                                     "traceback": traceback.format_exc()[-3000:]})  # fmt: skip
-        report["elapsed_s"] = round(time.monotonic() - START, 1)
-        _write_json(args.out, report)  # after every section: a later crash keeps the earlier ones
-    _print_table(report)
-    rows = _summary(report)
-    report["summary"] = [dict(zip(("check", "figure", "goal", "status"), row)) for row in rows]
-    _write_json(args.out, report)
-    _print_summary(rows)
-    print(f"\nwrote {args.out} ({report['elapsed_s']} s)")
-    return 1 if any(status == "FAIL" for *_, status in rows) else 0
+            part = {"status": "error", "error": rep.one_line(f"{type(e).__name__}: {e}"),
+                    "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+        part["seconds"] = round(time.monotonic() - t0, 1)
+        report["parts"][name] = part
+        report["elapsed_s"] = round(time.monotonic() - start, 1)
+        rep.write_json(out, report)  # after every part: a later crash keeps the earlier ones
+        try:
+            show(name, report)
+        except Exception as e:  # a screen that cannot print its rows must not stop the later parts
+            print(f"  (cannot print the {name} screen: {rep.one_line(f'{type(e).__name__}: {e}')})")
+        print(rep.part_line(name, part), flush=True)
+    rows = rep.summary_rows(report)
+    if not args.dry_run and "build" in report and not report["build"].get("cuda_extension"):
+        rows.insert(0, ("CUDA extension build", "not built (why: == build ==)", "builds", "-", "FAIL"))
+    report["summary"] = [dict(zip(("check", "figure", "goal", "anchor", "status"), row)) for row in rows]
+    rep.write_json(out, report)
+    rep.print_summary(rows, dry_run=args.dry_run)
+    rep.print_times(report)
+    print(f"wrote {out} (parts' JSON and logs in {work})")
+    return exit_status(rows)
+
 
 if __name__ == "__main__":
     sys.exit(main())
