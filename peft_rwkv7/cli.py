@@ -75,17 +75,17 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def _load_for_inference(args):
-    """Base model (local or hf://) on --device in --dtype, with --adapter (or tuned state) applied."""
+def _load_for_inference(args, say: bool = True):
+    """Base model (local or hf://) on --device in --dtype, with --adapter (or tuned state) applied; `say`: print
+    what --dtype auto chose (once per command)."""
     import torch
 
     from .model import load_model, pick_device
     from .model.hub import resolve_model_path
+    from .ops.precision import choose_bf16
 
     device = pick_device(args.device, "--device")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": None}[args.dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if choose_bf16(args.dtype, device.type, "--dtype", say=say) else torch.float32
     model = load_model(resolve_model_path(args.model), dtype=dtype, device=device)
     if args.adapter:
         from .adapters import load_adapter
@@ -188,7 +188,7 @@ def _cmd_eval_longctx(args) -> int:
     runs = []
     for adapter in adapters:
         label = "base" if adapter is None else str(adapter)
-        model = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": adapter}))
+        model = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": adapter}), say=not runs)
         runs.append({"label": label, **score(model, label)})
         del model
     result = runs[0] if len(runs) == 1 else {"runs": runs}

@@ -1,6 +1,7 @@
 """`rwkv-peft doctor`: what this machine can run, on one screen.
 
-Python / torch, the CUDA device, bf16 support, nvcc, which WKV7 backends build here and which pass
+Python / torch, the CUDA device, bf16 support and whether this CPU's bf16 matmuls are fast (the measured,
+cached check behind `train.precision: auto` and `--dtype auto`), nvcc, which WKV7 backends build here and which pass
 the check against the reference op (`ops.verify`, the same cached verdicts `wkv_backend: auto`
 uses), what auto picks, and the optional packages. Without a CUDA device but with nvcc, the CUDA
 kernels are compiled (compile-only, `nvcc -c` for sm_80, nothing runs) to tell whether they build.
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .ops import dispatch
+from .ops import dispatch, precision
 from .ops.reference import wkv7_reference
 from .ops.verify import PROBLEM
 
@@ -66,6 +67,7 @@ class Report:
     backends: list[Backend]
     auto: dict[str, str]
     packages: dict[str, str | None]
+    precision: dict = field(default_factory=dict)  # the CPU bf16 check and what precision auto picks
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -100,6 +102,15 @@ def _bf16_info(cuda: bool) -> dict:
         cpu = f"fails ({type(e).__name__}: {_first_line(str(e))})"
     gpu = ("ok" if torch.cuda.is_bf16_supported() else "not supported by this GPU") if cuda else None
     return {"cpu_autocast": cpu, "gpu": gpu}
+
+
+def _precision_info(cuda: bool) -> dict:
+    """The CPU bf16 check (precision.cpu_bf16_check: cached, else measured now) and what auto picks."""
+    check = precision.cpu_bf16_check()
+    cpu = "bf16" if check.fast else "fp32"
+    return {"cpu_bf16": {"fast": check.fast, "ratio": check.ratio, "gflops": check.gflops, "cpu": check.cpu,
+                         "cached": check.cached, "seconds": check.seconds, "summary": check.summary()},
+            "auto": {"cuda": "bf16" if cuda else None, "cpu": cpu}}
 
 
 def _nvcc() -> str | None:
@@ -235,6 +246,7 @@ def collect() -> Report:
         backends=backends,
         auto=_auto(gpu or torch.device("cpu")),
         packages=_packages(),
+        precision=_precision_info(dev["cuda"]),
     )
     _judge(report)
     report.seconds = round(time.perf_counter() - t0, 1)
@@ -294,6 +306,16 @@ def _line(label: str, text: str) -> str:
     return f"  {label:<13}{text}"
 
 
+def _precision_lines(p: dict) -> list[str]:
+    """The CPU bf16 check (verdict, then GFLOP/s per op) and what train.precision / --dtype auto pick."""
+    c, auto = p["cpu_bf16"], p["auto"]
+    lines = [_line("cpu-bf16", f"{'fast' if c['fast'] else 'slow'}: {c['summary']}; {c['cpu']}")]
+    lines += [f"  {'':<15}{op}: fp32 {r['fp32']:.1f}, bf16 {r['bf16']:.1f} GFLOP/s" for op, r in c["gflops"].items()]
+    picks = f"{auto['cpu']} on this CPU" + (f", {auto['cuda']} on the GPU" if auto["cuda"] else "")
+    lines.append(_line("precision", f"auto (train.precision, --dtype) picks {picks}"))
+    return lines
+
+
 def render(r: Report) -> str:
     d = r.device
     if d["cuda"]:
@@ -306,6 +328,7 @@ def render(r: Report) -> str:
         _line("torch", f"{r.torch} (CUDA {d['torch_cuda'] or 'none'})"),
         _line("GPU", gpu),
         _line("bf16", f"CPU autocast {r.bf16['cpu_autocast']}; GPU {r.bf16['gpu'] or 'n/a'}"),
+        *_precision_lines(r.precision),
         _line("nvcc", r.nvcc or "not found (the CUDA kernel cannot build; Triton needs no nvcc)"),
         f"WKV7 backends (checked against the reference: B{PROBLEM['B']} T{PROBLEM['T']} H{PROBLEM['H']} "
         f"N{HEAD_SIZE}, y, final state, every gradient)",

@@ -16,11 +16,17 @@ import torch
 
 from peft_rwkv7 import doctor
 from peft_rwkv7.cli import main
-from peft_rwkv7.ops import cpu, dispatch, wkv7_reference
+from peft_rwkv7.ops import cpu, dispatch, precision, wkv7_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = {"ok": True, "arch": "sm_80", "seconds": 1.5, "error": None}
 BROKEN = {"ok": False, "arch": "sm_80", "seconds": 0.5, "error": "wkv7_cuda.cu(1): error: expected a ';'"}
+SLOW_BF16 = {"fast": False, "ratio": 0.2, "seconds": 0.05, "gflops": {"F.linear x[16,768] W[3072,768]":
+                                                                      {"fp32": 27.0, "bf16": 5.5}}}
+FAST_BF16 = {"fast": True, "ratio": 2.5, "seconds": 0.8, "gflops": {"F.linear x[512,768] W[3072,768]":
+                                                                    {"fp32": 60.0, "bf16": 180.0},
+                                                                    "g[512,3072] @ W[3072,768]":
+                                                                    {"fp32": 60.0, "bf16": 150.0}}}
 
 
 def wrong_output(r, w, k, v, a, b, state=None):
@@ -28,9 +34,17 @@ def wrong_output(r, w, k, v, a, b, state=None):
     return y + 0.01 * y.detach(), s
 
 
+def measured_as(monkeypatch, tmp_path, record: dict) -> None:
+    """This CPU's bf16 check measures `record` now (the cache in tmp_path: never the user's)."""
+    monkeypatch.setattr(precision, "default_cache_dir", lambda: tmp_path / "bf16-cache")
+    monkeypatch.setattr(precision, "measure_bf16", lambda: dict(record))
+
+
 @pytest.fixture
-def cpu_machine(monkeypatch):
-    """This machine as one without a CUDA device (whatever it has) and without nvcc; returns monkeypatch."""
+def cpu_machine(monkeypatch, tmp_path):
+    """This machine as one without a CUDA device (whatever it has), without nvcc, and with a CPU whose bf16
+    matmuls measure slow; returns monkeypatch."""
+    measured_as(monkeypatch, tmp_path, SLOW_BF16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(doctor, "_nvcc", lambda: None)
     monkeypatch.setattr(doctor, "_compile_cuda", lambda: pytest.fail("compiled although there is no nvcc"))
@@ -46,14 +60,32 @@ def _screen(capsys, status: int = 0) -> tuple[str, dict[str, str]]:
 
 def test_doctor_screen_without_gpu_or_nvcc(cpu_machine, capsys):
     out, lines = _screen(capsys)
-    for label in ("python", "torch", "GPU", "bf16", "nvcc", "cpu", "cuda", "triton", "reference", "auto",
-                  "peft", "bitsandbytes", "deepspeed", "wandb"):
+    for label in ("python", "torch", "GPU", "bf16", "cpu-bf16", "precision", "nvcc", "cpu", "cuda", "triton",
+                  "reference", "auto", "peft", "bitsandbytes", "deepspeed", "wandb"):
         assert label in lines, f"no {label} line in:\n{out}"
     assert "  cpu          fp32 PASS" in out and "bf16 PASS" in out
     assert lines["cuda"] == "  cuda         skipped: no CUDA device; no nvcc, so not compiled"  # not a failure
     assert lines["nvcc"].startswith("  nvcc         not found")
     assert "auto picks   fp32 -> cpu, bf16 -> cpu" in out
     assert out.rstrip().splitlines()[-1].startswith("verdict: OK - ready to train on CPU")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "slow"])
+def test_doctor_shows_the_bf16_check_and_what_auto_picks(cpu_machine, tmp_path, capsys, fast):
+    measured_as(cpu_machine, tmp_path, FAST_BF16 if fast else SLOW_BF16)
+    out, lines = _screen(capsys)
+    if fast:
+        assert lines["cpu-bf16"].startswith("  cpu-bf16     fast: bf16 matmuls run at 2.5x fp32's speed on this CPU "
+                                            "at worst (measured now in 0.80 s)")
+        assert "                 F.linear x[512,768] W[3072,768]: fp32 60.0, bf16 180.0 GFLOP/s\n" in out
+        assert "                 g[512,3072] @ W[3072,768]: fp32 60.0, bf16 150.0 GFLOP/s\n" in out
+    else:
+        assert lines["cpu-bf16"].startswith("  cpu-bf16     slow: bf16 matmuls run at 0.2x fp32's speed")
+        assert "                 F.linear x[16,768] W[3072,768]: fp32 27.0, bf16 5.5 GFLOP/s\n" in out
+    picks = "bf16" if fast else "fp32"
+    assert lines["precision"] == f"  precision    auto (train.precision, --dtype) picks {picks} on this CPU"
+    _, lines = _screen(capsys)  # a second run reads the cache
+    assert "(cached measurement)" in lines["cpu-bf16"]
 
 
 @pytest.mark.parametrize("result", [COMPILED, BROKEN], ids=["compiles", "broken"])
@@ -113,6 +145,9 @@ def test_doctor_json_in_a_fresh_process():
     assert backends["cpu"]["built"] and all(c["ok"] for c in backends["cpu"]["checks"].values())
     assert set(report["packages"]) >= {"peft", "bitsandbytes", "deepspeed", "wandb"}
     assert report["device"]["cuda"] is torch.cuda.is_available()
+    check = report["precision"]["cpu_bf16"]  # this machine's real measurement (or its cached one)
+    assert report["precision"]["auto"]["cpu"] == ("bf16" if check["fast"] else "fp32")
+    assert check["fast"] == (check["ratio"] >= precision.FAST_MARGIN) and check["gflops"]
     if report["device"]["cuda"]:  # the real build and checks, no compile-only check
         assert backends["cuda"]["built"] is not None and backends["cuda"]["compile"] is None
         return

@@ -68,10 +68,12 @@ def load_for_eval(model: str, adapter: str | None = None, state: str | None = No
     from ..model import load_model
     from ..model.hub import resolve_model_path
     from ..model.io import read_state_dict
+    from ..ops.precision import choose_bf16
 
     dev = eval_device(device)
-    dtypes = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "fp32": torch.float32,
-              "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype == "auto":  # as `rwkv-peft eval --dtype auto`: bf16 on CUDA and on a CPU measured fast at it
+        dtypes["auto"] = torch.bfloat16 if choose_bf16("auto", dev.type, "dtype") else torch.float32
     if dtype not in dtypes:
         raise UserError(f"dtype {dtype!r} is not one of auto, fp32, bf16")
     net = load_model(resolve_model_path(model), dtype=dtypes[dtype], device=dev)

@@ -154,14 +154,19 @@ def _build_key(name: str, sources: Sequence[Path], load_kwargs: dict[str, Any]) 
     return h.hexdigest()
 
 
+def extensions_root() -> Path:
+    """Where torch's own cpp_extension.load builds: TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
 def extension_folder(name: str, sources: Sequence[Path], root: Path | None = None, **load_kwargs: Any) -> Path:
     """The folder `load_extension` builds `name` from `sources` with `load_kwargs` into; its lock file is
     the same path plus ".lock". `root` defaults to torch's extensions root (TORCH_EXTENSIONS_DIR or
     ~/.cache/torch_extensions)."""
-    if root is None:  # where torch's own cpp_extension.load builds
-        from torch.utils.cpp_extension import get_default_build_root
-
-        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if root is None:
+        root = extensions_root()
     kwargs = {k: v for k, v in load_kwargs.items() if k != "verbose"}
     return Path(root) / "peft_rwkv7" / f"{name}-{_build_key(name, sources, kwargs)[:16]}"
 

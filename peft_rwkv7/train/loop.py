@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..infer.evaluate import load_eval_data
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
+from ..ops.precision import choose_bf16
 from . import checkpoint as ckpt
 from .distributed import Dist, gathered, main_first, micro_backward
 from .logger import RunLogger
@@ -84,7 +85,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     dist = dist or Dist()
     tc = recipe.train
     device = pick_device(tc.device, "train.device")
-    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    use_bf16 = choose_bf16(tc.precision, device.type, "train.precision", say=dist.is_main)  # auto: CUDA, fast CPUs
     torch.manual_seed(tc.seed)
     # Under bf16 autocast the frozen weights are stored in bf16 too (half the memory); trained
     # tensors always live in fp32 so small updates are not rounded away.

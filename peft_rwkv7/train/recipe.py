@@ -138,7 +138,9 @@ class TrainConfig(_Objective):
     keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept in out_dir/checkpoints; 0 keeps all")
     stop_after: int = Field(0, ge=0, description=(
         "> 0: end this invocation after that step (checkpointed); --resume goes on"))
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: fp32 on CPU, bf16 autocast on GPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
+        "auto: bf16 autocast on GPU, and on a CPU whose bf16 matmuls a measured check finds fast (cached; "
+        "rwkv-peft doctor shows it), else fp32; bf16 on a CPU without fast bf16 runs but warns"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="multi-GPU training")
 

@@ -209,7 +209,9 @@ def test_cli_chat_piped_and_generate_chat(tmp_path, base, world):
     from peft_rwkv7.model import load_model, save_model
 
     save_model(base, tmp_path / "m.pth", dtype=torch.float32)
-    common = ["--model", tmp_path / "m.pth", "--temperature", "0", "--max-tokens", "12", "--system", "Be brief."]
+    # fp32 as the in-process session below (--dtype auto is bf16 on a CPU measured fast at it)
+    common = ["--model", tmp_path / "m.pth", "--temperature", "0", "--max-tokens", "12", "--system", "Be brief.",
+              "--dtype", "fp32"]
     one = _cli("generate", "--chat", "--prompt", "Where are we", *common)
     chat = _cli("chat", *common, "--stats", stdin="Where are we\nHow is the wind\n")
     assert one.returncode == 0 and chat.returncode == 0, one.stderr + chat.stderr

@@ -100,7 +100,8 @@ def test_cli_eval_on_sharegpt(tmp_path, world, model):
 
     save_model(model, tmp_path / "m.pth", dtype=torch.float32)
     path = write(tmp_path / "share.jsonl", CHAT[1:] * 3)
-    cmd = [sys.executable, "-m", "peft_rwkv7.cli", "eval", "--model", str(tmp_path / "m.pth"), "--data", str(path)]
+    cmd = [sys.executable, "-m", "peft_rwkv7.cli", "eval", "--model", str(tmp_path / "m.pth"), "--data", str(path),
+           "--dtype", "fp32"]  # the fp32 bound below (--dtype auto is bf16 on a CPU measured fast at it)
     res = subprocess.run([*cmd, "--json", "--limit", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
     data = load_eval_data(path, world, limit=2)

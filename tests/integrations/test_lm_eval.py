@@ -141,11 +141,13 @@ def test_offline_lambada_equals_rwkv_peft_eval(tmp_path):
     # The demo model gets no LAMBADA word right (accuracy 0.0 both ways): this checks the perplexity on
     # real text; test_lm_eval_wind.py has an accuracy strictly between 0 and 1 without ../shared/data.
     data = _tasks(tmp_path, 12)
+    # both in fp32 (auto may be bf16 on a CPU fast at it): the 1e-4 below is an fp32 agreement
     ours = subprocess.run([sys.executable, "-m", "peft_rwkv7.cli", "eval", "--model", str(DEMO), "--data", str(data),
-                           "--lambada", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           "--lambada", "--json", "--dtype", "fp32"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
     assert ours.returncode == 0, ours.stderr
     ours = json.loads(ours.stdout)
-    lm = RWKVPeftLM(model=str(DEMO), device="cpu")
+    lm = RWKVPeftLM(model=str(DEMO), device="cpu", dtype="fp32")
     res = lm_eval.simple_evaluate(model=lm, tasks=list(LAMBADA_TASKS), task_manager=TaskManager(
         include_path=str(tmp_path / "tasks")), num_fewshot=0, bootstrap_iters=0, log_samples=False)["results"]
     assert res["rwkv_lambada_acc"]["acc,none"] == ours["acc"]

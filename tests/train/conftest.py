@@ -29,11 +29,14 @@ def tiny_world(tmp_path_factory):
 
 
 def tiny_overrides(tiny_world, out_dir, steps=2, **extra) -> list[str]:
+    # fp32 unless a test asks otherwise: auto means bf16 on a CPU measured fast at it (ops/precision.py), so the
+    # tests' numerics would depend on the machine; tests/ops/test_precision_auto.py tests auto itself.
     model, train, ev = tiny_world
     base = {
         "model.path": model, "data.path": train, "data.eval_path": ev, "data.ctx_len": 32,
         "train.max_steps": steps, "train.micro_bsz": 2, "train.grad_accum": 1, "train.warmup_steps": 1,
         "train.save_every": steps, "train.eval_every": 0, "log.progress": "false", "out_dir": out_dir,
+        "train.precision": "fp32",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
