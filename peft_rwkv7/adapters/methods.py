@@ -84,6 +84,10 @@ class AdaptedRWKV7(nn.Module):
     def forward(self, idx: torch.Tensor, state=None, return_state: bool = False):
         return self.model(idx, state, return_state)
 
+    def token_nll(self, idx: torch.Tensor, labels: torch.Tensor, state=None):
+        """Per-token NLL [B, T] of labels and the final state (RWKV7.token_nll: the fused chunked head)."""
+        return self.model.token_nll(idx, labels, state)
+
     def initial_state(self):
         return self.model.initial_state()
 

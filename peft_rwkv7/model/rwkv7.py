@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import linear, matmul, wkv7, wkv7_step
+from ..ops.linear_ce import linear_cross_entropy
 from .config import RWKV7Config
 
 LN_EPS = 1e-5
@@ -38,7 +39,11 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T; with `labels` (x.shape[:-1], -100 = ignored) the per-token NLL of the labels under
+        those logits instead, fused and chunked (ops.linear_ce: the logits are never all held)."""
+        if labels is not None:
+            return linear_cross_entropy(x, self.weight, labels)
         return linear(x, self.weight)
 
 
@@ -198,6 +203,23 @@ class RWKV7(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, list[LayerState]]:
         """idx: LongTensor [B, T]; state: list of n_layer LayerState (wkv may be [H, N, N],
         broadcast over the batch). Returns logits [B, T, V] (and the final state if asked)."""
+        h, new_state = self.hidden(idx, state)
+        logits = self.head(h)
+        return (logits, new_state) if return_state else logits
+
+    def token_nll(
+        self, idx: torch.Tensor, labels: torch.Tensor, state: list[LayerState] | None = None
+    ) -> tuple[torch.Tensor, list[LayerState]]:
+        """Per-token NLL [B, T] fp32 of labels [B, T] (-100 = not scored, NLL 0) and the final state: the
+        same numbers as cross-entropy on forward's logits, through the fused chunked head (the head's
+        [B, T, V] logits are never all in memory)."""
+        h, new_state = self.hidden(idx, state)
+        return self.head(h, labels), new_state
+
+    def hidden(
+        self, idx: torch.Tensor, state: list[LayerState] | None = None
+    ) -> tuple[torch.Tensor, list[LayerState]]:
+        """The last block's output after ln_out [B, T, C] (what the head reads) and the final state."""
         B = idx.shape[0]
         if state is None:
             state = self.initial_state()
@@ -212,8 +234,7 @@ class RWKV7(nn.Module):
             else:
                 x, v_first, st = blk(x, v_first, st)
             new_state.append(st)
-        logits = self.head(self.ln_out(x))
-        return (logits, new_state) if return_state else logits
+        return self.ln_out(x), new_state
 
     @torch.inference_mode()
     def step(

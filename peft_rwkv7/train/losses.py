@@ -20,6 +20,9 @@ def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: in
     activations are recomputed in backward, so memory is O(chunk_len) instead of O(T)."""
 
     def chunk_logps(x, y, state):
+        if hasattr(model, "token_nll"):  # the fused chunked head: no [B, T, V] logits held
+            nll, new_state = model.token_nll(x, y, state)
+            return -nll.sum(dim=1), new_state
         logits, new_state = model(x, state, return_state=True)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none")
         return -nll.view(y.shape).sum(dim=1), new_state

@@ -1,0 +1,141 @@
+"""The head and the cross-entropy fused and chunked: per-token NLL of `labels` under `h @ weight.T` without
+ever holding all [N, V] logits.
+
+The plain path materialises the logits (0.1B at ctx 4096: 4096 x 65536 fp32 = 1 GiB), keeps log-softmax for
+backward (another 1 GiB) and builds a gradient of the same size. Here the rows go through in chunks of
+about CHUNK_ELEMENTS logits; each chunk's logits are turned in place into the softmax and the gradient of
+its NLL with respect to h is computed at once, in the forward: the NLL of row t is a function of h[t]
+alone, so whatever weight g[t] the caller's loss gives it, dL/dh[t] = g[t] * dnll[t]/dh[t], and backward
+only scales rows (the idea of Liger-Kernel's fused linear cross-entropy, here with per-token weights so
+that per-sequence log-probs, DPO's included, take it too). Saved for backward: dnll/dh [N, C] fp32.
+
+A trained head (full fine-tuning, `train_parts: [head]`) also needs dW = sum_t g[t] q[t]^T h[t] with
+q[t] = softmax - onehot: its g-independent part is summed in the forward, and backward scales it when g is
+the same for every row (a token-sum or token-mean loss); for other weights (per-sequence ones) backward
+recomputes the chunks' softmax.
+
+Precision follows the plain path: the products run in the autocast dtype where autocast is on (bf16
+logits, then fp32 for the log-sum-exp), otherwise in the promoted dtype of h and the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 128 MiB fp32, 512 rows at V = 65536 (fewer rows lose GEMM speed)
+
+
+def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def _chunk_rows(n_rows: int, vocab: int, elements: int) -> int:
+    return max(1, min(n_rows, elements // max(1, vocab)))
+
+
+def _chunk(h, w, labels, lo, hi, dtype):
+    """Rows lo:hi -> (fp32 logits [n, V], log-sum-exp [n], valid mask [n], labels clamped into range)."""
+    logits = torch.mm(h[lo:hi].to(dtype), w.t()).float()
+    lab = labels[lo:hi]
+    valid = lab != IGNORE_INDEX
+    return logits, torch.logsumexp(logits, dim=1), valid, torch.where(valid, lab, 0)
+
+
+def _to_q(logits, lse, valid, lab):
+    """In place: logits -> q = softmax - onehot(label) (the NLL's gradient wrt logits), zero on ignored rows."""
+    q = logits.sub_(lse[:, None]).exp_()
+    rows = torch.arange(q.shape[0], device=q.device)
+    q[rows, lab] -= 1.0
+    if not bool(valid.all()):
+        q[~valid] = 0.0
+    return q
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, dtype, need_h, need_w, elements):
+        n, vocab = h.shape[0], weight.shape[0]
+        w = weight.to(dtype)
+        nll = h.new_empty(n, dtype=torch.float32)
+        dh = h.new_empty(h.shape, dtype=torch.float32) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        step = _chunk_rows(n, vocab, elements)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            logits, lse, valid, lab = _chunk(h, w, labels, lo, hi, dtype)
+            nll[lo:hi] = (lse - logits.gather(1, lab[:, None]).squeeze(1)) * valid
+            if need_h or need_w:
+                q = _to_q(logits, lse, valid, lab).to(dtype)
+                if need_h:
+                    dh[lo:hi] = torch.mm(q, w)
+                if need_w:
+                    dw.add_(torch.mm(q.t(), h[lo:hi].to(dtype)))
+        # the weight detached: a sharded-parameter engine (ZeRO-3) may swap the Parameter's data after forward
+        ctx.save_for_backward(dh, dw, h if need_w else None, weight.detach() if need_w else None, labels)
+        ctx.dtype, ctx.h_dtype, ctx.elements = dtype, h.dtype, elements
+        return nll
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw, h, weight, labels = ctx.saved_tensors
+        g = g.float()
+        grad_h = (dh * g[:, None]).to(ctx.h_dtype) if dh is not None else None
+        grad_w = None
+        if dw is not None:
+            valid = labels != IGNORE_INDEX
+            gv = g[valid]
+            if gv.numel() == 0 or bool((gv == gv[0]).all()):
+                grad_w = dw * (gv[0] if gv.numel() else 0.0)
+            else:  # per-row weights: recompute each chunk's q and weigh its rows
+                grad_w = torch.zeros_like(dw)
+                w = weight.to(ctx.dtype)
+                step = _chunk_rows(h.shape[0], weight.shape[0], ctx.elements)
+                for lo in range(0, h.shape[0], step):
+                    hi = min(h.shape[0], lo + step)
+                    q = _to_q(*_chunk(h, w, labels, lo, hi, ctx.dtype)).mul_(g[lo:hi, None])
+                    grad_w.add_(torch.mm(q.to(ctx.dtype).t(), h[lo:hi].to(ctx.dtype)))
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Per-token NLL (fp32, 0 where labels == -100) of `labels` under logits `h @ weight.T`.
+
+    h: [..., C]; weight: [V, C] (nn.Linear's layout); labels: h.shape[:-1] int64. The same values and
+    gradients (for h and weight) as `F.cross_entropy(F.linear(h, weight).float(), labels, reduction="none")`
+    up to rounding, in O(rows x C + chunk_elements) memory instead of O(rows x V) (chunks of whole rows,
+    at least one row each)."""
+    if weight.dim() != 2 or weight.shape[1] != h.shape[-1] or labels.shape != h.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: h {tuple(h.shape)}, weight {tuple(weight.shape)} and labels "
+                         f"{tuple(labels.shape)} do not fit ([..., C], [V, C], [...])")
+    lead = h.shape[:-1]
+    h2, lab = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    dtype = _compute_dtype(h, weight)
+    grad = torch.is_grad_enabled()
+    need_h, need_w = grad and h.requires_grad, grad and weight.requires_grad
+    # autocast off inside: `dtype` already says what autocast would choose, and every product uses it
+    with torch.autocast(h.device.type, enabled=False):
+        if not (need_h or need_w):
+            with torch.no_grad():
+                return _nll_only(h2, weight, lab, dtype, chunk_elements).view(lead)
+        return _LinearCrossEntropy.apply(h2, weight, lab, dtype, need_h, need_w, chunk_elements).view(lead)
+
+
+def _nll_only(h, weight, labels, dtype, elements):
+    n = h.shape[0]
+    w = weight.to(dtype)
+    nll = h.new_empty(n, dtype=torch.float32)
+    step = _chunk_rows(n, weight.shape[0], elements)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        logits, lse, valid, lab = _chunk(h, w, labels, lo, hi, dtype)
+        nll[lo:hi] = (lse - logits.gather(1, lab[:, None]).squeeze(1)) * valid
+    return nll
+
+
+__all__ = ["linear_cross_entropy", "IGNORE_INDEX", "CHUNK_ELEMENTS"]

@@ -1,0 +1,132 @@
+"""The fused chunked head + cross-entropy (ops.linear_ce) against an fp64 oracle and the plain path.
+
+Bounds (Higham's gamma_n, tests/fp_oracle.py), per token t with logits z = h W^T in fp32:
+- a logit is a C-term dot product: |dz_tv| <= gamma_C sum_c |h_tc| |W_vc| =: d_t (max over v);
+- the NLL lse(z) - z_y moves by <= 2 d_t (its gradient has L1 norm <= 2), and the log-sum-exp's V-term
+  sum, exp and log add gamma_(V+4) (1 + 2 max|z_t|);
+- q = softmax - onehot moves by <= p_v (e^(2 d_t + gamma_(V+4)(1 + 2 max|z|)) - 1) per entry, and
+  dnll/dh = q W is a V-term product: gamma_V sum_v |q_v| |W_vc| on top;
+- dW = sum_t g_t q_t^T h_t adds gamma_N over the N rows.
+The plain path (F.linear + F.cross_entropy) is held to the same bounds, which checks the bounds are not
+tighter than fp32 can do; fused and plain then agree within the sum of both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_rwkv7.ops.linear_ce import linear_cross_entropy
+from tests.fp_oracle import U32, UBF16, gamma
+
+
+def _problem(n=300, c=48, v=3000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, c, generator=g)
+    w = torch.randn(v, c, generator=g) * 0.3
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::7] = -100  # not scored
+    weights = torch.rand(n, generator=g) + 0.5  # per-token loss weights (as per-sequence log-probs give)
+    return h, w, y, weights
+
+
+def _oracle(h, w, y, weights):
+    """fp64 NLL, dL/dh, dL/dW for L = sum_t weights_t nll_t."""
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    nll = F.cross_entropy(h64 @ w64.t(), y, ignore_index=-100, reduction="none")
+    (nll * weights.double()).sum().backward()
+    return nll.detach(), h64.grad, w64.grad
+
+
+def _bounds(h, w, y, weights):
+    """Per-token NLL bound [N], dL/dh bound [N, C], dL/dW bound [V, C] (see the module docstring)."""
+    c, v, n = h.shape[1], w.shape[0], h.shape[0]
+    hd, wd = h.double(), w.double()
+    z = hd @ wd.t()
+    d = gamma(c) * (hd.abs() @ wd.abs().t()).amax(dim=1)  # [N]
+    lse_err = gamma(v + 4) * (1 + 2 * z.abs().amax(dim=1))
+    valid = (y != -100).double()
+    nll_b = (2 * d + lse_err) * valid
+    p = torch.softmax(z, dim=1)
+    q = p.clone()
+    rows = torch.arange(n)
+    q[rows, y.clamp(min=0)] -= 1
+    q = q * valid[:, None]
+    dq = p * torch.expm1(2 * d + lse_err)[:, None] * valid[:, None]  # bound on |q_fp32 - q|
+    g = weights.double()[:, None]
+    dh_b = g * (dq @ wd.abs() + gamma(v) * (q.abs() @ wd.abs()))
+    dw_b = (g * (dq + gamma(n + 1) * q.abs())).t() @ hd.abs()
+    return nll_b, dh_b, dw_b
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 3000, 1 << 25])  # one row, 7 rows, all rows per chunk
+@pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.parametrize("uniform", [False, True])
+def test_fused_and_plain_both_within_fp32_bounds_of_the_fp64_oracle(chunk_elements, train_head, uniform):
+    h, w, y, weights = _problem()
+    if uniform:  # a token-sum loss: the trained head's gradient is scaled, not recomputed
+        weights = torch.full_like(weights, 0.75)
+    nll64, dh64, dw64 = _oracle(h, w, y, weights)
+    nll_b, dh_b, dw_b = _bounds(h, w, y, weights)
+
+    def run(fn):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_(train_head)
+        nll = fn(hh, ww)
+        (nll * weights).sum().backward()
+        return nll.detach(), hh.grad, ww.grad
+
+    fused = run(lambda hh, ww: linear_cross_entropy(hh, ww, y, chunk_elements=chunk_elements))
+    plain = run(lambda hh, ww: F.cross_entropy(F.linear(hh, ww), y, ignore_index=-100, reduction="none"))
+    for name, (nll, dh, dw) in (("fused", fused), ("plain", plain)):
+        assert ((nll.double() - nll64).abs() <= nll_b).all(), name
+        assert ((dh.double() - dh64).abs() <= dh_b).all(), name
+        if train_head:
+            assert ((dw.double() - dw64).abs() <= dw_b).all(), name
+        else:
+            assert dw is None
+    assert (fused[0][y == -100] == 0).all()  # unscored tokens: NLL 0 and no gradient
+    assert (fused[1][y == -100] == 0).all()
+    with torch.no_grad():  # evaluation (no autograd): the same values within the same bound
+        nll = linear_cross_entropy(h, w, y, chunk_elements=chunk_elements)
+    assert ((nll.double() - nll64).abs() <= nll_b).all()
+
+
+def test_bf16_autocast_matches_the_plain_bf16_path():
+    """Under CPU bf16 autocast both paths round the logits and the backward's products to bf16: they agree
+    within those roundings (a logit may round to the neighbouring bf16 value: u_bf16 |z| per logit, and
+    the bf16 gradient product differs by a few bf16 roundings of sum_v |q_v| |W_vc|)."""
+    h, w, y, weights = _problem(n=200, c=64, v=2000, seed=1)
+    wb = w.to(torch.bfloat16)  # frozen weights are stored in bf16 under bf16 training
+
+    def run(fn):
+        hh = h.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll = fn(hh)
+        (nll * weights).sum().backward()
+        return nll.detach(), hh.grad
+
+    nf, gf = run(lambda hh: linear_cross_entropy(hh, wb, y, chunk_elements=5 * 2000))
+    npl, gpl = run(lambda hh: F.cross_entropy(F.linear(hh, wb).float(), y, ignore_index=-100, reduction="none"))
+    assert nf.dtype == torch.float32 and gf.dtype == torch.float32
+    z = h.to(torch.bfloat16).float() @ wb.float().t()
+    zmax = z.abs().amax(dim=1)
+    # each path's logits within u_bf16 |z| + gamma_C |h||W| of exact: NLLs within twice that, twice over
+    d = UBF16 * zmax + gamma(64) * (h.abs() @ wb.float().abs().t()).amax(dim=1)
+    assert ((nf - npl).abs() <= 4 * d + 2 * gamma(2004) * (1 + 2 * zmax)).all()
+    qw = (torch.softmax(z, 1) + F.one_hot(y.clamp(min=0), 2000)).mul((y != -100)[:, None]) @ wb.float().abs()
+    bound = weights[:, None] * (6 * UBF16 + 4 * d[:, None]) * qw  # q's bf16 rounding, product, output rounding
+    assert ((gf - gpl).abs() <= bound + 1e-30).all()
+    # and bf16 really ran: the gap to fp32 products of the same (bf16-stored) weights is bf16-sized
+    nll32 = F.cross_entropy(h @ wb.float().t(), y, ignore_index=-100, reduction="none")
+    assert (nf - nll32).abs().max() > 100 * U32 * nll32.abs().max()
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match="do not fit"):
+        linear_cross_entropy(torch.zeros(2, 3, 8), torch.zeros(10, 7), torch.zeros(2, 3, dtype=torch.long))
+    out = linear_cross_entropy(torch.zeros(2, 3, 8), torch.zeros(10, 8), torch.zeros(2, 3, dtype=torch.long))
+    assert out.shape == (2, 3)
+    assert torch.allclose(out, torch.full((2, 3), math.log(10)))  # uniform logits: NLL = log V
