@@ -1,0 +1,143 @@
+"""Where a training step's time goes: one 0.1B-shape step (random weights) under torch.profiler, per op
+and per kind of work (GEMM, WKV kernel, elementwise, ...), with the GEMM bound measured in the same run.
+
+    python scripts/profile_train.py [--method state|lora] [--ctx 512] [--precision fp32|bf16] [--top 25]
+
+GEMM bound: the frozen matmul weights do 4 FLOP per weight per token (2 forward, 2 for the input
+gradient); the step's GEMM FLOP over the GEMM rate measured here at the model's shapes is the step time a
+machine doing nothing but those GEMMs would take. Prints the CPU's ISA flags beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_loss import isa_flags  # noqa: E402
+
+from peft_rwkv7.adapters import MethodConfig, attach, trainable_parameters  # noqa: E402
+from peft_rwkv7.model import RWKV7Config, new_model  # noqa: E402
+from peft_rwkv7.train.losses import param_groups, sequence_loss  # noqa: E402
+
+KINDS = [  # (kind, substrings of aten op names), first match wins
+    ("GEMM", ("mm", "linear", "matmul", "bmm", "addmm")),
+    ("WKV kernel", ("wkv",)),
+    ("cross-entropy", ("logsumexp", "softmax", "nll", "gather", "index_put", "cross_entropy")),
+    ("norm", ("layer_norm", "group_norm", "norm")),
+    ("copy/cast", ("copy_", "to", "_to_copy", "clone", "contiguous", "cat", "fill_", "zero_", "empty")),
+    ("elementwise", ("add", "mul", "sub", "div", "exp", "sigmoid", "tanh", "softplus", "relu", "pow", "addcmul",
+                     "neg", "sum", "where", "clamp", "sqrt", "rsqrt", "lerp", "maximum", "threshold")),
+]
+
+
+def kind_of(name: str) -> str:
+    base = name.split("::")[-1]
+    for kind, keys in KINDS:
+        if any(k == base or base.startswith(k) or base.endswith(k) for k in keys):
+            return kind
+    return "other"
+
+
+def build(method: str, layers: int, embd: int):
+    torch.manual_seed(0)
+    model = new_model(RWKV7Config.new(layers, embd, 65536, head_size=64))
+    cfg = {"state": MethodConfig(kind="state"), "lora": MethodConfig(kind="lora", r=16, alpha=32),
+           "pissa": MethodConfig(kind="pissa", r=16, alpha=32), "full": MethodConfig(kind="full")}[method]
+    return attach(model, cfg)
+
+
+def frozen_matmul_weights(model) -> int:
+    """Weights of the projections and the head (the GEMMs): what the bound counts."""
+    n = 0
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and not name.endswith(("emb.weight",)) and "lora_" not in name:
+            n += p.numel()
+    return n
+
+
+def gemm_rate(model, T: int, dtype: torch.dtype) -> float:
+    """FLOP/s of forward + input-gradient GEMMs at this model's weight shapes, T rows, measured now."""
+    shapes = collections.Counter()
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "lora_" not in name and not name.endswith("emb.weight") and min(p.shape) >= 256:
+            shapes[tuple(p.shape)] += 1
+    flop, secs = 0.0, 0.0
+    for (o, i), count in shapes.items():
+        w = torch.randn(o, i).to(dtype)
+        x, g = torch.randn(T, i).to(dtype), torch.randn(T, o).to(dtype)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            g @ w
+            dt = time.perf_counter() - t0
+        flop += 4 * T * o * i * count
+        secs += dt * count
+    return flop / secs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", default="state", choices=["state", "lora", "pissa", "full"])
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--embd", type=int, default=768)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    bf16 = args.precision == "bf16"
+    model = build(args.method, args.layers, args.embd)
+    if bf16:  # frozen weights stored bf16, trained ones fp32, as train/loop.py does
+        for p in model.parameters():
+            if not p.requires_grad and p.dim() >= 2:
+                p.data = p.data.to(torch.bfloat16)
+    named = trainable_parameters(model)
+    opt = torch.optim.AdamW(param_groups(named, 0.0), lr=1e-4)
+    idx = torch.randint(0, 65536, (1, args.ctx + 1), generator=torch.Generator().manual_seed(0))
+    x, y = idx[:, :-1], idx[:, 1:]
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def step():
+        with amp():
+            loss = sequence_loss(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: kernel load, allocator
+    t0 = time.perf_counter()
+    step()
+    wall = time.perf_counter() - t0
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    rows = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
+    total = sum(r[1] for r in rows)
+    by_kind = collections.Counter()
+    for name, secs, _ in rows:
+        by_kind[kind_of(name)] += secs
+    rate = gemm_rate(model, args.ctx, torch.bfloat16 if bf16 else torch.float32)
+    flop = 4 * frozen_matmul_weights(model) * args.ctx * (1.5 if args.method == "full" else 1.0)
+    bound = flop / rate
+    print(f"CPU: {isa_flags()}; threads {torch.get_num_threads()}")
+    print(f"{args.method}, ctx {args.ctx}, {args.precision}: step {wall:.2f} s ({args.ctx / wall:.1f} tok/s); "
+          f"GEMM bound {bound:.2f} s at {rate / 1e9:.0f} GFLOP/s ({args.ctx / bound:.1f} tok/s): "
+          f"{100 * bound / wall:.0f}% of the bound")
+    print("\n| kind | self CPU s | share |\n| --- | ---: | ---: |")
+    for kind, secs in by_kind.most_common():
+        print(f"| {kind} | {secs:.3f} | {100 * secs / total:.1f}% |")
+    print("\n| op | kind | calls | self CPU s | share |\n| --- | --- | ---: | ---: | ---: |")
+    for name, secs, count in sorted(rows, key=lambda r: -r[1])[: args.top]:
+        print(f"| {name} | {kind_of(name)} | {count} | {secs:.3f} | {100 * secs / total:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
