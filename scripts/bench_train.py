@@ -1,15 +1,26 @@
-"""Training throughput and memory on CPU: state tuning and LoRA on the 0.1B shape (random weights),
-with the fused CPU WKV kernel and with the pure-PyTorch reference op, measured in the same run.
+"""Training throughput on the CPU against the machine's own GEMM bound, measured in the same run.
 
-    python scripts/bench_train.py [--ctx 512 --steps 3 --layers 12 --embd 768]
+    python scripts/bench_train.py [--methods state lora pissa full] [--ctx 512 4096] [--precisions fp32 bf16]
+                                  [--steps 2] [--src PATH]
 
-Each (method, backend) runs in its own process so peak RSS is its own. Prints tokens/s, peak RSS
-and the fused/reference speed ratio per method.
+For each method, context length and precision (bf16 only where ops/precision.py measures this CPU's bf16
+GEMMs fast; say --precisions bf16 to force it), one process builds the 0.1B shape (L12 C768 V65536,
+random weights), attaches the method, and times `--steps` optimizer steps after a warm-up step at batch
+1, as train/loop.py runs them (bf16: frozen weights stored bf16, trained tensors fp32, CPU autocast).
+
+GEMM bound: the step's matmul FLOP -- 4 per matmul weight per token (forward and input gradient; 6 for
+full fine-tuning, which adds the weight gradient) -- over the GEMM rate measured in that process, at that
+precision, at the model's big weight shapes with ctx rows. "% bound" = bound time / step time: 100% would
+be a step doing nothing but its GEMMs at the measured speed. Peak RSS is the process's (model included).
+
+--src PATH runs the children against another checkout of rwkv-peft (e.g. a `git worktree` of an older
+commit), so a before/after table comes from one machine in one sitting. Prints the CPU's ISA flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -17,71 +28,103 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
 def child(args) -> None:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(Path(args.src).resolve()))
+    sys.path.insert(1, str(HERE))
     import torch
+    from bench_util import SHAPE, gemm_rate, matmul_weights, method_config
 
-    from peft_rwkv7.adapters import MethodConfig, attach, trainable_parameters
+    from peft_rwkv7.adapters import attach, trainable_parameters
     from peft_rwkv7.model import RWKV7Config, new_model
-    from peft_rwkv7.train.loop import param_groups, sequence_loss
+    from peft_rwkv7.train.losses import param_groups, sequence_loss
 
+    bf16 = args.precision == "bf16"
     torch.manual_seed(0)
-    cfg = RWKV7Config.new(args.layers, args.embd, 65536, head_size=64)
-    model = new_model(cfg, wkv_backend=args.backend)
-    method = MethodConfig(kind="state") if args.method == "state" else MethodConfig(kind="lora", r=16, alpha=32)
-    adapted = attach(model, method)
+    model = new_model(RWKV7Config.new(SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["vocab_size"], SHAPE["head_size"]))
+    adapted = attach(model, method_config(args.method))
+    if bf16 and args.method != "full":  # frozen weights stored bf16 as train/loop.py does
+        for p in adapted.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     named = trainable_parameters(adapted)
-    opt = torch.optim.AdamW(param_groups(named, 0.0), lr=1e-4)
-    idx = torch.randint(0, 65536, (1, args.ctx + 1))
+    for _, p in named:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(param_groups(named, 0.0), lr=1e-5)
+    idx = torch.randint(0, SHAPE["vocab_size"], (1, args.ctx + 1), generator=torch.Generator().manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     times = []
     for _ in range(args.steps + 1):  # the first step warms up (kernel load, allocator)
         t0 = time.perf_counter()
-        sequence_loss(adapted, x, y).backward()
+        with amp():
+            loss = sequence_loss(adapted, x, y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     step_s = min(times[1:])
+    full = args.method == "full"
+    rate = gemm_rate(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
+    bound_s = (6 if full else 4) * matmul_weights(adapted) * args.ctx / rate
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(json.dumps({"tokens_per_s": args.ctx / step_s, "step_s": step_s, "peak_rss_mib": rss,
-                      "trainable": sum(p.numel() for _, p in named)}))
+                      "bound_pct": 100 * bound_s / step_s, "gemm_gflops": rate / 1e9,
+                      "loss": float(loss), "trainable": sum(p.numel() for _, p in named)}))
+
+
+def bf16_fast() -> tuple[bool, str]:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from peft_rwkv7.ops.precision import cpu_bf16_check
+    except ImportError:
+        return False, "ops.precision not available"
+    r = cpu_bf16_check()
+    return r.fast, r.summary()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--methods", nargs="+", default=["state", "lora", "pissa", "full"])
+    ap.add_argument("--ctx", type=int, nargs="+", default=[512, 4096])
+    ap.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--embd", type=int, default=768)
+    ap.add_argument("--src", default=str(ROOT), help="the rwkv-peft checkout to benchmark (default: this one)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--method", default="state")
-    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--method", default="state", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--one-ctx", dest="one_ctx", type=int, default=512, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        args.ctx = args.one_ctx
         return child(args)
-    rows = {}
-    for method in ("state", "lora"):
-        for backend in ("cpu", "reference"):
-            cmd = [sys.executable, __file__, "--child", "--method", method, "--backend", backend,
-                   "--ctx", str(args.ctx), "--steps", str(args.steps), "--layers", str(args.layers),
-                   "--embd", str(args.embd)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                print(f"{method}/{backend} failed: {out.stderr.strip().splitlines()[-1:]}")
-                continue
-            rows[method, backend] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"0.1B shape (L{args.layers} C{args.embd} V65536), ctx {args.ctx}, batch 1, fp32, CPU")
-    print(f"{'method':8}{'backend':>11}{'trainable':>12}{'tok/s':>9}{'step s':>9}{'peak RSS MiB':>14}")
-    for (method, backend), r in rows.items():
-        print(f"{method:8}{backend:>11}{r['trainable']:>12,}{r['tokens_per_s']:>9.1f}{r['step_s']:>9.2f}"
-              f"{r['peak_rss_mib']:>14.0f}")
-    for method in ("state", "lora"):
-        if (method, "cpu") in rows and (method, "reference") in rows:
-            ratio = rows[method, "cpu"]["tokens_per_s"] / rows[method, "reference"]["tokens_per_s"]
-            print(f"{method}: fused CPU kernel {ratio:.2f}x the reference op")
+    sys.path.insert(0, str(HERE))
+    import torch
+    from bench_util import isa_flags
+
+    precisions = args.precisions
+    fast, why = bf16_fast()
+    if precisions is None:
+        precisions = ["fp32", "bf16"] if fast else ["fp32"]
+    print(f"CPU: {isa_flags()}; {torch.get_num_threads()} threads; {why}")
+    print(f"source: {args.src}; 0.1B shape (L12 C768 V65536), batch 1, best of {args.steps} steps after a warm-up")
+    print("| method | ctx | precision | tokens/s | step s | % GEMM bound | GEMM GFLOP/s | peak RSS MiB |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for ctx in args.ctx:
+        for method in args.methods:
+            for prec in precisions:
+                cmd = [sys.executable, __file__, "--child", "--method", method, "--precision", prec,
+                       "--one-ctx", str(ctx), "--steps", str(args.steps), "--src", args.src]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    print(f"| {method} | {ctx} | {prec} | failed: {out.stderr.strip().splitlines()[-1:]} |||||")
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"| {method} | {ctx} | {prec} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | "
+                      f"{r['bound_pct']:.0f}% | {r['gemm_gflops']:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
