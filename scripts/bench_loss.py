@@ -22,18 +22,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_util import isa_flags  # noqa: E402
 
 from peft_rwkv7.ops.linear_ce import linear_cross_entropy  # noqa: E402
-
-
-def isa_flags() -> str:
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
-        model = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("model name")).split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return f"torch cpu capability {torch.backends.cpu.get_cpu_capability()}"
-    keep = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}; {' '.join(keep)}; torch {torch.backends.cpu.get_cpu_capability()}"
 
 
 def plain(h, w, y):

@@ -83,7 +83,7 @@ if [ -n "$rev" ]; then
         done
     fi
 else
-    git ls-files -z --cached --others --exclude-standard | tar --null -T - -c --no-recursion --ignore-failed-read | tar -x -C "$work"
+    git ls-files -z --cached --others --exclude-standard | tar --null --no-recursion --ignore-failed-read -c -T - | tar -x -C "$work"
 fi
 for f in $tests; do  # test files of this map that do not exist (yet) are left out
     [ -e "$work/${f%%::*}" ] || tests=$(echo "$tests" | tr -s ' \n' '\n\n' | grep -vxF "$f" || true)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_loss import isa_flags  # noqa: E402
+from bench_util import isa_flags  # noqa: E402
 
 from peft_rwkv7.adapters import MethodConfig, attach, trainable_parameters  # noqa: E402
 from peft_rwkv7.model import RWKV7Config, new_model  # noqa: E402
