@@ -40,13 +40,14 @@ case "$module" in
         src=peft_rwkv7/train/objectives.py
         tests="tests/train/test_objectives.py tests/train/test_mut_objectives.py" ;;
     loop)
-        # the loss and gradient path only: the token-mean loss over the global batch and its gradient scale, the
-        # bf16 autocast, the sum over ranks. Not train_step (68 more mutants) nor setup (194): each mutant of loop
-        # runs two training runs (~20 s on a shared 2-core machine); add them with --mutants when there is time.
+        # the loss and gradient path: the token-mean loss over the global batch and its gradient scale, the bf16
+        # autocast, the sum over ranks; train_step (68 more mutants, ~25 min) with --mutants "*.x_train_step__mutmut_*".
+        # Not setup (194): each mutant of loop runs training runs (~20 s each on a shared 2-core machine).
         src=peft_rwkv7/train/loop.py
         globs="*.x__sft_backward__mutmut_* *.x__sum_over_ranks__mutmut_* *.x__precision_context__mutmut_*"
         tests="tests/train/test_batch_split.py::test_micro_batches_and_accumulation_give_one_update
                tests/train/test_precision.py::test_bf16_with_train_parts_trains_and_evaluates
+               tests/train/test_preference_train.py::test_micro_batches_and_accumulation_give_one_update
                tests/train/test_mut_loop.py" ;;
     pth_merge)
         # the merge arithmetic only (not the summary lines of merge_into_pth and export)
