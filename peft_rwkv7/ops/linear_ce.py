@@ -33,10 +33,6 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, weight.dtype)
 
 
-def _chunk_rows(n_rows: int, vocab: int, elements: int) -> int:
-    return max(1, min(n_rows, elements // max(1, vocab)))
-
-
 def _chunk(h, w, labels, lo, hi, dtype):
     """Rows lo:hi -> (fp32 logits [n, V], log-sum-exp [n], valid mask [n], labels clamped into range)."""
     logits = torch.mm(h[lo:hi].to(dtype), w.t()).float()
@@ -55,25 +51,34 @@ def _to_q(logits, lse, valid, lab):
     return q
 
 
+def _spans(n_rows: int, vocab: int, elements: int):
+    """(lo, hi) row ranges of the chunks: whole rows, about `elements` logits each, at least one row."""
+    step = max(1, min(n_rows, elements // max(1, vocab)))
+    return ((lo, min(n_rows, lo + step)) for lo in range(0, n_rows, step))
+
+
+def _forward(h, weight, labels, dtype, need_h, need_w, elements):
+    """NLL [N] fp32, and where asked dnll/dh [N, C] fp32 and the g-independent dW [V, C] fp32 (else None)."""
+    w = weight.to(dtype)
+    nll = h.new_empty(h.shape[0], dtype=torch.float32)
+    dh = h.new_empty(h.shape, dtype=torch.float32) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    for lo, hi in _spans(h.shape[0], weight.shape[0], elements):
+        logits, lse, valid, lab = _chunk(h, w, labels, lo, hi, dtype)
+        nll[lo:hi] = (lse - logits.gather(1, lab[:, None]).squeeze(1)) * valid
+        if need_h or need_w:
+            q = _to_q(logits, lse, valid, lab).to(dtype)
+            if need_h:
+                dh[lo:hi] = torch.mm(q, w)
+            if need_w:
+                dw.add_(torch.mm(q.t(), h[lo:hi].to(dtype)))
+    return nll, dh, dw
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, dtype, need_h, need_w, elements):
-        n, vocab = h.shape[0], weight.shape[0]
-        w = weight.to(dtype)
-        nll = h.new_empty(n, dtype=torch.float32)
-        dh = h.new_empty(h.shape, dtype=torch.float32) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        step = _chunk_rows(n, vocab, elements)
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            logits, lse, valid, lab = _chunk(h, w, labels, lo, hi, dtype)
-            nll[lo:hi] = (lse - logits.gather(1, lab[:, None]).squeeze(1)) * valid
-            if need_h or need_w:
-                q = _to_q(logits, lse, valid, lab).to(dtype)
-                if need_h:
-                    dh[lo:hi] = torch.mm(q, w)
-                if need_w:
-                    dw.add_(torch.mm(q.t(), h[lo:hi].to(dtype)))
+        nll, dh, dw = _forward(h, weight, labels, dtype, need_h, need_w, elements)
         # the weight detached: a sharded-parameter engine (ZeRO-3) may swap the Parameter's data after forward
         ctx.save_for_backward(dh, dw, h if need_w else None, weight.detach() if need_w else None, labels)
         ctx.dtype, ctx.h_dtype, ctx.elements = dtype, h.dtype, elements
@@ -93,9 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:  # per-row weights: recompute each chunk's q and weigh its rows
                 grad_w = torch.zeros_like(dw)
                 w = weight.to(ctx.dtype)
-                step = _chunk_rows(h.shape[0], weight.shape[0], ctx.elements)
-                for lo in range(0, h.shape[0], step):
-                    hi = min(h.shape[0], lo + step)
+                for lo, hi in _spans(h.shape[0], weight.shape[0], ctx.elements):
                     q = _to_q(*_chunk(h, w, labels, lo, hi, ctx.dtype)).mul_(g[lo:hi, None])
                     grad_w.add_(torch.mm(q.to(ctx.dtype).t(), h[lo:hi].to(ctx.dtype)))
             grad_w = grad_w.to(weight.dtype)
@@ -122,20 +125,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     with torch.autocast(h.device.type, enabled=False):
         if not (need_h or need_w):
             with torch.no_grad():
-                return _nll_only(h2, weight, lab, dtype, chunk_elements).view(lead)
+                return _forward(h2, weight, lab, dtype, False, False, chunk_elements)[0].view(lead)
         return _LinearCrossEntropy.apply(h2, weight, lab, dtype, need_h, need_w, chunk_elements).view(lead)
-
-
-def _nll_only(h, weight, labels, dtype, elements):
-    n = h.shape[0]
-    w = weight.to(dtype)
-    nll = h.new_empty(n, dtype=torch.float32)
-    step = _chunk_rows(n, weight.shape[0], elements)
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        logits, lse, valid, lab = _chunk(h, w, labels, lo, hi, dtype)
-        nll[lo:hi] = (lse - logits.gather(1, lab[:, None]).squeeze(1)) * valid
-    return nll
 
 
 __all__ = ["linear_cross_entropy", "IGNORE_INDEX", "CHUNK_ELEMENTS"]
