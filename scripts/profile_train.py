@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_util import isa_flags  # noqa: E402
+from bench_util import gemm_rate, isa_flags, matmul_weights, method_config  # noqa: E402
 
-from peft_rwkv7.adapters import MethodConfig, attach, trainable_parameters  # noqa: E402
+from peft_rwkv7.adapters import attach, trainable_parameters  # noqa: E402
 from peft_rwkv7.model import RWKV7Config, new_model  # noqa: E402
 from peft_rwkv7.train.losses import param_groups, sequence_loss  # noqa: E402
 
@@ -48,39 +48,7 @@ def kind_of(name: str) -> str:
 
 def build(method: str, layers: int, embd: int):
     torch.manual_seed(0)
-    model = new_model(RWKV7Config.new(layers, embd, 65536, head_size=64))
-    cfg = {"state": MethodConfig(kind="state"), "lora": MethodConfig(kind="lora", r=16, alpha=32),
-           "pissa": MethodConfig(kind="pissa", r=16, alpha=32), "full": MethodConfig(kind="full")}[method]
-    return attach(model, cfg)
-
-
-def frozen_matmul_weights(model) -> int:
-    """Weights of the projections and the head (the GEMMs): what the bound counts."""
-    n = 0
-    for name, p in model.named_parameters():
-        if p.dim() == 2 and not name.endswith(("emb.weight",)) and "lora_" not in name:
-            n += p.numel()
-    return n
-
-
-def gemm_rate(model, T: int, dtype: torch.dtype) -> float:
-    """FLOP/s of forward + input-gradient GEMMs at this model's weight shapes, T rows, measured now."""
-    shapes = collections.Counter()
-    for name, p in model.named_parameters():
-        if p.dim() == 2 and "lora_" not in name and not name.endswith("emb.weight") and min(p.shape) >= 256:
-            shapes[tuple(p.shape)] += 1
-    flop, secs = 0.0, 0.0
-    for (o, i), count in shapes.items():
-        w = torch.randn(o, i).to(dtype)
-        x, g = torch.randn(T, i).to(dtype), torch.randn(T, o).to(dtype)
-        for _ in range(2):
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            g @ w
-            dt = time.perf_counter() - t0
-        flop += 4 * T * o * i * count
-        secs += dt * count
-    return flop / secs
+    return attach(new_model(RWKV7Config.new(layers, embd, 65536, head_size=64)), method_config(method))
 
 
 def main() -> None:
@@ -124,8 +92,9 @@ def main() -> None:
     by_kind = collections.Counter()
     for name, secs, _ in rows:
         by_kind[kind_of(name)] += secs
-    rate = gemm_rate(model, args.ctx, torch.bfloat16 if bf16 else torch.float32)
-    flop = 4 * frozen_matmul_weights(model) * args.ctx * (1.5 if args.method == "full" else 1.0)
+    full = args.method == "full"
+    rate = gemm_rate(model, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
+    flop = (6 if full else 4) * matmul_weights(model) * args.ctx
     bound = flop / rate
     print(f"CPU: {isa_flags()}; threads {torch.get_num_threads()}")
     print(f"{args.method}, ctx {args.ctx}, {args.precision}: step {wall:.2f} s ({args.ctx / wall:.1f} tok/s); "
