@@ -14,11 +14,21 @@ from typing_extensions import Self
 
 from ..config_base import ConfigModel, Number, Wording, invalid, user_error
 from ..errors import UserError
+from .kinds import CAPABILITIES, capability
 
-Kind = Literal["state", "lora", "pissa", "disha", "full"]
+Kind = Literal["state", "lora", "pissa", "disha", "full", "loha", "lokr", "oft", "boft", "ia3", "vera", "adalora"]
+Init = Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"]
 Quant = Literal["none", "nf4", "fp4", "int8"]
 DishaMode = Literal["bone", "bat"]
 KINDS: tuple[str, ...] = get_args(Kind)
+INITS: tuple[str, ...] = get_args(Init)
+# HF peft tuners attached as they are (peft's layers, peft's merge): method.kind -> peft's name for it.
+PEFT_TUNERS = ("loha", "lokr", "oft", "boft", "ia3", "vera", "adalora")
+# peft's prompt/prefix tuners prepend learned vectors to a transformer's attention; an RNN has none to extend.
+PROMPT_KINDS = ("prefix", "prefix_tuning", "prompt", "prompt_tuning", "p_tuning", "ptuning", "adaption_prompt",
+                "prompt_encoder", "multitask_prompt_tuning", "cpt")
+# LoRA inits that move the start into the base weight (residual = W - scale B0 A0), saved as a rank-2r delta.
+RESIDUAL_INITS = ("pissa", "olora", "loftq")
 QUANTS: tuple[str, ...] = get_args(Quant)
 DISHA_MODES: tuple[str, ...] = get_args(DishaMode)
 PROJECTIONS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
@@ -42,6 +52,20 @@ def part_of(key: str) -> str | None:
     return None
 
 
+class AdaLoraOptions(ConfigModel):
+    """AdaLoRA's rank allocation (Zhang et al. 2023, arXiv:2303.10512): every adapted matrix starts at rank
+    method.r and the budget shrinks to target_r per matrix on average between tinit and total - tfinal."""
+
+    section: ClassVar[str] = "method.adalora"
+    target_r: int = Field(4, gt=0, description="average rank per matrix after allocation (the budget)")
+    tinit: int = Field(0, ge=0, description="steps at full rank before pruning starts")
+    tfinal: int = Field(0, ge=0, description="final steps at the budget, ranks frozen")
+    delta_t: int = Field(1, gt=0, description="steps between two rank allocations")
+    beta1: Number = Field(0.85, gt=0, lt=1, description="EMA of the sensitivity")
+    beta2: Number = Field(0.85, gt=0, lt=1, description="EMA of the uncertainty")
+    orth_reg_weight: Number = Field(0.5, ge=0, description="weight of the orthogonality penalty on P and Q")
+
+
 class MethodConfig(ConfigModel):
     """What trains. Everything not selected here stays frozen. Bad fields are UserErrors "method.<field>: ..."."""
 
@@ -52,11 +76,27 @@ class MethodConfig(ConfigModel):
     )
 
     kind: Kind = Field("lora", description=(
-        "state: only the initial WKV state per layer; lora, pissa, disha: adapters on target_modules; "
-        "full: every weight"))
+        "state: only the initial WKV state per layer; lora, pissa, disha, loha, lokr, oft, boft, ia3, vera, "
+        "adalora: adapters on target_modules (`rwkv-peft methods` lists what each supports); full: every weight"))
     r: int = Field(16, gt=0, description=(
-        "rank of LoRA/PiSSA; shard size of DiSHA (Bone: [r, out] per matrix; Bat: [in/r, r, r])"))
-    alpha: Number = Field(32.0, gt=0, description="LoRA/PiSSA scale numerator: the update is (alpha / r) * B @ A")
+        "rank of LoRA/PiSSA/LoHa/LoKr/VeRA, AdaLoRA's initial rank; shard size of DiSHA (Bone: [r, out] per "
+        "matrix; Bat: [in/r, r, r]); block size of OFT/BOFT (must divide the matrix sizes)"))
+    alpha: Number = Field(32.0, gt=0, description=(
+        "LoRA/PiSSA/LoHa/LoKr/AdaLoRA scale numerator: the update is (alpha / r) * B @ A (alpha / sqrt(r) "
+        "with use_rslora)"))
+    use_dora: bool = Field(False, description=(
+        "LoRA: DoRA (Liu et al. 2024): W' = m * (W + s B A) / ||W + s B A|| per output row, the "
+        "magnitude m trained too"))
+    use_rslora: bool = Field(False, description=(
+        "LoRA/PiSSA: rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023)"))
+    init: Init = Field("default", description=(
+        "LoRA start: default (A Kaiming, B zero), gaussian (A normal 1/r), pissa (= kind pissa), olora (QR of "
+        "W, residual kept in the base), loftq (quantized base: alternating quantize/SVD, needs quant), eva "
+        "(A from the SVD of each layer's inputs on the first training batches)"))
+    loftq_iters: int = Field(2, gt=0, description="LoftQ: alternating quantize/SVD rounds")
+    eva_tokens: int = Field(4096, gt=0, description="EVA: input rows per layer taken from the training data")
+    adalora: AdaLoraOptions = Field(default_factory=AdaLoraOptions, description="AdaLoRA's rank budget")
+    boft_factors: int = Field(1, gt=0, description="BOFT: butterfly factors (1 = block-diagonal OFT)")
     dropout: Number = Field(0.0, ge=0, lt=1, description="LoRA/PiSSA/Bone input dropout probability (Bat has none)")
     target_modules: list[str] = Field(default_factory=lambda: list(PROJECTIONS), description=(
         f"projection Linears of every block that get an adapter, some of {', '.join(PROJECTIONS)}; "
@@ -73,6 +113,17 @@ class MethodConfig(ConfigModel):
     disha_mode: DishaMode = Field("bone", description=(
         "DiSHA variant: bone (one shared [r, out] shard added to every in-block) or bat "
         "(block affine: W_ij @ D_j + D_j, a nonlinear update that uses the frozen weight)"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_prompt_tuners(cls, d: Any) -> Any:
+        if isinstance(d, dict) and d.get("kind") in PROMPT_KINDS:
+            raise invalid(f"{{key}}: {d['kind']} prepends learned tokens to a transformer's attention; RWKV-7 "
+                          "has none to extend - its counterpart is state tuning (kind: state, or state: true "
+                          "beside an adapter)", "kind")
+        if isinstance(d, dict) and d.get("init") == "pissa" and d.get("kind", "lora") in ("lora", "pissa"):
+            d = {**d, "kind": "pissa", "init": "default"}  # one method, two spellings
+        return d
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -95,6 +146,22 @@ class MethodConfig(ConfigModel):
     def _consistent(self) -> Self:
         if self.quant != "none" and self.kind == "full":
             raise invalid("{key}: a quantized base cannot be trained in full; use quant: none with kind: full", "quant")
+        lora_like = self.kind in ("lora", "pissa")
+        for flag in ("use_dora", "use_rslora"):
+            if getattr(self, flag) and not lora_like:
+                raise invalid(f"{{key}}: is a LoRA option; kind {self.kind} has no LoRA factors", flag)
+        if self.init != "default" and self.kind != "lora":
+            raise invalid(f"{{key}}: {self.init} is a LoRA start; use it with kind: lora", "init")
+        if self.init == "loftq" and self.quant == "none":
+            raise invalid("{key}: loftq fits the adapter to a quantized base; set quant: nf4, fp4 or int8", "init")
+        if self.use_dora and self.residual_init:
+            raise invalid("{key}: DoRA's magnitude is taken from the weight; use it with init default, gaussian "
+                          "or eva, not a start moved into the base (pissa, olora, loftq)", "use_dora")
+        cap = capability(self)
+        if self.quant != "none" and not cap.quant:
+            able = ", ".join(c.kind for c in CAPABILITIES.values() if c.quant)
+            raise invalid(f"{{key}}: peft has no {self.quant}-quantized layer for {cap.name}; quantized bases "
+                          f"train with {able}", "quant")
         if self.adapter_kind is not None and not self.effective_targets():
             raise invalid("{key}: every target is trained in full through train_parts: nothing left to adapt",
                           "target_modules")
@@ -121,12 +188,24 @@ class MethodConfig(ConfigModel):
 
     @property
     def adapter_kind(self) -> str | None:
-        """The per-matrix adapter: lora | pissa | bone | bat, or None (state, full)."""
-        if self.kind in ("lora", "pissa"):
+        """The per-matrix adapter: lora | pissa | bone | bat | a peft tuner (loha, ...), or None (state, full)."""
+        if self.kind in ("lora", "pissa") or self.kind in PEFT_TUNERS:
             return self.kind
         if self.kind == "disha":
             return self.disha_mode
         return None
+
+    @property
+    def residual_init(self) -> str | None:
+        """pissa | olora | loftq when the LoRA start is moved into the base weight (see RESIDUAL_INITS)."""
+        if self.kind == "pissa":
+            return "pissa"
+        return self.init if self.kind == "lora" and self.init in RESIDUAL_INITS else None
+
+    @property
+    def lora_scale(self) -> float:
+        """s of the LoRA update s * B @ A: alpha / r, or alpha / sqrt(r) with use_rslora."""
+        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
 
     def effective_targets(self) -> list[str]:
         """Targets in PROJECTIONS order, minus those trained in full through train_parts."""

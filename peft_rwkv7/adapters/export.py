@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..model import DTYPES, RWKV7Config, atomic_save, infer_config, read_state_dict
 from ..model.formats import FORMAT_NAMES, detect_format, to_st, write_model, write_st
 from .files import META_FILE, AdapterFile, check_base, read_adapter
+from .kinds import capability
 from .methods import base_fingerprint
 from .pth_merge import _describe, merged_state_dict
 
@@ -126,9 +127,13 @@ def lora_st_tensors(af: AdapterFile, cfg: RWKV7Config | None) -> tuple[dict[str,
     if m.kind == "disha" and m.disha_mode == "bat":
         raise UserError(f"{af.source}: a Bat update depends on the base weight and is not a LoRA; export the merged "
                         f"model (--model BASE)")
+    if not capability(m).st and m.kind != "disha":
+        raise UserError(f"{af.source}: web-rwkv's LoRA blend has no {capability(m).name}; export the merged model "
+                        f"(--model BASE) or merge it (rwkv-peft merge)")
     if m.kind in ("lora", "pissa"):
         lora = {k: t for k, t in af.tensors.items() if k.endswith((".lora_A", ".lora_B"))}
-        return lora, m.alpha * (2 if m.kind == "pissa" else 1)
+        rank = next(t.shape[0] for k, t in lora.items() if k.endswith(".lora_A"))
+        return lora, m.lora_scale * rank  # web-rwkv scales by alpha / rank
     if cfg is None:
         raise UserError(f"{af.source}: a Bone export needs the base's shape: give --model BASE or a run directory")
     out = {}

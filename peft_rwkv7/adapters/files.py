@@ -23,6 +23,7 @@ from .methods import AdaptedRWKV7, attach, base_fingerprint, trainable_parameter
 
 ADAPTER_FILE, META_FILE, STATE_FILE = "adapter.safetensors", "adapter.json", "state.pth"
 FORMAT, VERSION = "rwkv-peft-adapter", 1
+SHARED = ("vera_A", "vera_B")  # VeRA's frozen projections, one copy per adapter (not per layer)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -39,11 +40,13 @@ class AdapterFile:
 
     @property
     def lora_scale(self) -> float:
-        """Scale of B @ A in the stored delta (alpha / r; for PiSSA 2 alpha / 2r, the same)."""
-        return self.method.alpha / self.method.r
+        """Scale of B @ A in the stored delta (alpha / r, alpha / sqrt(r) with rsLoRA; a residual start's
+        rank-2r delta keeps the same scale)."""
+        return self.method.lora_scale
 
     def pissa_start(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{module: (A0 [r, in], B0 [out, r])} recovered from the rank-2r PiSSA delta."""
+        """{module: (A0 [r, in], B0 [out, r])} recovered from the rank-2r delta of a residual start (PiSSA,
+        OLoRA, LoftQ)."""
         r = self.method.r
         return {
             k[: -len(".lora_A")]: (a[r:], -self.tensors[k[:-1] + "B"][:, r:])
@@ -58,7 +61,16 @@ def adapter_tensors(adapted: AdaptedRWKV7) -> dict[str, torch.Tensor]:
     for name, (a0, b0) in adapted.pissa_init.items():
         out[f"{name}.lora_A"] = torch.cat([out[f"{name}.lora_A"], a0.cpu()], dim=0).contiguous()
         out[f"{name}.lora_B"] = torch.cat([out[f"{name}.lora_B"], -b0.cpu()], dim=1).contiguous()
+    out.update(shared_tensors(adapted))
     return out
+
+
+def shared_tensors(adapted: AdaptedRWKV7) -> dict[str, torch.Tensor]:
+    """Frozen tensors an adapter needs beside its trained ones: VeRA's shared random projections."""
+    tuner = adapted.tuner
+    if tuner is None or not hasattr(tuner, "vera_A"):
+        return {}
+    return {k: getattr(tuner, k)["default"].detach().to("cpu", torch.float32).contiguous() for k in SHARED}
 
 
 def save_adapter(adapted: AdaptedRWKV7, run_dir: str | os.PathLike, base_path: str | None = None) -> None:
@@ -73,15 +85,16 @@ def save_adapter(adapted: AdaptedRWKV7, run_dir: str | os.PathLike, base_path: s
         atomic_save({k: t for k, t in tensors.items() if k.endswith(".att.time_state")}, d / STATE_FILE)
     else:
         (d / STATE_FILE).unlink(missing_ok=True)  # never leave another method's state beside this one
-    pissa = cfg.kind == "pissa"
+    pissa = cfg.residual_init is not None
+    rank = cfg.r * (2 if pissa else 1)
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "method": cfg.to_dict(),
         "targets": cfg.effective_targets(),
-        # What a LoRA merge needs: delta = (alpha / rank) * lora_B @ lora_A.
-        "lora": {"rank": cfg.r * (2 if pissa else 1), "alpha": cfg.alpha * (2 if pissa else 1)}
-        if cfg.kind in ("lora", "pissa")
+        # What a LoRA merge needs: delta = (alpha / rank) * lora_B @ lora_A (DoRA is not such a delta).
+        "lora": {"rank": rank, "alpha": cfg.lora_scale * rank}
+        if cfg.kind in ("lora", "pissa") and not cfg.use_dora
         else None,
         "base": {
             "fingerprint": adapted.base_fingerprint,
@@ -193,9 +206,16 @@ def load_adapter(model: RWKV7, run_dir_or_file: str | os.PathLike, lora_alpha: f
     """
     af = read_adapter(run_dir_or_file, lora_alpha)
     check_base(af, base_fingerprint(model.state_dict()), "this model")
-    pissa = af.method.kind == "pissa"
-    adapted = attach(model, af.method, af.pissa_start() if pissa else None)
+    pissa = af.method.residual_init is not None
+    adapted = attach(model, af.method, af.pissa_start() if pissa else None, batches=())
     used = set()
+    if adapted.tuner is not None and hasattr(adapted.tuner, "vera_A"):
+        with torch.no_grad():
+            for k in SHARED:
+                if k not in af.tensors:
+                    raise UserError(f"{af.source}: VeRA adapter has no {k} (its shared projection)")
+                getattr(adapted.tuner, k)["default"].copy_(af.tensors[k])
+                used.add(k)
     with torch.no_grad():
         for name, p in trainable_parameters(adapted):
             src = af.tensors.get(name)

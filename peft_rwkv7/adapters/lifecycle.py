@@ -19,9 +19,11 @@ from torch import nn
 
 from ..model import RWKV7, model_from_state_dict
 from ..model.rwkv7 import Linear
-from .config import PROJECTIONS
+from .config import PEFT_TUNERS, PROJECTIONS
 from .disha import BatLinear, bat_delta, bone_delta
-from .methods import AdaptedRWKV7, canonical_name
+from .files import shared_tensors
+from .methods import AdaptedRWKV7, canonical_name, is_adapter_leaf
+from .peft_merge import merged_peft_weight
 from .quant import dequantized_weight
 
 
@@ -45,9 +47,13 @@ def merged_projection(adapted: AdaptedRWKV7, name: str) -> torch.Tensor:
     """The fp32 weight [out, in] that projection `name` multiplies by, adapter included."""
     layer = adapted.model.get_submodule(name)
     w = dequantized_weight(_base_of(layer))
+    m = adapted.method
+    if isinstance(layer, BaseTunerLayer) and (m.kind in PEFT_TUNERS or m.use_dora):
+        leaves = {canonical_name(n): p for n, p in layer.named_parameters() if is_adapter_leaf(n)}
+        return merged_peft_weight(m, name.split(".", 2)[-1], w, leaves, shared_tensors(adapted))
     if isinstance(layer, BaseTunerLayer) and hasattr(layer, "lora_A"):
         a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
-        w = w + layer.scaling["default"] * (b @ a)
+        w = w + layer.scaling["default"] * (b @ a)  # alpha / r, or alpha / sqrt(r) (rsLoRA)
     elif isinstance(layer, BaseTunerLayer) and hasattr(layer, "miss_block"):
         w = w + bone_delta(layer.miss_block["default"].float(), w.shape[1])
     elif isinstance(layer, BatLinear):
@@ -138,7 +144,7 @@ def detach(adapted: AdaptedRWKV7) -> RWKV7:
         w = dequantized_weight(base)
         if name in adapted.pissa_init:
             a0, b0 = adapted.pissa_init[name]
-            w = w + (adapted.method.alpha / adapted.method.r) * (b0.to(w.device) @ a0.to(w.device))
+            w = w + adapted.method.lora_scale * (b0.to(w.device) @ a0.to(w.device))
         if base is layer and isinstance(layer, nn.Linear) and name not in adapted.pissa_init:
             continue  # untouched
         plain = Linear(w.shape[1], w.shape[0]).to(w.device, adapted.base_dtype)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..model import RWKV7
-from .config import PROJECTIONS, MethodConfig, part_of
+from .config import PEFT_TUNERS, PROJECTIONS, MethodConfig, part_of
 from .disha import BatLinear
 from .quant import quantize_linear, quantized_bytes
 
@@ -47,13 +47,20 @@ def base_fingerprint(sd: dict[str, torch.Tensor]) -> str:
 
 
 def canonical_name(name: str) -> str:
-    """peft's parameter path -> the RWKV-PEFT/official name (see module docstring)."""
+    """peft's parameter path -> the RWKV-PEFT/official name (see module docstring). Other peft tuners keep
+    peft's leaf without the adapter name: `...att.key.hada_w1_a.default` -> `...att.key.hada_w1_a`."""
     name = name.replace(".base_layer.", ".")
-    if m := re.fullmatch(r"(.+)\.lora_([AB])\.default\.weight", name):
-        return f"{m[1]}.lora_{m[2]}"
     if m := re.fullmatch(r"(.+)\.miss_block\.default", name):
         return f"{m[1]}.disha"
+    if m := re.fullmatch(r"(.+)\.default(\.weight)?", name):
+        return m[1]
     return name
+
+
+def is_adapter_leaf(peft_name: str) -> bool:
+    """Whether a parameter path (as the model names it) is an adapter's trained tensor (not AdaLoRA's
+    constant rank count)."""
+    return ".default" in peft_name and not re.search(r"(^|\.)ranknum\.", peft_name)
 
 
 class AdaptedRWKV7(nn.Module):
@@ -76,6 +83,9 @@ class AdaptedRWKV7(nn.Module):
         # State tuning: the base's own initial state per layer (a merged checkpoint's time_state, or
         # None for zeros), for disable_adapter and detach.
         self.base_time_states: list[torch.Tensor | None] = [None] * model.config.n_layer
+        # The peft tuner object of a kind in PEFT_TUNERS (VeRA keeps its shared projections there, AdaLoRA
+        # its rank allocator); held outside the module tree so its parameters are not registered twice.
+        self.__dict__["tuner"] = None
 
     @property
     def config(self):
@@ -106,11 +116,56 @@ def _pissa_start(linear: nn.Linear, method: MethodConfig) -> tuple[torch.Tensor,
     """peft's PiSSA init on one float Linear: returns (A0, B0) fp32; the Linear keeps the residual
     W - (alpha/r) B0 A0. Runs before any quantization, so the SVD sees the float weight."""
     init = "pissa" if method.svd_niter == 0 else f"pissa_niter_{method.svd_niter}"
-    lc = LoraConfig(r=method.r, lora_alpha=method.alpha, init_lora_weights=init)
+    lc = LoraConfig(r=method.r, lora_alpha=method.alpha, init_lora_weights=init, use_rslora=method.use_rslora)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(PISSA_SVD_SEED)
-        layer = PeftLoraLinear(linear, "default", config=lc, r=method.r, lora_alpha=method.alpha)
+        layer = PeftLoraLinear(linear, "default", config=lc, r=method.r, lora_alpha=method.alpha,
+                               use_rslora=method.use_rslora)
     return layer.lora_A["default"].weight.detach().float(), layer.lora_B["default"].weight.detach().float()
+
+
+def _residual_start(linear: nn.Linear, method: MethodConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) of a start moved into the base (PiSSA, OLoRA, LoftQ); the Linear keeps W - s B0 A0."""
+    from . import inits
+
+    if method.residual_init == "pissa":
+        return _pissa_start(linear, method)
+    w = linear.weight.detach()
+    if method.residual_init == "olora":
+        a0, b0 = inits.olora_start(w.float(), method.r, method.alpha)
+    else:
+        a0, b0 = inits.loftq_start(w, method.r, method.lora_scale, method.quant, method.loftq_iters, w.dtype)
+    _apply_pissa_residual(linear, a0, b0, method.lora_scale)
+    return a0, b0
+
+
+def _eva_start(model: RWKV7, method: MethodConfig, names: list[str], batches) -> None:
+    """EVA: lora_A of every target from the SVD of its inputs on the first training batches (B stays 0)."""
+    from . import inits
+
+    if batches is None:
+        raise UserError("method.init: eva takes its start from the training data; attach it with batches "
+                        "(the recipe's data does this) or choose another init")
+    with torch.random.fork_rng(devices=[]):
+        inputs = inits.collect_inputs(model, names, batches, method.eva_tokens)
+    with torch.no_grad():
+        for name in names:
+            a = model.get_submodule(name).lora_A["default"].weight
+            a.copy_(inits.eva_components(inputs[name].float(), method.r).to(a.dtype))
+
+
+def _peft_tuner(model: RWKV7, method: MethodConfig, targets: list[str], total_steps: int | None):
+    """Inject a peft tuner kind (loha, lokr, oft, boft, ia3, vera, adalora) and return peft's tuner object."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    from .kinds import peft_config
+
+    pc = peft_config(method, targets, total_steps)
+    try:
+        return PEFT_TYPE_TO_TUNER_MAPPING[pc.peft_type](model, pc, adapter_name="default")
+    except ValueError as e:  # peft's shape checks (e.g. an OFT block size that does not divide a matrix)
+        raise UserError(f"method: {method.kind} r={method.r} does not fit these matrices ({str(e).splitlines()[0]})"
+                        ) from None
 
 
 @torch.no_grad()
@@ -124,10 +179,14 @@ def attach(
     model: RWKV7,
     cfg: MethodConfig,
     pissa_start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    total_steps: int | None = None,
+    batches=None,
 ) -> AdaptedRWKV7:
     """Attach the method `cfg` to `model` (modified in place) and freeze everything else.
 
-    pissa_start: {module name: (A0, B0)} to rebuild a saved PiSSA run instead of running the SVD.
+    pissa_start: {module name: (A0, B0)} to rebuild a saved residual start (PiSSA, OLoRA, LoftQ) instead
+    of computing it again. total_steps: the run's optimizer steps (AdaLoRA's schedule). batches: token-id
+    tensors [B, T] of the training data (EVA's start), an iterable.
     """
     if isinstance(model, AdaptedRWKV7) or not isinstance(model, RWKV7):
         raise TypeError("attach expects a plain RWKV7 (load a fresh base model to attach another method)")
@@ -137,12 +196,12 @@ def attach(
     targets = cfg.effective_targets()
     target_names = [f"blocks.{i}.{t}" for i in range(n_layer) for t in targets]
 
-    if cfg.kind == "pissa":
-        scale = cfg.alpha / cfg.r
+    if cfg.residual_init:
+        scale = cfg.lora_scale
         for name in target_names:
             linear = model.get_submodule(name)
             if pissa_start is None:
-                adapted.pissa_init[name] = _pissa_start(linear, cfg)
+                adapted.pissa_init[name] = _residual_start(linear, cfg)
             elif name not in pissa_start:
                 raise UserError(f"PiSSA adapter has no start for {name}")
             else:
@@ -171,9 +230,14 @@ def attach(
     kind = cfg.adapter_kind
     if kind in ("lora", "pissa"):
         lc = LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, init_lora_weights=True
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, use_dora=cfg.use_dora,
+            use_rslora=cfg.use_rslora, init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
         )
         inject_adapter_in_model(lc, model)
+        if cfg.init == "eva":
+            _eva_start(model, cfg, target_names, batches)
+    elif kind in PEFT_TUNERS:
+        adapted.__dict__["tuner"] = _peft_tuner(model, cfg, targets, total_steps)
     elif kind == "bone":
         inject_adapter_in_model(
             MissConfig(r=cfg.r, miss_dropout=cfg.dropout, target_modules=targets, init_weights=True), model
@@ -188,7 +252,7 @@ def attach(
     model.requires_grad_(False)
     for name, p in model.named_parameters():
         cname = canonical_name(name)
-        adapter_param = cname.endswith((".lora_A", ".lora_B", ".disha"))
+        adapter_param = is_adapter_leaf(name) or cname.endswith(".disha")
         if adapter_param:
             p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
         in_full = cfg.kind == "full" or part_of(cname) in cfg.train_parts

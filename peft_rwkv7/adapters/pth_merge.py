@@ -20,13 +20,14 @@ import torch
 
 from ..errors import UserError
 from ..model import DTYPES, atomic_save, infer_config, read_state_dict
-from .config import PROJECTIONS
+from .config import PEFT_TUNERS, PROJECTIONS
 from .disha import bat_delta, bone_delta
-from .files import AdapterFile, check_base, read_adapter
+from .files import SHARED, AdapterFile, check_base, read_adapter
+from .kinds import capability, capability_key
 from .methods import base_fingerprint
+from .peft_merge import adapter_module, merged_peft_weight
 from .quant import roundtrip
 
-_ADAPTER_LEAVES = (".lora_A", ".lora_B", ".disha")
 # Who reads a merged `att.time_state`: rwkv-peft itself (as the default initial state), not the `rwkv`
 # pip package, which reads it for RWKV-5/6 only and starts RWKV-7 from zeros.
 STATE_NOTE = (
@@ -49,7 +50,7 @@ def merged_weight(af: AdapterFile, module: str, base: torch.Tensor) -> torch.Ten
     train_dtype = DTYPES[af.base_dtype]
     w = base.float()
     a, b = t.get(f"{module}.lora_A"), t.get(f"{module}.lora_B")
-    if m.kind == "pissa" and _is_quantized(af, proj) and a is not None:
+    if m.residual_init and _is_quantized(af, proj) and a is not None:
         # Training multiplied by deq(Q(W - s B0 A0)) + s B A: rebuild exactly that residual.
         r, s = m.r, af.lora_scale
         a0, b0 = a[r:], -b[:, r:]
@@ -57,6 +58,12 @@ def merged_weight(af: AdapterFile, module: str, base: torch.Tensor) -> torch.Ten
         return roundtrip(residual, m.quant) + s * (b[:, :r] @ a[:r])
     if _is_quantized(af, proj):
         w = roundtrip(w.to(train_dtype), m.quant)  # the base as training held it, then quantized
+    if m.kind in PEFT_TUNERS or m.use_dora:  # peft's own merge formula (peft_merge)
+        prefix = module + "."
+        leaves = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+        if not leaves:
+            return w
+        return merged_peft_weight(m, proj, w, leaves, {k: t[k] for k in SHARED if k in t})
     if a is not None:
         w = w + af.lora_scale * (b @ a)
     d = t.get(f"{module}.disha")
@@ -70,15 +77,15 @@ def merged_state_dict(base_sd: dict[str, torch.Tensor], af: AdapterFile) -> tupl
     cfg = infer_config(base_sd, "base")
     out = dict(base_sd)
     changed = 0
+    adapted = {adapter_module(k) for k in af.tensors} - {None}
     for i in range(cfg.n_layer):
         for proj in PROJECTIONS:
             module = f"blocks.{i}.{proj}"
-            adapted = any(f"{module}{leaf}" in af.tensors for leaf in _ADAPTER_LEAVES)
-            if adapted or _is_quantized(af, proj):
+            if module in adapted or _is_quantized(af, proj):
                 out[f"{module}.weight"] = merged_weight(af, module, base_sd[f"{module}.weight"])
                 changed += 1
     for k, t in af.tensors.items():
-        if k.endswith(_ADAPTER_LEAVES):
+        if adapter_module(k) is not None or k in SHARED:
             continue
         if not k.endswith(".att.time_state"):
             if k not in base_sd:
@@ -95,7 +102,9 @@ def _describe(af: AdapterFile) -> str:
     m = af.method
     parts = []
     if m.adapter_kind is not None:
-        parts.append(f"{m.adapter_kind} r={m.r}" + (f" alpha={m.alpha:g}" if m.kind in ("lora", "pissa") else ""))
+        name = capability_key(m) if m.kind == "lora" else m.adapter_kind
+        has_alpha = m.kind in ("lora", "pissa", "loha", "lokr", "adalora")
+        parts.append(f"{name} r={m.r}" + (f" alpha={m.alpha:g}" if has_alpha else "") if m.kind != "ia3" else name)
     if m.trains_state:
         parts.append("state")
     if m.kind == "full":
@@ -154,11 +163,15 @@ def export_rwkv_peft(run_dir: str | os.PathLike, out_path: str | os.PathLike) ->
     af = read_adapter(run_dir)
     if af.fingerprint is None:
         raise UserError(f"{run_dir}: already an RWKV-PEFT file; export reads a run directory")
+    if not capability(af.method).rwkv_peft:
+        raise UserError(f"{run_dir}: RWKV-PEFT has no {capability(af.method).name}; merge it into the base instead "
+                        f"(rwkv-peft merge --base BASE --adapter {run_dir} --out MERGED.pth)")
     atomic_save({k: t.contiguous() for k, t in af.tensors.items()}, out_path)
     line = f"exported {_describe(af)} ({len(af.tensors)} tensors) to {out_path}"
     m = af.method
     if m.kind in ("lora", "pissa"):
-        line += f"; merge it with --lora-alpha {m.alpha * (2 if m.kind == 'pissa' else 1):g}"
+        rank = m.r * (2 if m.residual_init else 1)
+        line += f"; merge it with --lora-alpha {m.lora_scale * rank:g}"
     if m.quant != "none":
         line += f"; it was trained on a {m.quant}-quantized base, which this file does not record"
     return line
