@@ -2,7 +2,7 @@
 
 Each returns the start of one projection, fp32: A0 [r, in] and B0 [out, r] (EVA: A0 only, B0 = 0).
 Like PiSSA's, the OLoRA and LoftQ starts are not zero: the frozen base becomes the residual
-W - (alpha / r) B0 A0 (computed as `methods._apply_pissa_residual` does), quantized after that where
+W - s B0 A0, s the LoRA scale (computed as `methods._apply_pissa_residual` does), quantized after that where
 the base is quantized, so the adapter can be saved as a rank-2r delta against the original weight.
 peft and bitsandbytes are imported inside the functions (the package imports lazily).
 """
@@ -34,7 +34,8 @@ def olora_start(weight: torch.Tensor, r: int, alpha: float) -> tuple[torch.Tenso
     `olora_init`) on an fp32 copy of the weight, so the factors are bitwise peft's; the weight
     passed in is not touched. peft's layer leaves the residual fl(W - fl((alpha/r) B0) @ A0) in its
     base weight: the same operations in the same order as `methods._apply_pissa_residual`, which
-    forms the frozen base from the returned factors.
+    forms the frozen base from the returned factors. The factors do not depend on alpha (nor on
+    rsLoRA): alpha only sets the residual peft leaves, which is not returned.
     """
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLoraLinear
@@ -59,14 +60,15 @@ def _split_rank_r(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def loftq_start(
-    weight: torch.Tensor, r: int, alpha: float, quant: str, iters: int, dtype: torch.dtype
+    weight: torch.Tensor, r: int, scale: float, quant: str, iters: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoftQ (Li et al. 2023, arXiv:2310.08659, Algorithm 1): alternate, from A = B = 0, for t = 1..iters
 
         Q_t = roundtrip(fl_dtype(W - s B A))          (quantize what the adapter does not cover)
         (B, A) = best rank-r approximation of (W - Q_t) / s   (SVD, split B = U sqrt(S), A = sqrt(S) V^T)
 
-    with s = alpha / r and W = weight as training holds it (cast to `dtype`, the base dtype), so
+    with s = `scale`, the LoRA multiplier of s B A (alpha / r; alpha / sqrt(r) with rsLoRA: the start
+    depends on it, unlike OLoRA's), and W = weight as training holds it (cast to `dtype`, the base dtype), so
     iteration 1 is "quantize W, fit the rest". Returns (A0 [r, in], B0 [out, r]) fp32; the frozen base
     training multiplies by is then roundtrip(fl_dtype(W - s B0 A0)), the residual the PiSSA path
     quantizes (attach, and `pth_merge.merged_weight` for a quantized PiSSA-style start), i.e. Q_(iters+1).
@@ -86,7 +88,7 @@ def loftq_start(
     if iters < 1:
         raise UserError(f"LoftQ iterations: {iters} must be at least 1")
     _check_rank(r, weight.shape, "a LoftQ weight")
-    s = alpha / r
+    s = scale
     w = weight.detach().to(dtype).float()
     a = b = None
     for _ in range(iters):
