@@ -35,7 +35,7 @@ from .objectives import Objective
 from .optim import build_optimizer
 from .preference import evaluate_preference, load_eval_pairs, preference_backward, preference_setup
 from .recipe import Recipe
-from .schedule import get_lr
+from .schedule import get_lr, set_lr
 
 
 def build_base(recipe: Recipe, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
@@ -172,8 +172,7 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
     tc, dist = run.recipe.train, run.dist
     lr = get_lr(step, lr=tc.lr, lr_final=tc.final_lr, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
                 schedule=tc.schedule, decay_frac=tc.decay_frac)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(run.optimizer.param_groups, lr)  # times each group's lr_scale (LoRA+)
     batches = [run.data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
                for micro in range(tc.grad_accum)]
     if run.objective is not None:  # the mean per-pair loss over the global batch (train/preference.py)

@@ -12,6 +12,11 @@ both optimizers. Which tensors are matrices for Muon: `losses.muon_eligible` (Lo
 shards, projections and time-mix low-rank maps trained in full); everything else (states, vectors,
 embedding, head, Bat shards) is updated by AdamW, as Muon is meant to be used.
 
+LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models", arXiv:2402.12354;
+`train.lora_plus_ratio`): the LoRA B factors train at ratio x the learning rate of everything else, in
+param groups of their own (split by weight decay like the others, after them) that carry
+`lr_scale` = ratio, which the schedule multiplies by (schedule.set_lr), in either optimizer.
+
 Under `train.deepspeed.offload` the optimizer is DeepSpeed's CPU Adam (decoupled weight decay, as
 AdamW) on the fp32 partitions ZeRO keeps in CPU memory: DeepSpeed refuses an optimizer of ours there.
 Its C++ op is compiled with ninja on first use (minutes, once; cached in torch's extension folder).
@@ -34,7 +39,7 @@ class MuonAdamW(torch.optim.Optimizer):
     empty: LoRA has only matrices, state tuning none).
 
     The inner optimizers share this object's param group dicts and its `state`, so the schedule (setting
-    group["lr"]), `state_dict()` and `load_state_dict()` see one optimizer."""
+    group["lr"], times the group's lr_scale under LoRA+), `state_dict()` and `load_state_dict()` see one optimizer."""
 
     def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], lr: float, betas: tuple[float, float],
                  eps: float, momentum: float = MUON_MOMENTUM) -> None:
@@ -99,9 +104,30 @@ def _powers_from_the_step(optimizer, args, kwargs) -> None:
                                       g["weight_decay"], optimizer.adam_w_mode, False)
 
 
+def is_lora_b(name: str) -> bool:
+    """Whether the trained tensor `name` (as trainable_parameters names it) is a LoRA B factor (LoRA+)."""
+    return name.endswith(".lora_B")
+
+
+def scaled_groups(named, tc) -> list[dict]:
+    """`losses.param_groups` of `named` (empty groups kept, as before), then, under train.lora_plus_ratio,
+    the LoRA B factors' own groups (empty ones dropped) at lr_scale = ratio. The order is a function of the
+    names alone, so a resumed run's optimizer state lines up with its groups."""
+    ratio = tc.lora_plus_ratio
+    if ratio is None:
+        return param_groups(named, tc.weight_decay)
+    b = [(n, p) for n, p in named if is_lora_b(n)]
+    groups = param_groups([(n, p) for n, p in named if not is_lora_b(n)], tc.weight_decay)
+    return groups + [{**g, "lr": tc.lr * ratio, "lr_scale": ratio} for g in param_groups(b, tc.weight_decay)
+                     if g["params"]]
+
+
 def build_optimizer(named, tc, device: torch.device) -> torch.optim.Optimizer:
     """The run's optimizer for the trained tensors `named` [(name, param)] and the recipe's train section."""
-    if tc.deepspeed.offload:  # muon is refused with DeepSpeed by the recipe
+    if tc.lora_plus_ratio is not None and not any(is_lora_b(n) for n, _ in named):
+        raise UserError("train.lora_plus_ratio: this method trains no LoRA B factor (no tensor named *.lora_B); "
+                        "remove train.lora_plus_ratio")
+    if tc.deepspeed.offload:  # muon and lora_plus_ratio are refused with offload by the recipe
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         cpu_adam_op()
@@ -110,13 +136,12 @@ def build_optimizer(named, tc, device: torch.device) -> torch.optim.Optimizer:
         optimizer.register_step_pre_hook(_powers_from_the_step)
         return optimizer
     if tc.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+        return torch.optim.AdamW(scaled_groups(named, tc), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                  eps=tc.eps, fused=(device.type == "cuda") or None)
     matrices = [(n, p) for n, p in named if muon_eligible(n, p)]
     rest = [(n, p) for n, p in named if not muon_eligible(n, p)]
-    muon_groups, adamw_groups = ([g for g in param_groups(part, tc.weight_decay) if g["params"]]
-                                 for part in (matrices, rest))
+    muon_groups, adamw_groups = ([g for g in scaled_groups(part, tc) if g["params"]] for part in (matrices, rest))
     return MuonAdamW(muon_groups, adamw_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
 
 
-__all__ = ["MuonAdamW", "build_optimizer", "cpu_adam_op", "MUON_MOMENTUM"]
+__all__ = ["MuonAdamW", "build_optimizer", "cpu_adam_op", "is_lora_b", "scaled_groups", "MUON_MOMENTUM"]

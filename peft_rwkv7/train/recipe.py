@@ -35,6 +35,13 @@ OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
     "simpo": ("beta", "gamma", "length_norm", "nll_weight"),
 }
 _SHOWN = {"dpo": "DPO", "orpo": "ORPO", "simpo": "SimPO"}
+# The method kinds that train LoRA B factors (tensors named *.lora_B), which train.lora_plus_ratio speeds up.
+LORA_B_KINDS = ("lora", "pissa", "adalora")
+
+
+def has_lora_b(kind: str) -> bool:
+    """Whether method.kind `kind` trains LoRA B factors (LoRA+ applies)."""
+    return kind in LORA_B_KINDS
 
 
 class NewModel(ConfigModel):
@@ -117,6 +124,10 @@ class TrainConfig(_Objective):
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: Number = Field(1e-4, gt=0, description="peak learning rate")
     lr_final: Number | None = Field(None, description="at the end of the schedule, between 0 and lr; null: lr / 10")
+    lora_plus_ratio: Number | None = Field(None, gt=0, description=(
+        "LoRA+ (arXiv:2402.12354): the LoRA B factors train at this many times the lr (same schedule), "
+        "everything else at lr; typical 16; null = off; methods with LoRA B (kind lora, pissa, adalora), "
+        "not with train.deepspeed.offload"))
     schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="wsd: warmup-stable-decay")
     warmup_steps: int = Field(10, ge=0, description="linear warmup from lr / warmup_steps to lr")
     decay_frac: Number = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
@@ -148,6 +159,13 @@ class TrainConfig(_Objective):
     def _final_below_peak(self) -> Self:
         if self.lr_final is not None and not 0 <= self.lr_final <= self.lr:
             raise invalid(f"{{key}} must be between 0 and train.lr ({self.lr}), got {self.lr_final}", "lr_final")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_plus_in_our_optimizers(self) -> Self:
+        if self.lora_plus_ratio is not None and self.deepspeed.offload:
+            raise invalid("{key} is not available with train.deepspeed.offload (DeepSpeed's CPU Adam); remove it or "
+                          "set train.deepspeed.offload=false", "lora_plus_ratio")
         return self
 
     @model_validator(mode="after")
@@ -209,6 +227,10 @@ class Recipe(ConfigModel):
         if self.train.objective == "dpo" and self.method.trains_state and self.train.deepspeed.stage == 3:
             raise invalid("{key}: dpo with a trained state runs under ZeRO-1/2, not 3 (ZeRO-3 partitions the state "
                           "that the reference switches off); use train.deepspeed.stage=2", "train.deepspeed.stage")
+        if self.train.lora_plus_ratio is not None and not has_lora_b(self.method.kind):
+            raise invalid(f"{{key}}: method.kind {self.method.kind} has no LoRA B factor (LoRA+ raises the lr of B "
+                          f"in B @ A); use method.kind {', '.join(LORA_B_KINDS[:-1])} or {LORA_B_KINDS[-1]}, or "
+                          f"remove train.lora_plus_ratio", "train.lora_plus_ratio")
         if self.train.optimizer == "muon" and self.train.deepspeed.stage:
             raise invalid("{key}: muon is not available under train.deepspeed (ZeRO shards the matrices Muon "
                           "orthogonalizes); use adamw", "train.optimizer")

@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the step (nanoGPT's get_lr, generalised)."""
+"""Learning-rate schedules as pure functions of the step (nanoGPT's get_lr, generalised), and how the
+step's rate reaches the optimizer's param groups (`set_lr`: each group at its own multiple, `lr_scale`)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,11 @@ def get_lr(step: int, *, lr: float, lr_final: float, max_steps: int, warmup_step
         progress = min((step - decay_start + 1) / decay_steps, 1.0)
         return lr + (lr_final - lr) * progress
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def set_lr(param_groups, lr: float) -> None:
+    """Give every optimizer param group the step's learning rate `lr` times its "lr_scale" (1 where the group
+    has none; LoRA+ gives the LoRA B groups train.lora_plus_ratio, train/optim.py), so warmup and decay move
+    all groups together and keep their ratios."""
+    for group in param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
