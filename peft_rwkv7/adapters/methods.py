@@ -114,14 +114,20 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def _pissa_start(linear: nn.Linear, method: MethodConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """peft's PiSSA init on one float Linear: returns (A0, B0) fp32; the Linear keeps the residual
-    W - (alpha/r) B0 A0. Runs before any quantization, so the SVD sees the float weight."""
+    fl(W - s B0 A0). Runs before any quantization, so the SVD sees the float weight."""
     init = "pissa" if method.svd_niter == 0 else f"pissa_niter_{method.svd_niter}"
     lc = LoraConfig(r=method.r, lora_alpha=method.alpha, init_lora_weights=init, use_rslora=method.use_rslora)
+    # peft on an fp32 copy: its factors stay fp32 (on a bf16 Linear it rounds them to bf16 after forming the
+    # residual, so the residual would not be fl(W - s B0 A0) of the factors saved), and the residual is ours.
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=False)
+    copy.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(PISSA_SVD_SEED)
-        layer = PeftLoraLinear(linear, "default", config=lc, r=method.r, lora_alpha=method.alpha,
+        layer = PeftLoraLinear(copy, "default", config=lc, r=method.r, lora_alpha=method.alpha,
                                use_rslora=method.use_rslora)
-    return layer.lora_A["default"].weight.detach().float(), layer.lora_B["default"].weight.detach().float()
+    a0, b0 = layer.lora_A["default"].weight.detach().float(), layer.lora_B["default"].weight.detach().float()
+    _apply_pissa_residual(linear, a0, b0, method.lora_scale)
+    return a0, b0
 
 
 def _residual_start(linear: nn.Linear, method: MethodConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +149,8 @@ def _eva_start(model: RWKV7, method: MethodConfig, names: list[str], batches) ->
     """EVA: lora_A of every target from the SVD of its inputs on the first training batches (B stays 0)."""
     from . import inits
 
+    if isinstance(batches, tuple) and not batches:
+        return  # loading a saved adapter: its A replaces the start, no data pass
     if batches is None:
         raise UserError("method.init: eva takes its start from the training data; attach it with batches "
                         "(the recipe's data does this) or choose another init")
@@ -160,6 +168,12 @@ def _peft_tuner(model: RWKV7, method: MethodConfig, targets: list[str], total_st
 
     from .kinds import peft_config
 
+    if method.kind in ("oft", "boft"):  # peft would quietly pick another OFT block size
+        for t in targets:
+            n_in = model.get_submodule(f"blocks.0.{t}").in_features
+            if n_in % method.r:
+                raise UserError(f"method.r: {method.kind} block size {method.r} does not fit {t} ({n_in} inputs); "
+                                f"use a divisor of {n_in}")
     pc = peft_config(method, targets, total_steps)
     try:
         return PEFT_TYPE_TO_TUNER_MAPPING[pc.peft_type](model, pc, adapter_name="default")
@@ -186,7 +200,7 @@ def attach(
 
     pissa_start: {module name: (A0, B0)} to rebuild a saved residual start (PiSSA, OLoRA, LoftQ) instead
     of computing it again. total_steps: the run's optimizer steps (AdaLoRA's schedule). batches: token-id
-    tensors [B, T] of the training data (EVA's start), an iterable.
+    tensors [B, T] of the training data (EVA's start), an iterable; () when a saved adapter will be loaded.
     """
     if isinstance(model, AdaptedRWKV7) or not isinstance(model, RWKV7):
         raise TypeError("attach expects a plain RWKV7 (load a fresh base model to attach another method)")
