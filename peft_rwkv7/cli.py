@@ -221,14 +221,25 @@ def _cmd_recipes(args) -> int:
     width = max(len(name) for name, _ in rows)
     for name, what in rows:
         print(f"{name:<{width}}  {what}")
-    print("run one: rwkv-peft train NAME (or its path) [key=value ...]; your own: rwkv-peft init --model M --data D")
+    print("run one: rwkv-peft train NAME (or its path) [key=value ...]; "
+          "your own: rwkv-peft init [KIND] --model M --data D")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from .adapters.kinds import markdown_table, text_table
+
+    print(markdown_table() if args.markdown else text_table(), end="")
     return 0
 
 
 def _cmd_init(args) -> int:
     from .train.starter import write_starter
 
-    print(write_starter(args.out, args.model, args.data, args.method, args.out_dir, args.ctx_len))
+    if args.kind and args.kind_flag and args.kind != args.kind_flag:
+        raise UserError(f"init: KIND {args.kind} and --kind {args.kind_flag} disagree; give one")
+    kind = args.kind or args.kind_flag or "state"
+    print(write_starter(args.out, args.model, args.data, kind, args.out_dir, args.ctx_len))
     return 0
 
 
@@ -250,6 +261,7 @@ _COMMANDS = {
     "data": _cmd_data,
     "doctor": _cmd_doctor,
     "recipes": _cmd_recipes,
+    "methods": _cmd_methods,
     "init": _cmd_init,
 }
 

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"rwkv-peft {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train what a recipe names (state, LoRA, PiSSA, DiSHA, full)")
+    t = sub.add_parser("train", help="train what a recipe names (any of rwkv-peft methods)")
     t.add_argument("recipe", nargs="?", help="recipe YAML file")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
@@ -182,11 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the bundled recipes with their purpose")
 
+    mt = sub.add_parser("methods", help="what each method supports (merge, export, quantized base, + state) and how "
+                        "a recipe picks it")
+    mt.add_argument("--markdown", action="store_true", help="as the README's markdown table")
+
     it = sub.add_parser("init", help="write a starter recipe for your model and data")
+    it.add_argument("kind", nargs="?", default=None, metavar="KIND",
+                    help="method to train: a kind of rwkv-peft methods (lora, dora, loftq, vera, ...) or qlora "
+                    "(default: state)")
     it.add_argument("--model", required=True, help="base model .pth (or hf://OWNER/REPO/FILE.pth)")
     it.add_argument("--data", required=True, help="training data: jsonl/json/parquet or a binidx prefix")
-    it.add_argument("--method", default="state", choices=["state", "lora", "pissa", "disha", "qlora", "full"],
-                    help="what to train")
+    it.add_argument("--kind", "--method", dest="kind_flag", default=None, metavar="KIND", help="the same as KIND")
     it.add_argument("--ctx-len", type=_positive_int("--ctx-len"), default=512, help="tokens per sample")
     it.add_argument("--out", default="recipe.yaml", help="recipe file to write, never overwritten")
     it.add_argument("--out-dir", default=None, help="the run directory the recipe trains into "

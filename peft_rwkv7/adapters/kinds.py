@@ -11,6 +11,7 @@ imported inside `peft_config` only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,3 +98,73 @@ def peft_config(method: Any, targets: list[str], total_steps: int | None = None)
                                   total_step=total, lora_alpha=m.alpha, lora_dropout=m.dropout,
                                   target_modules=targets)
     raise ValueError(f"no peft config for method.kind {kind}")
+
+
+# The CAPABILITIES rows picked by a LoRA option rather than a kind (capability_key's inverse); loftq also
+# needs a quantized base (MethodConfig refuses it without one).
+_LORA_OPTION = {"dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "olora": {"init": "olora"},
+                "loftq": {"init": "loftq", "quant": "nf4"}, "eva": {"init": "eva"}}
+COLUMNS = ("merge", "rwkv_peft", "st", "quant", "state")
+_HEADERS = {"kind": "kind", "name": "what", "merge": "merge", "rwkv_peft": "RWKV-PEFT export",
+            "st": "web-rwkv .st", "quant": "quantized base", "state": "+ state", "recipe": "in a recipe",
+            "paper": "paper"}
+
+
+def recipe_keys(key: str) -> dict[str, Any]:
+    """The `method:` keys that select the CAPABILITIES row `key` ({"kind": "lora", "use_dora": True} for
+    dora); `capability_key` of a MethodConfig built from them gives `key` back."""
+    if key not in CAPABILITIES:
+        raise KeyError(key)
+    return {"kind": "lora", **_LORA_OPTION[key]} if key in _LORA_OPTION else {"kind": key}
+
+
+def flow_yaml(keys: dict[str, Any]) -> str:
+    """`{kind: lora, use_dora: true}`: recipe keys as one YAML flow mapping."""
+    return "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()) + "}"
+
+
+def table_rows() -> list[dict[str, str]]:
+    """One row per CAPABILITIES entry, in table order: kind, name, paper, the COLUMNS as yes/no (`state`
+    is "n/a" on state tuning's own row) and `recipe`, the method keys that select it."""
+    rows = []
+    for key, cap in CAPABILITIES.items():
+        flags = {c: "yes" if getattr(cap, c) else "no" for c in COLUMNS}
+        if key == "state":
+            flags["state"] = "n/a"
+        rows.append({"kind": key, "name": cap.name.split(" (")[0], **flags, "recipe": flow_yaml(recipe_keys(key)),
+                     "paper": cap.paper})
+    return rows
+
+
+def _arxiv_link(paper: str) -> str:
+    return re.sub(r"arXiv:(\d{4}\.\d{4,5})", r"[arXiv:\1](https://arxiv.org/abs/\1)", paper)
+
+
+def markdown_table() -> str:
+    """The README's methods table (one line per row, ending with a newline)."""
+    cols = ("kind", "name", *COLUMNS, "recipe", "paper")
+    lines = ["| " + " | ".join(_HEADERS[c] for c in cols) + " |", "|" + " --- |" * len(cols)]
+    for row in table_rows():
+        cells = {**row, "kind": f"`{row['kind']}`", "recipe": f"`{row['recipe']}`", "paper": _arxiv_link(row["paper"])}
+        lines.append("| " + " | ".join(cells[c] for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table() -> str:
+    """`rwkv-peft methods`: what each row supports (with its paper), then the recipe keys that select it."""
+    rows = table_rows()
+    cols = ("kind", *COLUMNS, "name")
+    heads = {**_HEADERS, "rwkv_peft": "rwkv-peft", "st": ".st", "quant": "quant", "state": "+state",
+             "name": "what - paper"}
+    cells = [{**r, "name": f"{r['name']} - {r['paper']}"} for r in rows]
+    width = {c: max(len(heads[c]), *(len(r[c]) for r in cells)) for c in cols}
+    lines = ["  ".join(heads[c].ljust(width[c]) for c in cols).rstrip()]
+    lines += ["  ".join(r[c].ljust(width[c]) for c in cols).rstrip() for r in cells]
+    lines += ["", "merge: folded into an official .pth (rwkv-peft merge); rwkv-peft: export --format rwkv-peft;",
+              ".st: the adapter alone as web-rwkv's LoRA/state .st (export --format st); quant: on a method.quant base;",
+              "+state: method.state: true also trains the initial WKV state.", "",
+              "pick one in a recipe's method section (rwkv-peft init KIND writes a starter recipe):"]
+    lines += [f"  {r['kind']:<{width['kind']}}  method: {r['recipe']}" for r in rows]
+    lines.append("prompt/prefix tuning is refused: RWKV-7 has no attention to prepend tokens to; state tuning is "
+                 "its counterpart.")
+    return "\n".join(lines) + "\n"

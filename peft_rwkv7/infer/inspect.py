@@ -66,16 +66,31 @@ def describe_run(path: Path) -> dict:
     return info
 
 
+_ADAPTERS = ("lora", "pissa", "disha", "loha", "lokr", "oft", "boft", "ia3", "vera", "adalora")
+# method keys -> the kinds that read them (adapter.json stores every key, the others at their defaults)
+_READ_BY = {
+    "r": tuple(k for k in _ADAPTERS if k != "ia3"),
+    "alpha": ("lora", "pissa", "loha", "lokr", "adalora"),
+    "dropout": ("lora", "pissa", "disha", "oft", "boft", "vera", "adalora"),
+    "target_modules": _ADAPTERS,
+    "svd_niter": ("pissa",),
+    "disha_mode": ("disha",),
+    "boft_factors": ("boft",),
+    "adalora": ("adalora",),
+}
+# keys shown only when set (LoRA options and starts, quantization, extras); settings of one LoRA start
+_WHEN_SET = ("use_dora", "use_rslora", "init", "quant", "train_parts", "state")
+_OF_INIT = {"loftq_iters": "loftq", "eva_tokens": "eva"}
+
+
 def _relevant(method: dict, key: str) -> bool:
     """adapter.json keys that mean something for this method (no LoRA fields on a state run)."""
-    kind = method.get("kind")
-    if key in ("r", "alpha", "dropout", "target_modules", "svd_niter"):
-        return kind in ("lora", "pissa", "disha") and (key != "alpha" or kind != "disha") and key != "svd_niter" \
-            or (key == "svd_niter" and kind == "pissa")
-    if key == "disha_mode":
-        return kind == "disha"
-    if key in ("quant", "train_parts", "state"):
-        return bool(method.get(key)) and method.get(key) != "none"
+    if key in _READ_BY:
+        return method.get("kind") in _READ_BY[key]
+    if key in _WHEN_SET:
+        return method.get(key) not in (None, False, "none", "default", [])
+    if key in _OF_INIT:
+        return method.get("init") == _OF_INIT[key]
     return True
 
 

@@ -1,5 +1,5 @@
-"""`rwkv-peft recipes` (the bundled recipes, one line each) and `rwkv-peft init` (a starter recipe for a
-user's own model and data)."""
+"""`rwkv-peft recipes` (the bundled recipes, one line each) and `rwkv-peft init [KIND]` (a starter recipe for a
+user's own model and data, training any method of `rwkv-peft methods`)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,37 @@ from pathlib import Path
 
 import yaml
 
+from ..adapters.config import PROMPT_KINDS, MethodConfig
+from ..adapters.kinds import recipe_keys
 from ..errors import UserError
 from .recipe import BUNDLED, load_recipe
 
-# What `init` writes per method: the learning rate and schedule that suit it, and what it trains.
-STARTERS = {
-    "state": ({"kind": "state"}, 1.0, "the initial WKV state of every layer; the model stays frozen"),
-    "lora": ({"kind": "lora", "r": 16, "alpha": 32}, 1e-4, "LoRA on the projection matrices"),
-    "pissa": ({"kind": "pissa", "r": 16, "alpha": 32}, 1e-4, "LoRA started from the top singular vectors"),
-    "disha": ({"kind": "disha", "r": 64}, 1e-4, "DiSHA (Bone) shards on the projection matrices"),
-    "qlora": ({"kind": "lora", "r": 16, "alpha": 32, "quant": "nf4"}, 1e-4, "LoRA over an NF4-quantized base"),
-    "full": ({"kind": "full"}, 1e-5, "every parameter"),
+# What `init KIND` writes beside the keys that select KIND (adapters.kinds.recipe_keys): the sizes, learning rate
+# and schedule that suit it, and what it trains. One entry per CAPABILITIES row, plus `qlora` (LoRA over NF4).
+_LORA = {"r": 16, "alpha": 32}
+STARTERS: dict[str, tuple[dict, float, str]] = {
+    "state": ({}, 1.0, "the initial WKV state of every layer; the model stays frozen"),
+    "lora": (_LORA, 1e-4, "LoRA on the projection matrices"),
+    "dora": (_LORA, 1e-4, "DoRA: LoRA's direction plus a trained magnitude per output row"),
+    "rslora": ({"r": 64, "alpha": 16}, 1e-4, "rsLoRA at rank 64 (scale alpha / sqrt(r) = 2, as LoRA r 16 alpha 32)"),
+    "pissa": (_LORA, 1e-4, "LoRA started from the top singular vectors"),
+    "olora": (_LORA, 1e-4, "LoRA started from a QR decomposition of each weight"),
+    "loftq": (_LORA, 1e-4, "LoRA over an NF4 base, started to cancel the quantization error"),
+    "eva": (_LORA, 1e-4, "LoRA whose A starts from the SVD of each layer's inputs on the first batches"),
+    "disha": ({"r": 64}, 1e-4, "DiSHA (Bone) shards on the projection matrices"),
+    "loha": ({"r": 8, "alpha": 16}, 1e-4, "LoHa: a Hadamard product of two rank-8 pairs per matrix"),
+    "lokr": ({"r": 8, "alpha": 16}, 1e-4, "LoKr: a Kronecker product of a small and a rank-8 factor per matrix"),
+    "oft": ({"r": 32}, 1e-4, "OFT: an orthogonal rotation of each weight's inputs in 32 x 32 blocks"),
+    "boft": ({"r": 32, "boft_factors": 1}, 1e-4, "BOFT: butterfly-factored orthogonal rotations in 32 x 32 blocks "
+             "(boft_factors > 1 mixes blocks; peft needs its CUDA extension for that)"),
+    "ia3": ({}, 3e-3, "IA3: one learned scale per channel of each projection"),
+    "vera": ({"r": 256}, 1e-3, "VeRA: two scale vectors per matrix over frozen random rank-256 projections"),
+    "adalora": ({"r": 12, "alpha": 32, "adalora": {"target_r": 4, "tinit": 20, "tfinal": 40, "delta_t": 10}}, 1e-4,
+                "AdaLoRA: LoRA in SVD form, ranks 12 pruned to 4 on average where they matter least"),
+    "full": ({}, 1e-5, "every parameter"),
+    "qlora": (_LORA, 1e-4, "LoRA over an NF4-quantized base"),
 }
+_QLORA = {"kind": "lora", "quant": "nf4"}  # `init qlora`: the recipe spelling of QLoRA
 
 
 def purpose(text: str, width: int = 90) -> str:
@@ -49,11 +68,21 @@ def resolve_recipe(path: str) -> str:
     return path  # load_recipe names the missing file
 
 
+def method_keys(kind: str) -> tuple[dict, float, str]:
+    """(the recipe's method section, learning rate, what it trains) of `init KIND`; KIND is a CAPABILITIES row
+    (dora, loftq, ... pick kind lora and that option) or qlora."""
+    if kind in PROMPT_KINDS:
+        MethodConfig.from_dict({"kind": kind})  # the recipe's own refusal: state tuning is the counterpart
+    if kind not in STARTERS:
+        raise UserError(f"KIND: {kind!r} is not a method; expected one of {', '.join(STARTERS)} "
+                        "(rwkv-peft methods says what each supports)")
+    sizes, lr, what = STARTERS[kind]
+    return {**(_QLORA if kind == "qlora" else recipe_keys(kind)), **sizes}, lr, what
+
+
 def starter_recipe(model: str, data: str, method: str, out_dir: str, ctx_len: int) -> tuple[str, str]:
     """(YAML body of a starter recipe, what the method trains)."""
-    if method not in STARTERS:
-        raise UserError(f"--method: {method!r} is not one of {', '.join(STARTERS)}")
-    keys, lr, what = STARTERS[method]
+    keys, lr, what = method_keys(method)
     body = {
         "model": {"path": model},
         "method": keys,
@@ -74,7 +103,8 @@ def write_starter(out: str, model: str, data: str, method: str = "state", out_di
     run_dir = out_dir or f"runs/{target.stem}"
     body, what = starter_recipe(model, data, method, run_dir, ctx_len)
     header = (f"# rwkv-peft train {target}\n#\n# {method} on {model}: trains {what}.\n"
-              f"# Every key: rwkv-peft train --print-schema. Override any on the command line, e.g. train.lr=...\n")
+              "# Every key: rwkv-peft train --print-schema; every method: rwkv-peft methods.\n"
+              "# Override any key on the command line, e.g. train.lr=...\n")
     text = header + body
     tmp = target.with_name(f".{target.name}.tmp")
     target.parent.mkdir(parents=True, exist_ok=True)
