@@ -29,7 +29,8 @@ class Capability:
 
 
 CAPABILITIES: dict[str, Capability] = {c.kind: c for c in (
-    Capability("state", "state tuning", "the initial WKV state per layer (RWKV-specific)", rwkv_peft=True, st=True),
+    Capability("state", "state tuning", "the initial WKV state per layer (RWKV-specific)", rwkv_peft=True, st=True,
+               quant=True),
     Capability("lora", "LoRA", "Hu et al. 2021, arXiv:2106.09685", rwkv_peft=True, st=True, quant=True),
     Capability("dora", "DoRA (lora, use_dora)", "Liu et al. 2024, arXiv:2402.09353", quant=True),
     Capability("rslora", "rsLoRA (lora, use_rslora)", "Kalajdzievski 2023, arXiv:2312.03732", rwkv_peft=True,
@@ -49,7 +50,7 @@ CAPABILITIES: dict[str, Capability] = {c.kind: c for c in (
     Capability("ia3", "IA3", "Liu et al. 2022, arXiv:2205.05638", quant=True),
     Capability("vera", "VeRA", "Kopiczko et al. 2024, arXiv:2310.11454"),
     Capability("adalora", "AdaLoRA", "Zhang et al. 2023, arXiv:2303.10512", quant=True),
-    Capability("full", "full fine-tuning", "every weight", merge=True),
+    Capability("full", "full fine-tuning", "every weight"),
 )}
 
 
