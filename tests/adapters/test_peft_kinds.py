@@ -192,3 +192,36 @@ def test_a_block_size_that_does_not_divide_is_a_user_error(load_base):
 
 def test_init_pissa_is_kind_pissa():
     assert MethodConfig(kind="lora", init="pissa") == MethodConfig(kind="pissa")
+
+
+@pytest.mark.parametrize("name", ["loha", "dora", "vera"])
+def test_exports_the_other_tools_lack_point_to_merge(name, base_path, load_base, train, tmp_path):
+    from peft_rwkv7.adapters import export_rwkv_peft
+    from peft_rwkv7.adapters.export import export_adapter_st
+    from peft_rwkv7.errors import UserError
+
+    adapted = _attach(load_base(), name)
+    save_adapter(adapted, tmp_path / "run", base_path=str(base_path))
+    with pytest.raises(UserError, match="rwkv-peft merge"):
+        export_rwkv_peft(tmp_path / "run", tmp_path / "x.pth")
+    with pytest.raises(UserError, match="merge"):
+        export_adapter_st(tmp_path / "x.st", tmp_path / "run")
+
+
+def test_rslora_exports_with_the_alpha_that_gives_its_scale(base_path, load_base, train, tmp_path):
+    """RWKV-PEFT and web-rwkv scale B A by alpha / rank: the exported alpha must make that alpha / sqrt(r)."""
+    from peft_rwkv7.adapters import export_rwkv_peft
+    from peft_rwkv7.adapters.export import lora_st_tensors
+    from peft_rwkv7.adapters.files import read_adapter
+
+    adapted = attach(load_base(), MethodConfig(kind="lora", r=16, alpha=8, use_rslora=True))
+    train(adapted, steps=1)
+    save_adapter(adapted, tmp_path / "run", base_path=str(base_path))
+    line = export_rwkv_peft(tmp_path / "run", tmp_path / "x.pth")
+    assert line.endswith("merge it with --lora-alpha 32")  # 32 / 16 = 8 / sqrt(16)
+    _, alpha = lora_st_tensors(read_adapter(tmp_path / "run"), None)
+    assert alpha == 32
+    merge_into_pth(base_path, tmp_path / "x.pth", tmp_path / "a.pth", dtype="fp32", lora_alpha=32)
+    merge_into_pth(base_path, tmp_path / "run", tmp_path / "b.pth", dtype="fp32")
+    a, b = torch.load(tmp_path / "a.pth"), torch.load(tmp_path / "b.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
