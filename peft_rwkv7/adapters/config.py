@@ -32,6 +32,7 @@ RESIDUAL_INITS = ("pissa", "olora", "loftq")
 QUANTS: tuple[str, ...] = get_args(Quant)
 DISHA_MODES: tuple[str, ...] = get_args(DishaMode)
 PROJECTIONS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+TARGETS = (*PROJECTIONS, "head")  # what an adapter may wrap: every block's projections and the head
 
 # Official key names (without the `blocks.N.` prefix where there is one) of each train_parts group.
 _TIME_NAMES = r"x_[rwkvag]|[wav][012]|g[12]|k_k|k_a|r_k"
@@ -99,8 +100,8 @@ class MethodConfig(ConfigModel):
     boft_factors: int = Field(1, gt=0, description="BOFT: butterfly factors (1 = block-diagonal OFT)")
     dropout: Number = Field(0.0, ge=0, lt=1, description="LoRA/PiSSA/Bone input dropout probability (Bat has none)")
     target_modules: list[str] = Field(default_factory=lambda: list(PROJECTIONS), description=(
-        f"projection Linears of every block that get an adapter, some of {', '.join(PROJECTIONS)}; "
-        "those in a train_parts group (ffn) are trained in full instead"))
+        f"Linears that get an adapter: projections of every block and the head, some of {', '.join(TARGETS)}; "
+        "those in a train_parts group (ffn, head) are trained in full instead"))
     quant: Quant = Field("none", description=(
         "quantize the frozen projection weights of every block with bitsandbytes (QLoRA-style); "
         "embedding, head and the small time-mix tensors stay float"))
@@ -129,10 +130,10 @@ class MethodConfig(ConfigModel):
     @classmethod
     def _known_targets(cls, v: Any) -> Any:
         if not isinstance(v, list) or not v:
-            raise invalid(f"{{key}}: expected a non-empty list of {', '.join(PROJECTIONS)}")
-        wrong = [t for t in v if t not in PROJECTIONS]
+            raise invalid(f"{{key}}: expected a non-empty list of {', '.join(TARGETS)}")
+        wrong = [t for t in v if t not in TARGETS]
         if wrong:
-            raise invalid(f"{{key}}: unknown {', '.join(map(str, wrong))}; expected some of {', '.join(PROJECTIONS)}")
+            raise invalid(f"{{key}}: unknown {', '.join(map(str, wrong))}; expected some of {', '.join(TARGETS)}")
         return v
 
     @field_validator("train_parts", mode="before")
@@ -208,8 +209,9 @@ class MethodConfig(ConfigModel):
         return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
 
     def effective_targets(self) -> list[str]:
-        """Targets in PROJECTIONS order, minus those trained in full through train_parts."""
+        """Targets in TARGETS order, minus those trained in full through train_parts."""
         if self.adapter_kind is None:
             return []
-        full = {"ffn.key", "ffn.value"} if "ffn" in self.train_parts else set()
-        return [t for t in PROJECTIONS if t in self.target_modules and t not in full]
+        full = ({"ffn.key", "ffn.value"} if "ffn" in self.train_parts else set()) | (
+            {"head"} if "head" in self.train_parts else set())
+        return [t for t in TARGETS if t in self.target_modules and t not in full]

@@ -127,6 +127,9 @@ def lora_st_tensors(af: AdapterFile, cfg: RWKV7Config | None) -> tuple[dict[str,
     if m.kind == "disha" and m.disha_mode == "bat":
         raise UserError(f"{af.source}: a Bat update depends on the base weight and is not a LoRA; export the merged "
                         f"model (--model BASE)")
+    if "head" in m.effective_targets():
+        raise UserError(f"{af.source}: web-rwkv's LoRA blend adds to block matrices, not the head; export the merged "
+                        f"model (--model BASE) or merge it (rwkv-peft merge)")
     if not capability(m).st and m.kind != "disha":
         raise UserError(f"{af.source}: web-rwkv's LoRA blend has no {capability(m).name}; export the merged model "
                         f"(--model BASE) or merge it (rwkv-peft merge)")

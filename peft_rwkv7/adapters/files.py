@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..model import RWKV7, atomic_save, atomic_write, read_state_dict
-from .config import PROJECTIONS, MethodConfig, part_of
+from .config import TARGETS, MethodConfig, part_of
 from .methods import AdaptedRWKV7, attach, base_fingerprint, trainable_parameters
 
 ADAPTER_FILE, META_FILE, STATE_FILE = "adapter.safetensors", "adapter.json", "state.pth"
@@ -105,6 +105,9 @@ def save_adapter(adapted: AdaptedRWKV7, run_dir: str | os.PathLike, base_path: s
         "trainable_parameters": sum(p.numel() for _, p in trainable_parameters(adapted)),
         "quantized_bytes": {"float": adapted.quant_bytes[0], "quantized": adapted.quant_bytes[1]},
     }
+    if cfg.kind == "adalora":  # the ranks AdaLoRA's allocator left: nonzero singular values lora_E per matrix
+        meta["ranks"] = {k.removesuffix(".lora_E"): int(t.count_nonzero()) for k, t in tensors.items()
+                         if k.endswith(".lora_E")}
     text = (json.dumps(meta, indent=2) + "\n").encode()
     atomic_write(d / META_FILE, lambda f: f.write(text))
 
@@ -142,8 +145,8 @@ def _read_rwkv_peft(path: Path, lora_alpha: float | None) -> AdapterFile:
         mod, _, leaf = k.rpartition(".")
         if leaf in ("lora_A", "lora_B", "disha"):
             proj = mod.split(".", 2)[-1] if mod.startswith("blocks.") else mod
-            if proj not in PROJECTIONS:
-                raise UserError(f"{path}: {k} adapts {proj}, expected one of {', '.join(PROJECTIONS)}")
+            if proj not in TARGETS:
+                raise UserError(f"{path}: {k} adapts {proj}, expected one of {', '.join(TARGETS)}")
             targets.add(proj)
             if leaf == "lora_A":
                 kinds.add("lora")
@@ -172,7 +175,7 @@ def _read_rwkv_peft(path: Path, lora_alpha: float | None) -> AdapterFile:
     else:
         fields.update(kind="state")
     if targets:
-        fields["target_modules"] = [p for p in PROJECTIONS if p in targets]
+        fields["target_modules"] = [p for p in TARGETS if p in targets]
     return AdapterFile(MethodConfig.from_dict(fields, where=f"{path}: inferred method"), sd, str(path))
 
 

@@ -162,7 +162,8 @@ def text_table() -> str:
     lines = ["  ".join(heads[c].ljust(width[c]) for c in cols).rstrip()]
     lines += ["  ".join(r[c].ljust(width[c]) for c in cols).rstrip() for r in cells]
     lines += ["", "merge: folded into an official .pth (rwkv-peft merge); rwkv-peft: export --format rwkv-peft;",
-              ".st: the adapter alone as web-rwkv's LoRA/state .st (export --format st); quant: on a method.quant base;",
+              ".st: the adapter alone as web-rwkv's LoRA/state .st (export --format st);",
+              "quant: on a method.quant base;",
               "+state: method.state: true also trains the initial WKV state.", "",
               "pick one in a recipe's method section (rwkv-peft init KIND writes a starter recipe):"]
     lines += [f"  {r['kind']:<{width['kind']}}  method: {r['recipe']}" for r in rows]

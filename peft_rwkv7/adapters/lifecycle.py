@@ -32,6 +32,7 @@ def _projections(model: RWKV7) -> Iterator[tuple[str, nn.Module]]:
         for proj in PROJECTIONS:
             name = f"blocks.{i}.{proj}"
             yield name, model.get_submodule(name)
+    yield "head", model.head
 
 
 def _base_of(layer: nn.Module) -> nn.Module:

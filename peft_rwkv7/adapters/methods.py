@@ -170,7 +170,7 @@ def _peft_tuner(model: RWKV7, method: MethodConfig, targets: list[str], total_st
 
     if method.kind in ("oft", "boft"):  # peft would quietly pick another OFT block size
         for t in targets:
-            n_in = model.get_submodule(f"blocks.0.{t}").in_features
+            n_in = model.get_submodule(t if t == "head" else f"blocks.0.{t}").in_features
             if n_in % method.r:
                 raise UserError(f"method.r: {method.kind} block size {method.r} does not fit {t} ({n_in} inputs); "
                                 f"use a divisor of {n_in}")
@@ -208,7 +208,8 @@ def attach(
     adapted = AdaptedRWKV7(model, cfg, base_fingerprint(model.state_dict()))
     n_layer, dtype = model.config.n_layer, adapted.base_dtype
     targets = cfg.effective_targets()
-    target_names = [f"blocks.{i}.{t}" for i in range(n_layer) for t in targets]
+    target_names = [f"blocks.{i}.{t}" for i in range(n_layer) for t in targets if t != "head"]
+    target_names += ["head"] if "head" in targets else []
 
     if cfg.residual_init:
         scale = cfg.lora_scale

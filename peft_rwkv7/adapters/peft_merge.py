@@ -12,8 +12,8 @@ import re
 import torch
 from torch import nn
 
-# Adapter tensors in a file: `blocks.N.<att|ffn>.<projection>.<leaf>` (leaf is not the base weight).
-ADAPTER_KEY = re.compile(r"(blocks\.\d+\.(?:att\.(?:receptance|key|value|output)|ffn\.(?:key|value)))\.(\w+)")
+# Adapter tensors in a file: `blocks.N.<att|ffn>.<projection>.<leaf>` or `head.<leaf>` (not the base weight).
+ADAPTER_KEY = re.compile(r"(blocks\.\d+\.(?:att\.(?:receptance|key|value|output)|ffn\.(?:key|value))|head)\.(\w+)")
 
 
 def adapter_module(key: str) -> str | None:

@@ -39,7 +39,7 @@ STATE_NOTE = (
 
 def _is_quantized(af: AdapterFile, proj: str) -> bool:
     m = af.method
-    return m.quant != "none" and not (proj.startswith("ffn.") and "ffn" in m.train_parts)
+    return m.quant != "none" and proj != "head" and not (proj.startswith("ffn.") and "ffn" in m.train_parts)
 
 
 @torch.no_grad()
@@ -78,12 +78,11 @@ def merged_state_dict(base_sd: dict[str, torch.Tensor], af: AdapterFile) -> tupl
     out = dict(base_sd)
     changed = 0
     adapted = {adapter_module(k) for k in af.tensors} - {None}
-    for i in range(cfg.n_layer):
-        for proj in PROJECTIONS:
-            module = f"blocks.{i}.{proj}"
-            if module in adapted or _is_quantized(af, proj):
-                out[f"{module}.weight"] = merged_weight(af, module, base_sd[f"{module}.weight"])
-                changed += 1
+    modules = [(f"blocks.{i}.{proj}", proj) for i in range(cfg.n_layer) for proj in PROJECTIONS] + [("head", "head")]
+    for module, proj in modules:
+        if module in adapted or _is_quantized(af, proj):
+            out[f"{module}.weight"] = merged_weight(af, module, base_sd[f"{module}.weight"])
+            changed += 1
     for k, t in af.tensors.items():
         if adapter_module(k) is not None or k in SHARED:
             continue
@@ -163,6 +162,9 @@ def export_rwkv_peft(run_dir: str | os.PathLike, out_path: str | os.PathLike) ->
     af = read_adapter(run_dir)
     if af.fingerprint is None:
         raise UserError(f"{run_dir}: already an RWKV-PEFT file; export reads a run directory")
+    if "head" in af.method.effective_targets():
+        raise UserError(f"{run_dir}: RWKV-PEFT adapts no head; merge it into the base instead "
+                        f"(rwkv-peft merge --base BASE --adapter {run_dir} --out MERGED.pth)")
     if not capability(af.method).rwkv_peft:
         raise UserError(f"{run_dir}: RWKV-PEFT has no {capability(af.method).name}; merge it into the base instead "
                         f"(rwkv-peft merge --base BASE --adapter {run_dir} --out MERGED.pth)")

@@ -215,7 +215,12 @@ class RWKV7(nn.Module):
         same numbers as cross-entropy on forward's logits, through the fused chunked head (the head's
         [B, T, V] logits are never all in memory)."""
         h, new_state = self.hidden(idx, state)
-        return self.head(h, labels), new_state
+        if isinstance(self.head, Linear):
+            return self.head(h, labels), new_state
+        # An adapter wraps the head (method.target_modules: head): its logits, then the NLL.
+        logits = self.head(h).float()
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+        return nll.view(labels.shape), new_state
 
     def hidden(
         self, idx: torch.Tensor, state: list[LayerState] | None = None

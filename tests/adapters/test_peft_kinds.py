@@ -41,6 +41,9 @@ KINDS = {
     "loftq-nf4": dict(kind="lora", init="loftq", quant="nf4"),
     "ia3-int8": dict(kind="ia3", quant="int8"),
     "adalora-nf4+state": dict(kind="adalora", quant="nf4", state=True),
+    "lora+head": dict(kind="lora", target_modules=["att.key", "head"]),
+    "ia3+head-nf4": dict(kind="ia3", target_modules=["ffn.value", "head"], quant="nf4"),
+    "bat+head": dict(kind="disha", disha_mode="bat", target_modules=["att.value", "head"]),
 }
 FLOAT = [k for k, m in KINDS.items() if "quant" not in m]
 
@@ -110,7 +113,7 @@ def test_disable_adapter_is_the_base_and_comes_back(name, load_base, train):
     assert torch.equal(logits(adapted), tuned)
 
 
-@pytest.mark.parametrize("name", ["dora", "loha", "oft", "ia3", "vera", "adalora", "dora-nf4"])
+@pytest.mark.parametrize("name", ["dora", "loha", "oft", "ia3", "vera", "adalora", "dora-nf4", "lora+head"])
 def test_token_by_token_equals_the_sequence(name, load_base, train):
     adapted = _attach(load_base(), name)
     train(adapted, steps=2)
@@ -225,3 +228,15 @@ def test_rslora_exports_with_the_alpha_that_gives_its_scale(base_path, load_base
     merge_into_pth(base_path, tmp_path / "run", tmp_path / "b.pth", dtype="fp32")
     a, b = torch.load(tmp_path / "a.pth"), torch.load(tmp_path / "b.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_adapted_head_scores_tokens_as_its_logits_do(load_base, train):
+    adapted = _attach(load_base(), "lora+head")
+    train(adapted, steps=2)
+    labels = IDX[:, 1:].clone()
+    labels[0, :3] = -100
+    nll, _ = adapted.token_nll(IDX[:, :-1], labels)
+    want = F.cross_entropy(logits(adapted, IDX[:, :-1]).flatten(0, 1), labels.flatten(), reduction="none",
+                           ignore_index=-100).view(labels.shape)
+    assert torch.equal(nll.detach(), want)
+    assert adapted.model.head.lora_A["default"].weight.requires_grad

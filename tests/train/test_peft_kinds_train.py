@@ -23,6 +23,7 @@ KINDS = {
     "boft": {"method.kind": "boft", "method.r": 16},
     "ia3": {"method.kind": "ia3"},
     "vera": {"method.kind": "vera", "method.r": 8},
+    "lora+head": {"method.target_modules": "[att.key,ffn.value,head]"},
 }
 
 
