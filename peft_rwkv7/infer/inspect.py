@@ -44,6 +44,8 @@ def describe_run(path: Path) -> dict:
         info["method"] = {k: v for k, v in method.items() if _relevant(method, k)}
         info["trainable_parameters"] = meta.get("trainable_parameters")
         info["base"] = {k: meta.get("base", {}).get(k) for k in ("path", "fingerprint", "dtype")}
+        if "ranks" in meta:  # AdaLoRA: {module: rank} after allocation
+            info["ranks"] = meta["ranks"]
     if (path / "recipe.yaml").is_file():
         import yaml
 
@@ -156,6 +158,8 @@ def render(info: dict) -> str:
             lines.append(f"  method: {shown}")
             lines.append(f"  trains {info['trainable_parameters']:,} values; base {info['base']['path'] or '?'} "
                          f"(fingerprint {info['base']['fingerprint']})")
+        if "ranks" in info:
+            lines += _rank_lines(info["ranks"], info["method"].get("r"))
         if info.get("data"):
             lines.append(f"  data: {info['data']}")
         if "steps_done" in info:
@@ -174,6 +178,20 @@ def render(info: dict) -> str:
                 f"{info['tensors']} trained tensors{extra}; resume with rwkv-peft train RECIPE --resume")
     return (f"{info['prefix']}: binidx dataset, {info['documents']:,} documents, {info['tokens']:,} tokens "
             f"({info['dtype']}), the longest {info['largest_document']:,} tokens")
+
+
+def _rank_lines(ranks: dict[str, int], start: int | None) -> list[str]:
+    """AdaLoRA's allocated ranks: the total, then one line per block (`att.key 3, ...`) and one for the head."""
+    of = f" of {start * len(ranks)} at the start (r {start})" if start else ""
+    lines = [f"  ranks after allocation: {sum(ranks.values())} in {len(ranks)} matrices{of}"]
+    groups: dict[str, list[str]] = {}
+    for module, rank in ranks.items():
+        if module.startswith("blocks."):
+            block, _, proj = module.removeprefix("blocks.").partition(".")
+            groups.setdefault(f"block {block}", []).append(f"{proj} {rank}")
+        else:
+            groups.setdefault(module, []).append(str(rank))
+    return lines + [f"    {g}: {', '.join(parts)}" for g, parts in groups.items()]
 
 
 def inspect_path(path: str, as_json: bool = False) -> str:

@@ -103,8 +103,10 @@ def _prune(run_dir: Path, keep: int) -> None:
 
 # --- one process --------------------------------------------------------------------------------------
 
-def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int = 2) -> Path:
-    """Write checkpoints/step_{step}.pt and prune all but the newest `keep` (0 keeps all)."""
+def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int = 2,
+                    extra: dict | None = None) -> Path:
+    """Write checkpoints/step_{step}.pt and prune all but the newest `keep` (0 keeps all). extra: {name: object
+    with state_dict()} of more training state (AdaLoRA's rank allocator, train/adalora.py)."""
     path = Path(run_dir) / "checkpoints" / f"step_{step:06d}.pt"
     payload = {
         "step": step,
@@ -112,6 +114,8 @@ def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
     }
+    if extra:
+        payload["extra"] = {name: obj.state_dict() for name, obj in extra.items()}
     atomic_save(payload, path)
     _prune(run_dir, keep)
     return path
@@ -146,14 +150,22 @@ def _check_params(saved: dict[str, list[int]], named_params, source: str) -> Non
             raise UserError(f"{source}: checkpoint tensor {name} is {list(saved[name])}, the recipe makes {shape}")
 
 
-def restore(payload: dict, named_params, optimizer, source: str) -> int:
-    """Load a one-process checkpoint into the live trainable tensors and optimizer; returns its step."""
+def restore(payload: dict, named_params, optimizer, source: str, extra: dict | None = None) -> int:
+    """Load a one-process checkpoint into the live trainable tensors and optimizer (and each object of
+    `extra`, by load_state_dict); returns its step."""
     params = payload["params"]
     _check_params({n: list(t.shape) for n, t in params.items()}, named_params, source)
+    saved_extra = payload.get("extra", {})
+    for name in extra or {}:
+        if name not in saved_extra:
+            raise UserError(f"{source}: the checkpoint holds no {name} state, which this run needs; resume with the "
+                            "run's own recipe or train into a new out_dir")
     with torch.no_grad():
         for name, p in named_params:
             p.copy_(params[name])
     optimizer.load_state_dict(payload["optimizer"])
+    for name, obj in (extra or {}).items():
+        obj.load_state_dict(saved_extra[name])
     set_rng_state(payload["rng"])
     return int(payload["step"])
 
@@ -257,9 +269,10 @@ def _found_everywhere(run_dir: Path, found: list[tuple[int, Path]], world_size: 
 
 
 def resume(run_dir: Path, named_params, optimizer, engine=None, stage: int = 0, rank: int = 0,
-           world_size: int = 1) -> int:
+           world_size: int = 1, extra: dict | None = None) -> int:
     """Restore the newest checkpoint of run_dir into the live trained tensors and optimizer (under
-    DeepSpeed: into the engine, every process calls this); returns the step it reached."""
+    DeepSpeed: into the engine, every process calls this) and, one process, `extra` (see save_checkpoint);
+    returns the step it reached."""
     found = list_checkpoints(run_dir)
     if engine is not None and world_size > 1:
         found = _found_everywhere(run_dir, found, world_size)
@@ -279,4 +292,4 @@ def resume(run_dir: Path, named_params, optimizer, engine=None, stage: int = 0, 
     payload = load_latest_checkpoint(run_dir)
     if payload is None:
         raise UserError(f"{run_dir}: no readable checkpoint in checkpoints/; run without --resume")
-    return restore(payload, named_params, optimizer, str(run_dir))
+    return restore(payload, named_params, optimizer, str(run_dir), extra)

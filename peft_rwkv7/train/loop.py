@@ -20,17 +20,19 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import attach, save_adapter, trainable_parameters
+from ..adapters import save_adapter, trainable_parameters
 from ..data import load_tokenizer, make_dataset
 from ..errors import UserError
 from ..infer.evaluate import load_eval_data
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
 from ..ops.precision import choose_bf16
+from . import adalora
 from . import checkpoint as ckpt
 from .distributed import Dist, gathered, main_first, micro_backward
 from .logger import RunLogger
 from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
+from .method_start import attach_for_run
 from .objectives import Objective
 from .optim import build_optimizer
 from .preference import evaluate_preference, load_eval_pairs, preference_backward, preference_setup
@@ -92,7 +94,14 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     frozen_dtype = torch.bfloat16 if use_bf16 and recipe.method.kind != "full" else torch.float32
     base, base_path = build_base(recipe, device, frozen_dtype)
     base.grad_cp = tc.grad_cp
-    model = attach(base, recipe.method)
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    # Several processes: rank 0 (each node's local rank 0 where the cache is not shared) tokenizes while
+    # the others wait, then they open it. No random numbers are drawn: the method's start below draws the
+    # same ones as before the data existed.
+    data = main_first(dist, lambda build: make_dataset(
+        recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
+        progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
+    model = attach_for_run(base, recipe, data, resume)  # AdaLoRA: the run's steps; EVA: its first batches
     named = trainable_parameters(model)
     for _, p in named:
         p.data = p.data.float()
@@ -101,12 +110,6 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     # A preference objective, and DPO's frozen reference where the method has no "off" (made here, before
     # any step and before a checkpoint is restored).
     objective, reference = preference_setup(recipe, model)
-    tokenizer = load_tokenizer(recipe.data.tokenizer)
-    # Several processes: rank 0 (each node's local rank 0 where the cache is not shared) tokenizes while
-    # the others wait, then they open it.
-    data = main_first(dist, lambda build: make_dataset(
-        recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
-        progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
     eval_docs, eval_masks, eval_pairs = None, None, None
     if objective is not None:  # preference pairs; held out: data.eval_path's pairs, else data.eval_split's
         eval_pairs = load_eval_pairs(recipe, data, tokenizer, dist, base.config.vocab_size)
@@ -132,7 +135,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
               eval_pairs=eval_pairs, eval_masks=eval_masks)
     if resume:
         run.start = ckpt.resume(run.out_dir, named, optimizer, engine, stage=tc.deepspeed.stage, rank=dist.rank,
-                                world_size=dist.world_size)
+                                world_size=dist.world_size, extra=adalora.checkpoint_state(model))
     return run
 
 
@@ -180,11 +183,14 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
         loss = run.metrics["loss"]
     else:
         loss = _sft_backward(run, step, batches)
+    if (orth := adalora.orth_backward(run.model)) is not None:  # AdaLoRA's penalty, logged beside the loss
+        run.metrics = {**run.metrics, "orth_reg": orth}
     if run.engine is None:
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in run.named], tc.grad_clip or float("inf"))
         if not torch.isfinite(gnorm):
             raise FloatingPointError(f"step {step + 1}: gradient norm is {gnorm.item()}")
         run.optimizer.step()
+        adalora.update_and_allocate(run.model, step)  # between step and zero_grad, as peft's example
         run.optimizer.zero_grad(set_to_none=True)
     return loss, lr
 
@@ -319,7 +325,8 @@ def _save(run: Run, step: int) -> None:
     keep, stage, dist = run.recipe.train.keep_checkpoints, run.recipe.train.deepspeed.stage, run.dist
     with ckpt.ctrl_c_after_save():
         if run.engine is None:
-            ckpt.save_checkpoint(run.out_dir, step, run.named, run.optimizer, keep=keep)
+            ckpt.save_checkpoint(run.out_dir, step, run.named, run.optimizer, keep=keep,
+                                 extra=adalora.checkpoint_state(run.model))
         else:
             ckpt.save_engine_checkpoint(run.engine, run.out_dir, step, run.named, keep=keep, rank=dist.rank,
                                         world_size=dist.world_size, stage=stage, writer=dist.writes_out_dir)
