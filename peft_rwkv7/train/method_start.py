@@ -25,16 +25,10 @@ def eva_batches(data, micro_bsz: int) -> Iterator[torch.Tensor]:
 def attach_for_run(base, recipe, data, resume: bool):
     """`attach(base, recipe.method)` for a run: AdaLoRA gets train.max_steps, EVA the run's first batches.
 
-    On --resume EVA's pass over the data is skipped: the checkpoint restores the trained lora_A (and the RNG
-    state), so the adapter is attached with the default start, which it overwrites. (A fresh EVA start draws
-    the default start's random numbers too: peft's Kaiming lora_A, then EVA's pass outside the RNG stream.)"""
+    On --resume EVA's pass over the data is skipped (batches=(), as for loading a saved adapter): the
+    checkpoint restores the trained lora_A and the RNG state."""
     method = recipe.method
     adalora.check_run(method, recipe.train)
-    total_steps = recipe.train.max_steps if method.kind == "adalora" else None
     if method.kind == "lora" and method.init == "eva":
-        if resume:
-            adapted = attach(base, method.model_copy(update={"init": "default"}))
-            adapted.method = method  # what the run is: saved into adapter.json
-            return adapted
-        return attach(base, method, batches=eva_batches(data, recipe.train.micro_bsz))
-    return attach(base, method, total_steps=total_steps)
+        return attach(base, method, batches=() if resume else eva_batches(data, recipe.train.micro_bsz))
+    return attach(base, method, total_steps=recipe.train.max_steps if method.kind == "adalora" else None)
