@@ -9,7 +9,7 @@ from typing_extensions import Self
 
 from ..config_base import ConfigModel, Text, Wording, invalid
 
-Kind = Literal["auto", "text", "sft", "chat", "binidx", "preference"]
+Kind = Literal["auto", "text", "sft", "chat", "binidx", "preference", "prompts"]
 Sampling = Literal["auto", "get", "pad"]
 Overflow = Literal["split", "truncate"]
 KINDS: tuple[str, ...] = get_args(Kind)

@@ -65,6 +65,7 @@ class RunLogger:
         self._write({"step": step, "loss": round(loss, 6), **more, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
         if self.bar is not None:
             acc = f" acc {more['reward_acc']:.2f}" if "reward_acc" in more else ""
+            acc += f" reward {more['reward']:.3f}" if "reward" in more else ""  # grpo
             self.bar.set_postfix_str(f"loss {loss:.4f}{acc} lr {lr:.3g} {tokens_per_s:,.0f} tok/s", refresh=False)
             self.bar.update(1)
 
@@ -72,6 +73,11 @@ class RunLogger:
         if not self.enabled:
             return
         self._write({"step": step, **{f"eval_{k}": v for k, v in result.items() if v is not None}})
+        if "loss" not in result:  # grpo: rewards of the held-out prompts' completions
+            passes = " ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith("pass@"))
+            msg = f"step {step}: eval reward {result['reward']:.4f} {passes} ({result['prompts']} prompts)"
+            (self.bar.write if self.bar is not None else print)(msg)
+            return
         msg = f"step {step}: eval loss {result['loss']:.4f}"
         if "ppl" in result:
             msg += f" ppl {result['ppl']:.2f}"

@@ -22,6 +22,7 @@ import torch
 
 from ..adapters import save_adapter, trainable_parameters
 from ..data import load_tokenizer, make_dataset
+from ..data.prompts import make_prompt_data
 from ..errors import UserError
 from ..infer.evaluate import load_eval_data
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
@@ -29,15 +30,16 @@ from ..model.hub import resolve_model_path
 from ..ops.precision import choose_bf16
 from . import adalora
 from . import checkpoint as ckpt
-from .distributed import Dist, gathered, main_first, micro_backward
+from .distributed import Dist, gathered, main_first
 from .logger import RunLogger
 from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
 from .method_start import attach_for_run
 from .objectives import Objective
 from .optim import build_optimizer
-from .preference import evaluate_preference, load_eval_pairs, preference_backward, preference_setup
+from .preference import frozen_reference, load_eval_pairs, needs_frozen_copy, preference_setup
 from .recipe import Recipe
 from .schedule import get_lr, set_lr
+from .tasks import PreferenceTask, SftTask, Task
 
 
 def build_base(recipe: Recipe, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
@@ -70,11 +72,13 @@ class Run:
     start: int
     logger: RunLogger | None = None
     losses: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)  # grpo: the step's mean reward
     objective: Objective | None = None  # a preference objective (train.objective dpo/orpo/simpo), else sft
     reference: torch.nn.Module | None = None  # DPO's frozen reference when the method cannot be switched off
     eval_pairs: object | None = None  # held-out preference pairs (data.eval_path, else data.eval_split)
     eval_masks: list | None = None  # per eval document, which tokens are scored (data.eval_split of sft/chat)
-    metrics: dict = field(default_factory=dict)  # the last step's preference metrics (reward margin, ...)
+    metrics: dict = field(default_factory=dict)  # the last step's loss and metrics (reward margin, ...)
+    task: Task = field(default_factory=SftTask)  # the objective (train/tasks.py: SftTask, ...; train/grpo.py)
 
     @property
     def out_dir(self) -> Path:
@@ -98,9 +102,13 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     # Several processes: rank 0 (each node's local rank 0 where the cache is not shared) tokenizes while
     # the others wait, then they open it. No random numbers are drawn: the method's start below draws the
     # same ones as before the data existed.
-    data = main_first(dist, lambda build: make_dataset(
-        recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
-        progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
+    if tc.objective == "grpo":  # prompts (few, short): every rank reads them itself
+        data = make_prompt_data(recipe.data, tokenizer, tc.seed, recipe.data.ctx_len - tc.grpo.max_new_tokens,
+                                base.config.vocab_size)
+    else:
+        data = main_first(dist, lambda build: make_dataset(
+            recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
+            progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
     model = attach_for_run(base, recipe, data, resume)  # AdaLoRA: the run's steps; EVA: its first batches
     named = trainable_parameters(model)
     for _, p in named:
@@ -111,10 +119,16 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     # any step and before a checkpoint is restored).
     objective, reference = preference_setup(recipe, model)
     eval_docs, eval_masks, eval_pairs = None, None, None
-    if objective is not None:  # preference pairs; held out: data.eval_path's pairs, else data.eval_split's
+    if tc.objective == "grpo":  # rewards on sampled completions (train/grpo.py); a frozen copy where DPO has one
+        from .grpo import GrpoTask
+
+        reference = frozen_reference(model) if tc.grpo.beta > 0 and needs_frozen_copy(recipe.method) else None
+        task = GrpoTask(recipe, tokenizer, data, dist)
+    elif objective is not None:  # preference pairs; held out: data.eval_path's pairs, else data.eval_split's
         eval_pairs = load_eval_pairs(recipe, data, tokenizer, dist, base.config.vocab_size)
         if eval_pairs is None:
             eval_pairs = data.held_out_pairs
+        task = PreferenceTask(eval_pairs)
     elif getattr(data, "kind", None) == "preference":
         raise UserError("data.kind: preference pairs need train.objective dpo, orpo or simpo")
     elif recipe.data.eval_path:  # rendered and masked as training renders data.path (sft/chat: loss tokens only)
@@ -122,6 +136,8 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
         eval_docs, eval_masks = held.docs, held.masks
     elif data.held_out:  # data.eval_split's documents (sft/chat: scored on their loss tokens)
         eval_docs, eval_masks = data.held_out, data.held_out_masks
+    if tc.objective == "sft":
+        task = SftTask(eval_docs, eval_masks)
     if dist.is_main:
         print(data_summary(recipe, data, dist.world_size), file=sys.stderr, flush=True)
     optimizer = build_optimizer(named, tc, device)
@@ -132,10 +148,10 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
         engine, optimizer = deepspeed_engine(model, optimizer, recipe, dist)
     run = Run(recipe, dist, device, base, base_path, model, named, data, eval_docs, optimizer, engine,
               _precision_context(device, use_bf16), start=0, objective=objective, reference=reference,
-              eval_pairs=eval_pairs, eval_masks=eval_masks)
+              eval_pairs=eval_pairs, eval_masks=eval_masks, task=task)
     if resume:
         run.start = ckpt.resume(run.out_dir, named, optimizer, engine, stage=tc.deepspeed.stage, rank=dist.rank,
-                                world_size=dist.world_size, extra=adalora.checkpoint_state(model))
+                                world_size=dist.world_size, extra=_extra_state(run))
     return run
 
 
@@ -145,6 +161,17 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
     tc = recipe.train
     per_step = tc.micro_bsz * tc.grad_accum * world_size
     epochs = tc.max_steps * per_step / max(data.num_samples, 1)
+    if getattr(data, "kind", None) == "prompts":
+        g = tc.grpo
+        line = (f"data: {data.num_docs} prompts, {data.num_tokens} tokens; {tc.max_steps} steps x {per_step} prompts "
+                f"x {g.num_generations} completions (num_iterations {g.num_iterations}) = "
+                f"{tc.max_steps * per_step / g.num_iterations / max(data.num_docs, 1):.3g} epochs")
+        if data.held_out is not None:
+            line += f"; {data.held_out.num_docs} prompts held out for eval" + (
+                "" if recipe.data.eval_path else " (data.eval_split)")
+        elif data.eval_note:
+            line += f"; {data.eval_note}"
+        return line
     if getattr(data, "kind", None) == "preference":
         line = (f"data: {data.num_docs} preference pairs, {data.num_tokens} tokens (both sides), "
                 f"{data.truncated} responses cut at ctx_len {recipe.data.ctx_len}; {tc.max_steps} steps x {per_step} "
@@ -172,17 +199,12 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
 
 def train_step(run: Run, step: int) -> tuple[float, float]:
     """One optimizer step (0-based `step`); returns (the step's loss, its learning rate)."""
-    tc, dist = run.recipe.train, run.dist
+    tc = run.recipe.train
     lr = get_lr(step, lr=tc.lr, lr_final=tc.final_lr, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
                 schedule=tc.schedule, decay_frac=tc.decay_frac)
     set_lr(run.optimizer.param_groups, lr)  # times each group's lr_scale (LoRA+)
-    batches = [run.data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
-               for micro in range(tc.grad_accum)]
-    if run.objective is not None:  # the mean per-pair loss over the global batch (train/preference.py)
-        run.metrics = preference_backward(run, step, batches)
-        loss = run.metrics["loss"]
-    else:
-        loss = _sft_backward(run, step, batches)
+    run.metrics = run.task.backward(run, step, run.task.batches(run, step))  # train/tasks.py: one interface
+    loss = run.metrics["loss"]
     if (orth := adalora.orth_backward(run.model)) is not None:  # AdaLoRA's penalty, logged beside the loss
         run.metrics = {**run.metrics, "orth_reg": orth}
     if run.engine is None:
@@ -195,32 +217,12 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
     return loss, lr
 
 
-def _sft_backward(run: Run, step: int, batches) -> float:
-    """Forward and backward of this rank's micro-batches; returns the step's token-mean loss.
-
-    One global batch, one loss: the sum of token losses over every micro-batch of every rank divided by
-    the loss tokens of the whole step, however the batch is split. Ranks average their gradients, so
-    each scales its sums by world_size / n_tokens."""
-    tc, dist, device = run.recipe.train, run.dist, run.device
-    n_tokens = _sum_over_ranks(float(sum(int((y != -100).sum()) for _, y in batches)), dist, device)
-    scale = dist.world_size / max(n_tokens, 1.0)
-    loss_sum = 0.0
-    for idx, labels in batches:
-        with run.precision():
-            part = sequence_loss_sum(run.model, idx.to(device), labels.to(device), tc.chunk_len)
-        micro_backward(run.engine, part, scale, step)
-        loss_sum += part.item()
-    return _sum_over_ranks(loss_sum, dist, device) / max(n_tokens, 1.0)
-
-
 def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dict:
     """Run the recipe; returns a summary dict (steps, first/last loss, out_dir, eval)."""
     run = setup(recipe, resume, dist)
     tc, out_dir = recipe.train, run.out_dir
     run.logger = logger = RunLogger(out_dir, recipe, resume_step=run.start, enabled=run.dist.is_main)
-    tokens_per_step = tc.micro_bsz * tc.grad_accum * recipe.data.ctx_len * run.dist.world_size
-    if run.objective is not None:
-        tokens_per_step *= 2  # a sample is a pair: chosen and rejected (at most ctx_len tokens each)
+    tokens_per_step = run.task.tokens_per_step(run)
     completed = run.start
     stop_at = min(tc.stop_after, tc.max_steps) if tc.stop_after else tc.max_steps
     try:
@@ -229,6 +231,8 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
             loss, lr = train_step(run, step)
             completed = step + 1  # from here on the step's update is in the weights
             run.losses.append(loss)
+            if "reward" in run.metrics:
+                run.rewards.append(run.metrics["reward"])
             logger.step(completed, loss, lr, tokens_per_step / (time.perf_counter() - t0), extra=run.metrics)
             if tc.eval_every and completed % tc.eval_every == 0 and completed < tc.max_steps:
                 result = _run_eval(run)
@@ -264,6 +268,8 @@ def finish(run: Run, completed: int, stopped_early: bool) -> dict:
         "steps": completed,
         "first_loss": run.losses[0] if run.losses else None,
         "last_loss": run.losses[-1] if run.losses else None,
+        "first_reward": run.rewards[0] if run.rewards else None,
+        "last_reward": run.rewards[-1] if run.rewards else None,
         "out_dir": str(run.out_dir),
     }
     if stopped_early:
@@ -289,34 +295,14 @@ def _precision_context(device: torch.device, use_bf16: bool):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _sum_over_ranks(value: float, dist: Dist, device: torch.device) -> float:
-    if dist.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.item()
-
-
 def _run_eval(run: Run) -> dict | None:
-    """The run's held-out evaluation: preference metrics on eval pairs, or loss/ppl on eval documents."""
-    if run.eval_pairs is not None:
-        tc = run.recipe.train
-        return evaluate_preference(run.objective, run.model, run.reference, run.eval_pairs, tc.micro_bsz,
-                                   tc.chunk_len, run.precision)
-    if run.eval_docs is not None:
-        return _evaluate(run.model, run.eval_docs, run.precision, run.eval_masks)
-    return None
+    """The run's held-out evaluation (the task's: loss/ppl, preference metrics, rewards)."""
+    return run.task.evaluate(run)
 
 
-def _evaluate(model, docs, precision=contextlib.nullcontext, masks=None) -> dict:
-    from ..infer.evaluate import evaluate
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), precision():
-        result = evaluate(model, docs, masks=masks)
-    model.train(was_training)
-    return result
+def _extra_state(run: Run) -> dict:
+    """Training state saved beside the optimizer: AdaLoRA's rank allocator, the task's (GRPO's rollouts)."""
+    return {**adalora.checkpoint_state(run.model), **run.task.checkpoint_state()}
 
 
 def _save(run: Run, step: int) -> None:
@@ -326,7 +312,7 @@ def _save(run: Run, step: int) -> None:
     with ckpt.ctrl_c_after_save():
         if run.engine is None:
             ckpt.save_checkpoint(run.out_dir, step, run.named, run.optimizer, keep=keep,
-                                 extra=adalora.checkpoint_state(run.model))
+                                 extra=_extra_state(run))
         else:
             ckpt.save_engine_checkpoint(run.engine, run.out_dir, step, run.named, keep=keep, rank=dist.rank,
                                         world_size=dist.world_size, stage=stage, writer=dist.writes_out_dir)
@@ -341,11 +327,15 @@ def describe(recipe: Recipe) -> str:
     what = m.kind + (" + state" if m.trains_state and m.kind != "state" else "")
     if tc.objective != "sft":
         what = f"{tc.objective.upper()} with {what}"
-    unit = " pairs" if tc.objective != "sft" else ""
-    return (
-        f"{what} on {recipe.model.path or 'a new model'}: {tc.max_steps} steps x {tc.micro_bsz * tc.grad_accum}"
-        f"{unit} x {recipe.data.ctx_len} tokens, lr {tc.lr:g} ({tc.schedule}, {tc.optimizer}) -> {recipe.out_dir}"
-    )
+    if tc.objective == "grpo":
+        g = tc.grpo
+        per_step = (f"{tc.micro_bsz * tc.grad_accum} prompts x {g.num_generations} completions of <= "
+                    f"{g.max_new_tokens} tokens")
+    else:
+        unit = " pairs" if tc.objective != "sft" else ""
+        per_step = f"{tc.micro_bsz * tc.grad_accum}{unit} x {recipe.data.ctx_len} tokens"
+    return (f"{what} on {recipe.model.path or 'a new model'}: {tc.max_steps} steps x {per_step}, lr {tc.lr:g} "
+            f"({tc.schedule}, {tc.optimizer}) -> {recipe.out_dir}")
 
 
 __all__ = ["train", "setup", "train_step", "finish", "Run", "sequence_loss", "sequence_loss_sum", "decays",

@@ -29,9 +29,9 @@ METRICS = ("loss", "reward_margin", "reward_acc", "chosen_logp", "rejected_logp"
 
 
 def preference_setup(recipe, model) -> tuple[Objective | None, torch.nn.Module | None]:
-    """(objective, frozen reference) of a run: (None, None) for sft; the frozen copy only for DPO with a
+    """(objective, frozen reference) of a run: (None, None) for sft and grpo; the frozen copy only for DPO with a
     method that cannot be switched off (kind full, train_parts)."""
-    if recipe.train.objective == "sft":
+    if recipe.train.objective in ("sft", "grpo"):
         return None, None
     objective = Objective.from_config(recipe.train)
     copy_needed = objective.needs_reference and needs_frozen_copy(recipe.method)

@@ -19,6 +19,7 @@ from ..adapters.config import MethodConfig
 from ..config_base import ConfigModel, Number, Text, invalid
 from ..data.config import DataConfig
 from ..errors import UserError
+from .grpo_config import GrpoConfig
 from .schema import apply_overrides, from_dict, load_yaml, render_markdown, render_text
 
 # The recipes ship inside the package (peft_rwkv7/recipes links to the repository's recipes/); the demo
@@ -26,13 +27,13 @@ from .schema import apply_overrides, from_dict, load_yaml, render_markdown, rend
 BUNDLED = Path(__file__).resolve().parents[1] / "recipes"
 DEMO_DIR = "data/demo/"
 
-Objective = Literal["sft", "dpo", "orpo", "simpo"]
+Objective = Literal["sft", "dpo", "orpo", "simpo", "grpo"]
 WkvBackend = Literal["auto", "reference", "cpu", "cuda", "triton"]  # ops.BACKENDS (a test keeps them equal)
 # The train keys each objective reads (train/objectives.py); another objective's key set to anything but its
 # default is refused, so that `objective: orpo` with `beta: 0.5` cannot pass for a tuned ORPO run.
 OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
     "sft": (), "dpo": ("beta", "nll_weight"), "orpo": ("lambda",),
-    "simpo": ("beta", "gamma", "length_norm", "nll_weight"),
+    "simpo": ("beta", "gamma", "length_norm", "nll_weight"), "grpo": (),
 }
 _SHOWN = {"dpo": "DPO", "orpo": "ORPO", "simpo": "SimPO"}
 # The method kinds that train LoRA B factors (tensors named *.lora_B), which train.lora_plus_ratio speeds up.
@@ -96,8 +97,8 @@ _Objective = create_model(
     "_Objective", __base__=ConfigModel,
     objective=(Objective, Field("sft", description=(
         "sft: next-token loss on data's loss tokens; dpo, orpo, simpo: preference tuning on data.kind preference "
-        "pairs (train/objectives.py has the formulas); the keys below that the objective does not read are "
-        "refused unless at their defaults"))),
+        "pairs (train/objectives.py has the formulas); grpo: rewards on sampled completions of data.kind prompts "
+        "(train.grpo); the keys below that the objective does not read are refused unless at their defaults"))),
     beta=(Number | None, Field(None, gt=0, description=(
         "dpo: reward scale beta in beta * (log pi - log pi_ref), null: 0.1; simpo: beta / |y| * log pi, null: 2.0"))),
     **{"lambda": (Number, Field(0.1, ge=0, description="orpo: weight of the odds-ratio term next to the SFT loss"))},
@@ -154,6 +155,7 @@ class TrainConfig(_Objective):
         "rwkv-peft doctor shows it), else fp32; bf16 on a CPU without fast bf16 runs but warns"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="multi-GPU training")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="objective grpo: sampling, rewards, loss")
 
     @model_validator(mode="after")
     def _final_below_peak(self) -> Self:
@@ -200,6 +202,9 @@ class LogConfig(ConfigModel):
     wandb: Literal["off", "offline", "online"] = Field("off", description="Weights & Biases logging")
     project: Text = Field("rwkv-peft", description="wandb project")
     progress: bool = Field(True, description="progress bar on stderr")
+    rollouts_every: int = Field(10, ge=0, description=(
+        "grpo: write the step's sampled completions and their rewards to rollouts.jsonl every this many steps "
+        "(0 = never)"))
 
 
 class Recipe(ConfigModel):
@@ -219,7 +224,22 @@ class Recipe(ConfigModel):
         if self.train.chunk_len and self.data.ctx_len % self.train.chunk_len:
             raise invalid(f"{{key}} {self.train.chunk_len} must divide data.ctx_len {self.data.ctx_len}",
                           "train.chunk_len")
-        if self.train.objective != "sft" and self.data.kind not in ("preference", "auto"):
+        if self.train.objective == "grpo":
+            if self.data.kind not in ("prompts", "auto"):
+                raise invalid(f"{{key}} grpo samples completions for prompts; data.kind is {self.data.kind} (set "
+                              "data.kind: prompts)", "train.objective")
+            if not self.train.grpo.rewards:
+                raise invalid("{key}: grpo needs at least one reward, e.g. [{fn: numeric, column: answer}]",
+                              "train.grpo.rewards")
+            if self.train.grpo.max_new_tokens >= self.data.ctx_len:
+                raise invalid(f"{{key}} {self.train.grpo.max_new_tokens} leaves no room for a prompt in data.ctx_len "
+                              f"{self.data.ctx_len}", "train.grpo.max_new_tokens")
+        elif self.data.kind == "prompts":
+            raise invalid("{key}: prompts are for train.objective grpo", "data.kind")
+        elif "grpo" in self.train.model_fields_set and self.train.grpo != GrpoConfig():
+            raise invalid(f"{{key}} is read by objective grpo only (this recipe trains {self.train.objective}); "
+                          "remove it", "train.grpo")
+        if self.train.objective not in ("sft", "grpo") and self.data.kind not in ("preference", "auto"):
             raise invalid(f"{{key}} {self.train.objective} trains on preference pairs; data.kind is "
                           f"{self.data.kind} (set data.kind: preference)", "train.objective")
         if self.train.objective == "sft" and self.data.kind == "preference":

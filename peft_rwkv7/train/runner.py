@@ -68,9 +68,13 @@ def _global_rank0() -> bool:
 def summary_line(summary: dict, out_dir: Path) -> str:
     first, last = summary.get("first_loss"), summary.get("last_loss")
     losses = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no new steps"
+    if summary.get("first_reward") is not None:  # grpo: its loss is ~0 by construction, the reward tells
+        losses = f"reward {summary['first_reward']:.4f} -> {summary['last_reward']:.4f}"
     tail = "stopped early (train.stop_after); continue with --resume" if summary.get("stopped_early") else "done"
     ev = summary.get("eval")
-    ev_text = f", eval loss {ev['loss']:.4f}" if ev else ""
+    ev_text = f", eval loss {ev['loss']:.4f}" if ev and "loss" in ev else ""
+    if ev and "reward" in ev:
+        ev_text = f", eval reward {ev['reward']:.4f} pass@1 {ev['pass@1']:.3f}"
     return f"{tail}: {summary['steps']} steps, {losses}{ev_text}; run directory {out_dir}"
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from peft_rwkv7.adapters import MethodConfig, attach, trainable_parameters
-from peft_rwkv7.train.loop import Dist, Run, _precision_context, _sum_over_ranks, train_step
+from peft_rwkv7.train.loop import Dist, Run, _precision_context, train_step
+from peft_rwkv7.train.tasks import sum_over_ranks as _sum_over_ranks
 from tests.conftest import make_model
 
 V, T, MICRO, ACCUM = 97, 12, 2, 2

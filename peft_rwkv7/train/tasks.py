@@ -1,0 +1,113 @@
+"""The objectives as the loop sees them: one small interface, one implementation per family.
+
+    task.batches(run, step) -> this rank's micro-batches of the step (data positions: a function of the step)
+    task.backward(run, step, batches) -> {"loss": the step's loss, ...metrics}; gradients accumulated, scaled so
+        the step's gradient is that of one loss over the global batch however it is split
+    task.evaluate(run) -> held-out metrics, or None without held-out data
+    task.tokens_per_step(run) -> tokens one step reads (for tokens/s)
+    task.checkpoint_state() -> {name: object with state_dict/load_state_dict} saved beside the optimizer
+
+`SftTask` (train.objective sft) and `PreferenceTask` (dpo, orpo, simpo: train/preference.py) are here; GRPO's
+is train/grpo.py. `train_step` calls these and nothing objective-specific, so a new objective is one class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .distributed import micro_backward
+from .losses import sequence_loss_sum
+from .preference import evaluate_preference, preference_backward
+
+
+def sum_over_ranks(value: float, dist, device: torch.device) -> float:
+    if dist.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item()
+
+
+class Task:
+    """What every objective shares: data batches by step, no extra checkpoint state."""
+
+    def batches(self, run, step: int) -> list:
+        tc, dist = run.recipe.train, run.dist
+        return [run.data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
+                for micro in range(tc.grad_accum)]
+
+    def tokens_per_step(self, run) -> int:
+        tc = run.recipe.train
+        return tc.micro_bsz * tc.grad_accum * run.recipe.data.ctx_len * run.dist.world_size
+
+    def checkpoint_state(self) -> dict:
+        return {}
+
+    def backward(self, run, step: int, batches) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, run) -> dict | None:
+        raise NotImplementedError
+
+
+class SftTask(Task):
+    """Next-token loss over the data's loss tokens; held out: loss/ppl of the eval documents."""
+
+    def __init__(self, eval_docs=None, eval_masks=None):
+        self.eval_docs, self.eval_masks = eval_docs, eval_masks
+
+    def backward(self, run, step: int, batches) -> dict:
+        """One global batch, one loss: the sum of token losses over every micro-batch of every rank divided by
+        the loss tokens of the whole step, however the batch is split. Ranks average their gradients, so each
+        scales its sums by world_size / n_tokens."""
+        tc, dist, device = run.recipe.train, run.dist, run.device
+        n_tokens = sum_over_ranks(float(sum(int((y != -100).sum()) for _, y in batches)), dist, device)
+        scale = dist.world_size / max(n_tokens, 1.0)
+        loss_sum = 0.0
+        for idx, labels in batches:
+            with run.precision():
+                part = sequence_loss_sum(run.model, idx.to(device), labels.to(device), tc.chunk_len)
+            micro_backward(run.engine, part, scale, step)
+            loss_sum += part.item()
+        return {"loss": sum_over_ranks(loss_sum, dist, device) / max(n_tokens, 1.0)}
+
+    def evaluate(self, run) -> dict | None:
+        if self.eval_docs is None:
+            return None
+        return evaluate_docs(run.model, self.eval_docs, run.precision, self.eval_masks)
+
+
+class PreferenceTask(Task):
+    """DPO, ORPO, SimPO on pairs (train/preference.py); held out: the preference metrics of the eval pairs."""
+
+    def __init__(self, eval_pairs=None):
+        self.eval_pairs = eval_pairs
+
+    def tokens_per_step(self, run) -> int:
+        return 2 * super().tokens_per_step(run)  # a sample is a pair: chosen and rejected
+
+    def backward(self, run, step: int, batches) -> dict:
+        return preference_backward(run, step, batches)
+
+    def evaluate(self, run) -> dict | None:
+        if self.eval_pairs is None:
+            return None
+        tc = run.recipe.train
+        return evaluate_preference(run.objective, run.model, run.reference, self.eval_pairs, tc.micro_bsz,
+                                   tc.chunk_len, run.precision)
+
+
+def evaluate_docs(model, docs, precision=contextlib.nullcontext, masks=None) -> dict:
+    from ..infer.evaluate import evaluate
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), precision():
+        result = evaluate(model, docs, masks=masks)
+    model.train(was_training)
+    return result
+
+
+__all__ = ["Task", "SftTask", "PreferenceTask", "evaluate_docs", "sum_over_ranks"]

@@ -1,0 +1,111 @@
+"""GRPO through the runner (train.objective: grpo): a run logs rewards and writes rollouts, step 1 is the on-policy
+point (ratio 1, nothing clipped, KL 0 at the start), a cut run resumes bit for bit (the rollout buffer of
+num_iterations > 1 included), and bad inputs stop in one line before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft_rwkv7.errors import UserError
+from peft_rwkv7.train.runner import train_from_cli
+from tests.train.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+LORA = str(ROOT / "recipes/lora.yaml")
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Write the log of day {d}.", "answer": d} for d in (3, 17, 42, 8, 99, 5, 61, 23)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def grpo(tiny_world, prompts, out, steps=2, **extra) -> list[str]:
+    keys = {"data.path": prompts, "data.kind": "prompts", "data.eval_path": "null", "data.eval_split": 0.25,
+            "data.ctx_len": 40, "train.objective": "grpo", "train.micro_bsz": 2, "train.lr": 3e-3,
+            "train.grpo.num_generations": 4, "train.grpo.max_new_tokens": 8,
+            "train.grpo.rewards": "[{fn: numeric, column: answer}, {fn: length, max_tokens: 8, buffer: 4}]",
+            "log.rollouts_every": 1, **extra}
+    return tiny_overrides(tiny_world, out, steps=steps, **keys)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_grpo_run_logs_rewards_and_rollouts_and_step_one_is_on_policy(tiny_world, prompts, tmp_path):
+    out = tmp_path / "run"
+    train_from_cli(LORA, grpo(tiny_world, prompts, out, **{"train.grpo.beta": 0.04, "method.state": "true"}))
+    steps = [r for r in records(out) if "reward" in r and "step" in r and "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    first = steps[0]
+    # step 1: old = current policy (ratio 1), nothing clipped; LoRA B = 0 and the base's state: policy ==
+    # reference, so the k3 KL is 0 (exp(0) - 0 - 1)
+    assert first["clip"] == 0.0 and first["kl"] == 0.0
+    for key in ("reward_std", "zero_spread", "completion_len", "reward/numeric", "reward/length", "logp_gap",
+                "rollout_s", "update_s"):
+        assert key in first, key
+    # the sampler's plain log-probs and the trainer's recomputed ones: two fp32 forwards of one network
+    assert first["logp_gap"] < 1e-3
+    rolls = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rolls) == 2 * 2 * 4 and {r["step"] for r in rolls} == {1, 2}
+    assert all(r["prompt"].startswith("User: Write the log of day") for r in rolls)
+    final = [r for r in records(out) if "eval" in json.dumps(r)]
+    assert final, "the held-out prompts were scored"
+    assert load_file(out / "adapter.safetensors")
+
+
+@pytest.mark.parametrize("extra", [{}, {"train.grpo.num_iterations": 2, "train.grpo.loss_type": "grpo",
+                                        "method.kind": "state"}], ids=["lora", "state-mu2"])
+def test_a_cut_grpo_run_resumes_bit_for_bit(extra, tiny_world, prompts, tmp_path):
+    extra = {"train.save_every": 1, **extra}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_from_cli(LORA, grpo(tiny_world, prompts, full, steps=4, **extra))
+    train_from_cli(LORA, grpo(tiny_world, prompts, cut, steps=4, **extra) + ["train.stop_after=3"])
+    train_from_cli(LORA, grpo(tiny_world, prompts, cut, steps=4, **extra), resume=True)
+    a, b = load_file(full / "adapter.safetensors"), load_file(cut / "adapter.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    def losses(out):
+        return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "tokens_per_s"}
+                for r in records(out) if "loss" in r]
+
+    assert losses(full) == losses(cut)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"train.grpo.rewards": "[{fn: nosuch}]"}, "nosuch"),
+    ({"train.grpo.rewards": "[{fn: numeric, tolerance: 1}]"}, "tolerance"),
+    ({"train.grpo.num_generations": 1}, "num_generations"),
+    ({"train.grpo.rewards": "[{fn: numeric, column: solution}]"}, "solution"),
+    ({"data.kind": "sft"}, "data.kind"),
+])
+def test_bad_grpo_inputs_are_one_line_errors(extra, needle, tiny_world, prompts, tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(UserError, match=needle) as e:
+        train_from_cli(LORA, grpo(tiny_world, prompts, out, **extra))
+    assert "\n" not in str(e.value)
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_a_prompts_file_without_prompts_and_a_raising_reward_name_themselves(tiny_world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x", "answer": 1}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1.*prompt"):
+        train_from_cli(LORA, grpo(tiny_world, bad, tmp_path / "a"))
+    good = tmp_path / "p.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"day {d}", "answer": d}) + "\n" for d in range(4)))
+    (tmp_path / "boom.py").write_text("def score(prompts, completions, **kw):\n    raise ValueError('boom')\n")
+    with pytest.raises(UserError, match="boom.py:score.*day") as e:
+        train_from_cli(LORA, grpo(tiny_world, good, tmp_path / "b", **{
+            "train.grpo.rewards": f"[{{fn: '{tmp_path / 'boom.py'}:score'}}]"}))
+    assert "\n" not in str(e.value)
