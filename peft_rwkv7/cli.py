@@ -141,6 +141,8 @@ def _cmd_eval(args) -> int:
 
     if args.ctx_curve or args.niah or args.passkey:
         return _cmd_eval_longctx(args)
+    if args.rewards:
+        return _cmd_eval_rewards(args)
     tokenizer = load_tokenizer(args.tokenizer)
     data = load_eval_data(args.data, tokenizer, kind=args.kind, system=args.system, limit=args.limit)
     if args.lambada and data.masks is not None:
@@ -157,6 +159,36 @@ def _cmd_eval(args) -> int:
     else:
         acc = "n/a" if result["acc"] is None else f"{result['acc']:.4f}"
         print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']}  acc {acc}")
+    return 0
+
+
+def _cmd_eval_rewards(args) -> int:
+    """--rewards: mean reward and pass@k of --data's prompts for the model (with --compare: base and each adapter)."""
+    from .data import load_tokenizer
+    from .train.reward_eval import eval_rewards, plot_rewards, reward_spec
+
+    reward_spec(args.rewards)  # a bad SPEC stops before any model loads
+    tokenizer = load_tokenizer(args.tokenizer)
+    adapters = [args.adapter] if args.compare is None else [None, *([args.adapter] if args.adapter else []),
+                                                             *args.compare]
+    models = []
+    for adapter in adapters:
+        args.adapter = adapter
+        models.append((adapter or "base", _load_for_inference(args, say=not models)))
+    device = next(models[0][1].parameters()).device
+    result = eval_rewards(args.rewards, args.data, models, tokenizer, args.samples, device=device)
+    if args.out:
+        from .infer.longctx import write_json
+
+        write_json(args.out, result)
+    if args.plot:
+        plot_rewards(result, args.plot)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for label, r in result.items():
+            passes = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("pass@"))
+            print(f"{label}: reward {r['reward']:.4f}  {passes}  ({r['prompts']} prompts)")
     return 0
 
 

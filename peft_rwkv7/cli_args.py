@@ -117,12 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     lx.add_argument("--ctx-curve", action="store_true", help="mean loss per position bucket over --data's documents")
     lx.add_argument("--niah", action="store_true", help="needle in a haystack: context lengths x needle depths")
     lx.add_argument("--passkey", action="store_true", help="passkey retrieval: context lengths x passkey depths")
+    lx.add_argument("--rewards", default=None, metavar="SPEC", help="mean reward and pass@k of completions of "
+                    "--data's prompts: SPEC is a GRPO recipe (train.grpo) or a rewards list '[{fn: numeric, column: "
+                    "answer}]'")
+    e.add_argument("--samples", type=_positive_int("--samples"), default=None,
+                   help="--rewards: completions per prompt (1 = greedy; k: pass@1 and pass@k)")
     e.add_argument("--max-ctx", type=_positive_int("--max-ctx"), default=16384,
                    help="longest context: the ctx-curve's last position, the grid's largest length")
     e.add_argument("--plot", default=None, metavar="PNG", help="write the curve / heatmap here")
     e.add_argument("--out", default=None, metavar="JSON", help="also write the JSON result to this file")
     e.add_argument("--compare", nargs="*", default=None, metavar="ADAPTER",
-                   help="long-context modes: also score the base model (and these adapters/state files) in one run")
+                   help="long-context modes and --rewards: also score the base model (and these adapters/state files) "
+                   "in one run")
     e.add_argument("--lengths", default=None, help="--niah/--passkey context lengths, comma-separated "
                    "(default: 1024, 2048, ... up to --max-ctx)")
     e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="--niah/--passkey needle depths in [0, 1]")

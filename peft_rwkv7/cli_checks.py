@@ -56,7 +56,7 @@ def _inspect(args) -> None:
 
 
 def eval_mode(args) -> str | None:
-    return next((_flag(m) for m in ("ctx_curve", "niah", "passkey") if getattr(args, m)), None)
+    return next((_flag(m) for m in ("ctx_curve", "niah", "passkey", "rewards") if getattr(args, m)), None)
 
 
 def _first_given(args, names: tuple[str, ...]) -> str | None:
@@ -68,8 +68,16 @@ def _first_given(args, names: tuple[str, ...]) -> str | None:
 def check_eval_flags(args) -> None:
     """Refuse the flags `eval`'s mode does not read (one line naming the flag and the mode)."""
     mode = eval_mode(args)
+    if mode != "--rewards" and args.samples is not None:
+        raise UserError("--samples is for --rewards")
+    if mode == "--rewards":
+        if flag := _first_given(args, ("limit", "kind", "system", *GRID_FLAGS)) or (args.lambada and "--lambada"):
+            raise UserError(f"{flag} does not apply to --rewards: it samples completions of --data's prompts")
+        if args.data is None:
+            raise UserError('--rewards needs --data: a jsonl file of prompts ({"prompt": ..., "answer": ...})')
+        return
     if mode is not None and args.lambada:
-        raise UserError("--lambada does not combine with --ctx-curve, --niah or --passkey")
+        raise UserError("--lambada does not combine with --ctx-curve, --niah, --passkey or --rewards")
     if mode in ("--niah", "--passkey"):
         if flag := _first_given(args, ("data", "limit", "kind", "system")):
             raise UserError(f"{flag} does not apply to {mode}: its contexts come from --haystack (or built-in "

@@ -14,6 +14,7 @@ off (adapters.disable_adapter), or a frozen copy for full / train_parts as DPO's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -21,7 +22,6 @@ import time
 import torch
 
 from ..adapters import disable_adapter
-from ..errors import UserError
 from ..infer.sampler import sample_groups
 from .distributed import micro_backward
 from .grpo_loss import advantages, check_group_size, grpo_loss, zero_spread_share
@@ -81,13 +81,35 @@ class _Buffer:
         self.gen, self.micro = sd["gen"], sd["micro"]
 
 
+class Scorer:
+    """Samples completions of prompts (data/prompts.PromptData) and scores them with the recipe's rewards: the
+    one path of training rollouts, the loop's held-out evaluation and `rwkv-peft eval --rewards`."""
+
+    def __init__(self, cfg, tokenizer, columns: list[str]):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.rewards = RewardSet(cfg.rewards)
+        self.rewards.check_columns([*columns, COMPLETION_IDS])
+
+    def _sample(self, model, data, idxs: list[int], G: int, temperature: float, generator, precision):
+        g = self.cfg
+        prompts = [data.ids[i] for i in idxs]
+        with precision():
+            ro = sample_groups(model, prompts, G, g.max_new_tokens, temperature, g.top_p, generator,
+                               stop_strings=g.stop, decode=self.tokenizer.decode)
+        texts = [data.texts[i] for i in idxs for _ in range(G)]
+        columns = {k: [data.columns[i][k] for i in idxs for _ in range(G)] for k in data.columns[idxs[0]]}
+        columns[COMPLETION_IDS] = [ro.completion_ids[r, : int(ro.lengths[r])].tolist() for r in range(len(texts))]
+        total, per_fn = self.rewards(texts, ro.texts, columns)
+        return prompts, ro, texts, total, per_fn
+
+
 class GrpoTask(Task):
     def __init__(self, recipe, tokenizer, data, dist):
         self.cfg = g = recipe.train.grpo
         check_group_size(g.num_generations, g.scale_rewards, g.loss_type)
-        self.rewards = RewardSet(g.rewards)
-        self.rewards.check_columns([*data.columns[0], COMPLETION_IDS])
-        self.tokenizer, self.buffer = tokenizer, _Buffer()
+        self.scorer = Scorer(g, tokenizer, list(data.columns[0]))
+        self.rewards = self.scorer.rewards
+        self.buffer = _Buffer()
         self.eval_data = data.held_out
 
     def batches(self, run, step: int) -> list:
@@ -103,18 +125,6 @@ class GrpoTask(Task):
     def checkpoint_state(self) -> dict:
         return {"grpo_rollouts": self.buffer} if self.cfg.num_iterations > 1 else {}
 
-    def _sample(self, model, data, idxs: list[int], G: int, temperature: float, generator, precision):
-        g = self.cfg
-        prompts = [data.ids[i] for i in idxs]
-        with precision():
-            ro = sample_groups(model, prompts, G, g.max_new_tokens, temperature, g.top_p, generator,
-                               stop_strings=g.stop, decode=self.tokenizer.decode)
-        texts = [data.texts[i] for i in idxs for _ in range(G)]
-        columns = {k: [data.columns[i][k] for i in idxs for _ in range(G)] for k in data.columns[idxs[0]]}
-        columns[COMPLETION_IDS] = [ro.completion_ids[r, : int(ro.lengths[r])].tolist() for r in range(len(texts))]
-        total, per_fn = self.rewards(texts, ro.texts, columns)
-        return prompts, ro, texts, total, per_fn
-
     def _rollout(self, run, gen: int, batches) -> None:
         """Sample, score and lay out the rows of every micro-batch of generation `gen` (no gradients)."""
         g, tc, dist, device = self.cfg, run.recipe.train, run.dist, run.device
@@ -122,8 +132,8 @@ class GrpoTask(Task):
         t0 = time.perf_counter()
         micro = []
         for idxs in batches:
-            prompts, ro, texts, total, per_fn = self._sample(run.model, run.data, idxs, g.num_generations,
-                                                             g.temperature, generator, run.precision)
+            prompts, ro, texts, total, per_fn = self.scorer._sample(run.model, run.data, idxs, g.num_generations,
+                                                                    g.temperature, generator, run.precision)
             x, y = _rows(prompts, ro, g.num_generations)
             mask = y != -100
             if g.mask_truncated:
@@ -222,21 +232,22 @@ class GrpoTask(Task):
     def evaluate(self, run) -> dict | None:
         if self.eval_data is None or self.eval_data.num_docs == 0:
             return None
-        return evaluate_rewards(self, run.model, self.eval_data, run.recipe.train.seed, run.device, run.precision,
-                                run.recipe.train.micro_bsz)
+        return evaluate_rewards(self.scorer, run.model, self.eval_data, run.recipe.train.seed, run.device,
+                                run.precision, run.recipe.train.micro_bsz)
 
 
-def evaluate_rewards(task: GrpoTask, model, data, seed: int, device, precision, batch: int = 8) -> dict:
-    """Mean reward, pass@1 and pass@k (k = eval_samples, unbiased) over every prompt of `data`: greedy for one
-    sample, else eval_samples sampled at the rollout temperature from a fixed seed."""
-    g = task.cfg
-    k = g.eval_samples
+def evaluate_rewards(scorer: Scorer, model, data, seed: int, device, precision=contextlib.nullcontext,
+                     batch: int = 8, samples: int | None = None) -> dict:
+    """Mean reward, pass@1 and pass@k (k = samples, default eval_samples; unbiased estimator) over every prompt of
+    `data`: greedy for one sample, else k sampled at the rollout temperature from a fixed seed."""
+    g = scorer.cfg
+    k = samples or g.eval_samples
     generator = _generator(seed, -1, 0, device)
     rewards, p1, pk = [], [], []
     for start in range(0, data.num_docs, batch):
         idxs = list(range(start, min(start + batch, data.num_docs)))
-        _, _, _, total, _ = task._sample(model, data, idxs, k, 0.0 if k == 1 else g.temperature, generator,
-                                         precision)
+        _, _, _, total, _ = scorer._sample(model, data, idxs, k, 0.0 if k == 1 else g.temperature, generator,
+                                           precision)
         total = total.view(len(idxs), k)
         rewards.append(total.flatten())
         for row in total:
@@ -259,4 +270,4 @@ def _completion_aligned(logp: torch.Tensor, m: dict) -> torch.Tensor:
     return out
 
 
-__all__ = ["GrpoTask", "evaluate_rewards", "pass_at_k", "token_logps", "UserError"]
+__all__ = ["GrpoTask", "Scorer", "evaluate_rewards", "pass_at_k", "token_logps"]

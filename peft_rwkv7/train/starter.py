@@ -39,7 +39,11 @@ STARTERS: dict[str, tuple[dict, float, str]] = {
                 "AdaLoRA: LoRA in SVD form, ranks 12 pruned to 4 on average where they matter least"),
     "full": ({}, 1e-5, "every parameter"),
     "qlora": (_LORA, 1e-4, "LoRA over an NF4-quantized base"),
+    "grpo": (_LORA, 5e-5, "LoRA by GRPO: rewards on sampled completions of your prompts (train.grpo)"),
 }
+# `init grpo`: the objective, its prompts data and a starter reward (the answer column's number).
+_GRPO = {"objective": "grpo", "grpo": {"num_generations": 8, "max_new_tokens": 64, "temperature": 1.0,
+                                       "rewards": [{"fn": "numeric", "column": "answer"}]}}
 _QLORA = {"kind": "lora", "quant": "nf4"}  # `init qlora`: the recipe spelling of QLoRA
 
 
@@ -77,6 +81,8 @@ def method_keys(kind: str) -> tuple[dict, float, str]:
         raise UserError(f"KIND: {kind!r} is not a method; expected one of {', '.join(STARTERS)} "
                         "(rwkv-peft methods says what each supports)")
     sizes, lr, what = STARTERS[kind]
+    if kind == "grpo":
+        return {**recipe_keys("lora"), **sizes}, lr, what
     return {**(_QLORA if kind == "qlora" else recipe_keys(kind)), **sizes}, lr, what
 
 
@@ -91,6 +97,9 @@ def starter_recipe(model: str, data: str, method: str, out_dir: str, ctx_len: in
                   "state" else lr / 10, "warmup_steps": 10, "save_every": 50},
         "out_dir": out_dir,
     }
+    if method == "grpo":  # prompts {"prompt": ..., "answer": ...}; fewer, larger steps of sampled completions
+        body["data"]["kind"] = "prompts"
+        body["train"].update(_GRPO, micro_bsz=2, max_steps=100, save_every=20)
     return yaml.safe_dump(body, sort_keys=False), what
 
 

@@ -109,3 +109,40 @@ def test_a_prompts_file_without_prompts_and_a_raising_reward_name_themselves(tin
         train_from_cli(LORA, grpo(tiny_world, good, tmp_path / "b", **{
             "train.grpo.rewards": f"[{{fn: '{tmp_path / 'boom.py'}:score'}}]"}))
     assert "\n" not in str(e.value)
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    from peft_rwkv7.train.grpo import pass_at_k
+
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2) / C(5,2)
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+
+
+def test_eval_rewards_scores_the_base_and_the_run_as_the_loop_does(tiny_world, prompts, tmp_path, capsys):
+    from peft_rwkv7.cli import main
+
+    out = tmp_path / "run"
+    train_from_cli(LORA, grpo(tiny_world, prompts, out, steps=1, **{"data.eval_split": 0.0,
+                                                                      "data.eval_path": prompts}))
+    loop_eval = next(r for r in records(out) if "eval_reward" in r)
+    spec = str(out / "recipe.yaml")  # the run's own recipe: its rewards and sampling
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_world[0]), "--rewards", spec, "--data", str(prompts), "--compare",
+                 str(out), "--json", "--device", "cpu", "--dtype", "fp32", "--plot", str(tmp_path / "r.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"base", str(out)}
+    assert result[str(out)]["reward"] == pytest.approx(loop_eval["eval_reward"], abs=1e-6)
+    assert result[str(out)]["pass@1"] == pytest.approx(loop_eval["eval_pass@1"], abs=1e-6)
+    assert result["base"]["prompts"] == 8 and (tmp_path / "r.png").stat().st_size > 0
+    with pytest.raises(UserError, match="--rewards"):
+        main(["eval", "--model", str(tiny_world[0]), "--rewards", "{fn: x}", "--data", str(prompts), "--debug"])
+
+
+def test_init_grpo_writes_a_recipe_that_loads(tmp_path, prompts):
+    from peft_rwkv7.train.recipe import load_recipe
+    from peft_rwkv7.train.starter import write_starter
+
+    write_starter(str(tmp_path / "g.yaml"), "model.pth", str(prompts), method="grpo")
+    recipe = load_recipe(str(tmp_path / "g.yaml"))
+    assert recipe.train.objective == "grpo" and recipe.data.kind == "prompts" and recipe.train.grpo.rewards
