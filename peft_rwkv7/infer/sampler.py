@@ -87,13 +87,16 @@ class Rollouts:
 
 
 def sample_token(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | Sequence[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token per row of logits [B, V] (any float dtype), sampled on `generator`'s device.
 
     Returns (tokens [B] long, logp_sampled, logp_scaled, logp_plain: [B] fp32, see the module docstring).
-    temperature 0: argmax, no draw from the generator. top_p 1: no filtering."""
-    z = logits.to(device=generator.device, dtype=torch.float32)
+    temperature 0: argmax, no draw from the generator. top_p 1: no filtering. `generator` may be one per row:
+    each row then draws one uniform number from its own (inverse-CDF sampling), so a row's token does not
+    depend on which other rows share the batch."""
+    per_row = not isinstance(generator, torch.Generator)
+    z = logits.to(device=(generator[0] if per_row else generator).device, dtype=torch.float32)
     plain = torch.log_softmax(z, dim=-1)
     if temperature <= 0:
         tokens = z.argmax(dim=-1)
@@ -108,7 +111,12 @@ def sample_token(
         before = torch.cat([sorted_p.new_zeros(sorted_p.shape[0], 1), sorted_p.cumsum(dim=-1)[:, :-1]], dim=-1)
         drop = torch.zeros_like(before, dtype=torch.bool).scatter_(-1, order, before >= top_p)
         logq = torch.log_softmax(scaled.masked_fill(drop, -math.inf), dim=-1)
-    tokens = torch.multinomial(logq.exp(), 1, generator=generator)[:, 0]
+    if per_row:
+        cdf = logq.exp().cumsum(dim=-1)
+        u = torch.stack([torch.rand((), generator=g, device=z.device) for g in generator]) * cdf[:, -1]
+        tokens = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_max(z.shape[-1] - 1)
+    else:
+        tokens = torch.multinomial(logq.exp(), 1, generator=generator)[:, 0]
     pick = tokens[:, None]
     return tokens, logq.gather(-1, pick)[:, 0], scaled.gather(-1, pick)[:, 0], plain.gather(-1, pick)[:, 0]
 
@@ -143,7 +151,7 @@ def sample_groups(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     stop_token_ids: Sequence[int] = (0,),
     stop_strings: Sequence[str] = (),
     decode: Callable[[list[int]], str] | None = None,
@@ -152,7 +160,12 @@ def sample_groups(
     """G completions of each prompt (token ids; an empty prompt starts from end-of-text, 0, as `generate`
     does) sampled as one batch. `model` is an RWKV7 or an AdaptedRWKV7 (its own initial state: a trained
     time_state with state tuning), any dtype and device. It runs in eval mode (dropout off); every
-    module's train/eval flag is restored afterwards. See the module docstring for what a row holds."""
+    module's train/eval flag is restored afterwards. See the module docstring for what a row holds.
+    `generator`: one for the whole batch, or one per prompt (its G rows draw from it alone, so a prompt's
+    completions do not depend on the other prompts of the batch: GRPO's rollouts are then the same however
+    the step's prompts are split into micro-batches and processes)."""
+    if not isinstance(generator, torch.Generator) and len(generator) != len(prompts):
+        raise ValueError(f"sample_groups: {len(generator)} generators for {len(prompts)} prompts")
     _check(prompts, G, max_new_tokens, temperature, top_p, stop_strings, decode, prefill_chunk, model.config.vocab_size)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -241,7 +254,8 @@ def _rollout(
     # a stop string ending in the newest token lies within the text of the last `window` tokens (each >= 1 byte)
     window = max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 2
     for t in range(max_new_tokens):
-        tok, *lp = sample_token(logits, temperature, top_p, generator)
+        gen = generator if isinstance(generator, torch.Generator) else [generator[r // G] for r in active]
+        tok, *lp = sample_token(logits, temperature, top_p, gen)
         tok_list, lp_rows = tok.tolist(), torch.stack(lp, dim=1).tolist()
         keep = []
         for i, r in enumerate(active):

@@ -3,8 +3,9 @@ held-out reward evaluation. The loss formulas are train/grpo_loss.py, the reward
 sampler infer/sampler.py.
 
 One generation batch = the step's prompts (micro_bsz x grad_accum per process), G completions each, sampled
-with the method on (eval mode) from a generator seeded by (train.seed, generation index, rank): the rollouts
-are a pure function of the weights and the step, so nothing random needs saving for an exact resume. The
+with the method on (eval mode), each prompt's from a generator seeded by (train.seed, generation index, its global
+sample number): the rollouts are a pure function of the weights and the step, the same however the step is split
+into micro-batches and processes, and nothing random needs saving for an exact resume. The
 log-probs in the ratio are recomputed by the training forward over prompt + completion; the sampler's own
 (plain softmax) log-probs are only compared with them (`logp_gap`). With num_iterations mu > 1 the rollouts
 of generation g = step // mu serve mu optimizer steps; they are kept (and checkpointed) with the policy's
@@ -39,9 +40,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def _generator(seed: int, gen: int, rank: int, device: torch.device) -> torch.Generator:
+def _generator(seed: int, gen: int, sample: int, device: torch.device) -> torch.Generator:
+    """The generator of one prompt's completions: seeded by (train.seed, generation index, the prompt's global
+    sample number), so the rollouts are the same however a step's prompts are split into micro-batches and
+    processes (integers only: Python's hash of a tuple of ints is the same in every process)."""
     g = torch.Generator(device=device)
-    g.manual_seed(hash((seed, SEED_STREAM, gen, rank)) & (2**63 - 1))
+    g.manual_seed(hash((seed, SEED_STREAM, gen, sample)) & (2**63 - 1))
     return g
 
 
@@ -128,12 +132,13 @@ class GrpoTask(Task):
     def _rollout(self, run, gen: int, batches) -> None:
         """Sample, score and lay out the rows of every micro-batch of generation `gen` (no gradients)."""
         g, tc, dist, device = self.cfg, run.recipe.train, run.dist, run.device
-        generator = _generator(tc.seed, gen, dist.rank, device)
         t0 = time.perf_counter()
         micro = []
-        for idxs in batches:
+        for m, idxs in enumerate(batches):
+            first = ((gen * tc.grad_accum + m) * dist.world_size + dist.rank) * tc.micro_bsz  # as data.batch numbers
+            generators = [_generator(tc.seed, gen, first + j, torch.device("cpu")) for j in range(len(idxs))]
             prompts, ro, texts, total, per_fn = self.scorer._sample(run.model, run.data, idxs, g.num_generations,
-                                                                    g.temperature, generator, run.precision)
+                                                                    g.temperature, generators, run.precision)
             x, y = _rows(prompts, ro, g.num_generations)
             mask = y != -100
             if g.mask_truncated:
@@ -242,11 +247,11 @@ def evaluate_rewards(scorer: Scorer, model, data, seed: int, device, precision=c
     `data`: greedy for one sample, else k sampled at the rollout temperature from a fixed seed."""
     g = scorer.cfg
     k = samples or g.eval_samples
-    generator = _generator(seed, -1, 0, device)
     rewards, p1, pk = [], [], []
     for start in range(0, data.num_docs, batch):
         idxs = list(range(start, min(start + batch, data.num_docs)))
-        _, _, _, total, _ = scorer._sample(model, data, idxs, k, 0.0 if k == 1 else g.temperature, generator,
+        generators = [_generator(seed, -1, i, torch.device("cpu")) for i in idxs]  # per prompt: batch-independent
+        _, _, _, total, _ = scorer._sample(model, data, idxs, k, 0.0 if k == 1 else g.temperature, generators,
                                            precision)
         total = total.view(len(idxs), k)
         rewards.append(total.flatten())

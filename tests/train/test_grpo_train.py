@@ -146,3 +146,20 @@ def test_init_grpo_writes_a_recipe_that_loads(tmp_path, prompts):
     write_starter(str(tmp_path / "g.yaml"), "model.pth", str(prompts), method="grpo")
     recipe = load_recipe(str(tmp_path / "g.yaml"))
     assert recipe.train.objective == "grpo" and recipe.data.kind == "prompts" and recipe.train.grpo.rewards
+
+
+def test_the_step_is_the_same_however_its_prompts_are_split(tiny_world, prompts, tmp_path):
+    """Each prompt's completions come from a generator of its own (seed, generation, global sample number):
+    one micro-batch of 4 prompts and 2 x 2 accumulated give the same rollouts, rewards and step-1 loss."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = {"train.grpo.temperature": 1.0, "train.grpo.loss_type": "dapo", "train.grad_clip": 0.0}
+    train_from_cli(LORA, grpo(tiny_world, prompts, whole, steps=1, **common, **{"train.micro_bsz": 4}))
+    train_from_cli(LORA, grpo(tiny_world, prompts, split, steps=1, **common,
+                              **{"train.micro_bsz": 2, "train.grad_accum": 2}))
+    a, b = records(whole)[0], records(split)[0]
+    for key in ("reward", "reward_std", "completion_len", "zero_spread"):
+        assert a[key] == b[key], key
+    rolls = [[json.loads(x) for x in (d / "rollouts.jsonl").read_text().splitlines()] for d in (whole, split)]
+    assert rolls[0] == rolls[1]
+    # dapo: the sum of token losses over the step / its tokens, added up over micro-batches in another order
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
