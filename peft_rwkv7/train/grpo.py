@@ -213,14 +213,28 @@ class GrpoTask(Task):
         return result
 
     def _reward_metrics(self, run, micro) -> dict:
+        """Means over every completion of the step, every rank's (sums all-reduced in float64)."""
         g = self.cfg
-        rewards = torch.cat([m["rewards"] for m in micro])
-        out = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-               "zero_spread": zero_spread_share(rewards, g.num_generations).item(),
-               "completion_len": torch.cat([m["lengths"] for m in micro]).float().mean().item()}
+        rewards = torch.cat([m["rewards"] for m in micro]).double()
+        groups = rewards.numel() // g.num_generations
+        sums = [rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(rewards.numel())),
+                zero_spread_share(rewards, g.num_generations) * groups, torch.tensor(float(groups)),
+                torch.cat([m["lengths"] for m in micro]).double().sum()]
         for name in self.rewards.names:
-            v = torch.cat([m["per_fn"][name] for m in micro])
-            out[f"reward/{name}"] = v.nanmean().item() if (~v.isnan()).any() else float("nan")
+            v = torch.cat([m["per_fn"][name] for m in micro]).double()
+            sums += [v.nansum(), (~v.isnan()).sum().double()]
+        t = torch.stack([x.double() for x in sums])
+        if run.dist.world_size > 1:
+            t = t.to(run.device)
+            torch.distributed.all_reduce(t)
+        t = t.cpu().tolist()
+        n = t[2]
+        var = (t[1] - t[0] ** 2 / n) / (n - 1) if n > 1 else 0.0
+        out = {"reward": t[0] / n, "reward_std": max(var, 0.0) ** 0.5, "zero_spread": t[3] / t[4],
+               "completion_len": t[5] / n}
+        for j, name in enumerate(self.rewards.names):
+            total, count = t[6 + 2 * j], t[7 + 2 * j]
+            out[f"reward/{name}"] = total / count if count else float("nan")
         return out
 
     def _log_rollouts(self, run, step: int, micro) -> None:

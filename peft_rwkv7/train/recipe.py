@@ -231,6 +231,9 @@ class Recipe(ConfigModel):
             if not self.train.grpo.rewards:
                 raise invalid("{key}: grpo needs at least one reward, e.g. [{fn: numeric, column: answer}]",
                               "train.grpo.rewards")
+            if self.train.deepspeed.stage == 3:
+                raise invalid("{key}: grpo samples with the whole model on every rank; ZeRO-3 partitions it (use "
+                              "train.deepspeed.stage=2)", "train.deepspeed.stage")
             if self.train.grpo.max_new_tokens >= self.data.ctx_len:
                 raise invalid(f"{{key}} {self.train.grpo.max_new_tokens} leaves no room for a prompt in data.ctx_len "
                               f"{self.data.ctx_len}", "train.grpo.max_new_tokens")

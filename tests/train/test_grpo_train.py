@@ -163,3 +163,30 @@ def test_the_step_is_the_same_however_its_prompts_are_split(tiny_world, prompts,
     assert rolls[0] == rolls[1]
     # dapo: the sum of token losses over the step / its tokens, added up over micro-batches in another order
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_step_of_one(tiny_world, prompts, tmp_path):
+    """ZeRO-2 on two CPU processes (2 prompts each) against one process with the same 4 prompts: the same
+    rollouts (each prompt's own generator), so the same rewards and step-1 loss (dapo: the global token sum)."""
+    pytest.importorskip("deepspeed")
+    from tests.train.test_deepspeed import run_two_processes
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    # a reward that differs between completions (their length in characters), so advantages and the loss are not 0
+    common = {"train.grad_clip": 0.0, "train.eps": 1.0, "data.eval_split": 0.0, "data.eval_path": prompts,
+              "train.grpo.rewards": "[{fn: length, max_tokens: 60, buffer: 60, unit: chars}]"}
+    train_from_cli(LORA, grpo(tiny_world, prompts, one, steps=1, **common, **{"train.micro_bsz": 4}))
+    run_two_processes(grpo(tiny_world, prompts, two, steps=1, **common, **{"train.deepspeed.stage": 2}))
+    a, b = records(one)[0], records(two)[0]
+    assert a["reward_std"] > 0  # advantages are not all 0: the step moves the adapter
+    for key in ("reward", "reward_std", "completion_len", "zero_spread", "loss"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    # The step's update. With train.eps 1, Adam's first step is lr g / (|g| + 1), smooth in the gradient, so the
+    # two gradients (one sum in two orders, ~1e-7 relative) give updates equal far within 1e-4 of the largest
+    # (a different batch would move them O(1)).
+    wa, wb = load_file(one / "adapter.safetensors"), load_file(two / "adapter.safetensors")
+    moved = max(wa[k].abs().max().item() for k in wa if k.endswith("lora_B"))
+    assert moved > 0
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() <= 1e-4 * moved, k
