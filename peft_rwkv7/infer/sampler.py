@@ -25,9 +25,11 @@ plain one over prompt + completion; the gap between the two is a metric, never p
   logp_scaled   log softmax(z / temperature)[token], no top-p (what TRL's trainer scores);
   logp_plain    log softmax(z)[token].
 At temperature 0 sampling is greedy (argmax) and q is a point mass: logp_sampled = logp_scaled = 0.
+`entropy` is the entropy of softmax(z) at each drawn position (the policy's, for GRPO's logs).
 
 Randomness: every draw comes from `generator` (torch.multinomial, one call per step over the active
-rows), so saving generator.get_state() and restoring it reproduces the next rollouts. Sampling runs on
+rows), or from one generator per prompt (inverse-CDF, one uniform per row from its prompt's), so saving
+the generator states and restoring them reproduces the next rollouts. Sampling runs on
 the generator's device: a CPU generator with a CUDA model copies each step's logits to the CPU.
 """
 
@@ -54,6 +56,7 @@ class Rollouts:
     logp_sampled: torch.Tensor  # [R, L] fp32 log q(token) under the tempered, top-p-filtered distribution
     logp_scaled: torch.Tensor  # [R, L] fp32 log softmax(z / temperature)(token)
     logp_plain: torch.Tensor  # [R, L] fp32 log softmax(z)(token); all three 0 past the length
+    entropy: torch.Tensor  # [R, L] fp32 entropy of softmax(z) where each token was drawn (nats; 0 past the length)
     finished: torch.Tensor  # [R] bool: stopped on a stop token or stop string
     truncated: torch.Tensor  # [R] bool: reached max_new_tokens without a stop (= ~finished)
     texts: list[str] | None  # [R] completion text before the stop, when `decode` was given
@@ -180,7 +183,7 @@ def sample_groups(
     # The tensors are made here, outside inference mode, so the trainer may feed them to autograd.
     R, L = len(tokens), max(len(t) for t in tokens)
     ids = torch.zeros(R, L, dtype=torch.long)
-    logps = torch.zeros(3, R, L)
+    logps = torch.zeros(4, R, L)
     for r, (t, lp) in enumerate(zip(tokens, lps)):
         ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
         logps[:, r, : len(t)] = torch.tensor(lp, dtype=torch.float32).T
@@ -191,6 +194,7 @@ def sample_groups(
         logp_sampled=logps[0],
         logp_scaled=logps[1],
         logp_plain=logps[2],
+        entropy=logps[3],
         finished=fin,
         truncated=~fin,
         texts=None if decode is None else [_text(t, stop_token_ids, stop_strings, decode) for t in tokens],
@@ -256,7 +260,9 @@ def _rollout(
     for t in range(max_new_tokens):
         gen = generator if isinstance(generator, torch.Generator) else [generator[r // G] for r in active]
         tok, *lp = sample_token(logits, temperature, top_p, gen)
-        tok_list, lp_rows = tok.tolist(), torch.stack(lp, dim=1).tolist()
+        z = logits.float()
+        entropy = -(torch.softmax(z, dim=-1) * torch.log_softmax(z, dim=-1)).sum(dim=-1).to(lp[0].device)
+        tok_list, lp_rows = tok.tolist(), torch.stack([*lp, entropy], dim=1).tolist()
         keep = []
         for i, r in enumerate(active):
             tokens[r].append(tok_list[i])

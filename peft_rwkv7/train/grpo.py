@@ -145,6 +145,7 @@ class GrpoTask(Task):
                 mask &= ~ro.truncated[:, None]
             micro.append({"x": x, "y": y, "mask": mask, "rewards": total, "per_fn": per_fn,
                           "sampler_logp": ro.logp_plain, "lengths": ro.lengths, "truncated": ro.truncated,
+                          "entropy": ro.entropy,
                           "prompts": texts, "completions": ro.texts})
         rewards = torch.stack([m["rewards"] for m in micro]).view(-1, g.num_generations)
         if g.scale_rewards == "batch" and dist.world_size > 1:  # the std of every rank's rewards
@@ -219,7 +220,8 @@ class GrpoTask(Task):
         groups = rewards.numel() // g.num_generations
         sums = [rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(rewards.numel())),
                 zero_spread_share(rewards, g.num_generations) * groups, torch.tensor(float(groups)),
-                torch.cat([m["lengths"] for m in micro]).double().sum()]
+                torch.cat([m["lengths"] for m in micro]).double().sum(),
+                sum(m["entropy"].double().sum() for m in micro)]
         for name in self.rewards.names:
             v = torch.cat([m["per_fn"][name] for m in micro]).double()
             sums += [v.nansum(), (~v.isnan()).sum().double()]
@@ -231,9 +233,9 @@ class GrpoTask(Task):
         n = t[2]
         var = (t[1] - t[0] ** 2 / n) / (n - 1) if n > 1 else 0.0
         out = {"reward": t[0] / n, "reward_std": max(var, 0.0) ** 0.5, "zero_spread": t[3] / t[4],
-               "completion_len": t[5] / n}
+               "completion_len": t[5] / n, "entropy": t[6] / max(t[5], 1.0)}
         for j, name in enumerate(self.rewards.names):
-            total, count = t[6 + 2 * j], t[7 + 2 * j]
+            total, count = t[7 + 2 * j], t[8 + 2 * j]
             out[f"reward/{name}"] = total / count if count else float("nan")
         return out
 

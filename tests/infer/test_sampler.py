@@ -260,5 +260,9 @@ def test_a_generator_per_prompt_makes_its_rows_independent_of_the_batch():
     draws = torch.stack([sample_token(logits, 1.0, 1.0, g)[0][0] for _ in range(20000)])
     freq = torch.bincount(draws, minlength=5).double() / 20000
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / 20000).sqrt() + 1e-9).all()
+    lengths = together.lengths
+    ent = together.entropy
+    assert (ent >= 0).all() and (ent <= math.log(V) + 1e-5).all()
+    assert all((ent[r, int(n):] == 0).all() and (ent[r, : int(n)] > 0).all() for r, n in enumerate(lengths))
     with pytest.raises(ValueError, match="generators"):
         sample_groups(model, prompts, G=1, max_new_tokens=1, temperature=1.0, top_p=1.0, generator=gens([1]))

@@ -50,7 +50,7 @@ def test_a_grpo_run_logs_rewards_and_rollouts_and_step_one_is_on_policy(tiny_wor
     # reference, so the k3 KL is 0 (exp(0) - 0 - 1)
     assert first["clip"] == 0.0 and first["kl"] == 0.0
     for key in ("reward_std", "zero_spread", "completion_len", "reward/numeric", "reward/length", "logp_gap",
-                "rollout_s", "update_s"):
+                "rollout_s", "update_s", "entropy"):
         assert key in first, key
     # the sampler's plain log-probs and the trainer's recomputed ones: two fp32 forwards of one network
     assert first["logp_gap"] < 1e-3
