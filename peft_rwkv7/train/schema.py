@@ -96,10 +96,15 @@ def render_markdown(model: type[BaseModel]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def with_reference(readme: str, block: str) -> str:
-    """`readme` with the text between README_START and README_END replaced by `block`."""
-    head, start, rest = readme.partition(README_START + "\n")
-    _, end, tail = rest.partition(README_END)
+def with_block(readme: str, block: str, first: str = README_START, last: str = README_END) -> str:
+    """`readme` with the text between the marker lines `first` and `last` replaced by `block`."""
+    head, start, rest = readme.partition(first + "\n")
+    _, end, tail = rest.partition(last)
     if not start or not end:
-        raise UserError(f"README has no {README_START} ... {README_END} pair")
+        raise UserError(f"README has no {first} ... {last} pair")
     return head + start + block + end + tail
+
+
+def with_reference(readme: str, block: str) -> str:
+    """`readme` with the recipe reference (between README_START and README_END) replaced by `block`."""
+    return with_block(readme, block)
