@@ -143,7 +143,7 @@ def test_no_trainable_sample_and_too_short_stream(tmp_path, world):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("kind", "csv", r"^data\.kind: 'csv' is not one of auto, text, sft, chat, binidx, preference$"),
+    ("kind", "csv", r"^data\.kind: 'csv' is not one of auto, text, sft, chat, binidx, preference, prompts$"),
     ("sampling", "random", r"^data\.sampling: 'random' is not one of auto, get, pad$"),
     ("overflow", "drop", r"^data\.overflow: 'drop' is not one of split, truncate$"),
     ("ctx_len", 0, r"^data\.ctx_len: must be a positive integer, got 0$"),

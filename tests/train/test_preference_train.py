@@ -181,7 +181,7 @@ BASE = "model: {path: m.pth}\ndata: {path: d.jsonl}\n"
     (BASE + "train: {optimizer: muon, deepspeed: {stage: 2}}\n", "train.optimizer: muon is not available"),
     (BASE + "method: {kind: state}\ntrain: {objective: dpo, deepspeed: {stage: 3}}\n",
      "train.deepspeed.stage: dpo with a trained state runs under ZeRO-1/2"),
-    (BASE + "train: {objective: kto}\n", "train.objective must be one of sft, dpo, orpo, simpo"),
+    (BASE + "train: {objective: kto}\n", "train.objective must be one of sft, dpo, orpo, simpo, grpo"),
     (BASE + "train: {beta: 0}\n", "train.beta"),
 ])
 def test_bad_preference_recipes_name_the_key(tmp_path, text, expect):
