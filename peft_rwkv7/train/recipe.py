@@ -26,6 +26,9 @@ from .schema import apply_overrides, from_dict, load_yaml, render_markdown, rend
 # model and data they train on are a checkout's data/demo, not package data.
 BUNDLED = Path(__file__).resolve().parents[1] / "recipes"
 DEMO_DIR = "data/demo/"
+# Models the demo makes (README's first commands) that bundled recipes start from, with the commands that make them
+DEMO_RUNS = {"runs/state_tune/merged.pth": "rwkv-peft train recipes/state_tune.yaml, then rwkv-peft merge --base "
+             "data/demo/rwkv7-demo.pth --adapter runs/state_tune --out runs/state_tune/merged.pth --dtype fp32"}
 
 Objective = Literal["sft", "dpo", "orpo", "simpo", "grpo"]
 WkvBackend = Literal["auto", "reference", "cpu", "cuda", "triton"]  # ops.BACKENDS (a test keeps them equal)
@@ -283,6 +286,11 @@ def check_demo_files(recipe: Recipe, path: str) -> None:
     one line saying where they live and how to train on one's own files instead."""
     keys = {"model.path": recipe.model.path, "data.path": recipe.data.path, "data.eval_path": recipe.data.eval_path}
     missing = {k: v for k, v in keys.items() if v and v.startswith(DEMO_DIR) and not os.path.exists(v)}
+    made = recipe.model.path
+    if not missing and made in DEMO_RUNS and not os.path.exists(made):
+        raise UserError(f"{path}: this bundled recipe starts from {made}, which the demo makes: run "
+                        f"{DEMO_RUNS[made]} (in a rwkv-peft checkout's root), or give your own model: rwkv-peft train "
+                        f"{Path(path).stem} model.path=YOUR_MODEL.pth")
     if not missing:
         return
     own = " ".join(f"{k}=YOUR_{'MODEL.pth' if k == 'model.path' else 'DATA.jsonl'}" for k in missing
