@@ -89,7 +89,11 @@ def next_steps(recipe: Recipe) -> str:
     else:
         base = recipe.model.path
         lines = [f"  rwkv-peft generate --model {base} --adapter {out} --prompt \"...\""]
-        if recipe.data.eval_path:
+        if recipe.train.objective == "grpo":  # rewards of held-out prompts, the base beside the run
+            prompts = recipe.data.eval_path or recipe.data.path
+            lines.append(f"  rwkv-peft eval --model {base} --rewards {out}/recipe.yaml --data {prompts} "
+                         f"--compare {out}")
+        elif recipe.data.eval_path:
             lines.append(f"  rwkv-peft eval --model {base} --adapter {out} --data {recipe.data.eval_path}")
         lines.append(f"  rwkv-peft merge --base {base} --adapter {out} --out {out}/merged.pth")
     return "next:\n" + "\n".join(lines)
