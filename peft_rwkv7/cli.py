@@ -76,22 +76,12 @@ def _cmd_convert(args) -> int:
 
 
 def _load_for_inference(args, say: bool = True):
-    """Base model (local or hf://) on --device in --dtype, with --adapter (or tuned state) applied; `say`: print
-    what --dtype auto chose (once per command)."""
-    import torch
+    """Base model on --device in --dtype with --adapter applied (infer/load.py); `say`: print what --dtype auto
+    chose (once per command)."""
+    from .infer.load import load_for_inference
 
-    from .model import load_model, pick_device
-    from .model.hub import resolve_model_path
-    from .ops.precision import choose_bf16
-
-    device = pick_device(args.device, "--device")
-    dtype = torch.bfloat16 if choose_bf16(args.dtype, device.type, "--dtype", say=say) else torch.float32
-    model = load_model(resolve_model_path(args.model), dtype=dtype, device=device)
-    if args.adapter:
-        from .adapters import load_adapter
-
-        model = load_adapter(model, args.adapter, lora_alpha=args.lora_alpha)
-    return model.eval()
+    return load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
+                              lora_alpha=args.lora_alpha, say=say)
 
 
 def _cmd_generate(args) -> int:
@@ -275,6 +265,16 @@ def _cmd_init(args) -> int:
     return 0
 
 
+def _cmd_ui(args) -> int:
+    from .extras import require
+
+    require("ui", "rwkv-peft ui")
+    from .ui.app import serve
+
+    serve(args.host, args.port, args.runs, args.lang, args.auth)
+    return 0
+
+
 def _cmd_doctor(args) -> int:
     from .doctor import main as doctor
 
@@ -292,6 +292,7 @@ _COMMANDS = {
     "chat": _cmd_chat,
     "data": _cmd_data,
     "doctor": _cmd_doctor,
+    "ui": _cmd_ui,
     "recipes": _cmd_recipes,
     "methods": _cmd_methods,
     "init": _cmd_init,

@@ -204,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--out-dir", default=None, help="the run directory the recipe trains into "
                     "(default: runs/<recipe name>)")
 
+    ui = sub.add_parser("ui", help="the web UI: train, watch, chat, evaluate and export from a browser (extra [ui])")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (another than this machine's needs --auth)")
+    ui.add_argument("--port", type=_positive_int("--port"), default=7860, help="port to serve on")
+    ui.add_argument("--runs", default="runs", help="directory the page lists runs of and trains into")
+    ui.add_argument("--lang", choices=["en", "zh"], default="en", help="interface language (switchable on the page)")
+    ui.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="log-in for the page")
+
     dr = sub.add_parser("doctor", help="check this machine: torch, GPU, bf16, WKV kernels vs the reference, packages")
     dr.add_argument("--json", action="store_true", help="print one JSON object")
     return p

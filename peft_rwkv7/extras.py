@@ -8,7 +8,7 @@ import importlib.util
 from .errors import UserError
 
 # extra -> the import it provides
-EXTRAS = {"quant": "bitsandbytes", "deepspeed": "deepspeed", "triton": "triton", "wandb": "wandb"}
+EXTRAS = {"quant": "bitsandbytes", "deepspeed": "deepspeed", "triton": "triton", "wandb": "wandb", "ui": "gradio"}
 
 
 def installed(extra: str) -> bool:

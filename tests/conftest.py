@@ -92,3 +92,8 @@ def rwkv_pkg_logits(rwkv_model_mod, pth: Path, tokens: list[int]) -> torch.Tenso
     m = rwkv_model_mod.RWKV(model=str(pth)[: -len(".pth")], strategy="cpu fp32")
     out, _ = m.forward(list(tokens), None, full_output=True)
     return out.float()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--ui-screenshots", default=None, metavar="DIR",
+                     help="the browser tests save their page screenshots here (docs/ui for the README)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from ..model import atomic_write
@@ -50,11 +51,12 @@ class RunLogger:
                                         config=json.loads(json.dumps(_plain(recipe))), resume="allow")
 
     def _write(self, record: dict) -> None:
+        record["time"] = round(time.time(), 2)  # wall clock: the web UI's ETA and a resumed run's gaps
         self.records.append(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb_run.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=record["step"])
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float, extra: dict | None = None) -> None:
         """One step's record. `extra`: more numbers of the step, such as the preference metrics

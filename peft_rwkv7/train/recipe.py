@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 from typing_extensions import Self
 
 from ..adapters.config import MethodConfig
@@ -209,6 +209,11 @@ class LogConfig(ConfigModel):
         "grpo: write the step's sampled completions and their rewards to rollouts.jsonl every this many steps "
         "(0 = never)"))
 
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, v: object) -> object:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` (file or key=value) as false
+
 
 class Recipe(ConfigModel):
     """A whole recipe file."""
@@ -263,8 +268,8 @@ class Recipe(ConfigModel):
         return self
 
 
-def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML, apply `dotted.key=value` overrides, validate everything."""
+def recipe_data(path: str, overrides: list[str] | None = None) -> dict:
+    """The recipe file's mapping with `dotted.key=value` overrides applied, not yet validated."""
     data = load_yaml(path)
     if not data:
         raise UserError(f"{path}: the recipe is empty; it needs at least model: and data: sections "
@@ -275,7 +280,12 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         # the recipe's eval file belongs to the recipe's data, not to the data given here: hold out part of
         # the user's own data instead (data.eval_split), unless they name an eval file
         data["data"].pop("eval_path", None)
-    recipe = from_dict(Recipe, apply_overrides(data, overrides), source=str(path))
+    return apply_overrides(data, overrides)
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML, apply `dotted.key=value` overrides, validate everything."""
+    recipe = from_dict(Recipe, recipe_data(path, overrides), source=str(path))
     if Path(path).resolve().parent == BUNDLED.resolve():
         check_demo_files(recipe, str(path))
     return recipe

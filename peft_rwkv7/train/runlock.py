@@ -62,3 +62,27 @@ def run_lock(out_dir: Path, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def held(out_dir: Path) -> bool:
+    """Whether a live process holds `out_dir/.lock` now (a run is training there). Takes and at once releases
+    the lock where it is free; a directory without a lock file holds no run."""
+    path = Path(out_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        return not _try_lock(fd)
+    finally:
+        os.close(fd)
+
+
+def holder_pid(out_dir: Path) -> int | None:
+    """The pid named in `out_dir/.lock` (the last run that held it; check `held` for whether it still does)."""
+    try:
+        text = (Path(out_dir) / LOCK_NAME).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    parts = text.split()
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "pid" and parts[1].isdigit() else None

@@ -16,7 +16,7 @@ from ..extras import check_recipe
 from ..path_checks import check_recipe_paths
 from ..run_dir import list_checkpoints
 from .recipe import Recipe, dump_recipe, load_recipe
-from .runlock import run_lock
+from .runlock import held, holder_pid, run_lock
 from .schedule import get_lr
 
 # Keys a resumed run may change: they move no number of the steps already taken nor of those to come
@@ -25,10 +25,31 @@ RESUME_FREE = {"train.stop_after", "train.save_every", "train.eval_every", "trai
                "log.progress", "log.wandb", "log.project", "train.device", "model.wkv_backend"}
 
 
-def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False) -> int:
+def _load_checked(recipe_path: str, overrides: list[str]) -> Recipe:
     recipe = load_recipe(recipe_path, overrides)  # before the heavy imports: bad recipes fail fast
     check_recipe(recipe)  # optional extras the recipe needs (bitsandbytes, deepspeed, ...)
     check_recipe_paths(recipe)
+    return recipe
+
+
+def preflight(recipe_path: str, overrides: list[str], resume: bool = False) -> Recipe:
+    """Every check `rwkv-peft train` makes before it trains, as the same one-line UserErrors, without training
+    or holding the lock: the web UI's Start calls it before it starts the CLI in a process of its own."""
+    recipe = _load_checked(recipe_path, overrides)
+    out_dir = Path(recipe.out_dir)
+    if held(out_dir):
+        raise UserError(f"{out_dir} is in use by another rwkv-peft train (pid {holder_pid(out_dir)}); wait for it "
+                        "to finish or train into another out_dir=...")
+    if resume:
+        check_resume(recipe, out_dir)
+    elif (done := check_fresh(recipe, out_dir)) is not None:
+        raise UserError(f"{out_dir} already holds this finished run ({done} steps); to train again pick another "
+                        "out_dir=...")
+    return recipe
+
+
+def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False) -> int:
+    recipe = _load_checked(recipe_path, overrides)
     out_dir = Path(recipe.out_dir)
     with run_lock(out_dir, enabled=_global_rank0()):  # one run per directory, for the run's lifetime
         if resume:

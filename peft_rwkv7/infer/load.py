@@ -1,0 +1,24 @@
+"""A model ready for inference: the base (local path or hf://) on a device in a dtype, with an adapter run or a
+tuned state applied. The CLI's generate/chat/eval and the web UI's chat load through this one function."""
+
+from __future__ import annotations
+
+
+def load_for_inference(model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
+                       lora_alpha: float | None = None, say: bool = True):
+    """`model`: a .pth/.safetensors/.st file or hf:// name; `adapter`: a run directory or adapter file;
+    `dtype`: auto | fp32 | bf16 (auto picks bf16 only where the device runs it fast; `say` prints that choice)."""
+    import torch
+
+    from ..model import load_model, pick_device
+    from ..model.hub import resolve_model_path
+    from ..ops.precision import choose_bf16
+
+    dev = pick_device(device, "--device")
+    dt = torch.bfloat16 if choose_bf16(dtype, dev.type, "--dtype", say=say) else torch.float32
+    loaded = load_model(resolve_model_path(model), dtype=dt, device=dev)
+    if adapter:
+        from ..adapters import load_adapter
+
+        loaded = load_adapter(loaded, adapter, lora_alpha=lora_alpha)
+    return loaded.eval()

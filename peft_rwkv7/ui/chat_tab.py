@@ -1,0 +1,121 @@
+"""Chat tab: a model with an adapter or tuned state, streaming replies, sampling controls, a system prompt, and
+A/B: the base model answers the same message with the same seed beside the tuned one.
+
+Calls what `rwkv-peft chat` calls: infer.load.load_for_inference (the model with --adapter), data.load_tokenizer,
+infer.chat.ChatSession (the conversation format training uses, its sampler and seed).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from ..errors import UserError
+from .app import error_html
+
+DEFAULT_MODEL = "data/demo/rwkv7-demo.pth"
+DEFAULT_ADAPTER = "runs/state_tune"
+
+
+def load(ui, model: str, adapter: str | None):
+    """The model (cached on the Ui: a second chat with it starts at once), as the CLI's --model/--adapter load it."""
+    from ..infer.load import load_for_inference
+
+    model, adapter = (model or "").strip(), (adapter or "").strip() or None
+    if not model:
+        raise UserError("model: give a model file (.pth, .st or an HF directory)")
+    key = ("chat", model, adapter)
+    if key not in ui.cache:
+        try:
+            ui.cache[key] = load_for_inference(model, adapter, dtype="fp32", say=False)
+        except (OSError, RuntimeError, ValueError) as e:  # as the CLI shows them: the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(first) from None
+    return ui.cache[key]
+
+
+def sessions(ui, cfg: tuple) -> dict:
+    """{"tuned": ChatSession, "base": ChatSession or absent} for (model, adapter, tokenizer, system, max_tokens,
+    temperature, top_p, seed, compare): both with the same seed, so A and B sample alike."""
+    from ..data import load_tokenizer
+    from ..infer.chat import ChatSession
+
+    model, adapter, tok, system, max_tokens, temperature, top_p, seed, compare = cfg
+    if ("tokenizer", tok) not in ui.cache:
+        ui.cache[("tokenizer", tok)] = load_tokenizer(tok or "world")
+    tokenizer = ui.cache[("tokenizer", tok)]
+    opts = {"system": (system or "").strip() or None, "max_tokens": int(max_tokens), "temperature": float(temperature),
+            "top_p": float(top_p), "seed": int(seed)}
+    out = {"tuned": ChatSession(load(ui, model, adapter), tokenizer, **opts)}
+    if compare:
+        out["base"] = ChatSession(load(ui, model, None), tokenizer, **opts)
+    return out
+
+
+def build(ui) -> None:
+    import gradio as gr
+
+    with gr.Row():
+        model = ui.label(gr.Textbox(DEFAULT_MODEL, label=ui.t("chat.model"), elem_id="chat-model"), "chat.model")
+        adapter = ui.label(gr.Textbox(DEFAULT_ADAPTER if Path(DEFAULT_ADAPTER).is_dir() else "",
+                                      label=ui.t("chat.adapter"), elem_id="chat-adapter"), "chat.adapter")
+        tokenizer = ui.label(gr.Textbox("world", label=ui.t("data.tokenizer"), elem_id="chat-tokenizer", scale=0,
+                                        min_width=120), "data.tokenizer")
+    with gr.Row():
+        system = ui.label(gr.Textbox(label=ui.t("chat.system"), elem_id="chat-system"), "chat.system")
+        compare = ui.label(gr.Checkbox(True, label=ui.t("chat.compare"), elem_id="chat-compare"), "chat.compare")
+    with gr.Row():
+        max_tokens = ui.label(gr.Number(64, precision=0, minimum=1, label=ui.t("chat.max_tokens"),
+                                        elem_id="chat-max-tokens"), "chat.max_tokens")
+        temperature = ui.label(gr.Slider(0, 2, 1.0, step=0.05, label=ui.t("chat.temperature"),
+                                         elem_id="chat-temperature"), "chat.temperature")
+        top_p = ui.label(gr.Slider(0.05, 1, 0.85, step=0.05, label=ui.t("chat.top_p"), elem_id="chat-top-p"),
+                         "chat.top_p")
+        seed = ui.label(gr.Number(0, precision=0, label=ui.t("chat.seed"), elem_id="chat-seed"), "chat.seed")
+    with gr.Row():
+        tuned_box = ui.label(gr.Chatbot(label=ui.t("chat.tuned"), elem_id="chat-tuned", height=320), "chat.tuned")
+        base_box = ui.label(gr.Chatbot(label=ui.t("chat.base"), elem_id="chat-base", height=320), "chat.base")
+    with gr.Row():
+        message = ui.label(gr.Textbox(label=ui.t("chat.message"), elem_id="chat-message", scale=4), "chat.message")
+        send = ui.label(gr.Button(ui.t("chat.send"), variant="primary", elem_id="chat-send", scale=0), "chat.send",
+                        "value")
+        clear = ui.label(gr.Button(ui.t("chat.clear"), elem_id="chat-clear", scale=0), "chat.clear", "value")
+    status = gr.HTML("", elem_id="chat-status")
+    state = gr.State(None)  # (config, sessions) of this browser tab
+
+    def on_send(text, held, *cfg):
+        cfg = tuple(cfg)
+        text = (text or "").strip()
+        if not text:
+            yield gr.update(), gr.update(), held, gr.update(), ""
+            return
+        try:
+            if held is None or held[0] != cfg:  # another model, adapter or setting: a new conversation
+                held = (cfg, sessions(ui, cfg))
+        except UserError as e:
+            yield gr.update(), gr.update(), None, gr.update(), error_html(str(e))
+            return
+        chats = held[1]
+        names = list(chats)
+        shown = {n: [*chats[n].messages, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+                 for n in names}
+        streams = {n: chats[n].ask(text) for n in names}
+        while streams:  # A and B stream side by side, a piece of each in turn
+            for n in list(streams):
+                piece = next(streams[n], None)
+                if piece is None:
+                    del streams[n]
+                    shown[n] = list(chats[n].messages)
+                else:
+                    shown[n][-1]["content"] += piece
+            yield shown["tuned"], shown.get("base", []), held, "", ""
+        stats = chats["tuned"].last
+        yield shown["tuned"], shown.get("base", []), held, "", html.escape(stats.describe())
+
+    def on_clear():
+        return [], [], None, ""
+
+    cfg = [model, adapter, tokenizer, system, max_tokens, temperature, top_p, seed, compare]
+    send.click(on_send, [message, state, *cfg], [tuned_box, base_box, state, message, status])
+    message.submit(on_send, [message, state, *cfg], [tuned_box, base_box, state, message, status])
+    clear.click(on_clear, None, [tuned_box, base_box, state, status])

@@ -1,0 +1,195 @@
+"""Training runs as the web UI sees them: run directories on disk, trainer processes started and stopped.
+
+Nothing here holds state the disk does not: a run's status comes from its directory (the run lock says
+whether a trainer is alive, the checkpoints and recipe.yaml say how far it got, log.jsonl holds every step),
+so a page opened later, or a restarted UI, finds running runs again. A trainer is the CLI itself
+(`python -m peft_rwkv7.cli train ...`) in its own process session: closing the page or the UI leaves it
+training; Stop sends it SIGINT, which is the CLI's Ctrl-C (a checkpoint of the last step, then exit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+from ..run_dir import list_checkpoints
+from ..train.runlock import held, holder_pid
+
+CONSOLE = "console.log"  # the trainer's stdout and stderr, appended run after run
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    status: str  # running | finished | stopped
+    method: str = "?"
+    objective: str = "sft"
+    max_steps: int = 0
+    step: int = 0  # the last logged step
+    checkpoint: int = 0  # the last complete checkpoint's step (what Resume continues from)
+    loss: float | None = None
+    eval_loss: float | None = None
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def read_log(run: Path) -> list[dict]:
+    """log.jsonl's records; a line being written (no newline yet) or broken is skipped."""
+    try:
+        text = (Path(run) / "log.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    out = []
+    for line in text.split("\n")[:-1]:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def read_recipe(run: Path) -> dict:
+    try:
+        data = yaml.safe_load((Path(run) / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def method_name(recipe: dict) -> str:
+    m = recipe.get("method") or {}
+    kind = str(m.get("kind", "?"))
+    extra = [x for x, on in (("state", m.get("state") and kind != "state"), (str(m.get("quant")),
+                                                                              m.get("quant") not in (None, "none")))
+             if on]
+    return "+".join([kind, *extra])
+
+
+def run_info(run: Path) -> RunInfo:
+    run = Path(run)
+    recipe = read_recipe(run)
+    records = read_log(run)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    saved = list_checkpoints(run)
+    max_steps = int((recipe.get("train") or {}).get("max_steps") or 0)
+    checkpoint = saved[-1][0] if saved else 0
+    if held(run):
+        status = "running"
+    elif max_steps and checkpoint >= max_steps:
+        status = "finished"
+    else:
+        status = "stopped"
+    return RunInfo(run, status, method_name(recipe), str((recipe.get("train") or {}).get("objective", "sft")),
+                   max_steps, steps[-1]["step"] if steps else 0, checkpoint,
+                   steps[-1]["loss"] if steps else None, evals[-1]["eval_loss"] if evals else None, records)
+
+
+def list_runs(runs_dir: Path) -> list[RunInfo]:
+    """Every run directory (one holding recipe.yaml) directly under `runs_dir`, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and (p / "recipe.yaml").is_file()]
+    found.sort(key=lambda p: (p / "recipe.yaml").stat().st_mtime, reverse=True)
+    return [run_info(p) for p in found]
+
+
+def eta_seconds(records: list[dict], max_steps: int) -> float | None:
+    """Seconds left at the pace of the last steps logged (wall clock of log.jsonl's records)."""
+    steps = [r for r in records if "loss" in r and "time" in r][-20:]
+    if len(steps) < 2 or steps[-1]["step"] <= steps[0]["step"]:
+        return None
+    per_step = (steps[-1]["time"] - steps[0]["time"]) / (steps[-1]["step"] - steps[0]["step"])
+    return max(0.0, per_step * (max_steps - steps[-1]["step"]))
+
+
+def console_tail(run: Path, lines: int = 12) -> str:
+    """The last lines the trainer printed (progress-bar redraws folded to their last state)."""
+    try:
+        with open(Path(run) / CONSOLE, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    shown = [ln.rsplit("\r", 1)[-1] for ln in text.replace("\r\n", "\n").split("\n")]
+    shown = [ln for ln in shown if ln.strip()]
+    return "\n".join(shown[-lines:])
+
+
+class Trainers:
+    """Trainer processes this UI started (reaped as they end); Stop works for any running run via its lock."""
+
+    def __init__(self) -> None:
+        self.procs: dict[Path, subprocess.Popen] = {}
+
+    def start(self, recipe: str, overrides: list[str], out_dir: Path, resume: bool = False,
+              cwd: Path | None = None) -> subprocess.Popen:
+        """`rwkv-peft train RECIPE OVERRIDES [--resume]` in its own session, output appended to out_dir/console.log."""
+        out_dir = Path(out_dir)
+        self.reap()
+        if held(out_dir):
+            raise UserError(f"{out_dir} is in use by another rwkv-peft train (pid {holder_pid(out_dir)}); wait for it "
+                            "or stop it, or train into another out_dir")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "peft_rwkv7.cli", "train", recipe, *overrides, *(["--resume"] if resume else [])]
+        with open(out_dir / CONSOLE, "ab") as log:
+            log.write(f"$ rwkv-peft train {' '.join([recipe, *overrides] + (['--resume'] if resume else []))}\n"
+                      .encode())
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=cwd, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.procs[out_dir.resolve()] = proc
+        return proc
+
+    def wait_started(self, out_dir: Path, timeout: float = 60.0) -> str:
+        """Until the trainer holds the lock ("running") or has already ended ("ended": read console.log)."""
+        proc = self.procs.get(Path(out_dir).resolve())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if held(out_dir):
+                return "running"
+            if proc is not None and proc.poll() is not None:
+                return "ended"
+            time.sleep(0.1)
+        return "starting"
+
+    def stop(self, out_dir: Path) -> bool:
+        """Ctrl-C for the run training in `out_dir` (it saves its last step and exits); False if none runs there."""
+        pid = holder_pid(out_dir)
+        if pid is None or not held(out_dir):
+            return False
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def reap(self) -> None:
+        for key, proc in list(self.procs.items()):
+            if proc.poll() is not None:
+                del self.procs[key]
+
+
+def delete_run(run: Path) -> None:
+    """Remove a run directory; refused while a trainer holds it or where it is not a run directory."""
+    run = Path(run)
+    if not (run / "recipe.yaml").is_file():
+        raise UserError(f"{run}: not a run directory (no recipe.yaml); nothing deleted")
+    if held(run):
+        raise UserError(f"{run}: a trainer is running there; stop it first")
+    shutil.rmtree(run)
