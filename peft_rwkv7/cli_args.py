@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: runs/<recipe name>)")
 
     ui = sub.add_parser("ui", help="the web UI: train, watch, chat, evaluate and export from a browser (extra [ui])")
-    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (another than this machine's needs --auth)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (any but this machine's needs --auth)")
     ui.add_argument("--port", type=_positive_int("--port"), default=7860, help="port to serve on")
     ui.add_argument("--runs", default="runs", help="directory the page lists runs of and trains into")
     ui.add_argument("--lang", choices=["en", "zh"], default="en", help="interface language (switchable on the page)")

@@ -24,3 +24,21 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         if m and (p.is_file() if m.group(2) else p.is_dir()):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """log.jsonl's records; a line still being written (no newline yet) or broken is skipped, so a running run
+    can be read at any moment."""
+    import json
+
+    try:
+        text = (Path(run_dir) / "log.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    out = []
+    for line in text.split("\n")[:-1]:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

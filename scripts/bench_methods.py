@@ -100,9 +100,9 @@ def train(adapted, tc, batch, steps: int) -> list[float]:
     import torch
 
     from peft_rwkv7.adapters import trainable_parameters
+    from peft_rwkv7.train.adalora import orth_penalty, update_and_allocate
     from peft_rwkv7.train.losses import sequence_loss_sum
     from peft_rwkv7.train.optim import build_optimizer
-    from peft_rwkv7.train.adalora import orth_penalty, update_and_allocate
     from peft_rwkv7.train.schedule import get_lr
 
     named = trainable_parameters(adapted)

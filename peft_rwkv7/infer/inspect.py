@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..model import infer_config, read_state_dict
-from ..run_dir import list_checkpoints
+from ..run_dir import list_checkpoints, read_log
 
 
 def describe_model(path: Path) -> dict:
@@ -53,7 +53,7 @@ def describe_run(path: Path) -> dict:
         info["max_steps"] = recipe.get("train", {}).get("max_steps")
         info["data"] = recipe.get("data", {}).get("path")
     if (path / "log.jsonl").is_file():
-        records = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines() if line.strip()]
+        records = read_log(path)
         steps = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval_loss" in r]
         if steps:

@@ -9,7 +9,6 @@ training; Stop sends it SIGINT, which is the CLI's Ctrl-C (a checkpoint of the l
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from ..run_dir import list_checkpoints
+from ..run_dir import list_checkpoints, read_log
 from ..train.runlock import held, holder_pid
 
 CONSOLE = "console.log"  # the trainer's stdout and stderr, appended run after run
@@ -44,21 +43,6 @@ class RunInfo:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def read_log(run: Path) -> list[dict]:
-    """log.jsonl's records; a line being written (no newline yet) or broken is skipped."""
-    try:
-        text = (Path(run) / "log.jsonl").read_text(encoding="utf-8")
-    except OSError:
-        return []
-    out = []
-    for line in text.split("\n")[:-1]:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def read_recipe(run: Path) -> dict:
