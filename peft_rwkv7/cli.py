@@ -133,6 +133,8 @@ def _cmd_eval(args) -> int:
         return _cmd_eval_longctx(args)
     if args.rewards:
         return _cmd_eval_rewards(args)
+    if args.pairs:
+        return _cmd_eval_pairs(args)
     tokenizer = load_tokenizer(args.tokenizer)
     data = load_eval_data(args.data, tokenizer, kind=args.kind, system=args.system, limit=args.limit)
     if args.lambada and data.masks is not None:
@@ -179,6 +181,30 @@ def _cmd_eval_rewards(args) -> int:
         for label, r in result.items():
             passes = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("pass@"))
             print(f"{label}: reward {r['reward']:.4f}  {passes}  ({r['prompts']} prompts)")
+    return 0
+
+
+def _cmd_eval_pairs(args) -> int:
+    """--pairs RECIPE: reward accuracy / margin of --data's preference pairs for --model + --adapter."""
+    from .data import load_tokenizer
+    from .train.preference import eval_pairs, needs_frozen_copy, pairs_recipe
+
+    recipe = pairs_recipe(args.pairs)  # before the model loads
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = _load_for_inference(args)
+    reference = None if args.adapter else model  # no adapter: the base model is its own reference
+    if args.adapter and needs_frozen_copy(recipe.method):  # trained in full: the base is the ref
+        reference = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": None}), say=False)
+    result = eval_pairs(args.pairs, args.data, model, tokenizer, reference)
+    if args.out:
+        from .infer.longctx import write_json
+
+        write_json(args.out, result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['objective']} (beta {result['beta']:g}): reward accuracy {result['reward_acc']:.4f}  margin "
+              f"{result['reward_margin']:.4f}  loss {result['loss']:.4f}  ({result['pairs']} pairs)")
     return 0
 
 

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     lx.add_argument("--rewards", default=None, metavar="SPEC", help="mean reward and pass@k of completions of "
                     "--data's prompts: SPEC is a GRPO recipe (train.grpo) or a rewards list '[{fn: numeric, column: "
                     "answer}]'")
+    lx.add_argument("--pairs", default=None, metavar="RECIPE", help="reward accuracy and margin on --data's "
+                    "preference pairs under RECIPE's objective (a DPO/ORPO/SimPO run's recipe.yaml), as training "
+                    "evaluates them; the policy is --model with --adapter")
     e.add_argument("--samples", type=_positive_int("--samples"), default=None,
                    help="--rewards: completions per prompt (1 = greedy; k: pass@1 and pass@k)")
     e.add_argument("--max-ctx", type=_positive_int("--max-ctx"), default=16384,

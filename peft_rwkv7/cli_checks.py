@@ -56,7 +56,7 @@ def _inspect(args) -> None:
 
 
 def eval_mode(args) -> str | None:
-    return next((_flag(m) for m in ("ctx_curve", "niah", "passkey", "rewards") if getattr(args, m)), None)
+    return next((_flag(m) for m in ("ctx_curve", "niah", "passkey", "rewards", "pairs") if getattr(args, m)), None)
 
 
 def _first_given(args, names: tuple[str, ...]) -> str | None:
@@ -76,8 +76,16 @@ def check_eval_flags(args) -> None:
         if args.data is None:
             raise UserError('--rewards needs --data: a jsonl file of prompts ({"prompt": ..., "answer": ...})')
         return
+    if mode == "--pairs":
+        if flag := _first_given(args, ("limit", "kind", "system", "compare", "plot", *GRID_FLAGS)) or (
+                args.lambada and "--lambada"):
+            raise UserError(f"{flag} does not apply to --pairs: it scores every pair of --data under the recipe")
+        if args.data is None:
+            raise UserError('--pairs needs --data: a jsonl file of pairs ({"prompt", "chosen", "rejected"})')
+        need_data("--pairs", args.pairs)
+        return
     if mode is not None and args.lambada:
-        raise UserError("--lambada does not combine with --ctx-curve, --niah, --passkey or --rewards")
+        raise UserError("--lambada does not combine with --ctx-curve, --niah, --passkey, --rewards or --pairs")
     if mode in ("--niah", "--passkey"):
         if flag := _first_given(args, ("data", "limit", "kind", "system")):
             raise UserError(f"{flag} does not apply to {mode}: its contexts come from --haystack (or built-in "

@@ -133,5 +133,33 @@ def evaluate_preference(objective: Objective, model, reference, data, micro_bsz:
     return {**dict(zip(METRICS, (sums / data.num_docs).tolist(), strict=True)), "pairs": data.num_docs}
 
 
-__all__ = ["METRICS", "preference_setup", "load_eval_pairs", "preference_backward", "evaluate_preference",
+__all__ = ["METRICS", "eval_pairs", "preference_setup", "load_eval_pairs", "preference_backward", "evaluate_preference",
            "pair_terms", "reference_logps", "frozen_reference", "needs_frozen_copy"]
+
+
+def pairs_recipe(recipe_path: str):
+    """The Recipe of `eval --pairs RECIPE`, refused in one line unless its objective is dpo, orpo or simpo."""
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    if recipe.train.objective not in ("dpo", "orpo", "simpo"):
+        raise UserError(f"--pairs {recipe_path}: train.objective is {recipe.train.objective}; reward accuracy on pairs "
+                        "needs a preference recipe (dpo, orpo or simpo: its objective and beta define the reward)")
+    return recipe
+
+
+def eval_pairs(recipe_path: str, data_path: str, model, tokenizer, reference=None) -> dict:
+    """`rwkv-peft eval --pairs RECIPE --data PAIRS`: METRICS of every pair of `data_path` for `model` (base +
+    adapter) under RECIPE's objective (its train.objective dpo/orpo/simpo, beta, ...; its data section renders the
+    pairs), as the trainer's held-out evaluation computes them. DPO's reference is `reference` when given (the
+    base model, for methods trained in full) else `model` with its method switched off."""
+    from ..data import make_dataset
+
+    recipe = pairs_recipe(recipe_path)
+    cfg = recipe.data.model_copy(update={"path": str(data_path), "eval_path": None, "eval_split": 0.0,
+                                         "kind": "preference"})
+    data = make_dataset(cfg, tokenizer, seed=recipe.train.seed, progress=False)
+    objective = Objective.from_config(recipe.train)
+    return {"objective": objective.name, "beta": objective.beta,
+            **evaluate_preference(objective, model, reference, data, recipe.train.micro_bsz, recipe.train.chunk_len)}
+

@@ -6,9 +6,8 @@ Calls: the CLI (`python -m peft_rwkv7.cli eval ... --json --out R.json [--plot P
 loading, infer.evaluate / infer.longctx.ctx_curve / infer.niah.needle_grid and the plots), and for the result
 table the CLI's own text tables (infer.longctx.format_ctx_curve, infer.niah.format_grid).
 
-Preference pairs: the CLI has no evaluation of reward accuracy on a pairs file (`eval --rewards` scores sampled
-completions of GRPO prompts, another thing); training a preference objective logs it at each eval step. The mode
-says so in one line instead of running anything.
+Preference pairs: `eval --pairs RUN/recipe.yaml --data PAIRS` (the adapter's run recipe gives the objective and
+beta that define the reward): reward accuracy and margin, as training's held-out evaluation computes them.
 """
 
 from __future__ import annotations
@@ -35,9 +34,6 @@ LABEL_KEYS = {"loss": "eval.mode.loss", "ctx": "eval.mode.ctx", "passkey": "eval
               "niah": "eval.mode.niah", "pairs": "eval.mode.pairs"}
 DEFAULT_MAX_CTX = 2048  # the CLI's 16384 takes long on a CPU; the grid's lengths are 1024, 2048, ... up to it
 POLL_S = 0.5
-PAIRS_NOTE = ("the CLI has no preference-pair evaluation: reward accuracy on pairs is measured by training with "
-              "train.objective dpo, orpo or simpo and data.eval_path (or data.eval_split), logged at each eval "
-              "step as eval_reward_acc in the run's log.jsonl")
 
 
 def mode_choices(lang: str) -> list[tuple[str, str]]:
@@ -46,7 +42,7 @@ def mode_choices(lang: str) -> list[tuple[str, str]]:
 
 def shown_inputs(mode: str) -> dict[str, bool]:
     """Which inputs a mode reads: --data (loss, ctx-curve), --compare and --max-ctx (the long-context modes)."""
-    return {"data": mode in ("loss", "ctx"), "compare": mode in MODE_FLAGS, "max_ctx": mode in MODE_FLAGS}
+    return {"data": mode in ("loss", "ctx", "pairs"), "compare": mode in MODE_FLAGS, "max_ctx": mode in MODE_FLAGS}
 
 
 def _number(value) -> str:
@@ -62,9 +58,13 @@ def eval_args(mode: str, model: str, adapter: str | None, data: str | None, comp
     flags it reads (the CLI refuses the others)."""
     if mode not in MODES:
         raise UserError(f"evaluation mode {mode!r}: expected one of {', '.join(MODES)}")
-    if mode == "pairs":
-        raise UserError(PAIRS_NOTE)
     args = ["eval", "--model", (model or "").strip()]
+    if mode == "pairs":
+        run = Path((adapter or "").strip())
+        if not (adapter or "").strip() or not (run / "recipe.yaml").is_file():
+            raise UserError("preference pairs: give the adapter as a DPO/ORPO/SimPO run directory (its recipe.yaml "
+                            "defines the reward: objective and beta)")
+        args += ["--pairs", str(run / "recipe.yaml")]
     if (adapter or "").strip():
         args += ["--adapter", adapter.strip()]
     if mode in MODE_FLAGS:
@@ -105,6 +105,10 @@ def result_markdown(mode: str, result: dict) -> str:
         acc = "n/a" if result.get("acc") is None else f"{result['acc']:.4f}"
         return ("| loss | ppl | tokens | acc |\n|---:|---:|---:|---:|\n"
                 f"| {result['loss']:.4f} | {result['ppl']:.3f} | {result['tokens']} | {acc} |")
+    if mode == "pairs":
+        return ("| objective | reward accuracy | reward margin | loss | pairs |\n|---|---:|---:|---:|---:|\n"
+                f"| {result['objective']} (beta {result['beta']:g}) | {result['reward_acc']:.4f} | "
+                f"{result['reward_margin']:.4f} | {result['loss']:.4f} | {result['pairs']} |")
     runs = result["runs"] if "runs" in result else [result]
     if mode == "ctx":
         from ..infer.longctx import format_ctx_curve

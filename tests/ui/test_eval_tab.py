@@ -36,12 +36,25 @@ def test_arguments_of_each_mode():
     assert args("niah") == ["eval", "--model", "m.pth", "--niah", "--max-ctx", "2048", "--json", "--out", "r.json",
                             "--plot", "p.png"]
     assert args("ctx", max_ctx=2.5)[6:8] == ["--max-ctx", "2.5"]  # for the CLI to refuse, as typed
-    with pytest.raises(Exception, match="no preference-pair evaluation"):
+    with pytest.raises(Exception, match="DPO/ORPO/SimPO run directory"):
         args("pairs")
     assert eval_tab.shown_inputs("loss") == {"data": True, "compare": False, "max_ctx": False}
     assert eval_tab.shown_inputs("niah") == {"data": False, "compare": True, "max_ctx": True}
     assert eval_tab.command_line(eval_tab.cli_command(args("ctx"))) == (
         "rwkv-peft eval --model m.pth --ctx-curve --data d.jsonl --max-ctx 2048 --json")
+
+
+def test_pairs_mode_reads_the_runs_recipe(tmp_path):
+    run = tmp_path / "dpo"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("train: {objective: dpo}\n")
+    got = eval_tab.eval_args("pairs", "m.pth", str(run), "p.jsonl", True, 2048, "r.json", "p.png")
+    assert got == ["eval", "--model", "m.pth", "--pairs", str(run / "recipe.yaml"), "--adapter", str(run), "--data",
+                   "p.jsonl", "--json", "--out", "r.json"]
+    from peft_rwkv7.cli_args import parse_args
+
+    parsed = parse_args(got)  # the CLI reads it as its --pairs mode
+    assert parsed.pairs == str(run / "recipe.yaml") and parsed.data == "p.jsonl" and parsed.compare is None
 
 
 def test_mode_labels_follow_the_language():
@@ -98,7 +111,7 @@ def test_bad_paths_show_the_cli_error_line(tmp_path):
     assert status == error_html("argument --max-ctx: --max-ctx must be a positive integer, got 0 "
                                 "(see: rwkv-peft eval --help)")
     status, _, _ = _last(eval_tab.on_run("pairs", str(MODEL), "", str(EVAL), False, 2048, LABEL))
-    assert status == error_html(eval_tab.PAIRS_NOTE) and "\n" not in status
+    assert "DPO/ORPO/SimPO run directory" in status and "\n" not in status
 
 
 def test_error_line_is_the_last_error_of_stderr():
