@@ -222,3 +222,45 @@ def test_chat_ab_answers_as_the_cli_does(page, workdir, request):
     assert base == cli_chat(workdir, None)
     assert tuned != base
     shot(request, page, "chat")
+
+
+def wait_value(pg, elem: str, part: str) -> str:
+    """The value of the text box inside #elem once it contains `part` (a text box's value is not its text)."""
+    js = (f"document.querySelector('#{elem} textarea, #{elem} input') && document.querySelector('#{elem} textarea, "
+          f"#{elem} input').value.includes({json.dumps(part)})")
+    pg.wait_for_function(js)
+    return pg.locator(f"#{elem}").locator("textarea, input").first.input_value()
+
+
+def test_data_evaluate_and_runs_tabs(page, workdir, request):
+    """Data: the demo file's summary; Evaluate: the loss the CLI's `eval --json` gives; Runs: a run's row and its
+    inspect summary."""
+    pg = page
+    pg.get_by_role("tab", name="Data").click()
+    pg.click("#data-open")
+    summary = wait_value(pg, "data-summary", "documents")
+    lines = (ROOT / "data/demo/ship_log.jsonl").read_text().splitlines()
+    assert "1960 documents" in summary, (summary, len(lines))  # 2000 records, 40 held out as the recipe's eval
+    assert pg.locator("#data-masks").inner_text().strip()
+    shot(request, pg, "data")
+
+    cli = subprocess.run([*CLI, "eval", "--model", "data/demo/rwkv7-demo.pth", "--data",
+                          "data/demo/ship_log_eval.jsonl", "--json"], cwd=workdir, capture_output=True, text=True,
+                         check=True)
+    loss = json.loads(cli.stdout)["loss"]
+    pg.get_by_role("tab", name="Evaluate").click()
+    pg.click("#eval-run")
+    pg.wait_for_selector("#eval-result:has-text('ppl')")
+    assert f"{loss:.4f}" in pg.inner_text("#eval-result")
+    shot(request, pg, "eval")
+
+    if not (workdir / "runs" / "tiny").is_dir():
+        subprocess.run([*CLI, "train", "state_tune", "train.max_steps=4", "out_dir=runs/tiny"], cwd=workdir,
+                       check=True, capture_output=True)
+    pg.get_by_role("tab", name="Runs").click()
+    pg.click("#runs-refresh")
+    pg.wait_for_selector("#runs-table:has-text('tiny')")
+    pg.locator("#runs-pick").locator("input").first.click()
+    pg.get_by_role("option", name="tiny").click()
+    wait_value(pg, "runs-inspect", "4 of 4")
+    shot(request, pg, "runs")
