@@ -20,10 +20,14 @@ DEFAULT_ADAPTER = "runs/state_tune"
 def load(ui, model: str, adapter: str | None):
     """The model (cached on the Ui: a second chat with it starts at once), as the CLI's --model/--adapter load it."""
     from ..infer.load import load_for_inference
+    from ..path_checks import need_model, need_path
 
     model, adapter = (model or "").strip(), (adapter or "").strip() or None
     if not model:
         raise UserError("model: give a model file (.pth, .st or an HF directory)")
+    need_model("--model", model)  # the CLI's checks of --model and --adapter, in its words
+    if adapter:
+        need_path("--adapter", adapter)
     key = ("chat", model, adapter)
     if key not in ui.cache:
         try:

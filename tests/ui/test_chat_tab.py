@@ -1,0 +1,50 @@
+"""The Chat tab's model loading and A/B sessions, without a browser (the browser test compares replies with the
+CLI's `generate --chat`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peft_rwkv7.errors import UserError
+from peft_rwkv7.ui.app import Ui
+from peft_rwkv7.ui.chat_tab import load, sessions
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = str(ROOT / "data/demo/rwkv7-demo.pth")
+
+
+def test_bad_model_paths_are_the_clis_one_line(tmp_path):
+    ui = Ui(tmp_path)
+    missing = str(tmp_path / "missing.pth")
+    cli = subprocess.run([sys.executable, "-m", "peft_rwkv7.cli", "chat", "--model", missing], capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL)
+    assert cli.returncode == 2
+    with pytest.raises(UserError) as e:
+        load(ui, missing, None)
+    assert cli.stderr.strip() == f"error: {e.value}"  # the same line the CLI prints
+    with pytest.raises(UserError) as e:
+        load(ui, MODEL, str(tmp_path / "no_run"))
+    assert "--adapter" in str(e.value) and "no_run" in str(e.value)
+    not_model = tmp_path / "notes.pth"
+    not_model.write_text("not a checkpoint")
+    with pytest.raises(UserError) as e:
+        load(ui, str(not_model), None)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="model"):
+        load(ui, "  ", None)
+
+
+def test_a_and_b_share_seed_and_settings_and_the_model_is_cached(tmp_path):
+    ui = Ui(tmp_path)
+    cfg = (MODEL, "", "world", "Be brief.", 12, 1.0, 0.85, 7, True)
+    chats = sessions(ui, cfg)
+    assert set(chats) == {"tuned", "base"}
+    # without an adapter A and B are the same model: the same seed must give the same reply, token for token
+    a, b = "".join(chats["tuned"].ask("Where are we?")), "".join(chats["base"].ask("Where are we?"))
+    assert a == b
+    assert chats["tuned"].model is chats["base"].model  # loaded once, kept on the Ui
+    assert list(sessions(ui, cfg[:-1] + (False,))) == ["tuned"]
