@@ -92,6 +92,9 @@ def test_invalid_value_names_its_field_with_the_cli_message():
     assert cli.returncode != 0 and cli.stderr.strip() == f"error: {err}"
     assert key == "train.grpo.top_p" and extra == []  # not train.grpo nor train: the longest key named
     raw = raw_of(specs, form.recipe_values(STATE))
+    raw[keys.index("train.lr_final")] = "abc"  # the message names train.lr_final, which contains train.lr
+    assert form.check(STATE, specs, raw)[2] == "train.lr_final"
+    raw = raw_of(specs, form.recipe_values(STATE))
     raw[keys.index("train.beta")] = "[unclosed"
     assert form.check(STATE, specs, raw)[2] == "train.beta"
 
