@@ -109,7 +109,9 @@ def build(ui) -> None:
                 piece = next(streams[n], None)
                 if piece is None:
                     del streams[n]
-                    shown[n] = list(chats[n].messages)
+                    shown[n] = [dict(m) for m in chats[n].messages]
+                    if not shown[n][-1]["content"]:  # said so, not an empty bubble
+                        shown[n][-1]["content"] = ui.t("chat.empty")
                 else:
                     shown[n][-1]["content"] += piece
             yield shown["tuned"], shown.get("base", []), held, "", ""

@@ -39,6 +39,7 @@ EN: dict[str, str] = {
     "chat.max_tokens": "Max new tokens", "chat.temperature": "Temperature", "chat.top_p": "Top-p", "chat.seed": "Seed",
     "chat.message": "Message", "chat.send": "Send", "chat.clear": "Clear", "chat.load": "Load model",
     "chat.tuned": "Tuned (model + adapter)", "chat.base": "Base model", "chat.loaded": "loaded {what}",
+    "chat.empty": "(no reply: the model ended its turn at once)",
     # evaluate
     "eval.model": "Model (.pth)", "eval.adapter": "Adapter or state (run directory or file)",
     "eval.data": "Data file", "eval.mode": "Evaluation",
@@ -100,6 +101,7 @@ ZH: dict[str, str] = {
     "chat.max_tokens": "最多生成 token 数", "chat.temperature": "温度", "chat.top_p": "Top-p", "chat.seed": "随机种子",
     "chat.message": "消息", "chat.send": "发送", "chat.clear": "清空", "chat.load": "载入模型",
     "chat.tuned": "微调后（模型 + 适配器）", "chat.base": "基础模型", "chat.loaded": "已载入 {what}",
+    "chat.empty": "（无回复：模型立即结束了这一轮）",
     "eval.model": "模型（.pth）", "eval.adapter": "适配器或状态（运行目录或文件）",
     "eval.data": "数据文件", "eval.mode": "评测项目",
     "eval.mode.loss": "损失 / 困惑度", "eval.mode.ctx": "按上下文长度的损失",

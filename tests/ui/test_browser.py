@@ -219,7 +219,8 @@ def test_chat_ab_answers_as_the_cli_does(page, workdir, request):
     tuned = " ".join(page.locator("#chat-tuned [data-testid=bot]").last.inner_text().split())
     base = " ".join(page.locator("#chat-base [data-testid=bot]").last.inner_text().split())
     assert tuned and tuned == cli_chat(workdir, run)
-    assert base == cli_chat(workdir, None)
+    # the demo base model is no chat model: it ends its turn at once, which the page says instead of an empty bubble
+    assert base == (cli_chat(workdir, None) or "(no reply: the model ended its turn at once)")
     assert tuned != base
     shot(request, page, "chat")
 
