@@ -4,8 +4,10 @@ sampler infer/sampler.py.
 
 One generation batch = the step's prompts (micro_bsz x grad_accum per process), G completions each, sampled
 with the method on (eval mode), each prompt's from a generator seeded by (train.seed, generation index, its global
-sample number): the rollouts are a pure function of the weights and the step, the same however the step is split
-into micro-batches and processes, and nothing random needs saving for an exact resume. The
+sample number): a prompt's random numbers are the same however the step is split into micro-batches and processes,
+and nothing random needs saving for an exact resume. The rollouts are the same wherever the sampler's batches hold the
+same prompts (each rank's micro-batches as one process's): the logits of a batched step round differently with its
+number of rows (CPU GEMM), which now and then turns a draw on a CDF boundary into the neighbouring token. The
 log-probs in the ratio are recomputed by the training forward over prompt + completion; the sampler's own
 (plain softmax) log-probs are only compared with them (`logp_gap`). With num_iterations mu > 1 the rollouts
 of generation g = step // mu serve mu optimizer steps; they are kept (and checkpointed) with the policy's
@@ -42,7 +44,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def _generator(seed: int, gen: int, sample: int, device: torch.device) -> torch.Generator:
     """The generator of one prompt's completions: seeded by (train.seed, generation index, the prompt's global
-    sample number), so the rollouts are the same however a step's prompts are split into micro-batches and
+    sample number), so its draws are the same however a step's prompts are split into micro-batches and
     processes (integers only: Python's hash of a tuple of ints is the same in every process)."""
     g = torch.Generator(device=device)
     g.manual_seed(hash((seed, SEED_STREAM, gen, sample)) & (2**63 - 1))
