@@ -48,7 +48,7 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
 
 def log(out: Path) -> list[dict]:
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in records]
 
 
 def nonzero_e(tensors: dict[str, torch.Tensor]) -> dict[str, int]:

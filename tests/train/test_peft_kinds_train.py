@@ -29,7 +29,7 @@ KINDS = {
 
 def _losses(out: Path) -> list[dict]:
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records if "loss" in r]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in records if "loss" in r]
 
 
 @pytest.mark.parametrize("name", list(KINDS))
