@@ -81,7 +81,9 @@ def plot_frame(out_dir: str):
                 rows.append((r["step"], r["loss"], "train"))
             if "eval_loss" in r:
                 rows.append((r["step"], r["eval_loss"], "eval"))
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    if not rows:  # None, not an empty frame: a plot first drawn empty never draws its coloured lines (gradio 6)
+        return None
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 
 def save_yaml(recipe: str, extra: list[str], path: str) -> str:

@@ -139,7 +139,8 @@ def test_start_stop_kill_resume_finish_from_the_form(page, workdir, request):
     first = wait_progress(pg, lambda p: p["status"] == "running" and p["points"] >= 3, "a running run with points")
     later = wait_progress(pg, lambda p: p["points"] > first["points"], "the loss plot gaining points")
     assert later["step"] > first["step"]
-    assert pg.locator("#train-plot canvas, #train-plot svg").count() > 0
+    # the loss line is drawn in its colour (a plot first drawn from an empty frame has stroke-less paths)
+    pg.wait_for_selector("#train-plot .mark-line path[stroke]")
     pg.click("#train-stop")
     stopped = wait_progress(pg, lambda p: p["status"] == "stopped", "the stopped run")
     run = workdir / "runs" / "state_tune"
