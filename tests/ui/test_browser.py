@@ -123,7 +123,7 @@ def set_field(pg, key: str, value: str) -> None:
     box.press("Tab")
 
 
-def test_start_stop_kill_resume_finish_from_the_form(page, workdir, request):
+def test_start_stop_kill_resume_finish_from_the_form(page, workdir, request, browser, server):
     """A state-tuning run of the demo recipe started from the form with two keys changed: the loss plot gains
     points, Stop (Ctrl-C) keeps a checkpoint, Resume continues; the trainer killed with SIGKILL shows as stopped
     with its last checkpoint and Resume finishes it: log.jsonl then holds every step once, as one run."""
@@ -139,6 +139,12 @@ def test_start_stop_kill_resume_finish_from_the_form(page, workdir, request):
     first = wait_progress(pg, lambda p: p["status"] == "running" and p["points"] >= 3, "a running run with points")
     later = wait_progress(pg, lambda p: p["points"] > first["points"], "the loss plot gaining points")
     assert later["step"] > first["step"]
+    other = browser.new_page()  # a tab opened later (the first one could be closed) finds the run training
+    other.set_default_timeout(TIMEOUT)
+    other.goto(server[0])
+    other.wait_for_selector("#train-start")
+    assert wait_progress(other, lambda p: p["status"] == "running", "the run in a new tab")["step"] >= later["step"]
+    other.close()
     # the loss line is drawn in its colour (a plot first drawn from an empty frame has stroke-less paths)
     pg.wait_for_selector("#train-plot .mark-line path[stroke]")
     pg.click("#train-stop")
