@@ -195,7 +195,7 @@ def _cmd_eval_pairs(args) -> int:
     reference = None if args.adapter else model  # no adapter: the base model is its own reference
     if args.adapter and needs_frozen_copy(recipe.method):  # trained in full: the base is the ref
         reference = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": None}), say=False)
-    result = eval_pairs(args.pairs, args.data, model, tokenizer, reference)
+    result = eval_pairs(recipe, args.data, model, tokenizer, reference)
     if args.out:
         from .infer.longctx import write_json
 

@@ -49,11 +49,15 @@ def load_eval_pairs(recipe, data, tokenizer, dist, vocab_size: int):
                         f"({{prompt, chosen, rejected}}); {recipe.data.path} is not (set data.kind: preference)")
     if not recipe.data.eval_path:
         return None
-    cfg = recipe.data.model_copy(update={"path": recipe.data.eval_path, "eval_path": None, "eval_split": 0.0,
-                                         "kind": "preference"})  # every pair of the eval file is scored
+    cfg = pairs_config(recipe.data, recipe.data.eval_path)
     return main_first(dist, lambda build: make_dataset(cfg, tokenizer, seed=recipe.train.seed, vocab_size=vocab_size,
                                                        progress=False, build=build),
                       what=f"tokenizing {recipe.data.eval_path}")
+
+
+def pairs_config(data, path):
+    """The recipe's data section reading `path` as preference pairs, every pair scored (no held-out part)."""
+    return data.model_copy(update={"path": str(path), "eval_path": None, "eval_split": 0.0, "kind": "preference"})
 
 
 def needs_frozen_copy(method) -> bool:
@@ -133,10 +137,6 @@ def evaluate_preference(objective: Objective, model, reference, data, micro_bsz:
     return {**dict(zip(METRICS, (sums / data.num_docs).tolist(), strict=True)), "pairs": data.num_docs}
 
 
-__all__ = ["METRICS", "eval_pairs", "preference_setup", "load_eval_pairs", "preference_backward", "evaluate_preference",
-           "pair_terms", "reference_logps", "frozen_reference", "needs_frozen_copy"]
-
-
 def pairs_recipe(recipe_path: str):
     """The Recipe of `eval --pairs RECIPE`, refused in one line unless its objective is dpo, orpo or simpo."""
     from .recipe import load_recipe
@@ -148,18 +148,19 @@ def pairs_recipe(recipe_path: str):
     return recipe
 
 
-def eval_pairs(recipe_path: str, data_path: str, model, tokenizer, reference=None) -> dict:
+def eval_pairs(recipe, data_path: str, model, tokenizer, reference=None) -> dict:
     """`rwkv-peft eval --pairs RECIPE --data PAIRS`: METRICS of every pair of `data_path` for `model` (base +
-    adapter) under RECIPE's objective (its train.objective dpo/orpo/simpo, beta, ...; its data section renders the
-    pairs), as the trainer's held-out evaluation computes them. DPO's reference is `reference` when given (the
-    base model, for methods trained in full) else `model` with its method switched off."""
+    adapter) under `recipe`'s objective (a Recipe from pairs_recipe: its train.objective, beta, ...; its data
+    section renders the pairs), as the trainer's held-out evaluation computes them. DPO's reference is
+    `reference` when given (the base model, for methods trained in full) else `model` with its method off."""
     from ..data import make_dataset
 
-    recipe = pairs_recipe(recipe_path)
-    cfg = recipe.data.model_copy(update={"path": str(data_path), "eval_path": None, "eval_split": 0.0,
-                                         "kind": "preference"})
-    data = make_dataset(cfg, tokenizer, seed=recipe.train.seed, progress=False)
+    data = make_dataset(pairs_config(recipe.data, data_path), tokenizer, seed=recipe.train.seed, progress=False)
     objective = Objective.from_config(recipe.train)
     return {"objective": objective.name, "beta": objective.beta,
             **evaluate_preference(objective, model, reference, data, recipe.train.micro_bsz, recipe.train.chunk_len)}
 
+
+__all__ = ["METRICS", "eval_pairs", "pairs_recipe", "pairs_config", "preference_setup", "load_eval_pairs",
+           "preference_backward", "evaluate_preference", "pair_terms", "reference_logps", "frozen_reference",
+           "needs_frozen_copy"]

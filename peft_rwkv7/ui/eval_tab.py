@@ -59,14 +59,14 @@ def eval_args(mode: str, model: str, adapter: str | None, data: str | None, comp
     if mode not in MODES:
         raise UserError(f"evaluation mode {mode!r}: expected one of {', '.join(MODES)}")
     args = ["eval", "--model", (model or "").strip()]
+    adapter = (adapter or "").strip()
     if mode == "pairs":
-        run = Path((adapter or "").strip())
-        if not (adapter or "").strip() or not (run / "recipe.yaml").is_file():
+        if not adapter or not (Path(adapter) / "recipe.yaml").is_file():
             raise UserError("preference pairs: give the adapter as a DPO/ORPO/SimPO run directory (its recipe.yaml "
                             "defines the reward: objective and beta)")
-        args += ["--pairs", str(run / "recipe.yaml")]
-    if (adapter or "").strip():
-        args += ["--adapter", adapter.strip()]
+        args += ["--pairs", str(Path(adapter) / "recipe.yaml")]
+    if adapter:
+        args += ["--adapter", adapter]
     if mode in MODE_FLAGS:
         args.append(MODE_FLAGS[mode])
     if shown_inputs(mode)["data"]:

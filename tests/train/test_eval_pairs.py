@@ -33,7 +33,8 @@ def test_pairs_equal_the_trainers_held_out_evaluation(dpo_run):
     got = json.loads(run("eval", "--model", "data/demo/rwkv7-demo.pth", "--adapter", str(dpo_run), "--data",
                          "data/demo/ship_log_prefs_eval.jsonl", "--pairs", str(dpo_run / "recipe.yaml"),
                          "--json").stdout)
-    assert got["objective"] == "dpo" and got["pairs"] == logged[-1]["eval_pairs"]
+    every = len((ROOT / "data/demo/ship_log_prefs_eval.jsonl").read_text().splitlines())
+    assert got["objective"] == "dpo" and got["pairs"] == logged[-1]["eval_pairs"] == every  # every pair, none held out
     # the same pairs, weights and objective: equal up to fp32 summation order (batches of the same size)
     for k in ("reward_acc", "reward_margin", "loss", "chosen_logp", "rejected_logp"):
         assert got[k] == pytest.approx(logged[-1][f"eval_{k}"], rel=1e-4, abs=1e-5), k
@@ -47,7 +48,7 @@ def test_base_model_has_no_dpo_margin(dpo_run):
     assert got["reward_margin"] == 0 and got["reward_acc"] == 0.5  # every pair a tie: one half each
 
 
-def test_pairs_refusals_are_one_line(tmp_path):
+def test_pairs_refusals_are_one_line():
     bad = run("eval", "--model", "data/demo/rwkv7-demo.pth", "--data", "data/demo/ship_log_prefs_eval.jsonl",
               "--pairs", "recipes/state_tune.yaml", check=False)
     assert bad.returncode == 2 and "preference recipe" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
