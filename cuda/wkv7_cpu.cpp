@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -381,6 +382,20 @@ void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor
   });
 }
 
+// How many threads at::parallel_for gives `n` items in this library. ATen's parallel_for is a header
+// template: with torch's OpenMP backend it is a `#pragma omp parallel` compiled into the caller, so a
+// library built without -fopenmp runs it as a serial loop (1 here, whatever torch.get_num_threads()).
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int> most{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num() + 1;
+    int seen = most.load();
+    while (id > seen && !most.compare_exchange_weak(seen, id)) {
+    }
+  });
+  return most.load();
+}
+
 // rnn_step_cpu.cpp
 torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x);
 torch::Tensor vecmat(const torch::Tensor& x, const torch::Tensor& weight);
@@ -391,5 +406,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &wkv7_backward, "WKV7 backward (fp32, writes every input gradient and dL/dS_0)");
   m.def("matvec", &matvec, "one row times a contiguous [out, in] fp32/bf16 weight (batch-1 generation)");
   m.def("vecmat", &vecmat, "one row times a contiguous [in, out] fp32 weight (batch-1 generation)");
+  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for runs on in this library (a check)");
   m.def("wkv7_step", &wkv7_step, "WKV7 update of one token, no autograd (fp32; returns y and the new state)");
 }

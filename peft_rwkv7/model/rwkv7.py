@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import linear, matmul, wkv7, wkv7_step
-from ..ops.linear_ce import linear_cross_entropy
+from ..ops.linear_ce import Workspace, linear_cross_entropy
 from .config import RWKV7Config
 
 LN_EPS = 1e-5
@@ -41,9 +41,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T; with `labels` (x.shape[:-1], -100 = ignored) the per-token NLL of the labels under
-        those logits instead, fused and chunked (ops.linear_ce: the logits are never all held)."""
+        those logits instead, fused and chunked (ops.linear_ce: the logits are never all held; the chunk
+        buffers are kept between calls, scratch only)."""
         if labels is not None:
-            return linear_cross_entropy(x, self.weight, labels)
+            ws = self.__dict__.get("_ce_workspace")
+            if ws is None:
+                ws = self.__dict__["_ce_workspace"] = Workspace()
+            return linear_cross_entropy(x, self.weight, labels, workspace=ws)
         return linear(x, self.weight)
 
 

@@ -17,6 +17,7 @@ on two cores; later processes load the built library directly.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from .build import load_extension
 
-__all__ = ["is_available", "matvec", "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
+__all__ = ["is_available", "kernel_threads", "matvec", "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
 
 CHUNK = 16  # steps between stored states; must match kChunk in wkv7_cpu.cpp
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
@@ -35,9 +36,22 @@ _KERNELS = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
 _SOURCES = (_KERNELS / "wkv7_cpu.cpp", _KERNELS / "rnn_step_cpu.cpp")
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
-# Threads come from torch (at::parallel_for); OpenMP is used only for its `omp simd` vectorisation
-# pragmas, which -fopenmp-simd enables without linking an OpenMP runtime.
-_CFLAGS = ["-O3", "-fopenmp-simd"]
+# Threads come from torch: at::parallel_for splits the (batch, head) sequences. With torch's OpenMP
+# backend (Linux wheels) at::parallel_for is a `#pragma omp parallel` compiled into this library, so it
+# is built with -fopenmp; the linked libgomp.so.1 resolves at load time to the one torch has already
+# loaded (same soname: one runtime, one thread pool). Without -fopenmp the kernels would run on one
+# thread whatever torch.get_num_threads() says (they did until issue 23: half the speed on 2 cores).
+_CFLAGS_SERIAL = ["-O3", "-fopenmp-simd"]  # `omp simd` vectorisation only, no OpenMP runtime
+_CFLAGS_OPENMP = ["-O3", "-fopenmp"]
+
+
+def _build_flags() -> list[dict]:
+    """load_extension keyword sets to try in order: OpenMP where torch runs on OpenMP, then serial."""
+    serial = {"extra_cflags": _CFLAGS_SERIAL}
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        return [{"extra_cflags": _CFLAGS_OPENMP, "extra_ldflags": ["-fopenmp"]}, serial]
+    return [serial]
+
 
 Alloc = Callable[[tuple[int, ...]], torch.Tensor]
 
@@ -49,21 +63,28 @@ def _empty(shape: tuple[int, ...]) -> torch.Tensor:
 @functools.lru_cache(maxsize=1)
 def _extension() -> ModuleType | None:
     """Build (or load from the kernel cache) the extension once per process; None on failure."""
-    try:
-        return load_extension(
-            "peft_rwkv7_wkv7_cpu",
-            _SOURCES,
-            "the CPU kernels, about a minute",
-            extra_cflags=_CFLAGS,
-        )
-    except Exception as e:  # any build or load failure means "not available", never a crash
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(
-            f"wkv7: the CPU kernel could not be built, using the reference op instead ({reason})",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+    flag_sets = _build_flags()
+    for i, flags in enumerate(flag_sets):
+        try:
+            return load_extension("peft_rwkv7_wkv7_cpu", _SOURCES, "the CPU kernels, about a minute", **flags)
+        except Exception as e:  # any build or load failure means "not available", never a crash
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if i + 1 < len(flag_sets):
+                warnings.warn(f"wkv7: the CPU kernel could not be built with OpenMP ({reason}); building it "
+                              "single-threaded instead", RuntimeWarning, stacklevel=3)
+                continue
+            warnings.warn(
+                f"wkv7: the CPU kernel could not be built, using the reference op instead ({reason})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return None
+
+
+def kernel_threads() -> int:
+    """How many threads the CPU kernels split their work over in this process (torch.get_num_threads()
+    when the extension is built with OpenMP; 1 for a single-threaded build)."""
+    return int(_ext("kernel_threads").parallel_threads(1 << 16))
 
 
 def is_available(device: torch.device) -> bool:

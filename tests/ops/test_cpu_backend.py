@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import pytest
 import torch
@@ -136,6 +137,46 @@ def test_default_allocator_gives_identical_results():
     a = fwd_bwd(kernel, inputs, state)
     b = fwd_bwd(cpu.wkv7_cpu, inputs, state)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture
+def threads():
+    """Set torch's intra-op threads for one test, restored after it."""
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+openmp_linux = pytest.mark.skipif(
+    not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")),
+    reason="torch without its OpenMP backend (or not Linux): the kernels are built single-threaded there")
+
+
+@openmp_linux
+def test_the_kernels_split_work_over_torchs_threads(threads):
+    # ATen's parallel_for is compiled into the extension: built without OpenMP it is a serial loop.
+    threads(2)
+    assert cpu.kernel_threads() == 2
+    threads(1)
+    assert cpu.kernel_threads() == 1
+
+
+@openmp_linux
+def test_one_openmp_runtime_in_the_process():
+    cpu.kernel_threads()  # the extension is loaded
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) <= 1, f"two OpenMP runtimes loaded: {sorted(gomp)}"
+
+
+def test_threads_give_bitwise_the_single_thread_results(threads):
+    """Sequences are independent: splitting them over threads changes no bit (a race would)."""
+    inputs, state = wkv_inputs(3, 40, 4, 32, seed=7, with_state=True)
+    threads(1)
+    one = fwd_bwd(kernel, inputs, state)
+    threads(2)
+    two = fwd_bwd(kernel, inputs, state)
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
 
 
 def test_auto_uses_the_cpu_kernel():

@@ -130,3 +130,46 @@ def test_shapes_are_checked():
     out = linear_cross_entropy(torch.zeros(2, 3, 8), torch.zeros(10, 8), torch.zeros(2, 3, dtype=torch.long))
     assert out.shape == (2, 3)
     assert torch.allclose(out, torch.full((2, 3), math.log(10)))  # uniform logits: NLL = log V
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_shared_workspace_changes_no_bit_even_between_forward_and_backward(bf16):
+    """Two losses through one workspace, both backwards after both forwards (as DPO's chosen and rejected
+    do): the same NLL and gradients, bit for bit, as with a fresh workspace each (nothing saved for
+    backward may point into the reused buffers)."""
+    from peft_rwkv7.ops.linear_ce import Workspace
+
+    (h1, w, y1, g1), (h2, _, y2, g2) = _problem(seed=1), _problem(seed=2)
+
+    def run(shared):
+        ws = Workspace() if shared else None
+        hs = [h1.clone().requires_grad_(), h2.clone().requires_grad_()]
+        wt = w.clone().requires_grad_()  # a trained head: per-row weights make backward recompute chunks
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            nlls = [linear_cross_entropy(h, wt, y, chunk_elements=70 * 3000, workspace=ws)
+                    for h, y in zip(hs, (y1, y2))]
+        ((nlls[0] * g1).sum() + (nlls[1] * g2).sum()).backward()
+        return [n.detach() for n in nlls] + [hs[0].grad, hs[1].grad, wt.grad], ws
+
+    fresh, _ = run(False)
+    shared, ws = run(True)
+    for a, b in zip(fresh, shared):
+        assert torch.equal(a, b)
+    # the buffers were made once: a third call takes the same memory
+    bufs = {k: t.data_ptr() for k, t in ws._bufs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.no_grad():
+        linear_cross_entropy(h1, w, y1, chunk_elements=70 * 3000, workspace=ws)
+    assert {k: t.data_ptr() for k, t in ws._bufs.items()} == bufs
+
+
+def test_the_models_head_keeps_its_workspace():
+    from tests.conftest import make_model
+
+    model = make_model(seed=0, n_layer=1, n_embd=32, head_size=16)
+    idx = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.token_nll(idx, idx)[0].sum().backward()
+    ws = model.head._ce_workspace
+    ptrs = [t.data_ptr() for t in ws._bufs.values()]
+    model.token_nll(idx, idx)[0].sum().backward()
+    assert model.head._ce_workspace is ws and [t.data_ptr() for t in ws._bufs.values()] == ptrs
+    assert "_ce_workspace" not in "".join(model.state_dict())
