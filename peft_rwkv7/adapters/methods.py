@@ -18,8 +18,10 @@ from torch import nn
 
 from ..errors import UserError
 from ..model import RWKV7
+from ..model.rwkv7 import Linear
 from .config import PEFT_TUNERS, PROJECTIONS, MethodConfig, part_of
 from .disha import BatLinear
+from .fused_lora import FusedLoraLinear
 from .quant import quantize_linear, quantized_bytes
 
 # Randomized SVD (svd_niter > 0) draws a random test matrix: a fixed seed makes PiSSA's start
@@ -248,6 +250,7 @@ def attach(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, use_dora=cfg.use_dora,
             use_rslora=cfg.use_rslora, init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
         )
+        lc._register_custom_module({Linear: FusedLoraLinear})  # peft's LoRA Linear, its sum in one GEMM
         inject_adapter_in_model(lc, model)
         if cfg.init == "eva":
             _eva_start(model, cfg, target_names, batches)

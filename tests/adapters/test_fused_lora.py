@@ -1,0 +1,107 @@
+"""adapters/fused_lora.py: the LoRA sum in one GEMM against peft's own LoRA forward (the oracle: peft's
+`result + lora_B(lora_A(x)) * scaling`, run on the same module) and against an fp64 formula.
+
+fp32 bound: the fused and plain results are both the same two products (x W^T, (x A^T) B^T) summed once;
+they differ by where the scaling and the final add round, at most a few ulps of the terms' magnitudes,
+so 8 * 2^-24 of (|x| |W|^T + s |x A^T| |B|^T) per element bounds both against fp64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
+
+from peft_rwkv7.adapters import MethodConfig, attach, disable_adapter
+from peft_rwkv7.adapters.fused_lora import FusedLoraLinear
+from tests.conftest import make_model
+
+U = 2.0**-24
+
+
+def _adapted(**method):
+    model = make_model(seed=0, n_layer=1, n_embd=64, head_size=16)
+    adapted = attach(model, MethodConfig(kind="lora", r=4, alpha=8, **method))
+    lin = model.blocks[0].ffn.key
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B is zero at init: give the low-rank term a size
+        for p in (lin.lora_A["default"].weight, lin.lora_B["default"].weight):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return adapted, lin
+
+
+def _run(lin, cls, x, gy, amp=False):
+    lin.__class__ = cls
+    try:
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = lin(xx)
+        (y.float() * gy).sum().backward()
+        a, b = lin.lora_A["default"].weight, lin.lora_B["default"].weight
+        out = [y.detach().float(), xx.grad, a.grad.clone(), b.grad.clone()]
+        a.grad = b.grad = None
+        return out
+    finally:
+        lin.__class__ = FusedLoraLinear
+
+
+def test_the_models_linears_get_the_fused_layer():
+    adapted, lin = _adapted()
+    model = adapted.model if hasattr(adapted, "model") else adapted
+    assert type(lin) is FusedLoraLinear and isinstance(lin, PeftLoraLinear)
+    assert all(type(model.blocks[0].att.get_submodule(n)) is FusedLoraLinear
+               for n in ("receptance", "key", "value", "output"))
+
+
+def test_fused_equals_peft_and_the_fp64_formula():
+    _, lin = _adapted()
+    g = torch.Generator().manual_seed(2)
+    x, gy = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, lin.out_features, generator=g)
+    fused, plain = _run(lin, FusedLoraLinear, x, gy), _run(lin, PeftLoraLinear, x, gy)
+    w = lin.base_layer.weight.double()
+    a, b = lin.lora_A["default"].weight.double(), lin.lora_B["default"].weight.double()
+    s = lin.scaling["default"]
+    x64 = x.double()
+    y64 = x64 @ w.t() + s * (x64 @ a.t()) @ b.t()
+    mag = x64.abs() @ w.abs().t() + s * (x64.abs() @ a.abs().t()) @ b.abs().t()
+    for got in (fused[0], plain[0]):
+        assert ((got.double() - y64).abs() <= 8 * U * mag + 1e-30).all()
+    # gradients: the same products in both; peft's scales the [tokens, out] gradient before the thin GEMMs,
+    # the fused one after them: a few ulps of each product
+    for name, f, p in zip(("dx", "dA", "dB"), fused[1:], plain[1:]):
+        assert (f - p).abs().max() <= 64 * U * p.abs().max(), name
+    # and they are the gradients of the formula: dB = s (x A^T)^T gy summed over tokens
+    db64 = s * (gy.double().reshape(-1, gy.shape[-1]).t() @ (x64 @ a.t()).reshape(-1, a.shape[0]))
+    assert (fused[3].double() - db64).abs().max() <= 64 * U * db64.abs().max()
+
+
+def test_fused_equals_peft_under_bf16_autocast():
+    _, lin = _adapted()
+    g = torch.Generator().manual_seed(3)
+    x, gy = torch.randn(3, 5, 64, generator=g), torch.randn(3, 5, lin.out_features, generator=g)
+    fused, plain = _run(lin, FusedLoraLinear, x, gy, amp=True), _run(lin, PeftLoraLinear, x, gy, amp=True)
+    # bf16 products both; peft rounds the low-rank term to bf16 before adding, the fused GEMM once after
+    ub = 2.0**-8
+    for name, f, p in zip(("y", "dx", "dA", "dB"), fused, plain):
+        assert (f - p).abs().max() <= 4 * ub * p.abs().max(), name
+
+
+@pytest.mark.parametrize("case", ["dropout", "disabled", "dora"])
+def test_every_other_case_is_peft_s_own_forward(case):
+    """Dropout, a disabled adapter, DoRA: the fused layer returns exactly what peft's forward returns."""
+    method = {"dropout": dict(dropout=0.3), "dora": dict(use_dora=True)}.get(case, {})
+    adapted, lin = _adapted(**method)
+    x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(4))
+
+    def out(cls):
+        lin.__class__ = cls
+        torch.manual_seed(0)  # the same dropout mask
+        if case == "disabled":
+            with disable_adapter(adapted):
+                return lin(x)
+        return lin(x)
+
+    plain, fused = out(PeftLoraLinear), out(FusedLoraLinear)
+    assert torch.equal(fused, plain)
+    if case == "disabled":
+        assert torch.equal(fused, lin.base_layer(x))
