@@ -20,6 +20,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -185,4 +187,18 @@ torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x) {
     run(weight.data_ptr<float>(), xf.data_ptr<float>(), y.data_ptr<float>(), O, K);
   }
   return y.to(x.scalar_type());
+}
+
+// How many threads at::parallel_for gives `n` items in this library. ATen's parallel_for is a header
+// template: with torch's OpenMP backend it is a `#pragma omp parallel` compiled into the caller, so a
+// library built without -fopenmp runs it as a serial loop (1 here, whatever torch.get_num_threads()).
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int> most{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num() + 1;
+    int seen = most.load();
+    while (id > seen && !most.compare_exchange_weak(seen, id)) {
+    }
+  });
+  return most.load();
 }

@@ -93,7 +93,7 @@ def is_available(device: torch.device) -> bool:
 
 
 def _forward(
-    ext: ModuleType, rdkvab: list[torch.Tensor], state: torch.Tensor | None, alloc: Alloc
+    ext: ModuleType, rdkvab: list[torch.Tensor], state: torch.Tensor | None, alloc: Alloc, tiles: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rdkvab: [r, d, k, v, a, b], contiguous fp32 [B, T, H, N] with d = exp(-exp(w)) and N % 8 == 0;
     state: contiguous fp32 [B, H, N, N] or None.
@@ -105,7 +105,7 @@ def _forward(
     y = alloc((B, T, H, N))
     ckpt = alloc((B, H, -(-T // CHUNK) + 1, N, N))
     s_final = alloc((B, H, N, N))
-    ext.forward(rdkvab, torch.empty(0) if state is None else state, y, ckpt, s_final)
+    ext.forward(rdkvab, torch.empty(0) if state is None else state, y, ckpt, s_final, tiles)
     return y, ckpt, s_final
 
 
@@ -116,12 +116,13 @@ def _backward(
     dy: torch.Tensor,
     ds_final: torch.Tensor,
     alloc: Alloc,
+    tiles: int = 0,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Gradients [dr, dd, dk, dv, da, db] (each [B, T, H, N], dd = dL/dd) and dL/dS_0 [B, H, N, N]."""
     B, T, H, N = rdkvab[0].shape
     grads = [alloc((B, T, H, N)) for _ in range(6)]
     ds0 = alloc((B, H, N, N))
-    ext.backward(rdkvab, ckpt, dy, ds_final, grads, ds0)
+    ext.backward(rdkvab, ckpt, dy, ds_final, grads, ds0, tiles)
     return grads, ds0
 
 
@@ -140,19 +141,19 @@ class _Wkv7Cpu(torch.autograd.Function):
     # The kernel wants N % 8 == 0. Zero padding is exact: padded keys have a = b = k = r = 0 and
     # padded values have v = 0, so the padded rows and columns of the state stay zero.
     @staticmethod
-    def forward(ctx, alloc, r, w, k, v, a, b, state):
+    def forward(ctx, alloc, tiles, r, w, k, v, a, b, state):
         N = r.shape[-1]
         pad = -N % LANES
         # The decay is computed here with torch's vectorised exp (the same ops as the reference);
         # the kernel gets d and returns dL/dd, chained to dL/dw in backward by dd/dw = -d exp(w).
         ew = torch.exp(_fp32(w, pad))
         d = torch.exp(-ew)
-        dd_dw = -d * ew if ctx.needs_input_grad[2] else None
+        dd_dw = -d * ew if ctx.needs_input_grad[3] else None
         rdkvab = [_fp32(r, pad), d, *(_fp32(x, pad) for x in (k, v, a, b))]
         s0 = None if state is None else _pad_square(state, pad)
-        y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc)
+        y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc, tiles)
         ctx.save_for_backward(*rdkvab, ckpt, dd_dw)
-        ctx.alloc, ctx.N = alloc, N
+        ctx.alloc, ctx.tiles, ctx.N = alloc, tiles, N
         ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
         ctx.state_dtype = None if state is None else state.dtype
         return y[..., :N].to(r.dtype), s_final[..., :N, :N]
@@ -162,13 +163,13 @@ class _Wkv7Cpu(torch.autograd.Function):
         *rdkvab, ckpt, dd_dw = ctx.saved_tensors
         N = ctx.N
         pad = -N % LANES
-        grads, ds0 = _backward(_extension(), rdkvab, ckpt, _fp32(dy, pad), _pad_square(ds_final, pad), ctx.alloc)
+        grads, ds0 = _backward(_extension(), rdkvab, ckpt, _fp32(dy, pad), _pad_square(ds_final, pad), ctx.alloc, ctx.tiles)
         if dd_dw is not None:
             grads[1].mul_(dd_dw)
         need = ctx.needs_input_grad
-        grads = [g[..., :N].to(dt) if need[i + 1] else None for i, (g, dt) in enumerate(zip(grads, ctx.dtypes))]
-        ds0 = ds0[..., :N, :N].to(ctx.state_dtype) if need[7] else None
-        return (None, *grads, ds0)
+        grads = [g[..., :N].to(dt) if need[i + 2] else None for i, (g, dt) in enumerate(zip(grads, ctx.dtypes))]
+        ds0 = ds0[..., :N, :N].to(ctx.state_dtype) if need[8] else None
+        return (None, None, *grads, ds0)
 
 
 def wkv7_cpu(
@@ -180,16 +181,19 @@ def wkv7_cpu(
     b: torch.Tensor,
     state: torch.Tensor | None = None,
     alloc: Alloc = _empty,
+    tiles: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused CPU kernel with `wkv7_reference`'s semantics.
 
     r, w, k, v, a, b: [B, T, H, N] fp32 or bf16 CPU tensors; state: [B, H, N, N] or None (zeros).
     Returns y [B, T, H, N] in r's dtype and the final state [B, H, N, N] fp32; differentiable in every
     input and the initial state, with gradients flowing from both outputs. `alloc(shape)` makes the
-    kernel's fp32 output buffers (tests pass a NaN-filled allocator to catch unwritten memory).
+    kernel's fp32 output buffers (tests pass a NaN-filled allocator to catch unwritten memory); `tiles`
+    the kernel's column tile width: 0 = by the CPU (64 with AVX-512, else 16; the same results either way
+    up to the rounding of the backward's per-key sums), 16 or 64 (tests run both on any CPU).
     """
     _ext("wkv7")  # raises when the extension could not be built
-    return _Wkv7Cpu.apply(alloc, r, w, k, v, a, b, state)
+    return _Wkv7Cpu.apply(alloc, tiles, r, w, k, v, a, b, state)
 
 
 def _ext(name: str) -> ModuleType:

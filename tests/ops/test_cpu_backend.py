@@ -69,6 +69,7 @@ def test_lengths_match_reference(T, dtype, with_state):
     compare(fwd_bwd(kernel, inputs, state), fwd_bwd(wkv7_reference, inputs, state))
 
 
+@pytest.mark.parametrize("tiles", [16, 64], ids=["tiles16", "tiles64"])
 @pytest.mark.parametrize(
     "B, H, N, dtype",
     [
@@ -80,9 +81,20 @@ def test_lengths_match_reference(T, dtype, with_state):
         (2, 3, 24, torch.float32),  # N % 8 != 0: padded inside
     ],
 )
-def test_shapes_match_reference(B, H, N, dtype):
+def test_shapes_match_reference(B, H, N, dtype, tiles):
+    """Both column tile widths on any CPU (the CPU picks one of them by itself: 64 with AVX-512)."""
     inputs, state = wkv_inputs(B, 33, H, N, dtype, seed=N + H, with_state=True)
-    compare(fwd_bwd(kernel, inputs, state), fwd_bwd(wkv7_reference, inputs, state))
+    compare(fwd_bwd(functools.partial(kernel, tiles=tiles), inputs, state), fwd_bwd(wkv7_reference, inputs, state))
+
+
+def test_tile_widths_give_the_same_forward_bits():
+    """The forward sums over the keys in one order whatever the tile: y and the state are bit-identical."""
+    inputs, state = wkv_inputs(2, 40, 3, 64, seed=11, with_state=True)
+    narrow, wide, auto = (kernel(*inputs, state, tiles=t) for t in (16, 64, 0))
+    for a, b, c in zip(narrow, wide, auto):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(RuntimeError, match="tiles must be 0, 16 or 64"):
+        kernel(*inputs, state, tiles=32)
 
 
 @pytest.mark.parametrize("use_y, use_state", [(False, True), (True, False)], ids=["state-only", "y-only"])
