@@ -163,7 +163,8 @@ class _Wkv7Cpu(torch.autograd.Function):
         *rdkvab, ckpt, dd_dw = ctx.saved_tensors
         N = ctx.N
         pad = -N % LANES
-        grads, ds0 = _backward(_extension(), rdkvab, ckpt, _fp32(dy, pad), _pad_square(ds_final, pad), ctx.alloc, ctx.tiles)
+        grads, ds0 = _backward(_extension(), rdkvab, ckpt, _fp32(dy, pad), _pad_square(ds_final, pad), ctx.alloc,
+                               ctx.tiles)
         if dd_dw is not None:
             grads[1].mul_(dd_dw)
         need = ctx.needs_input_grad
