@@ -40,7 +40,9 @@ def child(args) -> None:
 
     from peft_rwkv7.adapters import attach, trainable_parameters
     from peft_rwkv7.model import RWKV7Config, new_model
-    from peft_rwkv7.train.losses import param_groups, sequence_loss
+    from peft_rwkv7.train.losses import sequence_loss
+    from peft_rwkv7.train.optim import build_optimizer
+    from peft_rwkv7.train.recipe import TrainConfig
 
     bf16 = args.precision == "bf16"
     torch.manual_seed(0)
@@ -53,7 +55,7 @@ def child(args) -> None:
     named = trainable_parameters(adapted)
     for _, p in named:
         p.data = p.data.float()
-    opt = torch.optim.AdamW(param_groups(named, 0.0), lr=1e-5)
+    opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own (src's)
     idx = torch.randint(0, SHAPE["vocab_size"], (1, args.ctx + 1), generator=torch.Generator().manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext

@@ -136,8 +136,10 @@ def build_optimizer(named, tc, device: torch.device) -> torch.optim.Optimizer:
         optimizer.register_step_pre_hook(_powers_from_the_step)
         return optimizer
     if tc.optimizer == "adamw":
+        # torch's fused AdamW (one kernel per tensor) on CUDA and on the CPU: on 2 CPU cores the default
+        # multi-tensor path took 0.59 s a step for 0.1B full fine-tuning's tensors, the fused one 0.13 s
         return torch.optim.AdamW(scaled_groups(named, tc), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                 eps=tc.eps, fused=(device.type == "cuda") or None)
+                                 eps=tc.eps, fused=device.type in ("cuda", "cpu") or None)
     matrices = [(n, p) for n, p in named if muon_eligible(n, p)]
     rest = [(n, p) for n, p in named if not muon_eligible(n, p)]
     muon_groups, adamw_groups = ([g for g in scaled_groups(part, tc) if g["params"]] for part in (matrices, rest))

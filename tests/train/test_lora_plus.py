@@ -80,7 +80,7 @@ def test_adamw_first_step_moves_b_ratio_times():
                 {"params": by_name(named, STATE), "weight_decay": 0.0, "lr": lr},
                 {"params": by_name(named, A_NAMES), "weight_decay": tc.weight_decay, "lr": lr},
                 {"params": by_name(named, B_NAMES), "weight_decay": tc.weight_decay, "lr": RATIO * lr}],
-                betas=(tc.beta1, tc.beta2), eps=tc.eps)
+                betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=True)  # the implementation build_optimizer takes on CPU
             self.param_groups, self.step = [], self.adamw.step  # set_lr finds no groups here
 
     ref = run(Explicit, tc, init, grads)
