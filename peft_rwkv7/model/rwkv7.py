@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import linear, matmul, wkv7, wkv7_step
+from ..ops.pointwise import relu_square
 from ..ops.linear_ce import Workspace, linear_cross_entropy
 from .config import RWKV7Config
 
@@ -139,7 +140,7 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, C] (ln2 output) -> out [B, T, C] and the new shift [B, C]."""
         k = torch.addcmul(x, _shift(x, shift), self.x_k)
-        return self.value(torch.relu(self.key(k)) ** 2), x[:, -1]
+        return self.value(relu_square(self.key(k))), x[:, -1]
 
 
 class Block(nn.Module):

@@ -1,0 +1,39 @@
+"""ops/pointwise.py against the torch expressions they replace (the oracle: torch's own autograd of the same
+formula): values and gradients bit for bit, fp32 and bf16, with and without autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_rwkv7.ops.pointwise import relu_square
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_square_is_torchs_relu_pow_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 17, 40, generator=g).to(dtype)
+    x[0, 0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])  # the kink
+    gy = torch.randn(x.shape, generator=g).to(dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = relu_square(a), torch.relu(b) ** 2
+    (ya * gy).sum().backward()
+    (yb * gy).sum().backward()
+    assert ya.dtype == yb.dtype == dtype
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+    with torch.no_grad():
+        assert torch.equal(relu_square(x), torch.relu(x) ** 2)
+
+
+def test_relu_square_under_bf16_autocast_matches_torch():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(9, 16, generator=g), torch.randn(24, 16, generator=g)
+    outs = []
+    for fn in (relu_square, lambda t: torch.relu(t) ** 2):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(torch.nn.functional.linear(xx, w))
+        y.float().sum().backward()
+        outs.append((y, xx.grad))
+    assert outs[0][0].dtype == torch.bfloat16
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
