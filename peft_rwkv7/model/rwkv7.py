@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import linear, matmul, wkv7, wkv7_step
-from ..ops.pointwise import relu_square
 from ..ops.linear_ce import Workspace, linear_cross_entropy
+from ..ops.pointwise import relu_square
 from .config import RWKV7Config
 
 LN_EPS = 1e-5
