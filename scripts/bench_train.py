@@ -45,6 +45,11 @@ def child(args) -> None:
     from peft_rwkv7.train.recipe import TrainConfig
 
     bf16 = args.precision == "bf16"
+    try:  # as loop.train does where the benchmarked checkout has it (train/memory.py)
+        from peft_rwkv7.train.memory import keep_freed_memory
+    except ImportError:
+        keep_freed_memory = bool
+    keep_freed_memory()
     torch.manual_seed(0)
     model = new_model(RWKV7Config.new(SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["vocab_size"], SHAPE["head_size"]))
     adapted = attach(model, method_config(args.method))

@@ -33,6 +33,7 @@ from . import checkpoint as ckpt
 from .distributed import Dist, gathered, main_first
 from .logger import RunLogger
 from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
+from .memory import keep_freed_memory
 from .method_start import attach_for_run
 from .objectives import Objective
 from .optim import build_optimizer
@@ -219,6 +220,7 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
 
 def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dict:
     """Run the recipe; returns a summary dict (steps, first/last loss, out_dir, eval)."""
+    keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in again (train/memory.py)
     run = setup(recipe, resume, dist)
     tc, out_dir = recipe.train, run.out_dir
     run.logger = logger = RunLogger(out_dir, recipe, resume_step=run.start, enabled=run.dist.is_main)
