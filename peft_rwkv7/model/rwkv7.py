@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import linear, matmul, wkv7, wkv7_step
 from ..ops.linear_ce import Workspace, linear_cross_entropy
 from ..ops.pointwise import relu_square
+from ..ops.timemix import key_prep, token_mix, wkv_output
 from .config import RWKV7Config
 
 LN_EPS = 1e-5
@@ -52,16 +53,6 @@ class Linear(nn.Linear):
         return linear(x, self.weight)
 
 
-def _shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
-    """dx = x[t-1] - x[t] with x[-1] = prev (or 0). x: [B, T, C]."""
-    if prev is None:
-        prev = x.new_zeros(x.shape[0], x.shape[2])
-    if x.shape[1] == 1:  # RNN step: no concatenation needed
-        return prev.to(x.dtype)[:, None] - x
-    shifted = torch.cat([prev.to(x.dtype)[:, None], x[:, :-1]], dim=1)
-    return shifted - x
-
-
 class TimeMix(nn.Module):
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
@@ -91,25 +82,29 @@ class TimeMix(nn.Module):
         Returns out [B, T, C], v_first, new shift [B, C], new WKV state [B, H, N, N] fp32."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        dx = _shift(x, shift)
-        xr, xw, xk = torch.addcmul(x, dx, self.x_r), torch.addcmul(x, dx, self.x_w), torch.addcmul(x, dx, self.x_k)
-        xv, xa, xg = torch.addcmul(x, dx, self.x_v), torch.addcmul(x, dx, self.x_a), torch.addcmul(x, dx, self.x_g)
+        # the token shift: x_i = x + (x_prev - x) * x_i's mix, six at once (ops.timemix)
+        mix = torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, C)
+        xr, xw, xk, xv, xa, xg = token_mix(x, shift, mix)
 
         # ops.matmul is x @ W, with a fast path for the single rows of batch-1 generation
         r = self.receptance(xr)
         # -softplus(-z) written as logsigmoid(z): the same function in two passes fewer (forward and backward)
         w = F.logsigmoid(self.w0 + matmul(torch.tanh(matmul(xw, self.w1)), self.w2)) - DECAY_FLOOR
-        k = self.key(xk)
+        k0 = self.key(xk)
         v = self.value(xv)
         a = torch.sigmoid(self.a0 + matmul(matmul(xa, self.a1), self.a2))
         g = matmul(torch.sigmoid(matmul(xg, self.g1)), self.g2)
 
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * torch.addcmul(1 - self.k_a, a, self.k_a)  # k (1 + (a - 1) k_a), one pass over [B, T, C] fewer
+        # k (1 + (a - 1) k_a), -kk and kk a with kk = k k_k normalised per head
+        k, nkk, kka = key_prep(k0, a, self.k_k, self.k_a, H)
         if self.layer_id == 0:
             v_first = v
         else:
-            v = torch.addcmul(v, v_first - v, torch.sigmoid(self.v0 + matmul(matmul(xv, self.v1), self.v2)))
+            gate = torch.sigmoid(self.v0 + matmul(matmul(xv, self.v1), self.v2))
+            if v.dtype == v_first.dtype == gate.dtype:  # v + (v_first - v) gate in one pass
+                v = torch.lerp(v, v_first, gate)
+            else:  # mixed dtypes under autocast: addcmul promotes
+                v = torch.addcmul(v, v_first - v, gate)
 
         def heads(t):
             return t.view(B, T, H, N)
@@ -118,16 +113,15 @@ class TimeMix(nn.Module):
         # projections' output) while w, a and kk come out of fp32-policy ops. Without this every layer
         # would make fp32 copies of r, k, v for the kernel; RWKV-LM and fla also feed w as bf16.
         dt = r.dtype
-        args = (*(heads(t).to(dt) for t in (r, w, k, v)), (-kk).to(dt), (kk * heads(a)).to(dt), wkv_state)
+        args = (*(heads(t).to(dt) for t in (r, w, k, v, nkk, kka)), wkv_state)
         if T == 1 and not torch.is_grad_enabled():  # an RNN step: no per-call set-up of the sequence op
             y, new_state = wkv7_step(*(t[:, 0] for t in args[:6]), wkv_state)
             y = y.unsqueeze(1)
         else:
             y, new_state = wkv7(*args, backend=self.wkv_backend)
-        y = self.ln_x(y.to(x.dtype).reshape(B * T, C)).view(B, T, C)
-        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
-        y = y + bonus.reshape(B, T, C)
-        return self.output(y * g), v_first, x[:, -1], new_state
+        # (ln_x(y) + (sum_n r k r_k) v) g per head
+        out = wkv_output(y.to(x.dtype).reshape(B, T, C), r, k, v, g, self.ln_x, self.r_k)
+        return self.output(out), v_first, x[:, -1], new_state
 
 
 class ChannelMix(nn.Module):
@@ -139,7 +133,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, C] (ln2 output) -> out [B, T, C] and the new shift [B, C]."""
-        k = torch.addcmul(x, _shift(x, shift), self.x_k)
+        (k,) = token_mix(x, shift, self.x_k.view(1, -1))
         return self.value(relu_square(self.key(k))), x[:, -1]
 
 

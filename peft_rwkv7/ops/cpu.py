@@ -33,7 +33,7 @@ __all__ = ["is_available", "kernel_threads", "matvec", "vecmat", "wkv7_cpu", "wk
 CHUNK = 16  # steps between stored states; must match kChunk in wkv7_cpu.cpp
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
 _KERNELS = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
-_SOURCES = (_KERNELS / "wkv7_cpu.cpp", _KERNELS / "rnn_step_cpu.cpp")
+_SOURCES = (_KERNELS / "wkv7_cpu.cpp", _KERNELS / "rnn_step_cpu.cpp", _KERNELS / "timemix_cpu.cpp")
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
 # Threads come from torch: at::parallel_for splits the (batch, head) sequences. With torch's OpenMP

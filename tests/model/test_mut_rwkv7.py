@@ -9,24 +9,32 @@ import torch
 
 import peft_rwkv7.model.rwkv7 as rwkv7
 from peft_rwkv7.model import load_model, save_model
+from peft_rwkv7.ops.timemix import token_mix, token_mix_reference
 from tests.conftest import make_model, rwkv_pkg_logits
 
 V = 97
 
 
-def test_shift_is_previous_minus_current():
-    """dx[t] = x[t-1] - x[t] with x[-1] = prev (or 0), written out for T = 1, 2, 3."""
+@pytest.mark.parametrize("fn", [token_mix, token_mix_reference], ids=["model", "reference"])
+def test_token_shift_mixes_previous_and_current(fn):
+    """out[m][t] = x[t] + (x[t-1] - x[t]) mix[m] with x[-1] = prev (or 0), written out for T = 1, 2, 3 in fp64
+    (the model's op is the fused one where the CPU kernels are built)."""
     g = torch.Generator().manual_seed(0)
     prev = torch.randn(2, 4, generator=g)
+    mix = torch.rand(3, 4, generator=g)
     for T in (1, 2, 3):
         x = torch.randn(2, T, 4, generator=g)
         for p in (prev, None):
             before = torch.zeros(2, 4) if p is None else p
-            want = torch.stack([(before if t == 0 else x[:, t - 1]) - x[:, t] for t in range(T)], dim=1)
-            assert torch.equal(rwkv7._shift(x, p), want), (T, p is None)
-    # the state is fp32, the activations bf16 under autocast: the shift stays in the activations' dtype
+            xp = torch.stack([before if t == 0 else x[:, t - 1] for t in range(T)], dim=1).double()
+            want = [x.double() + (xp - x.double()) * m.double() for m in mix]
+            got = fn(x, p, mix)
+            assert len(got) == 3
+            for o, w in zip(got, want):
+                torch.testing.assert_close(o.double(), w, rtol=1e-6, atol=1e-6)
+    # the state is fp32, the activations bf16 under autocast: the mix stays in the activations' dtype
     for T in (1, 3):
-        assert rwkv7._shift(torch.randn(2, T, 4).bfloat16(), prev).dtype == torch.bfloat16
+        assert fn(torch.randn(2, T, 4).bfloat16(), prev, mix)[0].dtype == torch.bfloat16
 
 
 def test_keys_shorter_than_one_are_normalised(tmp_path, rwkv_pkg):

@@ -1,0 +1,426 @@
+// TimeMix's element-wise chains on CPU, fused: each one pass over [tokens, C] forward and one backward,
+// where torch's autograd takes 8-20 passes for the same formulas (issue 23's profile). The formulas,
+// their gradients and the torch reference they must equal are in peft_rwkv7/ops/timemix.py.
+//
+//   token_mix   out[m] = x + (x_prev - x) * mix[m]          (the token shift and its M lerps)
+//   key_prep    kk = normalize(k0 * k_k) per head, k = k0 ((1 - k_a) + a k_a), out -kk and kk a
+//   wkv_output  o = (group_norm(y) + (sum_n r k r_k) v) * g  (per head: ln_x, the bonus, the gate)
+//
+// Rows (tokens) are split over torch's threads in blocks of kBlock rows. Parameter gradients are sums
+// over rows: each block writes its own partial sum, which the caller adds in block order, so results
+// never depend on the number of threads. Everything is fp32 and contiguous; the per-row functions are
+// compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (WKV_CLONES).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "wkv7_cpu_simd.h"
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // rows per work item and per parameter-gradient partial sum
+
+int64_t n_blocks(int64_t rows) { return (rows + kBlock - 1) / kBlock; }
+
+void check_f32(const torch::Tensor& x, const char* op, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), op, ": ", name,
+              " must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(x.sizes() == shape, op, ": ", name, " has shape ", x.sizes(), ", expected ", shape);
+}
+
+const float* ptr_or_null(const torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
+float* out_or_null(torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
+
+// ---- token_mix ---------------------------------------------------------------------------------------
+
+struct Mix {
+  int64_t T, C, M, rows;
+  const float *x, *prev, *zeros, *mix;
+};
+
+// The previous token's row of `row` (prev[b] or zeros at t = 0).
+WKV_INLINE const float* prev_row(const Mix& p, int64_t row) {
+  if (row % p.T) return p.x + (row - 1) * p.C;
+  return p.prev ? p.prev + (row / p.T) * p.C : p.zeros;
+}
+
+WKV_CLONES void mix_forward_rows(const Mix& p, int64_t r0, int64_t r1, const std::vector<float*>& out) {
+  const int64_t C = p.C;
+  for (int64_t row = r0; row < r1; ++row) {
+    const float* x = p.x + row * C;
+    const float* xp = prev_row(p, row);
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* mx = p.mix + m * C;
+      float* o = out[m] + row * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = x[c] + (xp[c] - x[c]) * mx[c];
+    }
+  }
+}
+
+// s_row = sum_m g_m mix_m (the gradient of x_prev - x at `row`), written to s.
+WKV_INLINE void mix_s(const Mix& p, const std::vector<const float*>& g, int64_t row, float* s) {
+  const int64_t C = p.C;
+  std::fill(s, s + C, 0.f);
+  for (int64_t m = 0; m < p.M; ++m) {
+    if (!g[m]) continue;
+    const float* gm = g[m] + row * C;
+    const float* mx = p.mix + m * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) s[c] += gm[c] * mx[c];
+  }
+}
+
+// gx[t] = sum_m g_m[t] - s[t] + s[t + 1] (the next token's shift reads this one), gprev[b] = s[b, 0],
+// gmix[m] (this block's partial) = sum_t g_m[t] (x_prev - x)[t]. Rows walk backwards keeping s[t + 1].
+WKV_CLONES void mix_backward_rows(const Mix& p, const std::vector<const float*>& g, int64_t r0, int64_t r1, float* gx,
+                                  float* gprev, float* gmix, float* scratch) {
+  const int64_t C = p.C;
+  float* s = scratch;
+  float* s_next = scratch + C;
+  bool have_next = r1 % p.T != 0 && r1 < p.rows;
+  if (have_next) mix_s(p, g, r1, s_next);
+  for (int64_t row = r1 - 1; row >= r0; --row) {
+    mix_s(p, g, row, s);
+    if (gx) {
+      float* o = gx + row * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = have_next ? s_next[c] - s[c] : -s[c];
+      for (int64_t m = 0; m < p.M; ++m) {
+        if (!g[m]) continue;
+        const float* gm = g[m] + row * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] += gm[c];
+      }
+    }
+    if (gprev && row % p.T == 0) std::copy(s, s + C, gprev + (row / p.T) * C);
+    if (gmix) {
+      const float* x = p.x + row * C;
+      const float* xp = prev_row(p, row);
+      for (int64_t m = 0; m < p.M; ++m) {
+        if (!g[m]) continue;
+        const float* gm = g[m] + row * C;
+        float* acc = gmix + m * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) acc[c] += gm[c] * (xp[c] - x[c]);
+      }
+    }
+    std::swap(s, s_next);
+    have_next = row % p.T != 0;  // the row before is in the same sequence
+  }
+}
+
+Mix make_mix(const torch::Tensor& x, const torch::Tensor& prev, const torch::Tensor& mix, const torch::Tensor& zeros) {
+  TORCH_CHECK(x.dim() == 3 && mix.dim() == 2, "token_mix: x must be [B, T, C] and mix [M, C]");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), M = mix.size(0);
+  check_f32(x, "token_mix", "x", {B, T, C});
+  check_f32(mix, "token_mix", "mix", {M, C});
+  check_f32(zeros, "token_mix", "zeros", {C});
+  if (ptr_or_null(prev)) check_f32(prev, "token_mix", "prev", {B, C});
+  return Mix{T, C, M, B * T, x.data_ptr<float>(), ptr_or_null(prev), zeros.data_ptr<float>(),
+             mix.data_ptr<float>()};
+}
+
+// ---- key_prep ----------------------------------------------------------------------------------------
+
+struct Key {
+  int64_t H, N;
+  const float *k0, *a, *k_k, *k_a;
+};
+
+constexpr float kNormEps = 1e-12f;  // F.normalize's default eps
+
+WKV_CLONES void key_forward_rows(const Key& p, int64_t r0, int64_t r1, float* k, float* nkk, float* kka) {
+  const int64_t N = p.N, C = p.H * p.N;
+  for (int64_t row = r0; row < r1; ++row) {
+    for (int64_t h = 0; h < p.H; ++h) {
+      const int64_t o = row * C + h * N, q = h * N;
+      const float *k0 = p.k0 + o, *a = p.a + o, *k_k = p.k_k + q, *k_a = p.k_a + q;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t n = 0; n < N; ++n) ss += (k0[n] * k_k[n]) * (k0[n] * k_k[n]);
+      const float den = std::max(std::sqrt(ss), kNormEps);
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) {
+        const float kk = (k0[n] * k_k[n]) / den;
+        nkk[o + n] = -kk;
+        kka[o + n] = kk * a[n];
+        k[o + n] = k0[n] * ((1.f - k_a[n]) + a[n] * k_a[n]);
+      }
+    }
+  }
+}
+
+// gkk = gkka a - gnkk; gkr = (gkk - kk (kk . gkk)) / den (norm >= eps; gkk / den below it, where the clamp
+// holds the norm); gk0 = gk ((1 - k_a) + a k_a) + gkr k_k; ga = gkka kk + gk k0 k_a;
+// partials: gk_k += gkr k0, gk_a += gk k0 (a - 1).
+WKV_CLONES void key_backward_rows(const Key& p, const float* gk, const float* gnkk, const float* gkka, int64_t r0,
+                                  int64_t r1, float* gk0, float* ga, float* gk_k, float* gk_a, float* gkk) {
+  const int64_t N = p.N, C = p.H * p.N;
+  for (int64_t row = r0; row < r1; ++row) {
+    for (int64_t h = 0; h < p.H; ++h) {
+      const int64_t o = row * C + h * N, q = h * N;
+      const float *k0 = p.k0 + o, *a = p.a + o, *k_k = p.k_k + q, *k_a = p.k_a + q;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t n = 0; n < N; ++n) ss += (k0[n] * k_k[n]) * (k0[n] * k_k[n]);
+      const float norm = std::sqrt(ss);
+      const float den = std::max(norm, kNormEps);
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t n = 0; n < N; ++n) {
+        const float g = (gkka ? gkka[o + n] * a[n] : 0.f) - (gnkk ? gnkk[o + n] : 0.f);
+        gkk[n] = g;
+        dot += g * ((k0[n] * k_k[n]) / den);
+      }
+      if (!(norm >= kNormEps)) dot = 0.f;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) {
+        const float kk = (k0[n] * k_k[n]) / den;
+        const float gkr = (gkk[n] - kk * dot) / den;
+        const float gkn = gk ? gk[o + n] : 0.f;
+        gk0[o + n] = gkn * ((1.f - k_a[n]) + a[n] * k_a[n]) + gkr * k_k[n];
+        ga[o + n] = (gkka ? gkka[o + n] * kk : 0.f) + gkn * k0[n] * k_a[n];
+        if (gk_k) gk_k[q + n] += gkr * k0[n];
+        if (gk_a) gk_a[q + n] += gkn * k0[n] * (a[n] - 1.f);
+      }
+    }
+  }
+}
+
+// ---- wkv_output --------------------------------------------------------------------------------------
+
+struct Out {
+  int64_t H, N;
+  float eps;
+  const float *y, *r, *k, *v, *g, *gn_w, *gn_b, *r_k;
+};
+
+// stats per (row, head): mean, rstd and the bonus scale sum_n r k r_k.
+WKV_CLONES void out_forward_rows(const Out& p, int64_t r0, int64_t r1, float* o, float* stats) {
+  const int64_t N = p.N, C = p.H * p.N;
+  const float inv_n = 1.f / float(N);
+  for (int64_t row = r0; row < r1; ++row) {
+    for (int64_t h = 0; h < p.H; ++h) {
+      const int64_t i = row * C + h * N, q = h * N;
+      const float *y = p.y + i, *r = p.r + i, *k = p.k + i, *v = p.v + i, *g = p.g + i;
+      float sum = 0.f, bs = 0.f;
+#pragma omp simd reduction(+ : sum, bs)
+      for (int64_t n = 0; n < N; ++n) {
+        sum += y[n];
+        bs += r[n] * k[n] * p.r_k[q + n];
+      }
+      const float mean = sum * inv_n;
+      float var = 0.f;
+#pragma omp simd reduction(+ : var)
+      for (int64_t n = 0; n < N; ++n) var += (y[n] - mean) * (y[n] - mean);
+      const float rstd = 1.f / std::sqrt(var * inv_n + p.eps);
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n)
+        o[i + n] = (((y[n] - mean) * rstd) * p.gn_w[q + n] + p.gn_b[q + n] + bs * v[n]) * g[n];
+      float* st = stats + (row * p.H + h) * 3;
+      st[0] = mean;
+      st[1] = rstd;
+      st[2] = bs;
+    }
+  }
+}
+
+// gz = go g; gg = go (z + bs v); gv = gz bs; gbs = sum gz v; gr = gbs k r_k; gk = gbs r r_k;
+// gy = rstd (gyn - mean(gyn) - yn mean(gyn yn)) with gyn = gz gn_w;
+// partials: ggn_w += gz yn, ggn_b += gz, gr_k += gbs r k.
+WKV_CLONES void out_backward_rows(const Out& p, const float* go, const float* stats, int64_t r0, int64_t r1,
+                                  const std::vector<float*>& gin, float* part) {
+  const int64_t N = p.N, C = p.H * p.N;
+  const float inv_n = 1.f / float(N);
+  float *gy = gin[0], *gr = gin[1], *gk = gin[2], *gv = gin[3], *gg = gin[4];
+  for (int64_t row = r0; row < r1; ++row) {
+    for (int64_t h = 0; h < p.H; ++h) {
+      const int64_t i = row * C + h * N, q = h * N;
+      const float *y = p.y + i, *r = p.r + i, *k = p.k + i, *v = p.v + i, *g = p.g + i, *d = go + i;
+      const float* st = stats + (row * p.H + h) * 3;
+      const float mean = st[0], rstd = st[1], bs = st[2];
+      float gbs = 0.f, m1 = 0.f, m2 = 0.f;
+#pragma omp simd reduction(+ : gbs, m1, m2)
+      for (int64_t n = 0; n < N; ++n) {
+        const float gz = d[n] * g[n];
+        const float yn = (y[n] - mean) * rstd;
+        gbs += gz * v[n];
+        m1 += gz * p.gn_w[q + n];
+        m2 += gz * p.gn_w[q + n] * yn;
+      }
+      m1 *= inv_n;
+      m2 *= inv_n;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) {
+        const float gz = d[n] * g[n];
+        const float yn = (y[n] - mean) * rstd;
+        gy[i + n] = rstd * (gz * p.gn_w[q + n] - m1 - yn * m2);
+        gg[i + n] = d[n] * ((yn * p.gn_w[q + n] + p.gn_b[q + n]) + bs * v[n]);
+        gv[i + n] = gz * bs;
+        gr[i + n] = gbs * k[n] * p.r_k[q + n];
+        gk[i + n] = gbs * r[n] * p.r_k[q + n];
+        if (part) {
+          part[q + n] += gz * yn;
+          part[C + q + n] += gz;
+          part[2 * C + q + n] += gbs * r[n] * k[n];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// x [B, T, C], prev [B, C] or empty (zeros), mix [M, C], zeros [C] -> M tensors [B, T, C].
+std::vector<torch::Tensor> token_mix_forward(const torch::Tensor& x, const torch::Tensor& prev,
+                                             const torch::Tensor& mix, const torch::Tensor& zeros) {
+  const Mix p = make_mix(x, prev, mix, zeros);
+  std::vector<torch::Tensor> out;
+  std::vector<float*> ptrs;
+  for (int64_t m = 0; m < p.M; ++m) {
+    out.push_back(torch::empty_like(x));
+    ptrs.push_back(out.back().data_ptr<float>());
+  }
+  at::parallel_for(0, n_blocks(p.rows), 1, [&](int64_t b0, int64_t b1) {
+    mix_forward_rows(p, b0 * kBlock, std::min(b1 * kBlock, p.rows), ptrs);
+  });
+  return out;
+}
+
+// grads: M tensors [B, T, C] (empty = zero). Returns [gx, gprev [B, C], gmix partials [blocks, M, C]],
+// each empty where its flag is off.
+std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>& grads, const torch::Tensor& x,
+                                              const torch::Tensor& prev, const torch::Tensor& mix,
+                                              const torch::Tensor& zeros, bool want_x, bool want_prev,
+                                              bool want_mix) {
+  const Mix p = make_mix(x, prev, mix, zeros);
+  TORCH_CHECK(int64_t(grads.size()) == p.M, "token_mix: expected one gradient per mix row");
+  std::vector<const float*> g(p.M);
+  for (int64_t m = 0; m < p.M; ++m) {
+    if (grads[m].numel()) check_f32(grads[m], "token_mix", "gradient", x.sizes());
+    g[m] = ptr_or_null(grads[m]);
+  }
+  const int64_t B = x.size(0), rows = B * x.size(1), nb = n_blocks(rows);
+  auto none = torch::empty({0}, x.options());
+  auto gx = want_x ? torch::empty_like(x) : none;
+  auto gprev = want_prev ? torch::zeros({B, p.C}, x.options()) : none;
+  auto gmix = want_mix ? torch::zeros({nb, p.M, p.C}, x.options()) : none;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scratch(2 * p.C);
+    for (int64_t b = b0; b < b1; ++b)
+      mix_backward_rows(p, g, b * kBlock, std::min((b + 1) * kBlock, rows), out_or_null(gx), out_or_null(gprev),
+                        want_mix ? gmix.data_ptr<float>() + b * p.M * p.C : nullptr, scratch.data());
+  });
+  return {gx, gprev, gmix};
+}
+
+Key make_key(const torch::Tensor& k0, const torch::Tensor& a, const torch::Tensor& k_k, const torch::Tensor& k_a,
+             int64_t H) {
+  TORCH_CHECK(k0.dim() == 2 && H > 0 && k0.size(1) % H == 0, "key_prep: k0 must be [rows, H * N]");
+  check_f32(k0, "key_prep", "k0", k0.sizes());
+  check_f32(a, "key_prep", "a", k0.sizes());
+  check_f32(k_k, "key_prep", "k_k", {k0.size(1)});
+  check_f32(k_a, "key_prep", "k_a", {k0.size(1)});
+  return Key{H, k0.size(1) / H, k0.data_ptr<float>(), a.data_ptr<float>(), k_k.data_ptr<float>(),
+             k_a.data_ptr<float>()};
+}
+
+// k0, a [rows, C]; k_k, k_a [C] -> [k, -kk, kk a], each [rows, C].
+std::vector<torch::Tensor> key_prep_forward(const torch::Tensor& k0, const torch::Tensor& a, const torch::Tensor& k_k,
+                                            const torch::Tensor& k_a, int64_t H) {
+  const Key p = make_key(k0, a, k_k, k_a, H);
+  auto k = torch::empty_like(k0), nkk = torch::empty_like(k0), kka = torch::empty_like(k0);
+  const int64_t rows = k0.size(0);
+  at::parallel_for(0, n_blocks(rows), 1, [&](int64_t b0, int64_t b1) {
+    key_forward_rows(p, b0 * kBlock, std::min(b1 * kBlock, rows), k.data_ptr<float>(), nkk.data_ptr<float>(),
+                     kka.data_ptr<float>());
+  });
+  return {k, nkk, kka};
+}
+
+// gk, gnkk, gkka [rows, C] or empty (zero) -> [gk0, ga, partials [blocks, 2, C] (gk_k, gk_a) or empty].
+std::vector<torch::Tensor> key_prep_backward(const torch::Tensor& gk, const torch::Tensor& gnkk,
+                                             const torch::Tensor& gkka, const torch::Tensor& k0, const torch::Tensor& a,
+                                             const torch::Tensor& k_k, const torch::Tensor& k_a, int64_t H,
+                                             bool want_params) {
+  const Key p = make_key(k0, a, k_k, k_a, H);
+  for (const auto* t : {&gk, &gnkk, &gkka})
+    if (t->numel()) check_f32(*t, "key_prep", "gradient", k0.sizes());
+  const int64_t rows = k0.size(0), C = k0.size(1), nb = n_blocks(rows);
+  auto gk0 = torch::empty_like(k0), ga = torch::empty_like(k0);
+  auto part = want_params ? torch::zeros({nb, 2, C}, k0.options()) : torch::empty({0}, k0.options());
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scratch(p.N);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* pb = want_params ? part.data_ptr<float>() + b * 2 * C : nullptr;
+      key_backward_rows(p, ptr_or_null(gk), ptr_or_null(gnkk), ptr_or_null(gkka), b * kBlock,
+                        std::min((b + 1) * kBlock, rows), gk0.data_ptr<float>(), ga.data_ptr<float>(), pb,
+                        pb ? pb + C : nullptr, scratch.data());
+    }
+  });
+  return {gk0, ga, part};
+}
+
+Out make_out(const std::vector<torch::Tensor>& yrkvg, const torch::Tensor& gn_w, const torch::Tensor& gn_b,
+             const torch::Tensor& r_k, int64_t H, double eps) {
+  TORCH_CHECK(yrkvg.size() == 5, "wkv_output: expected y, r, k, v, g");
+  const auto& y = yrkvg[0];
+  TORCH_CHECK(y.dim() == 2 && H > 0 && y.size(1) % H == 0, "wkv_output: y must be [rows, H * N]");
+  const char* names[5] = {"y", "r", "k", "v", "g"};
+  for (int i = 0; i < 5; ++i) check_f32(yrkvg[i], "wkv_output", names[i], y.sizes());
+  for (const auto* t : {&gn_w, &gn_b, &r_k}) check_f32(*t, "wkv_output", "parameter", {y.size(1)});
+  return Out{H,
+             y.size(1) / H,
+             float(eps),
+             y.data_ptr<float>(),
+             yrkvg[1].data_ptr<float>(),
+             yrkvg[2].data_ptr<float>(),
+             yrkvg[3].data_ptr<float>(),
+             yrkvg[4].data_ptr<float>(),
+             gn_w.data_ptr<float>(),
+             gn_b.data_ptr<float>(),
+             r_k.data_ptr<float>()};
+}
+
+// yrkvg: [y, r, k, v, g], each [rows, C]; gn_w, gn_b, r_k [C] -> [o [rows, C], stats [rows, H, 3]].
+std::vector<torch::Tensor> wkv_output_forward(const std::vector<torch::Tensor>& yrkvg, const torch::Tensor& gn_w,
+                                              const torch::Tensor& gn_b, const torch::Tensor& r_k, int64_t H,
+                                              double eps) {
+  const Out p = make_out(yrkvg, gn_w, gn_b, r_k, H, eps);
+  const int64_t rows = yrkvg[0].size(0);
+  auto o = torch::empty_like(yrkvg[0]);
+  auto stats = torch::empty({rows, H, 3}, o.options());
+  at::parallel_for(0, n_blocks(rows), 1, [&](int64_t b0, int64_t b1) {
+    out_forward_rows(p, b0 * kBlock, std::min(b1 * kBlock, rows), o.data_ptr<float>(), stats.data_ptr<float>());
+  });
+  return {o, stats};
+}
+
+// -> [gy, gr, gk, gv, gg, partials [blocks, 3, C] (gn_w, gn_b, r_k) or empty].
+std::vector<torch::Tensor> wkv_output_backward(const torch::Tensor& go, const std::vector<torch::Tensor>& yrkvg,
+                                               const torch::Tensor& stats, const torch::Tensor& gn_w,
+                                               const torch::Tensor& gn_b, const torch::Tensor& r_k, int64_t H,
+                                               double eps, bool want_params) {
+  const Out p = make_out(yrkvg, gn_w, gn_b, r_k, H, eps);
+  const int64_t rows = yrkvg[0].size(0), C = yrkvg[0].size(1), nb = n_blocks(rows);
+  check_f32(go, "wkv_output", "gradient", {rows, C});
+  check_f32(stats, "wkv_output", "stats", {rows, H, 3});
+  std::vector<torch::Tensor> out;
+  for (int i = 0; i < 5; ++i) out.push_back(torch::empty_like(go));
+  out.push_back(want_params ? torch::zeros({nb, 3, C}, go.options()) : torch::empty({0}, go.options()));
+  std::vector<float*> gin;
+  for (int i = 0; i < 5; ++i) gin.push_back(out[i].data_ptr<float>());
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      out_backward_rows(p, go.data_ptr<float>(), stats.data_ptr<float>(), b * kBlock,
+                        std::min((b + 1) * kBlock, rows), gin,
+                        want_params ? out[5].data_ptr<float>() + b * 3 * C : nullptr);
+  });
+  return out;
+}

@@ -1,0 +1,169 @@
+"""TimeMix's element-wise chains (and ChannelMix's token shift) as three ops, each with a torch reference
+and a fused CPU form (cuda/timemix_cpu.cpp): one pass over [tokens, C] forward and one backward where
+torch's autograd takes 8-20 (issue 23's profile: ~17 ms of a 47 ms TimeMix layer at 0.1B ctx 512).
+
+    token_mix(x, prev, mix)               -> M tensors [B, T, C]: x + (x_prev - x) * mix[m]  (x_prev: the
+                                             token before, `prev` [B, C] or zeros before the first)
+    key_prep(k0, a, k_k, k_a, H)          -> k0 ((1 - k_a) + a k_a), -kk, kk a  with kk = normalize(k0 k_k)
+                                             per head of the [B, T, C] inputs
+    wkv_output(y, r, k, v, g, ln_x, r_k)  -> (group_norm(y) + (sum_n r k r_k) v) g, per head
+
+The fused form runs where every tensor is a CPU fp32 tensor and the CPU extension is built; otherwise
+(bf16, autocast, GPU, no compiler) the torch reference. Both are differentiable in every input and
+parameter; the fused backward returns parameter gradients only when they are asked for (full
+fine-tuning), summed over fixed 32-row blocks in order, so no result depends on the thread count.
+Equal to the reference within fp32 rounding (tests/ops/test_timemix.py: against it and against fp64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cpu
+
+__all__ = ["token_mix", "key_prep", "wkv_output", "token_mix_reference", "key_prep_reference",
+           "wkv_output_reference", "fused_available"]
+
+
+def fused_available(*tensors: torch.Tensor | None) -> bool:
+    """True where the fused CPU ops apply: every tensor given is a CPU fp32 tensor and the extension loads."""
+    ts = [t for t in tensors if t is not None]
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts) and cpu.is_available(ts[0].device)
+
+
+# ---- references: the model's formulas in torch ops -------------------------------------------------------
+
+def token_mix_reference(x: torch.Tensor, prev: torch.Tensor | None, mix: torch.Tensor) -> torch.Tensor:
+    if prev is None:
+        prev = x.new_zeros(x.shape[0], x.shape[2])
+    shifted = torch.cat([prev.to(x.dtype)[:, None], x[:, :-1]], dim=1)
+    dx = shifted - x
+    return tuple(torch.addcmul(x, dx, m) for m in mix.to(x.dtype))
+
+
+def key_prep_reference(k0: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor, H: int):
+    B, T, C = k0.shape
+    kk = F.normalize((k0 * k_k).view(B, T, H, C // H), dim=-1, p=2.0, eps=1e-12).view(B, T, C)
+    k = k0 * torch.addcmul(1 - k_a, a, k_a)  # k (1 + (a - 1) k_a), one pass over [B, T, C] fewer
+    return k, -kk, kk * a
+
+
+def wkv_output_reference(y, r, k, v, g, ln_x: nn.GroupNorm, r_k: torch.Tensor) -> torch.Tensor:
+    B, T, C = r.shape
+    H = ln_x.num_groups
+    y = ln_x(y.reshape(B * T, C)).view(B, T, C)
+    bonus = (r.view(B, T, H, -1) * k.view(B, T, H, -1) * r_k.view(H, -1)).sum(dim=-1, keepdim=True)
+    y = y + (bonus * v.view(B, T, H, -1)).reshape(B, T, C)
+    return y * g
+
+
+# ---- fused CPU ops ---------------------------------------------------------------------------------------
+
+_EMPTY = torch.empty(0)  # an absent gradient (zeros) for the extension; never written
+
+
+def _ext():
+    return cpu._ext("timemix")
+
+
+def _blocks_sum(part: torch.Tensor) -> torch.Tensor:
+    """Per-block partial sums [blocks, ...] added in block order (a fixed order: thread-count independent)."""
+    out = part[0].clone()
+    for p in part[1:]:
+        out += p
+    return out
+
+
+class _TokenMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, prev, mix):
+        ctx.set_materialize_grads(False)
+        x, mix = x.detach().contiguous(), mix.detach().reshape(mix.shape[0], -1).contiguous()
+        prev = torch.empty(0) if prev is None else prev.detach().contiguous()
+        zeros = x.new_zeros(x.shape[-1])
+        ctx.save_for_backward(x, prev, mix, zeros)
+        ctx.has_prev = prev.numel() > 0
+        return tuple(_ext().token_mix_forward(x, prev, mix, zeros))
+
+    @staticmethod
+    def backward(ctx, *g):
+        x, prev, mix, zeros = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = [_EMPTY if t is None else t.contiguous() for t in g]
+        gx, gprev, part = _ext().token_mix_backward(grads, x, prev, mix, zeros, need[0],
+                                                    need[1] and ctx.has_prev, need[2])
+        return (gx if need[0] else None, gprev if need[1] and ctx.has_prev else None,
+                _blocks_sum(part) if need[2] else None)
+
+
+class _KeyPrep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k0, a, k_k, k_a, H):
+        ctx.set_materialize_grads(False)
+        shape = k0.shape
+        k0, a = (t.detach().reshape(-1, shape[-1]).contiguous() for t in (k0, a))
+        k_k, k_a = (t.detach().reshape(-1).contiguous() for t in (k_k, k_a))
+        ctx.save_for_backward(k0, a, k_k, k_a)
+        ctx.H, ctx.shape = H, shape
+        return tuple(t.view(shape) for t in _ext().key_prep_forward(k0, a, k_k, k_a, H))
+
+    @staticmethod
+    def backward(ctx, gk, gnkk, gkka):
+        k0, a, k_k, k_a = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gs = [_EMPTY if t is None else t.reshape(k0.shape).contiguous() for t in (gk, gnkk, gkka)]
+        gk0, ga, part = _ext().key_prep_backward(*gs, k0, a, k_k, k_a, ctx.H, need[2] or need[3])
+        pk = _blocks_sum(part) if need[2] or need[3] else None
+        pshape = (1,) * (len(ctx.shape) - 1) + (-1,)
+        return (gk0.view(ctx.shape) if need[0] else None, ga.view(ctx.shape) if need[1] else None,
+                pk[0].view(pshape) if need[2] else None, pk[1].view(pshape) if need[3] else None, None)
+
+
+class _WkvOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, r, k, v, g, gn_w, gn_b, r_k, H, eps):
+        shape = r.shape
+        yrkvg = [t.detach().reshape(-1, shape[-1]).contiguous() for t in (y, r, k, v, g)]
+        params = [t.detach().reshape(-1).contiguous() for t in (gn_w, gn_b, r_k)]
+        o, stats = _ext().wkv_output_forward(yrkvg, *params, H, eps)
+        ctx.save_for_backward(*yrkvg, stats, *params)
+        ctx.H, ctx.eps, ctx.shape, ctx.pshapes = H, eps, shape, [t.shape for t in (gn_w, gn_b, r_k)]
+        return o.view(shape)
+
+    @staticmethod
+    def backward(ctx, go):
+        *yrkvg, stats, gn_w, gn_b, r_k = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        want_params = any(need[5:8])
+        *gin, part = _ext().wkv_output_backward(go.reshape(yrkvg[0].shape).contiguous(), yrkvg, stats, gn_w, gn_b,
+                                               r_k, ctx.H, ctx.eps, want_params)
+        ps = _blocks_sum(part) if want_params else None
+        grads = [t.view(ctx.shape) if need[i] else None for i, t in enumerate(gin)]
+        pgrads = [ps[i].view(s) if need[5 + i] else None for i, s in enumerate(ctx.pshapes)]
+        return (*grads, *pgrads, None, None)
+
+
+# ---- entry points --------------------------------------------------------------------------------------
+
+def token_mix(x: torch.Tensor, prev: torch.Tensor | None, mix: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x [B, T, C], prev [B, C] or None (zeros), mix [M, C] -> M tensors [B, T, C]: x + (x_prev - x) * mix[m]."""
+    if fused_available(x, prev, mix):
+        return _TokenMix.apply(x, prev, mix)
+    return token_mix_reference(x, prev, mix)
+
+
+def key_prep(k0: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor, H: int):
+    """k0, a [B, T, C]; k_k, k_a broadcast over [B, T, C] (C values) -> (k, -kk, kk a), each [B, T, C]."""
+    if fused_available(k0, a, k_k, k_a) and k0.shape == a.shape:
+        return _KeyPrep.apply(k0, a, k_k, k_a, H)
+    return key_prep_reference(k0, a, k_k, k_a, H)
+
+
+def wkv_output(y, r, k, v, g, ln_x: nn.GroupNorm, r_k: torch.Tensor) -> torch.Tensor:
+    """y (the WKV's output), r, k, v, g [B, T, C]; ln_x a GroupNorm over the heads; r_k [H, N] -> [B, T, C]."""
+    fused = ln_x.affine and fused_available(y, r, k, v, g, ln_x.weight, ln_x.bias, r_k)
+    if fused and all(t.shape == r.shape for t in (y, k, v, g)):
+        return _WkvOutput.apply(y, r, k, v, g, ln_x.weight, ln_x.bias, r_k, ln_x.num_groups, ln_x.eps)
+    return wkv_output_reference(y, r, k, v, g, ln_x, r_k)

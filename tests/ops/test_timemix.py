@@ -1,0 +1,190 @@
+"""ops/timemix.py: the fused CPU forms of TimeMix's element-wise chains against the torch reference they replace,
+run in fp64 (the oracle: torch's own autograd of the model's formulas), in values and in every gradient, and a
+training step of the model through them against the same step through the reference (issue 23: loss to
+1e-6 relative, gradients 1e-5). Each op does a handful of fp32 roundings per element, so fp32 against fp64
+agrees to ~1e-6 of the largest value; 1e-5 leaves room and still catches any wrong term."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peft_rwkv7.ops import cpu, timemix
+from peft_rwkv7.ops.timemix import key_prep, key_prep_reference, token_mix, token_mix_reference, wkv_output_reference
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(torch.device("cpu")), reason="the CPU extension is not built")
+
+B, T, C, H = 2, 37, 128, 2  # T not a multiple of the kernels' 32-row blocks; two sequences
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-5) -> None:
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= rel * scale, f"{what}: max error {err:.3g} vs {rel} x {scale:.3g}"
+
+
+def _leaves(ts, dtype, grad=True):
+    return [None if t is None else t.to(dtype).detach().clone().requires_grad_(grad) for t in ts]
+
+
+def _run(fn, inputs, grads_out, dtype, *extra):
+    xs = _leaves(inputs, dtype)
+    outs = fn(*xs, *extra)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(list(outs), [g.to(dtype) for g in grads_out])
+    return [o.detach() for o in outs], [None if x is None else x.grad for x in xs]
+
+
+@pytest.mark.parametrize("with_prev", [True, False])
+@pytest.mark.parametrize("T_", [1, T])
+def test_token_mix_equals_the_reference(with_prev, T_):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T_, C, generator=g, dtype=torch.float64)
+    prev = torch.randn(B, C, generator=g, dtype=torch.float64) if with_prev else None
+    mix = torch.rand(6, C, generator=g, dtype=torch.float64)
+    gos = [torch.randn(B, T_, C, generator=g, dtype=torch.float64) for _ in range(6)]
+    want, wgrads = _run(token_mix_reference, [x, prev, mix], gos, torch.float64)
+    got, ggrads = _run(timemix._TokenMix.apply, [x, prev, mix], gos, torch.float32)
+    for i, (o, w) in enumerate(zip(got, want)):
+        _close(o, w, f"out {i}")
+    for name, gg, wg in zip(("x", "prev", "mix"), ggrads, wgrads):
+        if wg is not None:
+            _close(gg, wg, f"d{name}")
+
+
+def test_token_mix_sums_the_gradients_of_the_outputs_it_got():
+    """Outputs that reach no loss get None gradients: the others' sums are unchanged; nothing is asked for
+    what does not require grad."""
+    g = torch.Generator().manual_seed(1)
+    x, mix = torch.randn(1, 40, 16, generator=g), torch.rand(3, 16, generator=g)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    outs_a, outs_b = timemix._TokenMix.apply(xa, None, mix), token_mix_reference(xb, None, mix)
+    (outs_a[0].sum() + 2 * outs_a[2].sum()).backward()
+    (outs_b[0].sum() + 2 * outs_b[2].sum()).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
+
+
+def _key_inputs(g, zero_head=False):
+    k0 = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    if zero_head:
+        k0[0, 3, : C // H] = 0  # |k0 k_k| = 0 on one head: F.normalize's eps clamp
+    a = torch.rand(B, T, C, generator=g, dtype=torch.float64)
+    k_k = torch.randn(1, 1, C, generator=g, dtype=torch.float64)
+    k_a = torch.rand(1, 1, C, generator=g, dtype=torch.float64)
+    return [k0, a, k_k, k_a]
+
+
+def test_key_prep_equals_the_reference():
+    g = torch.Generator().manual_seed(2)
+    inputs = _key_inputs(g)
+    gos = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(3)]
+    want, wgrads = _run(key_prep_reference, inputs, gos, torch.float64, H)
+    got, ggrads = _run(timemix._KeyPrep.apply, inputs, gos, torch.float32, H)
+    for name, o, w in zip(("k", "-kk", "kk a"), got, want):
+        _close(o, w, name)
+    for name, gg, wg in zip(("k0", "a", "k_k", "k_a"), ggrads, wgrads):
+        _close(gg, wg, f"d{name}")
+
+
+def test_key_prep_clamps_a_zero_norm_like_normalize():
+    """A head whose k0 k_k is all zero: kk = 0 and the gradient through the clamped norm is g / eps, as torch's."""
+    g = torch.Generator().manual_seed(3)
+    inputs = _key_inputs(g, zero_head=True)
+    gos = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(3)]
+    want, wgrads = _run(key_prep_reference, inputs, gos, torch.float64, H)
+    got, ggrads = _run(timemix._KeyPrep.apply, inputs, gos, torch.float32, H)
+    assert torch.equal(got[1][0, 3, : C // H], torch.zeros(C // H))
+    head, rest = (0, 3, slice(0, C // H)), (slice(None), slice(4, None))
+    _close(ggrads[0][head], wgrads[0][head], "dk0 on the zero head")
+    _close(ggrads[0][rest], wgrads[0][rest], "dk0 elsewhere")
+
+
+def _out_inputs(g):
+    ys = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(5)]
+    ln = nn.GroupNorm(H, C, eps=64e-5).double()
+    nn.init.normal_(ln.weight, generator=g)
+    nn.init.normal_(ln.bias, generator=g)
+    return ys, ln, torch.randn(H, C // H, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("train_params", [True, False])
+def test_wkv_output_equals_the_reference(train_params):
+    g = torch.Generator().manual_seed(4)
+    ys, ln64, r_k64 = _out_inputs(g)
+    go = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        ln = nn.GroupNorm(H, C, eps=64e-5).to(dtype)
+        ln.load_state_dict(ln64.state_dict())
+        ln.requires_grad_(train_params)
+        r_k = r_k64.to(dtype).detach().clone().requires_grad_(train_params)
+        xs = _leaves(ys, dtype)
+        fn = wkv_output_reference if dtype == torch.float64 else timemix.wkv_output
+        o = fn(*xs, ln, r_k)
+        assert dtype == torch.float64 or o.grad_fn.name().endswith("_WkvOutputBackward")
+        o.backward(go.to(dtype))
+        results.append([o.detach(), *(x.grad for x in xs), ln.weight.grad, ln.bias.grad, r_k.grad])
+    names = ["out", "dy", "dr", "dk", "dv", "dg", "dln_x.weight", "dln_x.bias", "dr_k"]
+    for name, got, want in zip(names, results[1], results[0]):
+        if not train_params and name in names[6:]:
+            assert got is None and want is None
+            continue
+        _close(got, want, name)
+
+
+def test_parameter_gradients_do_not_depend_on_the_thread_count():
+    """Sums over rows run in fixed 32-row blocks added in order: one thread and two give the same bits."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 300, 64, generator=g)
+    mix = torch.rand(6, 64, generator=g)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xx, mm = x.clone().requires_grad_(), mix.clone().requires_grad_()
+            outs = timemix._TokenMix.apply(xx, None, mm)
+            torch.autograd.backward(list(outs), [torch.full_like(o, 0.3) * o for o in outs])
+            results.append((xx.grad, mm.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_the_fused_ops_run_only_on_cpu_fp32():
+    """bf16 (and so autocast's bf16 activations) takes the reference: bit for bit its result."""
+    g = torch.Generator().manual_seed(6)
+    x, mix = torch.randn(1, 8, 16, generator=g).bfloat16(), torch.rand(2, 16, generator=g)
+    assert not timemix.fused_available(x, mix)
+    assert all(torch.equal(a, b) for a, b in zip(token_mix(x, None, mix), token_mix_reference(x, None, mix)))
+    k0, a = torch.randn(1, 8, 16, generator=g).bfloat16(), torch.rand(1, 8, 16, generator=g).bfloat16()
+    k_k, k_a = torch.randn(1, 1, 16), torch.rand(1, 1, 16)
+    assert all(torch.equal(p, q) for p, q in zip(key_prep(k0, a, k_k, k_a, 2), key_prep_reference(k0, a, k_k, k_a, 2)))
+    assert timemix.fused_available(torch.randn(2), torch.randn(3))
+
+
+def test_a_training_step_through_the_fused_ops_equals_the_reference(monkeypatch):
+    """The whole model (state tuning's trained initial state and every parameter): the loss to 1e-6 relative,
+    every gradient to 1e-5 of its largest value, fused against the torch reference."""
+    from tests.conftest import make_model
+
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(timemix, "fused_available", lambda *t: False)
+        model = make_model(seed=7, n_layer=3, n_embd=64, head_size=16, vocab_size=97)
+        state = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(8), requires_grad=True)
+        idx = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(9))
+        init = [s._replace(wkv=state[i]) for i, s in enumerate(model.initial_state())]
+        logits = model(idx[:, :-1], init)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), state.grad.clone(), grads))
+    (lf, sf, gf), (lr, sr, gr) = results
+    assert abs(lf - lr) <= 1e-6 * abs(lr)
+    assert gf.keys() == gr.keys() and len(gr) > 20
+    _close(sf, sr.double(), "initial state")
+    for name in gr:
+        _close(gf[name], gr[name].double(), name)
