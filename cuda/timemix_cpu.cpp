@@ -2,7 +2,6 @@
 // where torch's autograd takes 8-20 passes for the same formulas (issue 23's profile). The formulas,
 // their gradients and the torch reference they must equal are in peft_rwkv7/ops/timemix.py.
 //
-//   token_mix   out[m] = x + (x_prev - x) * mix[m]          (the token shift and its M lerps)
 //   key_prep    kk = normalize(k0 * k_k) per head, k = k0 ((1 - k_a) + a k_a), out -kk and kk a
 //   wkv_output  o = (group_norm(y) + (sum_n r k r_k) v) * g  (per head: ln_x, the bonus, the gate)
 //
@@ -19,112 +18,10 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_rows.h"
 #include "wkv7_cpu_simd.h"
 
 namespace {
-
-constexpr int64_t kBlock = 32;  // rows per work item and per parameter-gradient partial sum
-
-int64_t n_blocks(int64_t rows) { return (rows + kBlock - 1) / kBlock; }
-
-void check_f32(const torch::Tensor& x, const char* op, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), op, ": ", name,
-              " must be a contiguous fp32 CPU tensor");
-  TORCH_CHECK(x.sizes() == shape, op, ": ", name, " has shape ", x.sizes(), ", expected ", shape);
-}
-
-const float* ptr_or_null(const torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
-float* out_or_null(torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
-
-// ---- token_mix ---------------------------------------------------------------------------------------
-
-struct Mix {
-  int64_t T, C, M, rows;
-  const float *x, *prev, *zeros, *mix;
-};
-
-// The previous token's row of `row` (prev[b] or zeros at t = 0).
-WKV_INLINE const float* prev_row(const Mix& p, int64_t row) {
-  if (row % p.T) return p.x + (row - 1) * p.C;
-  return p.prev ? p.prev + (row / p.T) * p.C : p.zeros;
-}
-
-WKV_CLONES void mix_forward_rows(const Mix& p, int64_t r0, int64_t r1, const std::vector<float*>& out) {
-  const int64_t C = p.C;
-  for (int64_t row = r0; row < r1; ++row) {
-    const float* x = p.x + row * C;
-    const float* xp = prev_row(p, row);
-    for (int64_t m = 0; m < p.M; ++m) {
-      const float* mx = p.mix + m * C;
-      float* o = out[m] + row * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = x[c] + (xp[c] - x[c]) * mx[c];
-    }
-  }
-}
-
-// s_row = sum_m g_m mix_m (the gradient of x_prev - x at `row`), written to s.
-WKV_INLINE void mix_s(const Mix& p, const std::vector<const float*>& g, int64_t row, float* s) {
-  const int64_t C = p.C;
-  std::fill(s, s + C, 0.f);
-  for (int64_t m = 0; m < p.M; ++m) {
-    if (!g[m]) continue;
-    const float* gm = g[m] + row * C;
-    const float* mx = p.mix + m * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) s[c] += gm[c] * mx[c];
-  }
-}
-
-// gx[t] = sum_m g_m[t] - s[t] + s[t + 1] (the next token's shift reads this one), gprev[b] = s[b, 0],
-// gmix[m] (this block's partial) = sum_t g_m[t] (x_prev - x)[t]. Rows walk backwards keeping s[t + 1].
-WKV_CLONES void mix_backward_rows(const Mix& p, const std::vector<const float*>& g, int64_t r0, int64_t r1, float* gx,
-                                  float* gprev, float* gmix, float* scratch) {
-  const int64_t C = p.C;
-  float* s = scratch;
-  float* s_next = scratch + C;
-  bool have_next = r1 % p.T != 0 && r1 < p.rows;
-  if (have_next) mix_s(p, g, r1, s_next);
-  for (int64_t row = r1 - 1; row >= r0; --row) {
-    mix_s(p, g, row, s);
-    if (gx) {
-      float* o = gx + row * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = have_next ? s_next[c] - s[c] : -s[c];
-      for (int64_t m = 0; m < p.M; ++m) {
-        if (!g[m]) continue;
-        const float* gm = g[m] + row * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] += gm[c];
-      }
-    }
-    if (gprev && row % p.T == 0) std::copy(s, s + C, gprev + (row / p.T) * C);
-    if (gmix) {
-      const float* x = p.x + row * C;
-      const float* xp = prev_row(p, row);
-      for (int64_t m = 0; m < p.M; ++m) {
-        if (!g[m]) continue;
-        const float* gm = g[m] + row * C;
-        float* acc = gmix + m * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) acc[c] += gm[c] * (xp[c] - x[c]);
-      }
-    }
-    std::swap(s, s_next);
-    have_next = row % p.T != 0;  // the row before is in the same sequence
-  }
-}
-
-Mix make_mix(const torch::Tensor& x, const torch::Tensor& prev, const torch::Tensor& mix, const torch::Tensor& zeros) {
-  TORCH_CHECK(x.dim() == 3 && mix.dim() == 2, "token_mix: x must be [B, T, C] and mix [M, C]");
-  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), M = mix.size(0);
-  check_f32(x, "token_mix", "x", {B, T, C});
-  check_f32(mix, "token_mix", "mix", {M, C});
-  check_f32(zeros, "token_mix", "zeros", {C});
-  if (ptr_or_null(prev)) check_f32(prev, "token_mix", "prev", {B, C});
-  return Mix{T, C, M, B * T, x.data_ptr<float>(), ptr_or_null(prev), zeros.data_ptr<float>(),
-             mix.data_ptr<float>()};
-}
 
 // ---- key_prep ----------------------------------------------------------------------------------------
 
@@ -276,49 +173,6 @@ WKV_CLONES void out_backward_rows(const Out& p, const float* go, const float* st
 }
 
 }  // namespace
-
-// x [B, T, C], prev [B, C] or empty (zeros), mix [M, C], zeros [C] -> M tensors [B, T, C].
-std::vector<torch::Tensor> token_mix_forward(const torch::Tensor& x, const torch::Tensor& prev,
-                                             const torch::Tensor& mix, const torch::Tensor& zeros) {
-  const Mix p = make_mix(x, prev, mix, zeros);
-  std::vector<torch::Tensor> out;
-  std::vector<float*> ptrs;
-  for (int64_t m = 0; m < p.M; ++m) {
-    out.push_back(torch::empty_like(x));
-    ptrs.push_back(out.back().data_ptr<float>());
-  }
-  at::parallel_for(0, n_blocks(p.rows), 1, [&](int64_t b0, int64_t b1) {
-    mix_forward_rows(p, b0 * kBlock, std::min(b1 * kBlock, p.rows), ptrs);
-  });
-  return out;
-}
-
-// grads: M tensors [B, T, C] (empty = zero). Returns [gx, gprev [B, C], gmix partials [blocks, M, C]],
-// each empty where its flag is off.
-std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>& grads, const torch::Tensor& x,
-                                              const torch::Tensor& prev, const torch::Tensor& mix,
-                                              const torch::Tensor& zeros, bool want_x, bool want_prev,
-                                              bool want_mix) {
-  const Mix p = make_mix(x, prev, mix, zeros);
-  TORCH_CHECK(int64_t(grads.size()) == p.M, "token_mix: expected one gradient per mix row");
-  std::vector<const float*> g(p.M);
-  for (int64_t m = 0; m < p.M; ++m) {
-    if (grads[m].numel()) check_f32(grads[m], "token_mix", "gradient", x.sizes());
-    g[m] = ptr_or_null(grads[m]);
-  }
-  const int64_t B = x.size(0), rows = B * x.size(1), nb = n_blocks(rows);
-  auto none = torch::empty({0}, x.options());
-  auto gx = want_x ? torch::empty_like(x) : none;
-  auto gprev = want_prev ? torch::zeros({B, p.C}, x.options()) : none;
-  auto gmix = want_mix ? torch::zeros({nb, p.M, p.C}, x.options()) : none;
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scratch(2 * p.C);
-    for (int64_t b = b0; b < b1; ++b)
-      mix_backward_rows(p, g, b * kBlock, std::min((b + 1) * kBlock, rows), out_or_null(gx), out_or_null(gprev),
-                        want_mix ? gmix.data_ptr<float>() + b * p.M * p.C : nullptr, scratch.data());
-  });
-  return {gx, gprev, gmix};
-}
 
 Key make_key(const torch::Tensor& k0, const torch::Tensor& a, const torch::Tensor& k_k, const torch::Tensor& k_a,
              int64_t H) {

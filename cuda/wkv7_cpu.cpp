@@ -163,22 +163,53 @@ WKV_INLINE void step_backward(int n, float* gt, const float* so, const float* sa
   // registers; the lane sums of 8 rows at a time are finished by reduce_rows8.
   constexpr int L = (W >= 32 && NT > 0 && NT % 16 == 0) ? 16 : 8;
   using V = typename Lanes<L>::V;
-  for (int j = 0; j < N; ++j) {
-    float* g = gt + j * N;
-    const float* po = so + j * N;
-    const float dj = d[j], aj = a[j];
-    V acc_k = {}, acc_d = {}, acc_a = {}, acc_b = {}, acc_r = {};
-    for (int i = 0; i < N; i += L) {
-      const V x = loadv<L>(g + i), p = loadv<L>(po + i), gbv = loadv<L>(gb + i);
-      acc_k += x * loadv<L>(v + i);
-      acc_d += p * x;
-      acc_a += p * gbv;
-      acc_b += x * loadv<L>(sa + i);
-      acc_r += p * loadv<L>(dy + i);
-      storev<L>(g + i, x * dj + gbv * aj);
+  // With a compile-time N of at most 4 vectors (AVX-512, N <= 64), the row-invariant gb, v, sa and dy
+  // stay in 16 registers for the whole pass (written out: the compiler cannot hoist their loads past
+  // the stores to G, which it must assume may alias them).
+  constexpr int K = NT > 0 && NT % L == 0 ? NT / L : 0;
+  if constexpr (K > 0 && K <= 4) {
+    V gbv[K], vv[K], sav[K], dyv[K];
+    for (int c = 0; c < K; ++c) {
+      gbv[c] = loadv<L>(gb + c * L);
+      vv[c] = loadv<L>(v + c * L);
+      sav[c] = loadv<L>(sa + c * L);
+      dyv[c] = loadv<L>(dy + c * L);
     }
-    const wkv_v8f acc[5] = {fold8<L>(acc_k), fold8<L>(acc_d), fold8<L>(acc_a), fold8<L>(acc_b), fold8<L>(acc_r)};
-    for (int q = 0; q < 5; ++q) store8(part + (q * N + j) * 8, acc[q]);
+    for (int j = 0; j < N; ++j) {
+      float* g = gt + j * N;
+      const float* po = so + j * N;
+      const float dj = d[j], aj = a[j];
+      V acc_k = {}, acc_d = {}, acc_a = {}, acc_b = {}, acc_r = {};
+      for (int c = 0; c < K; ++c) {
+        const V x = loadv<L>(g + c * L), p = loadv<L>(po + c * L);
+        acc_k += x * vv[c];
+        acc_d += p * x;
+        acc_a += p * gbv[c];
+        acc_b += x * sav[c];
+        acc_r += p * dyv[c];
+        storev<L>(g + c * L, x * dj + gbv[c] * aj);
+      }
+      const wkv_v8f acc[5] = {fold8<L>(acc_k), fold8<L>(acc_d), fold8<L>(acc_a), fold8<L>(acc_b), fold8<L>(acc_r)};
+      for (int q = 0; q < 5; ++q) store8(part + (q * N + j) * 8, acc[q]);
+    }
+  } else {
+    for (int j = 0; j < N; ++j) {
+      float* g = gt + j * N;
+      const float* po = so + j * N;
+      const float dj = d[j], aj = a[j];
+      V acc_k = {}, acc_d = {}, acc_a = {}, acc_b = {}, acc_r = {};
+      for (int i = 0; i < N; i += L) {
+        const V x = loadv<L>(g + i), p = loadv<L>(po + i), gbv = loadv<L>(gb + i);
+        acc_k += x * loadv<L>(v + i);
+        acc_d += p * x;
+        acc_a += p * gbv;
+        acc_b += x * loadv<L>(sa + i);
+        acc_r += p * loadv<L>(dy + i);
+        storev<L>(g + i, x * dj + gbv * aj);
+      }
+      const wkv_v8f acc[5] = {fold8<L>(acc_k), fold8<L>(acc_d), fold8<L>(acc_a), fold8<L>(acc_b), fold8<L>(acc_r)};
+      for (int q = 0; q < 5; ++q) store8(part + (q * N + j) * 8, acc[q]);
+    }
   }
   float* outs[5] = {dk, dd, da, db, dr};
   for (int q = 0; q < 5; ++q)
@@ -374,41 +405,4 @@ void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor
       backward_head(h, wide);
     }
   });
-}
-
-// rnn_step_cpu.cpp
-int64_t parallel_threads(int64_t n);
-torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x);
-torch::Tensor vecmat(const torch::Tensor& x, const torch::Tensor& weight);
-std::vector<torch::Tensor> wkv7_step(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& state);
-// timemix_cpu.cpp
-std::vector<torch::Tensor> token_mix_forward(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                             const torch::Tensor&);
-std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>&, const torch::Tensor&,
-                                              const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, bool,
-                                              bool, bool);
-std::vector<torch::Tensor> key_prep_forward(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                            const torch::Tensor&, int64_t);
-std::vector<torch::Tensor> key_prep_backward(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                             const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                             const torch::Tensor&, int64_t, bool);
-std::vector<torch::Tensor> wkv_output_forward(const std::vector<torch::Tensor>&, const torch::Tensor&,
-                                              const torch::Tensor&, const torch::Tensor&, int64_t, double);
-std::vector<torch::Tensor> wkv_output_backward(const torch::Tensor&, const std::vector<torch::Tensor>&,
-                                               const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                               const torch::Tensor&, int64_t, double, bool);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &wkv7_forward, "WKV7 forward (fp32, writes y, checkpoints and the final state)");
-  m.def("backward", &wkv7_backward, "WKV7 backward (fp32, writes every input gradient and dL/dS_0)");
-  m.def("matvec", &matvec, "one row times a contiguous [out, in] fp32/bf16 weight (batch-1 generation)");
-  m.def("vecmat", &vecmat, "one row times a contiguous [in, out] fp32 weight (batch-1 generation)");
-  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for runs on in this library (a check)");
-  m.def("wkv7_step", &wkv7_step, "WKV7 update of one token, no autograd (fp32; returns y and the new state)");
-  m.def("token_mix_forward", &token_mix_forward, "TimeMix/ChannelMix token shift and lerps (fp32)");
-  m.def("token_mix_backward", &token_mix_backward, "its gradients (parameter ones as per-block partials)");
-  m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32)");
-  m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones as per-block partials)");
-  m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32)");
-  m.def("wkv_output_backward", &wkv_output_backward, "their gradients (parameter ones as per-block partials)");
 }

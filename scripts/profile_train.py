@@ -25,7 +25,10 @@ from bench_util import gemm_rate, isa_flags, matmul_weights, method_config  # no
 
 from peft_rwkv7.adapters import attach, trainable_parameters  # noqa: E402
 from peft_rwkv7.model import RWKV7Config, new_model  # noqa: E402
-from peft_rwkv7.train.losses import param_groups, sequence_loss  # noqa: E402
+from peft_rwkv7.train.losses import sequence_loss  # noqa: E402
+from peft_rwkv7.train.memory import keep_freed_memory  # noqa: E402
+from peft_rwkv7.train.optim import build_optimizer  # noqa: E402
+from peft_rwkv7.train.recipe import TrainConfig  # noqa: E402
 
 KINDS = [  # (kind, substrings of aten op names), first match wins
     ("GEMM", ("mm", "linear", "matmul", "bmm", "addmm")),
@@ -61,13 +64,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     bf16 = args.precision == "bf16"
+    keep_freed_memory()  # as train/loop.py does
     model = build(args.method, args.layers, args.embd)
     if bf16:  # frozen weights stored bf16, trained ones fp32, as train/loop.py does
         for p in model.parameters():
             if not p.requires_grad and p.dim() >= 2:
                 p.data = p.data.to(torch.bfloat16)
     named = trainable_parameters(model)
-    opt = torch.optim.AdamW(param_groups(named, 0.0), lr=1e-4)
+    opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own
     idx = torch.randint(0, 65536, (1, args.ctx + 1), generator=torch.Generator().manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext

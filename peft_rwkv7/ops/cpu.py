@@ -1,7 +1,8 @@
 """Fused WKV7 on CPU: the C++ kernel in cuda/wkv7_cpu.cpp, built on first use.
 
 The same extension holds the single-token RNN step's pieces (cuda/rnn_step_cpu.cpp): `matvec`,
-`vecmat` and `wkv7_step`, which batch-1 generation uses.
+`vecmat` and `wkv7_step`, which batch-1 generation uses, and the fused element-wise ops of ops/timemix.py
+and ops/pointwise.py (cuda/token_mix_cpu.cpp, cuda/timemix_cpu.cpp); cuda/cpu_module.cpp binds them all.
 
 The extension is compiled by `ops.build.load_extension` (one cache folder per source hash, torch
 version, compiler and flags, so installs never evict each other; later processes import it at once)
@@ -33,7 +34,8 @@ __all__ = ["is_available", "kernel_threads", "matvec", "vecmat", "wkv7_cpu", "wk
 CHUNK = 16  # steps between stored states; must match kChunk in wkv7_cpu.cpp
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
 _KERNELS = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
-_SOURCES = (_KERNELS / "wkv7_cpu.cpp", _KERNELS / "rnn_step_cpu.cpp", _KERNELS / "timemix_cpu.cpp")
+_SOURCES = tuple(_KERNELS / f for f in ("wkv7_cpu.cpp", "rnn_step_cpu.cpp", "token_mix_cpu.cpp", "timemix_cpu.cpp",
+                                          "cpu_module.cpp"))
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
 # Threads come from torch: at::parallel_for splits the (batch, head) sequences. With torch's OpenMP
@@ -146,9 +148,9 @@ class _Wkv7Cpu(torch.autograd.Function):
         pad = -N % LANES
         # The decay is computed here with torch's vectorised exp (the same ops as the reference);
         # the kernel gets d and returns dL/dd, chained to dL/dw in backward by dd/dw = -d exp(w).
-        ew = torch.exp(_fp32(w, pad))
-        d = torch.exp(-ew)
-        dd_dw = -d * ew if ctx.needs_input_grad[3] else None
+        nw = torch.exp(_fp32(w, pad)).neg_()  # -exp(w), in place: one buffer and one pass fewer
+        d = torch.exp(nw)
+        dd_dw = nw.mul_(d) if ctx.needs_input_grad[3] else None  # -exp(w) d, in nw's buffer
         rdkvab = [_fp32(r, pad), d, *(_fp32(x, pad) for x in (k, v, a, b))]
         s0 = None if state is None else _pad_square(state, pad)
         y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc, tiles)

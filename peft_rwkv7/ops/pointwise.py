@@ -3,14 +3,32 @@ backward takes for them. Same values, same gradients (bit for bit: see tests/ops
 
 relu_square: ChannelMix's relu(x)^2 on [tokens, 4C]. torch's `relu(x) ** 2` backward is pow's
 grad * 2 * relu(x)^1 (a copy for the power, a scale, a product) and relu's threshold: four passes over
-the widest activation of the block; here one product and an in-place doubling.
+the widest activation of the block; here one product and an in-place doubling (two passes forward).
+On CPU fp32 with the extension built (cuda/token_mix_cpu.cpp) one pass each way, the same roundings.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import cpu
+
 __all__ = ["relu_square"]
+
+
+class _ReluSquareCpu(torch.autograd.Function):
+    """The same function in one pass each way (saves x, recomputes relu(x) in backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(x)
+        return cpu._ext("relu_square").relu_square_forward(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return cpu._ext("relu_square").relu_square_backward(g.contiguous(), x)
 
 
 class _ReluSquare(torch.autograd.Function):
@@ -29,6 +47,8 @@ class _ReluSquare(torch.autograd.Function):
 
 def relu_square(x: torch.Tensor) -> torch.Tensor:
     """relu(x) ** 2, differentiable; without autograd two passes and one buffer."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and cpu.is_available(x.device):
+        return _ReluSquareCpu.apply(x)
     if torch.is_grad_enabled() and x.requires_grad:
         return _ReluSquare.apply(x)
     return torch.relu(x).square_()

@@ -6,17 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_rwkv7.ops.pointwise import relu_square
+from peft_rwkv7.ops import cpu
+from peft_rwkv7.ops.pointwise import _ReluSquare, relu_square
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_relu_square_is_torchs_relu_pow_bit_for_bit(dtype):
+@pytest.mark.parametrize("impl", ["dispatch", "torch"])
+def test_relu_square_is_torchs_relu_pow_bit_for_bit(dtype, impl):
+    """`dispatch`: relu_square as the model calls it (the C++ op for CPU fp32 where the extension is built,
+    checked to be the one taken); `torch`: the autograd Function of torch ops that the other cases take."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 17, 40, generator=g).to(dtype)
     x[0, 0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])  # the kink
     gy = torch.randn(x.shape, generator=g).to(dtype)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = relu_square(a), torch.relu(b) ** 2
+    ya, yb = (relu_square if impl == "dispatch" else _ReluSquare.apply)(a), torch.relu(b) ** 2
+    if impl == "dispatch" and dtype == torch.float32 and cpu.is_available(x.device):
+        assert type(ya.grad_fn).__name__ == "_ReluSquareCpuBackward"
     (ya * gy).sum().backward()
     (yb * gy).sum().backward()
     assert ya.dtype == yb.dtype == dtype

@@ -1,0 +1,55 @@
+// The Python module of the CPU extension (peft_rwkv7/ops/cpu.py builds wkv7_cpu.cpp, rnn_step_cpu.cpp,
+// token_mix_cpu.cpp, timemix_cpu.cpp and this file into one library): every function it exports.
+
+#include <torch/extension.h>
+
+#include <vector>
+
+// rnn_step_cpu.cpp
+int64_t parallel_threads(int64_t n);
+torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x);
+torch::Tensor vecmat(const torch::Tensor& x, const torch::Tensor& weight);
+std::vector<torch::Tensor> wkv7_step(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& state);
+// token_mix_cpu.cpp
+std::vector<torch::Tensor> token_mix_forward(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                             const torch::Tensor&);
+std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>&, const torch::Tensor&,
+                                              const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, bool,
+                                              bool, bool);
+// timemix_cpu.cpp
+std::vector<torch::Tensor> key_prep_forward(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                            const torch::Tensor&, int64_t);
+std::vector<torch::Tensor> key_prep_backward(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                             const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                             const torch::Tensor&, int64_t, bool);
+std::vector<torch::Tensor> wkv_output_forward(const std::vector<torch::Tensor>&, const torch::Tensor&,
+                                              const torch::Tensor&, const torch::Tensor&, int64_t, double);
+std::vector<torch::Tensor> wkv_output_backward(const torch::Tensor&, const std::vector<torch::Tensor>&,
+                                               const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                               const torch::Tensor&, int64_t, double, bool);
+
+// wkv7_cpu.cpp
+void wkv7_forward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& s0, torch::Tensor y,
+                  torch::Tensor ckpt, torch::Tensor s_final, int64_t tiles);
+void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& ckpt, const torch::Tensor& dy,
+                   const torch::Tensor& ds_final, std::vector<torch::Tensor> grads, torch::Tensor ds0, int64_t tiles);
+// token_mix_cpu.cpp
+torch::Tensor relu_square_forward(const torch::Tensor& x);
+torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& x);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &wkv7_forward, "WKV7 forward (fp32, writes y, checkpoints and the final state)");
+  m.def("backward", &wkv7_backward, "WKV7 backward (fp32, writes every input gradient and dL/dS_0)");
+  m.def("matvec", &matvec, "one row times a contiguous [out, in] fp32/bf16 weight (batch-1 generation)");
+  m.def("vecmat", &vecmat, "one row times a contiguous [in, out] fp32 weight (batch-1 generation)");
+  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for runs on in this library (a check)");
+  m.def("wkv7_step", &wkv7_step, "WKV7 update of one token, no autograd (fp32; returns y and the new state)");
+  m.def("token_mix_forward", &token_mix_forward, "TimeMix/ChannelMix token shift and lerps (fp32)");
+  m.def("token_mix_backward", &token_mix_backward, "its gradients (parameter ones as per-block partials)");
+  m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32)");
+  m.def("relu_square_backward", &relu_square_backward, "its gradient g * relu(x) * 2 (fp32)");
+  m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32)");
+  m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones as per-block partials)");
+  m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32)");
+  m.def("wkv_output_backward", &wkv_output_backward, "their gradients (parameter ones as per-block partials)");
+}

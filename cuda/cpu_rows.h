@@ -1,0 +1,22 @@
+// Helpers shared by the row-wise CPU ops (token_mix_cpu.cpp, timemix_cpu.cpp): fp32 checks and the fixed
+// row blocks that parameter-gradient partial sums follow (so results never depend on the thread count).
+#pragma once
+
+#include <torch/extension.h>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // rows per work item and per parameter-gradient partial sum
+
+int64_t n_blocks(int64_t rows) { return (rows + kBlock - 1) / kBlock; }
+
+void check_f32(const torch::Tensor& x, const char* op, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), op, ": ", name,
+              " must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(x.sizes() == shape, op, ": ", name, " has shape ", x.sizes(), ", expected ", shape);
+}
+
+const float* ptr_or_null(const torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
+float* out_or_null(torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
+
+}  // namespace

@@ -1,0 +1,202 @@
+// The token shift's lerps on CPU, fused (TimeMix's six and ChannelMix's one), and ChannelMix's relu^2:
+// one pass forward and one backward each. Formulas, gradients and the torch reference they must equal are
+// in peft_rwkv7/ops/timemix.py and peft_rwkv7/ops/pointwise.py.
+//
+//   token_mix     out[m] = x + (x_prev - x) * mix[m]      (x_prev: the token before, prev[b] or 0 at t = 0)
+//   relu_square   relu(x)^2, and its gradient g * relu(x) * 2 (bit for bit torch's relu(x) ** 2)
+//
+// Rows (tokens) are split over torch's threads in blocks of kBlock rows (cpu_rows.h); the per-row
+// functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (WKV_CLONES).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_rows.h"
+#include "wkv7_cpu_simd.h"
+
+namespace {
+
+// ---- token_mix ---------------------------------------------------------------------------------------
+
+struct Mix {
+  int64_t T, C, M, rows;
+  const float *x, *prev, *zeros, *mix;
+};
+
+// The previous token's row of `row` (prev[b] or zeros at t = 0).
+WKV_INLINE const float* prev_row(const Mix& p, int64_t row) {
+  if (row % p.T) return p.x + (row - 1) * p.C;
+  return p.prev ? p.prev + (row / p.T) * p.C : p.zeros;
+}
+
+WKV_CLONES void mix_forward_rows(const Mix& p, int64_t r0, int64_t r1, const std::vector<float*>& out) {
+  const int64_t C = p.C;
+  for (int64_t row = r0; row < r1; ++row) {
+    const float* x = p.x + row * C;
+    const float* xp = prev_row(p, row);
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* mx = p.mix + m * C;
+      float* o = out[m] + row * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = x[c] + (xp[c] - x[c]) * mx[c];
+    }
+  }
+}
+
+// s_row = sum_m g_m mix_m (the gradient of x_prev - x at `row`), written to s.
+WKV_INLINE void mix_s(const Mix& p, const std::vector<const float*>& g, int64_t row, float* s) {
+  const int64_t C = p.C;
+  std::fill(s, s + C, 0.f);
+  for (int64_t m = 0; m < p.M; ++m) {
+    if (!g[m]) continue;
+    const float* gm = g[m] + row * C;
+    const float* mx = p.mix + m * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) s[c] += gm[c] * mx[c];
+  }
+}
+
+// gx[t] = sum_m g_m[t] - s[t] + s[t + 1] (the next token's shift reads this one), gprev[b] = s[b, 0],
+// gmix[m] (this block's partial) = sum_t g_m[t] (x_prev - x)[t]. Rows walk backwards keeping s[t + 1].
+WKV_CLONES void mix_backward_rows(const Mix& p, const std::vector<const float*>& g, int64_t r0, int64_t r1, float* gx,
+                                  float* gprev, float* gmix, float* scratch) {
+  const int64_t C = p.C;
+  float* s = scratch;
+  float* s_next = scratch + C;
+  bool have_next = r1 % p.T != 0 && r1 < p.rows;
+  if (have_next) mix_s(p, g, r1, s_next);
+  for (int64_t row = r1 - 1; row >= r0; --row) {
+    mix_s(p, g, row, s);
+    if (gx) {
+      float* o = gx + row * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = have_next ? s_next[c] - s[c] : -s[c];
+      for (int64_t m = 0; m < p.M; ++m) {
+        if (!g[m]) continue;
+        const float* gm = g[m] + row * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] += gm[c];
+      }
+    }
+    if (gprev && row % p.T == 0) std::copy(s, s + C, gprev + (row / p.T) * C);
+    if (gmix) {
+      const float* x = p.x + row * C;
+      const float* xp = prev_row(p, row);
+      for (int64_t m = 0; m < p.M; ++m) {
+        if (!g[m]) continue;
+        const float* gm = g[m] + row * C;
+        float* acc = gmix + m * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) acc[c] += gm[c] * (xp[c] - x[c]);
+      }
+    }
+    std::swap(s, s_next);
+    have_next = row % p.T != 0;  // the row before is in the same sequence
+  }
+}
+
+Mix make_mix(const torch::Tensor& x, const torch::Tensor& prev, const torch::Tensor& mix, const torch::Tensor& zeros) {
+  TORCH_CHECK(x.dim() == 3 && mix.dim() == 2, "token_mix: x must be [B, T, C] and mix [M, C]");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), M = mix.size(0);
+  check_f32(x, "token_mix", "x", {B, T, C});
+  check_f32(mix, "token_mix", "mix", {M, C});
+  check_f32(zeros, "token_mix", "zeros", {C});
+  if (ptr_or_null(prev)) check_f32(prev, "token_mix", "prev", {B, C});
+  return Mix{T, C, M, B * T, x.data_ptr<float>(), ptr_or_null(prev), zeros.data_ptr<float>(),
+             mix.data_ptr<float>()};
+}
+
+}  // namespace
+
+// x [B, T, C], prev [B, C] or empty (zeros), mix [M, C], zeros [C] -> M tensors [B, T, C].
+std::vector<torch::Tensor> token_mix_forward(const torch::Tensor& x, const torch::Tensor& prev,
+                                             const torch::Tensor& mix, const torch::Tensor& zeros) {
+  const Mix p = make_mix(x, prev, mix, zeros);
+  std::vector<torch::Tensor> out;
+  std::vector<float*> ptrs;
+  for (int64_t m = 0; m < p.M; ++m) {
+    out.push_back(torch::empty_like(x));
+    ptrs.push_back(out.back().data_ptr<float>());
+  }
+  at::parallel_for(0, n_blocks(p.rows), 1, [&](int64_t b0, int64_t b1) {
+    mix_forward_rows(p, b0 * kBlock, std::min(b1 * kBlock, p.rows), ptrs);
+  });
+  return out;
+}
+
+// grads: M tensors [B, T, C] (empty = zero). Returns [gx, gprev [B, C], gmix partials [blocks, M, C]],
+// each empty where its flag is off.
+std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>& grads, const torch::Tensor& x,
+                                              const torch::Tensor& prev, const torch::Tensor& mix,
+                                              const torch::Tensor& zeros, bool want_x, bool want_prev,
+                                              bool want_mix) {
+  const Mix p = make_mix(x, prev, mix, zeros);
+  TORCH_CHECK(int64_t(grads.size()) == p.M, "token_mix: expected one gradient per mix row");
+  std::vector<const float*> g(p.M);
+  for (int64_t m = 0; m < p.M; ++m) {
+    if (grads[m].numel()) check_f32(grads[m], "token_mix", "gradient", x.sizes());
+    g[m] = ptr_or_null(grads[m]);
+  }
+  const int64_t B = x.size(0), rows = B * x.size(1), nb = n_blocks(rows);
+  auto none = torch::empty({0}, x.options());
+  auto gx = want_x ? torch::empty_like(x) : none;
+  auto gprev = want_prev ? torch::zeros({B, p.C}, x.options()) : none;
+  auto gmix = want_mix ? torch::zeros({nb, p.M, p.C}, x.options()) : none;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scratch(2 * p.C);
+    for (int64_t b = b0; b < b1; ++b)
+      mix_backward_rows(p, g, b * kBlock, std::min((b + 1) * kBlock, rows), out_or_null(gx), out_or_null(gprev),
+                        want_mix ? gmix.data_ptr<float>() + b * p.M * p.C : nullptr, scratch.data());
+  });
+  return {gx, gprev, gmix};
+}
+
+// ---- relu_square -------------------------------------------------------------------------------------
+// r = x < 0 ? 0 : x keeps NaN as torch's relu does; the square and the gradient (g r) 2 are the same
+// roundings as torch's relu(x) ** 2 and its backward (doubling is exact).
+
+namespace {
+
+WKV_CLONES void relu_square_rows(const float* x, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = x[i] < 0.f ? 0.f : x[i];
+    out[i] = r * r;
+  }
+}
+
+WKV_CLONES void relu_square_grad_rows(const float* g, const float* x, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = x[i] < 0.f ? 0.f : x[i];
+    out[i] = (g[i] * r) * 2.f;
+  }
+}
+
+constexpr int64_t kGrain = 1 << 14;  // elements per work item
+
+}  // namespace
+
+torch::Tensor relu_square_forward(const torch::Tensor& x) {
+  check_f32(x, "relu_square", "x", x.sizes());
+  auto out = torch::empty_like(x);
+  const float* px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) { relu_square_rows(px + b, po + b, e - b); });
+  return out;
+}
+
+torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& x) {
+  check_f32(x, "relu_square", "x", x.sizes());
+  check_f32(g, "relu_square", "gradient", x.sizes());
+  auto out = torch::empty_like(x);
+  const float *pg = g.data_ptr<float>(), *px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, x.numel(), kGrain,
+                   [&](int64_t b, int64_t e) { relu_square_grad_rows(pg + b, px + b, po + b, e - b); });
+  return out;
+}
