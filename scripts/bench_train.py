@@ -10,7 +10,8 @@ random weights), attaches the method, and times `--steps` optimizer steps after 
 
 GEMM bound: the step's matmul FLOP -- 4 per matmul weight per token (forward and input gradient; 6 for
 full fine-tuning, which adds the weight gradient) -- over the GEMM rate measured in that process, at that
-precision, at the model's big weight shapes with ctx rows. "% bound" = bound time / step time: 100% would
+precision, at the model's big weight shapes with ctx rows, after every timed step (the best rate against
+the best step: a VM's speed drifts by 10-30% within minutes). "% bound" = bound time / step time: 100% would
 be a step doing nothing but its GEMMs at the measured speed. Peak RSS is the process's (model included).
 
 --src PATH runs the children against another checkout of rwkv-peft (e.g. a `git worktree` of an older
@@ -64,8 +65,9 @@ def child(args) -> None:
     idx = torch.randint(0, SHAPE["vocab_size"], (1, args.ctx + 1), generator=torch.Generator().manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    times = []
-    for _ in range(args.steps + 1):  # the first step warms up (kernel load, allocator)
+    times, rates = [], []
+    full = args.method == "full"
+    for i in range(args.steps + 1):  # the first step warms up (kernel load, allocator)
         t0 = time.perf_counter()
         with amp():
             loss = sequence_loss(adapted, x, y)
@@ -73,9 +75,10 @@ def child(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        if i:  # the GEMM rate measured after every step: the VM's speed drifts, best against best
+            rates.append(gemm_rate(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full))
     step_s = min(times[1:])
-    full = args.method == "full"
-    rate = gemm_rate(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
+    rate = max(rates)
     bound_s = (6 if full else 4) * matmul_weights(adapted) * args.ctx / rate
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(json.dumps({"tokens_per_s": args.ctx / step_s, "step_s": step_s, "peak_rss_mib": rss,
