@@ -32,16 +32,21 @@ struct Key {
 
 constexpr float kNormEps = 1e-12f;  // F.normalize's default eps
 
+// |k0 k_k| over one head's N values (the norm F.normalize divides by, before its eps clamp).
+WKV_INLINE float head_norm(const float* k0, const float* k_k, int64_t N) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t n = 0; n < N; ++n) ss += (k0[n] * k_k[n]) * (k0[n] * k_k[n]);
+  return std::sqrt(ss);
+}
+
 WKV_CLONES void key_forward_rows(const Key& p, int64_t r0, int64_t r1, float* k, float* nkk, float* kka) {
   const int64_t N = p.N, C = p.H * p.N;
   for (int64_t row = r0; row < r1; ++row) {
     for (int64_t h = 0; h < p.H; ++h) {
       const int64_t o = row * C + h * N, q = h * N;
       const float *k0 = p.k0 + o, *a = p.a + o, *k_k = p.k_k + q, *k_a = p.k_a + q;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t n = 0; n < N; ++n) ss += (k0[n] * k_k[n]) * (k0[n] * k_k[n]);
-      const float den = std::max(std::sqrt(ss), kNormEps);
+      const float den = std::max(head_norm(k0, k_k, N), kNormEps);
 #pragma omp simd
       for (int64_t n = 0; n < N; ++n) {
         const float kk = (k0[n] * k_k[n]) / den;
@@ -63,10 +68,7 @@ WKV_CLONES void key_backward_rows(const Key& p, const float* gk, const float* gn
     for (int64_t h = 0; h < p.H; ++h) {
       const int64_t o = row * C + h * N, q = h * N;
       const float *k0 = p.k0 + o, *a = p.a + o, *k_k = p.k_k + q, *k_a = p.k_a + q;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t n = 0; n < N; ++n) ss += (k0[n] * k_k[n]) * (k0[n] * k_k[n]);
-      const float norm = std::sqrt(ss);
+      const float norm = head_norm(k0, k_k, N);
       const float den = std::max(norm, kNormEps);
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
