@@ -11,11 +11,9 @@ torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x);
 torch::Tensor vecmat(const torch::Tensor& x, const torch::Tensor& weight);
 std::vector<torch::Tensor> wkv7_step(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& state);
 // token_mix_cpu.cpp
-std::vector<torch::Tensor> token_mix_forward(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                             const torch::Tensor&);
+std::vector<torch::Tensor> token_mix_forward(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&);
 std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>&, const torch::Tensor&,
-                                              const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, bool,
-                                              bool, bool);
+                                              const torch::Tensor&, const torch::Tensor&, bool, bool, bool);
 // timemix_cpu.cpp
 std::vector<torch::Tensor> key_prep_forward(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                                             const torch::Tensor&, int64_t);
@@ -45,11 +43,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for runs on in this library (a check)");
   m.def("wkv7_step", &wkv7_step, "WKV7 update of one token, no autograd (fp32; returns y and the new state)");
   m.def("token_mix_forward", &token_mix_forward, "TimeMix/ChannelMix token shift and lerps (fp32)");
-  m.def("token_mix_backward", &token_mix_backward, "its gradients (parameter ones as per-block partials)");
+  m.def("token_mix_backward", &token_mix_backward, "its gradients (parameter ones summed in fixed row blocks)");
   m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32)");
   m.def("relu_square_backward", &relu_square_backward, "its gradient g * relu(x) * 2 (fp32)");
   m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32)");
-  m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones as per-block partials)");
+  m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones summed in fixed row blocks)");
   m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32)");
-  m.def("wkv_output_backward", &wkv_output_backward, "their gradients (parameter ones as per-block partials)");
+  m.def("wkv_output_backward", &wkv_output_backward, "their gradients (parameter ones summed in fixed row blocks)");
 }

@@ -19,4 +19,16 @@ void check_f32(const torch::Tensor& x, const char* op, const char* name, at::Int
 const float* ptr_or_null(const torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
 float* out_or_null(torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
 
+// Per-block partial sums [blocks, ...] added in block order, serially: the parameter gradients (empty stays empty).
+torch::Tensor sum_blocks(const torch::Tensor& part) {
+  if (!part.numel()) return part;
+  auto out = part[0].clone();
+  const int64_t n = out.numel();
+  float* o = out.data_ptr<float>();
+  const float* p = part.data_ptr<float>();
+  for (int64_t b = 1; b < part.size(0); ++b)
+    for (int64_t i = 0; i < n; ++i) o[i] += p[b * n + i];
+  return out;
+}
+
 }  // namespace

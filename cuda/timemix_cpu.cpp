@@ -200,7 +200,7 @@ std::vector<torch::Tensor> key_prep_forward(const torch::Tensor& k0, const torch
   return {k, nkk, kka};
 }
 
-// gk, gnkk, gkka [rows, C] or empty (zero) -> [gk0, ga, partials [blocks, 2, C] (gk_k, gk_a) or empty].
+// gk, gnkk, gkka [rows, C] or empty (zero) -> [gk0, ga, [2, C] (the gradients of k_k, k_a) or empty].
 std::vector<torch::Tensor> key_prep_backward(const torch::Tensor& gk, const torch::Tensor& gnkk,
                                              const torch::Tensor& gkka, const torch::Tensor& k0, const torch::Tensor& a,
                                              const torch::Tensor& k_k, const torch::Tensor& k_a, int64_t H,
@@ -220,7 +220,7 @@ std::vector<torch::Tensor> key_prep_backward(const torch::Tensor& gk, const torc
                         pb ? pb + C : nullptr, scratch.data());
     }
   });
-  return {gk0, ga, part};
+  return {gk0, ga, sum_blocks(part)};
 }
 
 Out make_out(const std::vector<torch::Tensor>& yrkvg, const torch::Tensor& gn_w, const torch::Tensor& gn_b,
@@ -258,7 +258,7 @@ std::vector<torch::Tensor> wkv_output_forward(const std::vector<torch::Tensor>& 
   return {o, stats};
 }
 
-// -> [gy, gr, gk, gv, gg, partials [blocks, 3, C] (gn_w, gn_b, r_k) or empty].
+// -> [gy, gr, gk, gv, gg, [3, C] (the gradients of gn_w, gn_b, r_k) or empty].
 std::vector<torch::Tensor> wkv_output_backward(const torch::Tensor& go, const std::vector<torch::Tensor>& yrkvg,
                                                const torch::Tensor& stats, const torch::Tensor& gn_w,
                                                const torch::Tensor& gn_b, const torch::Tensor& r_k, int64_t H,
@@ -278,5 +278,6 @@ std::vector<torch::Tensor> wkv_output_backward(const torch::Tensor& go, const st
                         std::min((b + 1) * kBlock, rows), gin,
                         want_params ? out[5].data_ptr<float>() + b * 3 * C : nullptr);
   });
+  out[5] = sum_blocks(out[5]);
   return out;
 }

@@ -99,12 +99,12 @@ WKV_CLONES void mix_backward_rows(const Mix& p, const std::vector<const float*>&
   }
 }
 
+// `zeros` [C]: the row before each sequence's first token where there is no `prev`.
 Mix make_mix(const torch::Tensor& x, const torch::Tensor& prev, const torch::Tensor& mix, const torch::Tensor& zeros) {
   TORCH_CHECK(x.dim() == 3 && mix.dim() == 2, "token_mix: x must be [B, T, C] and mix [M, C]");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), M = mix.size(0);
   check_f32(x, "token_mix", "x", {B, T, C});
   check_f32(mix, "token_mix", "mix", {M, C});
-  check_f32(zeros, "token_mix", "zeros", {C});
   if (ptr_or_null(prev)) check_f32(prev, "token_mix", "prev", {B, C});
   return Mix{T, C, M, B * T, x.data_ptr<float>(), ptr_or_null(prev), zeros.data_ptr<float>(),
              mix.data_ptr<float>()};
@@ -112,9 +112,10 @@ Mix make_mix(const torch::Tensor& x, const torch::Tensor& prev, const torch::Ten
 
 }  // namespace
 
-// x [B, T, C], prev [B, C] or empty (zeros), mix [M, C], zeros [C] -> M tensors [B, T, C].
+// x [B, T, C], prev [B, C] or empty (zeros), mix [M, C] -> M tensors [B, T, C].
 std::vector<torch::Tensor> token_mix_forward(const torch::Tensor& x, const torch::Tensor& prev,
-                                             const torch::Tensor& mix, const torch::Tensor& zeros) {
+                                             const torch::Tensor& mix) {
+  const auto zeros = torch::zeros({x.size(-1)}, x.options());
   const Mix p = make_mix(x, prev, mix, zeros);
   std::vector<torch::Tensor> out;
   std::vector<float*> ptrs;
@@ -128,12 +129,12 @@ std::vector<torch::Tensor> token_mix_forward(const torch::Tensor& x, const torch
   return out;
 }
 
-// grads: M tensors [B, T, C] (empty = zero). Returns [gx, gprev [B, C], gmix partials [blocks, M, C]],
-// each empty where its flag is off.
+// grads: M tensors [B, T, C] (empty = zero). Returns [gx, gprev [B, C], gmix [M, C]], each empty where its
+// flag is off.
 std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>& grads, const torch::Tensor& x,
                                               const torch::Tensor& prev, const torch::Tensor& mix,
-                                              const torch::Tensor& zeros, bool want_x, bool want_prev,
-                                              bool want_mix) {
+                                              bool want_x, bool want_prev, bool want_mix) {
+  const auto zeros = torch::zeros({x.size(-1)}, x.options());
   const Mix p = make_mix(x, prev, mix, zeros);
   TORCH_CHECK(int64_t(grads.size()) == p.M, "token_mix: expected one gradient per mix row");
   std::vector<const float*> g(p.M);
@@ -152,7 +153,7 @@ std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>& 
       mix_backward_rows(p, g, b * kBlock, std::min((b + 1) * kBlock, rows), out_or_null(gx), out_or_null(gprev),
                         want_mix ? gmix.data_ptr<float>() + b * p.M * p.C : nullptr, scratch.data());
   });
-  return {gx, gprev, gmix};
+  return {gx, gprev, sum_blocks(gmix)};
 }
 
 // ---- relu_square -------------------------------------------------------------------------------------

@@ -163,53 +163,39 @@ WKV_INLINE void step_backward(int n, float* gt, const float* so, const float* sa
   // registers; the lane sums of 8 rows at a time are finished by reduce_rows8.
   constexpr int L = (W >= 32 && NT > 0 && NT % 16 == 0) ? 16 : 8;
   using V = typename Lanes<L>::V;
-  // With a compile-time N of at most 4 vectors (AVX-512, N <= 64), the row-invariant gb, v, sa and dy
-  // stay in 16 registers for the whole pass (written out: the compiler cannot hoist their loads past
-  // the stores to G, which it must assume may alias them).
-  constexpr int K = NT > 0 && NT % L == 0 ? NT / L : 0;
-  if constexpr (K > 0 && K <= 4) {
-    V gbv[K], vv[K], sav[K], dyv[K];
-    for (int c = 0; c < K; ++c) {
-      gbv[c] = loadv<L>(gb + c * L);
-      vv[c] = loadv<L>(v + c * L);
-      sav[c] = loadv<L>(sa + c * L);
-      dyv[c] = loadv<L>(dy + c * L);
-    }
-    for (int j = 0; j < N; ++j) {
-      float* g = gt + j * N;
-      const float* po = so + j * N;
-      const float dj = d[j], aj = a[j];
-      V acc_k = {}, acc_d = {}, acc_a = {}, acc_b = {}, acc_r = {};
-      for (int c = 0; c < K; ++c) {
-        const V x = loadv<L>(g + c * L), p = loadv<L>(po + c * L);
-        acc_k += x * vv[c];
-        acc_d += p * x;
-        acc_a += p * gbv[c];
-        acc_b += x * sav[c];
-        acc_r += p * dyv[c];
-        storev<L>(g + c * L, x * dj + gbv[c] * aj);
-      }
-      const wkv_v8f acc[5] = {fold8<L>(acc_k), fold8<L>(acc_d), fold8<L>(acc_a), fold8<L>(acc_b), fold8<L>(acc_r)};
-      for (int q = 0; q < 5; ++q) store8(part + (q * N + j) * 8, acc[q]);
-    }
-  } else {
+  // Row j: the five per-key sums as L-lane partials, then G's row updated. inv(q, i) is the row-invariant
+  // vector q (0: gb, 1: v, 2: sa, 3: dy) at column i.
+  auto rows = [&](auto inv) {
     for (int j = 0; j < N; ++j) {
       float* g = gt + j * N;
       const float* po = so + j * N;
       const float dj = d[j], aj = a[j];
       V acc_k = {}, acc_d = {}, acc_a = {}, acc_b = {}, acc_r = {};
       for (int i = 0; i < N; i += L) {
-        const V x = loadv<L>(g + i), p = loadv<L>(po + i), gbv = loadv<L>(gb + i);
-        acc_k += x * loadv<L>(v + i);
+        const V x = loadv<L>(g + i), p = loadv<L>(po + i), gbv = inv(0, i);
+        acc_k += x * inv(1, i);
         acc_d += p * x;
         acc_a += p * gbv;
-        acc_b += x * loadv<L>(sa + i);
-        acc_r += p * loadv<L>(dy + i);
+        acc_b += x * inv(2, i);
+        acc_r += p * inv(3, i);
         storev<L>(g + i, x * dj + gbv * aj);
       }
       const wkv_v8f acc[5] = {fold8<L>(acc_k), fold8<L>(acc_d), fold8<L>(acc_a), fold8<L>(acc_b), fold8<L>(acc_r)};
       for (int q = 0; q < 5; ++q) store8(part + (q * N + j) * 8, acc[q]);
     }
+  };
+  const float* invariant[4] = {gb, v, sa, dy};
+  // With a compile-time N of at most 4 vectors (AVX-512, N <= 64) the invariants are loaded once and stay in
+  // 16 registers for the whole pass: read through the pointers, the compiler must reload them every row,
+  // since the stores to G may alias them.
+  constexpr int K = NT > 0 && NT % L == 0 ? NT / L : 0;
+  if constexpr (K > 0 && K <= 4) {
+    V held[4][K];
+    for (int q = 0; q < 4; ++q)
+      for (int c = 0; c < K; ++c) held[q][c] = loadv<L>(invariant[q] + c * L);
+    rows([&](int q, int i) { return held[q][i / L]; });
+  } else {
+    rows([&](int q, int i) { return loadv<L>(invariant[q] + i); });
   }
   float* outs[5] = {dk, dd, da, db, dr};
   for (int q = 0; q < 5; ++q)

@@ -35,11 +35,13 @@ def fused_available(*tensors: torch.Tensor | None) -> bool:
 
 # ---- references: the model's formulas in torch ops -------------------------------------------------------
 
-def token_mix_reference(x: torch.Tensor, prev: torch.Tensor | None, mix: torch.Tensor) -> torch.Tensor:
+def token_mix_reference(x: torch.Tensor, prev: torch.Tensor | None, mix: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if prev is None:
         prev = x.new_zeros(x.shape[0], x.shape[2])
-    shifted = torch.cat([prev.to(x.dtype)[:, None], x[:, :-1]], dim=1)
-    dx = shifted - x
+    if x.shape[1] == 1:  # an RNN step: no concatenation needed
+        dx = prev.to(x.dtype)[:, None] - x
+    else:
+        dx = torch.cat([prev.to(x.dtype)[:, None], x[:, :-1]], dim=1) - x
     return tuple(torch.addcmul(x, dx, m) for m in mix.to(x.dtype))
 
 
@@ -61,19 +63,11 @@ def wkv_output_reference(y, r, k, v, g, ln_x: nn.GroupNorm, r_k: torch.Tensor) -
 
 # ---- fused CPU ops ---------------------------------------------------------------------------------------
 
-_EMPTY = torch.empty(0)  # an absent gradient (zeros) for the extension; never written
+_EMPTY = torch.empty(0)  # an absent prev or gradient (zeros) for the extension; never written
 
 
 def _ext():
     return cpu._ext("timemix")
-
-
-def _blocks_sum(part: torch.Tensor) -> torch.Tensor:
-    """Per-block partial sums [blocks, ...] added in block order (a fixed order: thread-count independent)."""
-    out = part[0].clone()
-    for p in part[1:]:
-        out += p
-    return out
 
 
 class _TokenMix(torch.autograd.Function):
@@ -81,21 +75,18 @@ class _TokenMix(torch.autograd.Function):
     def forward(ctx, x, prev, mix):
         ctx.set_materialize_grads(False)
         x, mix = x.detach().contiguous(), mix.detach().reshape(mix.shape[0], -1).contiguous()
-        prev = torch.empty(0) if prev is None else prev.detach().contiguous()
-        zeros = x.new_zeros(x.shape[-1])
-        ctx.save_for_backward(x, prev, mix, zeros)
+        prev = _EMPTY if prev is None else prev.detach().contiguous()
+        ctx.save_for_backward(x, prev, mix)
         ctx.has_prev = prev.numel() > 0
-        return tuple(_ext().token_mix_forward(x, prev, mix, zeros))
+        return tuple(_ext().token_mix_forward(x, prev, mix))
 
     @staticmethod
     def backward(ctx, *g):
-        x, prev, mix, zeros = ctx.saved_tensors
+        x, prev, mix = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads = [_EMPTY if t is None else t.contiguous() for t in g]
-        gx, gprev, part = _ext().token_mix_backward(grads, x, prev, mix, zeros, need[0],
-                                                    need[1] and ctx.has_prev, need[2])
-        return (gx if need[0] else None, gprev if need[1] and ctx.has_prev else None,
-                _blocks_sum(part) if need[2] else None)
+        gx, gprev, gmix = _ext().token_mix_backward(grads, x, prev, mix, need[0], need[1] and ctx.has_prev, need[2])
+        return gx if need[0] else None, gprev if need[1] and ctx.has_prev else None, gmix if need[2] else None
 
 
 class _KeyPrep(torch.autograd.Function):
@@ -114,8 +105,7 @@ class _KeyPrep(torch.autograd.Function):
         k0, a, k_k, k_a = ctx.saved_tensors
         need = ctx.needs_input_grad
         gs = [_EMPTY if t is None else t.reshape(k0.shape).contiguous() for t in (gk, gnkk, gkka)]
-        gk0, ga, part = _ext().key_prep_backward(*gs, k0, a, k_k, k_a, ctx.H, need[2] or need[3])
-        pk = _blocks_sum(part) if need[2] or need[3] else None
+        gk0, ga, pk = _ext().key_prep_backward(*gs, k0, a, k_k, k_a, ctx.H, need[2] or need[3])
         pshape = (1,) * (len(ctx.shape) - 1) + (-1,)
         return (gk0.view(ctx.shape) if need[0] else None, ga.view(ctx.shape) if need[1] else None,
                 pk[0].view(pshape) if need[2] else None, pk[1].view(pshape) if need[3] else None, None)
@@ -137,9 +127,8 @@ class _WkvOutput(torch.autograd.Function):
         *yrkvg, stats, gn_w, gn_b, r_k = ctx.saved_tensors
         need = ctx.needs_input_grad
         want_params = any(need[5:8])
-        *gin, part = _ext().wkv_output_backward(go.reshape(yrkvg[0].shape).contiguous(), yrkvg, stats, gn_w, gn_b,
-                                               r_k, ctx.H, ctx.eps, want_params)
-        ps = _blocks_sum(part) if want_params else None
+        *gin, ps = _ext().wkv_output_backward(go.reshape(yrkvg[0].shape).contiguous(), yrkvg, stats, gn_w, gn_b,
+                                             r_k, ctx.H, ctx.eps, want_params)
         grads = [t.view(ctx.shape) if need[i] else None for i, t in enumerate(gin)]
         pgrads = [ps[i].view(s) if need[5 + i] else None for i, s in enumerate(ctx.pshapes)]
         return (*grads, *pgrads, None, None)
