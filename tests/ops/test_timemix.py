@@ -164,12 +164,27 @@ def test_the_fused_ops_run_only_on_cpu_fp32():
     assert timemix.fused_available(torch.randn(2), torch.randn(3))
 
 
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes t's graph holds."""
+    names, todo, done = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in done:
+            continue
+        done.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
 def test_a_training_step_through_the_fused_ops_equals_the_reference(monkeypatch):
     """The whole model (state tuning's trained initial state and every parameter): the loss to 1e-6 relative,
-    every gradient to 1e-5 of its largest value, fused against the torch reference."""
+    every gradient to 1e-5 of its largest value, fused against the torch reference. The fused run's graph holds
+    every fused op (the model takes them), the reference run none of timemix's."""
     from tests.conftest import make_model
 
-    results = []
+    fused_ops = {"_TokenMixBackward", "_KeyPrepBackward", "_WkvOutputBackward", "_ReluSquareCpuBackward"}
+    results, seen = [], []
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(timemix, "fused_available", lambda *t: False)
@@ -179,9 +194,11 @@ def test_a_training_step_through_the_fused_ops_equals_the_reference(monkeypatch)
         init = [s._replace(wkv=state[i]) for i, s in enumerate(model.initial_state())]
         logits = model(idx[:, :-1], init)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        seen.append(_graph_nodes(loss) & fused_ops)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.item(), state.grad.clone(), grads))
+    assert seen == [fused_ops, {"_ReluSquareCpuBackward"}]  # relu^2 dispatches on its own (ops/pointwise.py)
     (lf, sf, gf), (lr, sr, gr) = results
     assert abs(lf - lr) <= 1e-6 * abs(lr)
     assert gf.keys() == gr.keys() and len(gr) > 20
