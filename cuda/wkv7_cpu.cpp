@@ -164,8 +164,9 @@ WKV_INLINE void step_backward(int n, float* gt, const float* so, const float* sa
   constexpr int L = (W >= 32 && NT > 0 && NT % 16 == 0) ? 16 : 8;
   using V = typename Lanes<L>::V;
   // Row j: the five per-key sums as L-lane partials, then G's row updated. inv(q, i) is the row-invariant
-  // vector q (0: gb, 1: v, 2: sa, 3: dy) at column i.
-  auto rows = [&](auto inv) {
+  // vector q (0: gb, 1: v, 2: sa, 3: dy) at column i. Both lambdas must inline into the target clone: compiled
+  // out of line they would get the default target, whose ABI returns a 16-lane vector in memory, not in zmm0.
+  auto rows = [&](auto inv) WKV_LAMBDA_INLINE {
     for (int j = 0; j < N; ++j) {
       float* g = gt + j * N;
       const float* po = so + j * N;
@@ -193,9 +194,9 @@ WKV_INLINE void step_backward(int n, float* gt, const float* so, const float* sa
     V held[4][K];
     for (int q = 0; q < 4; ++q)
       for (int c = 0; c < K; ++c) held[q][c] = loadv<L>(invariant[q] + c * L);
-    rows([&](int q, int i) { return held[q][i / L]; });
+    rows([&](int q, int i) WKV_LAMBDA_INLINE { return held[q][i / L]; });
   } else {
-    rows([&](int q, int i) { return loadv<L>(invariant[q] + i); });
+    rows([&](int q, int i) WKV_LAMBDA_INLINE { return loadv<L>(invariant[q] + i); });
   }
   float* outs[5] = {dk, dd, da, db, dr};
   for (int q = 0; q < 5; ++q)

@@ -12,6 +12,7 @@ namespace {
 #define WKV_CLONES
 #endif
 #define WKV_INLINE inline __attribute__((always_inline))
+#define WKV_LAMBDA_INLINE __attribute__((always_inline))  // after a lambda's parameter list
 
 #if defined(__clang__) || __GNUC__ >= 12
 #define WKV_SHUFFLE(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)

@@ -142,7 +142,8 @@ def test_doctor_json_in_a_fresh_process():
     report = json.loads(proc.stdout)  # stdout holds the JSON object only (import chatter is swallowed)
     assert proc.returncode == (0 if report["ok"] else 1), proc.stderr
     backends = {b["name"]: b for b in report["backends"]}
-    assert backends["cpu"]["built"] and all(c["ok"] for c in backends["cpu"]["checks"].values())
+    cpu_line = f"cpu backend: {backends['cpu']}; doctor's stderr ends: {proc.stderr[-2000:]}"
+    assert backends["cpu"]["built"] and all(c["ok"] for c in backends["cpu"]["checks"].values()), cpu_line
     assert set(report["packages"]) >= {"peft", "bitsandbytes", "deepspeed", "wandb"}
     assert report["device"]["cuda"] is torch.cuda.is_available()
     check = report["precision"]["cpu_bf16"]  # this machine's real measurement (or its cached one)
