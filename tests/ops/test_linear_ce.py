@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_rwkv7.ops.linear_ce import linear_cross_entropy
+from peft_rwkv7.ops.linear_ce import _logsumexp_, linear_cross_entropy
 from tests.fp_oracle import U32, UBF16, gamma
 
 
@@ -173,3 +173,28 @@ def test_the_models_head_keeps_its_workspace():
     model.token_nll(idx, idx)[0].sum().backward()
     assert model.head._ce_workspace is ws and [t.data_ptr() for t in ws._bufs.values()] == ptrs
     assert "_ce_workspace" not in "".join(model.state_dict())
+
+
+@pytest.mark.parametrize("block_elements", [1, 5 * 1000, 1 << 40])  # one row, 5 rows, the whole chunk per block
+def test_the_softmax_blocks_leave_each_row_as_torch_computes_it(block_elements):
+    """_logsumexp_ works over blocks of rows (cache-sized): each row gets torch.logsumexp's value within fp32
+    rounding (its own V-term sum, exp and log: gamma_(V+4) (1 + 2 max|z|)) and the softmax within the same,
+    relative, and non-finite rows keep torch's answers; the blocks change no bit against one block."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(23, 1000, generator=g) * 8
+    z[4] = float("-inf")  # an all -inf row: lse -inf, softmax nan (as torch)
+    z[9, 17] = float("inf")  # a +inf logit: lse inf
+    z[12, :500] = float("-inf")  # half the row masked out
+    got = z.clone()
+    lse = _logsumexp_(got, block_elements)
+    want = torch.logsumexp(z.double(), dim=1)
+    finite = torch.isfinite(want)
+    zmax = z.double().abs().where(torch.isfinite(z), 0).amax(dim=1)
+    tol = gamma(1000 + 4) * (1 + 2 * zmax)
+    assert ((lse.double() - want).abs() <= tol)[finite].all()
+    assert torch.equal(lse[~finite], want[~finite].float())
+    p = torch.softmax(z.double(), dim=1)
+    assert ((got.double() - p).abs() <= p * torch.expm1(tol)[:, None] + 1e-300)[finite].all()
+    assert torch.isnan(got[4]).all() and torch.isnan(got[9, 17])  # torch.softmax: nan in both rows (all of row 9)
+    one = z.clone()
+    assert torch.equal(_logsumexp_(one, 1 << 40), lse) and torch.equal(one.nan_to_num(7.0), got.nan_to_num(7.0))
