@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "wkv7_cpu_simd.h"
@@ -40,6 +41,7 @@
 namespace {
 
 constexpr int kChunk = 16;  // steps between stored states
+constexpr int kAhead = 4;  // the forward asks for step t + kAhead's rows at step t (prefetch_rows)
 constexpr int kLanes = 8;   // lanes of the 8-wide vectors below; the kernel requires N % 8 == 0
 
 // One (batch, head) sequence. Inputs and per-step outputs: element (t, n) at ptr[t * stride + n].
@@ -58,6 +60,16 @@ struct Head {
   float *dr, *dd, *dk, *dv, *da, *db;  // dd = dL/dd; the caller chains it to dL/dw
   float* ds0;  // [N, N] value-major
 };
+
+// Asks for rows of per-step arrays (N floats each) ahead of their use. The arrays are [T, H, N]: one head's
+// rows lie H * N floats apart, a stride the hardware prefetcher picks up late once a GEMM has evicted them
+// (one layer at 0.1B ctx 512 right after a GEMM: forward 2.9-3.3 -> 2.3-2.7 ms, backward 8.7-9.7 -> 7.7-8.2 ms).
+// kWrite: rows about to be written.
+template <bool kWrite = false>
+WKV_INLINE void prefetch_rows(std::initializer_list<const float*> rows, int N) {
+  for (const float* p : rows)
+    for (int i = 0; i < N; i += 16) __builtin_prefetch(p + i, kWrite ? 1 : 0, 3);
+}
 
 WKV_INLINE void transpose(int N, const float* src, float* dst) {
   for (int i = 0; i < N; ++i)
@@ -224,6 +236,10 @@ WKV_INLINE void forward_head_n(const Head& h) {
     if (t % kChunk == 0) std::memcpy(h.ckpt + (t / kChunk) * NN, st.data(), NN * sizeof(float));
     const int64_t o = t * h.stride;
     float* s = st.data();
+    if (t + kAhead < h.T) {
+      const int64_t f = o + kAhead * h.stride;
+      prefetch_rows({h.r + f, h.d + f, h.k + f, h.v + f, h.a + f, h.b + f}, N);
+    }
     if (t + 1 < h.T)
       step_forward<NT, W, true, true>(N, s, s, sa.data(), h.d + o, h.b + o, h.k + o, h.v + o, h.r + o, h.y + o,
                                    h.a + o + h.stride, sa_next.data());
@@ -263,6 +279,11 @@ WKV_INLINE void backward_head_n(const Head& h) {
       step_backward<NT, W>(N, gt.data(), s_at(m), sa.data() + m * N, h.d + o, h.r + o, h.k + o, h.v + o, h.a + o,
                         h.b + o, h.dy + o, h.dr + o, h.dd + o, h.dk + o, h.dv + o, h.da + o, h.db + o, gb.data(),
                         part.data());
+      if (c > 0) {  // the next chunk's rows (the one before this), one step's worth per step
+        const int64_t f = o - int64_t(kChunk) * h.stride;
+        prefetch_rows({h.r + f, h.d + f, h.k + f, h.v + f, h.a + f, h.b + f, h.dy + f}, N);
+        prefetch_rows<true>({h.dr + f, h.dd + f, h.dk + f, h.dv + f, h.da + f, h.db + f}, N);
+      }
     }
   }
   transpose(N, gt.data(), h.ds0);
