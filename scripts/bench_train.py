@@ -1,7 +1,7 @@
 """Training throughput on the CPU against the machine's own GEMM bound, measured in the same run.
 
     python scripts/bench_train.py [--methods state lora pissa full] [--ctx 512 4096] [--precisions fp32 bf16]
-                                  [--steps 2] [--src PATH]
+                                  [--steps 2] [--src PATH] [--layout packed|sft]
 
 For each method, context length and precision (bf16 only where ops/precision.py measures this CPU's bf16
 GEMMs fast; say --precisions bf16 to force it), one process builds the 0.1B shape (L12 C768 V65536,
@@ -13,6 +13,9 @@ full fine-tuning, which adds the weight gradient) -- over the GEMM rate measured
 precision, at the model's big weight shapes with ctx rows, after every timed step (the best rate against
 the best step: a VM's speed drifts by 10-30% within minutes). "% bound" = bound time / step time: 100% would
 be a step doing nothing but its GEMMs at the measured speed. Peak RSS is the process's (model included).
+
+--layout sft: 4 right-padded rows of instruction data (prompts and padding unscored, see `batch`); tokens/s
+counts every position of the batch, padding included, and the bound every position through every matmul.
 
 --src PATH runs the children against another checkout of rwkv-peft (e.g. a `git worktree` of an older
 commit), so a before/after table comes from one machine in one sitting. Prints the CPU's ISA flags.
@@ -62,8 +65,7 @@ def child(args) -> None:
     for _, p in named:
         p.data = p.data.float()
     opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own (src's)
-    idx = torch.randint(0, SHAPE["vocab_size"], (1, args.ctx + 1), generator=torch.Generator().manual_seed(0))
-    x, y = idx[:, :-1], idx[:, 1:]
+    x, y = batch(torch, args.layout, args.ctx, SHAPE["vocab_size"])
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     times, rates = [], []
     full = args.method == "full"
@@ -79,11 +81,28 @@ def child(args) -> None:
             rates.append(gemm_rate(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full))
     step_s = min(times[1:])
     rate = max(rates)
-    bound_s = (6 if full else 4) * matmul_weights(adapted) * args.ctx / rate
+    bound_s = (6 if full else 4) * matmul_weights(adapted) * x.numel() / rate  # every position through every matmul
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    print(json.dumps({"tokens_per_s": args.ctx / step_s, "step_s": step_s, "peak_rss_mib": rss,
+    print(json.dumps({"tokens_per_s": x.numel() / step_s, "scored": int((y != -100).sum()), "step_s": step_s, "peak_rss_mib": rss,
                       "bound_pct": 100 * bound_s / step_s, "gemm_gflops": rate / 1e9,
                       "loss": float(loss), "trainable": sum(p.numel() for _, p in named)}))
+
+
+def batch(torch, layout: str, ctx: int, vocab: int):
+    """(inputs, labels): `packed` is one row of ctx scored tokens (text/binidx windows); `sft` is 4 rows as
+    instruction data gives them (data.sampling: pad), each right-padded to ctx: documents of 3/4, 1/2, 3/8
+    and 1/4 of ctx, the first 40% of each (the prompt) and the padding labelled -100."""
+    g = torch.Generator().manual_seed(0)
+    if layout == "packed":
+        idx = torch.randint(0, vocab, (1, ctx + 1), generator=g)
+        return idx[:, :-1], idx[:, 1:].clone()
+    x = torch.randint(0, vocab, (4, ctx), generator=g)
+    y = torch.full((4, ctx), -100, dtype=torch.long)
+    for row, share in enumerate((3 / 4, 1 / 2, 3 / 8, 1 / 4)):
+        n = int(ctx * share)
+        x[row, n:] = 0
+        y[row, int(0.4 * n):n] = x[row, int(0.4 * n) + 1:n + 1]  # the last one predicts 0 (World's end of text)
+    return x, y
 
 
 def bf16_fast() -> tuple[bool, str]:
@@ -102,6 +121,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--layout", default="packed", choices=["packed", "sft"],
+                    help="packed: one row of ctx scored tokens; sft: 4 right-padded rows, prompts unscored (see batch)")
     ap.add_argument("--src", default=str(ROOT), help="the rwkv-peft checkout to benchmark (default: this one)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="state", help=argparse.SUPPRESS)
@@ -120,14 +141,15 @@ def main() -> None:
     if precisions is None:
         precisions = ["fp32", "bf16"] if fast else ["fp32"]
     print(f"CPU: {isa_flags()}; {torch.get_num_threads()} threads; {why}")
-    print(f"source: {args.src}; 0.1B shape (L12 C768 V65536), batch 1, best of {args.steps} steps after a warm-up")
+    shape = "batch 1" if args.layout == "packed" else "sft layout: 4 right-padded rows, 28% of positions scored"
+    print(f"source: {args.src}; 0.1B shape (L12 C768 V65536), {shape}, best of {args.steps} steps after a warm-up")
     print("| method | ctx | precision | tokens/s | step s | % GEMM bound | GEMM GFLOP/s | peak RSS MiB |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for ctx in args.ctx:
         for method in args.methods:
             for prec in precisions:
                 cmd = [sys.executable, __file__, "--child", "--method", method, "--precision", prec,
-                       "--one-ctx", str(ctx), "--steps", str(args.steps), "--src", args.src]
+                       "--one-ctx", str(ctx), "--steps", str(args.steps), "--src", args.src, "--layout", args.layout]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode:
                     print(f"| {method} | {ctx} | {prec} | failed: {out.stderr.strip().splitlines()[-1:]} |||||")

@@ -163,7 +163,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     h: [..., C]; weight: [V, C] (nn.Linear's layout); labels: h.shape[:-1] int64. The same values and
     gradients (for h and weight) as `F.cross_entropy(F.linear(h, weight).float(), labels, reduction="none")`
     up to rounding, in O(rows x C + chunk_elements) memory instead of O(rows x V) (chunks of whole rows,
-    at least one row each). `workspace` keeps the chunk buffers between calls (a fresh one otherwise)."""
+    at least one row each; ignored rows never reach the head). `workspace` keeps the chunk buffers between
+    calls (a fresh one otherwise)."""
     if weight.dim() != 2 or weight.shape[1] != h.shape[-1] or labels.shape != h.shape[:-1]:
         raise ValueError(f"linear_cross_entropy: h {tuple(h.shape)}, weight {tuple(weight.shape)} and labels "
                          f"{tuple(labels.shape)} do not fit ([..., C], [V, C], [...])")
@@ -173,12 +174,23 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     ws = workspace if workspace is not None else Workspace()
     grad = torch.is_grad_enabled()
     need_h, need_w = grad and h.requires_grad, grad and weight.requires_grad
+    # Only the scored rows go through the head: an ignored row's NLL is 0 and its gradient 0 whatever its
+    # logits, and in instruction data (prompts, padding) they are often most rows and the head is the
+    # biggest matmul. index_select's backward puts the scored rows' gradients back, zeros elsewhere.
+    scored = lab != IGNORE_INDEX
+    rows = None if bool(scored.all()) else scored.nonzero().squeeze(1)
+    if rows is not None:
+        h2, lab = h2.index_select(0, rows), lab.index_select(0, rows)
     # autocast off inside: `dtype` already says what autocast would choose, and every product uses it
     with torch.autocast(h.device.type, enabled=False):
         if not (need_h or need_w):
             with torch.no_grad():
-                return _forward(h2, weight, lab, dtype, False, False, chunk_elements, ws)[0].view(lead)
-        return _LinearCrossEntropy.apply(h2, weight, lab, dtype, need_h, need_w, chunk_elements, ws).view(lead)
+                nll = _forward(h2, weight, lab, dtype, False, False, chunk_elements, ws)[0]
+        else:
+            nll = _LinearCrossEntropy.apply(h2, weight, lab, dtype, need_h, need_w, chunk_elements, ws)
+    if rows is not None:
+        nll = nll.new_zeros(scored.shape[0]).index_copy(0, rows, nll)
+    return nll.view(lead)
 
 
 __all__ = ["linear_cross_entropy", "IGNORE_INDEX", "CHUNK_ELEMENTS", "Workspace"]

@@ -10,14 +10,23 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def scored_end(labels: torch.Tensor) -> int:
+    """One past the last position any row scores (labels [B, T] != -100), at least 1 where T >= 1: the model
+    is causal, so the positions after it change no log-prob and no gradient. Right-padded batches (sft/chat,
+    preference pairs: each row padded to the longest of its batch or to ctx_len) skip their common tail."""
+    cols = (labels != -100).any(dim=0).nonzero()
+    return int(cols[-1]) + 1 if cols.numel() else min(1, labels.shape[1])
+
+
 def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-probabilities: (logps [B] fp32, tokens [B] int64) with
     `logps[b] = sum_t log p(labels[b, t] | idx[b, :t+1])` over labels != -100 and `tokens[b]` their count.
 
-    With chunk_len > 0 the sequence runs chunk by chunk carrying token-shift and WKV state; the
-    state keeps its gradient (true BPTT through the kernels' state gradient) while each chunk's
-    activations are recomputed in backward, so memory is O(chunk_len) instead of O(T)."""
+    Positions after the batch's last scored label are not run (`scored_end`). With chunk_len > 0 the
+    sequence runs chunk by chunk carrying token-shift and WKV state; the state keeps its gradient (true
+    BPTT through the kernels' state gradient) while each chunk's activations are recomputed in backward, so
+    memory is O(chunk_len) instead of O(T)."""
 
     def chunk_logps(x, y, state):
         if hasattr(model, "token_nll"):  # the fused chunked head: no [B, T, V] logits held
@@ -28,6 +37,8 @@ def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: in
         return -nll.view(y.shape).sum(dim=1), new_state
 
     tokens = (labels != -100).sum(dim=1)
+    end = scored_end(labels)
+    idx, labels = idx[:, :end], labels[:, :end]
     if not chunk_len or idx.shape[1] <= chunk_len:
         return chunk_logps(idx, labels, None)[0], tokens
     total, state = idx.new_zeros(idx.shape[0], dtype=torch.float32), None

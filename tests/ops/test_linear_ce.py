@@ -198,3 +198,38 @@ def test_the_softmax_blocks_leave_each_row_as_torch_computes_it(block_elements):
     assert torch.isnan(got[4]).all() and torch.isnan(got[9, 17])  # torch.softmax: nan in both rows (all of row 9)
     one = z.clone()
     assert torch.equal(_logsumexp_(one, 1 << 40), lse) and torch.equal(one.nan_to_num(7.0), got.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_ignored_rows_never_reach_the_head(train_head):
+    """Rows labelled -100 skip the head's products: the matmul FLOPs are those of the scored rows alone
+    (2 C V each for the logits and dL/dh; a trained head with per-row weights adds dL/dW in forward and the
+    logits and dL/dW again in backward: 5 products), counted by torch's FlopCounterMode, and whatever an ignored row holds (here inf/nan) changes no NLL and no gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w, y, weights = _problem(n=60, c=16, v=500)
+    y[30:] = -100  # a padded tail on top of every 7th row
+    n_scored = int((y != -100).sum())
+    nll64, dh64, dw64 = _oracle(h, w, y, weights)
+    nll_b, dh_b, dw_b = _bounds(h, w, y, weights)
+    bad = h.clone()
+    bad[y == -100] = float("inf")
+    bad[50] = float("nan")
+    hh, ww = bad.requires_grad_(), w.clone().requires_grad_(train_head)
+    with FlopCounterMode(display=False) as fc:
+        nll = linear_cross_entropy(hh, ww, y, chunk_elements=7 * 500)
+        (nll * weights).sum().backward()
+    assert fc.get_total_flops() == (5 if train_head else 2) * 2 * n_scored * 16 * 500
+    assert ((nll.detach().double() - nll64).abs() <= nll_b).all()
+    assert ((hh.grad.double() - dh64).abs() <= dh_b).all()
+    assert (nll.detach()[y == -100] == 0).all() and (hh.grad[y == -100] == 0).all()
+    if train_head:
+        assert ((ww.grad.double() - dw64).abs() <= dw_b).all()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        nll = linear_cross_entropy(bad, w, y)
+    assert fc.get_total_flops() == 2 * n_scored * 16 * 500 and ((nll.double() - nll64).abs() <= nll_b).all()
+    none = torch.full_like(y, -100)  # nothing scored: zeros, and a gradient of zeros
+    hh = h.clone().requires_grad_()
+    out = linear_cross_entropy(hh, w, none)
+    out.sum().backward()
+    assert (out == 0).all() and (hh.grad == 0).all()

@@ -127,3 +127,47 @@ def test_muon_takes_hidden_matrices_only():
     assert not muon_eligible("emb.weight", m) and not muon_eligible("head.weight", m)
     assert not muon_eligible("blocks.0.att.r_k", m)  # [H, N], a per-head vector set
     assert not muon_eligible("blocks.0.att.x_r", v) and not muon_eligible("blocks.0.att.time_state", s)
+
+
+@pytest.mark.parametrize("chunk_len", [0, 4])
+def test_a_padded_tail_no_row_scores_is_not_run(chunk_len):
+    """Right-padded rows (sft/chat, preference pairs): positions after the batch's last scored label change
+    nothing (the model is causal) and are not run. The log-probs and every gradient equal the oracle's, which
+    runs the whole T; the model sees 6 positions (4 + 2 in chunks of 4), not T; nothing scored runs one."""
+    m = make_model(seed=3, n_layer=2, n_embd=64, head_size=16, vocab_size=V)
+    m.set_wkv_backend("reference")
+    idx, labels = batch([[0, 1] + list(range(6, T)), list(range(4, T))])  # last scored position: 5
+    lengths = []
+
+    def counting(x, state=None, return_state=False):
+        lengths.append(x.shape[1])
+        return m(x, state, return_state=return_state)
+
+    logps, tokens = sequence_logps(_Plain(counting), idx, labels, chunk_len)
+    assert lengths == ([4, 2] if chunk_len else [6]) and tokens.tolist() == [4, 4]
+    want = oracle(m, idx, labels)
+    assert max(abs(a - b) for a, b in zip(logps.tolist(), want, strict=True)) <= TOL
+    logps.sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    logp = torch.log_softmax(m(idx).float(), dim=-1)  # the whole T, the same sum by hand
+    keep = labels != -100
+    logp.gather(2, labels.clamp(min=0)[..., None]).squeeze(2)[keep].sum().backward()
+    assert got.keys() == {n for n, p in m.named_parameters() if p.grad is not None} and got
+    for n, p in m.named_parameters():
+        if p.grad is not None:  # fp32 roundings through 2 layers, relative to the largest entry
+            assert (got[n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-30, n
+    lengths.clear()
+    with torch.no_grad():
+        assert sequence_loss(_Plain(counting), idx, torch.full_like(labels, -100)).item() == 0.0
+    assert lengths == [1]
+
+
+class _Plain:
+    """A callable model without token_nll (sequence_logps's plain-logits path)."""
+
+    def __init__(self, call):
+        self.call = call
+
+    def __call__(self, x, state=None, return_state=False):
+        return self.call(x, state, return_state)
