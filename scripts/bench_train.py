@@ -83,7 +83,8 @@ def child(args) -> None:
     rate = max(rates)
     bound_s = (6 if full else 4) * matmul_weights(adapted) * x.numel() / rate  # every position through every matmul
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    print(json.dumps({"tokens_per_s": x.numel() / step_s, "scored": int((y != -100).sum()), "step_s": step_s, "peak_rss_mib": rss,
+    print(json.dumps({"tokens_per_s": x.numel() / step_s, "scored": int((y != -100).sum()), "step_s": step_s,
+                      "peak_rss_mib": rss,
                       "bound_pct": 100 * bound_s / step_s, "gemm_gflops": rate / 1e9,
                       "loss": float(loss), "trainable": sum(p.numel() for _, p in named)}))
 

@@ -44,24 +44,29 @@ class Workspace:
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
 
-    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device, most: int = 0) -> torch.Tensor:
+        """A [rows, cols] view of the buffer for (dtype, device), grown where too small: to twice `rows`, up
+        to `most` rows (the largest request the caller will make), so that requests growing a little at a
+        time (the scored rows of each batch) make one or two buffers, not one each (freed ones are kept in
+        the training process's heap, see train/memory.py)."""
         key = (dtype, device)
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < rows * cols:
             self._bufs.pop(key, None)  # free the smaller one first
-            buf = self._bufs[key] = torch.empty(rows * cols, dtype=dtype, device=device)
+            size = max(rows, min(most, 2 * rows)) * cols
+            buf = self._bufs[key] = torch.empty(size, dtype=dtype, device=device)
         return buf[: rows * cols].view(rows, cols)
 
 
-def _chunk(h, w, labels, lo, hi, dtype, ws):
+def _chunk(h, w, labels, lo, hi, dtype, ws, most):
     """Rows lo:hi -> (fp32 logits [n, V] in ws's buffer, log-sum-exp [n], valid mask [n], labels clamped
-    into range, the labels' logits [n])."""
+    into range, the labels' logits [n]). `most`: the largest chunk's rows (Workspace.get)."""
     n, V = hi - lo, w.shape[0]
-    logits = ws.get(n, V, torch.float32, h.device)
+    logits = ws.get(n, V, torch.float32, h.device, most)
     if dtype == torch.float32:
         torch.mm(h[lo:hi].float(), w.t(), out=logits)
     else:
-        logits.copy_(torch.mm(h[lo:hi].to(dtype), w.t(), out=ws.get(n, V, dtype, h.device)))
+        logits.copy_(torch.mm(h[lo:hi].to(dtype), w.t(), out=ws.get(n, V, dtype, h.device, most)))
     lab = labels[lo:hi]
     valid = lab != IGNORE_INDEX
     lab = torch.where(valid, lab, 0)
@@ -96,9 +101,14 @@ def _to_q(softmax, valid, lab):
     return softmax
 
 
+def _most(vocab: int, elements: int) -> int:
+    """Rows of a full chunk: about `elements` logits, at least one row."""
+    return max(1, elements // max(1, vocab))
+
+
 def _spans(n_rows: int, vocab: int, elements: int):
     """(lo, hi) row ranges of the chunks: whole rows, about `elements` logits each, at least one row."""
-    step = max(1, min(n_rows, elements // max(1, vocab)))
+    step = max(1, min(n_rows, _most(vocab, elements)))
     return ((lo, min(n_rows, lo + step)) for lo in range(0, n_rows, step))
 
 
@@ -108,13 +118,14 @@ def _forward(h, weight, labels, dtype, need_h, need_w, elements, ws):
     nll = h.new_empty(h.shape[0], dtype=torch.float32)
     dh = h.new_empty(h.shape, dtype=torch.float32) if need_h else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    most = _most(weight.shape[0], elements)
     for lo, hi in _spans(h.shape[0], weight.shape[0], elements):
-        softmax, lse, valid, lab, picked = _chunk(h, w, labels, lo, hi, dtype, ws)
+        softmax, lse, valid, lab, picked = _chunk(h, w, labels, lo, hi, dtype, ws, most)
         nll[lo:hi] = (lse - picked) * valid
         if need_h or need_w:
             q = _to_q(softmax, valid, lab)
             if dtype != torch.float32:  # into the (consumed) low-precision logits buffer
-                q = ws.get(hi - lo, w.shape[0], dtype, h.device).copy_(q)
+                q = ws.get(hi - lo, w.shape[0], dtype, h.device, most).copy_(q)
             if need_h:
                 if q.dtype == dh.dtype:
                     torch.mm(q, w, out=dh[lo:hi])
@@ -147,9 +158,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w = dw * (gv[0] if gv.numel() else 0.0)
             else:  # per-row weights: recompute each chunk's q and weigh its rows
                 grad_w = torch.zeros_like(dw)
-                w = weight.to(ctx.dtype)
+                w, most = weight.to(ctx.dtype), _most(weight.shape[0], ctx.elements)
                 for lo, hi in _spans(h.shape[0], weight.shape[0], ctx.elements):
-                    softmax, _, valid, lab, _ = _chunk(h, w, labels, lo, hi, ctx.dtype, ctx.ws)
+                    softmax, _, valid, lab, _ = _chunk(h, w, labels, lo, hi, ctx.dtype, ctx.ws, most)
                     q = _to_q(softmax, valid, lab).mul_(g[lo:hi, None])
                     grad_w.add_(torch.mm(q.to(ctx.dtype).t(), h[lo:hi].to(ctx.dtype)))
             grad_w = grad_w.to(weight.dtype)

@@ -204,7 +204,8 @@ def test_the_softmax_blocks_leave_each_row_as_torch_computes_it(block_elements):
 def test_ignored_rows_never_reach_the_head(train_head):
     """Rows labelled -100 skip the head's products: the matmul FLOPs are those of the scored rows alone
     (2 C V each for the logits and dL/dh; a trained head with per-row weights adds dL/dW in forward and the
-    logits and dL/dW again in backward: 5 products), counted by torch's FlopCounterMode, and whatever an ignored row holds (here inf/nan) changes no NLL and no gradient."""
+    logits and dL/dW again in backward: 5 products), counted by torch's FlopCounterMode, and whatever an
+    ignored row holds (here inf/nan) changes no NLL and no gradient."""
     from torch.utils.flop_counter import FlopCounterMode
 
     h, w, y, weights = _problem(n=60, c=16, v=500)
@@ -233,3 +234,20 @@ def test_ignored_rows_never_reach_the_head(train_head):
     out = linear_cross_entropy(hh, w, none)
     out.sum().backward()
     assert (out == 0).all() and (hh.grad == 0).all()
+
+
+def test_the_workspace_grows_by_doubling_up_to_a_full_chunk():
+    """Scored rows vary from batch to batch: requests growing a few rows at a time take one or two buffers
+    (twice the request, up to the largest chunk), not one each; a buffer is never more than the largest
+    chunk, and without `most` it is the request (a caller that knows no bound)."""
+    from peft_rwkv7.ops.linear_ce import Workspace
+
+    ws, made = Workspace(), set()
+    for rows in (3, 4, 5, 7, 9, 12, 16, 20, 26, 31, 32, 30, 5):
+        buf = ws.get(rows, 10, torch.float32, torch.device("cpu"), most=32)
+        assert buf.shape == (rows, 10)
+        made.add(ws._bufs[(torch.float32, torch.device("cpu"))].numel())
+    assert made == {6 * 10, 14 * 10, 32 * 10}  # 3 -> 6, 7 -> 14, 16 -> 32 rows (doubling), then all fit
+    plain = Workspace()
+    plain.get(3, 10, torch.float32, torch.device("cpu"))
+    assert plain._bufs[(torch.float32, torch.device("cpu"))].numel() == 30
