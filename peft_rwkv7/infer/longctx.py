@@ -31,16 +31,18 @@ def exact_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per position as an fp64 log-softmax over the last dimension.
 
     logits [..., V] (any float dtype), targets [...] (long; negative = ignored, gives 0).
-    Returns float64 [...]. Rows are converted in blocks, so memory stays near that of `logits`.
+    Returns float64 [...]. Only the rows with a target are converted (prompts and padding are not), in
+    blocks, so memory stays near that of `logits`.
     """
     flat = logits.reshape(-1, logits.shape[-1])
     tgt = targets.reshape(-1)
     out = torch.zeros(tgt.shape[0], dtype=torch.float64, device=logits.device)
-    for s in range(0, flat.shape[0], _ROWS):
-        rows = flat[s : s + _ROWS].double()
-        t = tgt[s : s + _ROWS]
-        picked = rows.gather(1, t.clamp(min=0)[:, None])[:, 0]
-        out[s : s + _ROWS] = torch.where(t >= 0, picked - torch.logsumexp(rows, dim=1), 0.0)
+    kept = (tgt >= 0).nonzero().squeeze(1)
+    for s in range(0, kept.shape[0], _ROWS):
+        at = kept[s : s + _ROWS]
+        rows = flat.index_select(0, at).double()
+        picked = rows.gather(1, tgt[at][:, None])[:, 0]
+        out[at] = picked - torch.logsumexp(rows, dim=1)
     return out.view(targets.shape)
 
 
