@@ -1,7 +1,7 @@
 // The Python module of the CPU extension (peft_rwkv7/ops/cpu.py builds wkv7_cpu.cpp, rnn_step_cpu.cpp,
 // token_mix_cpu.cpp, timemix_cpu.cpp and this file into one library): every function it exports.
 
-#include <torch/extension.h>
+#include <torch/python.h>  // pybind11 and its tensor casters, without the C++ frontend (torch/extension.h)
 
 #include <vector>
 

@@ -2,7 +2,7 @@
 // row blocks that parameter-gradient partial sums follow (so results never depend on the thread count).
 #pragma once
 
-#include <torch/extension.h>
+#include "cpu_aten.h"
 
 namespace {
 
@@ -10,17 +10,17 @@ constexpr int64_t kBlock = 32;  // rows per work item and per parameter-gradient
 
 int64_t n_blocks(int64_t rows) { return (rows + kBlock - 1) / kBlock; }
 
-void check_f32(const torch::Tensor& x, const char* op, const char* name, at::IntArrayRef shape) {
+void check_f32(const at::Tensor& x, const char* op, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), op, ": ", name,
               " must be a contiguous fp32 CPU tensor");
   TORCH_CHECK(x.sizes() == shape, op, ": ", name, " has shape ", x.sizes(), ", expected ", shape);
 }
 
-const float* ptr_or_null(const torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
-float* out_or_null(torch::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
+const float* ptr_or_null(const at::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
+float* out_or_null(at::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }
 
 // Per-block partial sums [blocks, ...] added in block order, serially: the parameter gradients (empty stays empty).
-torch::Tensor sum_blocks(const torch::Tensor& part) {
+at::Tensor sum_blocks(const at::Tensor& part) {
   if (!part.numel()) return part;
   auto out = part[0].clone();
   const int64_t n = out.numel();

@@ -16,9 +16,8 @@
 //   S = S diag(d) + (S a) b^T + v k^T,   y = S r,   d = exp(-exp(w)) (computed by the caller)
 // one row i at a time over contiguous j. torch's batched products spend ~150 us per layer on this.
 
-#include <torch/extension.h>
+#include "cpu_aten.h"
 
-#include <ATen/Parallel.h>
 
 #include <atomic>
 
@@ -118,16 +117,16 @@ MV_CLONES void wkv_head(const float* r, const float* d, const float* k, const fl
 }  // namespace
 
 // x: K elements; weight: contiguous [K, O] fp32. Returns x @ weight, [O] fp32.
-torch::Tensor vecmat(const torch::Tensor& x, const torch::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == torch::kFloat32,
+at::Tensor vecmat(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat,
               "vecmat: weight must be a contiguous 2-D fp32 tensor");
   TORCH_CHECK(x.numel() == weight.size(0), "vecmat: x has ", x.numel(), " elements, weight expects ", weight.size(0));
   const int64_t K = weight.size(0), O = weight.size(1);
-  const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   const float* Wp = weight.data_ptr<float>();
   if (O >= K) {  // wide: each thread owns a band of columns (bands of 64, whole cache lines)
-    torch::Tensor y = torch::empty({O}, xf.options());
+    at::Tensor y = at::empty({O}, xf.options());
     float* yp = y.data_ptr<float>();
     const int64_t bands = (O + 63) / 64;
     at::parallel_for(0, bands, 4, [&](int64_t b0, int64_t b1) {
@@ -137,7 +136,7 @@ torch::Tensor vecmat(const torch::Tensor& x, const torch::Tensor& weight) {
   }
   // tall: each thread sums a band of rows into its own partial, then the partials add up
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K / 128));
-  torch::Tensor partial = torch::empty({parts, O}, xf.options());
+  at::Tensor partial = at::empty({parts, O}, xf.options());
   float* pp = partial.data_ptr<float>();
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
@@ -148,16 +147,16 @@ torch::Tensor vecmat(const torch::Tensor& x, const torch::Tensor& weight) {
 
 // r, d, k, v, a, b: contiguous fp32 [B, H, N]; state: contiguous fp32 [B, H, N, N] (read only).
 // Returns y [B, H, N] and the new state [B, H, N, N].
-std::vector<torch::Tensor> wkv7_step(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& state) {
+std::vector<at::Tensor> wkv7_step(const std::vector<at::Tensor>& rdkvab, const at::Tensor& state) {
   TORCH_CHECK(rdkvab.size() == 6, "wkv7_step: expected r, d, k, v, a, b");
   for (const auto& t : rdkvab)
-    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == torch::kFloat32 && t.sizes() == rdkvab[0].sizes(),
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.sizes() == rdkvab[0].sizes(),
                 "wkv7_step: inputs must be contiguous fp32 tensors of one shape");
-  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == torch::kFloat32, "wkv7_step: state must be contiguous fp32");
+  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == at::kFloat, "wkv7_step: state must be contiguous fp32");
   const int64_t N = rdkvab[0].size(-1), BH = rdkvab[0].numel() / N;
   TORCH_CHECK(state.numel() == BH * N * N, "wkv7_step: state does not match the inputs");
-  torch::Tensor y = torch::empty_like(rdkvab[0]);
-  torch::Tensor s_out = torch::empty_like(state);
+  at::Tensor y = at::empty_like(rdkvab[0]);
+  at::Tensor s_out = at::empty_like(state);
   const float* p[6];
   for (int i = 0; i < 6; ++i) p[i] = rdkvab[i].data_ptr<float>();
   const float* s_in = state.data_ptr<float>();
@@ -173,17 +172,17 @@ std::vector<torch::Tensor> wkv7_step(const std::vector<torch::Tensor>& rdkvab, c
 }
 
 // weight: contiguous [O, K] fp32 or bf16; x: K elements of the same dtype. Returns [O] in x's dtype.
-torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x) {
+at::Tensor matvec(const at::Tensor& weight, const at::Tensor& x) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "matvec: weight must be a contiguous 2-D tensor");
   TORCH_CHECK(x.numel() == weight.size(1), "matvec: x has ", x.numel(), " elements, weight expects ", weight.size(1));
   const int64_t O = weight.size(0), K = weight.size(1);
-  const torch::Tensor xf = x.to(torch::kFloat32).contiguous().view({K});
-  torch::Tensor y = torch::empty({O}, xf.options());
-  if (weight.scalar_type() == torch::kBFloat16) {
+  const at::Tensor xf = x.to(at::kFloat).contiguous().view({K});
+  at::Tensor y = at::empty({O}, xf.options());
+  if (weight.scalar_type() == at::kBFloat16) {
     run(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), xf.data_ptr<float>(),
         y.data_ptr<float>(), O, K);
   } else {
-    TORCH_CHECK(weight.scalar_type() == torch::kFloat32, "matvec: weight must be fp32 or bf16");
+    TORCH_CHECK(weight.scalar_type() == at::kFloat, "matvec: weight must be fp32 or bf16");
     run(weight.data_ptr<float>(), xf.data_ptr<float>(), y.data_ptr<float>(), O, K);
   }
   return y.to(x.scalar_type());

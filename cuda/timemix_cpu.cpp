@@ -10,9 +10,8 @@
 // never depend on the number of threads. Everything is fp32 and contiguous; the per-row functions are
 // compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (WKV_CLONES).
 
-#include <torch/extension.h>
+#include "cpu_aten.h"
 
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -176,7 +175,7 @@ WKV_CLONES void out_backward_rows(const Out& p, const float* go, const float* st
 
 }  // namespace
 
-Key make_key(const torch::Tensor& k0, const torch::Tensor& a, const torch::Tensor& k_k, const torch::Tensor& k_a,
+Key make_key(const at::Tensor& k0, const at::Tensor& a, const at::Tensor& k_k, const at::Tensor& k_a,
              int64_t H) {
   TORCH_CHECK(k0.dim() == 2 && H > 0 && k0.size(1) % H == 0, "key_prep: k0 must be [rows, H * N]");
   check_f32(k0, "key_prep", "k0", k0.sizes());
@@ -188,10 +187,10 @@ Key make_key(const torch::Tensor& k0, const torch::Tensor& a, const torch::Tenso
 }
 
 // k0, a [rows, C]; k_k, k_a [C] -> [k, -kk, kk a], each [rows, C].
-std::vector<torch::Tensor> key_prep_forward(const torch::Tensor& k0, const torch::Tensor& a, const torch::Tensor& k_k,
-                                            const torch::Tensor& k_a, int64_t H) {
+std::vector<at::Tensor> key_prep_forward(const at::Tensor& k0, const at::Tensor& a, const at::Tensor& k_k,
+                                            const at::Tensor& k_a, int64_t H) {
   const Key p = make_key(k0, a, k_k, k_a, H);
-  auto k = torch::empty_like(k0), nkk = torch::empty_like(k0), kka = torch::empty_like(k0);
+  auto k = at::empty_like(k0), nkk = at::empty_like(k0), kka = at::empty_like(k0);
   const int64_t rows = k0.size(0);
   at::parallel_for(0, n_blocks(rows), 1, [&](int64_t b0, int64_t b1) {
     key_forward_rows(p, b0 * kBlock, std::min(b1 * kBlock, rows), k.data_ptr<float>(), nkk.data_ptr<float>(),
@@ -201,16 +200,16 @@ std::vector<torch::Tensor> key_prep_forward(const torch::Tensor& k0, const torch
 }
 
 // gk, gnkk, gkka [rows, C] or empty (zero) -> [gk0, ga, [2, C] (the gradients of k_k, k_a) or empty].
-std::vector<torch::Tensor> key_prep_backward(const torch::Tensor& gk, const torch::Tensor& gnkk,
-                                             const torch::Tensor& gkka, const torch::Tensor& k0, const torch::Tensor& a,
-                                             const torch::Tensor& k_k, const torch::Tensor& k_a, int64_t H,
+std::vector<at::Tensor> key_prep_backward(const at::Tensor& gk, const at::Tensor& gnkk,
+                                             const at::Tensor& gkka, const at::Tensor& k0, const at::Tensor& a,
+                                             const at::Tensor& k_k, const at::Tensor& k_a, int64_t H,
                                              bool want_params) {
   const Key p = make_key(k0, a, k_k, k_a, H);
   for (const auto* t : {&gk, &gnkk, &gkka})
     if (t->numel()) check_f32(*t, "key_prep", "gradient", k0.sizes());
   const int64_t rows = k0.size(0), C = k0.size(1), nb = n_blocks(rows);
-  auto gk0 = torch::empty_like(k0), ga = torch::empty_like(k0);
-  auto part = want_params ? torch::zeros({nb, 2, C}, k0.options()) : torch::empty({0}, k0.options());
+  auto gk0 = at::empty_like(k0), ga = at::empty_like(k0);
+  auto part = want_params ? at::zeros({nb, 2, C}, k0.options()) : at::empty({0}, k0.options());
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> scratch(p.N);
     for (int64_t b = b0; b < b1; ++b) {
@@ -223,8 +222,8 @@ std::vector<torch::Tensor> key_prep_backward(const torch::Tensor& gk, const torc
   return {gk0, ga, sum_blocks(part)};
 }
 
-Out make_out(const std::vector<torch::Tensor>& yrkvg, const torch::Tensor& gn_w, const torch::Tensor& gn_b,
-             const torch::Tensor& r_k, int64_t H, double eps) {
+Out make_out(const std::vector<at::Tensor>& yrkvg, const at::Tensor& gn_w, const at::Tensor& gn_b,
+             const at::Tensor& r_k, int64_t H, double eps) {
   TORCH_CHECK(yrkvg.size() == 5, "wkv_output: expected y, r, k, v, g");
   const auto& y = yrkvg[0];
   TORCH_CHECK(y.dim() == 2 && H > 0 && y.size(1) % H == 0, "wkv_output: y must be [rows, H * N]");
@@ -245,13 +244,13 @@ Out make_out(const std::vector<torch::Tensor>& yrkvg, const torch::Tensor& gn_w,
 }
 
 // yrkvg: [y, r, k, v, g], each [rows, C]; gn_w, gn_b, r_k [C] -> [o [rows, C], stats [rows, H, 3]].
-std::vector<torch::Tensor> wkv_output_forward(const std::vector<torch::Tensor>& yrkvg, const torch::Tensor& gn_w,
-                                              const torch::Tensor& gn_b, const torch::Tensor& r_k, int64_t H,
+std::vector<at::Tensor> wkv_output_forward(const std::vector<at::Tensor>& yrkvg, const at::Tensor& gn_w,
+                                              const at::Tensor& gn_b, const at::Tensor& r_k, int64_t H,
                                               double eps) {
   const Out p = make_out(yrkvg, gn_w, gn_b, r_k, H, eps);
   const int64_t rows = yrkvg[0].size(0);
-  auto o = torch::empty_like(yrkvg[0]);
-  auto stats = torch::empty({rows, H, 3}, o.options());
+  auto o = at::empty_like(yrkvg[0]);
+  auto stats = at::empty({rows, H, 3}, o.options());
   at::parallel_for(0, n_blocks(rows), 1, [&](int64_t b0, int64_t b1) {
     out_forward_rows(p, b0 * kBlock, std::min(b1 * kBlock, rows), o.data_ptr<float>(), stats.data_ptr<float>());
   });
@@ -259,17 +258,17 @@ std::vector<torch::Tensor> wkv_output_forward(const std::vector<torch::Tensor>& 
 }
 
 // -> [gy, gr, gk, gv, gg, [3, C] (the gradients of gn_w, gn_b, r_k) or empty].
-std::vector<torch::Tensor> wkv_output_backward(const torch::Tensor& go, const std::vector<torch::Tensor>& yrkvg,
-                                               const torch::Tensor& stats, const torch::Tensor& gn_w,
-                                               const torch::Tensor& gn_b, const torch::Tensor& r_k, int64_t H,
+std::vector<at::Tensor> wkv_output_backward(const at::Tensor& go, const std::vector<at::Tensor>& yrkvg,
+                                               const at::Tensor& stats, const at::Tensor& gn_w,
+                                               const at::Tensor& gn_b, const at::Tensor& r_k, int64_t H,
                                                double eps, bool want_params) {
   const Out p = make_out(yrkvg, gn_w, gn_b, r_k, H, eps);
   const int64_t rows = yrkvg[0].size(0), C = yrkvg[0].size(1), nb = n_blocks(rows);
   check_f32(go, "wkv_output", "gradient", {rows, C});
   check_f32(stats, "wkv_output", "stats", {rows, H, 3});
-  std::vector<torch::Tensor> out;
-  for (int i = 0; i < 5; ++i) out.push_back(torch::empty_like(go));
-  out.push_back(want_params ? torch::zeros({nb, 3, C}, go.options()) : torch::empty({0}, go.options()));
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 5; ++i) out.push_back(at::empty_like(go));
+  out.push_back(want_params ? at::zeros({nb, 3, C}, go.options()) : at::empty({0}, go.options()));
   std::vector<float*> gin;
   for (int i = 0; i < 5; ++i) gin.push_back(out[i].data_ptr<float>());
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {

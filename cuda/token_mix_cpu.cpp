@@ -8,9 +8,8 @@
 // Rows (tokens) are split over torch's threads in blocks of kBlock rows (cpu_rows.h); the per-row
 // functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (WKV_CLONES).
 
-#include <torch/extension.h>
+#include "cpu_aten.h"
 
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
@@ -100,7 +99,7 @@ WKV_CLONES void mix_backward_rows(const Mix& p, const std::vector<const float*>&
 }
 
 // `zeros` [C]: the row before each sequence's first token where there is no `prev`.
-Mix make_mix(const torch::Tensor& x, const torch::Tensor& prev, const torch::Tensor& mix, const torch::Tensor& zeros) {
+Mix make_mix(const at::Tensor& x, const at::Tensor& prev, const at::Tensor& mix, const at::Tensor& zeros) {
   TORCH_CHECK(x.dim() == 3 && mix.dim() == 2, "token_mix: x must be [B, T, C] and mix [M, C]");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), M = mix.size(0);
   check_f32(x, "token_mix", "x", {B, T, C});
@@ -113,14 +112,14 @@ Mix make_mix(const torch::Tensor& x, const torch::Tensor& prev, const torch::Ten
 }  // namespace
 
 // x [B, T, C], prev [B, C] or empty (zeros), mix [M, C] -> M tensors [B, T, C].
-std::vector<torch::Tensor> token_mix_forward(const torch::Tensor& x, const torch::Tensor& prev,
-                                             const torch::Tensor& mix) {
-  const auto zeros = torch::zeros({x.size(-1)}, x.options());
+std::vector<at::Tensor> token_mix_forward(const at::Tensor& x, const at::Tensor& prev,
+                                             const at::Tensor& mix) {
+  const auto zeros = at::zeros({x.size(-1)}, x.options());
   const Mix p = make_mix(x, prev, mix, zeros);
-  std::vector<torch::Tensor> out;
+  std::vector<at::Tensor> out;
   std::vector<float*> ptrs;
   for (int64_t m = 0; m < p.M; ++m) {
-    out.push_back(torch::empty_like(x));
+    out.push_back(at::empty_like(x));
     ptrs.push_back(out.back().data_ptr<float>());
   }
   at::parallel_for(0, n_blocks(p.rows), 1, [&](int64_t b0, int64_t b1) {
@@ -131,10 +130,10 @@ std::vector<torch::Tensor> token_mix_forward(const torch::Tensor& x, const torch
 
 // grads: M tensors [B, T, C] (empty = zero). Returns [gx, gprev [B, C], gmix [M, C]], each empty where its
 // flag is off.
-std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>& grads, const torch::Tensor& x,
-                                              const torch::Tensor& prev, const torch::Tensor& mix,
+std::vector<at::Tensor> token_mix_backward(const std::vector<at::Tensor>& grads, const at::Tensor& x,
+                                              const at::Tensor& prev, const at::Tensor& mix,
                                               bool want_x, bool want_prev, bool want_mix) {
-  const auto zeros = torch::zeros({x.size(-1)}, x.options());
+  const auto zeros = at::zeros({x.size(-1)}, x.options());
   const Mix p = make_mix(x, prev, mix, zeros);
   TORCH_CHECK(int64_t(grads.size()) == p.M, "token_mix: expected one gradient per mix row");
   std::vector<const float*> g(p.M);
@@ -143,10 +142,10 @@ std::vector<torch::Tensor> token_mix_backward(const std::vector<torch::Tensor>& 
     g[m] = ptr_or_null(grads[m]);
   }
   const int64_t B = x.size(0), rows = B * x.size(1), nb = n_blocks(rows);
-  auto none = torch::empty({0}, x.options());
-  auto gx = want_x ? torch::empty_like(x) : none;
-  auto gprev = want_prev ? torch::zeros({B, p.C}, x.options()) : none;
-  auto gmix = want_mix ? torch::zeros({nb, p.M, p.C}, x.options()) : none;
+  auto none = at::empty({0}, x.options());
+  auto gx = want_x ? at::empty_like(x) : none;
+  auto gprev = want_prev ? at::zeros({B, p.C}, x.options()) : none;
+  auto gmix = want_mix ? at::zeros({nb, p.M, p.C}, x.options()) : none;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> scratch(2 * p.C);
     for (int64_t b = b0; b < b1; ++b)
@@ -182,19 +181,19 @@ constexpr int64_t kGrain = 1 << 14;  // elements per work item
 
 }  // namespace
 
-torch::Tensor relu_square_forward(const torch::Tensor& x) {
+at::Tensor relu_square_forward(const at::Tensor& x) {
   check_f32(x, "relu_square", "x", x.sizes());
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const float* px = x.data_ptr<float>();
   float* po = out.data_ptr<float>();
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) { relu_square_rows(px + b, po + b, e - b); });
   return out;
 }
 
-torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& x) {
+at::Tensor relu_square_backward(const at::Tensor& g, const at::Tensor& x) {
   check_f32(x, "relu_square", "x", x.sizes());
   check_f32(g, "relu_square", "gradient", x.sizes());
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const float *pg = g.data_ptr<float>(), *px = x.data_ptr<float>();
   float* po = out.data_ptr<float>();
   at::parallel_for(0, x.numel(), kGrain,

@@ -26,9 +26,8 @@
 // are whole rows (up to 64 values: 4 of its 32 registers per tile vector) and pass B of the backward runs
 // on 16 lanes: 0.1B ctx 512 forward 2x, backward 1.3-1.5x the AVX2 tiles' speed on one Xeon.
 
-#include <torch/extension.h>
+#include "cpu_aten.h"
 
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -336,15 +335,15 @@ WKV_CLONES void backward_head(const Head& h, bool wide) {
   return backward_head_w<16>(h);
 }
 
-void check(const torch::Tensor& x, const char* name, at::IntArrayRef shape) {
+void check(const at::Tensor& x, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "wkv7_cpu: ", name,
               " must be a contiguous fp32 CPU tensor");
   TORCH_CHECK(x.sizes() == shape, "wkv7_cpu: ", name, " has shape ", x.sizes(), ", expected ", shape);
 }
 
 // Pointers for sequence (b, h) of [B, T, H, N] tensors and of [B, H, ..., N, N] tensors.
-Head head_at(const std::vector<torch::Tensor>& rdkvab, int64_t bi, int64_t hi, int64_t T, int64_t H,
-             int64_t N, int64_t n_ckpt, const torch::Tensor& ckpt) {
+Head head_at(const std::vector<at::Tensor>& rdkvab, int64_t bi, int64_t hi, int64_t T, int64_t H,
+             int64_t N, int64_t n_ckpt, const at::Tensor& ckpt) {
   Head h{};
   const int64_t seq = bi * T * H * N + hi * N;
   const float** in[6] = {&h.r, &h.d, &h.k, &h.v, &h.a, &h.b};
@@ -360,8 +359,8 @@ Head head_at(const std::vector<torch::Tensor>& rdkvab, int64_t bi, int64_t hi, i
 
 // rdkvab: [r, d, k, v, a, b], each [B, T, H, N] with d = exp(-exp(w)); s0: [B, H, N, N] or empty (zeros).
 // Writes y [B, T, H, N], ckpt [B, H, ceil(T / 16) + 1, N, N] and s_final [B, H, N, N].
-void wkv7_forward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& s0, torch::Tensor y,
-                  torch::Tensor ckpt, torch::Tensor s_final, int64_t tiles) {
+void wkv7_forward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& s0, at::Tensor y,
+                  at::Tensor ckpt, at::Tensor s_final, int64_t tiles) {
   const bool wide = wide_tiles(tiles);
   TORCH_CHECK(rdkvab.size() == 6, "wkv7_cpu: expected 6 inputs r, d, k, v, a, b");
   const auto shape = rdkvab[0].sizes().vec();
@@ -387,8 +386,8 @@ void wkv7_forward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor&
 }
 
 // grads: [dr, dd, dk, dv, da, db] (dd = dL/dd), each [B, T, H, N] and written in full; ds0 [B, H, N, N].
-void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& ckpt, const torch::Tensor& dy,
-                   const torch::Tensor& ds_final, std::vector<torch::Tensor> grads, torch::Tensor ds0, int64_t tiles) {
+void wkv7_backward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& ckpt, const at::Tensor& dy,
+                   const at::Tensor& ds_final, std::vector<at::Tensor> grads, at::Tensor ds0, int64_t tiles) {
   const bool wide = wide_tiles(tiles);
   TORCH_CHECK(rdkvab.size() == 6 && grads.size() == 6, "wkv7_cpu: expected 6 inputs and 6 gradients");
   const auto shape = rdkvab[0].sizes().vec();

@@ -11,7 +11,7 @@ False, the reason is warned once, and `wkv7(..., backend="auto")` falls back to 
 
 The kernel computes in fp32 whatever the input dtype. Its forward stores the state every 16 steps;
 the backward recomputes the states of one 16-step chunk at a time from those checkpoints, so memory
-is O(T / 16 * N^2) per head instead of one state per step. The first build takes about a minute
+is O(T / 16 * N^2) per head instead of one state per step. The first build takes about half a minute
 on two cores; later processes load the built library directly.
 """
 
@@ -68,7 +68,7 @@ def _extension() -> ModuleType | None:
     flag_sets = _build_flags()
     for i, flags in enumerate(flag_sets):
         try:
-            return load_extension("peft_rwkv7_wkv7_cpu", _SOURCES, "the CPU kernels, about a minute", **flags)
+            return load_extension("peft_rwkv7_wkv7_cpu", _SOURCES, "the CPU kernels, about half a minute", **flags)
         except Exception as e:  # any build or load failure means "not available", never a crash
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if i + 1 < len(flag_sets):
