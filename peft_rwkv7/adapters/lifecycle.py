@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..model import RWKV7, model_from_state_dict
@@ -27,6 +27,13 @@ from .peft_merge import merged_peft_weight
 from .quant import dequantized_weight
 
 
+def _is_tuner(layer: nn.Module) -> bool:
+    """isinstance(layer, peft's BaseTunerLayer), without importing peft (~5 s with transformers) where nothing
+    has: no layer can be one then (state tuning, DiSHA's Bat)."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return tuners is not None and isinstance(layer, tuners.BaseTunerLayer)
+
+
 def _projections(model: RWKV7) -> Iterator[tuple[str, nn.Module]]:
     for i in range(model.config.n_layer):
         for proj in PROJECTIONS:
@@ -36,7 +43,7 @@ def _projections(model: RWKV7) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _base_of(layer: nn.Module) -> nn.Module:
-    return layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else getattr(layer, "base_layer", layer)
+    return layer.get_base_layer() if _is_tuner(layer) else getattr(layer, "base_layer", layer)
 
 
 def _full_parts(adapted: AdaptedRWKV7) -> bool:
@@ -49,13 +56,13 @@ def merged_projection(adapted: AdaptedRWKV7, name: str) -> torch.Tensor:
     layer = adapted.model.get_submodule(name)
     w = dequantized_weight(_base_of(layer))
     m = adapted.method
-    if isinstance(layer, BaseTunerLayer) and (m.kind in PEFT_TUNERS or m.use_dora):
+    if _is_tuner(layer) and (m.kind in PEFT_TUNERS or m.use_dora):
         leaves = {canonical_name(n): p for n, p in layer.named_parameters() if is_adapter_leaf(n)}
         return merged_peft_weight(m, name.split(".", 2)[-1], w, leaves, shared_tensors(adapted))
-    if isinstance(layer, BaseTunerLayer) and hasattr(layer, "lora_A"):
+    if _is_tuner(layer) and hasattr(layer, "lora_A"):
         a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
         w = w + layer.scaling["default"] * (b @ a)  # alpha / r, or alpha / sqrt(r) (rsLoRA)
-    elif isinstance(layer, BaseTunerLayer) and hasattr(layer, "miss_block"):
+    elif _is_tuner(layer) and hasattr(layer, "miss_block"):
         w = w + bone_delta(layer.miss_block["default"].float(), w.shape[1])
     elif isinstance(layer, BatLinear):
         w = w + bat_delta(w, layer.disha.float())
@@ -96,7 +103,7 @@ def disable_adapter(adapted: AdaptedRWKV7) -> Iterator[AdaptedRWKV7]:
                          "switched off; keep a frozen copy of the base for them")
     model = adapted.model
     grads = {p: p.requires_grad for p in model.parameters()}
-    tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    tuner_layers = [m for m in model.modules() if _is_tuner(m)]
     bats = [m for m in model.modules() if isinstance(m, BatLinear)]
     pissa_swaps = []
     states = []

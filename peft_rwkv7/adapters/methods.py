@@ -12,8 +12,6 @@ import hashlib
 import re
 
 import torch
-from peft import LoraConfig, MissConfig, inject_adapter_in_model
-from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 from ..errors import UserError
@@ -21,7 +19,6 @@ from ..model import RWKV7
 from ..model.rwkv7 import Linear
 from .config import PEFT_TUNERS, PROJECTIONS, MethodConfig, part_of
 from .disha import BatLinear
-from .fused_lora import FusedLoraLinear
 from .quant import quantize_linear, quantized_bytes
 
 # Randomized SVD (svd_niter > 0) draws a random test matrix: a fixed seed makes PiSSA's start
@@ -117,6 +114,9 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def _pissa_start(linear: nn.Linear, method: MethodConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """peft's PiSSA init on one float Linear: returns (A0, B0) fp32; the Linear keeps the residual
     fl(W - s B0 A0). Runs before any quantization, so the SVD sees the float weight."""
+    from peft import LoraConfig  # peft (and the transformers it imports, ~5 s) only where a method uses it
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
     init = "pissa" if method.svd_niter == 0 else f"pissa_niter_{method.svd_niter}"
     lc = LoraConfig(r=method.r, lora_alpha=method.alpha, init_lora_weights=init, use_rslora=method.use_rslora)
     # peft on an fp32 copy: its factors stay fp32 (on a bf16 Linear it rounds them to bf16 after forming the
@@ -245,6 +245,10 @@ def attach(
         model.is_loaded_in_8bit = cfg.quant == "int8"
 
     kind = cfg.adapter_kind
+    if kind in ("lora", "pissa", "bone"):  # imported here: state tuning and DiSHA's Bat never load peft (~5 s)
+        from peft import LoraConfig, MissConfig, inject_adapter_in_model
+
+        from .fused_lora import FusedLoraLinear
     if kind in ("lora", "pissa"):
         lc = LoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, use_dora=cfg.use_dora,

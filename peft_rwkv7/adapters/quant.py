@@ -11,7 +11,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
 from ..errors import UserError
@@ -44,6 +43,8 @@ def _int8_linear() -> type:
         """
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            from peft.utils.integrations import dequantize_module_weight
+
             return F.linear(x, dequantize_module_weight(self).to(x.dtype))
 
     return Int8Linear
@@ -89,6 +90,8 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The float weight [out, in] (fp32) a quantized layer multiplies by; the weight itself for nn.Linear."""
     bnb = sys.modules.get("bitsandbytes")  # a quantized layer exists only where it was imported
     if bnb is not None and isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+        from peft.utils.integrations import dequantize_module_weight
+
         return dequantize_module_weight(layer).float()
     return layer.weight.detach().float()
 

@@ -16,14 +16,15 @@ import os
 from pathlib import Path
 
 from ..io import atomic_write
-from .hf_rwkv_tokenizer import END_OF_TEXT, VOCAB_FILE
 
-TOKENIZER_MODULE = "hf_rwkv_tokenizer.py"
+TOKENIZER_MODULE = "hf_rwkv_tokenizer.py"  # imported where its names are used: it imports transformers (~1 s)
 WORLD_VOCAB_SIZE = 65536  # World models pad the 65530 ids to 65536 rows
 
 
 def world_vocab_path() -> Path | None:
     """The World vocabulary shipped in pyrwkv-tokenizer (None when that package is missing)."""
+    from .hf_rwkv_tokenizer import VOCAB_FILE
+
     try:
         import pyrwkv_tokenizer
     except ImportError:
@@ -34,6 +35,8 @@ def world_vocab_path() -> Path | None:
 
 def tokenizer_config() -> dict:
     """tokenizer_config.json naming RwkvTokenizer (fla-hub's class name) through auto_map."""
+    from .hf_rwkv_tokenizer import END_OF_TEXT
+
     special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT, "pad_token": END_OF_TEXT}
     return {
         "tokenizer_class": "RwkvTokenizer",
@@ -50,6 +53,8 @@ def tokenizer_config() -> dict:
 
 def write_world_tokenizer(out_dir: str | os.PathLike) -> list[str]:
     """Write the World tokenizer files into `out_dir`; returns their names ([] when the vocabulary is missing)."""
+    from .hf_rwkv_tokenizer import END_OF_TEXT, VOCAB_FILE
+
     vocab = world_vocab_path()
     if vocab is None:
         return []
