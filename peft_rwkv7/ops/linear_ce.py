@@ -59,8 +59,9 @@ class Workspace:
 
 
 def _chunk(h, w, labels, lo, hi, dtype, ws, most):
-    """Rows lo:hi -> (fp32 logits [n, V] in ws's buffer, log-sum-exp [n], valid mask [n], labels clamped
-    into range, the labels' logits [n]). `most`: the largest chunk's rows (Workspace.get)."""
+    """Rows lo:hi (all scored: linear_cross_entropy passes no ignored row on) -> (the softmax [n, V] fp32
+    in ws's buffer, log-sum-exp [n], labels [n], the labels' logits [n]). `most`: the largest chunk's rows
+    (Workspace.get)."""
     n, V = hi - lo, w.shape[0]
     logits = ws.get(n, V, torch.float32, h.device, most)
     if dtype == torch.float32:
@@ -68,10 +69,8 @@ def _chunk(h, w, labels, lo, hi, dtype, ws, most):
     else:
         logits.copy_(torch.mm(h[lo:hi].to(dtype), w.t(), out=ws.get(n, V, dtype, h.device, most)))
     lab = labels[lo:hi]
-    valid = lab != IGNORE_INDEX
-    lab = torch.where(valid, lab, 0)
     picked = logits.gather(1, lab[:, None]).squeeze(1)
-    return logits, _logsumexp_(logits), valid, lab, picked
+    return logits, _logsumexp_(logits), lab, picked
 
 
 def _logsumexp_(logits, block_elements=BLOCK_ELEMENTS):
@@ -92,12 +91,10 @@ def _logsumexp_(logits, block_elements=BLOCK_ELEMENTS):
     return out
 
 
-def _to_q(softmax, valid, lab):
-    """In place: softmax -> q = softmax - onehot(label) (the NLL's gradient wrt logits), zero on ignored rows."""
+def _to_q(softmax, lab):
+    """In place: softmax -> q = softmax - onehot(label) (the NLL's gradient wrt logits)."""
     rows = torch.arange(softmax.shape[0], device=softmax.device)
     softmax[rows, lab] -= 1.0
-    if not bool(valid.all()):
-        softmax[~valid] = 0.0
     return softmax
 
 
@@ -120,10 +117,10 @@ def _forward(h, weight, labels, dtype, need_h, need_w, elements, ws):
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     most = _most(weight.shape[0], elements)
     for lo, hi in _spans(h.shape[0], weight.shape[0], elements):
-        softmax, lse, valid, lab, picked = _chunk(h, w, labels, lo, hi, dtype, ws, most)
-        nll[lo:hi] = (lse - picked) * valid
+        softmax, lse, lab, picked = _chunk(h, w, labels, lo, hi, dtype, ws, most)
+        torch.sub(lse, picked, out=nll[lo:hi])
         if need_h or need_w:
-            q = _to_q(softmax, valid, lab)
+            q = _to_q(softmax, lab)
             if dtype != torch.float32:  # into the (consumed) low-precision logits buffer
                 q = ws.get(hi - lo, w.shape[0], dtype, h.device, most).copy_(q)
             if need_h:
@@ -151,17 +148,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g = g.float()
         grad_h = (dh * g[:, None]).to(ctx.h_dtype) if dh is not None else None
         grad_w = None
-        if dw is not None:
-            valid = labels != IGNORE_INDEX
-            gv = g[valid]
-            if gv.numel() == 0 or bool((gv == gv[0]).all()):
-                grad_w = dw * (gv[0] if gv.numel() else 0.0)
+        if dw is not None:  # every row is scored (linear_cross_entropy passes only those on)
+            if g.numel() == 0 or bool((g == g[0]).all()):
+                grad_w = dw * (g[0] if g.numel() else 0.0)
             else:  # per-row weights: recompute each chunk's q and weigh its rows
                 grad_w = torch.zeros_like(dw)
                 w, most = weight.to(ctx.dtype), _most(weight.shape[0], ctx.elements)
                 for lo, hi in _spans(h.shape[0], weight.shape[0], ctx.elements):
-                    softmax, _, valid, lab, _ = _chunk(h, w, labels, lo, hi, ctx.dtype, ctx.ws, most)
-                    q = _to_q(softmax, valid, lab).mul_(g[lo:hi, None])
+                    softmax, _, lab, _ = _chunk(h, w, labels, lo, hi, ctx.dtype, ctx.ws, most)
+                    q = _to_q(softmax, lab).mul_(g[lo:hi, None])
                     grad_w.add_(torch.mm(q.to(ctx.dtype).t(), h[lo:hi].to(ctx.dtype)))
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None
@@ -187,7 +182,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     need_h, need_w = grad and h.requires_grad, grad and weight.requires_grad
     # Only the scored rows go through the head: an ignored row's NLL is 0 and its gradient 0 whatever its
     # logits, and in instruction data (prompts, padding) they are often most rows and the head is the
-    # biggest matmul. index_select's backward puts the scored rows' gradients back, zeros elsewhere.
+    # biggest matmul. index_select's backward puts the scored rows' gradients back, zeros elsewhere. This is
+    # the one place ignored rows are handled: everything below sees scored rows only.
     scored = lab != IGNORE_INDEX
     rows = None if bool(scored.all()) else scored.nonzero().squeeze(1)
     if rows is not None:
