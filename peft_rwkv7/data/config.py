@@ -49,6 +49,10 @@ class DataConfig(ConfigModel):
     overflow: Overflow = Field("split", description=(
         "pad sampling: documents longer than ctx_len are split into consecutive pieces (every token trained "
         "once) or cut after ctx_len tokens"))
+    group_by_length: bool = Field(False, description=(
+        "pad sampling and preference pairs: each micro-batch takes samples of similar length (runs of up to 50 "
+        "micro-batches sorted by length, their order shuffled), so less padding is computed; an epoch sees the same "
+        "samples in another order (as transformers' group_by_length)"))
     eval_path: Name | None = Field(None, description=(
         "held-out records scored during training, their kind found from the file (text: every token; sft/chat: "
         "rendered like data.path, their loss tokens only, as eval --data scores them); for kind preference, "
@@ -83,6 +87,19 @@ class DataConfig(ConfigModel):
         if self.eval_split and self.eval_path:
             raise invalid(f"{{key}}: {self.eval_split} holds out part of data.path for eval, but data.eval_path names "
                           f"an eval file; give one of them (data.eval_path=null holds out instead)", "eval_split")
+        return self
+
+    @model_validator(mode="after")
+    def _groupable(self) -> Self:
+        if not self.group_by_length:
+            return self
+        if self.kind == "prompts":
+            raise invalid("{key}: applies to pad sampling and preference pairs, not to GRPO's prompts (each "
+                          "completion is cut at its batch's longest already); drop it", "group_by_length")
+        if self.sampling == "get" or (self.sampling == "auto" and self.kind in ("text", "binidx")):
+            how = "data.sampling is get" if self.sampling == "get" else f"kind {self.kind} is read with get sampling"
+            raise invalid(f"{{key}}: applies to pad sampling and preference pairs; {how} (every window is ctx_len "
+                          f"tokens: nothing to group); set data.sampling: pad or drop group_by_length", "group_by_length")
         return self
 
     @field_validator("prompt_fields", mode="before")

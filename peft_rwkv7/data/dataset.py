@@ -52,6 +52,7 @@ class TrainData:
         self.held_out: list[list[int]] = []  # documents make_dataset kept out for evaluation
         self.held_out_masks: list[list[bool]] | None = None  # sft/chat: which of their tokens are scored
         self.eval_note = ""  # why nothing is held out, where no data.eval_path is given either
+        self.group_by_length = False  # pad: each micro-batch takes pieces of similar length (data.group_by_length)
         if sampling == "get":
             if len(tokens) < ctx_len + 1:
                 raise UserError(f"{source}: {len(tokens)} tokens cannot fill one sample of ctx_len+1 = "
@@ -78,15 +79,16 @@ class TrainData:
             y[self.loss_mask[start : start + len(y)] == 0] = IGNORE
         return y
 
-    def sample(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample `i` (>= 0): (input_ids [ctx_len], labels [ctx_len]), int64."""
+    def sample(self, i: int, block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample `i` (>= 0): (input_ids [ctx_len], labels [ctx_len]), int64. block > 1 (pad sampling): the
+        order grouped by length for micro-batches of `block` samples (sampling.grouped_order)."""
         L = self.ctx_len
         if self.sampling == "get":
             o = self._sampler.offset(i)
             window = self.tokens[o : o + L + 1].astype(np.int64)
             x, y = window[:-1], self._labels(window[1:], o + 1)
         else:
-            k = self._sampler.piece(i)
+            k = self._sampler.piece(i, block)
             start, n = int(self._sampler.piece_start[k]), int(self._sampler.piece_len[k])
             targets = self.tokens[start : start + n]
             if self._sampler.piece_first[k]:  # a document starts after end-of-text, as in the stream
@@ -106,14 +108,17 @@ class TrainData:
         Sample j of the micro-batch is the global sample
         `((step * grad_accum + micro_step) * world_size + rank) * micro_bsz + j`: the data position
         is a function of the step alone (exact resume needs only the step), ranks read distinct
-        samples, and together they read what one process with micro_bsz * world_size would.
+        samples, and together they read what one process with micro_bsz * world_size would. With
+        group_by_length the ranks' micro-batches of one micro-step hold pieces of similar length.
         """
         base = ((step * grad_accum + micro_step) * world_size + rank) * micro_bsz
-        xs, ys = zip(*(self.sample(base + j) for j in range(micro_bsz)), strict=True)
+        block = micro_bsz * world_size if self.group_by_length else 1
+        xs, ys = zip(*(self.sample(base + j, block) for j in range(micro_bsz)), strict=True)
         return torch.stack(xs), torch.stack(ys)
 
     def describe(self) -> str:
-        return (f"{self.source}: {self.num_docs} docs, {self.num_tokens} tokens, {self.sampling} sampling, "
+        grouped = ", grouped by length" if self.group_by_length else ""
+        return (f"{self.source}: {self.num_docs} docs, {self.num_tokens} tokens, {self.sampling} sampling{grouped}, "
                 f"{self.num_samples} samples/epoch of ctx_len {self.ctx_len}")
 
 
@@ -221,7 +226,11 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
     if cfg.kind == "preference" or (cfg.kind == "auto" and resolve_format(cfg)[0] == "preference"):
         # pairs, not a token stream: data/preference.py
         pairs = make_preference_data(cfg, tokenizer, seed, vocab_size, cache_dir, workers, progress, build)
-        return None if pairs is None else _hold_out_pairs(cfg, pairs, seed)
+        if pairs is None:
+            return None
+        pairs = _hold_out_pairs(cfg, pairs, seed)
+        pairs.group_by_length = cfg.group_by_length
+        return pairs
     kind, fmt = resolve_format(cfg)
     if kind == "binidx":
         ds, mask = MMapIndexedDataset(cfg.path), None
@@ -253,6 +262,10 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
     if vocab_size is not None and must_scan:
         _check_vocab(ds, vocab_size, locate)
     sampling = cfg.sampling if cfg.sampling != "auto" else ("pad" if kind in ("sft", "chat") else "get")
+    if cfg.group_by_length and sampling == "get":
+        raise UserError(f"data.group_by_length: applies to pad sampling and preference pairs; {cfg.path} is read with "
+                        f"get sampling (every window is ctx_len tokens: nothing to group); set data.sampling: pad "
+                        f"or drop group_by_length")
     tokens, starts, sizes = ds.tokens, ds.pointers // ds.dtype.itemsize, ds.sizes
     held_out: list[list[int]] = []
     held_masks: list[list[bool]] | None = None
@@ -266,6 +279,7 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
     data = TrainData(tokens, mask, starts, sizes, cfg.ctx_len, sampling, cfg.overflow == "split", seed,
                      source=source)
     data.held_out, data.held_out_masks, data.eval_note = held_out, held_masks, note
+    data.group_by_length = cfg.group_by_length
     return data
 
 

@@ -33,6 +33,7 @@ from ..errors import UserError
 from .config import DataConfig
 from .formats import ChatFormat, Segments, SftFormat
 from .records import check_file, get_str, json_type
+from .sampling import grouped_order
 from .tokenizer import Tokenizer
 
 IGNORE = -100
@@ -148,7 +149,10 @@ class PreferenceData:
             raise UserError(f"{where}: the prompt alone is {int(prompt[k])} tokens, data.ctx_len is {ctx_len}: no "
                             f"response token fits ({len(bad)} such records); raise data.ctx_len or shorten the prompt")
         self.truncated = int(sum((s.sizes > ctx_len).sum() for s in self.sides))
-        self._perm: tuple[int, np.ndarray] | None = None
+        # a pair's rows: its longer side (data.group_by_length puts pairs of similar length in a micro-batch)
+        self.lengths = np.minimum(np.maximum(chosen.sizes, rejected.sizes), ctx_len)
+        self.group_by_length = False
+        self._perm: tuple[int, int, np.ndarray] | None = None
 
     @staticmethod
     def prompt_lengths(side: Side) -> np.ndarray:
@@ -166,13 +170,17 @@ class PreferenceData:
     def num_tokens(self) -> int:
         return int(sum(len(s.tokens) for s in self.sides))
 
-    def pair_index(self, i: int) -> int:
-        """The record of sample i (>= 0): a permutation of the records per (seed, epoch)."""
+    def pair_index(self, i: int, block: int = 1) -> int:
+        """The record of sample i (>= 0): a permutation of the records per (seed, epoch); block > 1 groups it
+        by length for micro-batches of `block` pairs (sampling.grouped_order)."""
         epoch, j = divmod(i, self.num_docs)
-        if self._perm is None or self._perm[0] != epoch:
+        if self._perm is None or self._perm[:2] != (epoch, block):
             rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, epoch])
-            self._perm = (epoch, rng.permutation(self.num_docs))
-        return int(self._perm[1][j])
+            order = rng.permutation(self.num_docs)
+            if block > 1:
+                order = grouped_order(order, self.lengths, block, epoch * self.num_docs, self.seed, epoch)
+            self._perm = (epoch, block, order)
+        return int(self._perm[2][j])
 
     def sequence(self, k: int, side: int) -> tuple[np.ndarray, np.ndarray]:
         """Record k's chosen (side 0) or rejected (side 1) document: (inputs, labels) of its first
@@ -199,7 +207,8 @@ class PreferenceData:
         """The micro-batch's pairs: sample j is the global sample
         `((step * grad_accum + micro_step) * world_size + rank) * micro_bsz + j`, as in TrainData.batch."""
         base = ((step * grad_accum + micro_step) * world_size + rank) * micro_bsz
-        return self.pairs_batch([self.pair_index(base + j) for j in range(micro_bsz)])
+        block = micro_bsz * world_size if self.group_by_length else 1
+        return self.pairs_batch([self.pair_index(base + j, block) for j in range(micro_bsz)])
 
     def in_order(self, micro_bsz: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every pair once, in file order, micro_bsz pairs at a time (evaluation)."""

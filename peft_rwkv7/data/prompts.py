@@ -115,6 +115,9 @@ def make_prompt_data(cfg: DataConfig, tokenizer, seed: int, max_prompt_tokens: i
     """The run's prompts; held out: data.eval_path's prompts, else data.eval_split's share (default 2%)."""
     from .dataset import eval_count
 
+    if cfg.group_by_length:
+        raise UserError("data.group_by_length: applies to pad sampling and preference pairs, not to GRPO's prompts "
+                        "(each completion is cut at its batch's longest already); drop it")
     data = load_prompts(cfg.path, cfg, tokenizer, seed, max_prompt_tokens, vocab_size)
     if cfg.eval_path:
         data.held_out = load_prompts(cfg.eval_path, cfg, tokenizer, seed, max_prompt_tokens, vocab_size)

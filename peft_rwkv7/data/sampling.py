@@ -13,7 +13,9 @@ every token at least once, in a new order. The last window ends exactly at the l
 `pad`. A document d with n_d tokens (its entry, ending with end-of-text) is the sequence
 `s = [0] + entry`, predicted as inputs s[:-1] -> targets s[1:]. It yields pieces k = 0, 1, ..
 whose targets are entry[k*L : (k+1)*L] (L = ctx_len; `truncate` keeps piece 0 only). Pieces
-whose targets carry no loss are dropped. Their order is a fresh permutation per (seed, epoch).
+whose targets carry no loss are dropped. Their order is a fresh permutation per (seed, epoch);
+`data.group_by_length` then gives each micro-batch pieces of similar length (grouped_order), so less
+padding is run (a batch is cut after its last scored position, train/losses.py).
 """
 
 from __future__ import annotations
@@ -99,14 +101,45 @@ class PieceSampler:
             self.piece_start, self.piece_len = self.piece_start[keep], self.piece_len[keep]
             self.piece_first = self.piece_first[keep]
         self.seed = seed
-        self._perm: tuple[int, np.ndarray] | None = None
+        self._perm: tuple[int, int, np.ndarray] | None = None
 
     @property
     def num_samples(self) -> int:
         return len(self.piece_start)
 
-    def piece(self, i: int) -> int:
+    def piece(self, i: int, block: int = 1) -> int:
+        """The piece of sample i: a permutation per (seed, epoch); block > 1 groups it by length in runs
+        of `block` samples (see grouped_order)."""
         epoch, j = divmod(i, self.num_samples)
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, _rng(self.seed, epoch).permutation(self.num_samples))
-        return int(self._perm[1][j])
+        if self._perm is None or self._perm[:2] != (epoch, block):
+            order = _rng(self.seed, epoch).permutation(self.num_samples)
+            if block > 1:
+                order = grouped_order(order, self.piece_len, block, epoch * self.num_samples, self.seed, epoch)
+            self._perm = (epoch, block, order)
+        return int(self._perm[2][j])
+
+
+MEGA_BLOCKS = 50  # blocks per length group at most (HF transformers' LengthGroupedSampler takes 50 batches)
+
+
+def grouped_order(order: np.ndarray, lengths: np.ndarray, block: int, first: int, seed: int,
+                  epoch: int) -> np.ndarray:
+    """`order` (an epoch's permutation of sample ids) rearranged so that each micro-batch -- each run of
+    `block` consecutive global sample indices, the first of the epoch's being global index `first` --
+    holds samples of similar `lengths[id]`: runs of up to MEGA_BLOCKS blocks (fewer where an epoch has
+    under 4 groups' worth) are sorted longest first and cut into blocks, and the blocks' order within a
+    run is shuffled, so batches do not go from long to short within each run. Which samples an epoch sees
+    is unchanged; a pure function of its arguments (exact resume). The epoch's leading samples that
+    complete a micro-batch begun in the previous epoch, and a partial last block, stay where they are."""
+    n = len(order)
+    head = (-first) % block
+    body_end = head + (n - head) // block * block
+    per_run = block * min(MEGA_BLOCKS, max(1, (n - head) // (4 * block)))
+    rng = np.random.default_rng([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, 1])
+    out = order.copy()
+    for lo in range(head, body_end, per_run):
+        hi = min(lo + per_run, body_end)
+        run = order[lo:hi]
+        run = run[np.argsort(-lengths[run], kind="stable")].reshape(-1, block)
+        out[lo:hi] = run[rng.permutation(len(run))].reshape(-1)
+    return out

@@ -162,6 +162,10 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
     tc = recipe.train
     per_step = tc.micro_bsz * tc.grad_accum * world_size
     epochs = tc.max_steps * per_step / max(data.num_samples, 1)
+    grouped = ""
+    if getattr(data, "group_by_length", False):  # pad pieces / preference pairs (data.group_by_length)
+        grouped = ("; micro-batches grouped by length" if tc.micro_bsz * world_size > 1 else
+                   "; data.group_by_length groups nothing with one sample per micro-batch (train.micro_bsz 1)")
     if getattr(data, "kind", None) == "prompts":
         g = tc.grpo
         line = (f"data: {data.num_docs} prompts, {data.num_tokens} tokens; {tc.max_steps} steps x {per_step} prompts "
@@ -176,7 +180,7 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
     if getattr(data, "kind", None) == "preference":
         line = (f"data: {data.num_docs} preference pairs, {data.num_tokens} tokens (both sides), "
                 f"{data.truncated} responses cut at ctx_len {recipe.data.ctx_len}; {tc.max_steps} steps x {per_step} "
-                f"pairs = {epochs:.3g} epochs")
+                f"pairs = {epochs:.3g} epochs{grouped}")
         if data.held_out_pairs is not None and not recipe.data.eval_path:
             line += f"; {data.held_out_pairs.num_docs} more pairs held out for eval (data.eval_split)"
         elif data.eval_note:
@@ -185,7 +189,8 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
             line += f"\nwarning: one step takes {per_step} pairs but {data.source} has only {data.num_samples}"
         return line
     line = (f"data: {data.num_docs} documents, {data.num_tokens} tokens, {data.num_samples} samples of "
-            f"{recipe.data.ctx_len} tokens per epoch; {tc.max_steps} steps x {per_step} samples = {epochs:.3g} epochs")
+            f"{recipe.data.ctx_len} tokens per epoch; {tc.max_steps} steps x {per_step} samples = {epochs:.3g} epochs"
+            f"{grouped}")
     if data.held_out:
         line += f"; {len(data.held_out)} more documents held out for eval (data.eval_split)"
     elif data.eval_note:

@@ -48,6 +48,22 @@ def test_resume_equals_uninterrupted(tiny_world, tmp_path):
     assert losses(full) == losses(cut)  # the resumed log reads like one uninterrupted run
 
 
+def test_resume_with_batches_grouped_by_length_equals_uninterrupted(tiny_world, tmp_path, capsys):
+    # pad sampling, grouped by length (data.group_by_length): the order is a function of (seed, step) alone
+    extra = {"data.sampling": "pad", "data.group_by_length": "true", "train.micro_bsz": 3, "train.save_every": 3,
+             "train.lr": 3e-3}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_from_cli(LORA, tiny_overrides(tiny_world, full, steps=6, **extra))
+    train_from_cli(LORA, tiny_overrides(tiny_world, cut, steps=6, **extra) + ["train.stop_after=3"])
+    train_from_cli(LORA, tiny_overrides(tiny_world, cut, steps=6, **extra), resume=True)
+    a, b = adapter(full), adapter(cut)
+    assert set(a) == set(b) and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    summary = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("data: "))
+    assert summary.endswith("epochs; micro-batches grouped by length"), summary
+
+
 def test_existing_run_is_not_overwritten(tiny_world, tmp_path):
     out = tmp_path / "r"
     train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=1))
