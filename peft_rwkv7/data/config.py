@@ -99,7 +99,8 @@ class DataConfig(ConfigModel):
         if self.sampling == "get" or (self.sampling == "auto" and self.kind in ("text", "binidx")):
             how = "data.sampling is get" if self.sampling == "get" else f"kind {self.kind} is read with get sampling"
             raise invalid(f"{{key}}: applies to pad sampling and preference pairs; {how} (every window is ctx_len "
-                          f"tokens: nothing to group); set data.sampling: pad or drop group_by_length", "group_by_length")
+                          f"tokens: nothing to group); set data.sampling: pad or drop group_by_length",
+                          "group_by_length")
         return self
 
     @field_validator("prompt_fields", mode="before")
