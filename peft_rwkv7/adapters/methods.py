@@ -100,6 +100,14 @@ class AdaptedRWKV7(nn.Module):
     def initial_state(self):
         return self.model.initial_state()
 
+    def hidden(self, idx: torch.Tensor, state=None):
+        """RWKV7.hidden: the last block's output after ln_out and the final state."""
+        return self.model.hidden(idx, state)
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """RWKV7.head_logits: the (adapted) head on hidden states."""
+        return self.model.head_logits(h)
+
     @torch.no_grad()
     def step(self, token: torch.Tensor, state=None):
         """One RNN step: token [B] -> logits [B, V] and the new state."""

@@ -34,6 +34,9 @@ EOT = 0
 _IGNORE = -1
 
 
+_HEAD_ROWS = 512  # rows of logits made at once by _scored_chunks: 128 MiB fp32 at a vocabulary of 65536
+
+
 def _forward_logits(model: nn.Module, idx: torch.Tensor, chunk_len: int):
     """Yield (start, logits [B, t, V]) over idx [B, T] in time chunks, carrying the RNN state."""
     if idx.shape[1] <= chunk_len:
@@ -42,6 +45,35 @@ def _forward_logits(model: nn.Module, idx: torch.Tensor, chunk_len: int):
     for s, logits, _ in chunked_forward(model, idx, None, chunk_len):
         yield s, logits
         del logits  # one chunk of logits alive at a time (the caller drops its reference too)
+
+
+def _scored_chunks(model: nn.Module, inp: torch.Tensor, tgt: torch.Tensor, check: torch.Tensor, chunk_len: int):
+    """Yield (log p(target) [B, t] fp64, 0 where tgt < 0; argmax wrong where `check` [B, t] bool) per time chunk.
+
+    A model with `hidden` and `head_logits` (this package's RWKV7, adapted or not) runs the head only on the
+    rows that have a target (not on prompts and padding), _HEAD_ROWS rows at a time, so no [B, t, V] logits
+    are held; any other model (idx -> logits) is scored from its whole logits. A check on a position without
+    a target is wrong either way (no argmax equals it)."""
+    if not (callable(getattr(model, "hidden", None)) and callable(getattr(model, "head_logits", None))):
+        for s, logits in _forward_logits(model, inp, chunk_len):
+            t = tgt[:, s : s + logits.shape[1]]
+            yield exact_logprobs(logits, t), (logits.argmax(dim=-1) != t) & check[:, s : s + logits.shape[1]]
+            del logits
+        return
+    state = None
+    for s in range(0, inp.shape[1], chunk_len):
+        h, state = model.hidden(inp[:, s : s + chunk_len], state)
+        t, c = tgt[:, s : s + h.shape[1]].reshape(-1), check[:, s : s + h.shape[1]].reshape(-1)
+        logp = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        wrong = c & (t < 0)
+        rows, h = (t >= 0).nonzero().squeeze(1), h.reshape(-1, h.shape[-1])
+        for lo in range(0, rows.shape[0], _HEAD_ROWS):
+            at = rows[lo : lo + _HEAD_ROWS]
+            logits = model.head_logits(h.index_select(0, at))
+            logp[at] = exact_logprobs(logits, t[at])
+            wrong[at] = (logits.argmax(dim=-1) != t[at]) & c[at]
+            del logits
+        yield logp.view(inp.shape[0], -1), wrong.view(inp.shape[0], -1)
 
 
 @torch.no_grad()
@@ -82,12 +114,9 @@ def score_sequences(
         inp, tgt, check = inp.to(device), tgt.to(device), check.to(device)
         row_nll = torch.zeros(len(ids), dtype=torch.float64, device=device)
         row_ok = torch.ones(len(ids), dtype=torch.bool, device=device)
-        for s, logits in _forward_logits(model, inp, chunk_len):
-            t = tgt[:, s : s + logits.shape[1]]
-            row_nll -= exact_logprobs(logits, t).sum(dim=1)  # fp64 log-softmax: exact on confident text
-            wrong = (logits.argmax(dim=-1) != t) & check[:, s : s + logits.shape[1]]
+        for logp, wrong in _scored_chunks(model, inp, tgt, check, chunk_len):
+            row_nll -= logp.sum(dim=1)  # fp64 log-softmax: exact on confident text
             row_ok &= ~wrong.any(dim=1)
-            del logits, wrong
         for row, i in enumerate(ids):
             n = len(seqs[i]) - 1 if scored is None else sum(scored[i])
             nll[i], count[i], ok[i] = row_nll[row].item(), n, bool(row_ok[row])

@@ -204,8 +204,13 @@ class RWKV7(nn.Module):
         """idx: LongTensor [B, T]; state: list of n_layer LayerState (wkv may be [H, N, N],
         broadcast over the batch). Returns logits [B, T, V] (and the final state if asked)."""
         h, new_state = self.hidden(idx, state)
-        logits = self.head(h)
+        logits = self.head_logits(h)
         return (logits, new_state) if return_state else logits
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of hidden states h [..., C] (`hidden`'s output): the head, adapted or not. With
+        `hidden`, a caller runs the head on the rows it needs only (infer/evaluate.py)."""
+        return self.head(h)
 
     def token_nll(
         self, idx: torch.Tensor, labels: torch.Tensor, state: list[LayerState] | None = None
