@@ -18,6 +18,7 @@ from ..run_dir import list_checkpoints
 from .recipe import Recipe, dump_recipe, load_recipe
 from .runlock import held, holder_pid, run_lock
 from .schedule import get_lr
+from .schema import from_dict
 
 # Keys a resumed run may change: they move no number of the steps already taken nor of those to come
 # (where checkpoints go, what is logged and shown) or only the kernel that computes the same math.
@@ -131,14 +132,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _changes(recipe: Recipe, out_dir: Path) -> tuple[dict, dict, list[str]]:
-    """(the run's recipe and this one, flattened; the keys whose change moves a number)."""
+    """(the run's recipe and this one, flattened; the keys whose change moves a number). The run's recipe is
+    read through today's schema, so a key added since it was written counts as its default (a new key's
+    default keeps the old behaviour): the same command after an upgrade is the same run."""
     path = out_dir / "recipe.yaml"
     try:
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"{path}: cannot read the run's recipe ({e})") from None
     new = _flat(yaml.safe_load(dump_recipe(recipe)))
-    old = _flat(old if isinstance(old, dict) else {})
+    old = old if isinstance(old, dict) else {}
+    try:
+        old = yaml.safe_load(dump_recipe(from_dict(Recipe, old, source=str(path))))
+    except UserError:  # a key since removed or renamed: compared as written (and shown as a change)
+        pass
+    old = _flat(old)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE)
     return old, new, changed
 

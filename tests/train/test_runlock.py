@@ -154,3 +154,23 @@ def test_an_unfinished_run_is_not_restarted_without_resume(tiny_world, tmp_path,
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--resume" in err, err
     assert _bytes(out) == before
+
+
+def test_a_run_written_before_a_key_existed_is_the_same_run(tiny_world, tmp_path, capsys):
+    """A recipe key added in an upgrade (its default keeps the old behaviour) does not make an existing run
+    "another recipe": the README's first command, run again after `git pull`, must still succeed."""
+    import yaml
+
+    out = tmp_path / "old"
+    over = tiny_overrides(tiny_world, out, steps=2)
+    assert _cli_main("train", LORA, *over) == 0
+    stored = yaml.safe_load((out / "recipe.yaml").read_text())
+    del stored["data"]["group_by_length"], stored["train"]["grad_cp"]  # as an older version wrote it
+    (out / "recipe.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    before = _bytes(out)
+    capsys.readouterr()
+    assert _cli_main("train", LORA, *over) == 0
+    assert "already holds this finished run" in capsys.readouterr().out
+    assert _bytes(out) == before
+    assert _cli_main("train", LORA, *over, "data.sampling=pad", "data.group_by_length=true") == 2  # a real change
+    assert "data.group_by_length False -> True" in capsys.readouterr().err
