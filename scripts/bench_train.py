@@ -10,9 +10,12 @@ random weights), attaches the method, and times `--steps` optimizer steps after 
 
 GEMM bound: the step's matmul FLOP -- 4 per matmul weight per token (forward and input gradient; 6 for
 full fine-tuning, which adds the weight gradient) -- over the GEMM rate measured in that process, at that
-precision, at the model's big weight shapes with ctx rows, after every timed step (the best rate against
-the best step: a VM's speed drifts by 10-30% within minutes). "% bound" = bound time / step time: 100% would
-be a step doing nothing but its GEMMs at the measured speed. Peak RSS is the process's (model included).
+precision: right after each timed step, one pass of the step's big GEMMs (the model's weight shapes, each
+as often as the model has it, ctx rows; bench_util.GemmPass), about as long as the step's own GEMMs, so
+step and pass see the VM at the same speed (it drifts by 10-30% within minutes, and a short best-of-few GEMM
+timing catches fast moments no whole step gets). "% bound" = bound time / step time, each step against its
+own pass: the median over the timed steps, their range in brackets; 100% would be a step doing nothing but
+its GEMMs. GEMM GFLOP/s: the fastest pass. Peak RSS is the process's (model included).
 
 --layout sft: 4 right-padded rows of instruction data (prompts and padding unscored, see `batch`); tokens/s
 counts every position of the batch, padding included, and the bound every position through every matmul.
@@ -40,7 +43,7 @@ def child(args) -> None:
     sys.path.insert(0, str(Path(args.src).resolve()))
     sys.path.insert(1, str(HERE))
     import torch
-    from bench_util import SHAPE, gemm_rate, matmul_weights, method_config
+    from bench_util import SHAPE, GemmPass, matmul_weights, method_config
 
     from peft_rwkv7.adapters import attach, trainable_parameters
     from peft_rwkv7.model import RWKV7Config, new_model
@@ -67,8 +70,9 @@ def child(args) -> None:
     opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own (src's)
     x, y = batch(torch, args.layout, args.ctx, SHAPE["vocab_size"])
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    times, rates = [], []
+    times, passes = [], []
     full = args.method == "full"
+    gemms = GemmPass(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
     for i in range(args.steps + 1):  # the first step warms up (kernel load, allocator)
         t0 = time.perf_counter()
         with amp():
@@ -77,15 +81,18 @@ def child(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-        if i:  # the GEMM rate measured after every step: the VM's speed drifts, best against best
-            rates.append(gemm_rate(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full))
+        if i:  # the step's big GEMMs alone, right after it: the VM's speed drifts, each step against its own pass
+            passes.append(gemms.seconds())
     step_s = min(times[1:])
-    rate = max(rates)
-    bound_s = (6 if full else 4) * matmul_weights(adapted) * x.numel() / rate  # every position through every matmul
+    # bound: every position through every matmul at the big GEMMs' speed (their pass covers ctx rows)
+    flop = (6 if full else 4) * matmul_weights(adapted) * x.numel()
+    bounds = [flop * p / gemms.flop for p in passes]
+    paired = sorted(100 * b / t for b, t in zip(bounds, times[1:], strict=True))
+    rate = gemms.flop / min(passes)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(json.dumps({"tokens_per_s": x.numel() / step_s, "scored": int((y != -100).sum()), "step_s": step_s,
-                      "peak_rss_mib": rss,
-                      "bound_pct": 100 * bound_s / step_s, "gemm_gflops": rate / 1e9,
+                      "peak_rss_mib": rss, "bound_pct": paired[len(paired) // 2],
+                      "bound_range": [paired[0], paired[-1]], "gemm_gflops": rate / 1e9,
                       "loss": float(loss), "trainable": sum(p.numel() for _, p in named)}))
 
 
@@ -157,7 +164,8 @@ def main() -> None:
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"| {method} | {ctx} | {prec} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | "
-                      f"{r['bound_pct']:.0f}% | {r['gemm_gflops']:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
+                      f"{r['bound_pct']:.0f}% ({r['bound_range'][0]:.0f}-{r['bound_range'][1]:.0f}) | "
+                      f"{r['gemm_gflops']:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,27 +45,40 @@ def matmul_weights(model) -> int:
     return n
 
 
-def gemm_rate(model, rows: int, dtype: torch.dtype, weight_grads: bool = False, reps: int = 2) -> float:
-    """FLOP/s of the step's big GEMMs (forward x W^T and input gradient g W; with weight_grads also g^T x)
-    at this model's weight shapes (each >= 256 on both sides), `rows` rows, best of `reps`, measured now."""
+def big_shapes(model) -> collections.Counter:
+    """{(out, in): count} of the model's big matmul weights (each side >= 256): the GEMMs a bound is timed on."""
     shapes: collections.Counter = collections.Counter()
     for name, p in model.named_parameters():
         name = name.replace(".base_layer", "")
         if name.endswith(LINEARS) and "lora_" not in name and min(p.shape) >= 256:
             shapes[tuple(p.shape)] += 1
-    flop = secs = 0.0
-    g = torch.Generator().manual_seed(0)
-    for (o, i), count in shapes.items():
-        w = torch.randn(o, i, generator=g).to(dtype)
-        x, gy = torch.randn(rows, i, generator=g).to(dtype), torch.randn(rows, o, generator=g).to(dtype)
-        best = float("inf")
-        for _ in range(reps + 1):  # the first call warms up
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            gy @ w
-            if weight_grads:
-                gy.t() @ x
-            best = min(best, time.perf_counter() - t0)
-        flop += (6 if weight_grads else 4) * rows * o * i * count
-        secs += best * count
-    return flop / secs
+    return shapes
+
+
+class GemmPass:
+    """The step's big GEMMs run once each, in a row, as a step runs them (forward x W^T and input gradient
+    g W, with weight_grads also g^T x; each shape as often as the model has it): `seconds()` times one pass,
+    about as long as the step's own GEMMs, so a pass right after a step sees the machine as the step did (a
+    short best-of-few GEMM catches a VM's fast moments that a whole step does not). One weight per shape."""
+
+    def __init__(self, model, rows: int, dtype: torch.dtype, weight_grads: bool = False) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.weight_grads = weight_grads
+        self.work = []
+        self.flop = 0
+        for (o, i), count in big_shapes(model).items():
+            w = torch.randn(o, i, generator=g).to(dtype)
+            x, gy = torch.randn(rows, i, generator=g).to(dtype), torch.randn(rows, o, generator=g).to(dtype)
+            self.work.append((w, x, gy, count))
+            self.flop += (6 if weight_grads else 4) * rows * o * i * count
+        self.seconds()  # warm-up
+
+    def seconds(self) -> float:
+        t0 = time.perf_counter()
+        for w, x, gy, count in self.work:
+            for _ in range(count):
+                torch.nn.functional.linear(x, w)
+                gy @ w
+                if self.weight_grads:
+                    gy.t() @ x
+        return time.perf_counter() - t0

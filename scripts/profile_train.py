@@ -4,8 +4,9 @@ and per kind of work (GEMM, WKV kernel, elementwise, ...), with the GEMM bound m
     python scripts/profile_train.py [--method state|lora] [--ctx 512] [--precision fp32|bf16] [--top 25]
 
 GEMM bound: the frozen matmul weights do 4 FLOP per weight per token (2 forward, 2 for the input
-gradient); the step's GEMM FLOP over the GEMM rate measured here at the model's shapes is the step time a
-machine doing nothing but those GEMMs would take. Prints the CPU's ISA flags beside the figures.
+gradient); the step's GEMM FLOP over the GEMM rate measured here at the model's shapes (one pass of the
+step's big GEMMs right after the timed step, bench_util.GemmPass) is the step time a machine doing nothing
+but those GEMMs would take. Prints the CPU's ISA flags beside the figures.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_util import gemm_rate, isa_flags, matmul_weights, method_config  # noqa: E402
+from bench_util import GemmPass, isa_flags, matmul_weights, method_config  # noqa: E402
 
 from peft_rwkv7.adapters import attach, trainable_parameters  # noqa: E402
 from peft_rwkv7.model import RWKV7Config, new_model  # noqa: E402
@@ -83,10 +84,13 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    full = args.method == "full"
+    gemms = GemmPass(model, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
     step()  # warm-up: kernel load, allocator
     t0 = time.perf_counter()
     step()
     wall = time.perf_counter() - t0
+    gemm_s = gemms.seconds()  # the step's big GEMMs alone, right after it (bench_util.GemmPass)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -96,8 +100,7 @@ def main() -> None:
     by_kind = collections.Counter()
     for name, secs, _ in rows:
         by_kind[kind_of(name)] += secs
-    full = args.method == "full"
-    rate = gemm_rate(model, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
+    rate = gemms.flop / gemm_s
     flop = (6 if full else 4) * matmul_weights(model) * args.ctx
     bound = flop / rate
     print(f"CPU: {isa_flags()}; threads {torch.get_num_threads()}")
