@@ -25,6 +25,16 @@ def _not_blank(v: str) -> str:
 
 Name = Annotated[Text, AfterValidator(_not_blank)]
 
+# data.group_by_length's refusals (after "data.group_by_length: "): at load where kind/sampling say so, in
+# make_dataset / make_prompt_data where kind auto resolves to them
+NOT_PROMPTS = ("applies to pad sampling and preference pairs, not to GRPO's prompts (each completion is cut at its "
+               "batch's longest already); drop it")
+
+
+def not_get(how: str) -> str:
+    return (f"applies to pad sampling and preference pairs; {how} (every window is ctx_len tokens: nothing to "
+            f"group); set data.sampling: pad or drop group_by_length")
+
 
 class DataConfig(ConfigModel):
     """Where the training data is and how it becomes samples. Bad fields are UserErrors "data.<field>: ..."."""
@@ -94,13 +104,10 @@ class DataConfig(ConfigModel):
         if not self.group_by_length:
             return self
         if self.kind == "prompts":
-            raise invalid("{key}: applies to pad sampling and preference pairs, not to GRPO's prompts (each "
-                          "completion is cut at its batch's longest already); drop it", "group_by_length")
+            raise invalid("{key}: " + NOT_PROMPTS, "group_by_length")
         if self.sampling == "get" or (self.sampling == "auto" and self.kind in ("text", "binidx")):
             how = "data.sampling is get" if self.sampling == "get" else f"kind {self.kind} is read with get sampling"
-            raise invalid(f"{{key}}: applies to pad sampling and preference pairs; {how} (every window is ctx_len "
-                          f"tokens: nothing to group); set data.sampling: pad or drop group_by_length",
-                          "group_by_length")
+            raise invalid("{key}: " + not_get(how), "group_by_length")
         return self
 
     @field_validator("prompt_fields", mode="before")

@@ -21,7 +21,7 @@ import torch
 from ..errors import UserError
 from .binidx import MMapIndexedDataset, is_binidx, split_prefix
 from .build import tokenize_file
-from .config import DataConfig
+from .config import DataConfig, not_get
 from .formats import SFT_FIELD_SETS, SHAREGPT_FIELD, ChatFormat, SftFormat, TextFormat, chat_field
 from .preference import PreferenceData, PreferenceFormat, Side, make_preference_data, preference_format
 from .records import check_file, first_record, iter_records
@@ -263,9 +263,7 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int, vocab_
         _check_vocab(ds, vocab_size, locate)
     sampling = cfg.sampling if cfg.sampling != "auto" else ("pad" if kind in ("sft", "chat") else "get")
     if cfg.group_by_length and sampling == "get":
-        raise UserError(f"data.group_by_length: applies to pad sampling and preference pairs; {cfg.path} is read with "
-                        f"get sampling (every window is ctx_len tokens: nothing to group); set data.sampling: pad "
-                        f"or drop group_by_length")
+        raise UserError(f"data.group_by_length: {not_get(f'{cfg.path} is read with get sampling')}")
     tokens, starts, sizes = ds.tokens, ds.pointers // ds.dtype.itemsize, ds.sizes
     held_out: list[list[int]] = []
     held_masks: list[list[bool]] | None = None

@@ -33,7 +33,7 @@ from ..errors import UserError
 from .config import DataConfig
 from .formats import ChatFormat, Segments, SftFormat
 from .records import check_file, get_str, json_type
-from .sampling import grouped_order
+from .sampling import EpochOrder
 from .tokenizer import Tokenizer
 
 IGNORE = -100
@@ -149,10 +149,9 @@ class PreferenceData:
             raise UserError(f"{where}: the prompt alone is {int(prompt[k])} tokens, data.ctx_len is {ctx_len}: no "
                             f"response token fits ({len(bad)} such records); raise data.ctx_len or shorten the prompt")
         self.truncated = int(sum((s.sizes > ctx_len).sum() for s in self.sides))
-        # a pair's rows: its longer side (data.group_by_length puts pairs of similar length in a micro-batch)
-        self.lengths = np.minimum(np.maximum(chosen.sizes, rejected.sizes), ctx_len)
         self.group_by_length = False
-        self._perm: tuple[int, int, np.ndarray] | None = None
+        # a pair's rows run to its longer side (data.group_by_length puts pairs of similar length together)
+        self._order = EpochOrder(self.num_docs, np.minimum(np.maximum(chosen.sizes, rejected.sizes), ctx_len), seed)
 
     @staticmethod
     def prompt_lengths(side: Side) -> np.ndarray:
@@ -172,15 +171,8 @@ class PreferenceData:
 
     def pair_index(self, i: int, block: int = 1) -> int:
         """The record of sample i (>= 0): a permutation of the records per (seed, epoch); block > 1 groups it
-        by length for micro-batches of `block` pairs (sampling.grouped_order)."""
-        epoch, j = divmod(i, self.num_docs)
-        if self._perm is None or self._perm[:2] != (epoch, block):
-            rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, epoch])
-            order = rng.permutation(self.num_docs)
-            if block > 1:
-                order = grouped_order(order, self.lengths, block, epoch * self.num_docs, self.seed, epoch)
-            self._perm = (epoch, block, order)
-        return int(self._perm[2][j])
+        by length for micro-batches of `block` pairs (sampling.EpochOrder)."""
+        return self._order(i, block)
 
     def sequence(self, k: int, side: int) -> tuple[np.ndarray, np.ndarray]:
         """Record k's chosen (side 0) or rejected (side 1) document: (inputs, labels) of its first

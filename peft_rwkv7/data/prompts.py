@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UserError
-from .config import DataConfig
+from .config import NOT_PROMPTS, DataConfig
 from .formats import ASSISTANT_PROMPT, ChatFormat, clean_turn
 from .records import check_file, iter_records
 
@@ -116,8 +116,7 @@ def make_prompt_data(cfg: DataConfig, tokenizer, seed: int, max_prompt_tokens: i
     from .dataset import eval_count
 
     if cfg.group_by_length:
-        raise UserError("data.group_by_length: applies to pad sampling and preference pairs, not to GRPO's prompts "
-                        "(each completion is cut at its batch's longest already); drop it")
+        raise UserError(f"data.group_by_length: {NOT_PROMPTS}")
     data = load_prompts(cfg.path, cfg, tokenizer, seed, max_prompt_tokens, vocab_size)
     if cfg.eval_path:
         data.held_out = load_prompts(cfg.eval_path, cfg, tokenizer, seed, max_prompt_tokens, vocab_size)

@@ -101,22 +101,34 @@ class PieceSampler:
             self.piece_start, self.piece_len = self.piece_start[keep], self.piece_len[keep]
             self.piece_first = self.piece_first[keep]
         self.seed = seed
-        self._perm: tuple[int, int, np.ndarray] | None = None
+        self._order = EpochOrder(len(self.piece_start), self.piece_len, seed)
 
     @property
     def num_samples(self) -> int:
         return len(self.piece_start)
 
     def piece(self, i: int, block: int = 1) -> int:
-        """The piece of sample i: a permutation per (seed, epoch); block > 1 groups it by length in runs
-        of `block` samples (see grouped_order)."""
-        epoch, j = divmod(i, self.num_samples)
-        if self._perm is None or self._perm[:2] != (epoch, block):
-            order = _rng(self.seed, epoch).permutation(self.num_samples)
+        """The piece of sample i (EpochOrder)."""
+        return self._order(i, block)
+
+
+class EpochOrder:
+    """Which of `n` samples global sample i is: a fresh permutation per (seed, epoch), and with block > 1
+    (samples per micro-step) that permutation grouped by `lengths` (grouped_order). The pad pieces'
+    order and the preference pairs' (data/preference.py); the last epoch's order is kept."""
+
+    def __init__(self, n: int, lengths: np.ndarray, seed: int) -> None:
+        self.n, self.lengths, self.seed = n, lengths, seed
+        self._cached: tuple[int, int, np.ndarray] | None = None
+
+    def __call__(self, i: int, block: int = 1) -> int:
+        epoch, j = divmod(i, self.n)
+        if self._cached is None or self._cached[:2] != (epoch, block):
+            order = _rng(self.seed, epoch).permutation(self.n)
             if block > 1:
-                order = grouped_order(order, self.piece_len, block, epoch * self.num_samples, self.seed, epoch)
-            self._perm = (epoch, block, order)
-        return int(self._perm[2][j])
+                order = grouped_order(order, self.lengths, block, epoch * self.n, self.seed, epoch)
+            self._cached = (epoch, block, order)
+        return int(self._cached[2][j])
 
 
 MEGA_BLOCKS = 50  # blocks per length group at most (HF transformers' LengthGroupedSampler takes 50 batches)
