@@ -115,3 +115,44 @@ def test_no_logits_of_a_whole_batch_are_held(monkeypatch):
     with torch.no_grad(), Largest():
         score_sequences(model, seqs, [0, 0, 0], batch_size=3, chunk_len=512)
     assert 0 < Largest.most <= 16 * 96  # one block of 16 rows
+
+
+def test_bf16_autocast_scores_as_the_whole_logits_path():
+    """Training's eval runs under bf16 autocast where train.precision is bf16: the head on selected rows runs in
+    bf16 too and gives what the whole [B, T, V] logits give. Both paths share the body; a logit of the same row
+    from two bf16 GEMMs differs by at most its fp32 accumulation order (gamma_C of |h|.|w|) and one bf16
+    rounding on each side, and a token's NLL by twice the largest logit difference."""
+    from torch import nn
+
+    from tests.fp_oracle import UBF16, gamma
+
+    class WholeLogits(nn.Module):  # idx -> logits only: score_sequences' whole-logits path
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, idx, state=None, return_state=False):
+            return self.m(idx, state, return_state)
+
+    model = tiny()
+    seqs, last_k, scored = case(model)
+    rows, dtypes = [], []
+
+    def seen(mod, args, out) -> None:
+        rows.append(args[0].shape[0])
+        dtypes.append(out.dtype)
+
+    hook = model.head.register_forward_hook(seen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = score_sequences(model, seqs, last_k, batch_size=3, scored=scored)
+        n_rows, rows_dtypes = sum(rows), set(dtypes)
+        want = score_sequences(WholeLogits(model), seqs, last_k, batch_size=3, scored=scored)
+        h = torch.cat([model.hidden(torch.tensor([s[:-1]]))[0][0] for s in seqs if len(s) > 1]).float()
+    hook.remove()
+    assert rows_dtypes == {torch.bfloat16} and n_rows == sum(sum(m) for m in scored)
+    w = model.head.weight.to(torch.bfloat16).float()
+    absdot = (h.abs() @ w.abs().t()).max().item()
+    per_token = 2 * (2 * UBF16 + gamma(model.config.n_embd)) * absdot
+    assert got[1] == want[1]
+    for a, b, n in zip(got[0], want[0], got[1], strict=True):
+        assert a == pytest.approx(b, abs=n * per_token)
