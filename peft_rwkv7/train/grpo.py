@@ -124,9 +124,9 @@ class GrpoTask(Task):
         return [run.data.batch(gen, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
                 for micro in range(tc.grad_accum)]
 
-    def tokens_per_step(self, run) -> int:
-        tc, g = run.recipe.train, self.cfg
-        return tc.micro_bsz * tc.grad_accum * g.num_generations * g.max_new_tokens * run.dist.world_size
+    def tokens_run(self, run, batches) -> int:
+        """The completions' token slots this rank generates and trains on (a step is mostly its rollouts)."""
+        return sum(len(b) for b in batches) * self.cfg.num_generations * self.cfg.max_new_tokens
 
     def checkpoint_state(self) -> dict:
         return {"grpo_rollouts": self.buffer} if self.cfg.num_iterations > 1 else {}

@@ -58,13 +58,18 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=record["step"])
 
-    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, extra: dict | None = None) -> None:
-        """One step's record. `extra`: more numbers of the step, such as the preference metrics
-        (reward_margin, reward_acc, chosen_logp, rejected_logp; see train/preference.py)."""
+    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, extra: dict | None = None
+             ) -> None:
+        """One step's record. `tokens`: the positions the model ran over all ranks (a padded batch's unscored
+        tail is not run, so not counted; tasks.Task.tokens_run), `seconds` the step's wall time. `extra`: more
+        numbers of the step, such as the preference metrics (reward_margin, reward_acc, chosen_logp,
+        rejected_logp; see train/preference.py)."""
         if not self.enabled:
             return
         more = {k: round(v, 6) for k, v in (extra or {}).items() if k != "loss"}
-        self._write({"step": step, "loss": round(loss, 6), **more, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        self._write({"step": step, "loss": round(loss, 6), **more, "lr": lr, "tokens": int(tokens),
+                     "tokens_per_s": round(tokens_per_s, 1)})
         if self.bar is not None:
             acc = f" acc {more['reward_acc']:.2f}" if "reward_acc" in more else ""
             acc += f" reward {more['reward']:.3f}" if "reward" in more else ""  # grpo

@@ -40,7 +40,7 @@ from .optim import build_optimizer
 from .preference import frozen_reference, load_eval_pairs, needs_frozen_copy, preference_setup
 from .recipe import Recipe
 from .schedule import get_lr, set_lr
-from .tasks import PreferenceTask, SftTask, Task
+from .tasks import PreferenceTask, SftTask, Task, sum_over_ranks
 
 
 def build_base(recipe: Recipe, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
@@ -79,6 +79,7 @@ class Run:
     eval_pairs: object | None = None  # held-out preference pairs (data.eval_path, else data.eval_split)
     eval_masks: list | None = None  # per eval document, which tokens are scored (data.eval_split of sft/chat)
     metrics: dict = field(default_factory=dict)  # the last step's loss and metrics (reward margin, ...)
+    step_tokens: float = 0.0  # positions the model ran in the last step, all ranks (tasks.Task.tokens_run)
     task: Task = field(default_factory=SftTask)  # the objective (train/tasks.py: SftTask, ...; train/grpo.py)
 
     @property
@@ -209,7 +210,9 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
     lr = get_lr(step, lr=tc.lr, lr_final=tc.final_lr, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
                 schedule=tc.schedule, decay_frac=tc.decay_frac)
     set_lr(run.optimizer.param_groups, lr)  # times each group's lr_scale (LoRA+)
-    run.metrics = run.task.backward(run, step, run.task.batches(run, step))  # train/tasks.py: one interface
+    batches = run.task.batches(run, step)
+    run.step_tokens = sum_over_ranks(float(run.task.tokens_run(run, batches)), run.dist, run.device)
+    run.metrics = run.task.backward(run, step, batches)  # train/tasks.py: one interface
     loss = run.metrics["loss"]
     if (orth := adalora.orth_backward(run.model)) is not None:  # AdaLoRA's penalty, logged beside the loss
         run.metrics = {**run.metrics, "orth_reg": orth}
@@ -229,7 +232,6 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     run = setup(recipe, resume, dist)
     tc, out_dir = recipe.train, run.out_dir
     run.logger = logger = RunLogger(out_dir, recipe, resume_step=run.start, enabled=run.dist.is_main)
-    tokens_per_step = run.task.tokens_per_step(run)
     completed = run.start
     stop_at = min(tc.stop_after, tc.max_steps) if tc.stop_after else tc.max_steps
     try:
@@ -240,7 +242,7 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
             run.losses.append(loss)
             if "reward" in run.metrics:
                 run.rewards.append(run.metrics["reward"])
-            logger.step(completed, loss, lr, tokens_per_step / (time.perf_counter() - t0), extra=run.metrics)
+            logger.step(completed, loss, lr, run.step_tokens, time.perf_counter() - t0, extra=run.metrics)
             if tc.eval_every and completed % tc.eval_every == 0 and completed < tc.max_steps:
                 result = _run_eval(run)
                 if result is not None:

@@ -4,7 +4,7 @@
     task.backward(run, step, batches) -> {"loss": the step's loss, ...metrics}; gradients accumulated, scaled so
         the step's gradient is that of one loss over the global batch however it is split
     task.evaluate(run) -> held-out metrics, or None without held-out data
-    task.tokens_per_step(run) -> tokens one step reads (for tokens/s)
+    task.tokens_run(run, batches) -> positions the model runs for this rank's micro-batches (for tokens/s)
     task.checkpoint_state() -> {name: object with state_dict/load_state_dict} saved beside the optimizer
 
 `SftTask` (train.objective sft) and `PreferenceTask` (dpo, orpo, simpo: train/preference.py) are here; GRPO's
@@ -18,7 +18,7 @@ import contextlib
 import torch
 
 from .distributed import micro_backward
-from .losses import sequence_loss_sum
+from .losses import scored_end, sequence_loss_sum
 from .preference import evaluate_preference, preference_backward
 
 
@@ -38,9 +38,10 @@ class Task:
         return [run.data.batch(step, micro, tc.micro_bsz, tc.grad_accum, dist.rank, dist.world_size)
                 for micro in range(tc.grad_accum)]
 
-    def tokens_per_step(self, run) -> int:
-        tc = run.recipe.train
-        return tc.micro_bsz * tc.grad_accum * run.recipe.data.ctx_len * run.dist.world_size
+    def tokens_run(self, run, batches) -> int:
+        """Rows x positions each micro-batch runs: a right-padded batch stops at its last scored position
+        (losses.scored_end), so padding past it is not counted; packed text runs every position."""
+        return sum(idx.shape[0] * scored_end(labels) for idx, labels in batches)
 
     def checkpoint_state(self) -> dict:
         return {}
@@ -84,9 +85,6 @@ class PreferenceTask(Task):
 
     def __init__(self, eval_pairs=None):
         self.eval_pairs = eval_pairs
-
-    def tokens_per_step(self, run) -> int:
-        return 2 * super().tokens_per_step(run)  # a sample is a pair: chosen and rejected
 
     def backward(self, run, step: int, batches) -> dict:
         return preference_backward(run, step, batches)
