@@ -73,13 +73,17 @@ def child(args) -> None:
     times, passes = [], []
     full = args.method == "full"
     gemms = GemmPass(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
-    for i in range(args.steps + 1):  # the first step warms up (kernel load, allocator)
-        t0 = time.perf_counter()
+    def step() -> float:  # a function, as the trainer's: the graph is gone before the next forward (tasks.py)
         with amp():
             loss = sequence_loss(adapted, x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for i in range(args.steps + 1):  # the first step warms up (kernel load, allocator)
+        t0 = time.perf_counter()
+        loss = step()
         times.append(time.perf_counter() - t0)
         if i:  # the step's big GEMMs alone, right after it: the VM's speed drifts, each step against its own pass
             passes.append(gemms.seconds())
@@ -93,7 +97,7 @@ def child(args) -> None:
     print(json.dumps({"tokens_per_s": x.numel() / step_s, "scored": int((y != -100).sum()), "step_s": step_s,
                       "peak_rss_mib": rss, "bound_pct": paired[len(paired) // 2],
                       "bound_range": [paired[0], paired[-1]], "gemm_gflops": rate / 1e9,
-                      "loss": float(loss), "trainable": sum(p.numel() for _, p in named)}))
+                      "loss": loss, "trainable": sum(p.numel() for _, p in named)}))
 
 
 def batch(torch, layout: str, ctx: int, vocab: int):

@@ -55,27 +55,43 @@ def big_shapes(model) -> collections.Counter:
     return shapes
 
 
+HEAD_CHUNK_ELEMENTS = 1 << 25  # the fused loss's logits per chunk (ops/linear_ce.CHUNK_ELEMENTS): 512 rows at V 65536
+
+
 class GemmPass:
     """The step's big GEMMs run once each, in a row, as a step runs them (forward x W^T and input gradient
-    g W, with weight_grads also g^T x; each shape as often as the model has it): `seconds()` times one pass,
-    about as long as the step's own GEMMs, so a pass right after a step sees the machine as the step did (a
-    short best-of-few GEMM catches a VM's fast moments that a whole step does not). One weight per shape."""
+    g W, with weight_grads also g^T x; each shape as often as the model has it; the vocabulary-wide head in
+    the fused loss's chunks of rows): `seconds()` times one pass, about as long as the step's own GEMMs, so a
+    pass right after a step sees the machine as the step did (a short best-of-few GEMM catches a VM's fast
+    moments that a whole step does not).
+
+    It holds no memory of its own between passes: the weights are the model's (one per shape), and the
+    inputs are made before each pass's clock starts, in the memory the step has just freed (train/memory.py
+    keeps it), so a benchmark's peak RSS is the training's (at ctx 4096 whole-ctx head buffers and a copy of
+    each weight had added ~2.5 GB to it)."""
 
     def __init__(self, model, rows: int, dtype: torch.dtype, weight_grads: bool = False) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.weight_grads = weight_grads
-        self.work = []
+        self.weight_grads, self.dtype = weight_grads, dtype
+        self.work = []  # (weight, rows per GEMM, GEMMs per pass)
         self.flop = 0
+        weights = {}
+        for name, p in model.named_parameters():
+            if name.replace(".base_layer", "").endswith(LINEARS) and "lora_" not in name:
+                weights.setdefault(tuple(p.shape), p)
         for (o, i), count in big_shapes(model).items():
-            w = torch.randn(o, i, generator=g).to(dtype)
-            x, gy = torch.randn(rows, i, generator=g).to(dtype), torch.randn(rows, o, generator=g).to(dtype)
-            self.work.append((w, x, gy, count))
-            self.flop += (6 if weight_grads else 4) * rows * o * i * count
+            chunk = min(rows, max(1, HEAD_CHUNK_ELEMENTS // o)) if o >= 16384 else rows  # the head: chunks
+            n_chunks = -(-rows // chunk)
+            self.work.append((weights[(o, i)].detach(), chunk, count * n_chunks))
+            self.flop += (6 if weight_grads else 4) * chunk * n_chunks * o * i * count
         self.seconds()  # warm-up
 
     def seconds(self) -> float:
+        size = max(r * max(w.shape) for w, r, _ in self.work)
+        buf = torch.full((size,), 0.01, dtype=self.dtype)  # inputs only: x and the output gradient share it
+        work = [(w.to(self.dtype), buf[: r * w.shape[1]].view(r, -1), buf[: r * w.shape[0]].view(r, -1), n)
+                for w, r, n in self.work]
         t0 = time.perf_counter()
-        for w, x, gy, count in self.work:
+        for w, x, gy, count in work:
             for _ in range(count):
                 torch.nn.functional.linear(x, w)
                 gy @ w

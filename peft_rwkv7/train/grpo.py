@@ -203,6 +203,7 @@ class GrpoTask(Task):
             for key, value in (("loss", weight * loss.item()), ("kl", tokens * metrics.get("kl", 0.0)),
                                ("clip", tokens * float(metrics["clip"])), ("logp_gap", float(gap.sum()))):
                 sums[key] = sums.get(key, 0.0) + float(value)
+            del logp, old, loss, metrics, gap  # this micro-batch's graph, before the next one's forward (tasks.py)
         out = {k: sum_over_ranks(v, dist, device) for k, v in sums.items()}
         result = {"loss": out["loss"]}
         result.update(self._reward_metrics(run, micro))

@@ -112,6 +112,7 @@ def preference_backward(run, step: int, batches) -> dict:
                                   tc.chunk_len, run.precision)
         micro_backward(run.engine, terms.loss.sum(), scale, step)
         sums += _sums(terms, logps)
+        del terms, logps  # this micro-batch's graph, before the next one's forward (tasks.py: SftTask._micro)
     if dist.world_size > 1:
         sums = sums.to(device)
         torch.distributed.all_reduce(sums)

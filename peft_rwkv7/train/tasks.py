@@ -63,16 +63,22 @@ class SftTask(Task):
         """One global batch, one loss: the sum of token losses over every micro-batch of every rank divided by
         the loss tokens of the whole step, however the batch is split. Ranks average their gradients, so each
         scales its sums by world_size / n_tokens."""
-        tc, dist, device = run.recipe.train, run.dist, run.device
+        dist, device = run.dist, run.device
         n_tokens = sum_over_ranks(float(sum(int((y != -100).sum()) for _, y in batches)), dist, device)
         scale = dist.world_size / max(n_tokens, 1.0)
-        loss_sum = 0.0
-        for idx, labels in batches:
-            with run.precision():
-                part = sequence_loss_sum(run.model, idx.to(device), labels.to(device), tc.chunk_len)
-            micro_backward(run.engine, part, scale, step)
-            loss_sum += part.item()
+        loss_sum = sum(self._micro(run, idx, labels, scale, step) for idx, labels in batches)
         return {"loss": sum_over_ranks(loss_sum, dist, device) / max(n_tokens, 1.0)}
+
+    @staticmethod
+    def _micro(run, idx, labels, scale: float, step: int) -> float:
+        """One micro-batch's forward and backward; its summed loss. A function of its own so that nothing of
+        this micro-batch's graph outlives it into the next one's forward: a graph still referenced (its saved
+        tensors are freed, its nodes are not) keeps small blocks alive between the large ones the next forward
+        wants, so the heap grows (0.1B state tuning at ctx 4096, grad_accum 2: peak RSS 7.2 -> 10.7 GB)."""
+        with run.precision():
+            part = sequence_loss_sum(run.model, idx.to(run.device), labels.to(run.device), run.recipe.train.chunk_len)
+        micro_backward(run.engine, part, scale, step)
+        return part.item()
 
     def evaluate(self, run) -> dict | None:
         if self.eval_docs is None:
