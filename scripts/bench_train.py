@@ -73,6 +73,7 @@ def child(args) -> None:
     times, passes = [], []
     full = args.method == "full"
     gemms = GemmPass(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
+
     def step() -> float:  # a function, as the trainer's: the graph is gone before the next forward (tasks.py)
         with amp():
             loss = sequence_loss(adapted, x, y)

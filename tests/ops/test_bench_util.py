@@ -1,0 +1,49 @@
+"""scripts/bench_util.GemmPass: the FLOP it times are the step's big GEMMs, and it keeps no memory of its own."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture
+def bench_util(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_util
+
+    yield bench_util
+    sys.modules.pop("bench_util", None)
+
+
+@pytest.mark.parametrize("method", ["state", "lora"])
+def test_gemm_pass_counts_the_big_gemms_and_holds_only_the_models_weights(bench_util, method):
+    from peft_rwkv7.adapters import attach
+    from peft_rwkv7.model import RWKV7Config, new_model
+
+    torch.manual_seed(0)
+    C, V, L, rows = 256, 32768, 2, 1000  # 1000 rows: the head runs in chunks of 1024 (2^25 / V), one of 1000
+    model = attach(new_model(RWKV7Config.new(L, C, V, head_size=64)), bench_util.method_config(method))
+    p = bench_util.GemmPass(model, rows, torch.float32)
+    # per layer: receptance, key, value, output (C x C), ffn key (4C x C), ffn value (C x 4C); the head V x C
+    want = 4 * rows * (L * (4 * C * C + 2 * 4 * C * C) + V * C)
+    assert p.flop == want
+    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    held = [t for item in p.work for t in item if isinstance(t, torch.Tensor)]
+    assert held and all(t.untyped_storage().data_ptr() in params for t in held)  # the model's own weights
+    assert p.seconds() > 0
+
+
+def test_the_head_runs_in_the_fused_losss_chunks(bench_util):
+    from peft_rwkv7.model import RWKV7Config, new_model
+    from peft_rwkv7.ops.linear_ce import CHUNK_ELEMENTS
+
+    assert bench_util.HEAD_CHUNK_ELEMENTS == CHUNK_ELEMENTS
+    model = new_model(RWKV7Config.new(1, 256, 65536, head_size=64))
+    p = bench_util.GemmPass(model, 4096, torch.float32)
+    head = [(r, n) for w, r, n in p.work if w.shape[0] == 65536]
+    assert head == [(512, 8)]  # 8 chunks of 512 rows, as linear_cross_entropy makes them at V 65536
