@@ -3,7 +3,6 @@ attached, the matmul weights a step multiplies by, and the GEMM rate measured at
 
 from __future__ import annotations
 
-import collections
 import time
 
 import torch
@@ -45,14 +44,16 @@ def matmul_weights(model) -> int:
     return n
 
 
-def big_shapes(model) -> collections.Counter:
-    """{(out, in): count} of the model's big matmul weights (each side >= 256): the GEMMs a bound is timed on."""
-    shapes: collections.Counter = collections.Counter()
+def big_weights(model) -> dict:
+    """{(out, in): (one weight of that shape, how many the model has, whether it is the head)} for the model's
+    big matmul weights (each side >= 256): the GEMMs a bound is timed on."""
+    found: dict = {}
     for name, p in model.named_parameters():
-        name = name.replace(".base_layer", "")
+        name = name.replace(".base_layer", "")  # peft's wrapped Linear keeps the base weight there
         if name.endswith(LINEARS) and "lora_" not in name and min(p.shape) >= 256:
-            shapes[tuple(p.shape)] += 1
-    return shapes
+            w, count, head = found.get(tuple(p.shape), (p, 0, False))
+            found[tuple(p.shape)] = (w, count + 1, head or name.endswith("head.weight"))
+    return found
 
 
 HEAD_CHUNK_ELEMENTS = 1 << 25  # the fused loss's logits per chunk (ops/linear_ce.CHUNK_ELEMENTS): 512 rows at V 65536
@@ -74,14 +75,10 @@ class GemmPass:
         self.weight_grads, self.dtype = weight_grads, dtype
         self.work = []  # (weight, rows per GEMM, GEMMs per pass)
         self.flop = 0
-        weights = {}
-        for name, p in model.named_parameters():
-            if name.replace(".base_layer", "").endswith(LINEARS) and "lora_" not in name:
-                weights.setdefault(tuple(p.shape), p)
-        for (o, i), count in big_shapes(model).items():
-            chunk = min(rows, max(1, HEAD_CHUNK_ELEMENTS // o)) if o >= 16384 else rows  # the head: chunks
+        for (o, i), (w, count, head) in big_weights(model).items():
+            chunk = min(rows, max(1, HEAD_CHUNK_ELEMENTS // o)) if head else rows  # the fused loss's chunks
             n_chunks = -(-rows // chunk)
-            self.work.append((weights[(o, i)].detach(), chunk, count * n_chunks))
+            self.work.append((w.detach(), chunk, count * n_chunks))
             self.flop += (6 if weight_grads else 4) * chunk * n_chunks * o * i * count
         self.seconds()  # warm-up
 

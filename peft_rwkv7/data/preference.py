@@ -137,7 +137,7 @@ class PreferenceData:
                  locate=None) -> None:
         if len(chosen.sizes) != len(rejected.sizes):
             raise ValueError("preference sides differ in their number of records")
-        self.sides, self.ctx_len, self.seed, self.source = (chosen, rejected), ctx_len, seed, source
+        self.sides, self.ctx_len, self.source = (chosen, rejected), ctx_len, source
         self.num_docs = len(chosen.sizes)
         if self.num_docs == 0:
             raise UserError(f"{source}: no records (empty dataset)")

@@ -100,7 +100,6 @@ class PieceSampler:
             keep = cum[self.piece_start + self.piece_len] > cum[self.piece_start]
             self.piece_start, self.piece_len = self.piece_start[keep], self.piece_len[keep]
             self.piece_first = self.piece_first[keep]
-        self.seed = seed
         self._order = EpochOrder(len(self.piece_start), self.piece_len, seed)
 
     @property
