@@ -87,6 +87,30 @@ def test_key_prep_equals_the_reference():
         _close(gg, wg, f"d{name}")
 
 
+@pytest.mark.parametrize("used", [(0,), (1,), (2,), (0, 2), (1, 2)])
+@pytest.mark.parametrize("train_params", [True, False])
+def test_key_prep_with_outputs_that_reach_no_loss(used, train_params):
+    """Only the outputs in `used` reach the loss (the others get None gradients: the kernel's general path;
+    the model's case, all three, is the test above), with k_k and k_a trained or frozen (no partial sums)."""
+    g = torch.Generator().manual_seed(4)
+    inputs = _key_inputs(g)
+    gos = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(3)]
+    results = []
+    for fn, dtype in ((key_prep_reference, torch.float64), (timemix._KeyPrep.apply, torch.float32)):
+        xs = _leaves(inputs[:2], dtype) + _leaves(inputs[2:], dtype, grad=train_params)
+        outs = fn(*xs, H)
+        torch.autograd.backward([outs[i] for i in used], [gos[i].to(dtype) for i in used])
+        results.append([x.grad for x in xs])
+    want, got = results
+    for i, (name, gg, wg) in enumerate(zip(("k0", "a", "k_k", "k_a"), got, want)):
+        if i >= 2 and not train_params:
+            assert gg is None and wg is None, f"d{name} given for a frozen input"
+        elif wg is None:  # no used output depends on it: autograd gives None, the fused op zeros
+            assert gg is not None and not gg.any(), f"d{name} nonzero with outputs {used} used"
+        else:
+            _close(gg, wg, f"d{name} with outputs {used} used")
+
+
 def test_key_prep_clamps_a_zero_norm_like_normalize():
     """A head whose k0 k_k is all zero: kk = 0 and the gradient through the clamped norm is g / eps, as torch's."""
     g = torch.Generator().manual_seed(3)
