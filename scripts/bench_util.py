@@ -57,12 +57,14 @@ def big_weights(model) -> dict:
 
 
 HEAD_CHUNK_ELEMENTS = 1 << 25  # the fused loss's logits per chunk (ops/linear_ce.CHUNK_ELEMENTS): 512 rows at V 65536
+HEAD_VOCAB_BLOCK = 2048  # its online path's columns per block (ops/linear_ce.VOCAB_BLOCK): CPU fp32, frozen head
 
 
 class GemmPass:
     """The step's big GEMMs run once each, in a row, as a step runs them (forward x W^T and input gradient
     g W, with weight_grads also g^T x; each shape as often as the model has it; the vocabulary-wide head in
-    the fused loss's chunks of rows): `seconds()` times one pass, about as long as the step's own GEMMs, so a
+    the fused loss's chunks of rows, and in fp32 with a frozen head in its online path's blocks of
+    HEAD_VOCAB_BLOCK vocabulary columns): `seconds()` times one pass, about as long as the step's own GEMMs, so a
     pass right after a step sees the machine as the step did (a short best-of-few GEMM catches a VM's fast
     moments that a whole step does not).
 
@@ -73,25 +75,32 @@ class GemmPass:
 
     def __init__(self, model, rows: int, dtype: torch.dtype, weight_grads: bool = False) -> None:
         self.weight_grads, self.dtype = weight_grads, dtype
-        self.work = []  # (weight, rows per GEMM, GEMMs per pass)
+        self.work = []  # (weight, rows per GEMM, GEMMs per pass, output columns per GEMM)
         self.flop = 0
+        online = dtype == torch.float32 and not weight_grads  # the fused loss's online path (ops/linear_ce.py)
         for (o, i), (w, count, head) in big_weights(model).items():
             chunk = min(rows, max(1, HEAD_CHUNK_ELEMENTS // o)) if head else rows  # the fused loss's chunks
             n_chunks = -(-rows // chunk)
-            self.work.append((w.detach(), chunk, count * n_chunks))
+            cols = min(o, HEAD_VOCAB_BLOCK) if head and online else o
+            self.work.append((w.detach(), chunk, count * n_chunks, cols))
             self.flop += (6 if weight_grads else 4) * chunk * n_chunks * o * i * count
         self.seconds()  # warm-up
 
     def seconds(self) -> float:
-        size = max(r * max(w.shape) for w, r, _ in self.work)
+        size = max(r * max(w.shape) for w, r, _, _ in self.work)
         buf = torch.full((size,), 0.01, dtype=self.dtype)  # inputs only: x and the output gradient share it
-        work = [(w.to(self.dtype), buf[: r * w.shape[1]].view(r, -1), buf[: r * w.shape[0]].view(r, -1), n)
-                for w, r, n in self.work]
+        work = []
+        for w, r, n, cols in self.work:
+            w = w.to(self.dtype)
+            x = buf[: r * w.shape[1]].view(r, -1)
+            blocks = [(w[a:a + cols], buf[: r * w[a:a + cols].shape[0]].view(r, -1)) for a in range(0, w.shape[0], cols)]
+            work.append((x, blocks, n))
         t0 = time.perf_counter()
-        for w, x, gy, count in work:
+        for x, blocks, count in work:
             for _ in range(count):
-                torch.nn.functional.linear(x, w)
-                gy @ w
-                if self.weight_grads:
-                    gy.t() @ x
+                for w, gy in blocks:
+                    torch.nn.functional.linear(x, w)
+                    gy @ w
+                    if self.weight_grads:
+                        gy.t() @ x
         return time.perf_counter() - t0

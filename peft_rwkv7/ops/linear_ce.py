@@ -14,17 +14,29 @@ q[t] = softmax - onehot: its g-independent part is summed in the forward, and ba
 the same for every row (a token-sum or token-mean loss); for other weights (per-sequence ones) backward
 recomputes the chunks' softmax.
 
+On the CPU in fp32 without a trained head (the common case: adapters and state tuning) a chunk's rows go
+through the vocabulary in blocks of VOCAB_BLOCK columns instead, online (flash-attention's softmax): each
+block's logits are made, folded into a running max and sum of exponentials, and multiplied by the block's
+weight rows into dnll/dh while they are still in cache, the sums rescaled when a row's max grows; at the end
+dnll/dh = (sum_v e^(z_v - m) W_v) / s - W_label. The [rows, V] logits are never held (a 4 MiB block instead of
+a 128 MiB chunk), and the head's GEMM writes cache-sized blocks: on a 2-core AMD EPYC (AVX2) the forward head
+GEMM runs at 172 GFLOP/s in [512, 2048] blocks against 138 into a [512, 65536] chunk, and the loss of a 0.1B
+step at ctx 512 takes 0.65 s instead of 0.69 s.
+
 Precision follows the plain path: the products run in the autocast dtype where autocast is on (bf16
 logits, then fp32 for the log-sum-exp), otherwise in the promoted dtype of h and the weight.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 128 MiB fp32, 512 rows at V = 65536 (fewer rows lose GEMM speed)
 BLOCK_ELEMENTS = 1 << 19  # logits per softmax block: 2 MiB fp32, 8 rows at V = 65536 (one core's L2 holds it)
+VOCAB_BLOCK = 2048  # vocabulary columns per block of the online path: [512, 2048] fp32 logits are 4 MiB
 
 
 def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -109,13 +121,52 @@ def _spans(n_rows: int, vocab: int, elements: int):
     return ((lo, min(n_rows, lo + step)) for lo in range(0, n_rows, step))
 
 
-def _forward(h, weight, labels, dtype, need_h, need_w, elements, ws):
+def _online(h, w, lab, nll, dh, ws, most, cols):
+    """Rows h [n, C] fp32 through the vocabulary in blocks of `cols` columns (see the module docstring): NLL
+    into nll [n], dnll/dh into dh [n, C] where given. Per row, with m the running max and s the running sum
+    of e^(z - m): a block's max above m scales s and the partial dh by e^(m_old - m_new) first. The row
+    rules are _logsumexp_'s: a max that is not finite (all -inf, or inf) is taken as 0."""
+    n, V = h.shape[0], w.shape[0]
+    m = h.new_full((n,), -math.inf, dtype=torch.float32)
+    s = h.new_zeros(n, dtype=torch.float32)
+    picked = h.new_empty(n, dtype=torch.float32)
+    for a in range(0, V, cols):
+        b = min(V, a + cols)
+        z = ws.get(n, b - a, torch.float32, h.device, most)
+        torch.mm(h, w[a:b].t(), out=z)
+        inside = ((lab >= a) & (lab < b)).nonzero().squeeze(1)
+        picked[inside] = z[inside, lab[inside] - a]
+        m_new = torch.maximum(m, z.amax(dim=1))
+        shift = m_new.masked_fill(~torch.isfinite(m_new), 0.0)
+        grew = bool((m_new > m).any())  # else every scale below is 1: skip the passes
+        if grew:
+            scale = (m - shift).exp_()  # e^(m_old - m_new): 0 where m_old was -inf
+            s.mul_(scale)
+        s.add_(z.sub_(shift[:, None]).exp_().sum(dim=1))
+        if dh is not None and a == 0:
+            torch.mm(z, w[a:b], out=dh)
+        elif dh is not None:
+            if grew:
+                dh.mul_(scale[:, None])
+            torch.addmm(dh, z, w[a:b], out=dh)  # (not addmm_: torch's FLOP counter knows addmm only)
+        m = m_new
+    shift = m.masked_fill(~torch.isfinite(m), 0.0)
+    torch.sub(s.log() + shift, picked, out=nll)
+    if dh is not None:
+        dh.div_(s[:, None]).sub_(w.index_select(0, lab))
+
+
+def _forward(h, weight, labels, dtype, need_h, need_w, elements, ws, cols=VOCAB_BLOCK):
     """NLL [N] fp32, and where asked dnll/dh [N, C] fp32 and the g-independent dW [V, C] fp32 (else None)."""
     w = weight.to(dtype)
     nll = h.new_empty(h.shape[0], dtype=torch.float32)
     dh = h.new_empty(h.shape, dtype=torch.float32) if need_h else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     most = _most(weight.shape[0], elements)
+    if dtype == torch.float32 and not need_w and h.device.type == "cpu" and h.shape[0]:
+        for lo, hi in _spans(h.shape[0], weight.shape[0], elements):
+            _online(h[lo:hi].float(), w, labels[lo:hi], nll[lo:hi], dh[lo:hi] if need_h else None, ws, most, cols)
+        return nll, dh, dw
     for lo, hi in _spans(h.shape[0], weight.shape[0], elements):
         softmax, lse, lab, picked = _chunk(h, w, labels, lo, hi, dtype, ws, most)
         torch.sub(lse, picked, out=nll[lo:hi])
@@ -135,8 +186,8 @@ def _forward(h, weight, labels, dtype, need_h, need_w, elements, ws):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, dtype, need_h, need_w, elements, ws):
-        nll, dh, dw = _forward(h, weight, labels, dtype, need_h, need_w, elements, ws)
+    def forward(ctx, h, weight, labels, dtype, need_h, need_w, elements, ws, cols):
+        nll, dh, dw = _forward(h, weight, labels, dtype, need_h, need_w, elements, ws, cols)
         # the weight detached: a sharded-parameter engine (ZeRO-3) may swap the Parameter's data after forward
         ctx.save_for_backward(dh, dw, h if need_w else None, weight.detach() if need_w else None, labels)
         ctx.dtype, ctx.h_dtype, ctx.elements, ctx.ws = dtype, h.dtype, elements, ws
@@ -159,18 +210,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     q = _to_q(softmax, lab).mul_(g[lo:hi, None])
                     grad_w.add_(torch.mm(q.to(ctx.dtype).t(), h[lo:hi].to(ctx.dtype)))
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_elements: int = CHUNK_ELEMENTS, workspace: Workspace | None = None) -> torch.Tensor:
+                         chunk_elements: int = CHUNK_ELEMENTS, workspace: Workspace | None = None,
+                         vocab_block: int = VOCAB_BLOCK) -> torch.Tensor:
     """Per-token NLL (fp32, 0 where labels == -100) of `labels` under logits `h @ weight.T`.
 
     h: [..., C]; weight: [V, C] (nn.Linear's layout); labels: h.shape[:-1] int64. The same values and
     gradients (for h and weight) as `F.cross_entropy(F.linear(h, weight).float(), labels, reduction="none")`
     up to rounding, in O(rows x C + chunk_elements) memory instead of O(rows x V) (chunks of whole rows,
     at least one row each; ignored rows never reach the head). `workspace` keeps the chunk buffers between
-    calls (a fresh one otherwise)."""
+    calls (a fresh one otherwise). `vocab_block`: the online path's columns per block (CPU fp32, no trained
+    head)."""
     if weight.dim() != 2 or weight.shape[1] != h.shape[-1] or labels.shape != h.shape[:-1]:
         raise ValueError(f"linear_cross_entropy: h {tuple(h.shape)}, weight {tuple(weight.shape)} and labels "
                          f"{tuple(labels.shape)} do not fit ([..., C], [V, C], [...])")
@@ -188,13 +241,16 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     rows = None if bool(scored.all()) else scored.nonzero().squeeze(1)
     if rows is not None:
         h2, lab = h2.index_select(0, rows), lab.index_select(0, rows)
+    if lab.numel() and not (0 <= int(lab.min()) and int(lab.max()) < weight.shape[0]):
+        raise ValueError(f"linear_cross_entropy: labels must be in [0, {weight.shape[0]}) or {IGNORE_INDEX}, got "
+                         f"{int(lab.min())}..{int(lab.max())}")
     # autocast off inside: `dtype` already says what autocast would choose, and every product uses it
     with torch.autocast(h.device.type, enabled=False):
         if not (need_h or need_w):
             with torch.no_grad():
-                nll = _forward(h2, weight, lab, dtype, False, False, chunk_elements, ws)[0]
+                nll = _forward(h2, weight, lab, dtype, False, False, chunk_elements, ws, vocab_block)[0]
         else:
-            nll = _LinearCrossEntropy.apply(h2, weight, lab, dtype, need_h, need_w, chunk_elements, ws)
+            nll = _LinearCrossEntropy.apply(h2, weight, lab, dtype, need_h, need_w, chunk_elements, ws, vocab_block)
     if rows is not None:
         nll = nll.new_zeros(scored.shape[0]).index_copy(0, rows, nll)
     return nll.view(lead)

@@ -40,10 +40,16 @@ def test_gemm_pass_counts_the_big_gemms_and_holds_only_the_models_weights(bench_
 
 def test_the_head_runs_in_the_fused_losss_chunks(bench_util):
     from peft_rwkv7.model import RWKV7Config, new_model
-    from peft_rwkv7.ops.linear_ce import CHUNK_ELEMENTS
+    from peft_rwkv7.ops.linear_ce import CHUNK_ELEMENTS, VOCAB_BLOCK
 
     assert bench_util.HEAD_CHUNK_ELEMENTS == CHUNK_ELEMENTS
     model = new_model(RWKV7Config.new(1, 256, 65536, head_size=64))
     p = bench_util.GemmPass(model, 4096, torch.float32)
-    head = [(r, n) for w, r, n in p.work if w.shape[0] == 65536]
-    assert head == [(512, 8)]  # 8 chunks of 512 rows, as linear_cross_entropy makes them at V 65536
+    head = [(r, n, cols) for w, r, n, cols in p.work if w.shape[0] == 65536]
+    # 8 chunks of 512 rows, as linear_cross_entropy makes them at V 65536, in blocks of VOCAB_BLOCK columns
+    # (its online path: fp32, a frozen head)
+    assert head == [(512, 8, VOCAB_BLOCK)]
+    assert bench_util.HEAD_VOCAB_BLOCK == VOCAB_BLOCK
+    for dtype, full in ((torch.bfloat16, False), (torch.float32, True)):  # the chunk path: whole rows of logits
+        p = bench_util.GemmPass(model, 1024, dtype, weight_grads=full)
+        assert [(r, n, cols) for w, r, n, cols in p.work if w.shape[0] == 65536] == [(512, 2, 65536)]

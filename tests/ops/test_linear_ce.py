@@ -41,9 +41,11 @@ def _oracle(h, w, y, weights):
     return nll.detach(), h64.grad, w64.grad
 
 
-def _bounds(h, w, y, weights):
-    """Per-token NLL bound [N], dL/dh bound [N, C], dL/dW bound [V, C] (see the module docstring)."""
-    c, v, n = h.shape[1], w.shape[0], h.shape[0]
+def _bounds(h, w, y, weights, blocks=0):
+    """Per-token NLL bound [N], dL/dh bound [N, C], dL/dW bound [V, C] (see the module docstring). `blocks`:
+    the online path's vocabulary blocks, each of which may rescale the running sum and dL/dh once more (an
+    exp, a product and a sum per block: 3 more roundings each, counted as 3 more terms of the V-term sums)."""
+    c, v, n = h.shape[1], w.shape[0] + 3 * blocks, h.shape[0]
     hd, wd = h.double(), w.double()
     z = hd @ wd.t()
     d = gamma(c) * (hd.abs() @ wd.abs().t()).amax(dim=1)  # [N]
@@ -92,6 +94,48 @@ def test_fused_and_plain_both_within_fp32_bounds_of_the_fp64_oracle(chunk_elemen
     with torch.no_grad():  # evaluation (no autograd): the same values within the same bound
         nll = linear_cross_entropy(h, w, y, chunk_elements=chunk_elements)
     assert ((nll.double() - nll64).abs() <= nll_b).all()
+
+
+@pytest.mark.parametrize("vocab_block", [1, 7, 1000, 1 << 20])  # one column, 7, three blocks, one block
+def test_the_online_path_is_within_fp32_bounds_of_the_fp64_oracle(vocab_block):
+    """CPU fp32 without a trained head: blocks of `vocab_block` columns, the running max and sums rescaled
+    where a block raises a row's max (a one-column block rescales at nearly every column)."""
+    h, w, y, weights = _problem()
+    blocks = -(-w.shape[0] // vocab_block)
+    nll64, dh64, _ = _oracle(h, w, y, weights)
+    nll_b, dh_b, _ = _bounds(h, w, y, weights, blocks=blocks)
+    hh = h.clone().requires_grad_()
+    nll = linear_cross_entropy(hh, w, y, chunk_elements=7 * 3000, vocab_block=vocab_block)
+    (nll * weights).sum().backward()
+    assert ((nll.detach().double() - nll64).abs() <= nll_b).all()
+    assert ((hh.grad.double() - dh64).abs() <= dh_b).all()
+    assert (nll.detach()[y == -100] == 0).all() and (hh.grad[y == -100] == 0).all()
+    with torch.no_grad():
+        assert ((linear_cross_entropy(h, w, y, vocab_block=vocab_block).double() - nll64).abs() <= nll_b).all()
+
+
+def test_the_online_path_holds_one_block_of_logits():
+    """The workspace of the online path is one [rows, vocab_block] block, not a [rows, V] chunk: at the 0.1B
+    head's shape (V 65536) 4 MiB instead of 128 MiB. A trained head keeps the chunk (its dW needs the final
+    softmax of every logit)."""
+    from peft_rwkv7.ops.linear_ce import VOCAB_BLOCK, Workspace
+
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(512, 16, generator=g), torch.randn(65536, 16, generator=g) * 0.1
+    y = torch.randint(0, 65536, (512,), generator=g)
+    for trained, most in ((False, 512 * VOCAB_BLOCK), (True, 512 * 65536)):
+        ws, hh = Workspace(), h.clone().requires_grad_()
+        linear_cross_entropy(hh, w.clone().requires_grad_(trained), y, workspace=ws).sum().backward()
+        assert max(t.numel() for t in ws._bufs.values()) == most
+
+
+def test_labels_outside_the_vocabulary_are_an_error():
+    h, w, y, _ = _problem(n=20, v=50)
+    for bad in (50, -3):
+        y2 = y.clone()
+        y2[4] = bad
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 50\)"):
+            linear_cross_entropy(h, w, y2)
 
 
 def test_bf16_autocast_matches_the_plain_bf16_path():
