@@ -128,6 +128,7 @@ def test_eval_json_on_real_lambada(files):
     assert abs(out["ppl"] - math.exp(out["loss"])) <= 1e-12 * out["ppl"]  # fp64 exp of the printed fp64 loss
 
 
+@pytest.mark.slow  # bf16 matmuls run a scalar path on AVX2-only CPUs: 14 s there
 def test_eval_in_bf16_is_close_to_fp32(files):
     """--dtype bf16 (with an adapter attached) scores like fp32 up to bf16 rounding of the weights."""
     args = ["eval", "--model", files / "base.pth", "--adapter", files / "run", "--data", files / "good.jsonl", "--json"]

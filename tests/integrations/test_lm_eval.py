@@ -134,6 +134,7 @@ def _tasks(tmp_path: Path, n: int) -> Path:
     return data
 
 
+@pytest.mark.slow  # 13-17 s each on a 2-core AVX2 machine
 def test_offline_lambada_equals_rwkv_peft_eval(tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -176,6 +177,7 @@ class Induction(torch.nn.Module):
         return (logits, hist) if return_state else logits
 
 
+@pytest.mark.slow  # 13-17 s each on a 2-core AVX2 machine
 def test_offline_lambada_accuracy_is_the_same_where_a_model_gets_words_right(tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -201,6 +203,7 @@ def test_offline_lambada_accuracy_is_the_same_where_a_model_gets_words_right(tmp
     assert math.isclose(res["rwkv_lambada_ppl"]["token_perplexity,none"], math.exp(nll / n), rel_tol=1e-9)
 
 
+@pytest.mark.slow  # 13-17 s each on a 2-core AVX2 machine
 def test_module_runs_lm_evals_command_line(tmp_path):
     _tasks(tmp_path, 3)
     out = subprocess.run([sys.executable, "-m", "peft_rwkv7.integrations.lm_eval", "--model", "rwkv-peft",

@@ -38,11 +38,14 @@ def test_gemm_pass_counts_the_big_gemms_and_holds_only_the_models_weights(bench_
     assert p.seconds() > 0
 
 
-def test_the_head_runs_in_the_fused_losss_chunks(bench_util):
+def test_the_head_runs_in_the_fused_losss_chunks(bench_util, monkeypatch):
     from peft_rwkv7.model import RWKV7Config, new_model
     from peft_rwkv7.ops.linear_ce import CHUNK_ELEMENTS, VOCAB_BLOCK
 
     assert bench_util.HEAD_CHUNK_ELEMENTS == CHUNK_ELEMENTS
+    # the layout of the work, not its timing: no warm-up pass (bf16 GEMMs at V 65536 take a minute on a CPU
+    # without native bf16)
+    monkeypatch.setattr(bench_util.GemmPass, "seconds", lambda self: 0.0)
     model = new_model(RWKV7Config.new(1, 256, 65536, head_size=64))
     p = bench_util.GemmPass(model, 4096, torch.float32)
     head = [(r, n, cols) for w, r, n, cols in p.work if w.shape[0] == 65536]
