@@ -93,7 +93,7 @@ class GemmPass:
         for w, r, n, cols in self.work:
             w = w.to(self.dtype)
             x = buf[: r * w.shape[1]].view(r, -1)
-            blocks = [(w[a:a + cols], buf[: r * w[a:a + cols].shape[0]].view(r, -1)) for a in range(0, w.shape[0], cols)]
+            blocks = [(blk, buf[: r * blk.shape[0]].view(r, -1)) for blk in w.split(cols)]
             work.append((x, blocks, n))
         t0 = time.perf_counter()
         for x, blocks, count in work:
