@@ -1,5 +1,6 @@
 """peft's LoRA Linear with the low-rank term added inside one GEMM: `result += scaling * (x A^T) B^T` as an
-in-place addmm on the base layer's output.
+in-place addmm on the base layer's output, and, when training without autocast, one autograd node for the
+whole layer (_LoraMatmul).
 
 peft computes `result + lora_B(lora_A(dropout(x))) * scaling`: two element-wise passes over the output
 ([tokens, out]) in the forward, each a fresh tensor, and one more (the scaling) in the backward, for every
@@ -9,7 +10,14 @@ go; the gradients are the same products (x's from the base and the low-rank path
 Registered with peft's custom-module dispatch for the model's own Linear (`LoraConfig._register_custom_module`),
 so the module is a peft LoRA Linear in every other respect (state-dict keys, merge, unmerge, disable, DoRA,
 several adapters). Anything but the plain case -- dropout, a LoRA variant (DoRA), several active adapters,
-merged or disabled adapters, peft's extra forward arguments -- takes peft's own forward.
+merged or disabled adapters, peft's extra forward arguments -- takes peft's own forward. So do weights that
+DeepSpeed ZeRO-3 partitions (ops.partitioned): they are whole only inside their own modules' calls, which
+peft's forward makes and this one would not.
+
+_LoraMatmul (a frozen, unquantized base weight, every tensor of one dtype, no autocast): autograd would give x
+two gradients, (g W) and (s g B) A, each a fresh [tokens, in] tensor, and then add them; the node adds the
+second into the first in place (addmm_), and scales A's and B's gradients inside their GEMMs. Same products,
+one pass over the largest gradient fewer per adapted Linear.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as PeftLoraLinear
 
+from ..model.rwkv7 import Linear
+from ..ops import partitioned
+
 
 class FusedLoraLinear(PeftLoraLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -26,13 +37,28 @@ class FusedLoraLinear(PeftLoraLinear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        w = self.base_layer.weight
+        if partitioned(w, a, b):
+            return super().forward(x, *args, **kwargs)
         # 2-D from the start: addmm_ on a view would make autograd copy the whole gradient (CopySlices)
         x2 = x.reshape(-1, x.shape[-1])
+        if self._one_node(x2, w, a, b):
+            y = _LoraMatmul.apply(x2, w, a, b, float(self.scaling[name]))
+            return y.view(*x.shape[:-1], y.shape[-1])
         result = self.base_layer(x2)
         xa = F.linear(self._cast_input_dtype(x2, a.dtype), a)
         # under autocast the base output is bf16: the low-rank product joins it in that dtype, as peft's does
         result.addmm_(xa.to(result.dtype), b.to(result.dtype).t(), alpha=self.scaling[name])
         return result.view(*x.shape[:-1], result.shape[-1])
+
+    def _one_node(self, x2, w, a, b) -> bool:
+        """Whether _LoraMatmul computes this call: training (a gradient wanted), the model's plain Linear with
+        a frozen weight (not quantized, no bias), one dtype throughout, no autocast."""
+        base = self.base_layer
+        return (torch.is_grad_enabled() and (x2.requires_grad or a.requires_grad or b.requires_grad)
+                and type(base) is Linear and base.bias is None and not w.requires_grad
+                and not torch.is_autocast_enabled(x2.device.type)
+                and x2.dtype == w.dtype == a.dtype == b.dtype and x2.device == w.device)
 
     def _plain_adapter(self, args, kwargs) -> str | None:
         """The one active adapter when the forward is plain LoRA, else None (peft's forward handles it)."""
@@ -45,6 +71,35 @@ class FusedLoraLinear(PeftLoraLinear):
         if name in self.lora_variant or not isinstance(self.lora_dropout[name], nn.Identity):
             return None
         return name
+
+
+class _LoraMatmul(torch.autograd.Function):
+    """y = x W^T + s (x A^T) B^T for x [tokens, in], frozen W [out, in], A [r, in], B [out, r]."""
+
+    @staticmethod
+    def forward(ctx, x, w, a, b, s: float):
+        y = torch.mm(x, w.t())
+        xa = torch.mm(x, a.t())
+        y.addmm_(xa, b.t(), alpha=s)
+        ctx.save_for_backward(x, w, a, b, xa)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, a, b, xa = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
+        g = g.contiguous()
+        dx = da = db = None
+        gb = torch.mm(g, b) if need[0] or need[2] else None  # [tokens, r]: g B, unscaled
+        if need[0]:
+            dx = torch.mm(g, w)
+            dx.addmm_(gb, a, alpha=s)  # x's second gradient added in place
+        if need[2]:
+            da = torch.mm(gb.t(), x).mul_(s)
+        if need[3]:
+            db = torch.mm(g.t(), xa).mul_(s)
+        return dx, None, da, db, None
 
 
 __all__ = ["FusedLoraLinear"]

@@ -78,10 +78,13 @@ class TimeMix(nn.Module):
     def forward(
         self, x: torch.Tensor, v_first: torch.Tensor | None, shift: torch.Tensor | None, wkv_state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, T, C] (ln1 output); v_first: [B, T, C] or None on layer 0.
-        Returns out [B, T, C], v_first, new shift [B, C], new WKV state [B, H, N, N] fp32."""
+        """x: [B, T, C] (ln1 output); v_first: [B, T, C] or None on layer 0; wkv_state None: this layer's
+        time_state where it has one, else zeros. Returns out [B, T, C], v_first, new shift [B, C], new WKV state [B, H, N, N] fp32."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
+        if wkv_state is None and (own := getattr(self, "time_state", None)) is not None:
+            # read here, inside this module's call, where DeepSpeed ZeRO-3 has gathered it (not in RWKV7.hidden)
+            wkv_state = own.float().unsqueeze(0).expand(B, -1, -1, -1)
         # the token shift: x_i = x + (x_prev - x) * x_i's mix, six at once (ops.timemix)
         mix = torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, C)
         xr, xw, xk, xv, xa, xg = token_mix(x, shift, mix)
@@ -151,7 +154,11 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, v_first: torch.Tensor | None, state: LayerState
     ) -> tuple[torch.Tensor, torch.Tensor, LayerState]:
-        """x: [B, T, C] residual stream -> (x, v_first [B, T, C] from layer 0, this block's new state)."""
+        """x: [B, T, C] residual stream (layer 0: the embeddings, normalised here by ln0) -> (x, v_first
+        [B, T, C] from layer 0, this block's new state). A weight is read only inside its own module's call,
+        where DeepSpeed ZeRO-3 has gathered it (ln0 here, time_state in TimeMix: not in RWKV7.hidden)."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
         att_out, v_first, att_shift, wkv = self.att(self.ln1(x), v_first, state.att_shift, state.wkv)
         x = x + att_out
         ffn_out, ffn_shift = self.ffn(self.ln2(x), state.ffn_shift)
@@ -202,7 +209,7 @@ class RWKV7(nn.Module):
         return_state: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[LayerState]]:
         """idx: LongTensor [B, T]; state: list of n_layer LayerState (wkv may be [H, N, N],
-        broadcast over the batch). Returns logits [B, T, V] (and the final state if asked)."""
+        broadcast over the batch; None: the layer's initial state, as initial_state() gives). Returns logits [B, T, V] (and the final state if asked)."""
         h, new_state = self.hidden(idx, state)
         logits = self.head_logits(h)
         return (logits, new_state) if return_state else logits
@@ -231,9 +238,9 @@ class RWKV7(nn.Module):
     ) -> tuple[torch.Tensor, list[LayerState]]:
         """The last block's output after ln_out [B, T, C] (what the head reads) and the final state."""
         B = idx.shape[0]
-        if state is None:
-            state = self.initial_state()
-        x = self.blocks[0].ln0(self.emb(idx))
+        if state is None:  # each layer starts from its own time_state, or zeros (TimeMix.forward)
+            state = [LayerState(None, None, None)] * len(self.blocks)
+        x = self.emb(idx)
         v_first = None
         new_state = []
         for blk, st in zip(self.blocks, state):

@@ -28,6 +28,7 @@ __all__ = [
     "matmul",
     "BACKENDS",
     "available_backends",
+    "partitioned",
 ]
 
 WkvFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -55,6 +56,13 @@ def _resolve(backend: str, device: torch.device, head_size: int, dtype: torch.dt
     from . import dispatch
 
     return dispatch.resolve(backend, device, head_size, dtype)
+
+
+def partitioned(*tensors: torch.Tensor) -> bool:
+    """Whether any of these parameters is DeepSpeed ZeRO-3's (it sets `ds_id` on each one it partitions): such a
+    weight is whole only inside its own module's call, so code that reads another module's weight directly
+    (the fused ops, the fused LoRA layer) takes the path that calls that module instead."""
+    return any(hasattr(t, "ds_id") for t in tensors)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

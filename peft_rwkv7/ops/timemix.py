@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu
+from . import cpu, partitioned
 
 __all__ = ["token_mix", "key_prep", "wkv_output", "token_mix_reference", "key_prep_reference",
            "wkv_output_reference", "fused_available"]
@@ -152,7 +152,9 @@ def key_prep(k0: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Te
 
 def wkv_output(y, r, k, v, g, ln_x: nn.GroupNorm, r_k: torch.Tensor) -> torch.Tensor:
     """y (the WKV's output), r, k, v, g [B, T, C]; ln_x a GroupNorm over the heads; r_k [H, N] -> [B, T, C]."""
-    fused = ln_x.affine and fused_available(y, r, k, v, g, ln_x.weight, ln_x.bias, r_k)
+    # ZeRO-3: ln_x's weights are whole only inside its own call, which the reference makes
+    fused = ln_x.affine and fused_available(y, r, k, v, g, ln_x.weight, ln_x.bias, r_k) and not partitioned(
+        ln_x.weight, ln_x.bias)
     if fused and all(t.shape == r.shape for t in (y, k, v, g)):
         return _WkvOutput.apply(y, r, k, v, g, ln_x.weight, ln_x.bias, r_k, ln_x.num_groups, ln_x.eps)
     return wkv_output_reference(y, r, k, v, g, ln_x, r_k)
