@@ -187,12 +187,32 @@ def deepspeed_config(recipe: Recipe, node_local_out_dir: bool = False) -> dict:
     return config
 
 
+def external_weights(model) -> None:
+    """ZeRO-3 gathers a weight only for its own module's call. Adapter layers read weights they do not call a
+    module for: the frozen base weight (DiSHA's Bat, adapters/disha.py, multiplies it; peft's LoHa and LoKr
+    read its shape), and peft's factors held in nn.ParameterDicts (Bone/MiSS, LoHa, LoKr, BOFT, IA3, VeRA:
+    modules themselves, never called). DeepSpeed is told these belong to the layer's call. (The fused LoRA
+    layer and ops.wkv_output take their module-calling paths under ZeRO-3 instead.)"""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, torch.nn.Module) and isinstance(getattr(base, "weight", None), torch.nn.Parameter):
+            register_external_parameter(module, base.weight)
+        for child in module.children():
+            if isinstance(child, (torch.nn.ParameterDict, torch.nn.ParameterList)):
+                for p in child.parameters():
+                    register_external_parameter(module, p)
+
+
 def deepspeed_engine(model, optimizer, recipe: Recipe, dist: Dist):
     """Wrap model + the run's optimizer in a DeepSpeed engine (see deepspeed_config)."""
     import deepspeed
 
     config = deepspeed_config(recipe, node_local_out_dir=not dist.shared_out_dir)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if recipe.train.deepspeed.stage == 3:
+        external_weights(engine.module)
     return engine, ds_optimizer
 
 

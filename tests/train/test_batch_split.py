@@ -91,18 +91,26 @@ def test_micro_batches_and_accumulation_give_one_update(tiny_world, tmp_path):
     assert max_diff(whole, accum) <= adam_bound(3) * LR
 
 
+KINDS = {"lora": {}, "bat": {"method.kind": "disha", "method.disha_mode": "bat", "method.r": 4},
+         "bone": {"method.kind": "disha", "method.disha_mode": "bone", "method.r": 4},
+         **{k: {"method.kind": k} for k in ("loha", "lokr", "boft", "ia3", "vera")}}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_processes_split_the_same_global_batch(tiny_world, tmp_path, stage):
+@pytest.mark.parametrize("stage, kind", [(2, "lora"), *((3, k) for k in KINDS)])
+def test_two_processes_split_the_same_global_batch(tiny_world, tmp_path, stage, kind):
     """ZeRO-3 too: it partitions every weight, whole only inside its own module's call. In fp32 on the CPU this
     recipe (LoRA without dropout, a trained state) once read four weights outside their modules and failed on
-    each: the LoRA factors (adapters/fused_lora.py), ln_x's (ops.wkv_output), time_state and ln0 (RWKV7.hidden)."""
+    each: the LoRA factors (adapters/fused_lora.py), ln_x's (ops.wkv_output), time_state and ln0 (RWKV7.hidden);
+    DiSHA's Bat and peft's LoHa, LoKr, BOFT, IA3, VeRA and Bone read the base weight or their factors outside
+    theirs (train/distributed.external_weights tells DeepSpeed)."""
     pytest.importorskip("deepspeed")
     from tests.train.test_deepspeed import run_two_processes
 
     whole, multi = tmp_path / "4x1", tmp_path / "2x1x2"
-    assert train_from_cli(LORA, split_overrides(tiny_world, tmp_path, whole, 4, 1)) == 0
-    run_two_processes(split_overrides(tiny_world, tmp_path, multi, 2, 1, **{"train.deepspeed.stage": stage}))
+    assert train_from_cli(LORA, split_overrides(tiny_world, tmp_path, whole, 4, 1, **KINDS[kind])) == 0
+    run_two_processes(split_overrides(tiny_world, tmp_path, multi, 2, 1, **{"train.deepspeed.stage": stage},
+                                      **KINDS[kind]))
     a, b = step_losses(whole), step_losses(multi)
     want, tol = step_one_expectation(tiny_world, tmp_path)  # as in the test above
     tol += LOGGED
