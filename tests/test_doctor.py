@@ -136,6 +136,7 @@ def test_doctor_screen_on_a_gpu_machine(capsys):
     assert "cuda tensors" in lines["auto"]
 
 
+@pytest.mark.slow  # 15-30 s on a 2-core machine: CI runs it
 def test_doctor_json_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-m", "peft_rwkv7.cli", "doctor", "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=1200)

@@ -205,6 +205,7 @@ def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow  # 15-30 s on a 2-core machine: CI runs it
 def test_cli_chat_piped_and_generate_chat(tmp_path, base, world):
     from peft_rwkv7.model import load_model, save_model
 

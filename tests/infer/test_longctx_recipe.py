@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -71,6 +72,7 @@ def test_cli_passkey_compare_writes_json_and_png(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # 15-30 s on a 2-core machine: CI runs it
 def test_cli_ctx_curve_and_niah_text_output(tmp_path):
     out = cli("eval", "--ctx-curve", "--model", DEMO, "--data", ROOT / "data/demo/long_docs.jsonl", "--limit", "1",
               "--max-ctx", "256", "--plot", tmp_path / "c.png", "--json")

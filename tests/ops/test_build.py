@@ -177,6 +177,7 @@ def test_waiting_process_names_the_lock(tmp_path):
     assert out.split()[0] == "42" and "another process" not in err  # the message came once
 
 
+@pytest.mark.slow  # 15-30 s on a 2-core machine: CI runs it
 def test_changed_source_builds_beside_the_old_one(tmp_path):
     src, root = _source(tmp_path), tmp_path / "root"
     answer, _, old, _ = _load(src, root)

@@ -110,6 +110,7 @@ def _check(cases: list[tuple], results: list[dict]) -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow  # 15-30 s on a 2-core machine: CI runs it
 def test_triton_matches_reference_fast():
     results = _run_interpreted(FAST_CASES, timeout=300)
     assert len(results) == len(FAST_CASES)

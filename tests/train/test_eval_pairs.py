@@ -27,6 +27,7 @@ def dpo_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # 15-30 s on a 2-core machine: CI runs it
 def test_pairs_equal_the_trainers_held_out_evaluation(dpo_run):
     logged = [r for r in map(json.loads, (dpo_run / "log.jsonl").read_text().splitlines()) if "eval_reward_acc" in r]
     assert logged and logged[-1]["step"] == 6
@@ -41,6 +42,7 @@ def test_pairs_equal_the_trainers_held_out_evaluation(dpo_run):
     assert got["reward_margin"] != 0
 
 
+@pytest.mark.slow  # shares the DPO run (20 s) of the test above
 def test_base_model_has_no_dpo_margin(dpo_run):
     got = json.loads(run("eval", "--model", "data/demo/rwkv7-demo.pth", "--data",
                          "data/demo/ship_log_prefs_eval.jsonl", "--pairs", str(dpo_run / "recipe.yaml"),

@@ -111,6 +111,7 @@ def test_wkv_inputs_reach_the_kernel_in_one_dtype(monkeypatch):
     assert seen == [{torch.bfloat16}] * 2
 
 
+@pytest.mark.slow  # 15-30 s on a 2-core machine: CI runs it
 @pytest.mark.parametrize("recipe,lr", [("state_tune", 1.0), ("lora", 1e-3)])
 def test_bf16_follows_the_fp32_loss_curve(tiny_world, tmp_path, recipe, lr):
     """20 steps in bf16 and in fp32 from the same start on the same batches.
