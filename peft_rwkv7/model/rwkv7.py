@@ -79,7 +79,8 @@ class TimeMix(nn.Module):
         self, x: torch.Tensor, v_first: torch.Tensor | None, shift: torch.Tensor | None, wkv_state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, T, C] (ln1 output); v_first: [B, T, C] or None on layer 0; wkv_state None: this layer's
-        time_state where it has one, else zeros. Returns out [B, T, C], v_first, new shift [B, C], new WKV state [B, H, N, N] fp32."""
+        time_state where it has one, else zeros. Returns out [B, T, C], v_first, new shift [B, C], new WKV
+        state [B, H, N, N] fp32."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         if wkv_state is None and (own := getattr(self, "time_state", None)) is not None:
@@ -209,7 +210,8 @@ class RWKV7(nn.Module):
         return_state: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[LayerState]]:
         """idx: LongTensor [B, T]; state: list of n_layer LayerState (wkv may be [H, N, N],
-        broadcast over the batch; None: the layer's initial state, as initial_state() gives). Returns logits [B, T, V] (and the final state if asked)."""
+        broadcast over the batch; None: the layer's initial state, as initial_state() gives). Returns logits
+        [B, T, V] (and the final state if asked)."""
         h, new_state = self.hidden(idx, state)
         logits = self.head_logits(h)
         return (logits, new_state) if return_state else logits
