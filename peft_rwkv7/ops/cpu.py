@@ -9,9 +9,11 @@ version, compiler and flags, so installs never evict each other; later processes
 the first time `is_available` or `wkv7_cpu` is called. If the build fails, `is_available` returns
 False, the reason is warned once, and `wkv7(..., backend="auto")` falls back to the reference.
 
-The kernel computes in fp32 whatever the input dtype. Its forward stores the state every 16 steps;
-the backward recomputes the states of one 16-step chunk at a time from those checkpoints, so memory
-is O(T / 16 * N^2) per head instead of one state per step. The first build takes about half a minute
+The kernel computes in fp32 whatever the input dtype. Its forward stores the state every 32 steps;
+the backward recomputes the states of one 32-step chunk at a time from those checkpoints, so memory
+is O(T / 32 * N^2) per head instead of one state per step (at N 64 the checkpoints are ~2 floats per
+key per step, a third of what the six inputs it saves take; the 31 recomputed states, 496 KiB, stay
+in a 512 KiB L2: a 64-step chunk made the backward ~6% slower on such a CPU). The first build takes about half a minute
 on two cores; later processes load the built library directly.
 """
 
@@ -31,7 +33,7 @@ from .build import load_extension
 
 __all__ = ["is_available", "kernel_threads", "matvec", "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
 
-CHUNK = 16  # steps between stored states; must match kChunk in wkv7_cpu.cpp
+CHUNK = 32  # steps between stored states; must match kChunk in wkv7_cpu.cpp (the kernel checks ckpt's shape)
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
 _KERNELS = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
 _SOURCES = tuple(_KERNELS / f for f in ("wkv7_cpu.cpp", "rnn_step_cpu.cpp", "token_mix_cpu.cpp", "timemix_cpu.cpp",

@@ -1,10 +1,10 @@
 """One small correctness check of a WKV7 kernel against the reference op, on the device it will run on.
 
 `check(fn, head_size, dtype, device)` runs `fn` and `wkv7_reference` on the same random problem
-(B=2, T=37, H=2, N=head_size: several batches and heads, T past two 16-step chunks and not a
-multiple of them) with a trainable initial state and random upstream gradients on y and the final
-state, and compares y, the final state and the gradients of r, w, k, v, a, b and the initial state.
-`dispatch` runs it once per (backend, head size, dtype, device type) before "auto" hands a fused
+(B=2, T=37, H=2, N=head_size: several batches and heads, T past two 16-step chunks (CUDA, Triton) and
+one 32-step chunk (CPU), and not a multiple of either) with a trainable initial state and random
+upstream gradients on y and the final state, and compares y, the final state and the gradients of r,
+w, k, v, a, b and the initial state. `dispatch` runs it once per (backend, head size, dtype, device type) before "auto" hands a fused
 kernel to anyone; `rwkv-peft doctor` runs it for every backend that builds.
 
 The check leaves the caller's state alone: its own random generator (the global RNG streams of a
