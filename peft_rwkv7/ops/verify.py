@@ -4,8 +4,8 @@
 (B=2, T=37, H=2, N=head_size: several batches and heads, T past two 16-step chunks (CUDA, Triton) and
 one 32-step chunk (CPU), and not a multiple of either) with a trainable initial state and random
 upstream gradients on y and the final state, and compares y, the final state and the gradients of r,
-w, k, v, a, b and the initial state. `dispatch` runs it once per (backend, head size, dtype, device type) before "auto" hands a fused
-kernel to anyone; `rwkv-peft doctor` runs it for every backend that builds.
+w, k, v, a, b and the initial state. `dispatch` runs it once per (backend, head size, dtype, device
+type) before "auto" hands a fused kernel to anyone; `rwkv-peft doctor` runs it for every backend that builds.
 
 The check leaves the caller's state alone: its own random generator (the global RNG streams of a
 training run are untouched), autograd on / autocast off whatever the caller had, and torch's CPU thread
