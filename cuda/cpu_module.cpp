@@ -33,7 +33,7 @@ void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor
                    const torch::Tensor& ds_final, std::vector<torch::Tensor> grads, torch::Tensor ds0, int64_t tiles);
 // token_mix_cpu.cpp
 torch::Tensor relu_square_forward(const torch::Tensor& x);
-torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& x);
+torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& y);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &wkv7_forward, "WKV7 forward (fp32, writes y, checkpoints and the final state)");
@@ -45,7 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_mix_forward", &token_mix_forward, "TimeMix/ChannelMix token shift and lerps (fp32)");
   m.def("token_mix_backward", &token_mix_backward, "its gradients (parameter ones summed in fixed row blocks)");
   m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32)");
-  m.def("relu_square_backward", &relu_square_backward, "its gradient g * relu(x) * 2 (fp32)");
+  m.def("relu_square_backward", &relu_square_backward, "its gradient g * sqrt(y) * 2 from the output y (fp32)");
   m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32)");
   m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones summed in fixed row blocks)");
   m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32)");

@@ -4,7 +4,10 @@ backward takes for them. Same values, same gradients (bit for bit: see tests/ops
 relu_square: ChannelMix's relu(x)^2 on [tokens, 4C]. torch's `relu(x) ** 2` backward is pow's
 grad * 2 * relu(x)^1 (a copy for the power, a scale, a product) and relu's threshold: four passes over
 the widest activation of the block; here one product and an in-place doubling (two passes forward).
-On CPU fp32 with the extension built (cuda/token_mix_cpu.cpp) one pass each way, the same roundings.
+On CPU fp32 with the extension built (cuda/token_mix_cpu.cpp) one pass each way, the same roundings
+(torch's bits, save for a gradient off by < 2.2e-19 |g| where 0 < x < 1.08e-19: see _ReluSquareCpu).
+The torch path keeps relu(x): torch's CPU sqrt is not correctly rounded (off by an ulp for ~1e-5 of
+fp32 values), so sqrt(y) would not give relu(x) back there.
 """
 
 from __future__ import annotations
@@ -17,18 +20,20 @@ __all__ = ["relu_square"]
 
 
 class _ReluSquareCpu(torch.autograd.Function):
-    """The same function in one pass each way (saves x, recomputes relu(x) in backward)."""
+    """The same function in one pass each way. Saves its output y and takes relu(x) = sqrt(y) in backward
+    (exact where y is a normal float; cuda/token_mix_cpu.cpp): the next Linear's LoRA keeps y as its input,
+    so with LoRA on ffn.value this saves one [tokens, 4C] buffer per layer (x, which nothing else keeps)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        ctx.save_for_backward(x)
-        return cpu._ext("relu_square").relu_square_forward(x)
+        y = cpu._ext("relu_square").relu_square_forward(x.contiguous())
+        ctx.save_for_backward(y)
+        return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return cpu._ext("relu_square").relu_square_backward(g.contiguous(), x)
+        (y,) = ctx.saved_tensors
+        return cpu._ext("relu_square").relu_square_backward(g.contiguous(), y)
 
 
 class _ReluSquare(torch.autograd.Function):

@@ -27,10 +27,38 @@ def test_relu_square_is_torchs_relu_pow_bit_for_bit(dtype, impl):
     (ya * gy).sum().backward()
     (yb * gy).sum().backward()
     assert ya.dtype == yb.dtype == dtype
+    cpp = impl == "dispatch" and dtype == torch.float32 and cpu.is_available(x.device)
     same = _same_bits if impl == "dispatch" and dtype == torch.float32 else _same_values
-    assert same(ya, yb) and same(a.grad, b.grad)
+    assert same(ya, yb)
+    if cpp:  # the C++ backward takes relu(x) as sqrt(y): x = 1e-30 squares to 0, its gradient is +0
+        tiny = (x > 0) & (x < TINY_ROOT)
+        assert int(tiny.sum()) == 1
+        assert (a.grad[tiny] - b.grad[tiny]).abs().le(2 * TINY_ROOT * gy[tiny].abs()).all()
+        a.grad[tiny], b.grad[tiny] = 0.0, 0.0
+    assert same(a.grad, b.grad)
     with torch.no_grad():
         assert same(relu_square(x), torch.relu(x) ** 2)
+
+
+TINY_ROOT = 1.0842022e-19  # sqrt(FLT_MIN): positive x below it square below the normal floats
+
+
+@pytest.mark.skipif(not cpu.is_available(torch.device("cpu")), reason="the CPU extension did not build")
+def test_relu_square_backward_recovers_relu_from_the_output_for_every_fp32():
+    """The C++ backward reads y = relu(x)^2 and takes relu(x) = sqrt(y). Every x in [1, 2) (all 2^23
+    mantissas): g = 1 must give exactly 2x. That covers every x with a normal square: x 2^k squares to
+    x^2 4^k, the same mantissa and rounding, and its root is the root of x^2 times 2^k exactly."""
+    ext = cpu._ext("relu_square")
+    one = torch.tensor(1.0).view(torch.int32).item()
+    x = torch.arange(one, one + (1 << 23), dtype=torch.int32).view(torch.float32)
+    assert float(x[0]) == 1.0 and float(x[-1]) < 2.0
+    y = ext.relu_square_forward(x)
+    assert torch.equal(y, x * x)
+    got = ext.relu_square_backward(torch.ones_like(x), y)
+    assert torch.equal(got, 2 * x), f"{int((got != 2 * x).sum())} of 2^23 mantissas not recovered"
+    # and at both ends of the normal range
+    edge = torch.tensor([TINY_ROOT, 1.8446743e19, 1.0, 3.0])
+    assert torch.equal(ext.relu_square_backward(torch.ones(4), ext.relu_square_forward(edge)), 2 * edge)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
