@@ -132,13 +132,21 @@ std::vector<at::Tensor> token_mix_forward(const at::Tensor& x, const at::Tensor&
 }
 
 // grads: M tensors [B, T, C] (empty = zero). Returns [gx, gprev [B, C], gmix [M, C]], each empty where its
-// flag is off.
-std::vector<at::Tensor> token_mix_backward(const std::vector<at::Tensor>& grads, const at::Tensor& x,
+// flag is off. x and prev are read only for gmix: without want_mix x may be empty (the caller then need not
+// keep it), and the shape comes from a gradient.
+std::vector<at::Tensor> token_mix_backward(const std::vector<at::Tensor>& grads, const at::Tensor& x_in,
                                               const at::Tensor& prev, const at::Tensor& mix,
                                               bool want_x, bool want_prev, bool want_mix) {
+  TORCH_CHECK(int64_t(grads.size()) == mix.size(0), "token_mix: expected one gradient per mix row");
+  TORCH_CHECK(x_in.numel() || !want_mix, "token_mix: the mix gradient needs x");
+  const at::Tensor* like = &x_in;
+  for (const auto& gm : grads)
+    if (!like->numel() && gm.numel()) like = &gm;
+  const at::Tensor& x = *like;
+  TORCH_CHECK(x.numel(), "token_mix: neither x nor any gradient given");
   const auto zeros = at::zeros({x.size(-1)}, x.options());
-  const Mix p = make_mix(x, prev, mix, zeros);
-  TORCH_CHECK(int64_t(grads.size()) == p.M, "token_mix: expected one gradient per mix row");
+  Mix p = make_mix(x, prev, mix, zeros);
+  if (!x_in.numel()) p.x = nullptr;  // never read without want_mix
   std::vector<const float*> g(p.M);
   for (int64_t m = 0; m < p.M; ++m) {
     if (grads[m].numel()) check_f32(grads[m], "token_mix", "gradient", x.sizes());

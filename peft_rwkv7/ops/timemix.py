@@ -76,13 +76,16 @@ class _TokenMix(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         x, mix = x.detach().contiguous(), mix.detach().reshape(mix.shape[0], -1).contiguous()
         prev = _EMPTY if prev is None else prev.detach().contiguous()
-        ctx.save_for_backward(x, prev, mix)
+        # x (a layer norm's output, [B, T, C]) is read back only for mix's gradient: with mix frozen (state
+        # tuning, LoRA) it is not kept, two [B, T, C] buffers fewer per layer
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, prev, mix)
         ctx.has_prev = prev.numel() > 0
         return tuple(_ext().token_mix_forward(x, prev, mix))
 
     @staticmethod
     def backward(ctx, *g):
         x, prev, mix = ctx.saved_tensors
+        x = _EMPTY if x is None else x
         need = ctx.needs_input_grad
         grads = [_EMPTY if t is None else t.contiguous() for t in g]
         gx, gprev, gmix = _ext().token_mix_backward(grads, x, prev, mix, need[0], need[1] and ctx.has_prev, need[2])

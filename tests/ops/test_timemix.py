@@ -65,6 +65,29 @@ def test_token_mix_sums_the_gradients_of_the_outputs_it_got():
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("train_mix", [False, True], ids=["mix-frozen", "mix-trained"])
+def test_token_mix_keeps_x_only_for_the_mix_gradient(train_mix):
+    """With mix frozen (state tuning, LoRA) the op keeps no [B, T, C] tensor for its backward, and x's and
+    prev's gradients still equal the fp64 reference's; with mix trained it keeps x and mix's gradient is right."""
+    g = torch.Generator().manual_seed(2)
+    x, prev = torch.randn(B, T, C, generator=g, dtype=torch.float64), torch.randn(B, C, generator=g, dtype=torch.float64)
+    mix = torch.rand(6, C, generator=g, dtype=torch.float64)
+    gos = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(6)]
+    want, wgrads = _run(token_mix_reference, [x, prev, mix], gos, torch.float64)
+    xs = [t.float().requires_grad_(grad) for t, grad in ((x, True), (prev, True), (mix, train_mix))]
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        outs = timemix._TokenMix.apply(*xs)
+    assert (max(kept) >= B * T * C) == train_mix, kept
+    torch.autograd.backward(list(outs), [t.float() for t in gos])
+    _close(xs[0].grad, wgrads[0], "dx")
+    _close(xs[1].grad, wgrads[1], "dprev")
+    if train_mix:
+        _close(xs[2].grad, wgrads[2], "dmix")
+    else:
+        assert xs[2].grad is None
+
+
 def _key_inputs(g, zero_head=False):
     k0 = torch.randn(B, T, C, generator=g, dtype=torch.float64)
     if zero_head:
