@@ -70,7 +70,8 @@ def test_token_mix_keeps_x_only_for_the_mix_gradient(train_mix):
     """With mix frozen (state tuning, LoRA) the op keeps no [B, T, C] tensor for its backward, and x's and
     prev's gradients still equal the fp64 reference's; with mix trained it keeps x and mix's gradient is right."""
     g = torch.Generator().manual_seed(2)
-    x, prev = torch.randn(B, T, C, generator=g, dtype=torch.float64), torch.randn(B, C, generator=g, dtype=torch.float64)
+    x = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    prev = torch.randn(B, C, generator=g, dtype=torch.float64)
     mix = torch.rand(6, C, generator=g, dtype=torch.float64)
     gos = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(6)]
     want, wgrads = _run(token_mix_reference, [x, prev, mix], gos, torch.float64)
