@@ -1,5 +1,5 @@
 // The Python module of the CPU extension (peft_rwkv7/ops/cpu.py builds wkv7_cpu.cpp, rnn_step_cpu.cpp,
-// token_mix_cpu.cpp, timemix_cpu.cpp and this file into one library): every function it exports.
+// token_mix_cpu.cpp, timemix_cpu.cpp, cpu_alloc.cpp and this file into one library): every function it exports.
 
 #include <torch/python.h>  // pybind11 and its tensor casters, without the C++ frontend (torch/extension.h)
 
@@ -35,6 +35,11 @@ void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor
 torch::Tensor relu_square_forward(const torch::Tensor& x);
 torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& y);
 
+// cpu_alloc.cpp
+bool cpu_cache_install(int64_t min_bytes);
+int64_t cpu_cache_trim();
+std::vector<int64_t> cpu_cache_stats();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &wkv7_forward, "WKV7 forward (fp32, writes y, checkpoints and the final state)");
   m.def("backward", &wkv7_backward, "WKV7 backward (fp32, writes every input gradient and dL/dS_0)");
@@ -50,4 +55,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones summed in fixed row blocks)");
   m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32)");
   m.def("wkv_output_backward", &wkv_output_backward, "their gradients (parameter ones summed in fixed row blocks)");
+  m.def("cpu_cache_install", &cpu_cache_install, "torch's CPU allocator caches blocks >= min_bytes by size class");
+  m.def("cpu_cache_trim", &cpu_cache_trim, "unmaps free blocks of classes not asked for since the last trim");
+  m.def("cpu_cache_stats", &cpu_cache_stats, "[live, free, mapped, peak live] bytes, hits, misses, blocks returned");
 }

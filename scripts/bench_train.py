@@ -56,6 +56,10 @@ def child(args) -> None:
         from peft_rwkv7.train.memory import keep_freed_memory
     except ImportError:
         keep_freed_memory = bool
+    try:
+        from peft_rwkv7.train.memory import cache_cpu_blocks
+    except ImportError:
+        cache_cpu_blocks = bool
     keep_freed_memory()
     torch.manual_seed(0)
     model = new_model(RWKV7Config.new(SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["vocab_size"], SHAPE["head_size"]))
@@ -68,6 +72,7 @@ def child(args) -> None:
     for _, p in named:
         p.data = p.data.float()
     opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own (src's)
+    cache_cpu_blocks()  # after the model is built, as loop.train does
     x, y = batch(torch, args.layout, args.ctx, SHAPE["vocab_size"])
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     times, passes = [], []

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 
 from .build import load_extension
 
-__all__ = ["is_available", "kernel_threads", "matvec", "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
+__all__ = ["block_cache_stats", "cache_large_blocks", "is_available", "kernel_threads", "matvec", "trim_block_cache",
+           "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
 
 CHUNK = 32  # steps between stored states; must match kChunk in wkv7_cpu.cpp (the kernel checks ckpt's shape)
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
 _KERNELS = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
 _SOURCES = tuple(_KERNELS / f for f in ("wkv7_cpu.cpp", "rnn_step_cpu.cpp", "token_mix_cpu.cpp", "timemix_cpu.cpp",
-                                          "cpu_module.cpp"))
+                                          "cpu_alloc.cpp", "cpu_module.cpp"))
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
 # Threads come from torch: at::parallel_for splits the (batch, head) sequences. With torch's OpenMP
@@ -103,7 +104,7 @@ def _forward(
     """rdkvab: [r, d, k, v, a, b], contiguous fp32 [B, T, H, N] with d = exp(-exp(w)) and N % 8 == 0;
     state: contiguous fp32 [B, H, N, N] or None.
 
-    Returns y [B, T, H, N], checkpoints [B, H, ceil(T/16) + 1, N, N] (the kernel's own layout) and
+    Returns y [B, T, H, N], checkpoints [B, H, ceil(T / CHUNK) + 1, N, N] (the kernel's own layout) and
     the final state [B, H, N, N].
     """
     B, T, H, N = rdkvab[0].shape
@@ -232,3 +233,28 @@ def wkv7_step_cpu(r, w, k, v, a, b, state):
         state = r.new_zeros(*r.shape, r.shape[-1], dtype=torch.float32)
     y, s = ext.wkv7_step(rdkvab, state.float().contiguous())  # the binding returns a list
     return y, s
+
+
+def cache_large_blocks(min_bytes: int = 1 << 20) -> bool:
+    """Make the extension's caching allocator (cuda/cpu_alloc.cpp) torch's CPU allocator for blocks of at least
+    `min_bytes`: freed blocks are kept by size class and handed back to the next request of their class,
+    so a training step reuses the last one's memory without the holes glibc's heap leaves. Process-wide and
+    for good (tensors made before keep their allocator). True when installed by this call; False when the
+    extension is not built or it was installed before."""
+    ext = _extension()
+    return bool(ext is not None and ext.cpu_cache_install(int(min_bytes)))
+
+
+def trim_block_cache() -> int:
+    """Give the free cached blocks of every size class that nothing asked for since the last call back to the
+    OS (the trainer calls it after each step); returns their bytes. 0 without the extension."""
+    ext = _extension()
+    return 0 if ext is None else int(ext.cpu_cache_trim())
+
+
+def block_cache_stats() -> dict:
+    """The caching allocator's counters: bytes live / free / mapped / most ever live, hits, misses, blocks
+    returned to the OS (all 0 before it is installed)."""
+    keys = ("live", "free", "mapped", "peak_live", "hits", "misses", "returned")
+    ext = _extension()
+    return dict(zip(keys, ext.cpu_cache_stats() if ext is not None else [0] * len(keys)))

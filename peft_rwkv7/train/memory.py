@@ -9,6 +9,14 @@ and the next step reuses them: no faults after the first steps (ctx 4096 state t
 
 The cost: the process keeps its peak memory until it exits (the peak is reached every step anyway). Other C
 libraries (musl, macOS) keep their own behaviour. Nothing computed changes: this is where memory comes from.
+
+Training on the CPU goes one step further (`cache_cpu_blocks`, once the CPU extension is built): torch's
+blocks of 1 MiB and more come from the extension's caching allocator (cuda/cpu_alloc.cpp), which keeps freed
+blocks by size class and hands them to the next request of their class. glibc's heap, reused in another
+order by the next step, was left with holes: at 0.1B ctx 4096 it held ~7 GB for at most ~4.4 GB in use;
+by size class the same steps take ~5 GB (docs/training_speed.md, round 10). After each step the trainer
+returns the free blocks of classes that step did not ask for (`trim_cpu_blocks`), so batch shapes that
+change from step to step do not pile up classes.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["keep_freed_memory"]
+import torch
+
+__all__ = ["cache_cpu_blocks", "keep_freed_memory", "trim_cpu_blocks"]
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_MAX = -4
@@ -38,3 +48,20 @@ def keep_freed_memory() -> bool:
     # M_MMAP_MAX 0: no mmap for large blocks (glibc still falls back to mmap if the heap cannot grow);
     # M_TRIM_THRESHOLD -1: trimming off (mallopt(3))
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+
+
+def cache_cpu_blocks() -> bool:
+    """torch's CPU blocks of 1 MiB and more from the CPU extension's caching allocator, for the rest of the
+    process (ops.cpu.cache_large_blocks). True when installed by this call; False without the extension
+    (not built: glibc's heap as above) or when it was installed before."""
+    from ..ops import cpu
+
+    return cpu.is_available(torch.device("cpu")) and cpu.cache_large_blocks()
+
+
+def trim_cpu_blocks() -> int:
+    """Return the cached free blocks of every size class that no request asked for since the last call to the
+    OS (after each step); their bytes."""
+    from ..ops import cpu
+
+    return cpu.trim_block_cache()

@@ -1,0 +1,140 @@
+"""The CPU extension's caching allocator (cuda/cpu_alloc.cpp, ops.cpu.cache_large_blocks, train/memory.py):
+freed blocks are handed back to the next request of their size class, classes no step asked for are returned
+to the OS, the free bytes stay bounded, a training step computes the same bits on reused memory, forks work,
+and the trainer installs it on the CPU. It is process-wide and for good: every case runs in its own process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from peft_rwkv7.ops import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(torch.device("cpu")), reason="the CPU extension is not built")
+
+MIB = 1 << 20
+
+
+def _run(code: str, timeout: float = 240) -> dict:
+    prog = "import json, os, sys, torch\nfrom peft_rwkv7.ops import cpu\n" + textwrap.dedent(code)
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_freed_block_serves_the_next_request_of_its_size_class():
+    got = _run("""
+        assert cpu.cache_large_blocks() and not cpu.cache_large_blocks()  # once per process
+        a = torch.empty(3 * 2**20 // 4); pa = a.data_ptr(); del a  # 3 MiB: the class [2.5, 3] MiB
+        b = torch.empty(int(2.9 * 2**20) // 4)  # 2.9 MiB: the same class, so a's block
+        c = torch.empty(5 * 2**20 // 4)  # another class: a fresh block
+        small = torch.empty(1000)  # under 1 MiB: the allocator that was there before
+        print(json.dumps({"same": b.data_ptr() == pa, "other": c.data_ptr() != pa, **cpu.block_cache_stats()}))
+    """)
+    assert got["same"] and got["other"]
+    assert (got["hits"], got["misses"]) == (1, 2)
+    assert got["live"] == 3 * MIB + 5 * MIB  # each block its class's size: 2.9 MiB rounded up to 3
+    assert got["mapped"] == got["live"] and got["free"] == 0
+
+
+def test_trim_returns_only_classes_nothing_asked_for_since_the_last_trim():
+    got = _run("""
+        cpu.cache_large_blocks()
+        a = torch.empty(2 * 2**20 // 4); b = torch.empty(8 * 2**20 // 4); del a, b
+        first = cpu.trim_block_cache()  # both classes were asked for since the start: kept
+        c = torch.empty(8 * 2**20 // 4); del c  # 8 MiB asked for again, 2 MiB not
+        second = cpu.trim_block_cache()
+        print(json.dumps({"first": first, "second": second, **cpu.block_cache_stats()}))
+    """)
+    assert got["first"] == 0
+    assert got["second"] == 2 * MIB
+    assert got["free"] == got["mapped"] == 8 * MIB and got["returned"] == 1
+
+
+def test_the_free_bytes_never_exceed_the_most_bytes_ever_live():
+    """Shapes that change every time and no trim: each block is freed before the next, of another class, is
+    made; what is kept free stays within the largest live footprint seen."""
+    got = _run("""
+        cpu.cache_large_blocks()
+        worst = 0
+        for i in range(40):
+            t = torch.empty((2 + i) * 2**20 // 4); del t
+            s = cpu.block_cache_stats(); worst = max(worst, s["free"] - s["peak_live"])
+        print(json.dumps({"worst": worst, **cpu.block_cache_stats()}))
+    """)
+    assert got["worst"] <= 0
+    assert got["peak_live"] == 48 * MIB and got["returned"] > 0  # 41 MiB in its class [40, 48] MiB
+
+
+def test_a_training_step_on_reused_blocks_computes_the_same_bits():
+    """Blocks come back holding the last step's values (glibc's do too): a step must not read them. Two
+    steps with every block cached (down to one page) against two with none, same bits for loss and grads."""
+    step = """
+        torch.manual_seed(0)
+        from peft_rwkv7.model import RWKV7Config, new_model
+        from peft_rwkv7.adapters import MethodConfig, attach
+        model = attach(new_model(RWKV7Config.new(2, 64, 300, head_size=16)), MethodConfig(kind="lora", r=4))
+        if sys.argv[1:] == ["cache"]:
+            assert cpu.cache_large_blocks(4096)
+        idx = torch.randint(0, 300, (2, 65), generator=torch.Generator().manual_seed(1))
+        out = []
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+            loss.backward()
+            out.append(loss.item())
+        grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        out.append(torch.cat(grads).double().sum().item())
+        out.append(torch.cat(grads).view(torch.int32).long().sum().item())  # every bit of every gradient
+        print(json.dumps({"out": out, "hits": cpu.block_cache_stats()["hits"]}))
+    """
+    prog = "import json, sys, torch\nfrom peft_rwkv7.ops import cpu\n" + textwrap.dedent(step)
+    runs = {}
+    for mode in ("cache", "plain"):
+        res = subprocess.run([sys.executable, "-c", prog, mode], capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert runs["cache"]["hits"] > 50 and runs["plain"]["hits"] == 0  # the second step ran on reused blocks
+    assert runs["cache"]["out"] == runs["plain"]["out"]
+
+
+def test_a_forked_child_allocates_and_frees():
+    """pthread_atfork holds the allocator's lock across fork (data loader workers fork)."""
+    got = _run("""
+        import threading
+        cpu.cache_large_blocks()
+        stop = False
+        def churn():  # another thread allocating while the main one forks
+            while not stop:
+                t = torch.empty(2**20); del t
+        th = threading.Thread(target=churn); th.start()
+        codes = []
+        for _ in range(5):
+            pid = os.fork()
+            if pid == 0:
+                x = torch.ones(3 * 2**20 // 4); y = x * 2; del x, y
+                os._exit(0)
+            codes.append(os.waitpid(pid, 0)[1])
+        stop = True; th.join()
+        print(json.dumps({"codes": codes}))
+    """, timeout=120)
+    assert got["codes"] == [0] * 5
+
+
+def test_training_on_the_cpu_installs_it_and_trims_after_each_step(tiny_world, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from peft_rwkv7.train import loop
+    from peft_rwkv7.train.runner import train_from_cli
+    from tests.train.conftest import tiny_overrides
+
+    calls = []
+    monkeypatch.setattr(loop, "cache_cpu_blocks", lambda: calls.append("install") or True)
+    monkeypatch.setattr(loop, "trim_cpu_blocks", lambda: calls.append("trim") or 0)
+    lora = Path(__file__).resolve().parents[2] / "recipes" / "lora.yaml"
+    train_from_cli(lora, tiny_overrides(tiny_world, tmp_path / "run", steps=2))
+    assert calls == ["install", "trim", "trim"]
