@@ -4,17 +4,21 @@
 // A training step allocates the same activations every step and frees them all in the backward. Served by
 // glibc's heap, blocks freed between larger requests leave holes that the next step's requests (in another
 // order, of other sizes) do not fill: at 0.1B ctx 4096 the heap grew to ~7 GB for at most 4.4 GB in use.
-// Here every request of at least kMinBytes is rounded up to a size class (8 per power of two, so at most
-// 1/8 more than asked), served from that class's free list, else by a fresh mmap, and on free put back on
-// its class's list: the next step gets the same blocks back, no page faults and no holes. Smaller requests
-// go to the allocator that was installed before (they are not where the memory goes).
+// Here every request of at least min_bytes is rounded up to a size class (8 per power of two, so at most
+// 1/8 more than asked; pages past the request that are never written are never resident) and served by
+// the smallest free block of its class or of a class up to twice its size, else by a fresh mmap; on free
+// the block goes back on its class's list. With the same shapes every step, the next step gets the same
+// blocks back: no page faults and no holes. With shapes that change (padded batches cut at their last
+// scored token) a shorter step runs in the longer one's blocks. Smaller requests go to the allocator that
+// was installed before (they are not where the memory goes).
 //
-// What it keeps is bounded twice. The trainer calls cpu_cache_trim() after each step: free blocks of a class
-// that no request asked for since the previous call go back to the OS (munmap). With shapes that change
-// from step to step (padded batches cut at their last scored token) the classes change too, and stale
-// ones are dropped instead of piling up; with fixed shapes every class is asked for every step and nothing
-// is dropped. And free blocks never exceed the most bytes ever live in large blocks: past that, freeing
-// unmaps free blocks, largest class first.
+// The trainer gives it up (cpu_cache_uninstall) when a step after the first still misses often: shapes that
+// change with every batch are served better by glibc's heap, which splits and joins blocks (variable lengths
+// at 0.1B: the cache gained no memory and cost page faults).
+//
+// What it keeps is bounded twice. The trainer calls cpu_cache_trim() after each step: a free block that no
+// request was given during the last kIdleTrims steps goes back to the OS (munmap). And the free bytes never
+// exceed the most bytes ever live in large blocks: past that, freeing unmaps free blocks, largest first.
 //
 // The state lives on the heap and is never destroyed: tensors may be freed by other static destructors at
 // exit, after this library's own. A fork (data loader workers) gets a consistent lock: pthread_atfork takes
@@ -34,14 +38,21 @@
 
 namespace {
 
+constexpr int kIdleTrims = 4;  // a free block not handed out for this many steps goes back to the OS
+
+struct Block {
+  void* base;
+  int idle;  // trims since it was last handed out
+};
+
 struct Cache {
   std::mutex mu;
-  std::map<size_t, std::vector<void*>> free_lists;  // class size -> free blocks (base addresses)
-  std::map<size_t, bool> asked;                     // class size -> requested since the last trim
-  std::unordered_map<void*, size_t> size_of;        // live block -> its class size
+  std::map<size_t, std::vector<Block>> free_lists;  // class size -> free blocks
+  std::unordered_map<void*, size_t> size_of;        // live block -> its size (its class's)
   size_t min_bytes = 1 << 20;
   size_t live = 0, cached = 0, peak_live = 0, mapped = 0;
   int64_t hits = 0, misses = 0, returned = 0;
+  bool enabled = false;  // installed as torch's CPU allocator
   c10::Allocator* fallback = nullptr;
 };
 
@@ -57,19 +68,21 @@ size_t size_class(size_t n) {
   return (n + step - 1) / step * step;
 }
 
-// Unmaps free blocks, largest class first, until the free bytes plus `need` are within the bound. Lock held.
-void trim_locked(Cache& c, size_t need) {
-  const size_t bound = c.peak_live;
-  for (auto it = c.free_lists.rbegin(); it != c.free_lists.rend() && c.cached + need > bound;) {
+void unmap_locked(Cache& c, void* base, size_t size) {
+  munmap(base, size);
+  c.cached -= size;
+  c.mapped -= size;
+  ++c.returned;
+}
+
+// Unmaps free blocks, largest first, until the free bytes plus `need` are within the bound. Lock held.
+void bound_locked(Cache& c, size_t need) {
+  for (auto it = c.free_lists.rbegin(); it != c.free_lists.rend() && c.cached + need > c.peak_live; ++it) {
     auto& list = it->second;
-    while (!list.empty() && c.cached + need > bound) {
-      munmap(list.back(), it->first);
+    while (!list.empty() && c.cached + need > c.peak_live) {
+      unmap_locked(c, list.back().base, it->first);
       list.pop_back();
-      c.cached -= it->first;
-      c.mapped -= it->first;
-      ++c.returned;
     }
-    ++it;
   }
 }
 
@@ -80,8 +93,14 @@ void release(void* base) {
   const size_t size = it->second;
   c.size_of.erase(it);
   c.live -= size;
-  trim_locked(c, size);
-  c.free_lists[size].push_back(base);
+  if (!c.enabled) {  // uninstalled: its blocks still in use go back to the OS as they are freed
+    munmap(base, size);
+    c.mapped -= size;
+    ++c.returned;
+    return;
+  }
+  bound_locked(c, size);
+  c.free_lists[size].push_back({base, 0});
   c.cached += size;
 }
 
@@ -89,31 +108,31 @@ struct CachingAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     Cache& c = cache();
     if (n < c.min_bytes) return c.fallback->allocate(n);
-    const size_t size = size_class(n);
+    const size_t want = size_class(n);
     void* base = nullptr;
+    size_t size = want;
     {
       std::lock_guard<std::mutex> g(c.mu);
-      c.asked[size] = true;
-      auto it = c.free_lists.find(size);
-      if (it != c.free_lists.end() && !it->second.empty()) {
-        base = it->second.back();
+      // the smallest free block of this class or of one up to twice its size
+      for (auto it = c.free_lists.lower_bound(want); it != c.free_lists.end() && it->first <= 2 * want; ++it) {
+        if (it->second.empty()) continue;
+        base = it->second.back().base;
+        size = it->first;
         it->second.pop_back();
         c.cached -= size;
-        ++c.hits;
-      } else {
-        ++c.misses;
+        break;
       }
+      ++(base ? c.hits : c.misses);
       c.live += size;
       if (c.live > c.peak_live) c.peak_live = c.live;
     }
     if (!base) {
       base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      std::lock_guard<std::mutex> g(c.mu);
       if (base == MAP_FAILED) {
-        std::lock_guard<std::mutex> g(c.mu);
         c.live -= size;
         TORCH_CHECK(false, "peft_rwkv7 CPU allocator: out of memory allocating ", n, " bytes");
       }
-      std::lock_guard<std::mutex> g(c.mu);
       c.mapped += size;
     }
     {
@@ -147,26 +166,41 @@ bool cpu_cache_install(int64_t min_bytes) {
   c.fallback = c10::GetCPUAllocator();
   pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
   c10::SetCPUAllocator(the_allocator(), /*priority=*/100);
-  installed = true;
+  installed = c.enabled = true;
   return true;
 }
 
-// Returns the free blocks of every class not asked for since the last call to the OS; their bytes.
+// Gives torch's CPU allocator back to the one installed before and every free block back to the OS; blocks
+// still in use are unmapped as they are freed. For good: false if it was not installed or already undone.
+bool cpu_cache_uninstall() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> g(c.mu);
+  if (!c.enabled) return false;
+  c10::SetCPUAllocator(c.fallback, /*priority=*/100);
+  c.enabled = false;
+  for (auto& [size, list] : c.free_lists) {
+    for (const Block& b : list) unmap_locked(c, b.base, size);
+    list.clear();
+  }
+  return true;
+}
+
+// A step has ended: free blocks not handed out during the last kIdleTrims steps go back to the OS; their bytes.
 int64_t cpu_cache_trim() {
   Cache& c = cache();
   std::lock_guard<std::mutex> g(c.mu);
-  size_t freed = 0;
+  const size_t before = c.cached;
   for (auto& [size, list] : c.free_lists) {
-    if (c.asked[size]) continue;
-    for (void* base : list) munmap(base, size);
-    freed += size * list.size();
-    c.returned += int64_t(list.size());
-    list.clear();
+    std::vector<Block> kept;
+    for (Block& b : list) {
+      if (++b.idle >= kIdleTrims)
+        unmap_locked(c, b.base, size);
+      else
+        kept.push_back(b);
+    }
+    list.swap(kept);
   }
-  c.cached -= freed;
-  c.mapped -= freed;
-  for (auto& [size, flag] : c.asked) flag = false;
-  return int64_t(freed);
+  return int64_t(before - c.cached);
 }
 
 // [bytes live, bytes free in the cache, bytes mapped, most bytes ever live, hits, misses, blocks returned]

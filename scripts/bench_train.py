@@ -57,9 +57,9 @@ def child(args) -> None:
     except ImportError:
         keep_freed_memory = bool
     try:
-        from peft_rwkv7.train.memory import cache_cpu_blocks
+        from peft_rwkv7.train.memory import CpuBlocks
     except ImportError:
-        cache_cpu_blocks = bool
+        CpuBlocks = bool
     keep_freed_memory()
     torch.manual_seed(0)
     model = new_model(RWKV7Config.new(SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["vocab_size"], SHAPE["head_size"]))
@@ -72,7 +72,7 @@ def child(args) -> None:
     for _, p in named:
         p.data = p.data.float()
     opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own (src's)
-    cache_cpu_blocks()  # after the model is built, as loop.train does
+    CpuBlocks(True)  # after the model is built, as loop.train does (one shape every step: it stays)
     x, y = batch(torch, args.layout, args.ctx, SHAPE["vocab_size"])
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     times, passes = [], []

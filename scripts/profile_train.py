@@ -27,7 +27,7 @@ from bench_util import GemmPass, isa_flags, matmul_weights, method_config  # noq
 from peft_rwkv7.adapters import attach, trainable_parameters  # noqa: E402
 from peft_rwkv7.model import RWKV7Config, new_model  # noqa: E402
 from peft_rwkv7.train.losses import sequence_loss  # noqa: E402
-from peft_rwkv7.train.memory import cache_cpu_blocks, keep_freed_memory  # noqa: E402
+from peft_rwkv7.train.memory import CpuBlocks, keep_freed_memory  # noqa: E402
 from peft_rwkv7.train.optim import build_optimizer  # noqa: E402
 from peft_rwkv7.train.recipe import TrainConfig  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> None:
                 p.data = p.data.to(torch.bfloat16)
     named = trainable_parameters(model)
     opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own
-    cache_cpu_blocks()  # after the model is built, as train/loop.py does
+    CpuBlocks(True)  # after the model is built, as train/loop.py does (one shape every step: it stays)
     idx = torch.randint(0, 65536, (1, args.ctx + 1), generator=torch.Generator().manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext

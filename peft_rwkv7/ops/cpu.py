@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .build import load_extension
 
 __all__ = ["block_cache_stats", "cache_large_blocks", "is_available", "kernel_threads", "matvec", "trim_block_cache",
-           "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
+           "uncache_large_blocks", "vecmat", "wkv7_cpu", "wkv7_step_cpu"]
 
 CHUNK = 32  # steps between stored states; must match kChunk in wkv7_cpu.cpp (the kernel checks ckpt's shape)
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
@@ -235,19 +235,26 @@ def wkv7_step_cpu(r, w, k, v, a, b, state):
     return y, s
 
 
-def cache_large_blocks(min_bytes: int = 1 << 20) -> bool:
+def cache_large_blocks(min_bytes: int = 8 << 20) -> bool:
     """Make the extension's caching allocator (cuda/cpu_alloc.cpp) torch's CPU allocator for blocks of at least
-    `min_bytes`: freed blocks are kept by size class and handed back to the next request of their class,
-    so a training step reuses the last one's memory without the holes glibc's heap leaves. Process-wide and
-    for good (tensors made before keep their allocator). True when installed by this call; False when the
-    extension is not built or it was installed before."""
+    `min_bytes`: freed blocks are kept by size class and handed to the next request of their class (or of a
+    class up to half their size), so a training step reuses the last one's memory without the holes glibc's
+    heap leaves. Process-wide and for good (tensors made before keep their allocator). True when installed by
+    this call; False when the extension is not built or it was installed before."""
     ext = _extension()
     return bool(ext is not None and ext.cpu_cache_install(int(min_bytes)))
 
 
+def uncache_large_blocks() -> bool:
+    """Give torch's CPU allocator back to the one before cache_large_blocks and the cached free blocks back to
+    the OS (blocks in use are returned as they are freed). For good; False if it was not installed."""
+    ext = _extension()
+    return bool(ext is not None and ext.cpu_cache_uninstall())
+
+
 def trim_block_cache() -> int:
-    """Give the free cached blocks of every size class that nothing asked for since the last call back to the
-    OS (the trainer calls it after each step); returns their bytes. 0 without the extension."""
+    """A step has ended: cached free blocks that no request was given for the last 4 steps go back to the OS
+    (the trainer calls it after each step); returns their bytes. 0 without the extension."""
     ext = _extension()
     return 0 if ext is None else int(ext.cpu_cache_trim())
 

@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .distributed import Dist, gathered, main_first
 from .logger import RunLogger
 from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
-from .memory import cache_cpu_blocks, keep_freed_memory, trim_cpu_blocks
+from .memory import CpuBlocks, keep_freed_memory
 from .method_start import attach_for_run
 from .objectives import Objective
 from .optim import build_optimizer
@@ -230,9 +230,7 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     """Run the recipe; returns a summary dict (steps, first/last loss, out_dir, eval)."""
     keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in again (train/memory.py)
     run = setup(recipe, resume, dist)
-    on_cpu = run.device.type == "cpu"
-    if on_cpu:
-        cache_cpu_blocks()  # and without the heap's holes (train/memory.py)
+    blocks = CpuBlocks(enabled=run.device.type == "cpu")  # and without the heap's holes (train/memory.py)
     tc, out_dir = recipe.train, run.out_dir
     run.logger = logger = RunLogger(out_dir, recipe, resume_step=run.start, enabled=run.dist.is_main)
     completed = run.start
@@ -240,10 +238,9 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
     try:
         for step in range(run.start, stop_at):
             t0 = time.perf_counter()
-            loss, lr = train_step(run, step)
+            with blocks.step():
+                loss, lr = train_step(run, step)
             completed = step + 1  # from here on the step's update is in the weights
-            if on_cpu:
-                trim_cpu_blocks()  # free blocks of sizes this step did not ask for go back to the OS
             run.losses.append(loss)
             if "reward" in run.metrics:
                 run.rewards.append(run.metrics["reward"])

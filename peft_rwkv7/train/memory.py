@@ -10,23 +10,26 @@ and the next step reuses them: no faults after the first steps (ctx 4096 state t
 The cost: the process keeps its peak memory until it exits (the peak is reached every step anyway). Other C
 libraries (musl, macOS) keep their own behaviour. Nothing computed changes: this is where memory comes from.
 
-Training on the CPU goes one step further (`cache_cpu_blocks`, once the CPU extension is built): torch's
-blocks of 1 MiB and more come from the extension's caching allocator (cuda/cpu_alloc.cpp), which keeps freed
-blocks by size class and hands them to the next request of their class. glibc's heap, reused in another
-order by the next step, was left with holes: at 0.1B ctx 4096 it held ~7 GB for at most ~4.4 GB in use;
-by size class the same steps take ~5 GB (docs/training_speed.md, round 10). After each step the trainer
-returns the free blocks of classes that step did not ask for (`trim_cpu_blocks`), so batch shapes that
-change from step to step do not pile up classes.
+Training on the CPU goes one step further (`CpuBlocks`, once the CPU extension is built): torch's
+blocks of 8 MiB and more come from the extension's caching allocator (cuda/cpu_alloc.cpp), which keeps freed
+blocks by size class and hands them to the next request of their class (or of a class up to half their
+size). glibc's heap, reused in another order by the next step, was left with holes: at 0.1B ctx 4096 it held
+~7 GB for at most ~4.4 GB in use; by size class the same steps take ~5 GB (docs/training_speed.md, round 10).
+After each step the trainer returns free blocks that no request was given for 4 steps, and where shapes
+change with every batch (the steps keep missing the cache) it gives the allocator up and glibc's heap, which
+splits and joins blocks, serves them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["cache_cpu_blocks", "keep_freed_memory", "trim_cpu_blocks"]
+__all__ = ["CpuBlocks", "keep_freed_memory"]
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_MAX = -4
@@ -50,18 +53,35 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
-def cache_cpu_blocks() -> bool:
-    """torch's CPU blocks of 1 MiB and more from the CPU extension's caching allocator, for the rest of the
-    process (ops.cpu.cache_large_blocks). True when installed by this call; False without the extension
-    (not built: glibc's heap as above) or when it was installed before."""
-    from ..ops import cpu
+class CpuBlocks:
+    """Training on the CPU (`enabled`): torch's CPU blocks of 8 MiB and more from the CPU extension's caching
+    allocator (ops.cpu.cache_large_blocks), for the rest of the process. Around each training step (`step()`):
+    afterwards the free blocks no step was given for 4 steps go back to the OS, and a step after the first
+    whose large requests missed the cache more than MISS_SHARE of the time gives the allocator up for good
+    (shapes that change with every batch: glibc's heap serves those better). `on`: whether it is in use;
+    False without the extension (glibc's heap as above) or where an earlier run in this process had it."""
 
-    return cpu.is_available(torch.device("cpu")) and cpu.cache_large_blocks()
+    MISS_SHARE = 0.05
 
+    def __init__(self, enabled: bool, ops_cpu=None) -> None:
+        if ops_cpu is None:
+            from ..ops import cpu as ops_cpu
+        self._cpu = ops_cpu
+        self.on = bool(enabled and ops_cpu.is_available(torch.device("cpu")) and ops_cpu.cache_large_blocks())
+        self.steps = 0
 
-def trim_cpu_blocks() -> int:
-    """Return the cached free blocks of every size class that no request asked for since the last call to the
-    OS (after each step); their bytes."""
-    from ..ops import cpu
-
-    return cpu.trim_block_cache()
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        if not self.on:
+            yield
+            return
+        before = self._cpu.block_cache_stats()
+        yield
+        after = self._cpu.block_cache_stats()
+        self.steps += 1
+        hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+        if self.steps > 1 and misses > self.MISS_SHARE * (hits + misses):
+            self._cpu.uncache_large_blocks()
+            self.on = False
+        else:
+            self._cpu.trim_block_cache()

@@ -5,6 +5,7 @@ and the trainer installs it on the CPU. It is process-wide and for good: every c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -27,32 +28,39 @@ def _run(code: str, timeout: float = 240) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_freed_block_serves_the_next_request_of_its_size_class():
+def test_a_freed_block_serves_the_next_request_of_its_size_class_or_one_up_to_half_its_size():
     got = _run("""
-        assert cpu.cache_large_blocks() and not cpu.cache_large_blocks()  # once per process
+        assert cpu.cache_large_blocks(2**20) and not cpu.cache_large_blocks(2**20)  # once per process
         a = torch.empty(3 * 2**20 // 4); pa = a.data_ptr(); del a  # 3 MiB: the class [2.5, 3] MiB
         b = torch.empty(int(2.9 * 2**20) // 4)  # 2.9 MiB: the same class, so a's block
-        c = torch.empty(5 * 2**20 // 4)  # another class: a fresh block
+        c = torch.empty(5 * 2**20 // 4); pc = c.data_ptr()  # none free: a fresh block
         small = torch.empty(1000)  # under 1 MiB: the allocator that was there before
-        print(json.dumps({"same": b.data_ptr() == pa, "other": c.data_ptr() != pa, **cpu.block_cache_stats()}))
+        s1 = cpu.block_cache_stats()
+        del c
+        d = torch.empty(3 * 2**20 // 4)  # 3 MiB, its class empty: c's 5 MiB block (at most twice its size)
+        pd = d.data_ptr(); del d
+        e = torch.empty(2 * 2**20 // 4)  # 2 MiB: the 5 MiB block is more than twice that, a fresh one
+        print(json.dumps({"same": b.data_ptr() == pa, "fresh": pc != pa, "larger": pd == pc,
+                          "not_too_large": e.data_ptr() != pc, "s1": s1, **cpu.block_cache_stats()}))
     """)
-    assert got["same"] and got["other"]
-    assert (got["hits"], got["misses"]) == (1, 2)
-    assert got["live"] == 3 * MIB + 5 * MIB  # each block its class's size: 2.9 MiB rounded up to 3
-    assert got["mapped"] == got["live"] and got["free"] == 0
+    assert got["same"] and got["fresh"] and got["larger"] and got["not_too_large"]
+    assert (got["s1"]["hits"], got["s1"]["misses"]) == (1, 2)
+    assert got["s1"]["live"] == 3 * MIB + 5 * MIB  # each block its class's size: 2.9 MiB rounded up to 3
+    assert got["s1"]["mapped"] == got["s1"]["live"] and got["s1"]["free"] == 0
+    assert (got["hits"], got["misses"]) == (2, 3) and got["free"] == 5 * MIB
 
 
-def test_trim_returns_only_classes_nothing_asked_for_since_the_last_trim():
+def test_trim_returns_blocks_no_request_was_given_for_four_steps():
     got = _run("""
-        cpu.cache_large_blocks()
+        cpu.cache_large_blocks(2**20)
         a = torch.empty(2 * 2**20 // 4); b = torch.empty(8 * 2**20 // 4); del a, b
-        first = cpu.trim_block_cache()  # both classes were asked for since the start: kept
-        c = torch.empty(8 * 2**20 // 4); del c  # 8 MiB asked for again, 2 MiB not
-        second = cpu.trim_block_cache()
-        print(json.dumps({"first": first, "second": second, **cpu.block_cache_stats()}))
+        back = []
+        for step in range(5):  # each step asks for 8 MiB only
+            c = torch.empty(8 * 2**20 // 4); del c
+            back.append(cpu.trim_block_cache())
+        print(json.dumps({"back": back, **cpu.block_cache_stats()}))
     """)
-    assert got["first"] == 0
-    assert got["second"] == 2 * MIB
+    assert got["back"] == [0, 0, 0, 2 * MIB, 0]  # the 2 MiB block after its fourth idle step
     assert got["free"] == got["mapped"] == 8 * MIB and got["returned"] == 1
 
 
@@ -60,7 +68,7 @@ def test_the_free_bytes_never_exceed_the_most_bytes_ever_live():
     """Shapes that change every time and no trim: each block is freed before the next, of another class, is
     made; what is kept free stays within the largest live footprint seen."""
     got = _run("""
-        cpu.cache_large_blocks()
+        cpu.cache_large_blocks(2**20)
         worst = 0
         for i in range(40):
             t = torch.empty((2 + i) * 2**20 // 4); del t
@@ -106,7 +114,7 @@ def test_a_forked_child_allocates_and_frees():
     """pthread_atfork holds the allocator's lock across fork (data loader workers fork)."""
     got = _run("""
         import threading
-        cpu.cache_large_blocks()
+        cpu.cache_large_blocks(2**20)
         stop = False
         def churn():  # another thread allocating while the main one forks
             while not stop:
@@ -125,7 +133,69 @@ def test_a_forked_child_allocates_and_frees():
     assert got["codes"] == [0] * 5
 
 
-def test_training_on_the_cpu_installs_it_and_trims_after_each_step(tiny_world, tmp_path, monkeypatch):
+def test_uninstalled_it_gives_every_block_back():
+    got = _run("""
+        cpu.cache_large_blocks(2**20)
+        a = torch.empty(4 * 2**20 // 4); b = torch.empty(6 * 2**20 // 4); del b  # a live, b's block free
+        assert cpu.uncache_large_blocks() and not cpu.uncache_large_blocks()
+        s1 = cpu.block_cache_stats()
+        c = torch.empty(6 * 2**20 // 4)  # the allocator from before: not counted here
+        s2 = cpu.block_cache_stats()
+        del a  # a cached block freed after: unmapped
+        print(json.dumps({"s1": s1, "s2": s2, **cpu.block_cache_stats()}))
+    """)
+    assert got["s1"]["free"] == 0 and got["s1"]["mapped"] == 4 * MIB == got["s1"]["live"]
+    assert got["s2"] == got["s1"]
+    assert got["mapped"] == got["live"] == 0 and got["returned"] == 2
+
+
+class _FakeCpu:
+    """ops.cpu as CpuBlocks sees it, with the hit and miss counts each step adds given."""
+
+    def __init__(self, per_step):
+        self.per_step, self.stats, self.calls = list(per_step), {"hits": 0, "misses": 0}, []
+
+    def is_available(self, device):
+        return True
+
+    def cache_large_blocks(self):
+        self.calls.append("install")
+        return True
+
+    def block_cache_stats(self):
+        return dict(self.stats)
+
+    def uncache_large_blocks(self):
+        self.calls.append("uninstall")
+        return True
+
+    def trim_block_cache(self):
+        self.calls.append("trim")
+        return 0
+
+    def run_step(self):
+        hits, misses = self.per_step.pop(0)
+        self.stats = {"hits": self.stats["hits"] + hits, "misses": self.stats["misses"] + misses}
+
+
+@pytest.mark.parametrize("steps, expect", [
+    ([(0, 300), (300, 0), (299, 1), (300, 0)], ["install", "trim", "trim", "trim", "trim"]),  # one shape
+    ([(0, 300), (250, 50), (300, 0)], ["install", "trim", "uninstall"]),  # shapes that change: given up
+], ids=["one-shape", "changing-shapes"])
+def test_a_step_after_the_first_that_misses_often_gives_it_up(steps, expect):
+    from peft_rwkv7.train.memory import CpuBlocks
+
+    fake = _FakeCpu(steps)
+    blocks = CpuBlocks(True, ops_cpu=fake)
+    for _ in steps:
+        with blocks.step():
+            fake.run_step()
+    assert fake.calls == expect
+    assert blocks.on == ("uninstall" not in expect)
+    assert CpuBlocks(False, ops_cpu=_FakeCpu([])).on is False  # not on the CPU: nothing installed
+
+
+def test_training_on_the_cpu_uses_it_around_each_step(tiny_world, tmp_path, monkeypatch):
     from pathlib import Path
 
     from peft_rwkv7.train import loop
@@ -133,8 +203,16 @@ def test_training_on_the_cpu_installs_it_and_trims_after_each_step(tiny_world, t
     from tests.train.conftest import tiny_overrides
 
     calls = []
-    monkeypatch.setattr(loop, "cache_cpu_blocks", lambda: calls.append("install") or True)
-    monkeypatch.setattr(loop, "trim_cpu_blocks", lambda: calls.append("trim") or 0)
+
+    class Recorder:
+        def __init__(self, enabled):
+            calls.append(("init", enabled))
+
+        def step(self):
+            calls.append("step")
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(loop, "CpuBlocks", Recorder)
     lora = Path(__file__).resolve().parents[2] / "recipes" / "lora.yaml"
     train_from_cli(lora, tiny_overrides(tiny_world, tmp_path / "run", steps=2))
-    assert calls == ["install", "trim", "trim"]
+    assert calls == [("init", True), "step", "step"]
