@@ -12,10 +12,11 @@
 // scored token) a shorter step runs in the longer one's blocks. Smaller requests go to the allocator that
 // was installed before (they are not where the memory goes).
 //
-// The trainer gives it up (cpu_cache_uninstall) when a step after the first still misses often: shapes that
-// change with every batch are served better by glibc's heap, which splits and joins blocks (variable lengths
-// at 0.1B: the cache gained no memory and cost page faults).
-//
+// The trainer installs it for a run and uninstalls it at the run's end (every free block back to the OS), or
+// earlier when a step after the first still misses often: shapes that change with every batch are served
+// better by glibc's heap, which splits and joins blocks (variable lengths at 0.1B: the cache gained no memory
+// and cost page faults). The next run installs it again.
+
 // What it keeps is bounded twice. The trainer calls cpu_cache_trim() after each step: a free block that no
 // request was given during the last kIdleTrims steps goes back to the OS (munmap). And the free bytes never
 // exceed the most bytes ever live in large blocks: past that, freeing unmaps free blocks, largest first.
@@ -29,6 +30,7 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -49,7 +51,7 @@ struct Cache {
   std::mutex mu;
   std::map<size_t, std::vector<Block>> free_lists;  // class size -> free blocks
   std::unordered_map<void*, size_t> size_of;        // live block -> its size (its class's)
-  size_t min_bytes = 1 << 20;
+  std::atomic<size_t> min_bytes{1 << 20};  // read by allocate without the lock
   size_t live = 0, cached = 0, peak_live = 0, mapped = 0;
   int64_t hits = 0, misses = 0, returned = 0;
   bool enabled = false;  // installed as torch's CPU allocator
@@ -68,11 +70,17 @@ size_t size_class(size_t n) {
   return (n + step - 1) / step * step;
 }
 
+// Gives a block back to the OS. Lock held.
 void unmap_locked(Cache& c, void* base, size_t size) {
   munmap(base, size);
-  c.cached -= size;
   c.mapped -= size;
   ++c.returned;
+}
+
+// The same for a free block (counted in `cached`). Lock held.
+void unmap_free_locked(Cache& c, void* base, size_t size) {
+  c.cached -= size;
+  unmap_locked(c, base, size);
 }
 
 // Unmaps free blocks, largest first, until the free bytes plus `need` are within the bound. Lock held.
@@ -80,7 +88,7 @@ void bound_locked(Cache& c, size_t need) {
   for (auto it = c.free_lists.rbegin(); it != c.free_lists.rend() && c.cached + need > c.peak_live; ++it) {
     auto& list = it->second;
     while (!list.empty() && c.cached + need > c.peak_live) {
-      unmap_locked(c, list.back().base, it->first);
+      unmap_free_locked(c, list.back().base, it->first);
       list.pop_back();
     }
   }
@@ -94,9 +102,7 @@ void release(void* base) {
   c.size_of.erase(it);
   c.live -= size;
   if (!c.enabled) {  // uninstalled: its blocks still in use go back to the OS as they are freed
-    munmap(base, size);
-    c.mapped -= size;
-    ++c.returned;
+    unmap_locked(c, base, size);
     return;
   }
   bound_locked(c, size);
@@ -104,42 +110,42 @@ void release(void* base) {
   c.cached += size;
 }
 
+// A block of `size` bytes is handed out. Lock held.
+void taken_locked(Cache& c, void* base, size_t size) {
+  c.size_of[base] = size;
+  c.live += size;
+  if (c.live > c.peak_live) c.peak_live = c.live;
+}
+
+c10::DataPtr data_ptr(void* base) {  // page-aligned (c10 wants 64 bytes)
+  return {base, base, &release, c10::Device(c10::DeviceType::CPU)};
+}
+
 struct CachingAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     Cache& c = cache();
     if (n < c.min_bytes) return c.fallback->allocate(n);
     const size_t want = size_class(n);
-    void* base = nullptr;
-    size_t size = want;
     {
       std::lock_guard<std::mutex> g(c.mu);
       // the smallest free block of this class or of one up to twice its size
       for (auto it = c.free_lists.lower_bound(want); it != c.free_lists.end() && it->first <= 2 * want; ++it) {
         if (it->second.empty()) continue;
-        base = it->second.back().base;
-        size = it->first;
+        void* base = it->second.back().base;
         it->second.pop_back();
-        c.cached -= size;
-        break;
+        ++c.hits;
+        c.cached -= it->first;
+        taken_locked(c, base, it->first);
+        return data_ptr(base);
       }
-      ++(base ? c.hits : c.misses);
-      c.live += size;
-      if (c.live > c.peak_live) c.peak_live = c.live;
+      ++c.misses;
     }
-    if (!base) {
-      base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      std::lock_guard<std::mutex> g(c.mu);
-      if (base == MAP_FAILED) {
-        c.live -= size;
-        TORCH_CHECK(false, "peft_rwkv7 CPU allocator: out of memory allocating ", n, " bytes");
-      }
-      c.mapped += size;
-    }
-    {
-      std::lock_guard<std::mutex> g(c.mu);
-      c.size_of[base] = size;
-    }
-    return {base, base, &release, c10::Device(c10::DeviceType::CPU)};  // page-aligned (c10 wants 64 bytes)
+    void* base = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "peft_rwkv7 CPU allocator: out of memory allocating ", n, " bytes");
+    std::lock_guard<std::mutex> g(c.mu);
+    c.mapped += want;
+    taken_locked(c, base, want);
+    return data_ptr(base);
   }
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
@@ -155,23 +161,25 @@ void unlock_after_fork() { cache().mu.unlock(); }
 
 }  // namespace
 
-// Makes it torch's CPU allocator for requests of at least min_bytes; later calls only return false.
+// Makes it torch's CPU allocator for requests of at least min_bytes (again, after cpu_cache_uninstall);
+// true once it is (a call while it is installed only sets min_bytes).
 bool cpu_cache_install(int64_t min_bytes) {
-  static bool installed = false;
+  TORCH_CHECK(min_bytes >= 4096, "cpu_cache_install: min_bytes must be at least one page, got ", min_bytes);
   Cache& c = cache();
   std::lock_guard<std::mutex> g(c.mu);
-  if (installed) return false;
-  TORCH_CHECK(min_bytes >= 4096, "cpu_cache_install: min_bytes must be at least one page, got ", min_bytes);
   c.min_bytes = size_t(min_bytes);
-  c.fallback = c10::GetCPUAllocator();
-  pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
+  if (c.enabled) return true;
+  if (c.fallback == nullptr) {  // the first time: the allocator to give small requests to, and forks
+    c.fallback = c10::GetCPUAllocator();
+    pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
+  }
   c10::SetCPUAllocator(the_allocator(), /*priority=*/100);
-  installed = c.enabled = true;
+  c.enabled = true;
   return true;
 }
 
 // Gives torch's CPU allocator back to the one installed before and every free block back to the OS; blocks
-// still in use are unmapped as they are freed. For good: false if it was not installed or already undone.
+// still in use are unmapped as they are freed (until it is installed again). False if it was not installed.
 bool cpu_cache_uninstall() {
   Cache& c = cache();
   std::lock_guard<std::mutex> g(c.mu);
@@ -179,7 +187,7 @@ bool cpu_cache_uninstall() {
   c10::SetCPUAllocator(c.fallback, /*priority=*/100);
   c.enabled = false;
   for (auto& [size, list] : c.free_lists) {
-    for (const Block& b : list) unmap_locked(c, b.base, size);
+    for (const Block& b : list) unmap_free_locked(c, b.base, size);
     list.clear();
   }
   return true;
@@ -194,7 +202,7 @@ int64_t cpu_cache_trim() {
     std::vector<Block> kept;
     for (Block& b : list) {
       if (++b.idle >= kIdleTrims)
-        unmap_locked(c, b.base, size);
+        unmap_free_locked(c, b.base, size);
       else
         kept.push_back(b);
     }

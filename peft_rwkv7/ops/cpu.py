@@ -239,15 +239,16 @@ def cache_large_blocks(min_bytes: int = 8 << 20) -> bool:
     """Make the extension's caching allocator (cuda/cpu_alloc.cpp) torch's CPU allocator for blocks of at least
     `min_bytes`: freed blocks are kept by size class and handed to the next request of their class (or of a
     class up to half their size), so a training step reuses the last one's memory without the holes glibc's
-    heap leaves. Process-wide and for good (tensors made before keep their allocator). True when installed by
-    this call; False when the extension is not built or it was installed before."""
+    heap leaves. Process-wide, until uncache_large_blocks (tensors made before keep their allocator). True
+    once it is installed (by this call or before); False when the extension is not built."""
     ext = _extension()
     return bool(ext is not None and ext.cpu_cache_install(int(min_bytes)))
 
 
 def uncache_large_blocks() -> bool:
     """Give torch's CPU allocator back to the one before cache_large_blocks and the cached free blocks back to
-    the OS (blocks in use are returned as they are freed). For good; False if it was not installed."""
+    the OS (blocks in use are returned as they are freed), until it is installed again; False if it was not
+    installed."""
     ext = _extension()
     return bool(ext is not None and ext.cpu_cache_uninstall())
 

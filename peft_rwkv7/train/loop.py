@@ -269,6 +269,8 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
         last = ckpt.list_checkpoints(out_dir)
         kept = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written"
         raise UserError(f"{e}; stopping ({kept}); try a lower train.lr") from None
+    finally:
+        blocks.close()  # every free block back to the OS; the final eval and a later run use the allocator before
     return finish(run, completed, stopped_early=stop_at < tc.max_steps)
 
 

@@ -17,7 +17,8 @@ size). glibc's heap, reused in another order by the next step, was left with hol
 ~7 GB for at most ~4.4 GB in use; by size class the same steps take ~5 GB (docs/training_speed.md, round 10).
 After each step the trainer returns free blocks that no request was given for 4 steps, and where shapes
 change with every batch (the steps keep missing the cache) it gives the allocator up and glibc's heap, which
-splits and joins blocks, serves them.
+splits and joins blocks, serves them. At the run's end every free block goes back to the OS and the allocator
+from before is torch's again (a later run in the same process installs it anew).
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def keep_freed_memory() -> bool:
 
 class CpuBlocks:
     """Training on the CPU (`enabled`): torch's CPU blocks of 8 MiB and more from the CPU extension's caching
-    allocator (ops.cpu.cache_large_blocks), for the rest of the process. Around each training step (`step()`):
-    afterwards the free blocks no step was given for 4 steps go back to the OS, and a step after the first
-    whose large requests missed the cache more than MISS_SHARE of the time gives the allocator up for good
-    (shapes that change with every batch: glibc's heap serves those better). `on`: whether it is in use;
-    False without the extension (glibc's heap as above) or where an earlier run in this process had it."""
+    allocator (ops.cpu.cache_large_blocks) for this run. Around each training step (`step()`): afterwards the
+    free blocks no step was given for 4 steps go back to the OS, and a step after the first whose large
+    requests missed the cache more than MISS_SHARE of the time gives the allocator up for the rest of the run
+    (shapes that change with every batch: glibc's heap serves those better). `close()` (the run's end, also as
+    a context manager) gives it up and every free block back. `on`: whether it is in use; False without the
+    extension (glibc's heap as above)."""
 
     MISS_SHARE = 0.05
 
@@ -81,7 +83,17 @@ class CpuBlocks:
         self.steps += 1
         hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
         if self.steps > 1 and misses > self.MISS_SHARE * (hits + misses):
-            self._cpu.uncache_large_blocks()
-            self.on = False
+            self.close()
         else:
             self._cpu.trim_block_cache()
+
+    def close(self) -> None:
+        if self.on:
+            self._cpu.uncache_large_blocks()
+            self.on = False
+
+    def __enter__(self) -> CpuBlocks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,7 +1,8 @@
 """The CPU extension's caching allocator (cuda/cpu_alloc.cpp, ops.cpu.cache_large_blocks, train/memory.py):
 freed blocks are handed back to the next request of their size class, classes no step asked for are returned
 to the OS, the free bytes stay bounded, a training step computes the same bits on reused memory, forks work,
-and the trainer installs it on the CPU. It is process-wide and for good: every case runs in its own process."""
+the trainer installs it on the CPU for a run and uninstalls it at the run's end, and a second run in the same
+process has it again. It is process-wide: every case runs in its own process."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _run(code: str, timeout: float = 240) -> dict:
 
 def test_a_freed_block_serves_the_next_request_of_its_size_class_or_one_up_to_half_its_size():
     got = _run("""
-        assert cpu.cache_large_blocks(2**20) and not cpu.cache_large_blocks(2**20)  # once per process
+        assert cpu.cache_large_blocks(2**20) and cpu.cache_large_blocks(2**20)  # installed, then already
         a = torch.empty(3 * 2**20 // 4); pa = a.data_ptr(); del a  # 3 MiB: the class [2.5, 3] MiB
         b = torch.empty(int(2.9 * 2**20) // 4)  # 2.9 MiB: the same class, so a's block
         c = torch.empty(5 * 2**20 // 4); pc = c.data_ptr()  # none free: a fresh block
@@ -149,6 +150,31 @@ def test_uninstalled_it_gives_every_block_back():
     assert got["mapped"] == got["live"] == 0 and got["returned"] == 2
 
 
+def test_each_run_in_a_process_has_it_and_gives_every_free_block_back_at_its_end():
+    got = _run("""
+        from peft_rwkv7.train.memory import CpuBlocks
+        runs = []
+        for _ in range(2):  # two training runs in one process (the Python API called twice)
+            s0 = cpu.block_cache_stats()
+            with CpuBlocks(True) as blocks:
+                on = blocks.on
+                for _ in range(3):
+                    with blocks.step():
+                        x = torch.empty(3 * 2**20); del x  # 12 MiB: a miss, then hits
+                during = cpu.block_cache_stats()
+            y = torch.empty(3 * 2**20)  # after the run: the allocator from before
+            runs.append({"on": on, "hits": during["hits"] - s0["hits"], "misses": during["misses"] - s0["misses"],
+                         "during_free": during["free"], "after": cpu.block_cache_stats()})
+            del y
+        print(json.dumps(runs))
+    """)
+    for run in got:
+        assert run["on"] and (run["hits"], run["misses"]) == (2, 1)
+        assert run["during_free"] == 12 * MIB  # kept between the steps
+        assert run["after"]["free"] == run["after"]["mapped"] == run["after"]["live"] == 0  # all back at its end
+    assert got[1]["after"]["misses"] == 2  # y's blocks were not the cache's
+
+
 class _FakeCpu:
     """ops.cpu as CpuBlocks sees it, with the hit and miss counts each step adds given."""
 
@@ -192,6 +218,8 @@ def test_a_step_after_the_first_that_misses_often_gives_it_up(steps, expect):
             fake.run_step()
     assert fake.calls == expect
     assert blocks.on == ("uninstall" not in expect)
+    blocks.close()  # the run's end: given up once
+    assert fake.calls == (expect if "uninstall" in expect else [*expect, "uninstall"]) and not blocks.on
     assert CpuBlocks(False, ops_cpu=_FakeCpu([])).on is False  # not on the CPU: nothing installed
 
 
@@ -212,7 +240,10 @@ def test_training_on_the_cpu_uses_it_around_each_step(tiny_world, tmp_path, monk
             calls.append("step")
             return contextlib.nullcontext()
 
+        def close(self):
+            calls.append("close")
+
     monkeypatch.setattr(loop, "CpuBlocks", Recorder)
     lora = Path(__file__).resolve().parents[2] / "recipes" / "lora.yaml"
     train_from_cli(lora, tiny_overrides(tiny_world, tmp_path / "run", steps=2))
-    assert calls == [("init", True), "step", "step"]
+    assert calls == [("init", True), "step", "step", "close"]
