@@ -97,8 +97,8 @@ class _LoraMatmul(torch.autograd.Function):
             dx.addmm_(gb, a, alpha=s)  # x's second gradient added in place
         if need[2]:
             da = torch.mm(gb.t(), x).mul_(s)
-        if need[3]:  # as (xa^T g)^T: ffn.key's [3072, 512] x [512, 16] took 0.89 ms as g^T xa, 0.56 so
-            db = torch.mm(xa.t(), g).mul_(s).t()
+        if need[3]:
+            db = torch.mm(g.t(), xa).mul_(s)
         return dx, None, da, db, None
 
 
