@@ -16,7 +16,7 @@
 // earlier when a step after the first still misses often: shapes that change with every batch are served
 // better by glibc's heap, which splits and joins blocks (variable lengths at 0.1B: the cache gained no memory
 // and cost page faults). The next run installs it again.
-
+//
 // What it keeps is bounded twice. The trainer calls cpu_cache_trim() after each step: a free block that no
 // request was given during the last kIdleTrims steps goes back to the OS (munmap). And the free bytes never
 // exceed the most bytes ever live in large blocks: past that, freeing unmaps free blocks, largest first.
@@ -161,21 +161,20 @@ void unlock_after_fork() { cache().mu.unlock(); }
 
 }  // namespace
 
-// Makes it torch's CPU allocator for requests of at least min_bytes (again, after cpu_cache_uninstall);
-// true once it is (a call while it is installed only sets min_bytes).
-bool cpu_cache_install(int64_t min_bytes) {
+// Makes it torch's CPU allocator for requests of at least min_bytes (again, after cpu_cache_uninstall; a
+// call while it is installed only sets min_bytes).
+void cpu_cache_install(int64_t min_bytes) {
   TORCH_CHECK(min_bytes >= 4096, "cpu_cache_install: min_bytes must be at least one page, got ", min_bytes);
   Cache& c = cache();
   std::lock_guard<std::mutex> g(c.mu);
   c.min_bytes = size_t(min_bytes);
-  if (c.enabled) return true;
+  if (c.enabled) return;
   if (c.fallback == nullptr) {  // the first time: the allocator to give small requests to, and forks
     c.fallback = c10::GetCPUAllocator();
     pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
   }
   c10::SetCPUAllocator(the_allocator(), /*priority=*/100);
   c.enabled = true;
-  return true;
 }
 
 // Gives torch's CPU allocator back to the one installed before and every free block back to the OS; blocks

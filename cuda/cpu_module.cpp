@@ -36,7 +36,7 @@ torch::Tensor relu_square_forward(const torch::Tensor& x);
 torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& y);
 
 // cpu_alloc.cpp
-bool cpu_cache_install(int64_t min_bytes);
+void cpu_cache_install(int64_t min_bytes);
 bool cpu_cache_uninstall();
 int64_t cpu_cache_trim();
 std::vector<int64_t> cpu_cache_stats();
@@ -56,7 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones summed in fixed row blocks)");
   m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32)");
   m.def("wkv_output_backward", &wkv_output_backward, "their gradients (parameter ones summed in fixed row blocks)");
-  m.def("cpu_cache_install", &cpu_cache_install, "torch's CPU allocator caches blocks >= min_bytes by size class (true once installed)");
+  m.def("cpu_cache_install", &cpu_cache_install, "torch's CPU allocator caches blocks >= min_bytes by size class (again after uninstalling)");
   m.def("cpu_cache_uninstall", &cpu_cache_uninstall, "gives torch's CPU allocator back to the one before, until installed again");
   m.def("cpu_cache_trim", &cpu_cache_trim, "after a step: unmaps free blocks not handed out for 4 steps");
   m.def("cpu_cache_stats", &cpu_cache_stats, "[live, free, mapped, peak live] bytes, hits, misses, blocks returned");

@@ -242,7 +242,9 @@ def cache_large_blocks(min_bytes: int = 8 << 20) -> bool:
     heap leaves. Process-wide, until uncache_large_blocks (tensors made before keep their allocator). True
     once it is installed (by this call or before); False when the extension is not built."""
     ext = _extension()
-    return bool(ext is not None and ext.cpu_cache_install(int(min_bytes)))
+    if ext is not None:
+        ext.cpu_cache_install(int(min_bytes))
+    return ext is not None
 
 
 def uncache_large_blocks() -> bool:
