@@ -79,9 +79,12 @@ def logp_rounding(cfg, T: int, max_logit: float, n_tokens: int, u: float = U32) 
     return n_tokens * token * (1 + gamma(n_tokens, u))
 
 
-def wkv7_fp64(r, w, k, v, a, b, state=None, backend=None):
-    """The WKV7 recurrence of DESIGN.md in fp64 (the oracle's op; the package's reference runs in fp32)."""
+def wkv7_fp64(r, w, k, v, a, b, state=None, backend=None, decay_offset=None):
+    """The WKV7 recurrence of DESIGN.md in fp64 (the oracle's op; the package's reference runs in fp32).
+    decay_offset as ops.wkv7's: w holds z and the log-log decay is logsigmoid(z) - decay_offset."""
     r, w, k, v, a, b = (x.double() for x in (r, w, k, v, a, b))
+    if decay_offset is not None:
+        w = torch.nn.functional.logsigmoid(w) - decay_offset
     B, T, H, N = r.shape
     d = torch.exp(-torch.exp(w))
     s = r.new_zeros(B, H, N, N) if state is None else state.double()

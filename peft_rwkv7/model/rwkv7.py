@@ -92,8 +92,8 @@ class TimeMix(nn.Module):
 
         # ops.matmul is x @ W, with a fast path for the single rows of batch-1 generation
         r = self.receptance(xr)
-        # -softplus(-z) written as logsigmoid(z): the same function in two passes fewer (forward and backward)
-        w = F.logsigmoid(self.w0 + matmul(torch.tanh(matmul(xw, self.w1)), self.w2)) - DECAY_FLOOR
+        # the decay's pre-activation z; the log-log decay is w = -softplus(-z) - 0.5 = logsigmoid(z) - 0.5
+        z = self.w0 + matmul(torch.tanh(matmul(xw, self.w1)), self.w2)
         k0 = self.key(xk)
         v = self.value(xv)
         a = torch.sigmoid(self.a0 + matmul(matmul(xa, self.a1), self.a2))
@@ -117,12 +117,17 @@ class TimeMix(nn.Module):
         # projections' output) while w, a and kk come out of fp32-policy ops. Without this every layer
         # would make fp32 copies of r, k, v for the kernel; RWKV-LM and fla also feed w as bf16.
         dt = r.dtype
+        step = T == 1 and not torch.is_grad_enabled()  # an RNN step: no per-call set-up of the sequence op
+        # In fp32 the sequence op takes z (the CPU kernel makes the decay from it in one pass); otherwise w is
+        # made here, in z's dtype (fp32 under autocast), before the cast to the kernel's dtype.
+        from_z = not step and z.dtype == dt == torch.float32
+        w = z if from_z else F.logsigmoid(z) - DECAY_FLOOR
         args = (*(heads(t).to(dt) for t in (r, w, k, v, nkk, kka)), wkv_state)
-        if T == 1 and not torch.is_grad_enabled():  # an RNN step: no per-call set-up of the sequence op
+        if step:
             y, new_state = wkv7_step(*(t[:, 0] for t in args[:6]), wkv_state)
             y = y.unsqueeze(1)
         else:
-            y, new_state = wkv7(*args, backend=self.wkv_backend)
+            y, new_state = wkv7(*args, backend=self.wkv_backend, **({"decay_offset": DECAY_FLOOR} if from_z else {}))
         # (ln_x(y) + (sum_n r k r_k) v) g per head
         out = wkv_output(y.to(x.dtype).reshape(B, T, C), r, k, v, g, self.ln_x, self.r_k)
         return self.output(out), v_first, x[:, -1], new_state

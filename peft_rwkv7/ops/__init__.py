@@ -81,11 +81,15 @@ def wkv7(
     b: torch.Tensor,
     state: torch.Tensor | None = None,
     backend: str = "auto",
+    decay_offset: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV7 recurrence over [B, T, H, N] inputs.
 
     w: log-log decay (per-step decay = exp(-exp(w))); a = -kk, b = kk * a as RWKV-7 passes them;
     state: [B, H, N, N] value-major initial state (fp32) or None for zeros.
+    decay_offset: None, or w holds the decay's pre-activation z and the log-log decay is
+    logsigmoid(z) - decay_offset (RWKV-7's w = -softplus(-z) - 0.5). A backend that takes this form (the CPU
+    kernel: the decay from z in one pass) gets z; the others get logsigmoid(z) - decay_offset.
     Returns y [B, T, H, N] (dtype of r) and the final state [B, H, N, N] fp32. Differentiable in
     every input, including the initial state.
     """
@@ -94,7 +98,11 @@ def wkv7(
     # kernel once per head size and dtype before using it).
     dtype = r.dtype if all(x.dtype == r.dtype for x in (w, k, v, a, b)) else torch.float32
     fn = _resolve(backend, r.device, r.shape[-1], dtype)
-    return fn(r, w, k, v, a, b, state)
+    if decay_offset is None:
+        return fn(r, w, k, v, a, b, state)
+    if getattr(fn, "takes_decay_logit", False):
+        return fn(r, w, k, v, a, b, state, decay_offset=decay_offset)
+    return fn(r, F.logsigmoid(w) - decay_offset, k, v, a, b, state)
 
 
 def _one_row_on_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:

@@ -2,7 +2,8 @@
 
 The same extension holds the single-token RNN step's pieces (cuda/rnn_step_cpu.cpp): `matvec`,
 `vecmat` and `wkv7_step`, which batch-1 generation uses, and the fused element-wise ops of ops/timemix.py
-and ops/pointwise.py (cuda/token_mix_cpu.cpp, cuda/timemix_cpu.cpp); cuda/cpu_module.cpp binds them all.
+and ops/pointwise.py (cuda/token_mix_cpu.cpp, cuda/timemix_cpu.cpp), and the decay made from its pre-activation
+for this kernel (cuda/decay_cpu.cpp, `decay_offset`); cuda/cpu_module.cpp binds them all.
 
 The extension is compiled by `ops.build.load_extension` (one cache folder per source hash, torch
 version, compiler and flags, so installs never evict each other; later processes import it at once)
@@ -38,7 +39,7 @@ CHUNK = 32  # steps between stored states; must match kChunk in wkv7_cpu.cpp (th
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
 _KERNELS = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
 _SOURCES = tuple(_KERNELS / f for f in ("wkv7_cpu.cpp", "rnn_step_cpu.cpp", "token_mix_cpu.cpp", "timemix_cpu.cpp",
-                                          "cpu_alloc.cpp", "cpu_module.cpp"))
+                                          "decay_cpu.cpp", "cpu_alloc.cpp", "cpu_module.cpp"))
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
 # Threads come from torch: at::parallel_for splits the (batch, head) sequences. With torch's OpenMP
@@ -147,14 +148,17 @@ class _Wkv7Cpu(torch.autograd.Function):
     # The kernel wants N % 8 == 0. Zero padding is exact: padded keys have a = b = k = r = 0 and
     # padded values have v = 0, so the padded rows and columns of the state stay zero.
     @staticmethod
-    def forward(ctx, alloc, tiles, r, w, k, v, a, b, state):
+    def forward(ctx, alloc, tiles, offset, r, w, k, v, a, b, state):
         N = r.shape[-1]
         pad = -N % LANES
-        # The decay is computed here with torch's vectorised exp (the same ops as the reference);
-        # the kernel gets d and returns dL/dd, chained to dL/dw in backward by dd/dw = -d exp(w).
-        nw = torch.exp(_fp32(w, pad)).neg_()  # -exp(w), in place: one buffer and one pass fewer
-        d = torch.exp(nw)
-        dd_dw = nw.mul_(d) if ctx.needs_input_grad[3] else None  # -exp(w) d, in nw's buffer
+        # The kernel gets the decay d and returns dL/dd, chained to dL/dw in backward by dd/dw.
+        if offset is None:  # w is the log-log decay: d = exp(-exp(w)), dd/dw = -d exp(w), with torch's exp
+            nw = torch.exp(_fp32(w, pad)).neg_()  # -exp(w), in place: one buffer and one pass fewer
+            d = torch.exp(nw)
+            dd_dw = nw.mul_(d) if ctx.needs_input_grad[4] else None  # -exp(w) d, in nw's buffer
+        else:  # w holds z, the log-log decay being logsigmoid(z) - offset: d and dd/dz in one pass
+            d, dd_dw = _ext("wkv7").decay_forward(_fp32(w, pad), offset, ctx.needs_input_grad[4])
+            dd_dw = dd_dw if ctx.needs_input_grad[4] else None
         rdkvab = [_fp32(r, pad), d, *(_fp32(x, pad) for x in (k, v, a, b))]
         s0 = None if state is None else _pad_square(state, pad)
         y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc, tiles)
@@ -174,9 +178,9 @@ class _Wkv7Cpu(torch.autograd.Function):
         if dd_dw is not None:
             grads[1].mul_(dd_dw)
         need = ctx.needs_input_grad
-        grads = [g[..., :N].to(dt) if need[i + 2] else None for i, (g, dt) in enumerate(zip(grads, ctx.dtypes))]
-        ds0 = ds0[..., :N, :N].to(ctx.state_dtype) if need[8] else None
-        return (None, None, *grads, ds0)
+        grads = [g[..., :N].to(dt) if need[i + 3] else None for i, (g, dt) in enumerate(zip(grads, ctx.dtypes))]
+        ds0 = ds0[..., :N, :N].to(ctx.state_dtype) if need[9] else None
+        return (None, None, None, *grads, ds0)
 
 
 def wkv7_cpu(
@@ -189,6 +193,7 @@ def wkv7_cpu(
     state: torch.Tensor | None = None,
     alloc: Alloc = _empty,
     tiles: int = 0,
+    decay_offset: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused CPU kernel with `wkv7_reference`'s semantics.
 
@@ -198,9 +203,15 @@ def wkv7_cpu(
     kernel's fp32 output buffers (tests pass a NaN-filled allocator to catch unwritten memory); `tiles`
     the kernel's column tile width: 0 = by the CPU (64 with AVX-512, else 16; the same results either way
     up to the rounding of the backward's per-key sums), 16 or 64 (tests run both on any CPU).
+    `decay_offset` given: w holds the decay's pre-activation z and the log-log decay is logsigmoid(z) -
+    decay_offset (ops.wkv7's form); the decay and its gradient come from z in one pass (cuda/decay_cpu.cpp).
     """
     _ext("wkv7")  # raises when the extension could not be built
-    return _Wkv7Cpu.apply(alloc, tiles, r, w, k, v, a, b, state)
+    off = None if decay_offset is None else float(decay_offset)
+    return _Wkv7Cpu.apply(alloc, tiles, off, r, w, k, v, a, b, state)
+
+
+wkv7_cpu.takes_decay_logit = True  # ops.wkv7 passes decay_offset on instead of computing w
 
 
 def _ext(name: str) -> ModuleType:
