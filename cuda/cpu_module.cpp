@@ -34,6 +34,8 @@ void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor
 // token_mix_cpu.cpp
 torch::Tensor relu_square_forward(const torch::Tensor& x);
 std::vector<torch::Tensor> decay_forward(const torch::Tensor& z, double offset, bool want_grad);
+int64_t online_softmax_block(torch::Tensor z, const torch::Tensor& labels, int64_t a, torch::Tensor m, torch::Tensor s,
+                             torch::Tensor picked, torch::Tensor scale);
 torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& y);
 
 // cpu_alloc.cpp
@@ -52,6 +54,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_mix_forward", &token_mix_forward, "TimeMix/ChannelMix token shift and lerps (fp32)");
   m.def("token_mix_backward", &token_mix_backward, "its gradients (parameter ones summed in fixed row blocks)");
   m.def("decay_forward", &decay_forward, "RWKV-7's decay exp(-exp(logsigmoid(z) - offset)) and its z-gradient (fp32)");
+  m.def("online_softmax_block", &online_softmax_block, "one vocabulary block into the loss's running max and sum (fp32)");
   m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32)");
   m.def("relu_square_backward", &relu_square_backward, "its gradient g * sqrt(y) * 2 from the output y (fp32)");
   m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32)");

@@ -6,10 +6,9 @@
 //   dd/dz = d u sigmoid(-z)
 //
 // sigmoid(z) and sigmoid(-z) both come from e = exp(-|z|) <= 1 (q = 1 / (1 + e) is the larger of the two and
-// e q the smaller), so neither tail overflows or loses its relative precision. exp is Cephes' single-precision
-// exp (range reduction by ln 2 in two parts, a degree-6 polynomial, 2^n from the exponent bits; about 2 ulp
-// here), written branch-free so that `omp simd` vectorises it in every target clone: two exps per element
-// instead of logsigmoid's exp and log1p and then two more. NaN stays NaN.
+// e q the smaller), so neither tail overflows or loses its relative precision. exp is cpu_exp.h's, which
+// `omp simd` vectorises in every target clone: two exps per element instead of logsigmoid's exp and log1p
+// and then two more. NaN stays NaN.
 
 #include "cpu_aten.h"
 
@@ -18,40 +17,23 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_exp.h"
 #include "cpu_rows.h"
 #include "wkv7_cpu_simd.h"
 
 namespace {
 
-// exp(x) for x in [-87, 0.5] (the callers': -min(|z|, 87) and u in [-e^-offset, 0]).
-WKV_INLINE float exp_small(float x) {
-  constexpr float kLog2e = 1.44269504088896341f, kMagic = 12582912.f;  // 1.5 * 2^23: rounds to an integer
-  constexpr float kC1 = 0.693359375f, kC2 = -2.12194440e-4f;          // ln 2 = kC1 + kC2, kC1 exact in 9 bits
-  const float big = x * kLog2e + kMagic;
-  const float n = big - kMagic;  // round(x / ln 2)
-  const float r = (x - n * kC1) - n * kC2;  // |r| <= ln 2 / 2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * (r * r) + r + 1.f;
-  const int32_t n_int = __builtin_bit_cast(int32_t, big) - __builtin_bit_cast(int32_t, kMagic);
-  return y * __builtin_bit_cast(float, uint32_t(n_int + 127) << 23);  // 2^n, n in [-126, 1]
-}
-
-// The clamps and the NaN below are integer selects on the bits: GCC (12, -ftrapping-math) does not
-// vectorise the loop with a float compare feeding a select before the exp, nor with a float select after it.
+// The clamp (in exp_neg_abs_bits) and the NaN below are integer selects on the bits: GCC (12, -ftrapping-math)
+// does not vectorise the loop with a float compare feeding a select before the exp, nor a float select after it.
 template <bool kGrad>
 WKV_INLINE void decay_body(const float* z, float* d, float* dd, int64_t n, float c) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    constexpr int32_t k87 = 0x42ae0000, kInf = 0x7f800000, kNaN = 0x7fc00000;  // bits of 87.f, inf, a NaN
-    const int32_t az = __builtin_bit_cast(int32_t, z[i]) & 0x7fffffff;         // bits of |z|
+    constexpr int32_t kInf = 0x7f800000, kNaN = 0x7fc00000;              // bits of inf and of a NaN
+    const int32_t az = __builtin_bit_cast(int32_t, z[i]) & 0x7fffffff;  // bits of |z|
     // exp(-|z|) for |z| <= 87, else exp(-87) ~ 2^-125.5 (the tails of sigmoid are then exact in fp32, and the
     // gradient term it scales is below 1e-37)
-    const float e = exp_small(-__builtin_bit_cast(float, az < k87 ? az : k87));
+    const float e = exp_neg_abs_bits(az);
     const float q = 1.f / (1.f + e), eq = e * q;
     const bool pos = z[i] >= 0.f;
     const float s = pos ? q : eq, s_neg = pos ? eq : q;  // sigmoid(z), sigmoid(-z)

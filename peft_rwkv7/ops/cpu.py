@@ -2,8 +2,9 @@
 
 The same extension holds the single-token RNN step's pieces (cuda/rnn_step_cpu.cpp): `matvec`,
 `vecmat` and `wkv7_step`, which batch-1 generation uses, and the fused element-wise ops of ops/timemix.py
-and ops/pointwise.py (cuda/token_mix_cpu.cpp, cuda/timemix_cpu.cpp), and the decay made from its pre-activation
-for this kernel (cuda/decay_cpu.cpp, `decay_offset`); cuda/cpu_module.cpp binds them all.
+and ops/pointwise.py (cuda/token_mix_cpu.cpp, cuda/timemix_cpu.cpp), the decay made from its pre-activation
+for this kernel (cuda/decay_cpu.cpp, `decay_offset`) and the fused loss's online softmax (cuda/loss_cpu.cpp,
+ops/linear_ce.py); cuda/cpu_module.cpp binds them all.
 
 The extension is compiled by `ops.build.load_extension` (one cache folder per source hash, torch
 version, compiler and flags, so installs never evict each other; later processes import it at once)
@@ -39,7 +40,7 @@ CHUNK = 32  # steps between stored states; must match kChunk in wkv7_cpu.cpp (th
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
 _KERNELS = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
 _SOURCES = tuple(_KERNELS / f for f in ("wkv7_cpu.cpp", "rnn_step_cpu.cpp", "token_mix_cpu.cpp", "timemix_cpu.cpp",
-                                          "decay_cpu.cpp", "cpu_alloc.cpp", "cpu_module.cpp"))
+                                          "decay_cpu.cpp", "loss_cpu.cpp", "cpu_alloc.cpp", "cpu_module.cpp"))
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
 # Threads come from torch: at::parallel_for splits the (batch, head) sequences. With torch's OpenMP

@@ -21,7 +21,10 @@ weight rows into dnll/dh while they are still in cache, the sums rescaled when a
 dnll/dh = (sum_v e^(z_v - m) W_v) / s - W_label. The [rows, V] logits are never held (a 4 MiB block instead of
 a 128 MiB chunk), and the head's GEMM writes cache-sized blocks: on a 2-core AMD EPYC (AVX2) the forward head
 GEMM runs at 172 GFLOP/s in [512, 2048] blocks against 138 into a [512, 65536] chunk, and the loss alone
-(scripts/bench_loss.py) takes 0.60 s instead of 0.71 s at ctx 512, 4.8 s instead of 5.3 s at ctx 4096.
+(scripts/bench_loss.py) takes 0.60 s instead of 0.71 s at ctx 512, 4.8 s instead of 5.3 s at ctx 4096. Where
+the CPU extension is built, a block's fold (max, exponentials, sums, the label's logit) is one C++ call of two
+passes (cuda/loss_cpu.cpp); a block with a non-finite logit is folded by torch's ops (`_fold`), whose rules
+for infinities the C++ pass does not copy.
 
 Precision follows the plain path: the products run in the autocast dtype where autocast is on (bf16
 logits, then fp32 for the log-sum-exp), otherwise in the promoted dtype of h and the weight.
@@ -126,6 +129,30 @@ def _spans(n_rows: int, vocab: int, elements: int):
     return ((lo, min(n_rows, lo + step)) for lo in range(0, n_rows, step))
 
 
+def _fold(z, lab, a, b, m, s, picked):
+    """Block z [n, cols] of logits (columns a:b) into the running max m and sum s (s in place), with torch's
+    ops: (the new m, the scale e^(m_old - m_new) (None where no max grew), whether one grew). The row rules are
+    _logsumexp_'s: a max that is not finite (all -inf, or inf) is taken as 0."""
+    inside = ((lab >= a) & (lab < b)).nonzero().squeeze(1)
+    picked[inside] = z[inside, lab[inside] - a]
+    m_new = torch.maximum(m, z.amax(dim=1))
+    shift = _finite(m_new)
+    grew = bool((m_new > m).any())  # else every scale below is 1: skip the passes
+    scale = None
+    if grew:
+        scale = (m - shift).exp_()  # e^(m_old - m_new): 0 where m_old was -inf
+        s.mul_(scale)
+    s.add_(z.sub_(shift[:, None]).exp_().sum(dim=1))
+    return m_new, scale, grew
+
+
+def _cpu_extension():
+    """The CPU extension for the online softmax's C++ pass, or None (not built: torch's ops do it)."""
+    from . import cpu
+
+    return cpu._extension() if cpu.is_available(torch.device("cpu")) else None
+
+
 def _online(h, w, lab, nll, dh, ws, most, cols):
     """Rows h [n, C] fp32 through the vocabulary in blocks of `cols` columns (see the module docstring): NLL
     into nll [n], dnll/dh into dh [n, C] where given. Per row, with m the running max and s the running sum
@@ -135,26 +162,24 @@ def _online(h, w, lab, nll, dh, ws, most, cols):
     m = h.new_full((n,), -math.inf, dtype=torch.float32)
     s = h.new_zeros(n, dtype=torch.float32)
     picked = h.new_empty(n, dtype=torch.float32)
+    scales = h.new_empty(n, dtype=torch.float32)  # the C++ pass's e^(m_old - m_new)
+    ext = _cpu_extension() if lab.dtype == torch.int64 and lab.is_contiguous() else None
     for a in range(0, V, cols):
         b = min(V, a + cols)
         z = ws.get(n, b - a, torch.float32, h.device, most)
         torch.mm(h, w[a:b].t(), out=z)
-        inside = ((lab >= a) & (lab < b)).nonzero().squeeze(1)
-        picked[inside] = z[inside, lab[inside] - a]
-        m_new = torch.maximum(m, z.amax(dim=1))
-        shift = _finite(m_new)
-        grew = bool((m_new > m).any())  # else every scale below is 1: skip the passes
-        if grew:
-            scale = (m - shift).exp_()  # e^(m_old - m_new): 0 where m_old was -inf
-            s.mul_(scale)
-        s.add_(z.sub_(shift[:, None]).exp_().sum(dim=1))
+        # the block into m and s: two passes in C++ where every logit is finite (cuda/loss_cpu.cpp), else torch
+        folded = -1 if ext is None else ext.online_softmax_block(z, lab, a, m, s, picked, scales)
+        if folded < 0:
+            m, scale, grew = _fold(z, lab, a, b, m, s, picked)
+        else:
+            scale, grew = scales, folded == 1
         if dh is not None and a == 0:
             torch.mm(z, w[a:b], out=dh)
         elif dh is not None:
             if grew:
                 dh.mul_(scale[:, None])
             torch.addmm(dh, z, w[a:b], out=dh)  # (not addmm_: torch's FLOP counter knows addmm only)
-        m = m_new
     torch.sub(s.log() + _finite(m), picked, out=nll)
     if dh is not None:
         dh.div_(s[:, None]).sub_(w.index_select(0, lab))

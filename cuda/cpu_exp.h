@@ -1,0 +1,39 @@
+// exp for x <= 0 written so that `omp simd` vectorises it in every target clone (decay_cpu.cpp, loss_cpu.cpp):
+// Cephes' single-precision exp (range reduction by ln 2 in two parts, a degree-6 polynomial, 2^n from the
+// exponent bits; about 2 ulp). GCC 12 (-ftrapping-math) does not vectorise a loop with a float compare
+// feeding a select before the exp, so the clamp below -87 is an integer select on the bits.
+#pragma once
+
+#include <cstdint>
+
+#include "wkv7_cpu_simd.h"
+
+namespace {
+
+constexpr int32_t kBits87 = 0x42ae0000;  // 87.f
+
+// exp(x) for x in [-87, 0.5]; the callers clamp below (exp_nonpositive).
+WKV_INLINE float exp_small(float x) {
+  constexpr float kLog2e = 1.44269504088896341f, kMagic = 12582912.f;  // 1.5 * 2^23: rounds to an integer
+  constexpr float kC1 = 0.693359375f, kC2 = -2.12194440e-4f;          // ln 2 = kC1 + kC2, kC1 exact in 9 bits
+  const float big = x * kLog2e + kMagic;
+  const float n = big - kMagic;  // round(x / ln 2)
+  const float r = (x - n * kC1) - n * kC2;  // |r| <= ln 2 / 2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.f;
+  const int32_t n_int = __builtin_bit_cast(int32_t, big) - __builtin_bit_cast(int32_t, kMagic);
+  return y * __builtin_bit_cast(float, uint32_t(n_int + 127) << 23);  // 2^n, n in [-126, 1]
+}
+
+// exp(-m) for m = |m| given as its bits (sign cleared): m <= 87 exactly, else exp(-87) ~ 2^-125.5 (infinity
+// and NaN bits included: the callers handle those).
+WKV_INLINE float exp_neg_abs_bits(int32_t abs_bits) {
+  return exp_small(-__builtin_bit_cast(float, abs_bits < kBits87 ? abs_bits : kBits87));
+}
+
+}  // namespace

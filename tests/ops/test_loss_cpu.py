@@ -1,0 +1,110 @@
+"""The fused loss's online softmax folded by the C++ pass (cuda/loss_cpu.cpp) against torch's ops doing the same
+fold (ops/linear_ce._fold) and against the exact row sums; non-finite logits left to torch's ops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import peft_rwkv7.ops.linear_ce as lce
+from peft_rwkv7.ops import cpu
+from tests.fp_oracle import U32, gamma
+
+
+@pytest.fixture(scope="module")
+def ext():
+    assert cpu.is_available(torch.device("cpu")), "the CPU kernel did not build (see the warning above)"
+    return cpu._ext("wkv7")
+
+
+def block(rows=37, cols=300, seed=0):
+    """Logits of one block, running maxes some below and some above the block's (so some rows grow and some do
+    not, one row before its first block: m = -inf), running sums and labels inside and outside the block."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, cols, generator=g) * 4
+    m = z.amax(dim=1) + torch.randn(rows, generator=g) * 3
+    m[0] = -math.inf
+    s = torch.rand(rows, generator=g) * 50 + 1
+    s[0] = 0.0
+    a = 1000
+    lab = torch.randint(a - cols, a + 2 * cols, (rows,), generator=g)
+    return z, lab, a, m, s
+
+
+def test_the_cpp_fold_is_torchs_fold_within_rounding(ext):
+    z, lab, a, m, s = block()
+    rows, cols = z.shape
+    zt, mt, st, pt = z.clone(), m.clone(), s.clone(), torch.full((rows,), -7.0)
+    m_new, scale_t, _ = lce._fold(zt, lab, a, a + cols, mt, st, pt)
+    zc, mc, sc, pc, scale = z.clone(), m.clone(), s.clone(), torch.full((rows,), -7.0), torch.empty(rows)
+    grew = ext.online_softmax_block(zc, lab, a, mc, sc, pc, scale)
+    assert grew == 1 and bool((m_new > m).any())
+    assert torch.equal(mc, m_new) and torch.equal(pc, pt)  # a max and a copy: exact
+    inside = (lab >= a) & (lab < a + cols)
+    assert inside.any() and (~inside).any() and (pc[~inside] == -7.0).all()
+    # exp(x), x = z - m' rounded to fp32 first (u |x| absolute, so u |x| relative after the exp), then the exp
+    # itself within a few u (Cephes' here, SLEEF's in torch)
+    x = z.double() - m_new.double()[:, None]
+    exact = torch.exp(x)
+    assert ((zc.double() - exact).abs() <= (x.abs() + 4) * U32 * exact).all()
+    assert ((zt.double() - exact).abs() <= (x.abs() + 4) * U32 * exact).all()
+    want_scale = torch.exp(m.double() - m_new.double())
+    assert ((scale.double() - want_scale).abs() <= 2 * U32 * want_scale).all() and scale[0] == 0
+    assert (scale[m_new == m] == 1).all()
+    # s scale + a cols-term sum of those exps: each term's error above, and gamma_(cols + 3) of the sum
+    want_s = s.double() * want_scale + exact.sum(dim=1)
+    bound = ((x.abs() + 4) * U32 * exact).sum(dim=1) + 2 * U32 * s.double() * want_scale + gamma(cols + 3) * want_s
+    assert ((sc.double() - want_s).abs() <= bound).all()
+    assert ((sc.double() - st.double()).abs() <= 2 * bound).all()
+
+
+def test_a_block_where_no_max_grows_reports_it(ext):
+    z, lab, a, _, s = block()
+    m = z.amax(dim=1) + 1.0
+    scale = torch.empty(z.shape[0])
+    assert ext.online_softmax_block(z, lab, a, m.clone(), s, torch.empty(z.shape[0]), scale) == 0
+    assert (scale == 1).all()
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_a_block_with_a_non_finite_logit_is_left_whole_to_torch(ext, bad):
+    z, lab, a, m, s = block()
+    z[5, 17] = bad
+    copies = [t.clone() for t in (z, m, s)]
+    picked = torch.full((z.shape[0],), -7.0)
+    assert ext.online_softmax_block(z, lab, a, m, s, picked, torch.empty(z.shape[0])) == -1
+    assert all(torch.equal(x, y) or (x.isnan() == y.isnan()).all() for x, y in zip((z, m, s), copies))
+    assert (picked == -7.0).all()
+    m[3] = math.inf  # a running max that is not finite (torch's fold of an earlier block) also goes to torch
+    z[5, 17] = 0.0
+    assert ext.online_softmax_block(z, lab, a, m, s, picked, torch.empty(z.shape[0])) == -1
+
+
+@pytest.mark.parametrize("bad", [None, math.inf, -math.inf])
+def test_the_loss_is_the_same_with_the_cpp_pass_and_without(monkeypatch, bad):
+    """linear_cross_entropy with the C++ fold against torch's fold in every block: NLL and dL/dh within the
+    rounding of their sums; rows with an infinite logit take torch's rules either way (a block of them
+    goes to torch's ops)."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(40, 24, generator=g), torch.randn(700, 24, generator=g) * 0.5
+    y = torch.randint(0, 700, (40,), generator=g)
+    if bad is not None:
+        w[650, 3] = bad  # an infinite logit in the last block for every row whose h[:, 3] is not 0
+
+    def run():
+        hh = h.clone().requires_grad_()
+        nll = lce.linear_cross_entropy(hh, w, y, vocab_block=128)
+        nll.sum().backward()
+        return nll.detach(), hh.grad
+
+    fused = run()
+    monkeypatch.setattr(lce, "_cpu_extension", lambda: None)
+    plain = run()
+    for a, b in zip(fused, plain):
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite) and torch.equal(a.isnan(), b.isnan())
+        if finite.any():
+            scale = b[finite].abs().max()
+            assert ((a - b)[finite].abs() <= gamma(700 + 3 * 6) * 8 * (1 + scale)).all()
