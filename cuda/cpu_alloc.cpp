@@ -121,6 +121,25 @@ c10::DataPtr data_ptr(void* base) {  // page-aligned (c10 wants 64 bytes)
   return {base, base, &release, c10::Device(c10::DeviceType::CPU)};
 }
 
+// raw_allocate/raw_deallocate (oneDNN's buffers through ideep's engine allocator: bf16 matmuls on CPUs with
+// AVX512-BF16 or AMX) free a bare pointer with raw_deleter(): ours if it is one of this cache's blocks, the
+// allocator's from before if it served it (requests under min_bytes, or blocks from before the install).
+void raw_free(void* p) {
+  Cache& c = cache();
+  bool ours;
+  {
+    std::lock_guard<std::mutex> g(c.mu);
+    ours = c.size_of.count(p) != 0;  // p is live and its owner's alone: it cannot change hands meanwhile
+  }
+  if (ours) {
+    release(p);
+    return;
+  }
+  const c10::DeleterFnPtr other = c.fallback->raw_deleter();
+  TORCH_CHECK(other != nullptr, "peft_rwkv7 CPU allocator: the allocator before it has no raw deleter");
+  other(p);
+}
+
 struct CachingAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     Cache& c = cache();
@@ -147,7 +166,7 @@ struct CachingAllocator final : c10::Allocator {
     taken_locked(c, base, want);
     return data_ptr(base);
   }
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  c10::DeleterFnPtr raw_deleter() const override { return &raw_free; }
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 };
 
@@ -216,4 +235,21 @@ std::vector<int64_t> cpu_cache_stats() {
   std::lock_guard<std::mutex> g(c.mu);
   return {int64_t(c.live), int64_t(c.cached), int64_t(c.mapped), int64_t(c.peak_live), c.hits, c.misses,
           c.returned};
+}
+
+// What oneDNN does through ideep's engine allocator: raw_allocate `n` bytes from torch's CPU allocator (this
+// one when installed), write them, raw_deallocate them. For tests: c10 asserts (aborts the process) where the
+// allocator has no raw deleter. Returns whether the block was one of this cache's.
+bool cpu_cache_raw_roundtrip(int64_t n) {
+  c10::Allocator* a = c10::GetCPUAllocator();
+  void* p = a->raw_allocate(size_t(n));
+  std::memset(p, 1, size_t(n));
+  Cache& c = cache();
+  bool ours;
+  {
+    std::lock_guard<std::mutex> g(c.mu);
+    ours = c.size_of.count(p) != 0;
+  }
+  a->raw_deallocate(p);
+  return ours;
 }

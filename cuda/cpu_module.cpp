@@ -43,6 +43,7 @@ void cpu_cache_install(int64_t min_bytes);
 bool cpu_cache_uninstall();
 int64_t cpu_cache_trim();
 std::vector<int64_t> cpu_cache_stats();
+bool cpu_cache_raw_roundtrip(int64_t n);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &wkv7_forward, "WKV7 forward (fp32, writes y, checkpoints and the final state)");
@@ -65,4 +66,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_cache_uninstall", &cpu_cache_uninstall, "gives torch's CPU allocator back to the one before, until installed again");
   m.def("cpu_cache_trim", &cpu_cache_trim, "after a step: unmaps free blocks not handed out for 4 steps");
   m.def("cpu_cache_stats", &cpu_cache_stats, "[live, free, mapped, peak live] bytes, hits, misses, blocks returned");
+  m.def("cpu_cache_raw_roundtrip", &cpu_cache_raw_roundtrip, "raw_allocate/raw_deallocate n bytes as oneDNN does (a check); whether the cache served it");
 }

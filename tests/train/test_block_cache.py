@@ -150,6 +150,51 @@ def test_uninstalled_it_gives_every_block_back():
     assert got["mapped"] == got["live"] == 0 and got["returned"] == 2
 
 
+def test_a_bare_pointer_is_freed_as_onednn_frees_it():
+    """oneDNN (bf16 matmuls on AVX512-BF16/AMX CPUs) takes its buffers with raw_allocate and frees them with the
+    allocator's raw deleter: c10 aborts the process where there is none (rwkv-peft's README command crashed so
+    on an AMX Xeon). Large blocks go back to this cache, small ones to the allocator from before."""
+    got = _run("""
+        ext = cpu._extension()
+        before = ext.cpu_cache_raw_roundtrip(4 * 2**20)  # not installed: torch's own allocator
+        cpu.cache_large_blocks(2**20)
+        large = ext.cpu_cache_raw_roundtrip(4 * 2**20)
+        s1 = cpu.block_cache_stats()
+        again = ext.cpu_cache_raw_roundtrip(4 * 2**20)  # the block freed above, from the cache
+        small = ext.cpu_cache_raw_roundtrip(1000)  # under min_bytes: the allocator from before serves and frees it
+        s2 = cpu.block_cache_stats()
+        cpu.uncache_large_blocks()
+        after = ext.cpu_cache_raw_roundtrip(4 * 2**20)
+        print(json.dumps({"before": before, "large": large, "again": again, "small": small, "after": after,
+                          "s1": s1, "s2": s2}))
+    """)
+    assert (got["before"], got["large"], got["again"], got["small"], got["after"]) == (False, True, True, False, False)
+    assert got["s1"]["live"] == 0 and got["s1"]["free"] == 4 * MIB
+    assert (got["s1"]["hits"], got["s1"]["misses"]) == (0, 1)
+    assert got["s2"]["free"] == 4 * MIB and (got["s2"]["hits"], got["s2"]["misses"]) == (1, 1)
+
+
+def test_bf16_matmuls_and_their_gradients_run_on_it():
+    """CPU autocast bf16 through the cache, as `train.precision: bf16` runs: where torch hands bf16 GEMMs to
+    oneDNN (AVX512-BF16, AMX) its scratch buffers come and go through the cache; the bits equal those without."""
+    got = _run("""
+        def run():
+            torch.manual_seed(0)
+            lin = torch.nn.Linear(768, 3072)
+            lin.weight.data = lin.weight.data.bfloat16(); lin.bias.data = lin.bias.data.bfloat16()
+            x = torch.randn(512, 768, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = lin(x)
+            y.float().square().sum().backward()
+            return [y.float().sum().item(), x.grad.sum().item()]
+        plain = run()
+        cpu.cache_large_blocks(2**20)
+        cached = [run() for _ in range(2)]
+        print(json.dumps({"plain": plain, "cached": cached}))
+    """)
+    assert got["cached"] == [got["plain"], got["plain"]]
+
+
 def test_each_run_in_a_process_has_it_and_gives_every_free_block_back_at_its_end():
     got = _run("""
         from peft_rwkv7.train.memory import CpuBlocks
