@@ -190,6 +190,8 @@ def _cmd_eval_pairs(args) -> int:
     from .train.preference import eval_pairs, needs_frozen_copy, pairs_recipe
 
     recipe = pairs_recipe(args.pairs)  # before the model loads
+    if args.dtype == "auto":  # as the trainer's held-out evaluation ran: in the recipe's train.precision
+        args = argparse.Namespace(**{**vars(args), "dtype": recipe.train.precision})
     tokenizer = load_tokenizer(args.tokenizer)
     model = _load_for_inference(args)
     reference = None if args.adapter else model  # no adapter: the base model is its own reference

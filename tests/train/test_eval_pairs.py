@@ -59,3 +59,28 @@ def test_pairs_refusals_are_one_line():
     bad = run("eval", "--model", "data/demo/rwkv7-demo.pth", "--data", "x.jsonl", "--pairs", "recipes/dpo.yaml",
               "--limit", "3", check=False)
     assert bad.returncode == 2 and "--limit does not apply to --pairs" in bad.stderr
+
+
+@pytest.mark.parametrize("flag, precision, expect", [("auto", "fp32", "fp32"), ("auto", "bf16", "bf16"),
+                                                     ("auto", "auto", "auto"), ("bf16", "fp32", "bf16")])
+def test_pairs_load_the_model_in_the_recipes_precision(tmp_path, monkeypatch, flag, precision, expect):
+    """--dtype auto follows the recipe's train.precision, as the trainer's held-out evaluation ran (an AMX Xeon,
+    where auto means bf16 for inference, gave margins 6e-4 off the trainer's fp32 ones); --dtype given wins."""
+    from peft_rwkv7 import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((ROOT / "recipes/dpo.yaml").read_text().replace("precision: fp32", f"precision: {precision}"))
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def load(args, say=True):
+        seen.append(args.dtype)
+        raise Loaded
+
+    monkeypatch.setattr(cli, "_load_for_inference", load)
+    with pytest.raises(Loaded):
+        cli.main(["--debug", "eval", "--model", "data/demo/rwkv7-demo.pth", "--data",
+                  "data/demo/ship_log_prefs_eval.jsonl", "--pairs", str(recipe), "--dtype", flag])
+    assert seen == [expect]
