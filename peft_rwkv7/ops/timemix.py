@@ -8,8 +8,11 @@ torch's autograd takes 8-20 (issue 23's profile: ~17 ms of a 47 ms TimeMix layer
                                              per head of the [B, T, C] inputs
     wkv_output(y, r, k, v, g, ln_x, r_k)  -> (group_norm(y) + (sum_n r k r_k) v) g, per head
 
-The fused form runs where every tensor is a CPU fp32 tensor and the CPU extension is built; otherwise
-(bf16, autocast, GPU, no compiler) the torch reference. Both are differentiable in every input and
+The fused form runs where every tensor is a CPU fp32 or bf16 tensor and the CPU extension is built; otherwise
+(GPU, no compiler) the torch reference. bf16 inputs (a bf16 model, bf16 autocast) are widened to fp32 on the
+way in, the op computes in fp32 and each output is rounded once to the dtype torch's ops would give (bf16 only
+where every input is bf16): within one bf16 rounding of the exact result, where the reference rounds after
+each of its ops. Both are differentiable in every input and
 parameter; the fused backward returns parameter gradients only when they are asked for (full
 fine-tuning), summed over fixed 32-row blocks in order, so no result depends on the thread count.
 Equal to the reference within fp32 rounding (tests/ops/test_timemix.py: against it and against fp64).
@@ -27,10 +30,31 @@ __all__ = ["token_mix", "key_prep", "wkv_output", "token_mix_reference", "key_pr
            "wkv_output_reference", "fused_available"]
 
 
+_WIDENED = (torch.float32, torch.bfloat16)
+
+
 def fused_available(*tensors: torch.Tensor | None) -> bool:
-    """True where the fused CPU ops apply: every tensor given is a CPU fp32 tensor and the extension loads."""
+    """True where the fused CPU ops apply: every tensor given is a CPU fp32 or bf16 tensor and the extension
+    loads."""
     ts = [t for t in tensors if t is not None]
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts) and cpu.is_available(ts[0].device)
+    return all(t.device.type == "cpu" and t.dtype in _WIDENED for t in ts) and cpu.is_available(ts[0].device)
+
+
+def _fp32(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The fused ops' inputs in fp32 (a bf16 one widened: autograd takes its gradient back to bf16)."""
+    return [None if t is None else t.float() for t in tensors]
+
+
+def _rounded(outs, dtype: torch.dtype):
+    """The fused ops' fp32 outputs in `dtype`, the reference's result dtype."""
+    return outs if dtype == torch.float32 else tuple(o.to(dtype) for o in outs)
+
+
+def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
 
 
 # ---- references: the model's formulas in torch ops -------------------------------------------------------
@@ -141,15 +165,15 @@ class _WkvOutput(torch.autograd.Function):
 
 def token_mix(x: torch.Tensor, prev: torch.Tensor | None, mix: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """x [B, T, C], prev [B, C] or None (zeros), mix [M, C] -> M tensors [B, T, C]: x + (x_prev - x) * mix[m]."""
-    if fused_available(x, prev, mix):
-        return _TokenMix.apply(x, prev, mix)
+    if fused_available(x, prev, mix):  # the reference's outputs are in x's dtype (mix is cast to it)
+        return _rounded(_TokenMix.apply(*_fp32(x, prev, mix)), x.dtype)
     return token_mix_reference(x, prev, mix)
 
 
 def key_prep(k0: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor, H: int):
     """k0, a [B, T, C]; k_k, k_a broadcast over [B, T, C] (C values) -> (k, -kk, kk a), each [B, T, C]."""
     if fused_available(k0, a, k_k, k_a) and k0.shape == a.shape:
-        return _KeyPrep.apply(k0, a, k_k, k_a, H)
+        return _rounded(_KeyPrep.apply(*_fp32(k0, a, k_k, k_a), H), _result_dtype(k0, a, k_k, k_a))
     return key_prep_reference(k0, a, k_k, k_a, H)
 
 
@@ -159,5 +183,7 @@ def wkv_output(y, r, k, v, g, ln_x: nn.GroupNorm, r_k: torch.Tensor) -> torch.Te
     fused = ln_x.affine and fused_available(y, r, k, v, g, ln_x.weight, ln_x.bias, r_k) and not partitioned(
         ln_x.weight, ln_x.bias)
     if fused and all(t.shape == r.shape for t in (y, k, v, g)):
-        return _WkvOutput.apply(y, r, k, v, g, ln_x.weight, ln_x.bias, r_k, ln_x.num_groups, ln_x.eps)
+        ins = (y, r, k, v, g, ln_x.weight, ln_x.bias, r_k)
+        (out,) = _rounded((_WkvOutput.apply(*_fp32(*ins), ln_x.num_groups, ln_x.eps),), _result_dtype(*ins))
+        return out
     return wkv_output_reference(y, r, k, v, g, ln_x, r_k)

@@ -73,11 +73,18 @@ def test_the_wkv_op_gets_one_dtype_and_the_chosen_backend(monkeypatch):
     # kk come out fp32 beside r, k, v in bf16, and the residual stream (from the fp32 embedding) is fp32
     for n, p in model.named_parameters():
         p.data = p.data.float() if p.dim() != 2 or n == "emb.weight" else p.data.to(torch.bfloat16)
-    # the WKV output goes back to the activations' dtype before ln_x (GroupNorm keeps a bf16 input in bf16)
+    # the WKV output goes back to the activations' dtype before ln_x (GroupNorm keeps a bf16 input in bf16): the
+    # y that wkv_output (ln_x, bonus, gate; fused on the CPU) gets
     dtypes = []
     for blk in model.blocks:
         blk.att.register_forward_pre_hook(lambda m, args: dtypes.append(("x", args[0].dtype)))
-        blk.att.ln_x.register_forward_pre_hook(lambda m, args: dtypes.append(("ln_x", args[0].dtype)))
+    real_out = rwkv7.wkv_output
+
+    def out_spy(y, *rest):
+        dtypes.append(("ln_x", y.dtype))
+        return real_out(y, *rest)
+
+    monkeypatch.setattr(rwkv7, "wkv_output", out_spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, V, (2, 5)))
     assert seen == [({torch.bfloat16}, "reference")] * 2

@@ -200,16 +200,86 @@ def test_parameter_gradients_do_not_depend_on_the_thread_count():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_the_fused_ops_run_only_on_cpu_fp32():
-    """bf16 (and so autocast's bf16 activations) takes the reference: bit for bit its result."""
-    g = torch.Generator().manual_seed(6)
-    x, mix = torch.randn(1, 8, 16, generator=g).bfloat16(), torch.rand(2, 16, generator=g)
-    assert not timemix.fused_available(x, mix)
-    assert all(torch.equal(a, b) for a, b in zip(token_mix(x, None, mix), token_mix_reference(x, None, mix)))
-    k0, a = torch.randn(1, 8, 16, generator=g).bfloat16(), torch.rand(1, 8, 16, generator=g).bfloat16()
-    k_k, k_a = torch.randn(1, 1, 16), torch.rand(1, 1, 16)
-    assert all(torch.equal(p, q) for p, q in zip(key_prep(k0, a, k_k, k_a, 2), key_prep_reference(k0, a, k_k, k_a, 2)))
-    assert timemix.fused_available(torch.randn(2), torch.randn(3))
+BF16_U = 2.0**-8  # one bf16 rounding, relative (8 significant bits: half an ulp is 2^-8 of the value at most)
+
+
+def _within_one_bf16_rounding(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """got (bf16) against want (fp64 of the same bf16 inputs): one rounding to bf16 of an fp32 result, so
+    2^-8 relative per element, plus the fp32 work before it (~1e-6 of the largest value; 1e-5 allowed)."""
+    assert got.dtype == torch.bfloat16, what
+    err = (got.double() - want).abs()
+    bound = BF16_U * want.abs() + 1e-5 * want.abs().max()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{what}: {worst:.3g} past one bf16 rounding"
+
+
+def _bf16_case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return g, (lambda *shape: torch.randn(*shape, generator=g).bfloat16().double())
+
+
+@pytest.mark.parametrize("op", ["token_mix", "key_prep", "wkv_output"])
+def test_bf16_inputs_are_computed_in_fp32_and_rounded_once(op):
+    """A bf16 model (or bf16 autocast's activations): the fused op widens its inputs, computes in fp32 and rounds
+    each output to bf16 once; outputs and every gradient within one bf16 rounding of fp64 on the same bf16
+    values, in the inputs' dtypes. The graph holds the fused op (not the reference's chain)."""
+    g, rnd = _bf16_case({"token_mix": 10, "key_prep": 11, "wkv_output": 12}[op])
+    if op == "token_mix":
+        ins, fn, ref, extra = [rnd(B, T, C), rnd(B, C), rnd(6, C).abs() / 4], token_mix, token_mix_reference, ()
+        node = "_TokenMixBackward"
+    elif op == "key_prep":
+        sig = (lambda t: t.sigmoid().bfloat16().double())  # bf16 values, so fp64 sees what bf16 does
+        ins = [rnd(B, T, C), sig(rnd(B, T, C)), rnd(1, 1, C), sig(rnd(1, 1, C))]
+        fn, ref, extra, node = key_prep, key_prep_reference, (H,), "_KeyPrepBackward"
+    else:
+        ln = nn.GroupNorm(H, C, eps=64e-5)
+        with torch.no_grad():
+            ln.weight.copy_(rnd(C)), ln.bias.copy_(rnd(C))
+        ins = [rnd(B, T, C) for _ in range(5)] + [rnd(H, C // H)]
+        node = "_WkvOutputBackward"
+
+        def fn(y, r, k, v, g_, r_k):
+            return timemix.wkv_output(y, r, k, v, g_, ln16, r_k)
+
+        def ref(y, r, k, v, g_, r_k):
+            return wkv_output_reference(y, r, k, v, g_, ln64, r_k)
+
+        import copy
+
+        ln16, ln64 = copy.deepcopy(ln).bfloat16(), copy.deepcopy(ln).double()
+        ln16.requires_grad_(False), ln64.requires_grad_(False)
+        extra = ()
+    outs64 = ref(*_leaves(ins, torch.float64), *extra)
+    outs64 = outs64 if isinstance(outs64, tuple) else (outs64,)
+    gos = [torch.randn(o.shape, generator=g).bfloat16().double() for o in outs64]
+    want, wgrads = _run(ref, ins, gos, torch.float64, *extra)
+    xs = _leaves(ins, torch.bfloat16)
+    outs = fn(*xs, *extra)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    assert node in _graph_nodes(outs[0])
+    torch.autograd.backward(list(outs), [gg.bfloat16() for gg in gos])
+    for i, (o, w) in enumerate(zip(outs, want)):
+        _within_one_bf16_rounding(o.detach(), w, f"{op} out {i}")
+    for i, (x, w) in enumerate(zip(xs, wgrads)):
+        _within_one_bf16_rounding(x.grad, w, f"{op} grad {i}")
+
+
+def test_mixed_fp32_and_bf16_inputs_give_fp32_as_torch_would():
+    """Under bf16 autocast x (a layer norm's output) is fp32 and the frozen mix bf16: torch's ops promote, so
+    the outputs stay fp32 (not rounded to bf16), equal to the reference on the same values to fp32 rounding."""
+    g = torch.Generator().manual_seed(13)
+    x, mix = torch.randn(1, 8, 16, generator=g), torch.rand(2, 16, generator=g).bfloat16()
+    assert timemix.fused_available(x, mix)
+    for got, want in zip(token_mix(x, None, mix), token_mix_reference(x.double(), None, mix.double())):
+        assert got.dtype == torch.float32
+        _close(got, want, "mixed token_mix")
+    k0, a = torch.randn(1, 8, 16, generator=g).bfloat16(), torch.rand(1, 8, 16, generator=g)
+    k_k, k_a = torch.randn(1, 1, 16).bfloat16(), torch.rand(1, 1, 16).bfloat16()
+    want = key_prep_reference(*(t.double() for t in (k0, a, k_k, k_a)), 2)
+    for got, w in zip(key_prep(k0, a, k_k, k_a, 2), want):
+        assert got.dtype == torch.float32
+        _close(got, w, "mixed key_prep")
+    assert not timemix.fused_available(torch.randn(2, dtype=torch.float16), torch.randn(3))
 
 
 def _graph_nodes(t: torch.Tensor) -> set[str]:
