@@ -10,7 +10,13 @@
 
 namespace {
 
-constexpr int32_t kBits87 = 0x42ae0000;  // 87.f
+constexpr int32_t kBits87 = 0x42ae0000;   // 87.f
+constexpr int32_t kAbsMask = 0x7fffffff;  // clears the sign bit: the bits of |x|
+constexpr int32_t kInfBits = 0x7f800000;  // +inf; |x|'s bits above it are a NaN's
+constexpr int32_t kNaNBits = 0x7fc00000;  // a quiet NaN
+
+// The bits of |x|.
+WKV_INLINE int32_t abs_bits(float x) { return __builtin_bit_cast(int32_t, x) & kAbsMask; }
 
 // exp(x) for x in [-87, 0.5]; the callers clamp below (exp_nonpositive).
 WKV_INLINE float exp_small(float x) {

@@ -29,8 +29,7 @@ template <bool kGrad>
 WKV_INLINE void decay_body(const float* z, float* d, float* dd, int64_t n, float c) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    constexpr int32_t kInf = 0x7f800000, kNaN = 0x7fc00000;              // bits of inf and of a NaN
-    const int32_t az = __builtin_bit_cast(int32_t, z[i]) & 0x7fffffff;  // bits of |z|
+    const int32_t az = abs_bits(z[i]);  // bits of |z|
     // exp(-|z|) for |z| <= 87, else exp(-87) ~ 2^-125.5 (the tails of sigmoid are then exact in fp32, and the
     // gradient term it scales is below 1e-37)
     const float e = exp_neg_abs_bits(az);
@@ -39,7 +38,7 @@ WKV_INLINE void decay_body(const float* z, float* d, float* dd, int64_t n, float
     const float s = pos ? q : eq, s_neg = pos ? eq : q;  // sigmoid(z), sigmoid(-z)
     const float u = -c * s;
     const float di = exp_small(u);
-    const float bad = __builtin_bit_cast(float, az > kInf ? kNaN : 0);  // NaN where z is NaN, else +0
+    const float bad = __builtin_bit_cast(float, az > kInfBits ? kNaNBits : 0);  // NaN where z is NaN, else +0
     d[i] = di + bad;
     if constexpr (kGrad) dd[i] = di * u * s_neg + bad;
   }

@@ -26,8 +26,6 @@
 
 namespace {
 
-constexpr int32_t kAbs = 0x7fffffff, kInfBits = 0x7f800000;
-
 // The row's max and whether any entry is +-inf or NaN (the compare on the bits, so the loop vectorises).
 WKV_CLONES void row_max(const float* z, int64_t n, float* out_max, bool* out_bad) {
   float m = -INFINITY;
@@ -35,7 +33,7 @@ WKV_CLONES void row_max(const float* z, int64_t n, float* out_max, bool* out_bad
 #pragma omp simd reduction(max : m) reduction(| : bad)
   for (int64_t i = 0; i < n; ++i) {
     m = std::max(m, z[i]);
-    bad |= int32_t((__builtin_bit_cast(int32_t, z[i]) & kAbs) >= kInfBits);
+    bad |= int32_t(abs_bits(z[i]) >= kInfBits);
   }
   *out_max = m;
   *out_bad = bad != 0;
@@ -46,7 +44,7 @@ WKV_CLONES float row_exp_sum(float* z, int64_t n, float shift) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) {
-    const float e = exp_neg_abs_bits(__builtin_bit_cast(int32_t, z[i] - shift) & kAbs);  // exp of a value <= 0
+    const float e = exp_neg_abs_bits(abs_bits(z[i] - shift));  // exp of a value <= 0
     z[i] = e;
     s += e;
   }
