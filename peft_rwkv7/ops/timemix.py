@@ -41,7 +41,9 @@ def fused_available(*tensors: torch.Tensor | None) -> bool:
 
 
 def _fp32(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The fused ops' inputs in fp32 (a bf16 one widened: autograd takes its gradient back to bf16)."""
+    """The fused ops' inputs in fp32 (a bf16 one widened; an fp32 one as it is). token_mix widens outside its
+    op (autograd takes the gradient back to bf16): what it keeps is x, fp32 already, and mix. key_prep and
+    wkv_output keep their inputs as given and widen them again in backward, so a bf16 input is kept in bf16."""
     return [None if t is None else t.float() for t in tensors]
 
 
@@ -121,21 +123,23 @@ class _KeyPrep(torch.autograd.Function):
     def forward(ctx, k0, a, k_k, k_a, H):
         ctx.set_materialize_grads(False)
         shape = k0.shape
-        k0, a = (t.detach().reshape(-1, shape[-1]).contiguous() for t in (k0, a))
-        k_k, k_a = (t.detach().reshape(-1).contiguous() for t in (k_k, k_a))
-        ctx.save_for_backward(k0, a, k_k, k_a)
-        ctx.H, ctx.shape = H, shape
-        return tuple(t.view(shape) for t in _ext().key_prep_forward(k0, a, k_k, k_a, H))
+        ins = [t.detach().reshape(-1, shape[-1]).contiguous() for t in (k0, a)]
+        ins += [t.detach().reshape(-1).contiguous() for t in (k_k, k_a)]
+        ctx.save_for_backward(*ins)  # as given: bf16 ones are widened again in backward, not kept in fp32
+        ctx.H, ctx.shape, ctx.dtypes = H, shape, [t.dtype for t in ins]
+        return tuple(t.view(shape) for t in _ext().key_prep_forward(*_fp32(*ins), H))
 
     @staticmethod
     def backward(ctx, gk, gnkk, gkka):
-        k0, a, k_k, k_a = ctx.saved_tensors
+        k0, a, k_k, k_a = _fp32(*ctx.saved_tensors)
         need = ctx.needs_input_grad
         gs = [_EMPTY if t is None else t.reshape(k0.shape).contiguous() for t in (gk, gnkk, gkka)]
         gk0, ga, pk = _ext().key_prep_backward(*gs, k0, a, k_k, k_a, ctx.H, need[2] or need[3])
         pshape = (1,) * (len(ctx.shape) - 1) + (-1,)
-        return (gk0.view(ctx.shape) if need[0] else None, ga.view(ctx.shape) if need[1] else None,
-                pk[0].view(pshape) if need[2] else None, pk[1].view(pshape) if need[3] else None, None)
+        dts = ctx.dtypes
+        return (gk0.view(ctx.shape).to(dts[0]) if need[0] else None, ga.view(ctx.shape).to(dts[1]) if need[1] else None,
+                pk[0].view(pshape).to(dts[2]) if need[2] else None, pk[1].view(pshape).to(dts[3]) if need[3] else None,
+                None)
 
 
 class _WkvOutput(torch.autograd.Function):
@@ -144,20 +148,23 @@ class _WkvOutput(torch.autograd.Function):
         shape = r.shape
         yrkvg = [t.detach().reshape(-1, shape[-1]).contiguous() for t in (y, r, k, v, g)]
         params = [t.detach().reshape(-1).contiguous() for t in (gn_w, gn_b, r_k)]
-        o, stats = _ext().wkv_output_forward(yrkvg, *params, H, eps)
-        ctx.save_for_backward(*yrkvg, stats, *params)
+        o, stats = _ext().wkv_output_forward(_fp32(*yrkvg), *_fp32(*params), H, eps)
+        ctx.save_for_backward(*yrkvg, stats, *params)  # as given: bf16 ones are widened again in backward
         ctx.H, ctx.eps, ctx.shape, ctx.pshapes = H, eps, shape, [t.shape for t in (gn_w, gn_b, r_k)]
+        ctx.dtypes = [t.dtype for t in (*yrkvg, *params)]
         return o.view(shape)
 
     @staticmethod
     def backward(ctx, go):
         *yrkvg, stats, gn_w, gn_b, r_k = ctx.saved_tensors
+        yrkvg, (gn_w, gn_b, r_k) = _fp32(*yrkvg), _fp32(gn_w, gn_b, r_k)
         need = ctx.needs_input_grad
         want_params = any(need[5:8])
         *gin, ps = _ext().wkv_output_backward(go.reshape(yrkvg[0].shape).contiguous(), yrkvg, stats, gn_w, gn_b,
                                              r_k, ctx.H, ctx.eps, want_params)
-        grads = [t.view(ctx.shape) if need[i] else None for i, t in enumerate(gin)]
-        pgrads = [ps[i].view(s) if need[5 + i] else None for i, s in enumerate(ctx.pshapes)]
+        dts = ctx.dtypes
+        grads = [t.view(ctx.shape).to(dts[i]) if need[i] else None for i, t in enumerate(gin)]
+        pgrads = [ps[i].view(s).to(dts[5 + i]) if need[5 + i] else None for i, s in enumerate(ctx.pshapes)]
         return (*grads, *pgrads, None, None)
 
 
@@ -173,7 +180,7 @@ def token_mix(x: torch.Tensor, prev: torch.Tensor | None, mix: torch.Tensor) -> 
 def key_prep(k0: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor, H: int):
     """k0, a [B, T, C]; k_k, k_a broadcast over [B, T, C] (C values) -> (k, -kk, kk a), each [B, T, C]."""
     if fused_available(k0, a, k_k, k_a) and k0.shape == a.shape:
-        return _rounded(_KeyPrep.apply(*_fp32(k0, a, k_k, k_a), H), _result_dtype(k0, a, k_k, k_a))
+        return _rounded(_KeyPrep.apply(k0, a, k_k, k_a, H), _result_dtype(k0, a, k_k, k_a))
     return key_prep_reference(k0, a, k_k, k_a, H)
 
 
@@ -184,6 +191,6 @@ def wkv_output(y, r, k, v, g, ln_x: nn.GroupNorm, r_k: torch.Tensor) -> torch.Te
         ln_x.weight, ln_x.bias)
     if fused and all(t.shape == r.shape for t in (y, k, v, g)):
         ins = (y, r, k, v, g, ln_x.weight, ln_x.bias, r_k)
-        (out,) = _rounded((_WkvOutput.apply(*_fp32(*ins), ln_x.num_groups, ln_x.eps),), _result_dtype(*ins))
+        (out,) = _rounded((_WkvOutput.apply(*ins, ln_x.num_groups, ln_x.eps),), _result_dtype(*ins))
         return out
     return wkv_output_reference(y, r, k, v, g, ln_x, r_k)

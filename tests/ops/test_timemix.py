@@ -264,6 +264,20 @@ def test_bf16_inputs_are_computed_in_fp32_and_rounded_once(op):
         _within_one_bf16_rounding(x.grad, w, f"{op} grad {i}")
 
 
+def test_bf16_inputs_are_kept_for_backward_in_bf16():
+    """key_prep and wkv_output keep their [B, T, C] inputs as given and widen them again in backward: a bf16
+    input is not kept as an fp32 copy (ctx 4096 LoRA bf16: +630 MiB peak when they were)."""
+    g = torch.Generator().manual_seed(14)
+    big = [torch.randn(B, T, C, generator=g).bfloat16().requires_grad_() for _ in range(7)]
+    ln = nn.GroupNorm(H, C, eps=64e-5).bfloat16().requires_grad_(False)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, t.numel())) or t, lambda t: t):
+        key_prep(big[0], big[1].sigmoid(), torch.randn(1, 1, C).bfloat16(), torch.rand(1, 1, C).bfloat16(), H)
+        timemix.wkv_output(big[2].float(), *big[3:7], ln, torch.randn(H, C // H).bfloat16())
+    large = [dt for dt, n in kept if n >= B * T * C]  # k0, a; y, r, k, v, g (and sigmoid's own output)
+    assert large.count(torch.float32) == 1 and large.count(torch.bfloat16) >= 6, kept  # y was given in fp32
+
+
 def test_mixed_fp32_and_bf16_inputs_give_fp32_as_torch_would():
     """Under bf16 autocast x (a layer norm's output) is fp32 and the frozen mix bf16: torch's ops promote, so
     the outputs stay fp32 (not rounded to bf16), equal to the reference on the same values to fp32 rounding."""
