@@ -152,7 +152,7 @@ def main() -> None:
         return child(args)
     sys.path.insert(0, str(HERE))
     import torch
-    from bench_util import isa_flags
+    from bench_util import child_error, isa_flags
 
     precisions = args.precisions
     fast, why = bf16_fast()
@@ -170,7 +170,8 @@ def main() -> None:
                        "--one-ctx", str(ctx), "--steps", str(args.steps), "--src", args.src, "--layout", args.layout]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode:
-                    print(f"| {method} | {ctx} | {prec} | failed: {out.stderr.strip().splitlines()[-1:]} |||||")
+                    why = child_error(out.stderr)
+                    print(f"| {method} | {ctx} | {prec} | failed (exit {out.returncode}): {why} |||||")
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"| {method} | {ctx} | {prec} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | "

@@ -24,6 +24,17 @@ def isa_flags() -> str:
     return f"{model}; {' '.join(keep)}; torch {torch.backends.cpu.get_cpu_capability()}"
 
 
+def child_error(stderr: str) -> str:
+    """The line of a failed child's stderr that says what went wrong: a Python exception's last line, or for a
+    C++ abort (terminate, c10's asserts) its `what():` line, not the last line of the native backtrace."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    what = [ln for ln in lines if ln.startswith("what():") or "terminate called" in ln]
+    if what:
+        return " ".join(what)[:300]
+    plain = [ln for ln in lines if not ln.startswith(("frame #", "<omitting", "Exception raised from"))]
+    return (plain or lines or ["no output"])[-1][:300]
+
+
 def method_config(method: str):
     from peft_rwkv7.adapters import MethodConfig
 

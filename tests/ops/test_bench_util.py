@@ -56,3 +56,17 @@ def test_the_head_runs_in_the_fused_losss_chunks(bench_util, monkeypatch):
     for dtype, full in ((torch.bfloat16, False), (torch.float32, True)):  # the chunk path: whole rows of logits
         p = bench_util.GemmPass(model, 1024, dtype, weight_grads=full)
         assert [(r, n, cols) for w, r, n, cols in p.work if w.shape[0] == 65536] == [(512, 2, 65536)]
+
+
+def test_a_failed_child_is_reported_by_what_went_wrong(bench_util):
+    """bench_train.py's row for a child that died: a C++ abort's `what():` line (an AMX Xeon's bf16 rows once
+    said only `frame #44: _start + 0x21`), a Python exception's last line."""
+    abort = ("terminate called after throwing an instance of 'c10::Error'\n"
+             "  what():  d INTERNAL ASSERT FAILED at \"Allocator.h\":214, please report a bug to PyTorch.\n"
+             "Exception raised from raw_deallocate at Allocator.h:214 (most recent call first):\n"
+             "frame #0: c10::Error::Error() + 0x9d\nframe #44: _start + 0x21 (0x55d4727ed081 in python)\n")
+    got = bench_util.child_error(abort)
+    assert "terminate called" in got and "INTERNAL ASSERT FAILED" in got and "frame" not in got
+    py = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: out of memory\n"
+    assert bench_util.child_error(py) == "RuntimeError: out of memory"
+    assert bench_util.child_error("") == "no output"
