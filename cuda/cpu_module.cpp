@@ -21,7 +21,7 @@ std::vector<torch::Tensor> key_prep_backward(const torch::Tensor&, const torch::
                                              const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                                              const torch::Tensor&, int64_t, bool);
 std::vector<torch::Tensor> wkv_output_forward(const std::vector<torch::Tensor>&, const torch::Tensor&,
-                                              const torch::Tensor&, const torch::Tensor&, int64_t, double);
+                                              const torch::Tensor&, const torch::Tensor&, int64_t, double, bool);
 std::vector<torch::Tensor> wkv_output_backward(const torch::Tensor&, const std::vector<torch::Tensor>&,
                                                const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                                                const torch::Tensor&, int64_t, double, bool);
@@ -52,15 +52,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vecmat", &vecmat, "one row times a contiguous [in, out] fp32 weight (batch-1 generation)");
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for runs on in this library (a check)");
   m.def("wkv7_step", &wkv7_step, "WKV7 update of one token, no autograd (fp32; returns y and the new state)");
-  m.def("token_mix_forward", &token_mix_forward, "TimeMix/ChannelMix token shift and lerps (fp32)");
+  m.def("token_mix_forward", &token_mix_forward, "TimeMix/ChannelMix token shift and lerps (fp32 or bf16 rows)");
   m.def("token_mix_backward", &token_mix_backward, "its gradients (parameter ones summed in fixed row blocks)");
   m.def("decay_forward", &decay_forward, "RWKV-7's decay exp(-exp(logsigmoid(z) - offset)) and its z-gradient (fp32)");
   m.def("online_softmax_block", &online_softmax_block, "one vocabulary block into the loss's running max and sum (fp32)");
   m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32)");
   m.def("relu_square_backward", &relu_square_backward, "its gradient g * sqrt(y) * 2 from the output y (fp32)");
-  m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32)");
+  m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32 or bf16 rows)");
   m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones summed in fixed row blocks)");
-  m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32)");
+  m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32 or bf16 rows)");
   m.def("wkv_output_backward", &wkv_output_backward, "their gradients (parameter ones summed in fixed row blocks)");
   m.def("cpu_cache_install", &cpu_cache_install, "torch's CPU allocator caches blocks >= min_bytes by size class (again after uninstalling)");
   m.def("cpu_cache_uninstall", &cpu_cache_uninstall, "gives torch's CPU allocator back to the one before, until installed again");

@@ -8,6 +8,7 @@
 //
 // Rows (tokens) are split over torch's threads in blocks of kBlock rows (cpu_rows.h); the per-row
 // functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (WKV_CLONES).
+// token_mix's rows (x, its outputs and their gradients) are fp32 or bf16 (cpu_bf16.h); relu_square is fp32.
 
 #include "cpu_aten.h"
 
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_bf16.h"
 #include "cpu_rows.h"
 #include "wkv7_cpu_simd.h"
 
@@ -24,106 +26,131 @@ namespace {
 
 // ---- token_mix ---------------------------------------------------------------------------------------
 
+// T: the rows' element type (x, prev, the outputs, their gradients and gx); mix and the sums are fp32.
+template <typename T>
 struct Mix {
-  int64_t T, C, M, rows;
-  const float *x, *prev, *zeros, *mix;
+  int64_t T_, C, M, rows;
+  const T *x, *prev, *zeros;
+  const float* mix;
 };
 
 // The previous token's row of `row` (prev[b] or zeros at t = 0).
-WKV_INLINE const float* prev_row(const Mix& p, int64_t row) {
-  if (row % p.T) return p.x + (row - 1) * p.C;
-  return p.prev ? p.prev + (row / p.T) * p.C : p.zeros;
+template <typename T>
+WKV_INLINE const T* prev_row(const Mix<T>& p, int64_t row) {
+  if (row % p.T_) return p.x + (row - 1) * p.C;
+  return p.prev ? p.prev + (row / p.T_) * p.C : p.zeros;
 }
 
-WKV_CLONES void mix_forward_rows(const Mix& p, int64_t r0, int64_t r1, const std::vector<float*>& out) {
+template <typename T>
+WKV_INLINE void mix_forward(const Mix<T>& p, int64_t r0, int64_t r1, const std::vector<T*>& out) {
   const int64_t C = p.C;
   for (int64_t row = r0; row < r1; ++row) {
-    const float* x = p.x + row * C;
-    const float* xp = prev_row(p, row);
+    const T* x = p.x + row * C;
+    const T* xp = prev_row(p, row);
     for (int64_t m = 0; m < p.M; ++m) {
       const float* mx = p.mix + m * C;
-      float* o = out[m] + row * C;
+      T* o = out[m] + row * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = x[c] + (xp[c] - x[c]) * mx[c];
+      for (int64_t c = 0; c < C; ++c) st(&o[c], ld(x[c]) + (ld(xp[c]) - ld(x[c])) * mx[c]);
     }
   }
 }
 
+WKV_CLONES void mix_forward_rows(const Mix<float>& p, int64_t r0, int64_t r1, const std::vector<float*>& out) {
+  mix_forward(p, r0, r1, out);
+}
+WKV_CLONES void mix_forward_rows(const Mix<bf16>& p, int64_t r0, int64_t r1, const std::vector<bf16*>& out) {
+  mix_forward(p, r0, r1, out);
+}
+
 // s_row = sum_m g_m mix_m (the gradient of x_prev - x at `row`), written to s.
-WKV_INLINE void mix_s(const Mix& p, const std::vector<const float*>& g, int64_t row, float* s) {
+template <typename T>
+WKV_INLINE void mix_s(const Mix<T>& p, const std::vector<const T*>& g, int64_t row, float* s) {
   const int64_t C = p.C;
   std::fill(s, s + C, 0.f);
   for (int64_t m = 0; m < p.M; ++m) {
     if (!g[m]) continue;
-    const float* gm = g[m] + row * C;
+    const T* gm = g[m] + row * C;
     const float* mx = p.mix + m * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) s[c] += gm[c] * mx[c];
+    for (int64_t c = 0; c < C; ++c) s[c] += ld(gm[c]) * mx[c];
   }
 }
 
 // gx[t] = sum_m g_m[t] - s[t] + s[t + 1] (the next token's shift reads this one), gprev[b] = s[b, 0],
 // gmix[m] (this block's partial) = sum_t g_m[t] (x_prev - x)[t]. Rows walk backwards keeping s[t + 1].
-WKV_CLONES void mix_backward_rows(const Mix& p, const std::vector<const float*>& g, int64_t r0, int64_t r1, float* gx,
-                                  float* gprev, float* gmix, float* scratch) {
+// gx is summed in fp32 (scratch row `acc`) and stored once. scratch: [3 C].
+template <typename T>
+WKV_INLINE void mix_backward(const Mix<T>& p, const std::vector<const T*>& g, int64_t r0, int64_t r1, T* gx,
+                             float* gprev, float* gmix, float* scratch) {
   const int64_t C = p.C;
   float* s = scratch;
   float* s_next = scratch + C;
-  bool have_next = r1 % p.T != 0 && r1 < p.rows;
+  float* acc = scratch + 2 * C;
+  bool have_next = r1 % p.T_ != 0 && r1 < p.rows;
   if (have_next) mix_s(p, g, r1, s_next);
   for (int64_t row = r1 - 1; row >= r0; --row) {
     mix_s(p, g, row, s);
     if (gx) {
-      float* o = gx + row * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = have_next ? s_next[c] - s[c] : -s[c];
+      for (int64_t c = 0; c < C; ++c) acc[c] = have_next ? s_next[c] - s[c] : -s[c];
       for (int64_t m = 0; m < p.M; ++m) {
         if (!g[m]) continue;
-        const float* gm = g[m] + row * C;
+        const T* gm = g[m] + row * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] += gm[c];
+        for (int64_t c = 0; c < C; ++c) acc[c] += ld(gm[c]);
       }
+      T* o = gx + row * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) st(&o[c], acc[c]);
     }
-    if (gprev && row % p.T == 0) std::copy(s, s + C, gprev + (row / p.T) * C);
+    if (gprev && row % p.T_ == 0) std::copy(s, s + C, gprev + (row / p.T_) * C);
     if (gmix) {
-      const float* x = p.x + row * C;
-      const float* xp = prev_row(p, row);
+      const T* x = p.x + row * C;
+      const T* xp = prev_row(p, row);
       for (int64_t m = 0; m < p.M; ++m) {
         if (!g[m]) continue;
-        const float* gm = g[m] + row * C;
-        float* acc = gmix + m * C;
+        const T* gm = g[m] + row * C;
+        float* a = gmix + m * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) acc[c] += gm[c] * (xp[c] - x[c]);
+        for (int64_t c = 0; c < C; ++c) a[c] += ld(gm[c]) * (ld(xp[c]) - ld(x[c]));
       }
     }
     std::swap(s, s_next);
-    have_next = row % p.T != 0;  // the row before is in the same sequence
+    have_next = row % p.T_ != 0;  // the row before is in the same sequence
   }
 }
 
-// `zeros` [C]: the row before each sequence's first token where there is no `prev`.
-Mix make_mix(const at::Tensor& x, const at::Tensor& prev, const at::Tensor& mix, const at::Tensor& zeros) {
-  TORCH_CHECK(x.dim() == 3 && mix.dim() == 2, "token_mix: x must be [B, T, C] and mix [M, C]");
-  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), M = mix.size(0);
-  check_f32(x, "token_mix", "x", {B, T, C});
-  check_f32(mix, "token_mix", "mix", {M, C});
-  if (ptr_or_null(prev)) check_f32(prev, "token_mix", "prev", {B, C});
-  return Mix{T, C, M, B * T, x.data_ptr<float>(), ptr_or_null(prev), zeros.data_ptr<float>(),
-             mix.data_ptr<float>()};
+WKV_CLONES void mix_backward_rows(const Mix<float>& p, const std::vector<const float*>& g, int64_t r0, int64_t r1,
+                                  float* gx, float* gprev, float* gmix, float* scratch) {
+  mix_backward(p, g, r0, r1, gx, gprev, gmix, scratch);
+}
+WKV_CLONES void mix_backward_rows(const Mix<bf16>& p, const std::vector<const bf16*>& g, int64_t r0, int64_t r1,
+                                  bf16* gx, float* gprev, float* gmix, float* scratch) {
+  mix_backward(p, g, r0, r1, gx, gprev, gmix, scratch);
 }
 
-}  // namespace
+// `zeros` [C] (x's dtype): the row before each sequence's first token where there is no `prev`.
+template <typename T>
+Mix<T> make_mix(const at::Tensor& x, const at::Tensor& prev, const at::Tensor& mix, const at::Tensor& zeros) {
+  TORCH_CHECK(x.dim() == 3 && mix.dim() == 2, "token_mix: x must be [B, T, C] and mix [M, C]");
+  const int64_t B = x.size(0), T_ = x.size(1), C = x.size(2), M = mix.size(0);
+  const auto dt = scalar_type_of<T>();
+  check_rows(x, dt, "token_mix", "x", {B, T_, C});
+  check_f32(mix, "token_mix", "mix", {M, C});
+  if (rows_in<T>(prev)) check_rows(prev, dt, "token_mix", "prev", {B, C});
+  return Mix<T>{T_, C, M, B * T_, rows_in<T>(x), rows_in<T>(prev), rows_in<T>(zeros), mix.data_ptr<float>()};
+}
 
-// x [B, T, C], prev [B, C] or empty (zeros), mix [M, C] -> M tensors [B, T, C].
-std::vector<at::Tensor> token_mix_forward(const at::Tensor& x, const at::Tensor& prev,
-                                             const at::Tensor& mix) {
+template <typename T>
+std::vector<at::Tensor> mix_forward_op(const at::Tensor& x, const at::Tensor& prev, const at::Tensor& mix) {
   const auto zeros = at::zeros({x.size(-1)}, x.options());
-  const Mix p = make_mix(x, prev, mix, zeros);
+  const Mix<T> p = make_mix<T>(x, prev, mix, zeros);
   std::vector<at::Tensor> out;
-  std::vector<float*> ptrs;
+  std::vector<T*> ptrs;
   for (int64_t m = 0; m < p.M; ++m) {
     out.push_back(at::empty_like(x));
-    ptrs.push_back(out.back().data_ptr<float>());
+    ptrs.push_back(rows_out<T>(out.back()));
   }
   at::parallel_for(0, n_blocks(p.rows), 1, [&](int64_t b0, int64_t b1) {
     mix_forward_rows(p, b0 * kBlock, std::min(b1 * kBlock, p.rows), ptrs);
@@ -131,9 +158,46 @@ std::vector<at::Tensor> token_mix_forward(const at::Tensor& x, const at::Tensor&
   return out;
 }
 
-// grads: M tensors [B, T, C] (empty = zero). Returns [gx, gprev [B, C], gmix [M, C]], each empty where its
-// flag is off. x and prev are read only for gmix: without want_mix x may be empty (the caller then need not
-// keep it), and the shape comes from a gradient.
+template <typename T>
+std::vector<at::Tensor> mix_backward_op(const std::vector<at::Tensor>& grads, const at::Tensor& x_in,
+                                        const at::Tensor& prev, const at::Tensor& mix, const at::Tensor& x,
+                                        bool want_x, bool want_prev, bool want_mix) {
+  const auto zeros = at::zeros({x.size(-1)}, x.options());
+  Mix<T> p = make_mix<T>(x, prev, mix, zeros);
+  if (!x_in.numel()) p.x = nullptr;  // never read without want_mix
+  std::vector<const T*> g(p.M);
+  for (int64_t m = 0; m < p.M; ++m) {
+    if (grads[m].numel()) check_rows(grads[m], scalar_type_of<T>(), "token_mix", "gradient", x.sizes());
+    g[m] = rows_in<T>(grads[m]);
+  }
+  const int64_t B = x.size(0), rows = B * x.size(1), nb = n_blocks(rows);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto gx = want_x ? at::empty_like(x) : at::empty({0}, x.options());
+  auto gprev = want_prev ? at::zeros({B, p.C}, f32) : at::empty({0}, f32);
+  auto gmix = want_mix ? at::zeros({nb, p.M, p.C}, f32) : at::empty({0}, f32);
+  T* pgx = rows_out<T>(gx);
+  float *pgprev = out_or_null(gprev), *pgmix = out_or_null(gmix);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scratch(3 * p.C);
+    for (int64_t b = b0; b < b1; ++b)
+      mix_backward_rows(p, g, b * kBlock, std::min((b + 1) * kBlock, rows), pgx, pgprev,
+                        pgmix ? pgmix + b * p.M * p.C : nullptr, scratch.data());
+  });
+  return {gx, gprev, sum_blocks(gmix)};
+}
+
+}  // namespace
+
+// x [B, T, C] (fp32 or bf16), prev [B, C] (x's dtype) or empty (zeros), mix [M, C] fp32 -> M tensors
+// [B, T, C] in x's dtype.
+std::vector<at::Tensor> token_mix_forward(const at::Tensor& x, const at::Tensor& prev, const at::Tensor& mix) {
+  if (rows_dtype(x, "token_mix") == at::kBFloat16) return mix_forward_op<bf16>(x, prev, mix);
+  return mix_forward_op<float>(x, prev, mix);
+}
+
+// grads: M tensors [B, T, C] in x's dtype (empty = zero). Returns [gx (x's dtype), gprev [B, C] fp32, gmix [M, C]
+// fp32], each empty where its flag is off. x and prev are read only for gmix: without want_mix x may be empty
+// (the caller then need not keep it), and the shape and dtype come from a gradient.
 std::vector<at::Tensor> token_mix_backward(const std::vector<at::Tensor>& grads, const at::Tensor& x_in,
                                               const at::Tensor& prev, const at::Tensor& mix,
                                               bool want_x, bool want_prev, bool want_mix) {
@@ -144,26 +208,9 @@ std::vector<at::Tensor> token_mix_backward(const std::vector<at::Tensor>& grads,
     if (!like->numel() && gm.numel()) like = &gm;
   const at::Tensor& x = *like;
   TORCH_CHECK(x.numel(), "token_mix: neither x nor any gradient given");
-  const auto zeros = at::zeros({x.size(-1)}, x.options());
-  Mix p = make_mix(x, prev, mix, zeros);
-  if (!x_in.numel()) p.x = nullptr;  // never read without want_mix
-  std::vector<const float*> g(p.M);
-  for (int64_t m = 0; m < p.M; ++m) {
-    if (grads[m].numel()) check_f32(grads[m], "token_mix", "gradient", x.sizes());
-    g[m] = ptr_or_null(grads[m]);
-  }
-  const int64_t B = x.size(0), rows = B * x.size(1), nb = n_blocks(rows);
-  auto none = at::empty({0}, x.options());
-  auto gx = want_x ? at::empty_like(x) : none;
-  auto gprev = want_prev ? at::zeros({B, p.C}, x.options()) : none;
-  auto gmix = want_mix ? at::zeros({nb, p.M, p.C}, x.options()) : none;
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scratch(2 * p.C);
-    for (int64_t b = b0; b < b1; ++b)
-      mix_backward_rows(p, g, b * kBlock, std::min((b + 1) * kBlock, rows), out_or_null(gx), out_or_null(gprev),
-                        want_mix ? gmix.data_ptr<float>() + b * p.M * p.C : nullptr, scratch.data());
-  });
-  return {gx, gprev, sum_blocks(gmix)};
+  if (rows_dtype(x, "token_mix") == at::kBFloat16)
+    return mix_backward_op<bf16>(grads, x_in, prev, mix, x, want_x, want_prev, want_mix);
+  return mix_backward_op<float>(grads, x_in, prev, mix, x, want_x, want_prev, want_mix);
 }
 
 // ---- relu_square -------------------------------------------------------------------------------------

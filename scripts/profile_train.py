@@ -67,9 +67,9 @@ def main() -> None:
     bf16 = args.precision == "bf16"
     keep_freed_memory()  # as train/loop.py does
     model = build(args.method, args.layers, args.embd)
-    if bf16:  # frozen weights stored bf16, trained ones fp32, as train/loop.py does
+    if bf16 and args.method != "full":  # frozen tensors stored bf16, trained ones fp32, as train/loop.py does
         for p in model.parameters():
-            if not p.requires_grad and p.dim() >= 2:
+            if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     named = trainable_parameters(model)
     opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own

@@ -9,16 +9,21 @@ torch's autograd takes 8-20 (issue 23's profile: ~17 ms of a 47 ms TimeMix layer
     wkv_output(y, r, k, v, g, ln_x, r_k)  -> (group_norm(y) + (sum_n r k r_k) v) g, per head
 
 The fused form runs where every tensor is a CPU fp32 or bf16 tensor and the CPU extension is built; otherwise
-(GPU, no compiler) the torch reference. bf16 inputs (a bf16 model, bf16 autocast) are widened to fp32 on the
-way in, the op computes in fp32 and each output is rounded once to the dtype torch's ops would give (bf16 only
-where every input is bf16): within one bf16 rounding of the exact result, where the reference rounds after
-each of its ops. Both are differentiable in every input and
-parameter; the fused backward returns parameter gradients only when they are asked for (full
-fine-tuning), summed over fixed 32-row blocks in order, so no result depends on the thread count.
+(GPU, no compiler) the torch reference. The [B, T, C] rows (x, k0, a, y, r, k, v, g, the outputs and their
+gradients) go to the C++ op in the dtype of the result torch's ops would give, fp32 or bf16 (bf16 only where
+every input is bf16: a bf16 model, bf16 autocast). It reads and writes bf16 in place and computes in fp32, so
+each output is rounded once, within one bf16 rounding of the exact result, where the reference rounds after
+each of its ops (the bits of widening the inputs, the fp32 op and one rounding, up to the order of the sums
+across a head). wkv_output's rows may be bf16 with an fp32 output (fp32 ln_x weights promote it). The
+[C]-sized parameters go in fp32. Both forms are differentiable in every input and parameter; the fused
+backward returns parameter gradients only when they are asked for (full fine-tuning), summed over fixed
+32-row blocks in order, so no result depends on the thread count.
 Equal to the reference within fp32 rounding (tests/ops/test_timemix.py: against it and against fp64).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -40,23 +45,14 @@ def fused_available(*tensors: torch.Tensor | None) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _WIDENED for t in ts) and cpu.is_available(ts[0].device)
 
 
-def _fp32(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The fused ops' inputs in fp32 (a bf16 one widened; an fp32 one as it is). token_mix widens outside its
-    op (autograd takes the gradient back to bf16): what it keeps is x, fp32 already, and mix. key_prep and
-    wkv_output keep their inputs as given and widen them again in backward, so a bf16 input is kept in bf16."""
-    return [None if t is None else t.float() for t in tensors]
-
-
-def _rounded(outs, dtype: torch.dtype):
-    """The fused ops' fp32 outputs in `dtype`, the reference's result dtype."""
-    return outs if dtype == torch.float32 else tuple(o.to(dtype) for o in outs)
-
-
 def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dt = tensors[0].dtype
-    for t in tensors[1:]:
-        dt = torch.promote_types(dt, t.dtype)
-    return dt
+    """The dtype torch's ops give for these inputs (fp32 or bf16 here)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
+def _params(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The ops' [C]-sized parameters, flat and fp32 (autograd takes their gradients back to their dtype)."""
+    return [t.reshape(-1).float().contiguous() for t in tensors]
 
 
 # ---- references: the model's formulas in torch ops -------------------------------------------------------
@@ -99,13 +95,14 @@ def _ext():
 class _TokenMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, prev, mix):
+        """x [B, T, C] and prev [B, C] (or None) in one dtype, fp32 or bf16; mix [M, C] fp32."""
         ctx.set_materialize_grads(False)
-        x, mix = x.detach().contiguous(), mix.detach().reshape(mix.shape[0], -1).contiguous()
+        x, mix = x.detach().contiguous(), mix.detach().contiguous()
         prev = _EMPTY if prev is None else prev.detach().contiguous()
         # x (a layer norm's output, [B, T, C]) is read back only for mix's gradient: with mix frozen (state
         # tuning, LoRA) it is not kept, two [B, T, C] buffers fewer per layer
         ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, prev, mix)
-        ctx.has_prev = prev.numel() > 0
+        ctx.has_prev, ctx.dtype = prev.numel() > 0, x.dtype
         return tuple(_ext().token_mix_forward(x, prev, mix))
 
     @staticmethod
@@ -115,72 +112,68 @@ class _TokenMix(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads = [_EMPTY if t is None else t.contiguous() for t in g]
         gx, gprev, gmix = _ext().token_mix_backward(grads, x, prev, mix, need[0], need[1] and ctx.has_prev, need[2])
-        return gx if need[0] else None, gprev if need[1] and ctx.has_prev else None, gmix if need[2] else None
+        return (gx if need[0] else None, gprev.to(ctx.dtype) if need[1] and ctx.has_prev else None,
+                gmix if need[2] else None)
 
 
 class _KeyPrep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k0, a, k_k, k_a, H):
+        """k0, a [B, T, C] in one dtype, fp32 or bf16 (the outputs'); k_k, k_a [C] fp32."""
         ctx.set_materialize_grads(False)
         shape = k0.shape
-        ins = [t.detach().reshape(-1, shape[-1]).contiguous() for t in (k0, a)]
-        ins += [t.detach().reshape(-1).contiguous() for t in (k_k, k_a)]
-        ctx.save_for_backward(*ins)  # as given: bf16 ones are widened again in backward, not kept in fp32
-        ctx.H, ctx.shape, ctx.dtypes = H, shape, [t.dtype for t in ins]
-        return tuple(t.view(shape) for t in _ext().key_prep_forward(*_fp32(*ins), H))
+        ins = [t.detach().reshape(-1, shape[-1]).contiguous() for t in (k0, a)] + [k_k.detach(), k_a.detach()]
+        ctx.save_for_backward(*ins)
+        ctx.H, ctx.shape, ctx.pshape = H, shape, (1,) * (len(shape) - 1) + (-1,)
+        return tuple(t.view(shape) for t in _ext().key_prep_forward(*ins, H))
 
     @staticmethod
     def backward(ctx, gk, gnkk, gkka):
-        k0, a, k_k, k_a = _fp32(*ctx.saved_tensors)
+        k0, a, k_k, k_a = ctx.saved_tensors
         need = ctx.needs_input_grad
         gs = [_EMPTY if t is None else t.reshape(k0.shape).contiguous() for t in (gk, gnkk, gkka)]
         gk0, ga, pk = _ext().key_prep_backward(*gs, k0, a, k_k, k_a, ctx.H, need[2] or need[3])
-        pshape = (1,) * (len(ctx.shape) - 1) + (-1,)
-        dts = ctx.dtypes
-        return (gk0.view(ctx.shape).to(dts[0]) if need[0] else None, ga.view(ctx.shape).to(dts[1]) if need[1] else None,
-                pk[0].view(pshape).to(dts[2]) if need[2] else None, pk[1].view(pshape).to(dts[3]) if need[3] else None,
-                None)
+        return (gk0.view(ctx.shape) if need[0] else None, ga.view(ctx.shape) if need[1] else None,
+                pk[0] if need[2] else None, pk[1] if need[3] else None, None)
 
 
 class _WkvOutput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, r, k, v, g, gn_w, gn_b, r_k, H, eps):
+    def forward(ctx, y, r, k, v, g, gn_w, gn_b, r_k, H, eps, out_fp32):
+        """y, r, k, v, g [B, T, C] in one dtype, fp32 or bf16; gn_w, gn_b, r_k [C] fp32; out_fp32: the output
+        in fp32 (bf16 rows promoted by fp32 parameters), else in the rows' dtype."""
         shape = r.shape
         yrkvg = [t.detach().reshape(-1, shape[-1]).contiguous() for t in (y, r, k, v, g)]
-        params = [t.detach().reshape(-1).contiguous() for t in (gn_w, gn_b, r_k)]
-        o, stats = _ext().wkv_output_forward(_fp32(*yrkvg), *_fp32(*params), H, eps)
-        ctx.save_for_backward(*yrkvg, stats, *params)  # as given: bf16 ones are widened again in backward
-        ctx.H, ctx.eps, ctx.shape, ctx.pshapes = H, eps, shape, [t.shape for t in (gn_w, gn_b, r_k)]
-        ctx.dtypes = [t.dtype for t in (*yrkvg, *params)]
+        params = [t.detach() for t in (gn_w, gn_b, r_k)]
+        o, stats = _ext().wkv_output_forward(yrkvg, *params, H, eps, out_fp32)
+        ctx.save_for_backward(*yrkvg, stats, *params)
+        ctx.H, ctx.eps, ctx.shape = H, eps, shape
         return o.view(shape)
 
     @staticmethod
     def backward(ctx, go):
         *yrkvg, stats, gn_w, gn_b, r_k = ctx.saved_tensors
-        yrkvg, (gn_w, gn_b, r_k) = _fp32(*yrkvg), _fp32(gn_w, gn_b, r_k)
         need = ctx.needs_input_grad
-        want_params = any(need[5:8])
         *gin, ps = _ext().wkv_output_backward(go.reshape(yrkvg[0].shape).contiguous(), yrkvg, stats, gn_w, gn_b,
-                                             r_k, ctx.H, ctx.eps, want_params)
-        dts = ctx.dtypes
-        grads = [t.view(ctx.shape).to(dts[i]) if need[i] else None for i, t in enumerate(gin)]
-        pgrads = [ps[i].view(s).to(dts[5 + i]) if need[5 + i] else None for i, s in enumerate(ctx.pshapes)]
-        return (*grads, *pgrads, None, None)
+                                             r_k, ctx.H, ctx.eps, any(need[5:8]))
+        grads = [t.view(ctx.shape) if need[i] else None for i, t in enumerate(gin)]
+        return (*grads, *(ps[i] if need[5 + i] else None for i in range(3)), None, None, None)
 
 
 # ---- entry points --------------------------------------------------------------------------------------
 
 def token_mix(x: torch.Tensor, prev: torch.Tensor | None, mix: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """x [B, T, C], prev [B, C] or None (zeros), mix [M, C] -> M tensors [B, T, C]: x + (x_prev - x) * mix[m]."""
-    if fused_available(x, prev, mix):  # the reference's outputs are in x's dtype (mix is cast to it)
-        return _rounded(_TokenMix.apply(*_fp32(x, prev, mix)), x.dtype)
+    if fused_available(x, prev, mix):  # the reference's outputs are in x's dtype, prev cast to it
+        return _TokenMix.apply(x, None if prev is None else prev.to(x.dtype), mix.reshape(mix.shape[0], -1).float())
     return token_mix_reference(x, prev, mix)
 
 
 def key_prep(k0: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor, H: int):
     """k0, a [B, T, C]; k_k, k_a broadcast over [B, T, C] (C values) -> (k, -kk, kk a), each [B, T, C]."""
     if fused_available(k0, a, k_k, k_a) and k0.shape == a.shape:
-        return _rounded(_KeyPrep.apply(k0, a, k_k, k_a, H), _result_dtype(k0, a, k_k, k_a))
+        dt = _result_dtype(k0, a, k_k, k_a)
+        return _KeyPrep.apply(k0.to(dt), a.to(dt), *_params(k_k, k_a), H)
     return key_prep_reference(k0, a, k_k, k_a, H)
 
 
@@ -190,7 +183,8 @@ def wkv_output(y, r, k, v, g, ln_x: nn.GroupNorm, r_k: torch.Tensor) -> torch.Te
     fused = ln_x.affine and fused_available(y, r, k, v, g, ln_x.weight, ln_x.bias, r_k) and not partitioned(
         ln_x.weight, ln_x.bias)
     if fused and all(t.shape == r.shape for t in (y, k, v, g)):
-        ins = (y, r, k, v, g, ln_x.weight, ln_x.bias, r_k)
-        (out,) = _rounded((_WkvOutput.apply(*ins, ln_x.num_groups, ln_x.eps),), _result_dtype(*ins))
-        return out
+        rows, params = (y, r, k, v, g), (ln_x.weight, ln_x.bias, r_k)
+        dt, out = _result_dtype(*rows), _result_dtype(*rows, *params)
+        return _WkvOutput.apply(*(t.to(dt) for t in rows), *_params(*params), ln_x.num_groups, ln_x.eps,
+                                out != dt)
     return wkv_output_reference(y, r, k, v, g, ln_x, r_k)

@@ -45,7 +45,7 @@ def test_token_mix_equals_the_reference(with_prev, T_):
     mix = torch.rand(6, C, generator=g, dtype=torch.float64)
     gos = [torch.randn(B, T_, C, generator=g, dtype=torch.float64) for _ in range(6)]
     want, wgrads = _run(token_mix_reference, [x, prev, mix], gos, torch.float64)
-    got, ggrads = _run(timemix._TokenMix.apply, [x, prev, mix], gos, torch.float32)
+    got, ggrads = _run(token_mix, [x, prev, mix], gos, torch.float32)
     for i, (o, w) in enumerate(zip(got, want)):
         _close(o, w, f"out {i}")
     for name, gg, wg in zip(("x", "prev", "mix"), ggrads, wgrads):
@@ -59,7 +59,7 @@ def test_token_mix_sums_the_gradients_of_the_outputs_it_got():
     g = torch.Generator().manual_seed(1)
     x, mix = torch.randn(1, 40, 16, generator=g), torch.rand(3, 16, generator=g)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    outs_a, outs_b = timemix._TokenMix.apply(xa, None, mix), token_mix_reference(xb, None, mix)
+    outs_a, outs_b = token_mix(xa, None, mix), token_mix_reference(xb, None, mix)
     (outs_a[0].sum() + 2 * outs_a[2].sum()).backward()
     (outs_b[0].sum() + 2 * outs_b[2].sum()).backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
@@ -78,7 +78,7 @@ def test_token_mix_keeps_x_only_for_the_mix_gradient(train_mix):
     xs = [t.float().requires_grad_(grad) for t, grad in ((x, True), (prev, True), (mix, train_mix))]
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
-        outs = timemix._TokenMix.apply(*xs)
+        outs = token_mix(*xs)
     assert (max(kept) >= B * T * C) == train_mix, kept
     torch.autograd.backward(list(outs), [t.float() for t in gos])
     _close(xs[0].grad, wgrads[0], "dx")
@@ -104,7 +104,7 @@ def test_key_prep_equals_the_reference():
     inputs = _key_inputs(g)
     gos = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(3)]
     want, wgrads = _run(key_prep_reference, inputs, gos, torch.float64, H)
-    got, ggrads = _run(timemix._KeyPrep.apply, inputs, gos, torch.float32, H)
+    got, ggrads = _run(key_prep, inputs, gos, torch.float32, H)
     for name, o, w in zip(("k", "-kk", "kk a"), got, want):
         _close(o, w, name)
     for name, gg, wg in zip(("k0", "a", "k_k", "k_a"), ggrads, wgrads):
@@ -120,7 +120,7 @@ def test_key_prep_with_outputs_that_reach_no_loss(used, train_params):
     inputs = _key_inputs(g)
     gos = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(3)]
     results = []
-    for fn, dtype in ((key_prep_reference, torch.float64), (timemix._KeyPrep.apply, torch.float32)):
+    for fn, dtype in ((key_prep_reference, torch.float64), (key_prep, torch.float32)):
         xs = _leaves(inputs[:2], dtype) + _leaves(inputs[2:], dtype, grad=train_params)
         outs = fn(*xs, H)
         torch.autograd.backward([outs[i] for i in used], [gos[i].to(dtype) for i in used])
@@ -141,7 +141,7 @@ def test_key_prep_clamps_a_zero_norm_like_normalize():
     inputs = _key_inputs(g, zero_head=True)
     gos = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(3)]
     want, wgrads = _run(key_prep_reference, inputs, gos, torch.float64, H)
-    got, ggrads = _run(timemix._KeyPrep.apply, inputs, gos, torch.float32, H)
+    got, ggrads = _run(key_prep, inputs, gos, torch.float32, H)
     assert torch.equal(got[1][0, 3, : C // H], torch.zeros(C // H))
     head, rest = (0, 3, slice(0, C // H)), (slice(None), slice(4, None))
     _close(ggrads[0][head], wgrads[0][head], "dk0 on the zero head")
@@ -192,7 +192,7 @@ def test_parameter_gradients_do_not_depend_on_the_thread_count():
         for n in (1, 2):
             torch.set_num_threads(n)
             xx, mm = x.clone().requires_grad_(), mix.clone().requires_grad_()
-            outs = timemix._TokenMix.apply(xx, None, mm)
+            outs = token_mix(xx, None, mm)
             torch.autograd.backward(list(outs), [torch.full_like(o, 0.3) * o for o in outs])
             results.append((xx.grad, mm.grad))
     finally:
@@ -264,18 +264,83 @@ def test_bf16_inputs_are_computed_in_fp32_and_rounded_once(op):
         _within_one_bf16_rounding(x.grad, w, f"{op} grad {i}")
 
 
-def test_bf16_inputs_are_kept_for_backward_in_bf16():
-    """key_prep and wkv_output keep their [B, T, C] inputs as given and widen them again in backward: a bf16
-    input is not kept as an fp32 copy (ctx 4096 LoRA bf16: +630 MiB peak when they were)."""
-    g = torch.Generator().manual_seed(14)
-    big = [torch.randn(B, T, C, generator=g).bfloat16().requires_grad_() for _ in range(7)]
-    ln = nn.GroupNorm(H, C, eps=64e-5).bfloat16().requires_grad_(False)
+def _bf16_model_case(seed: int):
+    """The three ops as the model calls them under bf16 autocast (rows bf16, ln_x's weights fp32): (inputs, run)
+    where run(inputs) -> key_prep's 3, wkv_output's 1 and token_mix's 6 outputs. No input feeds two ops (a
+    gradient summed by autograd in bf16 would round twice)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(B, T, C, generator=g).bfloat16() for _ in range(8)]
+    rows[1] = rows[1].sigmoid()
+    params = [torch.randn(1, 1, C, generator=g).bfloat16(), torch.rand(1, 1, C, generator=g).bfloat16(),
+              torch.randn(H, C // H, generator=g).bfloat16(), torch.rand(6, C, generator=g).bfloat16() / 4]
+    ln = nn.GroupNorm(H, C, eps=64e-5)
+    nn.init.normal_(ln.weight, generator=g)
+    nn.init.normal_(ln.bias, generator=g)
+    ln.requires_grad_(False)
+
+    def run(ins):
+        k0, a, y, r, k, v, gg, x, k_k, k_a, r_k, mix = ins
+        return (*key_prep(k0, a, k_k, k_a, H), timemix.wkv_output(y, r, k, v, gg, ln, r_k), *token_mix(x, None, mix))
+
+    return rows + params, run
+
+
+def test_bf16_rows_are_read_and_written_in_place():
+    """The model's bf16 case: no [B, T, C] tensor is widened or rounded on the way (each such copy was a pass
+    over memory: ~1000 a 0.1B step, 0.07 s of 0.53 s on a CPU with AMX), and what the ops keep for backward is
+    bf16 (ctx 4096 LoRA bf16: +630 MiB peak when fp32 copies were kept)."""
+    ins, run = _bf16_model_case(14)
+    xs = [t.detach().clone().requires_grad_() for t in ins]
     kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, t.numel())) or t, lambda t: t):
-        key_prep(big[0], big[1].sigmoid(), torch.randn(1, 1, C).bfloat16(), torch.rand(1, 1, C).bfloat16(), H)
-        timemix.wkv_output(big[2].float(), *big[3:7], ln, torch.randn(H, C // H).bfloat16())
-    large = [dt for dt, n in kept if n >= B * T * C]  # k0, a; y, r, k, v, g (and sigmoid's own output)
-    assert large.count(torch.float32) == 1 and large.count(torch.bfloat16) >= 6, kept  # y was given in fp32
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, t.numel())) or t, lambda t: t):
+            outs = run(xs)
+        with record_function("backward"):
+            torch.autograd.backward(list(outs), [torch.ones_like(o) for o in outs])
+    large = [dt for dt, n in kept if n >= B * T * C]
+    assert large and set(large) == {torch.bfloat16}, kept
+    copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::_to_copy")
+              and any(len(s) and torch.Size(s).numel() >= B * T * C for s in e.input_shapes if isinstance(s, list))]
+    assert not copies, [(e.name, e.input_shapes) for e in copies]
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 values at |x| (8 significant bits), for x in bf16's normal range."""
+    return 2.0 ** (torch.floor(torch.log2(x.double().abs().clamp_min(2.0**-126))) - 7)
+
+
+def test_bf16_rows_are_the_fp32_ops_results_rounded_once():
+    """bf16 rows read in place: the results of widening them, the fp32 op (checked against fp64 above) and one
+    rounding of each output and gradient to bf16 (torch's cast), every output and input gradient. token_mix sums
+    nothing across a row: the same bits. key_prep and wkv_output sum across each head (a norm, a dot product,
+    group_norm's moments), where the compiler may pick another vector width for bf16 loads (the AVX2 clone
+    does), so their fp32 sums may differ in the last bits and a rounding to bf16 go the other way: at most one
+    bf16 step apart, and the fp32 output within fp32 rounding of the sums."""
+    ins, run = _bf16_model_case(15)
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):
+        xs = [t.to(dtype if t.dim() == 3 and t.shape[1] == T else t.dtype).detach().clone().requires_grad_()
+              for t in ins]
+        outs = run(xs)
+        gos = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).bfloat16() for i, o in enumerate(outs)]
+        torch.autograd.backward(list(outs), [go.to(o.dtype) for go, o in zip(gos, outs)])
+        results.append(([o.detach() for o in outs], [x.grad for x in xs]))
+    (outs16, grads16), (outs32, grads32) = results
+    assert [o.dtype for o in outs16] == [torch.bfloat16] * 3 + [torch.float32] + [torch.bfloat16] * 6
+    exact = {"out": range(4, 10), "grad": (7, 11)}  # token_mix's outputs; x's and mix's gradients
+    pairs = [("out", i, a, b) for i, (a, b) in enumerate(zip(outs16, outs32))]
+    pairs += [("grad", i, a, b) for i, (a, b) in enumerate(zip(grads16, grads32))]
+    for kind, i, a, b in pairs:
+        assert a.dtype == (ins[i].dtype if kind == "grad" else a.dtype), f"{kind} {i}: {a.dtype}"
+        if i in exact[kind]:
+            assert torch.equal(a, b.to(a.dtype)), f"{kind} {i}"
+        elif a.dtype == torch.float32:
+            _close(a, b.double(), f"{kind} {i}", rel=1e-6)
+        else:
+            want = b.to(a.dtype)
+            assert ((a.double() - want.double()).abs() <= _bf16_ulp(want)).all(), f"{kind} {i}"
 
 
 def test_mixed_fp32_and_bf16_inputs_give_fp32_as_torch_would():
