@@ -118,9 +118,10 @@ class TimeMix(nn.Module):
         # would make fp32 copies of r, k, v for the kernel; RWKV-LM and fla also feed w as bf16.
         dt = r.dtype
         step = T == 1 and not torch.is_grad_enabled()  # an RNN step: no per-call set-up of the sequence op
-        # In fp32 the sequence op takes z (the CPU kernel makes the decay from it in one pass); otherwise w is
-        # made here, in z's dtype (fp32 under autocast), before the cast to the kernel's dtype.
-        from_z = not step and z.dtype == dt == torch.float32
+        # The sequence op takes z where z is in the kernel's dtype already (fp32; bf16 where w0 is stored bf16):
+        # the CPU kernel makes the decay from it in one pass, in fp32. Otherwise (an RNN step; an fp32 z under
+        # autocast, where w0 is trained) w is made here, in z's dtype, before the cast to the kernel's dtype.
+        from_z = not step and z.dtype == dt
         w = z if from_z else F.logsigmoid(z) - DECAY_FLOOR
         args = (*(heads(t).to(dt) for t in (r, w, k, v, nkk, kka)), wkv_state)
         if step:

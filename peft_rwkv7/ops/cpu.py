@@ -163,8 +163,12 @@ class _Wkv7Cpu(torch.autograd.Function):
         rdkvab = [_fp32(r, pad), d, *(_fp32(x, pad) for x in (k, v, a, b))]
         s0 = None if state is None else _pad_square(state, pad)
         y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc, tiles)
-        ctx.save_for_backward(*rdkvab, ckpt, dd_dw)
-        ctx.alloc, ctx.tiles, ctx.N = alloc, tiles, N
+        # Kept as given where bf16 (widened again in backward): not fp32 copies of r, k, v, a and b, which the
+        # model keeps in bf16 anyway (r, k, v for wkv_output) -- at 0.1B ctx 4096 ~50 MB a layer.
+        widen = [i for i, x in enumerate((r, None, k, v, a, b)) if x is not None and x.dtype != torch.float32]
+        ctx.save_for_backward(*((r, d, k, v, a, b)[i].detach() if i in widen else t for i, t in enumerate(rdkvab)),
+                              ckpt, dd_dw)
+        ctx.alloc, ctx.tiles, ctx.N, ctx.widen = alloc, tiles, N, widen
         ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
         ctx.state_dtype = None if state is None else state.dtype
         return y[..., :N].to(r.dtype), s_final[..., :N, :N]
@@ -174,6 +178,7 @@ class _Wkv7Cpu(torch.autograd.Function):
         *rdkvab, ckpt, dd_dw = ctx.saved_tensors
         N = ctx.N
         pad = -N % LANES
+        rdkvab = [_fp32(t, pad) if i in ctx.widen else t for i, t in enumerate(rdkvab)]
         grads, ds0 = _backward(_extension(), rdkvab, ckpt, _fp32(dy, pad), _pad_square(ds_final, pad), ctx.alloc,
                                ctx.tiles)
         if dd_dw is not None:

@@ -115,3 +115,45 @@ def test_an_fp32_model_hands_the_op_z_and_the_offset(monkeypatch):
         *a[:1], F.logsigmoid(a[1]) - decay_offset, *a[2:], **kw))
     theirs = model(idx)
     assert_close(ours, theirs, 2 * forward_rounding(model.config, 7), "logits")
+
+
+@pytest.mark.parametrize("T", [1, 33])
+def test_bf16_z_is_made_into_the_decay_in_fp32(T):
+    """bf16 inputs (a bf16 model under autocast hands the op z in bf16): z widened exactly, the decay and its
+    gradient made from it in fp32, every output and gradient within the WKV bound for bf16 of the reference
+    run in fp32 on the same bf16 values with w = logsigmoid(z) - offset, in the inputs' dtype."""
+    (r, w, k, v, a, b), state = wkv_inputs(2, T, 3, 16, torch.bfloat16, seed=7, with_state=True)
+    z = (torch.randn(w.shape, generator=torch.Generator().manual_seed(8)) * 3).bfloat16()
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (r, z, k, v, a, b)] + [state.clone().requires_grad_()]
+        y, s = fn(*leaves)
+        g = torch.Generator().manual_seed(9)
+        dy = torch.randn(y.shape, generator=g).bfloat16()
+        ((y.float() * dy.float()).sum() + (s * torch.randn(s.shape, generator=g)).sum()).backward()
+        return [y, s] + [t.grad for t in leaves]
+
+    got = run(lambda r, z, k, v, a, b, s: wkv7(r, z, k, v, a, b, s, backend="cpu", decay_offset=OFFSET),
+              torch.bfloat16)
+    want = run(lambda r, z, k, v, a, b, s: wkv7_reference(r, F.logsigmoid(z) - OFFSET, k, v, a, b, s), torch.float32)
+    tol = wkv_rtol(T, 16, torch.bfloat16) + 12 * U32
+    for name, x, y in zip(("y", "state", "dr", "dz", "dk", "dv", "da", "db", "dstate"), got, want):
+        assert x.dtype == (torch.float32 if name in ("state", "dstate") else torch.bfloat16), name
+        assert_close(x, y, tol, name)
+
+
+def test_a_bf16_model_hands_the_op_z_and_the_offset(monkeypatch):
+    """A model stored in bf16 under bf16 autocast (the trainer's bf16 for adapters and state tuning): z is bf16,
+    the kernel's dtype, so the op takes it and makes the decay in fp32 (before: logsigmoid, exp, exp in bf16 and
+    torch passes). An fp32 w0 under autocast (full fine-tuning) still makes w itself."""
+    import peft_rwkv7.model.rwkv7 as rwkv7
+
+    seen = []
+    real = rwkv7.wkv7
+    monkeypatch.setattr(rwkv7, "wkv7", lambda *a, **kw: seen.append(kw.get("decay_offset")) or real(*a, **kw))
+    model = make_model(seed=0, n_layer=2, n_embd=64, head_size=16, vocab_size=50)
+    idx = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx)  # fp32 weights: z fp32, the kernel's dtype bf16
+        model.to(torch.bfloat16)(idx)
+    assert seen == [None] * 2 + [rwkv7.DECAY_FLOOR] * 2
