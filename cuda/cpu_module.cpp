@@ -36,6 +36,8 @@ torch::Tensor relu_square_forward(const torch::Tensor& x);
 std::vector<torch::Tensor> decay_forward(const torch::Tensor& z, double offset, bool want_grad);
 int64_t online_softmax_block(torch::Tensor z, const torch::Tensor& labels, int64_t a, torch::Tensor m, torch::Tensor s,
                              torch::Tensor picked, torch::Tensor scale);
+void softmax_grad_bf16(torch::Tensor z, const torch::Tensor& labels, torch::Tensor lse, torch::Tensor picked,
+                       torch::Tensor ok, bool want_q);
 torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& y);
 
 // cpu_alloc.cpp
@@ -56,6 +58,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_mix_backward", &token_mix_backward, "its gradients (parameter ones summed in fixed row blocks)");
   m.def("decay_forward", &decay_forward, "RWKV-7's decay exp(-exp(logsigmoid(z) - offset)) and its z-gradient (fp32)");
   m.def("online_softmax_block", &online_softmax_block, "one vocabulary block into the loss's running max and sum (fp32)");
+  m.def("softmax_grad_bf16", &softmax_grad_bf16, "a chunk of bf16 logits into q = softmax - onehot, in place");
   m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32)");
   m.def("relu_square_backward", &relu_square_backward, "its gradient g * sqrt(y) * 2 from the output y (fp32)");
   m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32 or bf16 rows)");

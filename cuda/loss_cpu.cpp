@@ -11,8 +11,17 @@
 // ops, which keep its rules for infinities), else whether some row's max grew (the caller then rescales its
 // partial dnll/dh rows by `scale`). Rows are split over torch's threads; each row's sums are its own, so no
 // result depends on the thread count.
+//
+// softmax_grad_bf16: the chunked path's rows under bf16 (ops/linear_ce.py, _chunk_q_bf16). A chunk's bf16
+// logits z [rows, V] become, in place, q = softmax(z) - onehot(label) in bf16 (the input of the bf16 GEMMs of
+// dnll/dh and dW), with each row's log-sum-exp and the label's logit in fp32; per row, in fp32, where torch
+// widened the chunk into an fp32 copy (128 MiB at V = 65536), took five passes over it and rounded q back:
+//   pass 1: the row's max and whether any logit is not finite (such a row is left untouched, ok = 0);
+//   pass 2: e = exp(z - max) into an fp32 row (in cache) and its sum s;
+//   pass 3 (want_q): z <- bf16(e / s), then the label's entry bf16(e / s - 1).
 
 #include "cpu_aten.h"
+#include "cpu_bf16.h"
 
 #include <algorithm>
 #include <atomic>
@@ -51,7 +60,77 @@ WKV_CLONES float row_exp_sum(float* z, int64_t n, float shift) {
   return s;
 }
 
+// The row's max and whether any entry is +-inf or NaN, from bf16 logits.
+WKV_CLONES void row_max_bf16(const bf16* z, int64_t n, float* out_max, bool* out_bad) {
+  float m = -INFINITY;
+  int32_t bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = ld(z[i]);
+    m = std::max(m, x);
+    bad |= int32_t(abs_bits(x) >= kInfBits);
+  }
+  *out_max = m;
+  *out_bad = bad != 0;
+}
+
+// e <- exp(z - shift) for z <= shift, and the sum of e.
+WKV_CLONES float row_exp_sum_bf16(const bf16* z, float* e, int64_t n, float shift) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = exp_neg_abs_bits(abs_bits(ld(z[i]) - shift));
+    e[i] = x;
+    s += x;
+  }
+  return s;
+}
+
+// z <- bf16(e / s).
+WKV_CLONES void row_div_bf16(const float* e, bf16* z, int64_t n, float s) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) st(&z[i], e[i] / s);
+}
+
 }  // namespace
+
+// z [rows, V] bf16 (in place: q where ok), labels [rows] int64 in [0, V) -> lse, picked (fp32) and ok (uint8)
+// written per row.
+void softmax_grad_bf16(at::Tensor z, const at::Tensor& labels, at::Tensor lse, at::Tensor picked, at::Tensor ok,
+                       bool want_q) {
+  TORCH_CHECK(z.dim() == 2, "softmax_grad_bf16: z must be [rows, V]");
+  const int64_t rows = z.size(0), cols = z.size(1);
+  check_rows(z, at::kBFloat16, "softmax_grad_bf16", "z", {rows, cols});
+  for (const auto* t : {&lse, &picked}) check_f32(*t, "softmax_grad_bf16", "a row vector", {rows});
+  TORCH_CHECK(ok.device().is_cpu() && ok.scalar_type() == at::kByte && ok.is_contiguous() && ok.numel() == rows,
+              "softmax_grad_bf16: ok must be a contiguous uint8 CPU tensor of [rows]");
+  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
+                  labels.sizes() == at::IntArrayRef({rows}),
+              "softmax_grad_bf16: labels must be a contiguous int64 CPU tensor of [rows]");
+  bf16* zp = reinterpret_cast<bf16*>(z.data_ptr());
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  float *lp = lse.data_ptr<float>(), *pp = picked.data_ptr<float>();
+  uint8_t* okp = ok.data_ptr<uint8_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(lab[r] >= 0 && lab[r] < cols, "softmax_grad_bf16: label ", lab[r], " outside [0, ", cols, ")");
+  at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> e(cols);
+    for (int64_t r = lo; r < hi; ++r) {
+      bf16* zr = zp + r * cols;
+      float m;
+      bool bad;
+      row_max_bf16(zr, cols, &m, &bad);
+      okp[r] = !bad;
+      if (bad) continue;
+      pp[r] = ld(zr[lab[r]]);
+      const float s = row_exp_sum_bf16(zr, e.data(), cols, m);
+      lp[r] = std::log(s) + m;
+      if (!want_q) continue;
+      row_div_bf16(e.data(), zr, cols, s);
+      st(&zr[lab[r]], e[lab[r]] / s - 1.f);
+    }
+  });
+}
 
 int64_t online_softmax_block(at::Tensor z, const at::Tensor& labels, int64_t a, at::Tensor m, at::Tensor s,
                              at::Tensor picked, at::Tensor scale) {

@@ -27,7 +27,8 @@ passes (cuda/loss_cpu.cpp); a block with a non-finite logit is folded by torch's
 for infinities the C++ pass does not copy.
 
 Precision follows the plain path: the products run in the autocast dtype where autocast is on (bf16
-logits, then fp32 for the log-sum-exp), otherwise in the promoted dtype of h and the weight.
+logits, then fp32 for the log-sum-exp), otherwise in the promoted dtype of h and the weight. Under bf16 on the
+CPU a chunk's softmax and q are made from the bf16 logits in place, in fp32 per row (`_chunk_q_bf16`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,29 @@ def _chunk(h, w, labels, lo, hi, dtype, ws, most):
     lab = labels[lo:hi]
     picked = logits.gather(1, lab[:, None]).squeeze(1)
     return logits, _logsumexp_(logits), lab, picked
+
+
+def _chunk_q_bf16(h, w, labels, lo, hi, ws, most, want_q, ext):
+    """Rows lo:hi in bf16 on the CPU with the extension (the chunked path's rows under bf16 autocast): (q =
+    softmax - onehot(label) [n, V] bf16 in ws's bf16 buffer where want_q, log-sum-exp [n], the labels' logits
+    [n]), the softmax in fp32 per row in one C++ call of three passes over the bf16 logits (cuda/loss_cpu.cpp,
+    softmax_grad_bf16), where _chunk widens the chunk into an fp32 copy (128 MiB at V = 65536), takes five
+    passes over it and q is rounded back. A row with a non-finite logit (left untouched there) goes through
+    _chunk's torch ops, which keep their rules for infinities."""
+    n, V = hi - lo, w.shape[0]
+    z = torch.mm(h[lo:hi].to(torch.bfloat16), w.t(), out=ws.get(n, V, torch.bfloat16, h.device, most))
+    lab = labels[lo:hi].contiguous()
+    lse, picked = h.new_empty(n, dtype=torch.float32), h.new_empty(n, dtype=torch.float32)
+    ok = torch.empty(n, dtype=torch.uint8)
+    ext.softmax_grad_bf16(z, lab, lse, picked, ok, want_q)
+    bad = (ok == 0).nonzero().squeeze(1)
+    if bad.numel():
+        zf, lb = z.index_select(0, bad).float(), lab.index_select(0, bad)
+        picked[bad] = zf.gather(1, lb[:, None]).squeeze(1)
+        lse[bad] = _logsumexp_(zf)
+        if want_q:
+            z[bad] = _to_q(zf, lb).to(torch.bfloat16)
+    return z, lse, picked
 
 
 def _logsumexp_(logits, block_elements=BLOCK_ELEMENTS):
@@ -196,7 +220,16 @@ def _forward(h, weight, labels, dtype, need_h, need_w, elements, ws, cols=VOCAB_
         for lo, hi in _spans(h.shape[0], weight.shape[0], elements):
             _online(h[lo:hi].float(), w, labels[lo:hi], nll[lo:hi], dh[lo:hi] if need_h else None, ws, most, cols)
         return nll, dh, dw
+    ext = _cpu_extension() if dtype == torch.bfloat16 and h.device.type == "cpu" else None
     for lo, hi in _spans(h.shape[0], weight.shape[0], elements):
+        if ext is not None:  # bf16 on the CPU: q made in place in the bf16 logits, fp32 inside (_chunk_q_bf16)
+            q, lse, picked = _chunk_q_bf16(h, w, labels, lo, hi, ws, most, need_h or need_w, ext)
+            torch.sub(lse, picked, out=nll[lo:hi])
+            if need_h:
+                dh[lo:hi] = torch.mm(q, w)
+            if need_w:
+                dw.add_(torch.mm(q.t(), h[lo:hi].to(dtype)))
+            continue
         softmax, lse, lab, picked = _chunk(h, w, labels, lo, hi, dtype, ws, most)
         torch.sub(lse, picked, out=nll[lo:hi])
         if need_h or need_w:

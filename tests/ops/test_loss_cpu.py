@@ -108,3 +108,61 @@ def test_the_loss_is_the_same_with_the_cpp_pass_and_without(monkeypatch, bad):
         if finite.any():
             scale = b[finite].abs().max()
             assert ((a - b)[finite].abs() <= gamma(700 + 3 * 6) * 8 * (1 + scale)).all()
+
+
+def bf16_chunk(rows=37, V=3000, seed=3):
+    """A chunk of bf16 logits with labels, as _chunk_q_bf16 makes it (h @ W^T rounded to bf16)."""
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(rows, V, generator=g) * 4).bfloat16()
+    return z, torch.randint(0, V, (rows,), generator=g)
+
+
+def test_the_bf16_chunk_op_is_the_softmax_of_its_logits_within_roundings(ext):
+    """softmax_grad_bf16 against fp64 on the same bf16 logits: the label's logit exact; the log-sum-exp within the
+    exps' errors and gamma_(V+1) of its sum; q = softmax - onehot within its fp32 work ((|x| + 4) u per exp,
+    gamma_(V+2) for the sum and the division) and one rounding to bf16 (2^-8 relative)."""
+    z, lab = bf16_chunk()
+    rows, V = z.shape
+    lse, picked, ok = torch.empty(rows), torch.empty(rows), torch.empty(rows, dtype=torch.uint8)
+    q = z.clone()
+    ext.softmax_grad_bf16(q, lab, lse, picked, ok, True)
+    zd = z.double()
+    assert ok.all() and torch.equal(picked, z.float()[torch.arange(rows), lab])
+    x = zd - zd.amax(dim=1, keepdim=True)
+    e = torch.exp(x)
+    s = e.sum(dim=1)
+    want_lse = s.log() + zd.amax(dim=1)
+    rel = ((x.abs() + 4) * U32 * e).sum(dim=1) / s + gamma(V + 1)  # the sum's relative error
+    assert ((lse.double() - want_lse).abs() <= rel + 2 * U32 * want_lse.abs()).all()
+    p = e / s[:, None]
+    want_q = p.clone()
+    want_q[torch.arange(rows), lab] -= 1
+    err = (q.double() - want_q).abs()
+    bound = 2.0**-8 * want_q.abs() + p * ((x.abs() + 4) * U32 + 2 * rel[:, None] + 2 * U32)
+    assert (err <= bound).all(), (err - bound).max()
+    # want_q False: the log-sum-exp alone, the logits untouched
+    lse2, z2 = torch.empty(rows), z.clone()
+    ext.softmax_grad_bf16(z2, lab, lse2, torch.empty(rows), ok, False)
+    assert torch.equal(z2, z) and torch.equal(lse2, lse)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_a_bf16_row_with_a_non_finite_logit_goes_to_torchs_ops(ext, bad):
+    """The C++ op leaves such a row untouched (ok = 0); _chunk_q_bf16 then gives it torch's rules: that row's
+    log-sum-exp, label logit and q equal _chunk's, bit for bit, NaN where torch has NaN; the other rows are
+    the C++ op's."""
+    z, lab = bf16_chunk(rows=9, V=500, seed=4)
+    z[4, 17] = bad
+    h, w = z.clone(), torch.eye(500, dtype=torch.bfloat16)  # h @ w^T = z exactly
+    ws = lce.Workspace()
+    q, lse, picked = lce._chunk_q_bf16(h, w, lab, 0, 9, ws, 9, True, ext)
+    softmax, lse_t, _, picked_t = lce._chunk(h, w, lab, 0, 9, torch.bfloat16, lce.Workspace(), 9)
+    q_t = lce._to_q(softmax, lab).bfloat16()
+    for got, want in ((q[4], q_t[4]), (lse[4:5], lse_t[4:5]), (picked[4:5], picked_t[4:5])):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    others = torch.arange(9) != 4
+    lse_c, ok = torch.empty(9), torch.empty(9, dtype=torch.uint8)
+    q_c = z.clone()
+    ext.softmax_grad_bf16(q_c, lab, lse_c, torch.empty(9), ok, True)
+    assert ok.tolist() == [1] * 4 + [0] + [1] * 4
+    assert torch.equal(q[others], q_c[others]) and torch.equal(lse[others], lse_c[others])
