@@ -19,7 +19,8 @@
 // those are kept as 8-lane partial sums and reduced 8 rows at a time by a shuffle tree. The caller
 // pads N to a multiple of 8 with zeros (exact: padded rows and columns of S stay zero).
 //
-// Everything is fp32; the caller converts bf16 inputs and computes d = exp(-exp(w)) with torch. The hot loops are `omp simd` loops over
+// Everything is fp32: bf16 r, k, v, a, b (and y, dy and their gradients) are staged per head in fp32
+// (wkv7_cpu_stage.h); the caller makes d = exp(-exp(w)) in fp32. The hot loops are `omp simd` loops over
 // compile-time widths so GCC vectorises them; on x86-64 every per-head function is compiled three times
 // (AVX-512, AVX2+FMA and baseline) and picked at load time from the CPU's features (GCC target_clones),
 // so the build never depends on the build machine (no -march=native). On AVX-512 CPUs the column tiles
@@ -36,6 +37,7 @@
 #include <vector>
 
 #include "wkv7_cpu_simd.h"
+#include "wkv7_cpu_stage.h"
 
 namespace {
 
@@ -335,20 +337,37 @@ WKV_CLONES void backward_head(const Head& h, bool wide) {
   return backward_head_w<16>(h);
 }
 
-void check(const at::Tensor& x, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "wkv7_cpu: ", name,
-              " must be a contiguous fp32 CPU tensor");
+void check(const at::Tensor& x, const char* name, at::IntArrayRef shape, at::ScalarType dtype = at::kFloat) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype && x.is_contiguous(), "wkv7_cpu: ", name,
+              " must be a contiguous ", dtype == at::kFloat ? "fp32" : "bf16", " CPU tensor");
   TORCH_CHECK(x.sizes() == shape, "wkv7_cpu: ", name, " has shape ", x.sizes(), ", expected ", shape);
 }
 
-// Pointers for sequence (b, h) of [B, T, H, N] tensors and of [B, H, ..., N, N] tensors.
+// The rows' dtype: fp32, or bf16 for r, k, v, a, b (d is fp32 either way), which y, dy and the gradients other
+// than dd share.
+at::ScalarType rows_dtype(const std::vector<at::Tensor>& rdkvab, at::IntArrayRef shape) {
+  const auto dt = rdkvab[0].scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "wkv7_cpu: inputs must be fp32 or bf16");
+  for (size_t i = 0; i < rdkvab.size(); ++i) check(rdkvab[i], "input", shape, i == 1 ? at::kFloat : dt);
+  return dt;
+}
+
+// Pointers for sequence (b, h) of [B, T, H, N] tensors and of [B, H, ..., N, N] tensors. `stage` (bf16 rows):
+// the six inputs' rows are gathered into stage[i T N ...] as fp32 and the pointers (stride N) point there.
 Head head_at(const std::vector<at::Tensor>& rdkvab, int64_t bi, int64_t hi, int64_t T, int64_t H,
-             int64_t N, int64_t n_ckpt, const at::Tensor& ckpt) {
+             int64_t N, int64_t n_ckpt, const at::Tensor& ckpt, float* stage) {
   Head h{};
   const int64_t seq = bi * T * H * N + hi * N;
   const float** in[6] = {&h.r, &h.d, &h.k, &h.v, &h.a, &h.b};
-  for (int i = 0; i < 6; ++i) *in[i] = rdkvab[i].data_ptr<float>() + seq;
-  h.stride = H * N;
+  for (int i = 0; i < 6; ++i) {
+    if (stage) {
+      gather_head(rdkvab[i], seq, H * N, T, N, stage + i * T * N);
+      *in[i] = stage + i * T * N;
+    } else {
+      *in[i] = rdkvab[i].data_ptr<float>() + seq;
+    }
+  }
+  h.stride = stage ? N : H * N;
   h.T = int(T);
   h.N = int(N);
   h.ckpt = ckpt.data_ptr<float>() + (bi * H + hi) * n_ckpt * N * N;
@@ -357,8 +376,9 @@ Head head_at(const std::vector<at::Tensor>& rdkvab, int64_t bi, int64_t hi, int6
 
 }  // namespace
 
-// rdkvab: [r, d, k, v, a, b], each [B, T, H, N] with d = exp(-exp(w)); s0: [B, H, N, N] or empty (zeros).
-// Writes y [B, T, H, N], ckpt [B, H, ceil(T / kChunk) + 1, N, N] and s_final [B, H, N, N].
+// rdkvab: [r, d, k, v, a, b], each [B, T, H, N] with d = exp(-exp(w)) (fp32; the others fp32 or bf16, one
+// dtype); s0: [B, H, N, N] or empty (zeros). Writes y [B, T, H, N] (r's dtype), ckpt [B, H, ceil(T / kChunk) + 1,
+// N, N] and s_final [B, H, N, N].
 void wkv7_forward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& s0, at::Tensor y,
                   at::Tensor ckpt, at::Tensor s_final, int64_t tiles) {
   const bool wide = wide_tiles(tiles);
@@ -367,25 +387,29 @@ void wkv7_forward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& s0, a
   TORCH_CHECK(shape.size() == 4 && shape[3] % kLanes == 0, "wkv7_cpu: inputs must be [B, T, H, N], N % 8 == 0");
   const int64_t B = shape[0], T = shape[1], H = shape[2], N = shape[3];
   const int64_t n_ckpt = (T + kChunk - 1) / kChunk + 1;
-  for (const auto& x : rdkvab) check(x, "input", shape);
-  check(y, "y", shape);
+  const auto dt = rows_dtype(rdkvab, shape);
+  const bool staged = dt == at::kBFloat16;
+  check(y, "y", shape, dt);
   check(ckpt, "ckpt", {B, H, n_ckpt, N, N});
   check(s_final, "s_final", {B, H, N, N});
   const bool has_s0 = s0.defined() && s0.numel() > 0;
   if (has_s0) check(s0, "state", {B, H, N, N});
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> stage(staged ? 7 * T * N : 0);  // r d k v a b y
     for (int64_t bh = begin; bh < end; ++bh) {
-      Head h = head_at(rdkvab, bh / H, bh % H, T, H, N, n_ckpt, ckpt);
+      Head h = head_at(rdkvab, bh / H, bh % H, T, H, N, n_ckpt, ckpt, staged ? stage.data() : nullptr);
       const int64_t seq = (bh / H) * T * H * N + (bh % H) * N;
       h.s0 = has_s0 ? s0.data_ptr<float>() + bh * N * N : nullptr;
-      h.y = y.data_ptr<float>() + seq;
+      h.y = staged ? stage.data() + 6 * T * N : y.data_ptr<float>() + seq;
       h.s_final = s_final.data_ptr<float>() + bh * N * N;
       forward_head(h, wide);
+      if (staged) scatter_head(h.y, T, N, y, seq, H * N);
     }
   });
 }
 
-// grads: [dr, dd, dk, dv, da, db] (dd = dL/dd), each [B, T, H, N] and written in full; ds0 [B, H, N, N].
+// grads: [dr, dd, dk, dv, da, db] (dd = dL/dd, fp32; the others and dy in r's dtype), each [B, T, H, N] and
+// written in full; ds0 [B, H, N, N].
 void wkv7_backward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& ckpt, const at::Tensor& dy,
                    const at::Tensor& ds_final, std::vector<at::Tensor> grads, at::Tensor ds0, int64_t tiles) {
   const bool wide = wide_tiles(tiles);
@@ -394,22 +418,28 @@ void wkv7_backward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& ckpt
   TORCH_CHECK(shape.size() == 4 && shape[3] % kLanes == 0, "wkv7_cpu: inputs must be [B, T, H, N], N % 8 == 0");
   const int64_t B = shape[0], T = shape[1], H = shape[2], N = shape[3];
   const int64_t n_ckpt = (T + kChunk - 1) / kChunk + 1;
-  for (const auto& x : rdkvab) check(x, "input", shape);
-  for (const auto& x : grads) check(x, "gradient", shape);
-  check(dy, "dy", shape);
+  const auto dt = rows_dtype(rdkvab, shape);
+  const bool staged = dt == at::kBFloat16;
+  for (size_t i = 0; i < grads.size(); ++i) check(grads[i], "gradient", shape, i == 1 ? at::kFloat : dt);
+  check(dy, "dy", shape, dt);
   check(ckpt, "ckpt", {B, H, n_ckpt, N, N});
   check(ds_final, "ds_final", {B, H, N, N});
   check(ds0, "ds0", {B, H, N, N});
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> stage(staged ? 13 * T * N : 0);  // r d k v a b, dy, dr dd dk dv da db
     for (int64_t bh = begin; bh < end; ++bh) {
-      Head h = head_at(rdkvab, bh / H, bh % H, T, H, N, n_ckpt, ckpt);
+      float* sp = staged ? stage.data() : nullptr;
+      Head h = head_at(rdkvab, bh / H, bh % H, T, H, N, n_ckpt, ckpt, sp);
       const int64_t seq = (bh / H) * T * H * N + (bh % H) * N;
-      h.dy = dy.data_ptr<float>() + seq;
+      if (staged) gather_head(dy, seq, H * N, T, N, sp + 6 * T * N);
+      h.dy = staged ? sp + 6 * T * N : dy.data_ptr<float>() + seq;
       h.ds_final = ds_final.data_ptr<float>() + bh * N * N;
       float** out[6] = {&h.dr, &h.dd, &h.dk, &h.dv, &h.da, &h.db};
-      for (int i = 0; i < 6; ++i) *out[i] = grads[i].data_ptr<float>() + seq;
+      for (int i = 0; i < 6; ++i) *out[i] = staged ? sp + (7 + i) * T * N : grads[i].data_ptr<float>() + seq;
       h.ds0 = ds0.data_ptr<float>() + bh * N * N;
       backward_head(h, wide);
+      if (staged)
+        for (int i = 0; i < 6; ++i) scatter_head(*out[i], T, N, grads[i], seq, H * N);
     }
   });
 }

@@ -103,14 +103,15 @@ def is_available(device: torch.device) -> bool:
 def _forward(
     ext: ModuleType, rdkvab: list[torch.Tensor], state: torch.Tensor | None, alloc: Alloc, tiles: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rdkvab: [r, d, k, v, a, b], contiguous fp32 [B, T, H, N] with d = exp(-exp(w)) and N % 8 == 0;
-    state: contiguous fp32 [B, H, N, N] or None.
+    """rdkvab: [r, d, k, v, a, b], contiguous [B, T, H, N] with d = exp(-exp(w)) fp32, the others fp32 or all
+    bf16 (the kernel stages each head's bf16 rows in fp32), N % 8 == 0; state: contiguous fp32 [B, H, N, N] or
+    None.
 
-    Returns y [B, T, H, N], checkpoints [B, H, ceil(T / CHUNK) + 1, N, N] (the kernel's own layout) and
-    the final state [B, H, N, N].
+    Returns y [B, T, H, N] (r's dtype), checkpoints [B, H, ceil(T / CHUNK) + 1, N, N] (the kernel's own layout)
+    and the final state [B, H, N, N].
     """
     B, T, H, N = rdkvab[0].shape
-    y = alloc((B, T, H, N))
+    y = _rows((B, T, H, N), rdkvab[0].dtype, alloc)
     ckpt = alloc((B, H, -(-T // CHUNK) + 1, N, N))
     s_final = alloc((B, H, N, N))
     ext.forward(rdkvab, torch.empty(0) if state is None else state, y, ckpt, s_final, tiles)
@@ -126,12 +127,18 @@ def _backward(
     alloc: Alloc,
     tiles: int = 0,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Gradients [dr, dd, dk, dv, da, db] (each [B, T, H, N], dd = dL/dd) and dL/dS_0 [B, H, N, N]."""
+    """Gradients [dr, dd, dk, dv, da, db] (each [B, T, H, N], dd = dL/dd fp32, the others and dy in r's dtype)
+    and dL/dS_0 [B, H, N, N]."""
     B, T, H, N = rdkvab[0].shape
-    grads = [alloc((B, T, H, N)) for _ in range(6)]
+    grads = [_rows((B, T, H, N), torch.float32 if i == 1 else rdkvab[0].dtype, alloc) for i in range(6)]
     ds0 = alloc((B, H, N, N))
     ext.backward(rdkvab, ckpt, dy, ds_final, grads, ds0, tiles)
     return grads, ds0
+
+
+def _rows(shape: tuple[int, ...], dtype: torch.dtype, alloc: Alloc) -> torch.Tensor:
+    """An output of the kernel: fp32 from `alloc` (tests pass a NaN-filled one), bf16 from torch.empty."""
+    return alloc(shape) if dtype == torch.float32 else torch.empty(shape, dtype=dtype)
 
 
 def _fp32(x: torch.Tensor, pad: int = 0) -> torch.Tensor:
@@ -160,15 +167,16 @@ class _Wkv7Cpu(torch.autograd.Function):
         else:  # w holds z, the log-log decay being logsigmoid(z) - offset: d and dd/dz in one pass
             d, dd_dw = _ext("wkv7").decay_forward(_fp32(w, pad), offset, ctx.needs_input_grad[4])
             dd_dw = dd_dw if ctx.needs_input_grad[4] else None
-        rdkvab = [_fp32(r, pad), d, *(_fp32(x, pad) for x in (k, v, a, b))]
+        # bf16 r, k, v, a, b (the model under bf16 autocast) go to the kernel as they are: it stages each head's
+        # rows in fp32 (cuda/wkv7_cpu_stage.h) and writes y and their gradients in bf16, and they are kept for
+        # backward in bf16 (r, k, v the model keeps anyway). Otherwise fp32 copies, N padded to a multiple of 8.
+        staged = not pad and all(x.dtype == torch.bfloat16 for x in (r, k, v, a, b))
+        rows = (lambda x: x.detach().contiguous()) if staged else (lambda x: _fp32(x, pad))
+        rdkvab = [rows(r), d, *(rows(x) for x in (k, v, a, b))]
         s0 = None if state is None else _pad_square(state, pad)
         y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc, tiles)
-        # Kept as given where bf16 (widened again in backward): not fp32 copies of r, k, v, a and b, which the
-        # model keeps in bf16 anyway (r, k, v for wkv_output) -- at 0.1B ctx 4096 ~50 MB a layer.
-        widen = [i for i, x in enumerate((r, None, k, v, a, b)) if x is not None and x.dtype != torch.float32]
-        ctx.save_for_backward(*((r, d, k, v, a, b)[i].detach() if i in widen else t for i, t in enumerate(rdkvab)),
-                              ckpt, dd_dw)
-        ctx.alloc, ctx.tiles, ctx.N, ctx.widen = alloc, tiles, N, widen
+        ctx.save_for_backward(*rdkvab, ckpt, dd_dw)
+        ctx.alloc, ctx.tiles, ctx.N, ctx.staged = alloc, tiles, N, staged
         ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
         ctx.state_dtype = None if state is None else state.dtype
         return y[..., :N].to(r.dtype), s_final[..., :N, :N]
@@ -178,9 +186,8 @@ class _Wkv7Cpu(torch.autograd.Function):
         *rdkvab, ckpt, dd_dw = ctx.saved_tensors
         N = ctx.N
         pad = -N % LANES
-        rdkvab = [_fp32(t, pad) if i in ctx.widen else t for i, t in enumerate(rdkvab)]
-        grads, ds0 = _backward(_extension(), rdkvab, ckpt, _fp32(dy, pad), _pad_square(ds_final, pad), ctx.alloc,
-                               ctx.tiles)
+        dy = dy.detach().to(rdkvab[0].dtype).contiguous() if ctx.staged else _fp32(dy, pad)
+        grads, ds0 = _backward(_extension(), rdkvab, ckpt, dy, _pad_square(ds_final, pad), ctx.alloc, ctx.tiles)
         if dd_dw is not None:
             grads[1].mul_(dd_dw)
         need = ctx.needs_input_grad

@@ -255,10 +255,36 @@ def test_model_cpu_backend_equals_reference(head_size):
         assert (got - want).abs().max() <= grad_rtol * want.abs().max()
 
 
+def test_bf16_inputs_are_staged_by_the_kernel_not_copied():
+    """bf16 r, k, v, a, b reach the kernel as they are: it stages each head's rows in fp32 and writes y and their
+    gradients in bf16 (cuda/wkv7_cpu_stage.h), so no [B, T, H, N] tensor is widened or rounded on the way but z's
+    (the decay's input, widened for decay_forward) and dL/dz's (made in fp32 with the decay's factor). Before:
+    19 such copies a call, ~20 ms of a 0.48 s bf16 step at 0.1B ctx 512. And what is kept for backward is bf16
+    but for the decay and its factor, which the op makes in fp32 (fp32 copies of r, k, v, a and b would be ~50 MB
+    a layer at 0.1B ctx 4096). The values: the reference's, within the WKV bound for bf16."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs, state = wkv_inputs(2, 40, 3, 16, torch.bfloat16, seed=3, with_state=True)
+    z = torch.randn(inputs[1].shape, generator=torch.Generator().manual_seed(4)).bfloat16()
+    leaves = [x.clone().requires_grad_() for x in (inputs[0], z, *inputs[2:])]
+    wkv7(*leaves, state, backend="cpu", decay_offset=0.5)  # a backend's first use checks it once (ops._resolve)
+    gy = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+    kept = []
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, t.shape)) or t, lambda t: t):
+            y, s = wkv7(*leaves, state, backend="cpu", decay_offset=0.5)
+        assert y.dtype == torch.bfloat16
+        ((y * gy).sum() + s.sum()).backward()  # y's gradient a contiguous bf16 tensor, as the model's
+    big = inputs[0].numel()
+    copies = [e.input_shapes for e in prof.events() if e.name == "aten::copy_"  # one per cast or copy
+              and any(isinstance(x, list) and len(x) and math.prod(x) >= big for x in e.input_shapes)]
+    assert len(copies) == 2, copies  # z widened, dL/dz rounded
+    rows = [dt for dt, shape in kept if shape == inputs[0].shape]
+    assert sorted(map(str, rows)) == ["torch.bfloat16"] * 5 + ["torch.float32"] * 2, kept
+
+
 def test_bf16_inputs_are_kept_for_backward_in_bf16():
-    """The kernel widens bf16 inputs for itself and keeps them for backward as given, widening them again there:
-    fp32 copies of r, k, v, a and b would be ~50 MB a layer at 0.1B ctx 4096 (r, k and v the model keeps in bf16
-    anyway). Kept in fp32: only the decay and its gradient factor, which the op makes."""
+    """w given (not z): the same, the decay and its factor made by torch's exp in fp32."""
     inputs, state = wkv_inputs(2, 40, 3, 16, torch.bfloat16, seed=3, with_state=True)
     leaves = [x.clone().requires_grad_() for x in inputs]
     kept = []
