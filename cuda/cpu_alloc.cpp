@@ -124,18 +124,20 @@ c10::DataPtr data_ptr(void* base) {  // page-aligned (c10 wants 64 bytes)
 // raw_allocate/raw_deallocate (oneDNN's buffers through ideep's engine allocator: bf16 matmuls on CPUs with
 // AVX512-BF16 or AMX) free a bare pointer with raw_deleter(): ours if it is one of this cache's blocks, the
 // allocator's from before if it served it (requests under min_bytes, or blocks from before the install).
-void raw_free(void* p) {
+// Whether p is one of this cache's live blocks (p is live and its owner's alone: it cannot change hands while
+// the caller asks).
+bool owns(void* p) {
   Cache& c = cache();
-  bool ours;
-  {
-    std::lock_guard<std::mutex> g(c.mu);
-    ours = c.size_of.count(p) != 0;  // p is live and its owner's alone: it cannot change hands meanwhile
-  }
-  if (ours) {
+  std::lock_guard<std::mutex> g(c.mu);
+  return c.size_of.count(p) != 0;
+}
+
+void raw_free(void* p) {
+  if (owns(p)) {
     release(p);
     return;
   }
-  const c10::DeleterFnPtr other = c.fallback->raw_deleter();
+  const c10::DeleterFnPtr other = cache().fallback->raw_deleter();
   TORCH_CHECK(other != nullptr, "peft_rwkv7 CPU allocator: the allocator before it has no raw deleter");
   other(p);
 }
@@ -244,12 +246,7 @@ bool cpu_cache_raw_roundtrip(int64_t n) {
   c10::Allocator* a = c10::GetCPUAllocator();
   void* p = a->raw_allocate(size_t(n));
   std::memset(p, 1, size_t(n));
-  Cache& c = cache();
-  bool ours;
-  {
-    std::lock_guard<std::mutex> g(c.mu);
-    ours = c.size_of.count(p) != 0;
-  }
+  const bool ours = owns(p);
   a->raw_deallocate(p);
   return ours;
 }
