@@ -105,3 +105,34 @@ def test_every_other_case_is_peft_s_own_forward(case):
     assert torch.equal(fused, plain)
     if case == "disabled":
         assert torch.equal(fused, lin.base_layer(x))
+
+
+def test_under_autocast_x_is_not_cast_to_the_adapters_dtype_and_back(monkeypatch):
+    """Under bf16 autocast with fp32 factors (trained tensors stay fp32), peft's cast of x to A's dtype is undone
+    by autocast's cast back to bf16: an exact round trip, so the layer skips it. The same bits as with the cast
+    (outputs and every gradient), and no [tokens, in] copy of a bf16 x in forward or backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, lin = _adapted()
+    g = torch.Generator().manual_seed(5)
+    x, gy = torch.randn(3, 50, 64, generator=g).bfloat16(), torch.randn(3, 50, lin.out_features, generator=g)
+    lin.base_layer.weight.data = lin.base_layer.weight.data.bfloat16()  # frozen weights stored bf16
+
+    def casts_of_x(prof):  # copies with a dtype change of x's size (not _run's clone)
+        return [e.input_shapes for e in prof.events() if e.name == "aten::copy_"
+                and e.input_dtypes[0] != e.input_dtypes[1] and e.input_shapes[0][-1:] == [64]
+                and e.input_shapes[0][0] * (e.input_shapes[0][1] if len(e.input_shapes[0]) > 2 else 1) >= 150]
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        skipped = _run(lin, FusedLoraLinear, x, gy, amp=True)
+    assert not casts_of_x(prof), casts_of_x(prof)
+    # the layer as before: autocast not seen by the layer (F.linear still runs under it), so x is cast to A's
+    # dtype first
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        cast = _run(lin, FusedLoraLinear, x, gy, amp=True)
+    monkeypatch.undo()
+    assert len(casts_of_x(prof)) >= 4  # x to fp32 and back, forward and backward
+    assert cast[0].dtype == torch.float32  # _run's .float(): the layer's output was bf16 both times
+    for name, a, b in zip(("y", "dx", "dA", "dB"), skipped, cast):
+        assert torch.equal(a, b), name
