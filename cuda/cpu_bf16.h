@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "cpu_aten.h"
+#include "cpu_rows.h"
 #include "wkv7_cpu_simd.h"
 
 namespace {
@@ -56,13 +57,6 @@ const T* rows_in(const at::Tensor& x) {
 template <typename T>
 T* rows_out(at::Tensor& x) {
   return x.defined() && x.numel() ? reinterpret_cast<T*>(x.data_ptr()) : nullptr;
-}
-
-// A contiguous CPU tensor of `dtype` (fp32 or bf16: the rows of one op share one) and `shape`.
-void check_rows(const at::Tensor& x, at::ScalarType dtype, const char* op, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype && x.is_contiguous(), op, ": ", name,
-              " must be a contiguous ", dtype == at::kFloat ? "fp32" : "bf16", " CPU tensor (as the op's other rows)");
-  TORCH_CHECK(x.sizes() == shape, op, ": ", name, " has shape ", x.sizes(), ", expected ", shape);
 }
 
 // The rows' dtype of an op, from its first row tensor: fp32 or bf16.

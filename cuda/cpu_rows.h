@@ -1,4 +1,4 @@
-// Helpers shared by the row-wise CPU ops (token_mix_cpu.cpp, timemix_cpu.cpp): fp32 checks and the fixed
+// Helpers shared by the row-wise CPU ops (token_mix_cpu.cpp, timemix_cpu.cpp): dtype checks and the fixed
 // row blocks that parameter-gradient partial sums follow (so results never depend on the thread count).
 #pragma once
 
@@ -10,10 +10,15 @@ constexpr int64_t kBlock = 32;  // rows per work item and per parameter-gradient
 
 int64_t n_blocks(int64_t rows) { return (rows + kBlock - 1) / kBlock; }
 
-void check_f32(const at::Tensor& x, const char* op, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), op, ": ", name,
-              " must be a contiguous fp32 CPU tensor");
+// A contiguous CPU tensor of `dtype` (fp32, or bf16 for the rows of cpu_bf16.h's ops) and `shape`.
+void check_rows(const at::Tensor& x, at::ScalarType dtype, const char* op, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype && x.is_contiguous(), op, ": ", name,
+              " must be a contiguous ", dtype == at::kFloat ? "fp32" : "bf16", " CPU tensor");
   TORCH_CHECK(x.sizes() == shape, op, ": ", name, " has shape ", x.sizes(), ", expected ", shape);
+}
+
+void check_f32(const at::Tensor& x, const char* op, const char* name, at::IntArrayRef shape) {
+  check_rows(x, at::kFloat, op, name, shape);
 }
 
 const float* ptr_or_null(const at::Tensor& x) { return x.defined() && x.numel() ? x.data_ptr<float>() : nullptr; }

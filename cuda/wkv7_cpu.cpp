@@ -338,16 +338,13 @@ WKV_CLONES void backward_head(const Head& h, bool wide) {
 }
 
 void check(const at::Tensor& x, const char* name, at::IntArrayRef shape, at::ScalarType dtype = at::kFloat) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype && x.is_contiguous(), "wkv7_cpu: ", name,
-              " must be a contiguous ", dtype == at::kFloat ? "fp32" : "bf16", " CPU tensor");
-  TORCH_CHECK(x.sizes() == shape, "wkv7_cpu: ", name, " has shape ", x.sizes(), ", expected ", shape);
+  check_rows(x, dtype, "wkv7_cpu", name, shape);
 }
 
-// The rows' dtype: fp32, or bf16 for r, k, v, a, b (d is fp32 either way), which y, dy and the gradients other
-// than dd share.
-at::ScalarType rows_dtype(const std::vector<at::Tensor>& rdkvab, at::IntArrayRef shape) {
-  const auto dt = rdkvab[0].scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "wkv7_cpu: inputs must be fp32 or bf16");
+// Checks the six inputs; returns their rows' dtype: fp32, or bf16 for r, k, v, a, b (d is fp32 either way),
+// which y, dy and the gradients other than dd share.
+at::ScalarType check_inputs(const std::vector<at::Tensor>& rdkvab, at::IntArrayRef shape) {
+  const auto dt = rows_dtype(rdkvab[0], "wkv7_cpu");
   for (size_t i = 0; i < rdkvab.size(); ++i) check(rdkvab[i], "input", shape, i == 1 ? at::kFloat : dt);
   return dt;
 }
@@ -387,7 +384,7 @@ void wkv7_forward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& s0, a
   TORCH_CHECK(shape.size() == 4 && shape[3] % kLanes == 0, "wkv7_cpu: inputs must be [B, T, H, N], N % 8 == 0");
   const int64_t B = shape[0], T = shape[1], H = shape[2], N = shape[3];
   const int64_t n_ckpt = (T + kChunk - 1) / kChunk + 1;
-  const auto dt = rows_dtype(rdkvab, shape);
+  const auto dt = check_inputs(rdkvab, shape);
   const bool staged = dt == at::kBFloat16;
   check(y, "y", shape, dt);
   check(ckpt, "ckpt", {B, H, n_ckpt, N, N});
@@ -418,7 +415,7 @@ void wkv7_backward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& ckpt
   TORCH_CHECK(shape.size() == 4 && shape[3] % kLanes == 0, "wkv7_cpu: inputs must be [B, T, H, N], N % 8 == 0");
   const int64_t B = shape[0], T = shape[1], H = shape[2], N = shape[3];
   const int64_t n_ckpt = (T + kChunk - 1) / kChunk + 1;
-  const auto dt = rows_dtype(rdkvab, shape);
+  const auto dt = check_inputs(rdkvab, shape);
   const bool staged = dt == at::kBFloat16;
   for (size_t i = 0; i < grads.size(); ++i) check(grads[i], "gradient", shape, i == 1 ? at::kFloat : dt);
   check(dy, "dy", shape, dt);

@@ -171,12 +171,12 @@ class _Wkv7Cpu(torch.autograd.Function):
         # rows in fp32 (cuda/wkv7_cpu_stage.h) and writes y and their gradients in bf16, and they are kept for
         # backward in bf16 (r, k, v the model keeps anyway). Otherwise fp32 copies, N padded to a multiple of 8.
         staged = not pad and all(x.dtype == torch.bfloat16 for x in (r, k, v, a, b))
-        rows = (lambda x: x.detach().contiguous()) if staged else (lambda x: _fp32(x, pad))
-        rdkvab = [rows(r), d, *(rows(x) for x in (k, v, a, b))]
+        prep = (lambda x: x.detach().contiguous()) if staged else (lambda x: _fp32(x, pad))
+        rdkvab = [prep(r), d, *(prep(x) for x in (k, v, a, b))]
         s0 = None if state is None else _pad_square(state, pad)
         y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc, tiles)
         ctx.save_for_backward(*rdkvab, ckpt, dd_dw)
-        ctx.alloc, ctx.tiles, ctx.N, ctx.staged = alloc, tiles, N, staged
+        ctx.alloc, ctx.tiles, ctx.N = alloc, tiles, N
         ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
         ctx.state_dtype = None if state is None else state.dtype
         return y[..., :N].to(r.dtype), s_final[..., :N, :N]
@@ -186,7 +186,8 @@ class _Wkv7Cpu(torch.autograd.Function):
         *rdkvab, ckpt, dd_dw = ctx.saved_tensors
         N = ctx.N
         pad = -N % LANES
-        dy = dy.detach().to(rdkvab[0].dtype).contiguous() if ctx.staged else _fp32(dy, pad)
+        staged = rdkvab[0].dtype == torch.bfloat16  # kept as given only where staged (else fp32 copies)
+        dy = dy.detach().to(torch.bfloat16).contiguous() if staged else _fp32(dy, pad)
         grads, ds0 = _backward(_extension(), rdkvab, ckpt, dy, _pad_square(ds_final, pad), ctx.alloc, ctx.tiles)
         if dd_dw is not None:
             grads[1].mul_(dd_dw)
