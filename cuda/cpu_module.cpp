@@ -39,6 +39,7 @@ int64_t online_softmax_block(torch::Tensor z, const torch::Tensor& labels, int64
 void softmax_grad_bf16(torch::Tensor z, const torch::Tensor& labels, torch::Tensor lse, torch::Tensor picked,
                        torch::Tensor ok, bool want_q);
 torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& y);
+torch::Tensor relu_square_backward_x(const torch::Tensor& g, const torch::Tensor& x);
 
 // cpu_alloc.cpp
 void cpu_cache_install(int64_t min_bytes);
@@ -59,8 +60,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decay_forward", &decay_forward, "RWKV-7's decay exp(-exp(logsigmoid(z) - offset)) and its z-gradient (fp32)");
   m.def("online_softmax_block", &online_softmax_block, "one vocabulary block into the loss's running max and sum (fp32)");
   m.def("softmax_grad_bf16", &softmax_grad_bf16, "a chunk of bf16 logits into q = softmax - onehot, in place");
-  m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32)");
+  m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32 or bf16)");
   m.def("relu_square_backward", &relu_square_backward, "its gradient g * sqrt(y) * 2 from the output y (fp32)");
+  m.def("relu_square_backward_x", &relu_square_backward_x, "its gradient (g * relu(x)) * 2 from x (bf16)");
   m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32 or bf16 rows)");
   m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones summed in fixed row blocks)");
   m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32 or bf16 rows)");

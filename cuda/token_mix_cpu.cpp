@@ -4,11 +4,11 @@
 //
 //   token_mix     out[m] = x + (x_prev - x) * mix[m]      (x_prev: the token before, prev[b] or 0 at t = 0)
 //   relu_square   y = relu(x)^2, and its gradient g * sqrt(y) * 2 (torch's relu(x) ** 2 bit for bit where y is
-//                 a normal float or x <= 0)
+//                 a normal float or x <= 0); bf16: y rounded once, the gradient (g relu(x)) 2 from x
 //
 // Rows (tokens) are split over torch's threads in blocks of kBlock rows (cpu_rows.h); the per-row
 // functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (WKV_CLONES).
-// token_mix's rows (x, its outputs and their gradients) are fp32 or bf16 (cpu_bf16.h); relu_square is fp32.
+// The rows (x, the outputs and their gradients) are fp32 or bf16 (cpu_bf16.h).
 
 #include "cpu_aten.h"
 
@@ -216,7 +216,7 @@ std::vector<at::Tensor> token_mix_backward(const std::vector<at::Tensor>& grads,
 // ---- relu_square -------------------------------------------------------------------------------------
 // relu keeps NaN as torch's does; the square and the gradient (g r) 2 are the same roundings as torch's
 // relu(x) ** 2 and its backward (doubling is exact), and the same bits, signed zeros and NaN included.
-// The backward reads the forward's output y, not x: r = sqrt(y) is relu(x) exactly wherever y is a normal
+// The fp32 backward reads the forward's output y, not x: r = sqrt(y) is relu(x) exactly wherever y is a normal
 // float (a correctly rounded square root of a correctly rounded square returns the number squared in binary
 // floating point; checked over every such fp32 in tests/ops/test_pointwise.py), so the caller keeps y, which
 // LoRA's ffn.value keeps anyway as its input, instead of a second [tokens, 4C] buffer. Where x > 0 squares
@@ -224,20 +224,27 @@ std::vector<at::Tensor> token_mix_backward(const std::vector<at::Tensor>& grads,
 
 namespace {
 
-WKV_CLONES void relu_square_rows(const float* x, float* out, int64_t n) {
+// relu as a bit mask (x where x >= 0 or NaN, +0 where x < 0). Written as `r = x < 0 ? 0 : x; r * r`, GCC
+// sinks the multiply into a branch (a multiply may trap under -ftrapping-math, so it is not run where its
+// result is unused), and without AVX-512's masked multiply the loop stays scalar with a branch per element:
+// mispredicted on random signs, 12x slower on an AVX2 CPU. Integer bits and an unconditional multiply
+// vectorise everywhere; same values (-0 stays -0, as torch's relu keeps it).
+WKV_INLINE float relu_bits(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits &= x < 0.f ? 0 : -1;
+  float r;
+  std::memcpy(&r, &bits, sizeof r);
+  return r;
+}
+
+// T: fp32, or bf16 read and written in place (the square in fp32, rounded once: torch's bf16 r * r).
+template <typename T>
+WKV_CLONES void relu_square_rows(const T* x, T* out, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    // relu as a bit mask (x where x >= 0 or NaN, +0 where x < 0), then the square. Written as
-    // `r = x < 0 ? 0 : x; r * r`, GCC sinks the multiply into a branch (a multiply may trap under
-    // -ftrapping-math, so it is not run where its result is unused), and without AVX-512's masked
-    // multiply the loop stays scalar with a branch per element: mispredicted on random signs, 12x slower
-    // on an AVX2 CPU. Integer bits and an unconditional multiply vectorise everywhere; same values.
-    int32_t bits;
-    std::memcpy(&bits, &x[i], sizeof bits);
-    bits &= x[i] < 0.f ? 0 : -1;
-    float r;
-    std::memcpy(&r, &bits, sizeof r);
-    out[i] = r * r;
+    const float r = relu_bits(ld(x[i]));
+    st(out + i, r * r);
   }
 }
 
@@ -255,17 +262,35 @@ WKV_CLONES void relu_square_grad_rows(const float* g, const float* y, float* out
   }
 }
 
+// bf16: the gradient from x, as torch's ops on bf16 give it (ops/pointwise.py _ReluSquare): g r rounded to
+// bf16, then doubled and rounded again (exact but where it overflows). A bf16 y cannot give relu(x) back (r^2
+// was rounded), so the bf16 op keeps x, which takes as much memory as the r that torch's path keeps.
+WKV_CLONES void relu_square_grad_x_rows(const bf16* g, const bf16* x, bf16* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    bf16 gr;
+    st(&gr, ld(g[i]) * relu_bits(ld(x[i])));
+    st(out + i, ld(gr) * 2.f);
+  }
+}
+
 constexpr int64_t kGrain = 1 << 14;  // elements per work item
 
 }  // namespace
 
-at::Tensor relu_square_forward(const at::Tensor& x) {
-  check_f32(x, "relu_square", "x", x.sizes());
+template <typename T>
+at::Tensor relu_square_forward_op(const at::Tensor& x) {
+  check_rows(x, scalar_type_of<T>(), "relu_square", "x", x.sizes());
   auto out = at::empty_like(x);
-  const float* px = x.data_ptr<float>();
-  float* po = out.data_ptr<float>();
+  const T* px = rows_in<T>(x);
+  T* po = rows_out<T>(out);
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) { relu_square_rows(px + b, po + b, e - b); });
   return out;
+}
+
+at::Tensor relu_square_forward(const at::Tensor& x) {
+  if (rows_dtype(x, "relu_square") == at::kBFloat16) return relu_square_forward_op<bf16>(x);
+  return relu_square_forward_op<float>(x);
 }
 
 at::Tensor relu_square_backward(const at::Tensor& g, const at::Tensor& y) {
@@ -276,5 +301,16 @@ at::Tensor relu_square_backward(const at::Tensor& g, const at::Tensor& y) {
   float* po = out.data_ptr<float>();
   at::parallel_for(0, y.numel(), kGrain,
                    [&](int64_t b, int64_t e) { relu_square_grad_rows(pg + b, py + b, po + b, e - b); });
+  return out;
+}
+
+at::Tensor relu_square_backward_x(const at::Tensor& g, const at::Tensor& x) {
+  check_rows(x, at::kBFloat16, "relu_square", "x", x.sizes());
+  check_rows(g, at::kBFloat16, "relu_square", "gradient", x.sizes());
+  auto out = at::empty_like(x);
+  const bf16 *pg = rows_in<bf16>(g), *px = rows_in<bf16>(x);
+  bf16* po = rows_out<bf16>(out);
+  at::parallel_for(0, x.numel(), kGrain,
+                   [&](int64_t b, int64_t e) { relu_square_grad_x_rows(pg + b, px + b, po + b, e - b); });
   return out;
 }

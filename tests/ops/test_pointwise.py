@@ -22,7 +22,7 @@ def test_relu_square_is_torchs_relu_pow_bit_for_bit(dtype, impl):
     gy = torch.randn(x.shape, generator=g).to(dtype)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = (relu_square if impl == "dispatch" else _ReluSquare.apply)(a), torch.relu(b) ** 2
-    if impl == "dispatch" and dtype == torch.float32 and cpu.is_available(x.device):
+    if impl == "dispatch" and cpu.is_available(x.device):  # fp32 and bf16 both take the C++ op
         assert type(ya.grad_fn).__name__ == "_ReluSquareCpuBackward"
     (ya * gy).sum().backward()
     (yb * gy).sum().backward()
@@ -69,6 +69,49 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The C++ op's results are torch's bit for bit: signed zeros (torch's relu gradient is +0 where x <= 0,
     whatever the sign of the incoming gradient) and NaN included."""
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _bf16_all() -> torch.Tensor:
+    """Every bf16 value: the 2^16 bit patterns (NaNs, infinities, signed zeros and subnormals included)."""
+    return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def _same_bf16_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits, signed zeros included; a NaN matches any NaN (torch's bf16 relu turns every NaN into 0xFFFF,
+    the op keeps the NaN it was given: the payload carries nothing)."""
+    nan = a.isnan()
+    return bool(torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan]))
+
+
+@pytest.mark.skipif(not cpu.is_available(torch.device("cpu")), reason="the CPU extension did not build")
+def test_relu_square_bf16_op_is_torchs_bf16_ops_for_every_value():
+    """The bf16 C++ op against the torch ops on bf16 that it replaces (_ReluSquare): relu(x) * relu(x) forward,
+    (g * relu(x)) * 2 backward, each op rounding to bf16. Exhaustive: every bf16 x (with random g), and every
+    bf16 g (with random x)."""
+    ext = cpu._ext("relu_square")
+    gen = torch.Generator().manual_seed(3)
+    every = _bf16_all()
+    rand = (torch.randn(every.shape, generator=gen) * 4).to(torch.bfloat16)
+    for x, g in ((every, rand), (rand, every)):
+        r = torch.relu(x)
+        assert _same_bf16_bits(ext.relu_square_forward(x), r * r)
+        assert _same_bf16_bits(ext.relu_square_backward_x(g, x), torch.mul(g, r).mul_(2.0))
+
+
+@pytest.mark.skipif(not cpu.is_available(torch.device("cpu")), reason="the CPU extension did not build")
+def test_relu_square_bf16_keeps_only_its_bf16_input():
+    """Under bf16 the op keeps x, in bf16 and nothing else (y rounded cannot give relu(x) back), and makes
+    no fp32 copy of [tokens, 4C]: one bf16 output each way."""
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).requires_grad_()
+    y = relu_square(x)
+    kept = y.grad_fn.saved_tensors
+    assert len(kept) == 1 and kept[0].dtype == torch.bfloat16 and torch.equal(kept[0], x.detach())
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        relu_square(x).backward(torch.ones_like(y))
+    copies = [e.key for e in prof.events() if e.key in ("aten::copy_", "aten::_to_copy")]
+    assert copies == [] and x.grad.dtype == torch.bfloat16
 
 
 def test_relu_square_under_bf16_autocast_matches_torch():
