@@ -110,9 +110,11 @@ def test_every_other_case_is_peft_s_own_forward(case):
 def test_under_autocast_x_is_not_cast_to_the_adapters_dtype_and_back(monkeypatch):
     """Under bf16 autocast with fp32 factors (trained tensors stay fp32), peft's cast of x to A's dtype is undone
     by autocast's cast back to bf16: an exact round trip, so the layer skips it. The same bits as with the cast
-    (outputs and every gradient), and no [tokens, in] copy of a bf16 x in forward or backward."""
+    (outputs and every gradient), and no [tokens, in] copy of a bf16 x in forward or backward. This is the path
+    under autocast where _LoraMatmul does not run (e.g. a trained base weight): the node is switched off here."""
     from torch.profiler import ProfilerActivity, profile
 
+    monkeypatch.setattr(FusedLoraLinear, "_node_dtype", lambda *a: None)
     _, lin = _adapted()
     g = torch.Generator().manual_seed(5)
     x, gy = torch.randn(3, 50, 64, generator=g).bfloat16(), torch.randn(3, 50, lin.out_features, generator=g)
@@ -128,11 +130,41 @@ def test_under_autocast_x_is_not_cast_to_the_adapters_dtype_and_back(monkeypatch
     assert not casts_of_x(prof), casts_of_x(prof)
     # the layer as before: autocast not seen by the layer (F.linear still runs under it), so x is cast to A's
     # dtype first
-    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        cast = _run(lin, FusedLoraLinear, x, gy, amp=True)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "is_autocast_enabled", lambda *a: False)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            cast = _run(lin, FusedLoraLinear, x, gy, amp=True)
     assert len(casts_of_x(prof)) >= 4  # x to fp32 and back, forward and backward
     assert cast[0].dtype == torch.float32  # _run's .float(): the layer's output was bf16 both times
     for name, a, b in zip(("y", "dx", "dA", "dB"), skipped, cast):
         assert torch.equal(a, b), name
+
+
+def test_under_autocast_the_layer_is_one_node_that_sums_x_gradients_in_place():
+    """Under bf16 autocast (frozen weight bf16, factors fp32) the layer is _LoraMatmul in bf16: x's two
+    gradients are summed inside its GEMM (no [tokens, in] add in the backward, which autograd makes for peft's
+    layer), A's and B's gradients come back fp32, and the values are peft's within bf16 (the test above)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, lin = _adapted()
+    lin.base_layer.weight.data = lin.base_layer.weight.data.bfloat16()
+    g = torch.Generator().manual_seed(6)
+    x, gy = torch.randn(4, 60, 64, generator=g).bfloat16(), torch.randn(4, 60, lin.out_features, generator=g)
+
+    def x_sums(prof):  # adds of two [tokens, in] tensors: autograd summing x's gradients
+        return [e.name for e in prof.events() if e.name in ("aten::add", "aten::add_")
+                and len(e.input_shapes) > 1 and e.input_shapes[0] == e.input_shapes[1]
+                and e.input_shapes[0] in ([240, 64], [4, 60, 64])]
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fused = _run(lin, FusedLoraLinear, x, gy, amp=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as peft_prof:
+        plain = _run(lin, PeftLoraLinear, x, gy, amp=True)
+    assert not x_sums(prof) and x_sums(peft_prof)  # peft's makes the sum the node saves
+    assert [t.dtype for t in fused[2:]] == [torch.float32] * 2
+    xx = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(xx)
+    assert y.grad_fn.next_functions[0][0].name() == "_LoraMatmulBackward" and y.dtype == torch.bfloat16
+    for name, f, p in zip(("y", "dx", "dA", "dB"), fused, plain):
+        assert (f - p).abs().max() <= 4 * 2.0**-8 * p.abs().max(), name
