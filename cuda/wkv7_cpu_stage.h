@@ -1,9 +1,11 @@
-// bf16 inputs of the CPU WKV7 kernel (wkv7_cpu.cpp): one (batch, head) sequence's rows gathered into fp32
-// [T, N] arrays before the kernel runs on it, and its outputs scattered back after, rounded where the tensor
-// is bf16. The kernel itself stays fp32. Before (issue 23, round 14), ops/cpu.py widened the six [B, T, H, N]
-// inputs into fp32 copies, widened them again in backward and rounded y and five gradients: ~20 ms of a 0.48 s
-// bf16 step at 0.1B ctx 512. A head's staged rows (7 or 13 arrays of T x N floats) are 1.8-3.3 MiB at T 512,
-// N 64; they are contiguous (the tensors' rows of one head lie H N apart), which also suits the prefetcher.
+// bf16 inputs of the CPU WKV7 kernel (wkv7_cpu.cpp): a (batch, head) sequence's rows gathered into fp32
+// [rows, N] arrays before the kernel runs on them, and its outputs scattered back after, rounded where the
+// tensor is bf16. The kernel itself stays fp32. Before (issue 23, round 14), ops/cpu.py widened the six
+// [B, T, H, N] inputs into fp32 copies, widened them again in backward and rounded y and five gradients: ~20 ms
+// of a 0.48 s bf16 step at 0.1B ctx 512. The kernel stages one chunk of 32 steps at a time (ChunkStage in
+// wkv7_cpu.cpp, round 15); round 14 staged a whole sequence (1.8-3.3 MiB at T 512), which left L2 to the
+// staged arrays instead of the chunk's states: the bf16 backward was 15-20% slower than on the same values in
+// fp32, and is now as fast.
 #pragma once
 
 #include <cstdint>

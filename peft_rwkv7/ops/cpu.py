@@ -104,7 +104,7 @@ def _forward(
     ext: ModuleType, rdkvab: list[torch.Tensor], state: torch.Tensor | None, alloc: Alloc, tiles: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rdkvab: [r, d, k, v, a, b], contiguous [B, T, H, N] with d = exp(-exp(w)) fp32, the others fp32 or all
-    bf16 (the kernel stages each head's bf16 rows in fp32), N % 8 == 0; state: contiguous fp32 [B, H, N, N] or
+    bf16 (the kernel stages the bf16 rows in fp32, a chunk of 32 steps at a time), N % 8 == 0; state: contiguous fp32 [B, H, N, N] or
     None.
 
     Returns y [B, T, H, N] (r's dtype), checkpoints [B, H, ceil(T / CHUNK) + 1, N, N] (the kernel's own layout)
@@ -167,9 +167,10 @@ class _Wkv7Cpu(torch.autograd.Function):
         else:  # w holds z, the log-log decay being logsigmoid(z) - offset: d and dd/dz in one pass
             d, dd_dw = _ext("wkv7").decay_forward(_fp32(w, pad), offset, ctx.needs_input_grad[4])
             dd_dw = dd_dw if ctx.needs_input_grad[4] else None
-        # bf16 r, k, v, a, b (the model under bf16 autocast) go to the kernel as they are: it stages each head's
-        # rows in fp32 (cuda/wkv7_cpu_stage.h) and writes y and their gradients in bf16, and they are kept for
-        # backward in bf16 (r, k, v the model keeps anyway). Otherwise fp32 copies, N padded to a multiple of 8.
+        # bf16 r, k, v, a, b (the model under bf16 autocast) go to the kernel as they are: it stages their rows
+        # in fp32 a chunk at a time (cuda/wkv7_cpu_stage.h) and writes y and their gradients in bf16, and they are
+        # kept for backward in bf16 (r, k, v the model keeps anyway). Otherwise fp32 copies, N padded to a multiple
+        # of 8.
         staged = not pad and all(x.dtype == torch.bfloat16 for x in (r, k, v, a, b))
         prep = (lambda x: x.detach().contiguous()) if staged else (lambda x: _fp32(x, pad))
         rdkvab = [prep(r), d, *(prep(x) for x in (k, v, a, b))]

@@ -256,7 +256,7 @@ def test_model_cpu_backend_equals_reference(head_size):
 
 
 def test_bf16_inputs_are_staged_by_the_kernel_not_copied():
-    """bf16 r, k, v, a, b reach the kernel as they are: it stages each head's rows in fp32 and writes y and their
+    """bf16 r, k, v, a, b reach the kernel as they are: it stages their rows in fp32 (a chunk at a time) and writes y and their
     gradients in bf16 (cuda/wkv7_cpu_stage.h), so no [B, T, H, N] tensor is widened or rounded on the way but z's
     (the decay's input, widened for decay_forward) and dL/dz's (made in fp32 with the decay's factor). Before:
     19 such copies a call, ~20 ms of a 0.48 s bf16 step at 0.1B ctx 512. And what is kept for backward is bf16
@@ -294,3 +294,33 @@ def test_bf16_inputs_are_kept_for_backward_in_bf16():
     assert sorted(map(str, rows)) == ["torch.bfloat16"] * 5 + ["torch.float32"] * 2, kept
     # and the gradients through the widened-again inputs are the reference's
     compare(fwd_bwd(kernel, inputs, state), fwd_bwd(wkv7_reference, inputs, state))
+
+
+@pytest.mark.parametrize("T", [1, cpu.CHUNK - 1, cpu.CHUNK, cpu.CHUNK + 1, 3 * cpu.CHUNK + 4])  # chunk edges
+@pytest.mark.parametrize("N", [16, 64])
+def test_bf16_staging_is_the_fp32_kernel_rounded_once(T, N):
+    """The kernel stages bf16 rows in fp32 one chunk at a time and runs its fp32 code on them: y and every
+    gradient must be the fp32 kernel's on the same values (widened: exact) rounded once to bf16, and dL/dd and
+    the states its fp32 results, bit for bit. Chunk edges: the forward's last step of a chunk reads the next
+    chunk's first a."""
+    ext = cpu._extension()
+    g = torch.Generator().manual_seed(T + N)
+    B, H = 2, 3
+    rows = [torch.randn(B, T, H, N, generator=g).bfloat16() for _ in range(5)]  # r k v a b
+    rows[3] = torch.nn.functional.normalize(rows[3].float(), dim=-1).neg().bfloat16()  # a = -kk
+    d = torch.rand(B, T, H, N, generator=g) * 0.5 + 0.5
+    s0 = torch.randn(B, H, N, N, generator=g) * 0.1
+    dy = torch.randn(B, T, H, N, generator=g).bfloat16()
+    ds = torch.randn(B, H, N, N, generator=g)
+    results = []
+    for dt in (torch.bfloat16, torch.float32):
+        r, k, v, a, b = (x.to(dt) for x in rows)
+        x = [r, d, k, v, a, b]
+        y, ckpt, s_final = cpu._forward(ext, x, s0, nan_alloc)
+        grads, ds0 = cpu._backward(ext, x, ckpt, dy.to(dt), ds, nan_alloc)
+        results.append([y, ckpt, s_final, *grads, ds0])
+    staged, plain = results
+    names = ["y", "ckpt", "s_final", "dr", "dd", "dk", "dv", "da", "db", "ds0"]
+    for name, got, want in zip(names, staged, plain):
+        assert got.dtype == (torch.float32 if name in ("ckpt", "s_final", "dd", "ds0") else torch.bfloat16), name
+        assert torch.equal(got, want.to(got.dtype)), name
