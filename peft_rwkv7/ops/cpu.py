@@ -104,8 +104,8 @@ def _forward(
     ext: ModuleType, rdkvab: list[torch.Tensor], state: torch.Tensor | None, alloc: Alloc, tiles: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rdkvab: [r, d, k, v, a, b], contiguous [B, T, H, N] with d = exp(-exp(w)) fp32, the others fp32 or all
-    bf16 (the kernel stages the bf16 rows in fp32, a chunk of 32 steps at a time), N % 8 == 0; state: contiguous fp32 [B, H, N, N] or
-    None.
+    bf16 (the kernel stages the bf16 rows in fp32, a chunk of 32 steps at a time), N % 8 == 0; state: contiguous
+    fp32 [B, H, N, N] or None.
 
     Returns y [B, T, H, N] (r's dtype), checkpoints [B, H, ceil(T / CHUNK) + 1, N, N] (the kernel's own layout)
     and the final state [B, H, N, N].

@@ -256,9 +256,9 @@ def test_model_cpu_backend_equals_reference(head_size):
 
 
 def test_bf16_inputs_are_staged_by_the_kernel_not_copied():
-    """bf16 r, k, v, a, b reach the kernel as they are: it stages their rows in fp32 (a chunk at a time) and writes y and their
-    gradients in bf16 (cuda/wkv7_cpu_stage.h), so no [B, T, H, N] tensor is widened or rounded on the way but z's
-    (the decay's input, widened for decay_forward) and dL/dz's (made in fp32 with the decay's factor). Before:
+    """bf16 r, k, v, a, b reach the kernel as they are: it stages their rows in fp32 (a chunk at a time) and writes y
+    and their gradients in bf16 (cuda/wkv7_cpu_stage.h), so no [B, T, H, N] tensor is widened or rounded on the way
+    but z's (the decay's input, widened for decay_forward) and dL/dz's (made in fp32 with the decay's factor). Before:
     19 such copies a call, ~20 ms of a 0.48 s bf16 step at 0.1B ctx 512. And what is kept for backward is bf16
     but for the decay and its factor, which the op makes in fp32 (fp32 copies of r, k, v, a and b would be ~50 MB
     a layer at 0.1B ctx 4096). The values: the reference's, within the WKV bound for bf16."""
