@@ -14,7 +14,7 @@ precision: right after each timed step, one pass of the step's big GEMMs (the mo
 as often as the model has it, ctx rows; bench_util.GemmPass), about as long as the step's own GEMMs, so
 step and pass see the VM at the same speed (it drifts by 10-30% within minutes, and a short best-of-few GEMM
 timing catches fast moments no whole step gets). "% bound" = bound time / step time, each step against its
-own pass: the median over the timed steps, their range in brackets; 100% would be a step doing nothing but
+own pass: the (lower) median over the timed steps, their range in brackets; 100% would be a step doing nothing but
 its GEMMs. GEMM GFLOP/s: the fastest pass. Peak RSS is the process's (model included).
 
 --layout sft: 4 right-padded rows of instruction data (prompts and padding unscored, see `batch`); tokens/s
@@ -91,17 +91,22 @@ def child(args) -> None:
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
-        if i:  # the step's big GEMMs alone, right after it: the VM's speed drifts, each step against its own pass
-            passes.append(gemms.seconds())
+        # the step's big GEMMs alone, right after it: the VM's speed drifts, each step against its own pass. Also
+        # after the warm-up step, unrecorded: the first pass after a step ran at half speed (bf16 on an AMX Xeon:
+        # 884 against 1800-1900 GFLOP/s, the pass's buffers faulted in anew), which inflated "% bound" to 69%
+        pass_s = gemms.seconds()
+        if i:
+            passes.append(pass_s)
     step_s = min(times[1:])
     # bound: every position through every matmul at the big GEMMs' speed (their pass covers ctx rows)
     flop = (6 if full else 4) * matmul_weights(adapted) * x.numel()
     bounds = [flop * p / gemms.flop for p in passes]
     paired = sorted(100 * b / t for b, t in zip(bounds, times[1:], strict=True))
+    middle = paired[(len(paired) - 1) // 2]  # the lower median: with two steps, the lower one
     rate = gemms.flop / min(passes)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(json.dumps({"tokens_per_s": x.numel() / step_s, "scored": int((y != -100).sum()), "step_s": step_s,
-                      "peak_rss_mib": rss, "bound_pct": paired[len(paired) // 2],
+                      "peak_rss_mib": rss, "bound_pct": middle,
                       "bound_range": [paired[0], paired[-1]], "gemm_gflops": rate / 1e9,
                       "loss": loss, "trainable": sum(p.numel() for _, p in named)}))
 
