@@ -21,8 +21,8 @@
 //
 // Everything is fp32: bf16 r, k, v, a, b (and y, dy and their gradients) are staged in fp32 one chunk of
 // kChunk steps at a time (ChunkStage, wkv7_cpu_stage.h); the caller makes d = exp(-exp(w)) in fp32. The
-// per-step functions (wkv7_cpu_step.h) are `omp simd` loops over compile-time widths so GCC vectorises them; on x86-64 every per-head function is compiled three times
-// (AVX-512, AVX2+FMA and baseline) and picked at load time from the CPU's features (GCC target_clones),
+// per-step functions (wkv7_cpu_step.h) are `omp simd` loops over compile-time widths so GCC vectorises them;
+// on x86-64 every per-head function is compiled three times (AVX-512, AVX2+FMA and baseline) and picked at load time from the CPU's features (GCC target_clones),
 // so the build never depends on the build machine (no -march=native). On AVX-512 CPUs the column tiles
 // are whole rows (up to 64 values: 4 of its 32 registers per tile vector) and pass B of the backward runs
 // on 16 lanes: 0.1B ctx 512 forward 2x, backward 1.3-1.5x the AVX2 tiles' speed on one Xeon.
@@ -210,9 +210,8 @@ at::ScalarType check_inputs(const std::vector<at::Tensor>& rdkvab, at::IntArrayR
 
 // A sequence's bf16 rows staged in fp32 one chunk at a time: the inputs' rows gathered before each chunk, the
 // outputs' scattered (rounded once where bf16) after it. Buffers: (kChunk + 1) rows per tensor, ~120 KiB at N 64
-// for the backward's 13, which stay in L2 beside the chunk's recomputed states; staged a whole sequence at a time
-// (round 14) they were 1.7 MiB at T 512 (13.6 MiB at T 4096) and the gathers and scatters took ~1/6 of a bf16
-// backward.
+// for the backward's 13; staged a whole sequence at a time (round 14) they were 1.7 MiB at T 512 (13.6 MiB at
+// T 4096), and with the inputs in cache the gathers and scatters took ~1/6 of a bf16 backward.
 class ChunkStage final : public Stager {
  public:
   ChunkStage(std::vector<const at::Tensor*> in, std::vector<at::Tensor*> out, int64_t N, int64_t stride)

@@ -3,9 +3,10 @@
 // tensor is bf16. The kernel itself stays fp32. Before (issue 23, round 14), ops/cpu.py widened the six
 // [B, T, H, N] inputs into fp32 copies, widened them again in backward and rounded y and five gradients: ~20 ms
 // of a 0.48 s bf16 step at 0.1B ctx 512. The kernel stages one chunk of 32 steps at a time (ChunkStage in
-// wkv7_cpu.cpp, round 15); round 14 staged a whole sequence (1.8-3.3 MiB at T 512), which left L2 to the
-// staged arrays instead of the chunk's states: the bf16 backward was 15-20% slower than on the same values in
-// fp32, and is now as fast.
+// wkv7_cpu.cpp, round 15); round 14 staged a whole sequence (1.8-3.3 MiB at T 512). On the kernel alone with
+// its inputs in cache, the bf16 backward was then 15-20% slower than on the same values in fp32, and is now as
+// fast (the gap did not grow with T, so it is not L2 capacity alone); with the caches evicted, as in training,
+// the two are within the measurements' spread.
 #pragma once
 
 #include <cstdint>

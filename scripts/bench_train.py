@@ -92,8 +92,8 @@ def child(args) -> None:
         loss = step()
         times.append(time.perf_counter() - t0)
         # the step's big GEMMs alone, right after it: the VM's speed drifts, each step against its own pass. Also
-        # after the warm-up step, unrecorded: the first pass after a step ran at half speed (bf16 on an AMX Xeon:
-        # 884 against 1800-1900 GFLOP/s, the pass's buffers faulted in anew), which inflated "% bound" to 69%
+        # after the warm-up step, unrecorded: the first pass after a step ran at half speed (bf16 on an AMX Xeon with
+        # the CPU block cache installed: 884 against 1800-1900 GFLOP/s), which inflated "% bound" to 69%
         pass_s = gemms.seconds()
         if i:
             passes.append(pass_s)

@@ -88,7 +88,7 @@ def main() -> None:
     full = args.method == "full"
     gemms = GemmPass(model, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
     step()  # warm-up: kernel load, allocator
-    gemms.seconds()  # and the pass's own: its first run after a step faults its buffers in (half speed, bf16)
+    gemms.seconds()  # and the pass's own: its first run after a step ran at half speed (bf16, block cache on)
     t0 = time.perf_counter()
     step()
     wall = time.perf_counter() - t0

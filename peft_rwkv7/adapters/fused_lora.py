@@ -47,8 +47,7 @@ class FusedLoraLinear(PeftLoraLinear):
         if dt is not None:
             # under autocast its casts (to bf16) are made here, outside the node, as F.linear would make them:
             # A's and B's gradients come back to fp32 through them; inside, every product is in `dt`
-            with torch.autocast(x2.device.type, enabled=False):
-                y = _LoraMatmul.apply(x2.to(dt), w.to(dt), a.to(dt), b.to(dt), float(self.scaling[name]))
+            y = _LoraMatmul.apply(x2.to(dt), w.to(dt), a.to(dt), b.to(dt), float(self.scaling[name]))
             return y.view(*x.shape[:-1], y.shape[-1])
         result = self.base_layer(x2)
         # peft casts x to A's dtype (fp32: trained tensors stay fp32); under autocast F.linear casts it back to
