@@ -55,15 +55,14 @@ def matmul_weights(model) -> int:
     return n
 
 
-def big_weights(model) -> dict:
-    """{(out, in): (one weight of that shape, how many the model has, whether it is the head)} for the model's
-    big matmul weights (each side >= 256): the GEMMs a bound is timed on."""
-    found: dict = {}
+def big_weights(model) -> list:
+    """[(weight, whether it is the head)] for each of the model's big matmul weights (each side >= 256), in the
+    model's order: the GEMMs a bound is timed on."""
+    found = []
     for name, p in model.named_parameters():
         name = name.replace(".base_layer", "")  # peft's wrapped Linear keeps the base weight there
         if name.endswith(LINEARS) and "lora_" not in name and min(p.shape) >= 256:
-            w, count, head = found.get(tuple(p.shape), (p, 0, False))
-            found[tuple(p.shape)] = (w, count + 1, head or name.endswith("head.weight"))
+            found.append((p, name.endswith("head.weight")))
     return found
 
 
@@ -72,46 +71,61 @@ HEAD_VOCAB_BLOCK = 2048  # its online path's columns per block (ops/linear_ce.VO
 
 
 class GemmPass:
-    """The step's big GEMMs run once each, in a row, as a step runs them (forward x W^T and input gradient
-    g W, with weight_grads also g^T x; each shape as often as the model has it; the vocabulary-wide head in
-    the fused loss's chunks of rows, and in fp32 with a frozen head in its online path's blocks of
-    HEAD_VOCAB_BLOCK vocabulary columns): `seconds()` times one pass, about as long as the step's own GEMMs, so a
-    pass right after a step sees the machine as the step did (a short best-of-few GEMM catches a VM's fast
+    """The step's big GEMMs run once each, in a row, as a step runs them: forward x W^T and input gradient
+    g W (with weight_grads also g^T x) for each of the model's own weights, the forward's layer by layer, then
+    the fused loss's head, then the backward's from the last layer down. The vocabulary-wide head runs in the
+    fused loss's chunks of rows, and in fp32 with a frozen head in its online path's blocks of
+    HEAD_VOCAB_BLOCK vocabulary columns. `seconds()` times one pass, about as long as the step's own GEMMs, so
+    a pass right after a step sees the machine as the step did (a short best-of-few GEMM catches a VM's fast
     moments that a whole step does not).
 
-    It holds no memory of its own between passes: the weights are the model's (one per shape), and the
-    inputs are made before each pass's clock starts, in the memory the step has just freed (train/memory.py
-    keeps it), so a benchmark's peak RSS is the training's (at ctx 4096 whole-ctx head buffers and a copy of
-    each weight had added ~2.5 GB to it)."""
+    A layer's GEMMs multiply by that layer's weights, read from memory as a step reads them. Until round 16
+    one weight per shape stood for all of its layers, called over and over while it stayed in the core's
+    L2: a rate no step can get. On an AMX Xeon, bf16 ran at 2000-2130 GFLOP/s that way and 1840-1880 with
+    each layer's own weights; fp32 at 332-343 and 328-338.
+
+    It holds no memory of its own between passes: the weights are the model's, and the inputs are made
+    before each pass's clock starts, in the memory the step has just freed (train/memory.py keeps it), so a
+    benchmark's peak RSS is the training's (at ctx 4096 whole-ctx head buffers and a copy of each weight had
+    added ~2.5 GB to it)."""
 
     def __init__(self, model, rows: int, dtype: torch.dtype, weight_grads: bool = False) -> None:
         self.weight_grads, self.dtype = weight_grads, dtype
-        self.work = []  # (weight, rows per GEMM, GEMMs per pass, output columns per GEMM)
+        self.work = []  # (weight, rows per GEMM, GEMMs per pass, output columns per GEMM, whether the head)
         self.flop = 0
         online = dtype == torch.float32 and not weight_grads  # the fused loss's online path (ops/linear_ce.py)
-        for (o, i), (w, count, head) in big_weights(model).items():
+        for w, head in big_weights(model):
+            o, i = w.shape
             chunk = min(rows, max(1, HEAD_CHUNK_ELEMENTS // o)) if head else rows  # the fused loss's chunks
             n_chunks = -(-rows // chunk)
             cols = min(o, HEAD_VOCAB_BLOCK) if head and online else o
-            self.work.append((w.detach(), chunk, count * n_chunks, cols))
-            self.flop += (6 if weight_grads else 4) * chunk * n_chunks * o * i * count
+            self.work.append((w.detach(), chunk, n_chunks, cols, head))
+            self.flop += (6 if weight_grads else 4) * chunk * n_chunks * o * i
         self.seconds()  # warm-up
 
     def seconds(self) -> float:
-        size = max(r * max(w.shape) for w, r, _, _ in self.work)
+        size = max(r * max(w.shape) for w, r, *_ in self.work)
         buf = torch.full((size,), 0.01, dtype=self.dtype)  # inputs only: x and the output gradient share it
-        work = []
-        for w, r, n, cols in self.work:
+        layers, head = [], []
+        for w, r, n, cols, is_head in self.work:
             w = w.to(self.dtype)
             x = buf[: r * w.shape[1]].view(r, -1)
             blocks = [(blk, buf[: r * blk.shape[0]].view(r, -1)) for blk in w.split(cols)]
-            work.append((x, blocks, n))
+            (head if is_head else layers).append((x, blocks, n))
         t0 = time.perf_counter()
-        for x, blocks, count in work:
+        for x, blocks, _ in layers:  # forward, layer by layer
+            for w, _ in blocks:
+                torch.nn.functional.linear(x, w)
+        for x, blocks, count in head:  # the fused loss: logits and dnll/dh block by block, in its forward
             for _ in range(count):
                 for w, gy in blocks:
                     torch.nn.functional.linear(x, w)
                     gy @ w
                     if self.weight_grads:
                         gy.t() @ x
+        for x, blocks, _ in reversed(layers):  # backward, the last layer first
+            for w, gy in blocks:
+                gy @ w
+                if self.weight_grads:
+                    gy.t() @ x
         return time.perf_counter() - t0

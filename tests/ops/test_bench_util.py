@@ -35,6 +35,10 @@ def test_gemm_pass_counts_the_big_gemms_and_holds_only_the_models_weights(bench_
     params = {q.untyped_storage().data_ptr() for q in model.parameters()}
     held = [t for item in p.work for t in item if isinstance(t, torch.Tensor)]
     assert held and all(t.untyped_storage().data_ptr() in params for t in held)  # the model's own weights
+    # each of them, once: every layer's GEMMs multiply by its own weights, as a step's do (one weight per shape
+    # stays in cache between calls, a rate no step gets)
+    assert len({t.untyped_storage().data_ptr() for t in held}) == len(held) == 6 * L + 1
+    assert all(n == 1 for _, _, n, _, head in p.work if not head)
     assert p.seconds() > 0
 
 
@@ -48,14 +52,14 @@ def test_the_head_runs_in_the_fused_losss_chunks(bench_util, monkeypatch):
     monkeypatch.setattr(bench_util.GemmPass, "seconds", lambda self: 0.0)
     model = new_model(RWKV7Config.new(1, 256, 65536, head_size=64))
     p = bench_util.GemmPass(model, 4096, torch.float32)
-    head = [(r, n, cols) for w, r, n, cols in p.work if w.shape[0] == 65536]
+    head = [(r, n, cols) for w, r, n, cols, is_head in p.work if is_head]
     # 8 chunks of 512 rows, as linear_cross_entropy makes them at V 65536, in blocks of VOCAB_BLOCK columns
     # (its online path: fp32, a frozen head)
     assert head == [(512, 8, VOCAB_BLOCK)]
     assert bench_util.HEAD_VOCAB_BLOCK == VOCAB_BLOCK
     for dtype, full in ((torch.bfloat16, False), (torch.float32, True)):  # the chunk path: whole rows of logits
         p = bench_util.GemmPass(model, 1024, dtype, weight_grads=full)
-        assert [(r, n, cols) for w, r, n, cols in p.work if w.shape[0] == 65536] == [(512, 2, 65536)]
+        assert [(r, n, cols) for w, r, n, cols, is_head in p.work if is_head] == [(512, 2, 65536)]
 
 
 def test_a_failed_child_is_reported_by_what_went_wrong(bench_util):
