@@ -42,4 +42,31 @@ WKV_INLINE float exp_neg_abs_bits(int32_t abs_bits) {
   return exp_small(-__builtin_bit_cast(float, abs_bits < kBits87 ? abs_bits : kBits87));
 }
 
+// exp(x) in double for x in [-708, 0] (the caller clamps below: exp(-708) ~ 3e-308 added to a sum >= 1 leaves it
+// unchanged, as any smaller term would): range reduction by ln 2 in fdlibm's two parts (n * kHi exact for |n| <
+// 2^11), then e^r for |r| <= ln 2 / 2 by its Taylor series to r^13 (the first term left out is below 4e-18 of
+// it), and 2^n from the exponent bits. For the fp64 log-sum-exp of evaluation (loss_cpu.cpp).
+WKV_INLINE double exp_f64(double x) {
+  constexpr double kLog2e = 1.4426950408889634, kMagic = 6755399441055744.0;  // 1.5 * 2^52: rounds to an integer
+  constexpr double kHi = 6.93147180369123816490e-01, kLo = 1.90821492927058770002e-10;  // ln 2 = kHi + kLo
+  const double big = x * kLog2e + kMagic;
+  const double n = big - kMagic;  // round(x / ln 2)
+  const double r = (x - n * kHi) - n * kLo;
+  double p = 1.0 / 6227020800.0;  // 1/13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  const double y = p * (r * r) + r + 1.0;
+  const int64_t n_int = __builtin_bit_cast(int64_t, big) - __builtin_bit_cast(int64_t, kMagic);
+  return y * __builtin_bit_cast(double, uint64_t(n_int + 1023) << 52);  // 2^n, n in [-1022, 0]
+}
+
 }  // namespace

@@ -38,6 +38,7 @@ int64_t online_softmax_block(torch::Tensor z, const torch::Tensor& labels, int64
                              torch::Tensor picked, torch::Tensor scale);
 void softmax_grad_bf16(torch::Tensor z, const torch::Tensor& labels, torch::Tensor lse, torch::Tensor picked,
                        torch::Tensor ok, bool want_q);
+void logsumexp_f64(const torch::Tensor& z, torch::Tensor out, torch::Tensor ok);
 torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& y);
 torch::Tensor relu_square_backward_x(const torch::Tensor& g, const torch::Tensor& x);
 
@@ -60,6 +61,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decay_forward", &decay_forward, "RWKV-7's decay exp(-exp(logsigmoid(z) - offset)) and its z-gradient (fp32)");
   m.def("online_softmax_block", &online_softmax_block, "one vocabulary block into the loss's running max and sum (fp32)");
   m.def("softmax_grad_bf16", &softmax_grad_bf16, "a chunk of bf16 logits into q = softmax - onehot, in place");
+  m.def("logsumexp_f64", &logsumexp_f64, "fp64 log-sum-exp of each row of fp32 or bf16 logits (evaluation)");
   m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32 or bf16)");
   m.def("relu_square_backward", &relu_square_backward, "its gradient g * sqrt(y) * 2 from the output y (fp32)");
   m.def("relu_square_backward_x", &relu_square_backward_x, "its gradient (g * relu(x)) * 2 from x (bf16)");

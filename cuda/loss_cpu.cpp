@@ -19,6 +19,11 @@
 //   pass 1: the row's max and whether any logit is not finite (such a row is left untouched, ok = 0);
 //   pass 2: e = exp(z - max) into an fp32 row (in cache) and its sum s;
 //   pass 3 (want_q): z <- bf16(e / s), then the label's entry bf16(e / s - 1).
+//
+// logsumexp_f64: evaluation's fp64 log-sum-exp of fp32 or bf16 logits [rows, V] (infer/longctx.py,
+// exact_logprobs), per row: the max in the logits' own precision (exact), then sum exp(z - max) in double with
+// exp_f64 (cpu_exp.h), in one pass over the row where torch widened the rows into a double copy and took five
+// passes over it. A row with a non-finite logit is left to the caller (ok = 0), whose torch ops keep their rules.
 
 #include "cpu_aten.h"
 #include "cpu_bf16.h"
@@ -91,6 +96,17 @@ WKV_CLONES void row_div_bf16(const float* e, bf16* z, int64_t n, float s) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) st(&z[i], e[i] / s);
 }
+
+// The sum of exp(z - shift) in double, for z <= shift (shift the row's max); z fp32 or bf16.
+template <typename T>
+WKV_INLINE double row_exp_sum_f64(const T* z, int64_t n, double shift) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp_f64(std::max(double(ld(z[i])) - shift, -708.0));
+  return s;
+}
+WKV_CLONES double row_exp_sum_f64_f32(const float* z, int64_t n, double shift) { return row_exp_sum_f64(z, n, shift); }
+WKV_CLONES double row_exp_sum_f64_bf16(const bf16* z, int64_t n, double shift) { return row_exp_sum_f64(z, n, shift); }
 
 }  // namespace
 
@@ -172,4 +188,36 @@ int64_t online_softmax_block(at::Tensor z, const at::Tensor& labels, int64_t a, 
     }
   });
   return grew.load() ? 1 : 0;
+}
+
+// z [rows, V] fp32 or bf16 -> out [rows] fp64 log-sum-exp and ok [rows] (0: a non-finite logit, out not written).
+void logsumexp_f64(const at::Tensor& z, at::Tensor out, at::Tensor ok) {
+  TORCH_CHECK(z.dim() == 2, "logsumexp_f64: z must be [rows, V]");
+  const int64_t rows = z.size(0), cols = z.size(1);
+  const bool half = z.scalar_type() == at::kBFloat16;
+  check_rows(z, half ? at::kBFloat16 : at::kFloat, "logsumexp_f64", "z", {rows, cols});
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kDouble && out.is_contiguous() && out.numel() == rows,
+              "logsumexp_f64: out must be a contiguous fp64 CPU tensor of [rows]");
+  TORCH_CHECK(ok.device().is_cpu() && ok.scalar_type() == at::kByte && ok.is_contiguous() && ok.numel() == rows,
+              "logsumexp_f64: ok must be a contiguous uint8 CPU tensor of [rows]");
+  double* op = out.data_ptr<double>();
+  uint8_t* okp = ok.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float m;
+      bool bad;
+      double s;
+      if (half) {
+        const bf16* zr = reinterpret_cast<const bf16*>(z.data_ptr()) + r * cols;
+        row_max_bf16(zr, cols, &m, &bad);
+        s = bad ? 0.0 : row_exp_sum_f64_bf16(zr, cols, m);
+      } else {
+        const float* zr = z.data_ptr<float>() + r * cols;
+        row_max(zr, cols, &m, &bad);
+        s = bad ? 0.0 : row_exp_sum_f64_f32(zr, cols, m);
+      }
+      okp[r] = !bad;
+      if (!bad) op[r] = double(m) + std::log(s);
+    }
+  });
 }

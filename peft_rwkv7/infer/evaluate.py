@@ -57,7 +57,8 @@ def _scored_chunks(model: nn.Module, inp: torch.Tensor, tgt: torch.Tensor, check
     if not (callable(getattr(model, "hidden", None)) and callable(getattr(model, "head_logits", None))):
         for s, logits in _forward_logits(model, inp, chunk_len):
             t = tgt[:, s : s + logits.shape[1]]
-            yield exact_logprobs(logits, t), (logits.argmax(dim=-1) != t) & check[:, s : s + logits.shape[1]]
+            c = check[:, s : s + logits.shape[1]]
+            yield exact_logprobs(logits, t), ((logits.argmax(dim=-1) != t) & c) if bool(c.any()) else c
             del logits
         return
     state = None
@@ -71,7 +72,8 @@ def _scored_chunks(model: nn.Module, inp: torch.Tensor, tgt: torch.Tensor, check
             at = rows[lo : lo + _HEAD_ROWS]
             logits = model.head_logits(h.index_select(0, at))
             logp[at] = exact_logprobs(logits, t[at])
-            wrong[at] = (logits.argmax(dim=-1) != t[at]) & c[at]
+            if bool(c[at].any()):  # an argmax over the vocabulary only where a position is checked (accuracy)
+                wrong[at] = (logits.argmax(dim=-1) != t[at]) & c[at]
             del logits
         yield logp.view(inp.shape[0], -1), wrong.view(inp.shape[0], -1)
 

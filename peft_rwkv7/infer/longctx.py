@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..ops import cpu as cpu_ops
 
 EOT = 0
 DEFAULT_MAX_CTX = 16384
 DEFAULT_CHUNK = 512
 _ROWS = 64  # rows of logits converted to fp64 at a time (bounds the extra memory to _ROWS x V doubles)
+_CPU_ROWS = 256  # rows per call of the CPU extension's fp64 log-sum-exp (no fp64 copy; a copy only of gathered rows)
 
 
 def exact_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -32,17 +34,23 @@ def exact_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
     logits [..., V] (any float dtype), targets [...] (long; negative = ignored, gives 0).
     Returns float64 [...]. Only the rows with a target are converted (prompts and padding are not), in
-    blocks, so memory stays near that of `logits`.
+    blocks, so memory stays near that of `logits`. fp32 and bf16 logits on the CPU take the extension's fp64
+    log-sum-exp (ops.cpu.logsumexp_f64: no fp64 copy, one pass a row); others torch's, on an fp64 copy.
     """
     flat = logits.reshape(-1, logits.shape[-1])
     tgt = targets.reshape(-1)
     out = torch.zeros(tgt.shape[0], dtype=torch.float64, device=logits.device)
     kept = (tgt >= 0).nonzero().squeeze(1)
-    for s in range(0, kept.shape[0], _ROWS):
-        at = kept[s : s + _ROWS]
-        rows = flat.index_select(0, at).double()
-        picked = rows.gather(1, tgt[at][:, None])[:, 0]
-        out[at] = picked - torch.logsumexp(rows, dim=1)
+    native = (flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.bfloat16)
+              and not (flat.requires_grad and torch.is_grad_enabled()) and cpu_ops.is_available(flat.device))
+    every = native and kept.shape[0] == flat.shape[0] and flat.is_contiguous()  # rows as they are, no gather
+    step = _CPU_ROWS if native else _ROWS
+    for s in range(0, kept.shape[0], step):
+        at = kept[s : s + step]
+        rows = flat[s : s + step] if every else flat.index_select(0, at)
+        picked = rows.gather(1, tgt[at][:, None])[:, 0].double()
+        lse = cpu_ops.logsumexp_f64(rows) if native else torch.logsumexp(rows.double(), dim=1)
+        out[at] = picked - lse
     return out.view(targets.shape)
 
 

@@ -248,6 +248,20 @@ def vecmat(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _ext("vecmat").vecmat(x, weight)
 
 
+def logsumexp_f64(rows: torch.Tensor) -> torch.Tensor:
+    """fp64 log-sum-exp [R] of each row of a contiguous fp32 or bf16 CPU tensor [R, V] (evaluation's exact
+    log-probabilities, infer/longctx.py): the row's max in the logits' own precision, then the sum of exp(z - max)
+    in double in one C++ pass over the row (no fp64 copy of the rows). A row with a non-finite logit goes through
+    torch's fp64 logsumexp, which keeps its rules for infinities and NaN."""
+    out = torch.empty(rows.shape[0], dtype=torch.float64)
+    ok = torch.empty(rows.shape[0], dtype=torch.uint8)
+    _ext("logsumexp_f64").logsumexp_f64(rows, out, ok)
+    bad = (ok == 0).nonzero().squeeze(1)
+    if bad.numel():
+        out[bad] = torch.logsumexp(rows.index_select(0, bad).double(), dim=1)
+    return out
+
+
 def wkv7_step_cpu(r, w, k, v, a, b, state):
     """One token of the WKV7 recurrence, no autograd: inputs [B, H, N], state [B, H, N, N] or None.
 

@@ -53,6 +53,31 @@ def test_exact_logprobs_is_an_fp64_log_softmax_where_fp32_cross_entropy_is_not()
     assert (got - want).abs().max().item() <= fp64_nll_rounding(5000, logits.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_exact_logprobs_on_the_cpu_takes_the_extensions_pass_and_stays_fp64(monkeypatch, dtype, ignored):
+    """fp32 and bf16 logits on the CPU: the fp64 log-sum-exp of ops.cpu (no fp64 copy of the rows), every row kept
+    (read in place) or some ignored (gathered); the same values as torch's fp64 log-softmax of the same logits."""
+    import peft_rwkv7.infer.longctx as longctx
+
+    calls = []
+    real = longctx.cpu_ops.logsumexp_f64
+    monkeypatch.setattr(longctx.cpu_ops, "logsumexp_f64", lambda rows: calls.append(rows.shape) or real(rows))
+    monkeypatch.setattr(longctx, "_CPU_ROWS", 32)  # several calls
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 50, 3000, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, 3000, (2, 50), generator=g)
+    logits.scatter_(-1, targets[..., None], 25.0)  # confident and right: tiny losses
+    if ignored:
+        targets[1, 10:30] = -1
+    want = torch.log_softmax(logits.double(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    want[targets < 0] = 0
+    got = exact_logprobs(logits, targets)
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max().item() <= fp64_nll_rounding(3000 + 4, logits.abs().max().item())
+    assert sum(c[0] for c in calls) == int((targets >= 0).sum()) and all(c[0] <= 32 for c in calls)
+
+
 def test_ctx_curve_equals_an_fp64_computation_on_a_confident_model():
     model = make_model(seed=1, vocab_size=97)
     with torch.no_grad():

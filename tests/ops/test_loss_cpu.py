@@ -166,3 +166,47 @@ def test_a_bf16_row_with_a_non_finite_logit_goes_to_torchs_ops(ext, bad):
     ext.softmax_grad_bf16(q_c, lab, lse_c, torch.empty(9), ok, True)
     assert ok.tolist() == [1] * 4 + [0] + [1] * 4
     assert torch.equal(q[others], q_c[others]) and torch.equal(lse[others], lse_c[others])
+
+
+# evaluation's fp64 log-sum-exp (ops.cpu.logsumexp_f64, cuda/loss_cpu.cpp): against torch's fp64 logsumexp of the
+# same rows. Tolerance: tests/fp_oracle.fp64_nll_rounding, two fp64 computations of V terms; the C++ exp_f64 is
+# within 2 u of glibc's exp (measured over 2e7 points of [-708, 0]), so each term counts two roundings more.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1, 7, 65, 5000])
+def test_the_fp64_log_sum_exp_is_torchs_within_fp64_rounding(ext, dtype, V):
+    from tests.fp_oracle import fp64_nll_rounding
+
+    g = torch.Generator().manual_seed(V)
+    z = torch.randn(41, V, generator=g) * 8
+    z[1] = 3.0  # all equal: the sum is V exactly
+    z[2] = -1e4  # terms far below exp(-708) (they add nothing) beside the max
+    z[2, V // 2] = 0.0
+    z[3] *= 300  # a wide row: most terms underflow
+    z[4] = z[4] * 1e-3 + 80.0  # large logits, tiny spread
+    z = z.to(dtype)
+    out = torch.full((41,), -7.0, dtype=torch.float64)
+    ok = torch.zeros(41, dtype=torch.uint8)
+    ext.logsumexp_f64(z, out, ok)
+    assert ok.all()
+    want = torch.logsumexp(z.double(), dim=1)
+    assert (out - want).abs().max().item() <= fp64_nll_rounding(V + 4, z.abs().max().item())
+    assert out[1].item() == pytest.approx(3.0 + math.log(V), abs=fp64_nll_rounding(V + 4, 3.0))
+    assert torch.equal(cpu.logsumexp_f64(z), out)  # the public function: the same pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_non_finite_row_of_the_fp64_log_sum_exp_goes_to_torch(ext, dtype):
+    z = torch.randn(6, 300, generator=torch.Generator().manual_seed(3))
+    z[1, 5] = math.inf
+    z[2, 7] = math.nan
+    z[3, 9] = -math.inf  # one masked logit
+    z[4] = -math.inf  # all masked
+    z = z.to(dtype)
+    out = torch.full((6,), -7.0, dtype=torch.float64)
+    ok = torch.zeros(6, dtype=torch.uint8)
+    ext.logsumexp_f64(z, out, ok)
+    assert ok.tolist() == [1, 0, 0, 0, 0, 1]
+    assert (out[1:5] == -7.0).all()  # left to the caller: not written
+    got, want = cpu.logsumexp_f64(z), torch.logsumexp(z.double(), dim=1)
+    assert torch.equal(got[1:5].nan_to_num(), want[1:5].nan_to_num())  # torch's own values: inf, nan, finite, -inf
+    assert got[2].isnan() and got[1].item() == math.inf and got[4].item() == -math.inf
