@@ -157,7 +157,7 @@ def run_one(args, name: str) -> dict:
     from bench_util import SHAPE
 
     from peft_rwkv7.adapters import attach, count_trainable
-    from peft_rwkv7.model import RWKV7, RWKV7Config, load_model
+    from peft_rwkv7.model import RWKV7Config, load_model, new_model
 
     demo = args.shape == "demo"
     recipe = load_row(name, args.shape, args.steps if demo else ADALORA_STEPS)
@@ -179,7 +179,7 @@ def run_one(args, name: str) -> dict:
             return {"trainable": 0, "eval_loss": evaluate(base, held.docs, masks=held.masks)["loss"]}
     else:
         cfg = RWKV7Config.new(SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["vocab_size"], head_size=SHAPE["head_size"])
-        base = RWKV7(cfg, wkv_backend=args.backend)
+        base = new_model(cfg, wkv_backend=args.backend)
 
         def batch(step, micro):
             g = torch.Generator().manual_seed(step * tc.grad_accum + micro)

@@ -61,7 +61,9 @@ def model_from_state_dict(
             raise CheckpointError(f"{source}: {k} has dtype {t.dtype}, expected bf16, fp16 or fp32")
     with torch.device("meta"):
         model = RWKV7(cfg, **model_kwargs)
-    model = model.to_empty(device=device).to(dtype)
+    # cast on the meta device, then allocate: the weights are made in `dtype` at once (a bf16 load never holds an
+    # fp32 copy of the model, twice its size)
+    model = model.to(dtype).to_empty(device=device)
     for i, blk in enumerate(model.blocks):
         ts = sd.get(f"blocks.{i}.att.time_state")
         if ts is not None:

@@ -178,7 +178,9 @@ class RWKV7(nn.Module):
     def __init__(self, cfg: RWKV7Config, wkv_backend: str = "auto", grad_cp: bool = False):
         super().__init__()
         self.config = cfg
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # zeros, not nn.Embedding's normal_: init_weights sets it (new_model) or a checkpoint does, and normal_ on
+        # the meta device (io.model_from_state_dict) imports torch._dynamo: ~1 s of every model load
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.zeros(cfg.vocab_size, cfg.n_embd))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
         self.head = Linear(cfg.n_embd, cfg.vocab_size)
