@@ -62,8 +62,9 @@ def model_from_state_dict(
     with torch.device("meta"):
         model = RWKV7(cfg, **model_kwargs)
     # cast on the meta device, then allocate: the weights are made in `dtype` at once (a bf16 load never holds an
-    # fp32 copy of the model, twice its size)
-    model = model.to(dtype).to_empty(device=device)
+    # fp32 copy of the model, twice its size). torch.empty, not to_empty: its empty_like of a meta tensor goes
+    # through torch's reference ops, which import sympy (~0.35 s of every model load)
+    model = model.to(dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     for i, blk in enumerate(model.blocks):
         ts = sd.get(f"blocks.{i}.att.time_state")
         if ts is not None:
