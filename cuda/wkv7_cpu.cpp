@@ -22,8 +22,9 @@
 // Everything is fp32: bf16 r, k, v, a, b (and y, dy and their gradients) are staged in fp32 one chunk of
 // kChunk steps at a time (ChunkStage, wkv7_cpu_stage.h); the caller makes d = exp(-exp(w)) in fp32. The
 // per-step functions (wkv7_cpu_step.h) are `omp simd` loops over compile-time widths so GCC vectorises them;
-// on x86-64 every per-head function is compiled three times (AVX-512, AVX2+FMA and baseline) and picked at load time from the CPU's features (GCC target_clones),
-// so the build never depends on the build machine (no -march=native). On AVX-512 CPUs the column tiles
+// on x86-64 every per-head function is compiled three times (AVX-512, AVX2+FMA and baseline) and picked at
+// load time from the CPU's features (GCC target_clones), so the build never depends on the build machine (no
+// -march=native). On AVX-512 CPUs the column tiles
 // are whole rows (up to 64 values: 4 of its 32 registers per tile vector) and pass B of the backward runs
 // on 16 lanes: 0.1B ctx 512 forward 2x, backward 1.3-1.5x the AVX2 tiles' speed on one Xeon.
 

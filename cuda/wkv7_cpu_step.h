@@ -95,8 +95,9 @@ WKV_INLINE void step_forward(int n, const float* st_in, float* st_out, const flo
 // Scratch: gb [N], part [5, N, 8].
 template <int NT, int W>
 WKV_INLINE void step_backward(int n, float* gt, const float* so, const float* sa, const float* d, const float* r,
-                              const float* k, const float* v, const float* a, const float* b, const float* dy, float* dr, float* dd, float* dk, float* dv,
-                              float* da, float* db, float* gb, float* part) {
+                              const float* k, const float* v, const float* a, const float* b, const float* dy,
+                              float* dr, float* dd, float* dk, float* dv, float* da, float* db, float* gb,
+                              float* part) {
   const int N = NT > 0 ? NT : n;
   constexpr int IT = tile_width<NT, W>();
   // Pass A: G += dy r^T, then dv = G k and gb = G b, per column tile.

@@ -10,8 +10,8 @@ random weights), attaches the method, and times `--steps` optimizer steps after 
 
 GEMM bound: the step's matmul FLOP -- 4 per matmul weight per token (forward and input gradient; 6 for
 full fine-tuning, which adds the weight gradient) -- over the GEMM rate measured in that process, at that
-precision: right after each timed step, one pass of the step's big GEMMs (the model's weight shapes, each
-as often as the model has it, ctx rows; bench_util.GemmPass), about as long as the step's own GEMMs, so
+precision: right after each timed step, one pass of the step's big GEMMs (each layer's own weights, in a
+step's order, ctx rows; bench_util.GemmPass), about as long as the step's own GEMMs, so
 step and pass see the VM at the same speed (it drifts by 10-30% within minutes, and a short best-of-few GEMM
 timing catches fast moments no whole step gets). "% bound" = bound time / step time, each step against its
 own pass: the (lower) median over the timed steps, their range in brackets; 100% would be a step doing nothing but
