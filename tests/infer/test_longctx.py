@@ -78,6 +78,29 @@ def test_exact_logprobs_on_the_cpu_takes_the_extensions_pass_and_stays_fp64(monk
     assert sum(c[0] for c in calls) == int((targets >= 0).sum()) and all(c[0] <= 32 for c in calls)
 
 
+@pytest.mark.parametrize("case", ["fp16 logits", "no CPU extension"])
+def test_exact_logprobs_without_the_extensions_pass_is_torchs_fp64_log_softmax(monkeypatch, case):
+    """The path a GPU, fp16 logits or a machine without the built extension take: torch's fp64 logsumexp on fp64
+    copies of the kept rows, in blocks of _ROWS."""
+    import peft_rwkv7.infer.longctx as longctx
+
+    monkeypatch.setattr(longctx.cpu_ops, "logsumexp_f64", lambda rows: pytest.fail("the extension's pass ran"))
+    if case == "no CPU extension":
+        monkeypatch.setattr(longctx.cpu_ops, "is_available", lambda device: False)
+    monkeypatch.setattr(longctx, "_ROWS", 16)  # several blocks
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 40, 3000, generator=g) * 3
+    targets = torch.randint(0, 3000, (2, 40), generator=g)
+    logits.scatter_(-1, targets[..., None], 25.0)  # confident and right: tiny losses
+    targets[0, 5:12] = -1
+    logits = logits.half() if case == "fp16 logits" else logits
+    want = torch.log_softmax(logits.double(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    want[targets < 0] = 0
+    got = exact_logprobs(logits, targets)
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max().item() <= fp64_nll_rounding(3000, logits.abs().max().item())
+
+
 def test_ctx_curve_equals_an_fp64_computation_on_a_confident_model():
     model = make_model(seed=1, vocab_size=97)
     with torch.no_grad():
