@@ -31,6 +31,8 @@ void wkv7_forward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor&
                   torch::Tensor ckpt, torch::Tensor s_final, int64_t tiles);
 void wkv7_backward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& ckpt, const torch::Tensor& dy,
                    const torch::Tensor& ds_final, std::vector<torch::Tensor> grads, torch::Tensor ds0, int64_t tiles);
+void wkv7_backward_state(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& dy,
+                         const torch::Tensor& ds_final, torch::Tensor ds0, int64_t tiles);
 // token_mix_cpu.cpp
 torch::Tensor relu_square_forward(const torch::Tensor& x);
 std::vector<torch::Tensor> decay_forward(const torch::Tensor& z, double offset, bool want_grad);
@@ -52,6 +54,7 @@ bool cpu_cache_raw_roundtrip(int64_t n);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &wkv7_forward, "WKV7 forward (fp32, writes y, checkpoints and the final state)");
   m.def("backward", &wkv7_backward, "WKV7 backward (fp32, writes every input gradient and dL/dS_0)");
+  m.def("backward_state", &wkv7_backward_state, "WKV7 backward of dL/dS_0 alone (no input gradient wanted)");
   m.def("matvec", &matvec, "one row times a contiguous [out, in] fp32/bf16 weight (batch-1 generation)");
   m.def("vecmat", &vecmat, "one row times a contiguous [in, out] fp32 weight (batch-1 generation)");
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for runs on in this library (a check)");

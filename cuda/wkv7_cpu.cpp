@@ -150,6 +150,24 @@ WKV_INLINE void backward_head_n(const Head& h) {
   transpose(N, gt.data(), h.ds0);
 }
 
+// dL/dS_0 alone (wkv7_backward_state): the backward's recurrence on G without recomputing a state.
+template <int NT, int W>
+WKV_INLINE void backward_state_head_n(const Head& h) {
+  const int N = NT > 0 ? NT : h.N;
+  std::vector<float> gt(size_t(N) * N), gb(N);
+  transpose(N, h.ds_final, gt.data());
+  for (int c = (h.T + kChunk - 1) / kChunk - 1; c >= 0; --c) {
+    const int t0 = c * kChunk, len = std::min(kChunk, h.T - t0);
+    if (h.stage) h.stage->before(t0, len);
+    const int64_t base = h.stage ? t0 : 0;
+    for (int m = len - 1; m >= 0; --m) {
+      const int64_t o = (t0 + m - base) * h.stride;
+      step_backward_state<NT, W>(N, gt.data(), h.d + o, h.r + o, h.a + o, h.b + o, h.dy + o, gb.data());
+    }
+  }
+  transpose(N, gt.data(), h.ds0);
+}
+
 // Compile-time head sizes for the common cases; any other N runs the same code with runtime bounds.
 // W: the widest column tile. 16 values fit the AVX2 registers; with AVX-512 (32 registers of 16 floats)
 // a whole row of up to 64 values is one tile: 4x the independent FMA chains, one pass over the state.
@@ -176,6 +194,17 @@ WKV_INLINE void backward_head_w(const Head& h) {
   }
 }
 
+template <int W>
+WKV_INLINE void backward_state_head_w(const Head& h) {
+  switch (h.N) {
+    case 16: return backward_state_head_n<16, W>(h);
+    case 32: return backward_state_head_n<32, W>(h);
+    case 64: return backward_state_head_n<64, W>(h);
+    case 128: return backward_state_head_n<128, W>(h);
+    default: return backward_state_head_n<0, W>(h);
+  }
+}
+
 // tiles: 0 = by the CPU (64 where it has AVX-512F, else 16), or 16 / 64 (tests run both anywhere).
 bool wide_tiles(int64_t tiles) {
   TORCH_CHECK(tiles == 0 || tiles == 16 || tiles == 64, "wkv7_cpu: tiles must be 0, 16 or 64, got ", tiles);
@@ -195,6 +224,11 @@ WKV_CLONES void forward_head(const Head& h, bool wide) {
 WKV_CLONES void backward_head(const Head& h, bool wide) {
   if (wide) return backward_head_w<64>(h);
   return backward_head_w<16>(h);
+}
+
+WKV_CLONES void backward_state_head(const Head& h, bool wide) {
+  if (wide) return backward_state_head_w<64>(h);
+  return backward_state_head_w<16>(h);
 }
 
 void check(const at::Tensor& x, const char* name, at::IntArrayRef shape, at::ScalarType dtype = at::kFloat) {
@@ -247,7 +281,7 @@ Head head_at(const std::vector<at::Tensor>& rdkvab, int64_t bi, int64_t hi, int6
   h.stride = stage ? N : H * N;
   h.T = int(T);
   h.N = int(N);
-  h.ckpt = ckpt.data_ptr<float>() + (bi * H + hi) * n_ckpt * N * N;
+  h.ckpt = ckpt.defined() ? ckpt.data_ptr<float>() + (bi * H + hi) * n_ckpt * N * N : nullptr;
   h.stage = stage;
   return h;
 }
@@ -327,6 +361,36 @@ void wkv7_backward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& ckpt
       for (int i = 0; i < 6; ++i) *out[i] = stage ? stage->rows(7 + i) : grads[i].data_ptr<float>() + seq;
       h.ds0 = ds0.data_ptr<float>() + bh * N * N;
       backward_head(h, wide);
+    }
+  });
+}
+
+// dL/dS_0 alone, where none of r, w, k, v, a, b asks for a gradient: ds0 [B, H, N, N], the same bits as
+// wkv7_backward's, from r, d, a, b and dy (rdkvab and dy as there; k and v are not read, no checkpoint is).
+void wkv7_backward_state(const std::vector<at::Tensor>& rdkvab, const at::Tensor& dy, const at::Tensor& ds_final,
+                         at::Tensor ds0, int64_t tiles) {
+  const bool wide = wide_tiles(tiles);
+  TORCH_CHECK(rdkvab.size() == 6, "wkv7_cpu: expected 6 inputs r, d, k, v, a, b");
+  const auto shape = rdkvab[0].sizes().vec();
+  TORCH_CHECK(shape.size() == 4 && shape[3] % kLanes == 0, "wkv7_cpu: inputs must be [B, T, H, N], N % 8 == 0");
+  const int64_t B = shape[0], T = shape[1], H = shape[2], N = shape[3];
+  const auto dt = check_inputs(rdkvab, shape);
+  check(dy, "dy", shape, dt);
+  check(ds_final, "ds_final", {B, H, N, N});
+  check(ds0, "ds0", {B, H, N, N});
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::optional<ChunkStage> stage;  // r d k v a b dy in (k and v unread), nothing out
+    if (dt == at::kBFloat16) {
+      auto in = inputs(rdkvab);
+      in.push_back(&dy);
+      stage.emplace(std::move(in), std::vector<at::Tensor*>{}, N, H * N);
+    }
+    for (int64_t bh = begin; bh < end; ++bh) {
+      Head h = head_at(rdkvab, bh / H, bh % H, T, H, N, 0, at::Tensor(), stage ? &*stage : nullptr);
+      h.dy = stage ? stage->rows(6) : dy.data_ptr<float>() + (bh / H) * T * H * N + (bh % H) * N;
+      h.ds_final = ds_final.data_ptr<float>() + bh * N * N;
+      h.ds0 = ds0.data_ptr<float>() + bh * N * N;
+      backward_state_head(h, wide);
     }
   });
 }

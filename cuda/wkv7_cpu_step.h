@@ -90,6 +90,45 @@ WKV_INLINE void step_forward(int n, const float* st_in, float* st_out, const flo
   }
 }
 
+// Pass A of a backward step on key-major gt = G^T: G += dy r^T, then gb = G b and, when kDv, dv = G k, per column
+// tile. Shared by step_backward and step_backward_state, so that both make G and gb with the same arithmetic.
+template <int NT, int W, bool kDv>
+WKV_INLINE void backward_pass_a(int N, float* gt, const float* r, const float* k, const float* b, const float* dy,
+                                float* dv, float* gb) {
+  constexpr int IT = tile_width<NT, W>();
+  for (int i0 = 0; i0 < N; i0 += IT) {
+    float dvt[IT] = {}, gbt[IT] = {}, dyt[IT];
+    for (int l = 0; l < IT; ++l) dyt[l] = dy[i0 + l];
+    for (int j = 0; j < N; ++j) {
+      float* g = gt + j * N + i0;
+      const float rj = r[j], kj = kDv ? k[j] : 0.f, bj = b[j];
+#pragma omp simd
+      for (int l = 0; l < IT; ++l) {
+        const float x = g[l] + rj * dyt[l];
+        g[l] = x;
+        if constexpr (kDv) dvt[l] += kj * x;
+        gbt[l] += bj * x;
+      }
+    }
+    for (int l = 0; l < IT; ++l) {
+      if constexpr (kDv) dv[i0 + l] = dvt[l];
+      gb[i0 + l] = gbt[l];
+    }
+  }
+}
+
+// The vector width of pass B (and of step_backward_state's update of G).
+template <int NT, int W>
+constexpr int pass_b_lanes() {
+  return (W >= 32 && NT > 0 && NT % 16 == 0) ? 16 : 8;
+}
+
+// G's row j after pass A -> its row of G diag(d) + gb a^T (pass B's update, also step_backward_state's).
+template <int L>
+WKV_INLINE typename Lanes<L>::V next_g(typename Lanes<L>::V x, float dj, typename Lanes<L>::V gbv, float aj) {
+  return x * dj + gbv * aj;
+}
+
 // One backward step at time t on key-major gt = G^T: enters holding dL/dS_t without y_t's term and
 // leaves holding dL/dS_{t-1}. Writes dr, dd (= dL/dd), dk, dv, da, db of step t.
 // Scratch: gb [N], part [5, N, 8].
@@ -101,29 +140,11 @@ WKV_INLINE void step_backward(int n, float* gt, const float* so, const float* sa
   const int N = NT > 0 ? NT : n;
   constexpr int IT = tile_width<NT, W>();
   // Pass A: G += dy r^T, then dv = G k and gb = G b, per column tile.
-  for (int i0 = 0; i0 < N; i0 += IT) {
-    float dvt[IT] = {}, gbt[IT] = {}, dyt[IT];
-    for (int l = 0; l < IT; ++l) dyt[l] = dy[i0 + l];
-    for (int j = 0; j < N; ++j) {
-      float* g = gt + j * N + i0;
-      const float rj = r[j], kj = k[j], bj = b[j];
-#pragma omp simd
-      for (int l = 0; l < IT; ++l) {
-        const float x = g[l] + rj * dyt[l];
-        g[l] = x;
-        dvt[l] += kj * x;
-        gbt[l] += bj * x;
-      }
-    }
-    for (int l = 0; l < IT; ++l) {
-      dv[i0 + l] = dvt[l];
-      gb[i0 + l] = gbt[l];
-    }
-  }
+  backward_pass_a<NT, W, true>(N, gt, r, k, b, dy, dv, gb);
   // Pass B, row by row: the five per-key sums over the row as 8-lane partial sums, and
   // G <- G diag(d) + gb a^T. Written with explicit 8-lane vectors so the accumulators stay in
   // registers; the lane sums of 8 rows at a time are finished by reduce_rows8.
-  constexpr int L = (W >= 32 && NT > 0 && NT % 16 == 0) ? 16 : 8;
+  constexpr int L = pass_b_lanes<NT, W>();
   using V = typename Lanes<L>::V;
   // Row j: the five per-key sums as L-lane partials, then G's row updated. inv(q, i) is the row-invariant
   // vector q (0: gb, 1: v, 2: sa, 3: dy) at column i. Both lambdas must inline into the target clone: compiled
@@ -141,7 +162,7 @@ WKV_INLINE void step_backward(int n, float* gt, const float* so, const float* sa
         acc_a += p * gbv;
         acc_b += x * inv(2, i);
         acc_r += p * inv(3, i);
-        storev<L>(g + i, x * dj + gbv * aj);
+        storev<L>(g + i, next_g<L>(x, dj, gbv, aj));
       }
       const wkv_v8f acc[5] = {fold8<L>(acc_k), fold8<L>(acc_d), fold8<L>(acc_a), fold8<L>(acc_b), fold8<L>(acc_r)};
       for (int q = 0; q < 5; ++q) store8(part + (q * N + j) * 8, acc[q]);
@@ -173,6 +194,23 @@ WKV_INLINE void step_backward(int n, float* gt, const float* so, const float* sa
   }
 #pragma omp simd
   for (int j = 0; j < N; ++j) dr[j] = d[j] * dr[j] + b[j] * sa_dy + k[j] * v_dy;
+}
+
+// One backward step of dL/dS alone, where no input of the step asks for a gradient (state tuning's first layer:
+// its r, w, k, v, a, b come from frozen weights and the embedding): G += dy r^T, gb = G b, G <- G diag(d) + gb a^T,
+// the same arithmetic as step_backward's (its pass A, then pass B's update of G), so dL/dS_0 is the same bits;
+// no recomputed state is read and none of the five per-key sums is made. Scratch: gb [N].
+template <int NT, int W>
+WKV_INLINE void step_backward_state(int n, float* gt, const float* d, const float* r, const float* a, const float* b,
+                                    const float* dy, float* gb) {
+  const int N = NT > 0 ? NT : n;
+  backward_pass_a<NT, W, false>(N, gt, r, nullptr, b, dy, nullptr, gb);
+  constexpr int L = pass_b_lanes<NT, W>();
+  for (int j = 0; j < N; ++j) {
+    float* g = gt + j * N;
+    const float dj = d[j], aj = a[j];
+    for (int i = 0; i < N; i += L) storev<L>(g + i, next_g<L>(loadv<L>(g + i), dj, loadv<L>(gb + i), aj));
+  }
 }
 
 }  // namespace

@@ -136,6 +136,17 @@ def _backward(
     return grads, ds0
 
 
+def _backward_state(
+    ext: ModuleType, rdkvab: list[torch.Tensor], dy: torch.Tensor, ds_final: torch.Tensor, alloc: Alloc, tiles: int = 0
+) -> torch.Tensor:
+    """dL/dS_0 [B, H, N, N] alone, for a call where none of r, w, k, v, a, b wants a gradient: the same bits as
+    `_backward`'s, at a fraction of its work (no state recomputed, none of the per-key sums made)."""
+    B, T, H, N = rdkvab[0].shape
+    ds0 = alloc((B, H, N, N))
+    ext.backward_state(rdkvab, dy, ds_final, ds0, tiles)
+    return ds0
+
+
 def _rows(shape: tuple[int, ...], dtype: torch.dtype, alloc: Alloc) -> torch.Tensor:
     """An output of the kernel: fp32 from `alloc` (tests pass a NaN-filled one), bf16 from torch.empty."""
     return alloc(shape) if dtype == torch.float32 else torch.empty(shape, dtype=dtype)
@@ -189,10 +200,13 @@ class _Wkv7Cpu(torch.autograd.Function):
         pad = -N % LANES
         staged = rdkvab[0].dtype == torch.bfloat16  # kept as given only where staged (else fp32 copies)
         dy = dy.detach().to(torch.bfloat16).contiguous() if staged else _fp32(dy, pad)
+        need = ctx.needs_input_grad
+        if need[9] and not any(need[3:9]):  # dL/dS_0 alone (state tuning's first layer): no recomputed state, no sums
+            ds0 = _backward_state(_extension(), rdkvab, dy, _pad_square(ds_final, pad), ctx.alloc, ctx.tiles)
+            return (None,) * 9 + (ds0[..., :N, :N].to(ctx.state_dtype),)
         grads, ds0 = _backward(_extension(), rdkvab, ckpt, dy, _pad_square(ds_final, pad), ctx.alloc, ctx.tiles)
         if dd_dw is not None:
             grads[1].mul_(dd_dw)
-        need = ctx.needs_input_grad
         grads = [g[..., :N].to(dt) if need[i + 3] else None for i, (g, dt) in enumerate(zip(grads, ctx.dtypes))]
         ds0 = ds0[..., :N, :N].to(ctx.state_dtype) if need[9] else None
         return (None, None, None, *grads, ds0)

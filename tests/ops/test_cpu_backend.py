@@ -324,3 +324,74 @@ def test_bf16_staging_is_the_fp32_kernel_rounded_once(T, N):
     for name, got, want in zip(names, staged, plain):
         assert got.dtype == (torch.float32 if name in ("ckpt", "s_final", "dd", "ds0") else torch.bfloat16), name
         assert torch.equal(got, want.to(got.dtype)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tiles", [16, 64])
+@pytest.mark.parametrize("T", [1, cpu.CHUNK - 1, cpu.CHUNK, cpu.CHUNK + 1, 3 * cpu.CHUNK + 4])  # chunk edges
+@pytest.mark.parametrize("N", [16, 24, 64])  # 24: the runtime-N code
+def test_state_only_backward_is_the_full_backwards_ds0(T, N, tiles, dtype):
+    """Where no input asks for a gradient (state tuning's first layer), the backward runs only G's recurrence
+    (cuda/wkv7_cpu_step.h, step_backward_state): its dL/dS_0 must be the full backward's, bit for bit (the same
+    arithmetic on G), for fp32 and staged bf16 rows, both tile widths, at the chunk edges."""
+    ext = cpu._extension()
+    g = torch.Generator().manual_seed(100 * T + N)
+    B, H = 2, 3
+    rows = [torch.randn(B, T, H, N, generator=g) * 0.5 for _ in range(5)]  # r k v a b
+    rows[3] = torch.nn.functional.normalize(rows[3], dim=-1).neg()  # a = -kk
+    r, k, v, a, b = (x.to(dtype) for x in rows)
+    x = [r, torch.rand(B, T, H, N, generator=g) * 0.45 + 0.545, k, v, a, b]
+    s0 = torch.randn(B, H, N, N, generator=g) * 0.1
+    dy = torch.randn(B, T, H, N, generator=g).to(dtype)
+    ds = torch.randn(B, H, N, N, generator=g)
+    _, ckpt, _ = cpu._forward(ext, x, s0, nan_alloc, tiles)
+    _, want = cpu._backward(ext, x, ckpt, dy, ds, nan_alloc, tiles)
+    got = cpu._backward_state(ext, x, dy, ds, nan_alloc, tiles)
+    assert torch.equal(got, want)
+    # and the recurrence it runs is the reference's: G_{t-1} = G_t diag(d_t) + (G_t b_t) a_t^T after G_t += dy_t r_t^T
+    G = ds.double().clone()
+    for t in reversed(range(T)):
+        rt, dt_, at, bt, dyt = (z[:, t].double() for z in (x[0], x[1], x[4], x[5], dy))
+        G += dyt[..., :, None] * rt[..., None, :]
+        G = G * dt_[..., None, :] + (G @ bt[..., None]) * at[..., None, :]
+    assert (got.double() - G).abs().max() <= 1e-5 * max(1.0, G.abs().max().item())
+
+
+def test_state_tunings_first_layer_takes_the_state_only_backward(monkeypatch):
+    """In state tuning the first layer's r, w, k, v, a, b come from frozen weights and the embedding: its WKV
+    backward asks for dL/dS_0 alone and takes the state-only path; the other layers (whose inputs carry the
+    gradient to the layers below) take the full one. The state gradients are those of the full path everywhere."""
+    from peft_rwkv7.adapters import MethodConfig, attach
+
+    base = make_model(seed=3, n_layer=3, n_embd=64, head_size=16)
+    base.set_wkv_backend("cpu")
+    model = attach(base, MethodConfig(kind="state"))
+    idx = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(0))
+
+    def state_grads():
+        model.zero_grad(set_to_none=True)
+        model(idx).float().square().mean().backward()
+        return [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
+
+    calls = {"state": 0, "full": 0}
+    real_state, real_full = cpu._backward_state, cpu._backward
+
+    def count(kind, fn):
+        def wrapped(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(cpu, "_backward_state", count("state", real_state))
+    monkeypatch.setattr(cpu, "_backward", count("full", real_full))
+    got = state_grads()
+    assert calls == {"state": 1, "full": 2}
+    assert len(got) == 3  # one trained state per layer
+
+    # The embedding made trainable: the first layer's inputs ask for gradients, and every layer takes the full path.
+    base.emb.weight.requires_grad_(True)
+    calls.update(state=0, full=0)
+    want = state_grads()[1:]  # the embedding's gradient first, then the states'
+    assert calls == {"state": 0, "full": 3}
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
