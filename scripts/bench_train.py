@@ -68,6 +68,12 @@ def child(args) -> None:
         for p in adapted.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
+    chunks = False
+    if bf16 and hasattr(model, "set_bf16_row_chunks"):  # as train/loop.py does: where the bf16 check found them faster
+        from peft_rwkv7.ops.precision import cpu_bf16_check
+
+        chunks = cpu_bf16_check().row_chunks
+        model.set_bf16_row_chunks(chunks)
     named = trainable_parameters(adapted)
     for _, p in named:
         p.data = p.data.float()
@@ -77,7 +83,8 @@ def child(args) -> None:
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     times, passes = [], []
     full = args.method == "full"
-    gemms = GemmPass(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
+    gemms = GemmPass(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full,
+                     row_chunks=chunks)
 
     def step() -> float:  # a function, as the trainer's: the graph is gone before the next forward (tasks.py)
         with amp():

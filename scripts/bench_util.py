@@ -90,8 +90,10 @@ class GemmPass:
     benchmark's peak RSS is the training's (at ctx 4096 whole-ctx head buffers and a copy of each weight had
     added ~2.5 GB to it)."""
 
-    def __init__(self, model, rows: int, dtype: torch.dtype, weight_grads: bool = False) -> None:
+    def __init__(self, model, rows: int, dtype: torch.dtype, weight_grads: bool = False,
+                 row_chunks: bool = False) -> None:
         self.weight_grads, self.dtype = weight_grads, dtype
+        self.row_chunks = row_chunks  # the layers' products in ops.rowsplit's row chunks, as the model makes them
         self.work = []  # (weight, rows per GEMM, GEMMs per pass, output columns per GEMM, whether the head)
         self.flop = 0
         online = dtype == torch.float32 and not weight_grads  # the fused loss's online path (ops/linear_ce.py)
@@ -113,10 +115,18 @@ class GemmPass:
             x = buf[: r * w.shape[1]].view(r, -1)
             blocks = [(blk, buf[: r * blk.shape[0]].view(r, -1)) for blk in w.split(cols)]
             (head if is_head else layers).append((x, blocks, n))
+        if self.row_chunks:  # (a checkout before ops/rowsplit.py never asks for them)
+            from peft_rwkv7.ops.rowsplit import mm_rows, row_chunks
+        else:
+            def mm_rows(a, b, n):
+                return a @ b
+
+            def row_chunks(rows, w):
+                return 1
         t0 = time.perf_counter()
         for x, blocks, _ in layers:  # forward, layer by layer
             for w, _ in blocks:
-                torch.nn.functional.linear(x, w)
+                mm_rows(x, w.t(), row_chunks(x.shape[0], w))
         for x, blocks, count in head:  # the fused loss: logits and dnll/dh block by block, in its forward
             for _ in range(count):
                 for w, gy in blocks:
@@ -126,7 +136,7 @@ class GemmPass:
                         gy.t() @ x
         for x, blocks, _ in reversed(layers):  # backward, the last layer first
             for w, gy in blocks:
-                gy @ w
+                mm_rows(gy, w, row_chunks(gy.shape[0], w))
                 if self.weight_grads:
                     gy.t() @ x
         return time.perf_counter() - t0

@@ -71,6 +71,14 @@ def main() -> None:
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
+    chunks = False
+    if bf16:  # as train/loop.py does: products in row chunks where the bf16 check found them faster
+        from peft_rwkv7.ops.precision import cpu_bf16_check
+
+        chunks = cpu_bf16_check().row_chunks
+        for m in model.modules():  # the RWKV7 inside the adapted model
+            if hasattr(m, "set_bf16_row_chunks"):
+                m.set_bf16_row_chunks(chunks)
     named = trainable_parameters(model)
     opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own
     CpuBlocks(True)  # after the model is built, as train/loop.py does (one shape every step: it stays)
@@ -86,7 +94,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     full = args.method == "full"
-    gemms = GemmPass(model, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full)
+    gemms = GemmPass(model, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full, row_chunks=chunks)
     step()  # warm-up: kernel load, allocator
     gemms.seconds()  # and the pass's own: its first run after a step ran at half speed (bf16, block cache on)
     t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 
 from ..model.rwkv7 import Linear
 from ..ops import partitioned
+from ..ops.rowsplit import mm_rows, row_chunks
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -47,7 +48,8 @@ class FusedLoraLinear(PeftLoraLinear):
         if dt is not None:
             # under autocast its casts (to bf16) are made here, outside the node, as F.linear would make them:
             # A's and B's gradients come back to fp32 through them; inside, every product is in `dt`
-            y = _LoraMatmul.apply(x2.to(dt), w.to(dt), a.to(dt), b.to(dt), float(self.scaling[name]))
+            chunks = row_chunks(x2.shape[0], w) if dt == torch.bfloat16 and self.base_layer.bf16_row_chunks else 1
+            y = _LoraMatmul.apply(x2.to(dt), w.to(dt), a.to(dt), b.to(dt), float(self.scaling[name]), chunks)
             return y.view(*x.shape[:-1], y.shape[-1])
         result = self.base_layer(x2)
         # peft casts x to A's dtype (fp32: trained tensors stay fp32); under autocast F.linear casts it back to
@@ -88,12 +90,12 @@ class _LoraMatmul(torch.autograd.Function):
     """y = x W^T + s (x A^T) B^T for x [tokens, in], frozen W [out, in], A [r, in], B [out, r]."""
 
     @staticmethod
-    def forward(ctx, x, w, a, b, s: float):
-        y = torch.mm(x, w.t())
+    def forward(ctx, x, w, a, b, s: float, chunks: int = 1):
+        y = mm_rows(x, w.t(), chunks)  # the base product in row chunks where ops.rowsplit says so
         xa = torch.mm(x, a.t())
         y.addmm_(xa, b.t(), alpha=s)
         ctx.save_for_backward(x, w, a, b, xa)
-        ctx.s = s
+        ctx.s, ctx.chunks = s, chunks
         return y
 
     @staticmethod
@@ -104,13 +106,13 @@ class _LoraMatmul(torch.autograd.Function):
         dx = da = db = None
         gb = torch.mm(g, b) if need[0] or need[2] else None  # [tokens, r]: g B, unscaled
         if need[0]:
-            dx = torch.mm(g, w)
+            dx = mm_rows(g, w, ctx.chunks)
             dx.addmm_(gb, a, alpha=s)  # x's second gradient added in place
         if need[2]:
             da = torch.mm(gb.t(), x).mul_(s)
         if need[3]:
             db = torch.mm(g.t(), xa).mul_(s)
-        return dx, None, da, db, None
+        return dx, None, da, db, None, None
 
 
 __all__ = ["FusedLoraLinear"]

@@ -12,11 +12,13 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "au
 
     from ..model import load_model, pick_device
     from ..model.hub import resolve_model_path
-    from ..ops.precision import choose_bf16
+    from ..ops.precision import choose_bf16, cpu_bf16_check
 
     dev = pick_device(device, "--device")
     dt = torch.bfloat16 if choose_bf16(dtype, dev.type, "--dtype", say=say) else torch.float32
     loaded = load_model(resolve_model_path(model), dtype=dt, device=dev)
+    if dt == torch.bfloat16 and dev.type == "cpu":  # row chunks where the (cached) bf16 check found them faster
+        loaded.set_bf16_row_chunks(cpu_bf16_check().row_chunks)
     if adapter:
         from ..adapters import load_adapter
 

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import linear, matmul, wkv7, wkv7_step
+from ..ops import linear, matmul, partitioned, wkv7, wkv7_step
 from ..ops.linear_ce import Workspace, linear_cross_entropy
 from ..ops.pointwise import relu_square
+from ..ops.rowsplit import chunked_linear
 from ..ops.timemix import key_prep, token_mix, wkv_output
 from .config import RWKV7Config
 
@@ -40,6 +41,8 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        # bf16 CPU products of a row count in ops.rowsplit's zone made in row chunks (RWKV7.set_bf16_row_chunks)
+        self.bf16_row_chunks = False
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T; with `labels` (x.shape[:-1], -100 = ignored) the per-token NLL of the labels under
@@ -50,6 +53,10 @@ class Linear(nn.Linear):
             if ws is None:
                 ws = self.__dict__["_ce_workspace"] = Workspace()
             return linear_cross_entropy(x, self.weight, labels, workspace=ws)
+        if self.bf16_row_chunks and not partitioned(self.weight):
+            y = chunked_linear(x, self.weight)
+            if y is not None:
+                return y
         return linear(x, self.weight)
 
 
@@ -191,6 +198,13 @@ class RWKV7(nn.Module):
         """Which wkv7 backend every layer uses ("auto", "reference", "cpu", "cuda", "triton")."""
         for blk in self.blocks:
             blk.att.wkv_backend = backend
+
+    def set_bf16_row_chunks(self, on: bool) -> None:
+        """Whether every Linear (and the LoRA layers wrapping one) makes a bf16 CPU product whose row count lies
+        in ops.rowsplit's zone in row chunks: on where precision.cpu_bf16_check measured them faster here."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.bf16_row_chunks = on
 
     def initial_state(self) -> list[LayerState]:
         """The state a sequence starts from: a checkpoint's `att.time_state` where it has one."""

@@ -13,6 +13,11 @@ fp32's speed there is clearly slow and ends the check (one slow op decides "slow
 are timed at the full shape (the best of a few calls). bf16 counts as fast only if every op runs at least
 FAST_MARGIN times fp32's speed; the whole check takes about 0.5-1.5 s on a 2-core CPU, once per machine.
 
+Where bf16 is fast, the check also times the products of the zone of row counts where oneDNN may run a whole
+call on one thread (ops/rowsplit.py) whole against in row chunks, at three row counts in it and a block's three
+weight shapes, forward and input gradient; chunks count as faster at ROW_CHUNKS_MARGIN times the speed
+(~0.3 s).
+
 The result is cached as JSON beside the kernel cache (`<torch extensions root>/peft_rwkv7/`), keyed by
 what changes it: the CPU's model name and flags, torch's version and CPU capability, the thread count and
 the probe itself. An unreadable cache is measured again.
@@ -36,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_VERSION = 1  # bump when the probe (shapes, rule, record) changes: part of the cache key
+_VERSION = 2  # bump when the probe (shapes, rule, record) changes: part of the cache key
 # (rows, in features, out features): a 0.1B block's FFN key at ctx 512 ([512, 768] against [3072, 768]) and
 # a 4096-word slice of the 65536-word head at 128 tokens (far more outputs than inputs; the whole head would
 # take seconds in fp32).
@@ -57,6 +62,12 @@ CLEARLY_SLOW = 0.5
 # (other work only ever adds time). SCREEN_ROUNDS on the slice after a warm-up, FULL_ROUNDS at the full shape
 # (the slice warmed the code paths, and the best call drops a slow first one); no further round once the
 # op's budget is spent (a 0.3 GFLOP/s call spends it alone).
+# The row-chunk probe (ops/rowsplit.py): row counts inside its zone and a block's weights [out, in] (attention,
+# FFN key, FFN value); chunks are taken where they are this much faster in all (a 2-core Xeon with AMX: 1.25-1.29x;
+# the ops without a hole there run at 0.95-1x in chunks, those with one at ~2x).
+ROW_CHUNKS_ROWS = (768, 1024, 1280)
+ROW_CHUNKS_SHAPES = ((768, 768), (3072, 768), (768, 3072))
+ROW_CHUNKS_MARGIN, ROW_CHUNKS_ROUNDS = 1.1, 3
 SCREEN_ROUNDS, SCREEN_BUDGET_S = 3, 0.1
 FULL_ROUNDS, FULL_BUDGET_S = 2, 0.5
 MAX_REPEAT = 8
@@ -74,6 +85,8 @@ class Bf16Check:
     cpu: str
     seconds: float
     cached: bool = False
+    row_chunks: bool = False  # bf16 products of ops.rowsplit's zone are faster in row chunks here
+    row_chunks_speedup: float | None = None  # whole calls' time over chunked calls' (None: not measured)
 
     def summary(self) -> str:
         """The worst ratio and whether it was measured now, in words."""
@@ -164,6 +177,33 @@ def _rates(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, screen: bool) -> l
     return out
 
 
+def _row_chunks_speedup(gen: torch.Generator) -> float:
+    """Time of whole bf16 calls over that of the same calls in ops.rowsplit's chunks (each op's best of
+    ROW_CHUNKS_ROUNDS alternated rounds), summed over ROW_CHUNKS_ROWS x ROW_CHUNKS_SHAPES, forward and x's
+    gradient."""
+    from .rowsplit import mm_rows, row_chunks
+
+    def timed(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    whole = chunked = 0.0
+    for rows in ROW_CHUNKS_ROWS:
+        for o, k in ROW_CHUNKS_SHAPES:
+            x, w, g = (torch.empty(shape).uniform_(-1, 1, generator=gen).to(torch.bfloat16)
+                       for shape in ((rows, k), (o, k), (rows, o)))
+            n = row_chunks(rows, w)
+            for a, b in ((x, w.t()), (g, w)):
+                mm_rows(a, b, 1), mm_rows(a, b, n)  # warm-up
+                best = [math.inf, math.inf]
+                for _ in range(ROW_CHUNKS_ROUNDS):
+                    best[0] = min(best[0], timed(lambda: mm_rows(a, b, 1)))  # noqa: B023 (called at once)
+                    best[1] = min(best[1], timed(lambda: mm_rows(a, b, n)))  # noqa: B023
+                whole, chunked = whole + best[0], chunked + best[1]
+    return whole / chunked
+
+
 def _measure_once() -> dict:
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)  # never the global RNG: training seeds it after this runs
@@ -180,8 +220,12 @@ def _measure_once() -> dict:
             if slow:  # one clearly slow op decides
                 break
     ratio = min(ratios)
-    return {"fast": ratio >= FAST_MARGIN, "ratio": round(ratio, 3), "gflops": gflops,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    record = {"fast": ratio >= FAST_MARGIN, "ratio": round(ratio, 3), "gflops": gflops}
+    if record["fast"]:
+        with torch.no_grad():
+            speedup = _row_chunks_speedup(gen)
+        record.update(row_chunks=speedup >= ROW_CHUNKS_MARGIN, row_chunks_speedup=round(speedup, 3))
+    return {**record, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def measure_bf16() -> dict:
@@ -204,6 +248,9 @@ def _valid(record: object) -> bool:
 
     if not (isinstance(record, dict) and isinstance(record.get("fast"), bool) and number(record.get("ratio"))
             and number(record.get("seconds")) and isinstance(record.get("gflops"), dict)):
+        return False
+    if not isinstance(record.get("row_chunks", False), bool) or not (
+            record.get("row_chunks_speedup") is None or number(record["row_chunks_speedup"])):
         return False
     return all(isinstance(k, str) and isinstance(v, dict) and set(v) == {"fp32", "bf16"}
                and all(map(number, v.values())) for k, v in record["gflops"].items())
@@ -245,8 +292,11 @@ def cpu_bf16_check(cache_dir: Path | None = None, measure: Callable[[], dict] | 
 
 
 def _record(record: dict, fields: dict, cached: bool) -> Bf16Check:
+    speedup = record.get("row_chunks_speedup")
     return Bf16Check(fast=record["fast"], ratio=float(record["ratio"]), gflops=record["gflops"],
-                     cpu=str(fields["cpu"]), seconds=float(record["seconds"]), cached=cached)
+                     cpu=str(fields["cpu"]), seconds=float(record["seconds"]), cached=cached,
+                     row_chunks=record.get("row_chunks", False),
+                     row_chunks_speedup=None if speedup is None else float(speedup))
 
 
 def choose_bf16(precision: str, device_type: str, setting: str, say: bool = True,

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..infer.evaluate import load_eval_data
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
-from ..ops.precision import choose_bf16
+from ..ops.precision import choose_bf16, cpu_bf16_check
 from . import adalora
 from . import checkpoint as ckpt
 from .distributed import Dist, gathered, main_first
@@ -99,6 +99,8 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     # tensors always live in fp32 so small updates are not rounded away.
     frozen_dtype = torch.bfloat16 if use_bf16 and recipe.method.kind != "full" else torch.float32
     base, base_path = build_base(recipe, device, frozen_dtype)
+    if use_bf16 and device.type == "cpu":  # products in row chunks where the (cached) bf16 check found them faster
+        base.set_bf16_row_chunks(cpu_bf16_check().row_chunks)
     base.grad_cp = tc.grad_cp
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     # Several processes: rank 0 (each node's local rank 0 where the cache is not shared) tokenizes while

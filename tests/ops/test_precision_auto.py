@@ -170,6 +170,7 @@ def _fake_timings(monkeypatch, ratio_of: dict[int, float]) -> list[int]:
         return 1.0, 1.0 / ratio_of.get(i, 3.0)
 
     monkeypatch.setattr(precision, "_best_seconds", best)
+    monkeypatch.setattr(precision, "_row_chunks_speedup", lambda gen: 1.0)  # its own timings: not these tests'
     return timed
 
 
@@ -201,3 +202,63 @@ def test_the_real_measurement_is_well_formed_and_leaves_the_rng_alone():
     # The verdict is the rule applied to the rates it reports (rounded to 2 decimals: ratio to ~1%).
     assert got["ratio"] == pytest.approx(min(ratios), rel=0.02)
     assert got["fast"] == (got["ratio"] >= precision.FAST_MARGIN)
+    if got["fast"]:  # and the row-chunk verdict is its rule applied to the speed-up it reports
+        assert got["row_chunks"] == (got["row_chunks_speedup"] >= precision.ROW_CHUNKS_MARGIN)
+    else:
+        assert "row_chunks" not in got
+
+
+@pytest.mark.parametrize("speedup", [1.05, 1.3])
+def test_row_chunks_are_chosen_where_they_are_faster_by_the_margin(monkeypatch, speedup):
+    _fake_timings(monkeypatch, {})  # bf16 fast
+    monkeypatch.setattr(precision, "_row_chunks_speedup", lambda gen: speedup)
+    got = precision._measure_once()
+    assert got["row_chunks"] is (speedup >= precision.ROW_CHUNKS_MARGIN) and got["row_chunks_speedup"] == speedup
+    _fake_timings(monkeypatch, {1: 0.01})  # bf16 slow: no row-chunk probe (bf16 is not used)
+    monkeypatch.setattr(precision, "_row_chunks_speedup", lambda gen: pytest.fail("probed a slow CPU"))
+    assert "row_chunks" not in precision._measure_once()
+
+
+def test_the_row_chunk_probe_times_whole_against_chunked_calls(monkeypatch):
+    """Its speed-up is the whole calls' time over the chunked calls' (each op's best), over every row count and
+    shape, forward and input gradient: here each mm call takes its row count over its chunk count (a machine
+    where chunks save nothing but the calls' rows) and chunked calls cost what whole ones do."""
+    from peft_rwkv7.ops import rowsplit
+
+    calls = []
+    monkeypatch.setattr(rowsplit, "mm_rows", lambda a, b, chunks: calls.append((a.shape[0], chunks)))
+    clock = iter(range(10**6))
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: float(next(clock)))
+    assert precision._row_chunks_speedup(torch.Generator().manual_seed(0)) == 1.0
+    rows = {r for r, _ in calls}
+    assert rows == set(precision.ROW_CHUNKS_ROWS) and {c for _, c in calls} == {1, 2, 3}
+    per_op = 2 + 2 * precision.ROW_CHUNKS_ROUNDS  # warm-up pair, then alternated rounds
+    assert len(calls) == len(precision.ROW_CHUNKS_ROWS) * len(precision.ROW_CHUNKS_SHAPES) * 2 * per_op
+
+
+@pytest.mark.parametrize("row_chunks", [True, False])
+def test_training_and_loading_take_row_chunks_by_the_check(tiny_world, tmp_path, monkeypatch, row_chunks):  # noqa: F811
+    """bf16 on a CPU whose check found row chunks faster: every Linear of the trained and of the loaded model
+    makes its products in chunks (ops/rowsplit.py); where it did not, or in fp32, none does."""
+    from peft_rwkv7.model import save_model
+    from peft_rwkv7.model.rwkv7 import Linear
+    from tests.conftest import make_model
+
+    record = {**FAST, "row_chunks": row_chunks, "row_chunks_speedup": 1.8 if row_chunks else 1.0}
+    monkeypatch.setattr(precision, "default_cache_dir", lambda: tmp_path / "bf16-cache")
+    monkeypatch.setattr(precision, "measure_bf16", lambda: dict(record))
+
+    def flags(model):
+        got = {m.bf16_row_chunks for m in model.modules() if isinstance(m, Linear)}
+        assert len(got) == 1, got
+        return got.pop()
+
+    for prec in ("auto", "fp32"):
+        over = tiny_overrides(tiny_world, tmp_path / prec, steps=1, **{"train.precision": prec, "train.device": "cpu"})
+        run = setup(load_recipe(str(ROOT / "recipes/lora.yaml"), over))
+        assert flags(run.model) is (row_chunks and prec == "auto")
+    save_model(make_model(seed=1), tmp_path / "m.pth")
+    for dtype in ("auto", "fp32"):
+        args = argparse.Namespace(model=str(tmp_path / "m.pth"), device="cpu", dtype=dtype, adapter=None,
+                                  lora_alpha=None)
+        assert flags(_load_for_inference(args)) is (row_chunks and dtype == "auto")
