@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .ops import dispatch, precision
+from .ops import dispatch, precision, rowsplit
 from .ops.reference import wkv7_reference
 from .ops.verify import PROBLEM
 
@@ -109,7 +109,8 @@ def _precision_info(cuda: bool) -> dict:
     check = precision.cpu_bf16_check()
     cpu = "bf16" if check.fast else "fp32"
     return {"cpu_bf16": {"fast": check.fast, "ratio": check.ratio, "gflops": check.gflops, "cpu": check.cpu,
-                         "cached": check.cached, "seconds": check.seconds, "summary": check.summary()},
+                         "cached": check.cached, "seconds": check.seconds, "summary": check.summary(),
+                         "row_chunks": check.row_chunks, "row_chunks_speedup": check.row_chunks_speedup},
             "auto": {"cuda": "bf16" if cuda else None, "cpu": cpu}}
 
 
@@ -311,6 +312,11 @@ def _precision_lines(p: dict) -> list[str]:
     c, auto = p["cpu_bf16"], p["auto"]
     lines = [_line("cpu-bf16", f"{'fast' if c['fast'] else 'slow'}: {c['summary']}; {c['cpu']}")]
     lines += [f"  {'':<15}{op}: fp32 {r['fp32']:.1f}, bf16 {r['bf16']:.1f} GFLOP/s" for op, r in c["gflops"].items()]
+    if c["row_chunks_speedup"] is not None:  # measured where bf16 is fast (ops/rowsplit.py)
+        verdict = "in row chunks" if c["row_chunks"] else "whole"
+        lo, hi = rowsplit.ZONE
+        lines.append(f"  {'':<15}products of {lo}-{hi} rows: {verdict} (chunks {c['row_chunks_speedup']:.2f}x "
+                     "the whole calls' speed)")
     picks = f"{auto['cpu']} on this CPU" + (f", {auto['cuda']} on the GPU" if auto["cuda"] else "")
     lines.append(_line("precision", f"auto (train.precision, --dtype) picks {picks}"))
     return lines

@@ -26,7 +26,8 @@ SLOW_BF16 = {"fast": False, "ratio": 0.2, "seconds": 0.05, "gflops": {"F.linear 
 FAST_BF16 = {"fast": True, "ratio": 2.5, "seconds": 0.8, "gflops": {"F.linear x[512,768] W[3072,768]":
                                                                     {"fp32": 60.0, "bf16": 180.0},
                                                                     "g[512,3072] @ W[3072,768]":
-                                                                    {"fp32": 60.0, "bf16": 150.0}}}
+                                                                    {"fp32": 60.0, "bf16": 150.0}},
+             "row_chunks": True, "row_chunks_speedup": 1.27}
 
 
 def wrong_output(r, w, k, v, a, b, state=None):
@@ -79,9 +80,12 @@ def test_doctor_shows_the_bf16_check_and_what_auto_picks(cpu_machine, tmp_path, 
                                             "at worst (measured now in 0.80 s)")
         assert "                 F.linear x[512,768] W[3072,768]: fp32 60.0, bf16 180.0 GFLOP/s\n" in out
         assert "                 g[512,3072] @ W[3072,768]: fp32 60.0, bf16 150.0 GFLOP/s\n" in out
+        assert ("                 products of 600-1792 rows: in row chunks (chunks 1.27x the whole calls' "
+                "speed)\n") in out
     else:
         assert lines["cpu-bf16"].startswith("  cpu-bf16     slow: bf16 matmuls run at 0.2x fp32's speed")
         assert "                 F.linear x[16,768] W[3072,768]: fp32 27.0, bf16 5.5 GFLOP/s\n" in out
+        assert "row chunks" not in out and "products of" not in out  # not measured where bf16 is slow
     picks = "bf16" if fast else "fp32"
     assert lines["precision"] == f"  precision    auto (train.precision, --dtype) picks {picks} on this CPU"
     _, lines = _screen(capsys)  # a second run reads the cache

@@ -74,3 +74,31 @@ def test_a_failed_child_is_reported_by_what_went_wrong(bench_util):
     py = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: out of memory\n"
     assert bench_util.child_error(py) == "RuntimeError: out of memory"
     assert bench_util.child_error("") == "no output"
+
+
+def test_the_pass_makes_the_layers_products_in_row_chunks_where_the_model_does(bench_util):
+    """row_chunks=True (bench_train passes the model's setting, ops/rowsplit.py): each layer's forward and input
+    gradient products of 1000 rows in 2 calls of 500, as the model makes them; the head stays in its own
+    chunks; the FLOP are the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from peft_rwkv7.model import RWKV7Config, new_model
+
+    class Rows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.linear):
+                self.rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    model = new_model(RWKV7Config.new(1, 512, 1024, head_size=64))
+    plain = bench_util.GemmPass(model, 1000, torch.bfloat16)
+    chunked = bench_util.GemmPass(model, 1000, torch.bfloat16, row_chunks=True)
+    assert chunked.flop == plain.flop
+    with Rows() as seen:
+        chunked.seconds()
+    # 6 weights of the layer, forward and backward, 2 chunks each; the head (1024 x 512): whole rows
+    assert sorted(seen.rows) == sorted([500] * 24 + [1000] * 2)
