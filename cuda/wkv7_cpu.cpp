@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -172,37 +173,27 @@ WKV_INLINE void backward_state_head_n(const Head& h) {
 // W: the widest column tile. 16 values fit the AVX2 registers; with AVX-512 (32 registers of 16 floats)
 // a whole row of up to 64 values is one tile: 4x the independent FMA chains, one pass over the state.
 // The tile width changes no result: every sum runs over the keys in the same order.
-template <int W>
-WKV_INLINE void forward_head_w(const Head& h) {
-  switch (h.N) {
-    case 16: return forward_head_n<16, W>(h);
-    case 32: return forward_head_n<32, W>(h);
-    case 64: return forward_head_n<64, W>(h);
-    case 128: return forward_head_n<128, W>(h);
-    default: return forward_head_n<0, W>(h);
-  }
-}
+template <int NT, int W>
+struct HeadShape {
+  static constexpr int n = NT, w = W;  // head size (0: runtime bounds), widest column tile
+};
 
-template <int W>
-WKV_INLINE void backward_head_w(const Head& h) {
-  switch (h.N) {
-    case 16: return backward_head_n<16, W>(h);
-    case 32: return backward_head_n<32, W>(h);
-    case 64: return backward_head_n<64, W>(h);
-    case 128: return backward_head_n<128, W>(h);
-    default: return backward_head_n<0, W>(h);
-  }
-}
-
-template <int W>
-WKV_INLINE void backward_state_head_w(const Head& h) {
-  switch (h.N) {
-    case 16: return backward_state_head_n<16, W>(h);
-    case 32: return backward_state_head_n<32, W>(h);
-    case 64: return backward_state_head_n<64, W>(h);
-    case 128: return backward_state_head_n<128, W>(h);
-    default: return backward_state_head_n<0, W>(h);
-  }
+// Runs fn(HeadShape<NT, W>{}) with NT the compile-time head size where h.N is a common one, else 0, and W 64
+// (`wide`) or 16: one dispatch for the forward and both backwards.
+template <typename Fn>
+WKV_INLINE void by_head_shape(const Head& h, bool wide, Fn&& fn) {
+  auto sizes = [&](auto w) WKV_LAMBDA_INLINE {
+    constexpr int W = decltype(w)::value;
+    switch (h.N) {
+      case 16: return fn(HeadShape<16, W>{});
+      case 32: return fn(HeadShape<32, W>{});
+      case 64: return fn(HeadShape<64, W>{});
+      case 128: return fn(HeadShape<128, W>{});
+      default: return fn(HeadShape<0, W>{});
+    }
+  };
+  if (wide) return sizes(std::integral_constant<int, 64>{});
+  return sizes(std::integral_constant<int, 16>{});
 }
 
 // tiles: 0 = by the CPU (64 where it has AVX-512F, else 16), or 16 / 64 (tests run both anywhere).
@@ -217,18 +208,15 @@ bool wide_tiles(int64_t tiles) {
 }
 
 WKV_CLONES void forward_head(const Head& h, bool wide) {
-  if (wide) return forward_head_w<64>(h);
-  return forward_head_w<16>(h);
+  by_head_shape(h, wide, [&](auto s) WKV_LAMBDA_INLINE { forward_head_n<decltype(s)::n, decltype(s)::w>(h); });
 }
 
 WKV_CLONES void backward_head(const Head& h, bool wide) {
-  if (wide) return backward_head_w<64>(h);
-  return backward_head_w<16>(h);
+  by_head_shape(h, wide, [&](auto s) WKV_LAMBDA_INLINE { backward_head_n<decltype(s)::n, decltype(s)::w>(h); });
 }
 
 WKV_CLONES void backward_state_head(const Head& h, bool wide) {
-  if (wide) return backward_state_head_w<64>(h);
-  return backward_state_head_w<16>(h);
+  by_head_shape(h, wide, [&](auto s) WKV_LAMBDA_INLINE { backward_state_head_n<decltype(s)::n, decltype(s)::w>(h); });
 }
 
 void check(const at::Tensor& x, const char* name, at::IntArrayRef shape, at::ScalarType dtype = at::kFloat) {

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import linear, matmul, partitioned, wkv7, wkv7_step
+from ..ops import linear, matmul, wkv7, wkv7_step
 from ..ops.linear_ce import Workspace, linear_cross_entropy
 from ..ops.pointwise import relu_square
-from ..ops.rowsplit import chunked_linear
 from ..ops.timemix import key_prep, token_mix, wkv_output
 from .config import RWKV7Config
 
@@ -53,11 +52,7 @@ class Linear(nn.Linear):
             if ws is None:
                 ws = self.__dict__["_ce_workspace"] = Workspace()
             return linear_cross_entropy(x, self.weight, labels, workspace=ws)
-        if self.bf16_row_chunks and not partitioned(self.weight):
-            y = chunked_linear(x, self.weight)
-            if y is not None:
-                return y
-        return linear(x, self.weight)
+        return linear(x, self.weight, row_chunks=self.bf16_row_chunks)
 
 
 class TimeMix(nn.Module):

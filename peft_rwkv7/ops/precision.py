@@ -130,16 +130,17 @@ def cache_file(cache_dir: Path, fields: dict[str, object]) -> Path:
     return Path(cache_dir) / f"bf16-check-{key}.json"
 
 
+def _timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of fn takes."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _best_seconds(f32: Callable[[], object], f16: Callable[[], object], rounds: int, budget_s: float,
                   warm_up: bool) -> tuple[float, float]:
     """(fp32, bf16) best seconds per call over up to `rounds` rounds (see SCREEN_ROUNDS), after one untimed
     call of each when `warm_up`; at least one round, no further ones once `budget_s` is spent."""
-
-    def timed(fn: Callable[[], object]) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
     start = time.perf_counter()
     if warm_up:
         f32(), f16()
@@ -147,10 +148,10 @@ def _best_seconds(f32: Callable[[], object], f16: Callable[[], object], rounds: 
     for i in range(rounds):
         if i and time.perf_counter() - start > budget_s:
             break
-        best32 = min(best32, timed(f32))
+        best32 = min(best32, _timed(f32))
         repeat = 1 if best16 == math.inf else max(1, min(MAX_REPEAT, round(best32 / best16)))
         for _ in range(repeat):
-            best16 = min(best16, timed(f16))
+            best16 = min(best16, _timed(f16))
     return best32, best16
 
 
@@ -183,11 +184,6 @@ def _row_chunks_speedup(gen: torch.Generator) -> float:
     gradient."""
     from .rowsplit import mm_rows, row_chunks
 
-    def timed(fn: Callable[[], object]) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
     whole = chunked = 0.0
     for rows in ROW_CHUNKS_ROWS:
         for o, k in ROW_CHUNKS_SHAPES:
@@ -198,8 +194,8 @@ def _row_chunks_speedup(gen: torch.Generator) -> float:
                 mm_rows(a, b, 1), mm_rows(a, b, n)  # warm-up
                 best = [math.inf, math.inf]
                 for _ in range(ROW_CHUNKS_ROUNDS):
-                    best[0] = min(best[0], timed(lambda: mm_rows(a, b, 1)))  # noqa: B023 (called at once)
-                    best[1] = min(best[1], timed(lambda: mm_rows(a, b, n)))  # noqa: B023
+                    best[0] = min(best[0], _timed(lambda: mm_rows(a, b, 1)))  # noqa: B023 (called at once)
+                    best[1] = min(best[1], _timed(lambda: mm_rows(a, b, n)))  # noqa: B023
                 whole, chunked = whole + best[0], chunked + best[1]
     return whole / chunked
 
