@@ -115,3 +115,18 @@ def test_the_model_and_the_lora_layer_take_row_chunks():
     assert abs(loss1 - loss0) <= 8 * UBF16 * abs(loss0)
     for a, b in zip(grads1, grads0, strict=True):
         assert (a - b).abs().max() <= 8 * UBF16 * b.abs().max()
+
+
+def test_a_weight_deepspeed_partitions_takes_one_call():
+    """ZeRO-3's weights (ops.partitioned: a `ds_id` on the parameter) are whole only inside their module's own
+    call, so ops.linear makes their product as F.linear does, one call, even with row chunks switched on."""
+    from peft_rwkv7.ops import linear
+
+    x, w = torch.randn(1000, 768).to(BF), torch.nn.Parameter(torch.randn(1024, 768).to(BF), requires_grad=False)
+    with MmRows() as seen:
+        linear(x, w, row_chunks=True)
+    assert seen.rows == [500, 500]
+    w.ds_id = 7
+    with MmRows() as seen:
+        y = linear(x, w, row_chunks=True)
+    assert 500 not in seen.rows and y.shape == (1000, 1024)
