@@ -1,5 +1,6 @@
 // The Python module of the CPU extension (peft_rwkv7/ops/cpu.py builds wkv7_cpu.cpp, rnn_step_cpu.cpp,
-// token_mix_cpu.cpp, timemix_cpu.cpp, cpu_alloc.cpp and this file into one library): every function it exports.
+// token_mix_cpu.cpp, timemix_cpu.cpp, gate_cpu.cpp, decay_cpu.cpp, loss_cpu.cpp, cpu_alloc.cpp and this file
+// into one library): every function it exports.
 
 #include <torch/python.h>  // pybind11 and its tensor casters, without the C++ frontend (torch/extension.h)
 
@@ -25,6 +26,15 @@ std::vector<torch::Tensor> wkv_output_forward(const std::vector<torch::Tensor>&,
 std::vector<torch::Tensor> wkv_output_backward(const torch::Tensor&, const std::vector<torch::Tensor>&,
                                                const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                                                const torch::Tensor&, int64_t, double, bool);
+
+// gate_cpu.cpp
+at::Tensor bias_sigmoid_forward(const at::Tensor& p, const at::Tensor& bias);
+std::vector<at::Tensor> bias_sigmoid_backward(const at::Tensor& go, const at::Tensor& s, bool want_bias);
+at::Tensor value_residual_forward(const at::Tensor& v, const at::Tensor& vf, const at::Tensor& p,
+                                  const at::Tensor& bias);
+std::vector<at::Tensor> value_residual_backward(const at::Tensor& go, const at::Tensor& v, const at::Tensor& vf,
+                                                const at::Tensor& p, const at::Tensor& bias, bool want_v,
+                                                bool want_vf, bool want_bias);
 
 // wkv7_cpu.cpp
 void wkv7_forward(const std::vector<torch::Tensor>& rdkvab, const torch::Tensor& s0, torch::Tensor y,
@@ -72,6 +82,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones summed in fixed row blocks)");
   m.def("wkv_output_forward", &wkv_output_forward, "TimeMix's ln_x, bonus and gate after the WKV (fp32 or bf16 rows)");
   m.def("wkv_output_backward", &wkv_output_backward, "their gradients (parameter ones summed in fixed row blocks)");
+  m.def("bias_sigmoid_forward", &bias_sigmoid_forward, "TimeMix's a = sigmoid(p + a0) (fp32 or bf16 rows)");
+  m.def("bias_sigmoid_backward", &bias_sigmoid_backward, "its gradients from the output (bias summed in fixed row blocks)");
+  m.def("value_residual_forward", &value_residual_forward, "TimeMix's v + (v_first - v) sigmoid(p + v0) (fp32 or bf16 rows)");
+  m.def("value_residual_backward", &value_residual_backward, "its gradients (bias summed in fixed row blocks)");
   m.def("cpu_cache_install", &cpu_cache_install, "torch's CPU allocator caches blocks >= min_bytes by size class (again after uninstalling)");
   m.def("cpu_cache_uninstall", &cpu_cache_uninstall, "gives torch's CPU allocator back to the one before, until installed again");
   m.def("cpu_cache_trim", &cpu_cache_trim, "after a step: unmaps free blocks not handed out for 4 steps");

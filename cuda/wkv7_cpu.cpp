@@ -90,7 +90,7 @@ WKV_INLINE void forward_head_n(const Head& h) {
     if (h.stage) h.stage->before(t0, std::min(len + 1, h.T - t0));  // and the next chunk's first a
     const int64_t base = h.stage ? t0 : 0;
     if (c == 0) state_dot_a<NT, W>(N, st.data(), h.a, sa.data());
-    std::memcpy(h.ckpt + c * NN, st.data(), NN * sizeof(float));
+    if (h.ckpt) std::memcpy(h.ckpt + c * NN, st.data(), NN * sizeof(float));
     for (int t = t0; t < t0 + len; ++t) {
       const int64_t o = (t - base) * h.stride;
       float* s = st.data();
@@ -108,7 +108,7 @@ WKV_INLINE void forward_head_n(const Head& h) {
     }
     if (h.stage) h.stage->after(t0, len);
   }
-  std::memcpy(h.ckpt + n_chunks * NN, st.data(), NN * sizeof(float));
+  if (h.ckpt) std::memcpy(h.ckpt + n_chunks * NN, st.data(), NN * sizeof(float));
   transpose(N, st.data(), h.s_final);
 }
 
@@ -269,7 +269,7 @@ Head head_at(const std::vector<at::Tensor>& rdkvab, int64_t bi, int64_t hi, int6
   h.stride = stage ? N : H * N;
   h.T = int(T);
   h.N = int(N);
-  h.ckpt = ckpt.defined() ? ckpt.data_ptr<float>() + (bi * H + hi) * n_ckpt * N * N : nullptr;
+  h.ckpt = ckpt.defined() && ckpt.numel() ? ckpt.data_ptr<float>() + (bi * H + hi) * n_ckpt * N * N : nullptr;
   h.stage = stage;
   return h;
 }
@@ -284,7 +284,7 @@ std::vector<const at::Tensor*> inputs(const std::vector<at::Tensor>& rdkvab) {
 
 // rdkvab: [r, d, k, v, a, b], each [B, T, H, N] with d = exp(-exp(w)) (fp32; the others fp32 or bf16, one
 // dtype); s0: [B, H, N, N] or empty (zeros). Writes y [B, T, H, N] (r's dtype), ckpt [B, H, ceil(T / kChunk) + 1,
-// N, N] and s_final [B, H, N, N].
+// N, N] (unless empty) and s_final [B, H, N, N].
 void wkv7_forward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& s0, at::Tensor y,
                   at::Tensor ckpt, at::Tensor s_final, int64_t tiles) {
   const bool wide = wide_tiles(tiles);
@@ -296,7 +296,7 @@ void wkv7_forward(const std::vector<at::Tensor>& rdkvab, const at::Tensor& s0, a
   const auto dt = check_inputs(rdkvab, shape);
   const bool staged = dt == at::kBFloat16;
   check(y, "y", shape, dt);
-  check(ckpt, "ckpt", {B, H, n_ckpt, N, N});
+  if (ckpt.numel()) check(ckpt, "ckpt", {B, H, n_ckpt, N, N});  // empty: no backward will read them
   check(s_final, "s_final", {B, H, N, N});
   const bool has_s0 = s0.defined() && s0.numel() > 0;
   if (has_s0) check(s0, "state", {B, H, N, N});

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import linear, matmul, wkv7, wkv7_step
 from ..ops.linear_ce import Workspace, linear_cross_entropy
 from ..ops.pointwise import relu_square
-from ..ops.timemix import key_prep, token_mix, wkv_output
+from ..ops.timemix import bias_sigmoid, key_prep, token_mix, value_residual, wkv_output
 from .config import RWKV7Config
 
 LN_EPS = 1e-5
@@ -98,7 +98,7 @@ class TimeMix(nn.Module):
         z = self.w0 + matmul(torch.tanh(matmul(xw, self.w1)), self.w2)
         k0 = self.key(xk)
         v = self.value(xv)
-        a = torch.sigmoid(self.a0 + matmul(matmul(xa, self.a1), self.a2))
+        a = bias_sigmoid(matmul(matmul(xa, self.a1), self.a2), self.a0)  # sigmoid(a0 + ...), one pass each way
         g = matmul(torch.sigmoid(matmul(xg, self.g1)), self.g2)
 
         # k (1 + (a - 1) k_a), -kk and kk a with kk = k k_k normalised per head
@@ -106,11 +106,8 @@ class TimeMix(nn.Module):
         if self.layer_id == 0:
             v_first = v
         else:
-            gate = torch.sigmoid(self.v0 + matmul(matmul(xv, self.v1), self.v2))
-            if v.dtype == v_first.dtype == gate.dtype:  # v + (v_first - v) gate in one pass
-                v = torch.lerp(v, v_first, gate)
-            else:  # mixed dtypes under autocast: addcmul promotes
-                v = torch.addcmul(v, v_first - v, gate)
+            # v + (v_first - v) sigmoid(v0 + ...), one pass each way (ops.timemix)
+            v = value_residual(v, v_first, matmul(matmul(xv, self.v1), self.v2), self.v0)
 
         def heads(t):
             return t.view(B, T, H, N)

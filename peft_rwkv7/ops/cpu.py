@@ -40,7 +40,8 @@ CHUNK = 32  # steps between stored states; must match kChunk in wkv7_cpu.cpp (th
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
 _KERNELS = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
 _SOURCES = tuple(_KERNELS / f for f in ("wkv7_cpu.cpp", "rnn_step_cpu.cpp", "token_mix_cpu.cpp", "timemix_cpu.cpp",
-                                          "decay_cpu.cpp", "loss_cpu.cpp", "cpu_alloc.cpp", "cpu_module.cpp"))
+                                          "gate_cpu.cpp", "decay_cpu.cpp", "loss_cpu.cpp", "cpu_alloc.cpp",
+                                          "cpu_module.cpp"))
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
 # Threads come from torch: at::parallel_for splits the (batch, head) sequences. With torch's OpenMP
@@ -101,18 +102,19 @@ def is_available(device: torch.device) -> bool:
 
 
 def _forward(
-    ext: ModuleType, rdkvab: list[torch.Tensor], state: torch.Tensor | None, alloc: Alloc, tiles: int = 0
+    ext: ModuleType, rdkvab: list[torch.Tensor], state: torch.Tensor | None, alloc: Alloc, tiles: int = 0,
+    checkpoints: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rdkvab: [r, d, k, v, a, b], contiguous [B, T, H, N] with d = exp(-exp(w)) fp32, the others fp32 or all
     bf16 (the kernel stages the bf16 rows in fp32, a chunk of 32 steps at a time), N % 8 == 0; state: contiguous
     fp32 [B, H, N, N] or None.
 
-    Returns y [B, T, H, N] (r's dtype), checkpoints [B, H, ceil(T / CHUNK) + 1, N, N] (the kernel's own layout)
-    and the final state [B, H, N, N].
+    Returns y [B, T, H, N] (r's dtype), checkpoints [B, H, ceil(T / CHUNK) + 1, N, N] (the kernel's own layout;
+    an empty tensor without `checkpoints`: only `_backward` reads them) and the final state [B, H, N, N].
     """
     B, T, H, N = rdkvab[0].shape
     y = _rows((B, T, H, N), rdkvab[0].dtype, alloc)
-    ckpt = alloc((B, H, -(-T // CHUNK) + 1, N, N))
+    ckpt = alloc((B, H, -(-T // CHUNK) + 1, N, N)) if checkpoints else torch.empty(0)
     s_final = alloc((B, H, N, N))
     ext.forward(rdkvab, torch.empty(0) if state is None else state, y, ckpt, s_final, tiles)
     return y, ckpt, s_final
@@ -167,17 +169,19 @@ class _Wkv7Cpu(torch.autograd.Function):
     # The kernel wants N % 8 == 0. Zero padding is exact: padded keys have a = b = k = r = 0 and
     # padded values have v = 0, so the padded rows and columns of the state stay zero.
     @staticmethod
-    def forward(ctx, alloc, tiles, offset, r, w, k, v, a, b, state):
+    def forward(ctx, alloc, tiles, offset, inputs_grad, r, w, k, v, a, b, state):
+        """inputs_grad: whether a backward may ask for r's, w's, k's, v's, a's or b's gradient (grad mode on and
+        one of them requires it), the only backward that reads the checkpoints."""
         N = r.shape[-1]
         pad = -N % LANES
         # The kernel gets the decay d and returns dL/dd, chained to dL/dw in backward by dd/dw.
         if offset is None:  # w is the log-log decay: d = exp(-exp(w)), dd/dw = -d exp(w), with torch's exp
             nw = torch.exp(_fp32(w, pad)).neg_()  # -exp(w), in place: one buffer and one pass fewer
             d = torch.exp(nw)
-            dd_dw = nw.mul_(d) if ctx.needs_input_grad[4] else None  # -exp(w) d, in nw's buffer
+            dd_dw = nw.mul_(d) if ctx.needs_input_grad[5] else None  # -exp(w) d, in nw's buffer
         else:  # w holds z, the log-log decay being logsigmoid(z) - offset: d and dd/dz in one pass
-            d, dd_dw = _ext("wkv7").decay_forward(_fp32(w, pad), offset, ctx.needs_input_grad[4])
-            dd_dw = dd_dw if ctx.needs_input_grad[4] else None
+            d, dd_dw = _ext("wkv7").decay_forward(_fp32(w, pad), offset, ctx.needs_input_grad[5])
+            dd_dw = dd_dw if ctx.needs_input_grad[5] else None
         # bf16 r, k, v, a, b (the model under bf16 autocast) go to the kernel as they are: it stages their rows
         # in fp32 a chunk at a time (cuda/wkv7_cpu_stage.h) and writes y and their gradients in bf16, and they are
         # kept for backward in bf16 (r, k, v the model keeps anyway). Otherwise fp32 copies, N padded to a multiple
@@ -186,7 +190,7 @@ class _Wkv7Cpu(torch.autograd.Function):
         prep = (lambda x: x.detach().contiguous()) if staged else (lambda x: _fp32(x, pad))
         rdkvab = [prep(r), d, *(prep(x) for x in (k, v, a, b))]
         s0 = None if state is None else _pad_square(state, pad)
-        y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc, tiles)
+        y, ckpt, s_final = _forward(_extension(), rdkvab, s0, alloc, tiles, checkpoints=inputs_grad)
         ctx.save_for_backward(*rdkvab, ckpt, dd_dw)
         ctx.alloc, ctx.tiles, ctx.N = alloc, tiles, N
         ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
@@ -200,16 +204,16 @@ class _Wkv7Cpu(torch.autograd.Function):
         pad = -N % LANES
         staged = rdkvab[0].dtype == torch.bfloat16  # kept as given only where staged (else fp32 copies)
         dy = dy.detach().to(torch.bfloat16).contiguous() if staged else _fp32(dy, pad)
-        need = ctx.needs_input_grad
-        if need[9] and not any(need[3:9]):  # dL/dS_0 alone (state tuning's first layer): no recomputed state, no sums
+        need_in, need_state = ctx.needs_input_grad[4:10], ctx.needs_input_grad[10]  # r, w, k, v, a, b; state
+        if need_state and not any(need_in):  # dL/dS_0 alone (state tuning's first layer): no recomputed state, no sums
             ds0 = _backward_state(_extension(), rdkvab, dy, _pad_square(ds_final, pad), ctx.alloc, ctx.tiles)
-            return (None,) * 9 + (ds0[..., :N, :N].to(ctx.state_dtype),)
+            return (None,) * 10 + (ds0[..., :N, :N].to(ctx.state_dtype),)
         grads, ds0 = _backward(_extension(), rdkvab, ckpt, dy, _pad_square(ds_final, pad), ctx.alloc, ctx.tiles)
         if dd_dw is not None:
             grads[1].mul_(dd_dw)
-        grads = [g[..., :N].to(dt) if need[i + 3] else None for i, (g, dt) in enumerate(zip(grads, ctx.dtypes))]
-        ds0 = ds0[..., :N, :N].to(ctx.state_dtype) if need[9] else None
-        return (None, None, None, *grads, ds0)
+        grads = [g[..., :N].to(dt) if need_in[i] else None for i, (g, dt) in enumerate(zip(grads, ctx.dtypes))]
+        ds0 = ds0[..., :N, :N].to(ctx.state_dtype) if need_state else None
+        return (None, None, None, None, *grads, ds0)
 
 
 def wkv7_cpu(
@@ -237,7 +241,8 @@ def wkv7_cpu(
     """
     _ext("wkv7")  # raises when the extension could not be built
     off = None if decay_offset is None else float(decay_offset)
-    return _Wkv7Cpu.apply(alloc, tiles, off, r, w, k, v, a, b, state)
+    inputs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, w, k, v, a, b))
+    return _Wkv7Cpu.apply(alloc, tiles, off, inputs_grad, r, w, k, v, a, b, state)
 
 
 wkv7_cpu.takes_decay_logit = True  # ops.wkv7 passes decay_offset on instead of computing w

@@ -1,12 +1,15 @@
-"""TimeMix's element-wise chains (and ChannelMix's token shift) as three ops, each with a torch reference
-and a fused CPU form (cuda/timemix_cpu.cpp): one pass over [tokens, C] forward and one backward where
-torch's autograd takes 8-20 (issue 23's profile: ~17 ms of a 47 ms TimeMix layer at 0.1B ctx 512).
+"""TimeMix's element-wise chains (and ChannelMix's token shift) as five ops, each with a torch reference
+and a fused CPU form (cuda/token_mix_cpu.cpp, cuda/timemix_cpu.cpp, cuda/gate_cpu.cpp): one pass over
+[tokens, C] forward and one backward where torch's autograd takes 3-20 (issue 23's profile: ~17 ms of a 47 ms
+TimeMix layer at 0.1B ctx 512 for the first three).
 
     token_mix(x, prev, mix)               -> M tensors [B, T, C]: x + (x_prev - x) * mix[m]  (x_prev: the
                                              token before, `prev` [B, C] or zeros before the first)
     key_prep(k0, a, k_k, k_a, H)          -> k0 ((1 - k_a) + a k_a), -kk, kk a  with kk = normalize(k0 k_k)
                                              per head of the [B, T, C] inputs
     wkv_output(y, r, k, v, g, ln_x, r_k)  -> (group_norm(y) + (sum_n r k r_k) v) g, per head
+    bias_sigmoid(p, bias)                 -> sigmoid(bias + p)  (the in-context learning rate a)
+    value_residual(v, v_first, p, v0)     -> v + (v_first - v) sigmoid(v0 + p)  (layers >= 1)
 
 The fused form runs where every tensor is a CPU fp32 or bf16 tensor and the CPU extension is built; otherwise
 (GPU, no compiler) the torch reference. The [B, T, C] rows (x, k0, a, y, r, k, v, g, the outputs and their
@@ -31,8 +34,9 @@ from torch import nn
 
 from . import cpu, partitioned
 
-__all__ = ["token_mix", "key_prep", "wkv_output", "token_mix_reference", "key_prep_reference",
-           "wkv_output_reference", "fused_available"]
+__all__ = ["token_mix", "key_prep", "wkv_output", "bias_sigmoid", "value_residual", "token_mix_reference",
+           "key_prep_reference", "wkv_output_reference", "bias_sigmoid_reference", "value_residual_reference",
+           "fused_available"]
 
 
 _WIDENED = (torch.float32, torch.bfloat16)
@@ -81,6 +85,17 @@ def wkv_output_reference(y, r, k, v, g, ln_x: nn.GroupNorm, r_k: torch.Tensor) -
     bonus = (r.view(B, T, H, -1) * k.view(B, T, H, -1) * r_k.view(H, -1)).sum(dim=-1, keepdim=True)
     y = y + (bonus * v.view(B, T, H, -1)).reshape(B, T, C)
     return y * g
+
+
+def bias_sigmoid_reference(p: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(bias + p)
+
+
+def value_residual_reference(v: torch.Tensor, v_first: torch.Tensor, p: torch.Tensor, v0: torch.Tensor) -> torch.Tensor:
+    gate = torch.sigmoid(v0 + p)
+    if v.dtype == v_first.dtype == gate.dtype:  # v + (v_first - v) gate in one pass
+        return torch.lerp(v, v_first, gate)
+    return torch.addcmul(v, v_first - v, gate)  # mixed dtypes under autocast: addcmul promotes
 
 
 # ---- fused CPU ops ---------------------------------------------------------------------------------------
@@ -160,6 +175,43 @@ class _WkvOutput(torch.autograd.Function):
         return (*grads, *(ps[i] if need[5 + i] else None for i in range(3)), None, None, None)
 
 
+class _BiasSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, bias):
+        """p [..., C] fp32 or bf16 (the output's dtype); bias [C] fp32."""
+        shape = p.shape
+        s = _ext().bias_sigmoid_forward(p.detach().reshape(-1, shape[-1]).contiguous(), bias.detach())
+        ctx.save_for_backward(s)  # the output, as torch's sigmoid keeps (key_prep keeps it too)
+        return s.view(shape)
+
+    @staticmethod
+    def backward(ctx, go):
+        (s,) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gp, gbias = _ext().bias_sigmoid_backward(go.reshape(s.shape).to(s.dtype).contiguous(), s, need[1])
+        return gp.view(go.shape) if need[0] else None, gbias if need[1] else None
+
+
+class _ValueResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, v_first, p, v0):
+        """v, v_first, p [..., C] in one dtype, fp32 or bf16; v0 [C] fp32."""
+        shape = p.shape
+        rows = [t.detach().reshape(-1, shape[-1]).contiguous() for t in (v, v_first, p)]
+        ctx.save_for_backward(*rows, v0.detach())
+        ctx.shape = shape
+        return _ext().value_residual_forward(*rows, v0.detach()).view(shape)
+
+    @staticmethod
+    def backward(ctx, go):
+        v, v_first, p, v0 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gv, gvf, gp, gv0 = _ext().value_residual_backward(go.reshape(p.shape).to(p.dtype).contiguous(), v, v_first,
+                                                          p, v0, need[0], need[1], need[3])
+        return (gv.view(ctx.shape) if need[0] else None, gvf.view(ctx.shape) if need[1] else None,
+                gp.view(ctx.shape) if need[2] else None, gv0 if need[3] else None)
+
+
 # ---- entry points --------------------------------------------------------------------------------------
 
 def token_mix(x: torch.Tensor, prev: torch.Tensor | None, mix: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -188,3 +240,19 @@ def wkv_output(y, r, k, v, g, ln_x: nn.GroupNorm, r_k: torch.Tensor) -> torch.Te
         return _WkvOutput.apply(*(t.to(dt) for t in rows), *_params(*params), ln_x.num_groups, ln_x.eps,
                                 out != dt)
     return wkv_output_reference(y, r, k, v, g, ln_x, r_k)
+
+
+def bias_sigmoid(p: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """p [..., C], bias broadcast over it (C values) -> sigmoid(bias + p), in the dtype torch's ops would give."""
+    if fused_available(p, bias) and bias.numel() == p.shape[-1]:
+        return _BiasSigmoid.apply(p.to(_result_dtype(p, bias)), *_params(bias))
+    return bias_sigmoid_reference(p, bias)
+
+
+def value_residual(v: torch.Tensor, v_first: torch.Tensor, p: torch.Tensor, v0: torch.Tensor) -> torch.Tensor:
+    """v, v_first, p [..., C] of one shape, v0 broadcast over them (C values) -> v + (v_first - v) sigmoid(v0 + p):
+    RWKV-7's value residual, the value of layers >= 1 mixed toward layer 0's."""
+    if fused_available(v, v_first, p, v0) and v.shape == v_first.shape == p.shape and v0.numel() == p.shape[-1]:
+        dt = _result_dtype(v, v_first, p, v0)
+        return _ValueResidual.apply(v.to(dt), v_first.to(dt), p.to(dt), *_params(v0))
+    return value_residual_reference(v, v_first, p, v0)

@@ -1,0 +1,246 @@
+// TimeMix's two sigmoid gates on CPU, fused: one pass over [tokens, C] forward and one backward, where torch
+// takes an add, a sigmoid and (for the value residual) a lerp forward, and five to seven passes backward (the
+// lerp's three products, the sigmoid's and the bias's sum). Formulas, gradients and the torch reference they
+// must equal are in peft_rwkv7/ops/timemix.py.
+//
+//   bias_sigmoid    s = sigmoid(p + bias)                          (the in-context learning rate a)
+//   value_residual  o = v + (v_first - v) sigmoid(p + bias)       (layers >= 1: v mixed toward layer 0's)
+//
+// sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x) both come from e = exp(-|x|) <= 1 (as decay_cpu.cpp), so the
+// value residual's gradient s (1 - s) keeps its relative precision where s rounds to 1. bias_sigmoid's backward
+// takes its output s, as torch's sigmoid does (the model keeps s anyway: key_prep reads a). NaN stays NaN.
+//
+// Rows are split over torch's threads in blocks of kBlock rows; the bias gradient is a sum over rows, one partial
+// per block added in block order (cpu_rows.h), so no result depends on the thread count. The rows are fp32 or
+// bf16 (cpu_bf16.h: read and written in place, computed in fp32, each result rounded once), the bias and its
+// gradient fp32. The per-row functions are compiled for AVX-512, AVX2 and baseline x86-64 (WKV_CLONES).
+
+#include "cpu_aten.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_bf16.h"
+#include "cpu_exp.h"
+#include "cpu_rows.h"
+#include "wkv7_cpu_simd.h"
+
+namespace {
+
+// {sigmoid(x), sigmoid(-x)}, NaN for both where x is NaN. The NaN is an integer select on the bits (cpu_exp.h).
+struct Sig {
+  float s, s_neg;
+};
+
+WKV_INLINE Sig sigmoid_pair(float x) {
+  const int32_t ax = abs_bits(x);
+  const float e = exp_neg_abs_bits(ax);  // exp(-|x|); exp(-87) below that (both tails then exact in fp32)
+  const float q = 1.f / (1.f + e), eq = e * q;
+  const bool pos = x >= 0.f;
+  const float bad = __builtin_bit_cast(float, ax > kInfBits ? kNaNBits : 0);  // NaN where x is NaN, else +0
+  return {(pos ? q : eq) + bad, (pos ? eq : q) + bad};
+}
+
+// T: the rows' element type (p, v, v_first, the outputs and their gradients); the bias and its partials fp32.
+template <typename T>
+struct Gate {
+  int64_t C;
+  const T *p, *v, *vf;  // v, vf: the value residual's only
+  const float* bias;
+};
+
+template <typename T>
+WKV_INLINE void sig_forward(const Gate<T>& g, int64_t r0, int64_t r1, T* s) {
+  const float* bias = g.bias;
+  for (int64_t row = r0; row < r1; ++row) {
+    const T* p = g.p + row * g.C;
+    T* o = s + row * g.C;
+#pragma omp simd
+    for (int64_t c = 0; c < g.C; ++c) st(&o[c], sigmoid_pair(ld(p[c]) + bias[c]).s);
+  }
+}
+
+// gp = go s (1 - s) from the output s, as torch's sigmoid_backward; part (this block's) += gp.
+template <typename T>
+WKV_INLINE void sig_backward(const T* go, const T* s, int64_t C, int64_t r0, int64_t r1, T* gp, float* part) {
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t o = row * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) st(&gp[o + c], ld(go[o + c]) * ((1.f - ld(s[o + c])) * ld(s[o + c])));
+    if (part) {  // its own loop: a test on a pointer inside the one above keeps it scalar on AVX2
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) part[c] += ld(go[o + c]) * ((1.f - ld(s[o + c])) * ld(s[o + c]));
+    }
+  }
+}
+
+template <typename T>
+WKV_INLINE void res_forward(const Gate<T>& g, int64_t r0, int64_t r1, T* out) {
+  const float* bias = g.bias;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t o = row * g.C;
+    const T *p = g.p + o, *v = g.v + o, *vf = g.vf + o;
+#pragma omp simd
+    for (int64_t c = 0; c < g.C; ++c) {
+      const float s = sigmoid_pair(ld(p[c]) + bias[c]).s;
+      st(&out[o + c], ld(v[c]) + (ld(vf[c]) - ld(v[c])) * s);
+    }
+  }
+}
+
+// gv = go (1 - s), gvf = go s, gp = go (vf - v) s (1 - s); part (this block's) += gp. kV, kVF: gv, gvf wanted
+// (template flags, not pointer tests: those would keep the loop scalar on AVX2).
+template <bool kV, bool kVF, typename T>
+WKV_INLINE void res_backward(const Gate<T>& g, const T* go, int64_t r0, int64_t r1, T* gv, T* gvf, T* gp,
+                             float* part) {
+  const float* bias = g.bias;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t o = row * g.C;
+    const T *p = g.p + o, *v = g.v + o, *vf = g.vf + o, *d = go + o;
+#pragma omp simd
+    for (int64_t c = 0; c < g.C; ++c) {
+      const Sig sg = sigmoid_pair(ld(p[c]) + bias[c]);
+      const float dc = ld(d[c]);
+      if constexpr (kV) st(&gv[o + c], dc * sg.s_neg);
+      if constexpr (kVF) st(&gvf[o + c], dc * sg.s);
+      st(&gp[o + c], (dc * (ld(vf[c]) - ld(v[c]))) * (sg.s * sg.s_neg));
+    }
+    if (part) {
+#pragma omp simd
+      for (int64_t c = 0; c < g.C; ++c) {
+        const Sig sg = sigmoid_pair(ld(p[c]) + bias[c]);
+        part[c] += (ld(d[c]) * (ld(vf[c]) - ld(v[c]))) * (sg.s * sg.s_neg);
+      }
+    }
+  }
+}
+
+#define WKV_GATE_CLONES(T)                                                                                     \
+  WKV_CLONES void sig_forward_rows(const Gate<T>& g, int64_t r0, int64_t r1, T* s) { sig_forward(g, r0, r1, s); } \
+  WKV_CLONES void sig_backward_rows(const T* go, const T* s, int64_t C, int64_t r0, int64_t r1, T* gp,          \
+                                    float* part) {                                                             \
+    sig_backward(go, s, C, r0, r1, gp, part);                                                                  \
+  }                                                                                                            \
+  WKV_CLONES void res_forward_rows(const Gate<T>& g, int64_t r0, int64_t r1, T* out) {                          \
+    res_forward(g, r0, r1, out);                                                                               \
+  }                                                                                                            \
+  WKV_CLONES void res_backward_rows(const Gate<T>& g, const T* go, int64_t r0, int64_t r1, T* gv, T* gvf,      \
+                                    T* gp, float* part) {                                                      \
+    if (gv && gvf)                                                                                             \
+      res_backward<true, true>(g, go, r0, r1, gv, gvf, gp, part);                                              \
+    else if (gv)                                                                                               \
+      res_backward<true, false>(g, go, r0, r1, gv, gvf, gp, part);                                             \
+    else if (gvf)                                                                                              \
+      res_backward<false, true>(g, go, r0, r1, gv, gvf, gp, part);                                             \
+    else                                                                                                       \
+      res_backward<false, false>(g, go, r0, r1, gv, gvf, gp, part);                                            \
+  }
+WKV_GATE_CLONES(float)
+WKV_GATE_CLONES(bf16)
+#undef WKV_GATE_CLONES
+
+// Checks the rows (one dtype T, [rows, C]) and the bias (fp32 [C]).
+template <typename T>
+Gate<T> make_gate(const char* op, const at::Tensor& p, const at::Tensor& bias, const at::Tensor* v,
+                  const at::Tensor* vf) {
+  TORCH_CHECK(p.dim() == 2, op, ": rows must be [rows, C]");
+  check_rows(p, scalar_type_of<T>(), op, "p", p.sizes());
+  if (v) check_rows(*v, scalar_type_of<T>(), op, "v", p.sizes());
+  if (vf) check_rows(*vf, scalar_type_of<T>(), op, "v_first", p.sizes());
+  check_f32(bias, op, "bias", {p.size(1)});
+  return Gate<T>{p.size(1), rows_in<T>(p), v ? rows_in<T>(*v) : nullptr, vf ? rows_in<T>(*vf) : nullptr,
+                 bias.data_ptr<float>()};
+}
+
+// The per-block partial sums of the bias gradient ([blocks, C] zeros), or an empty tensor without `want`.
+at::Tensor partials(const at::Tensor& like, int64_t nb, int64_t C, bool want) {
+  const auto f32 = like.options().dtype(at::kFloat);
+  return want ? at::zeros({nb, C}, f32) : at::empty({0}, f32);
+}
+
+template <typename T>
+at::Tensor sig_forward_op(const at::Tensor& p, const at::Tensor& bias) {
+  const Gate<T> g = make_gate<T>("bias_sigmoid", p, bias, nullptr, nullptr);
+  auto s = at::empty_like(p);
+  const int64_t rows = p.size(0);
+  at::parallel_for(0, n_blocks(rows), 1, [&](int64_t b0, int64_t b1) {
+    sig_forward_rows(g, b0 * kBlock, std::min(b1 * kBlock, rows), rows_out<T>(s));
+  });
+  return s;
+}
+
+template <typename T>
+std::vector<at::Tensor> sig_backward_op(const at::Tensor& go, const at::Tensor& s, bool want_bias) {
+  TORCH_CHECK(s.dim() == 2, "bias_sigmoid: rows must be [rows, C]");
+  check_rows(s, scalar_type_of<T>(), "bias_sigmoid", "s", s.sizes());
+  check_rows(go, scalar_type_of<T>(), "bias_sigmoid", "gradient", s.sizes());
+  const int64_t rows = s.size(0), C = s.size(1), nb = n_blocks(rows);
+  auto gp = at::empty_like(s);
+  auto part = partials(s, nb, C, want_bias);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      sig_backward_rows(rows_in<T>(go), rows_in<T>(s), C, b * kBlock, std::min((b + 1) * kBlock, rows),
+                        rows_out<T>(gp), want_bias ? part.data_ptr<float>() + b * C : nullptr);
+  });
+  return {gp, sum_blocks(part)};
+}
+
+template <typename T>
+at::Tensor res_forward_op(const at::Tensor& v, const at::Tensor& vf, const at::Tensor& p, const at::Tensor& bias) {
+  const Gate<T> g = make_gate<T>("value_residual", p, bias, &v, &vf);
+  auto out = at::empty_like(p);
+  const int64_t rows = p.size(0);
+  at::parallel_for(0, n_blocks(rows), 1, [&](int64_t b0, int64_t b1) {
+    res_forward_rows(g, b0 * kBlock, std::min(b1 * kBlock, rows), rows_out<T>(out));
+  });
+  return out;
+}
+
+template <typename T>
+std::vector<at::Tensor> res_backward_op(const at::Tensor& go, const at::Tensor& v, const at::Tensor& vf,
+                                        const at::Tensor& p, const at::Tensor& bias, bool want_v, bool want_vf,
+                                        bool want_bias) {
+  const Gate<T> g = make_gate<T>("value_residual", p, bias, &v, &vf);
+  check_rows(go, scalar_type_of<T>(), "value_residual", "gradient", p.sizes());
+  const int64_t rows = p.size(0), C = p.size(1), nb = n_blocks(rows);
+  auto none = at::empty({0}, p.options());
+  auto gv = want_v ? at::empty_like(p) : none, gvf = want_vf ? at::empty_like(p) : none, gp = at::empty_like(p);
+  auto part = partials(p, nb, C, want_bias);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      res_backward_rows(g, rows_in<T>(go), b * kBlock, std::min((b + 1) * kBlock, rows), rows_out<T>(gv),
+                        rows_out<T>(gvf), rows_out<T>(gp), want_bias ? part.data_ptr<float>() + b * C : nullptr);
+  });
+  return {gv, gvf, gp, sum_blocks(part)};
+}
+
+}  // namespace
+
+// p [rows, C] (fp32 or bf16), bias [C] fp32 -> sigmoid(p + bias) in p's dtype.
+at::Tensor bias_sigmoid_forward(const at::Tensor& p, const at::Tensor& bias) {
+  if (rows_dtype(p, "bias_sigmoid") == at::kBFloat16) return sig_forward_op<bf16>(p, bias);
+  return sig_forward_op<float>(p, bias);
+}
+
+// go, s (the forward's output) [rows, C] in one dtype -> [gp (s's dtype), gbias [C] fp32 (empty without want_bias)].
+std::vector<at::Tensor> bias_sigmoid_backward(const at::Tensor& go, const at::Tensor& s, bool want_bias) {
+  if (rows_dtype(s, "bias_sigmoid") == at::kBFloat16) return sig_backward_op<bf16>(go, s, want_bias);
+  return sig_backward_op<float>(go, s, want_bias);
+}
+
+// v, v_first, p [rows, C] in one dtype (fp32 or bf16), bias [C] fp32 -> v + (v_first - v) sigmoid(p + bias).
+at::Tensor value_residual_forward(const at::Tensor& v, const at::Tensor& vf, const at::Tensor& p,
+                                  const at::Tensor& bias) {
+  if (rows_dtype(p, "value_residual") == at::kBFloat16) return res_forward_op<bf16>(v, vf, p, bias);
+  return res_forward_op<float>(v, vf, p, bias);
+}
+
+// -> [gv, gv_first, gp (the rows' dtype), gbias [C] fp32]; gv, gv_first and gbias empty where not wanted.
+std::vector<at::Tensor> value_residual_backward(const at::Tensor& go, const at::Tensor& v, const at::Tensor& vf,
+                                                const at::Tensor& p, const at::Tensor& bias, bool want_v,
+                                                bool want_vf, bool want_bias) {
+  if (rows_dtype(p, "value_residual") == at::kBFloat16)
+    return res_backward_op<bf16>(go, v, vf, p, bias, want_v, want_vf, want_bias);
+  return res_backward_op<float>(go, v, vf, p, bias, want_v, want_vf, want_bias);
+}
