@@ -61,6 +61,15 @@ WKV_INLINE void sig_forward(const Gate<T>& g, int64_t r0, int64_t r1, T* s) {
   }
 }
 
+// The bias's gradient: part (this block's partial sum) += the row gradient gp just written (rounded to T where the
+// rows are bf16, as the sum torch's reference makes of its bf16 gradient). Its own loop: a test on a pointer inside
+// the row loop keeps that loop scalar on AVX2.
+template <typename T>
+WKV_INLINE void add_row(const T* gp, int64_t C, float* part) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) part[c] += ld(gp[c]);
+}
+
 // gp = go s (1 - s) from the output s, as torch's sigmoid_backward; part (this block's) += gp.
 template <typename T>
 WKV_INLINE void sig_backward(const T* go, const T* s, int64_t C, int64_t r0, int64_t r1, T* gp, float* part) {
@@ -68,10 +77,7 @@ WKV_INLINE void sig_backward(const T* go, const T* s, int64_t C, int64_t r0, int
     const int64_t o = row * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) st(&gp[o + c], ld(go[o + c]) * ((1.f - ld(s[o + c])) * ld(s[o + c])));
-    if (part) {  // its own loop: a test on a pointer inside the one above keeps it scalar on AVX2
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) part[c] += ld(go[o + c]) * ((1.f - ld(s[o + c])) * ld(s[o + c]));
-    }
+    if (part) add_row(gp + o, C, part);
   }
 }
 
@@ -106,13 +112,7 @@ WKV_INLINE void res_backward(const Gate<T>& g, const T* go, int64_t r0, int64_t 
       if constexpr (kVF) st(&gvf[o + c], dc * sg.s);
       st(&gp[o + c], (dc * (ld(vf[c]) - ld(v[c]))) * (sg.s * sg.s_neg));
     }
-    if (part) {
-#pragma omp simd
-      for (int64_t c = 0; c < g.C; ++c) {
-        const Sig sg = sigmoid_pair(ld(p[c]) + bias[c]);
-        part[c] += (ld(d[c]) * (ld(vf[c]) - ld(v[c]))) * (sg.s * sg.s_neg);
-      }
-    }
+    if (part) add_row(gp + o, g.C, part);
   }
 }
 
