@@ -159,15 +159,21 @@ at::Tensor partials(const at::Tensor& like, int64_t nb, int64_t C, bool want) {
   return want ? at::zeros({nb, C}, f32) : at::empty({0}, f32);
 }
 
+// bias_sigmoid's forward, or the value residual's where v and v_first are given.
 template <typename T>
-at::Tensor sig_forward_op(const at::Tensor& p, const at::Tensor& bias) {
-  const Gate<T> g = make_gate<T>("bias_sigmoid", p, bias, nullptr, nullptr);
-  auto s = at::empty_like(p);
+at::Tensor gate_forward_op(const char* op, const at::Tensor& p, const at::Tensor& bias, const at::Tensor* v,
+                           const at::Tensor* vf) {
+  const Gate<T> g = make_gate<T>(op, p, bias, v, vf);
+  auto out = at::empty_like(p);
   const int64_t rows = p.size(0);
   at::parallel_for(0, n_blocks(rows), 1, [&](int64_t b0, int64_t b1) {
-    sig_forward_rows(g, b0 * kBlock, std::min(b1 * kBlock, rows), rows_out<T>(s));
+    const int64_t r0 = b0 * kBlock, r1 = std::min(b1 * kBlock, rows);
+    if (v)
+      res_forward_rows(g, r0, r1, rows_out<T>(out));
+    else
+      sig_forward_rows(g, r0, r1, rows_out<T>(out));
   });
-  return s;
+  return out;
 }
 
 template <typename T>
@@ -184,17 +190,6 @@ std::vector<at::Tensor> sig_backward_op(const at::Tensor& go, const at::Tensor& 
                         rows_out<T>(gp), want_bias ? part.data_ptr<float>() + b * C : nullptr);
   });
   return {gp, sum_blocks(part)};
-}
-
-template <typename T>
-at::Tensor res_forward_op(const at::Tensor& v, const at::Tensor& vf, const at::Tensor& p, const at::Tensor& bias) {
-  const Gate<T> g = make_gate<T>("value_residual", p, bias, &v, &vf);
-  auto out = at::empty_like(p);
-  const int64_t rows = p.size(0);
-  at::parallel_for(0, n_blocks(rows), 1, [&](int64_t b0, int64_t b1) {
-    res_forward_rows(g, b0 * kBlock, std::min(b1 * kBlock, rows), rows_out<T>(out));
-  });
-  return out;
 }
 
 template <typename T>
@@ -219,8 +214,9 @@ std::vector<at::Tensor> res_backward_op(const at::Tensor& go, const at::Tensor& 
 
 // p [rows, C] (fp32 or bf16), bias [C] fp32 -> sigmoid(p + bias) in p's dtype.
 at::Tensor bias_sigmoid_forward(const at::Tensor& p, const at::Tensor& bias) {
-  if (rows_dtype(p, "bias_sigmoid") == at::kBFloat16) return sig_forward_op<bf16>(p, bias);
-  return sig_forward_op<float>(p, bias);
+  if (rows_dtype(p, "bias_sigmoid") == at::kBFloat16)
+    return gate_forward_op<bf16>("bias_sigmoid", p, bias, nullptr, nullptr);
+  return gate_forward_op<float>("bias_sigmoid", p, bias, nullptr, nullptr);
 }
 
 // go, s (the forward's output) [rows, C] in one dtype -> [gp (s's dtype), gbias [C] fp32 (empty without want_bias)].
@@ -232,8 +228,9 @@ std::vector<at::Tensor> bias_sigmoid_backward(const at::Tensor& go, const at::Te
 // v, v_first, p [rows, C] in one dtype (fp32 or bf16), bias [C] fp32 -> v + (v_first - v) sigmoid(p + bias).
 at::Tensor value_residual_forward(const at::Tensor& v, const at::Tensor& vf, const at::Tensor& p,
                                   const at::Tensor& bias) {
-  if (rows_dtype(p, "value_residual") == at::kBFloat16) return res_forward_op<bf16>(v, vf, p, bias);
-  return res_forward_op<float>(v, vf, p, bias);
+  if (rows_dtype(p, "value_residual") == at::kBFloat16)
+    return gate_forward_op<bf16>("value_residual", p, bias, &v, &vf);
+  return gate_forward_op<float>("value_residual", p, bias, &v, &vf);
 }
 
 // -> [gv, gv_first, gp (the rows' dtype), gbias [C] fp32]; gv, gv_first and gbias empty where not wanted.

@@ -78,6 +78,19 @@ def make_model(seed: int = 0, **shape):
     return randomize(new_model(cfg, seed=seed), seed=seed)
 
 
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes t's graph holds (which ops a forward took)."""
+    names, todo, done = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in done:
+            continue
+        done.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
 @pytest.fixture(scope="session")
 def rwkv_pkg():
     """The `rwkv` pip package's independent RWKV-7 (RWKV_V7_ON must be set before import)."""

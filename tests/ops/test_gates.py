@@ -12,6 +12,7 @@ import torch
 
 from peft_rwkv7.ops import cpu, timemix
 from peft_rwkv7.ops.timemix import bias_sigmoid, bias_sigmoid_reference, value_residual, value_residual_reference
+from tests.conftest import graph_nodes
 
 pytestmark = pytest.mark.skipif(not cpu.is_available(torch.device("cpu")), reason="the CPU extension is not built")
 
@@ -39,18 +40,6 @@ def _run(fn, ins, go, dtypes, want):
     return out.detach(), [x.grad for x in xs], out
 
 
-def _graph_nodes(t: torch.Tensor) -> set[str]:
-    names, todo, done = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in done:
-            continue
-        done.add(fn)
-        names.add(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 def _close(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-5) -> None:
     """Per element: rel of the value plus rel of the largest value (the fp32 work of one element)."""
     err = (got.double() - want).abs()
@@ -72,7 +61,7 @@ def test_fp32_equals_fp64_in_values_and_every_gradient_asked_for(op):
     for want in _wants(op):
         w_out, w_grads, _ = _run(ref, ins, go, [torch.float64] * len(ins), want)
         out, grads, live = _run(fn, ins, go, [torch.float32] * len(ins), want)
-        assert out.dtype == torch.float32 and node in _graph_nodes(live)
+        assert out.dtype == torch.float32 and node in graph_nodes(live)
         _close(out, w_out, f"{op} out")
         for i, (g, wg) in enumerate(zip(grads, w_grads)):
             assert (g is None) == (wg is None), f"{op} {want}: grad {i}"
@@ -123,7 +112,7 @@ def test_bf16_rows_are_computed_in_fp32_and_rounded_once(op):
     want = (True,) * len(ins)
     w_out, w_grads, _ = _run(ref, ins, go, [torch.float64] * len(ins), want)
     out, grads, live = _run(fn, ins, go, [torch.bfloat16] * len(ins), want)
-    assert node in _graph_nodes(live)
+    assert node in graph_nodes(live)
     f_out, f_grads, _ = _run(fn, ins, go, [torch.float32] * len(ins), want)
     if op == "bias_sigmoid":
         s = out.double()
@@ -190,7 +179,7 @@ def test_the_model_takes_both_gates_and_equals_the_reference_step(monkeypatch):
         idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(4))
         logits = model(idx[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
-        nodes = _graph_nodes(loss)
+        nodes = graph_nodes(loss)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         runs.append((loss.item(), nodes, grads))

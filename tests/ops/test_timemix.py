@@ -12,6 +12,7 @@ from torch import nn
 
 from peft_rwkv7.ops import cpu, timemix
 from peft_rwkv7.ops.timemix import key_prep, key_prep_reference, token_mix, token_mix_reference, wkv_output_reference
+from tests.conftest import graph_nodes
 
 pytestmark = pytest.mark.skipif(not cpu.is_available(torch.device("cpu")), reason="the CPU extension is not built")
 
@@ -256,7 +257,7 @@ def test_bf16_inputs_are_computed_in_fp32_and_rounded_once(op):
     xs = _leaves(ins, torch.bfloat16)
     outs = fn(*xs, *extra)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    assert node in _graph_nodes(outs[0])
+    assert node in graph_nodes(outs[0])
     torch.autograd.backward(list(outs), [gg.bfloat16() for gg in gos])
     for i, (o, w) in enumerate(zip(outs, want)):
         _within_one_bf16_rounding(o.detach(), w, f"{op} out {i}")
@@ -361,19 +362,6 @@ def test_mixed_fp32_and_bf16_inputs_give_fp32_as_torch_would():
     assert not timemix.fused_available(torch.randn(2, dtype=torch.float16), torch.randn(3))
 
 
-def _graph_nodes(t: torch.Tensor) -> set[str]:
-    """Names of the autograd nodes t's graph holds."""
-    names, todo, done = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in done:
-            continue
-        done.add(fn)
-        names.add(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 def test_a_training_step_through_the_fused_ops_equals_the_reference(monkeypatch):
     """The whole model (state tuning's trained initial state and every parameter): the loss to 1e-6 relative,
     every gradient to 1e-5 of its largest value, fused against the torch reference. The fused run's graph holds
@@ -392,7 +380,7 @@ def test_a_training_step_through_the_fused_ops_equals_the_reference(monkeypatch)
         init = [s._replace(wkv=state[i]) for i, s in enumerate(model.initial_state())]
         logits = model(idx[:, :-1], init)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
-        seen.append(_graph_nodes(loss) & fused_ops)
+        seen.append(graph_nodes(loss) & fused_ops)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.item(), state.grad.clone(), grads))
