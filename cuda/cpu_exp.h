@@ -42,6 +42,24 @@ WKV_INLINE float exp_neg_abs_bits(int32_t abs_bits) {
   return exp_small(-__builtin_bit_cast(float, abs_bits < kBits87 ? abs_bits : kBits87));
 }
 
+// NaN where the bits of |x| (abs_bits) are a NaN's, else +0: added to a result, it makes that result NaN for a NaN x.
+WKV_INLINE float nan_or_zero(int32_t abs_bits) { return __builtin_bit_cast(float, abs_bits > kInfBits ? kNaNBits : 0); }
+
+// {sigmoid(x), sigmoid(-x)} for x with |x|'s bits `ax`, both from e = exp(-|x|) <= 1: q = 1 / (1 + e) is the larger of
+// the two and e q the smaller, so neither tail overflows or loses its relative precision (where sigmoid(x) rounds to
+// 1, sigmoid(-x) is not 1 - that). Beyond |x| = 87, e is exp(-87) ~ 2^-125.5, so both tails are exact in fp32. The
+// values for a NaN x are not NaN: callers add nan_or_zero(ax).
+struct SigmoidPair {
+  float s, s_neg;
+};
+
+WKV_INLINE SigmoidPair sigmoid_pair(float x, int32_t ax) {
+  const float e = exp_neg_abs_bits(ax);
+  const float q = 1.f / (1.f + e), eq = e * q;
+  const bool pos = x >= 0.f;
+  return {pos ? q : eq, pos ? eq : q};
+}
+
 // exp(x) in double for x in [-708, 0] (the caller clamps below: exp(-708) ~ 3e-308 added to a sum >= 1 leaves it
 // unchanged, as any smaller term would): range reduction by ln 2 in fdlibm's two parts (n * kHi exact for |n| <
 // 2^11), then e^r for |r| <= ln 2 / 2 by its Taylor series to r^13 (the first term left out is below 4e-18 of

@@ -5,8 +5,8 @@
 //   d = exp(-exp(w)) = exp(u),  u = -e^-offset sigmoid(z)
 //   dd/dz = d u sigmoid(-z)
 //
-// sigmoid(z) and sigmoid(-z) both come from e = exp(-|z|) <= 1 (q = 1 / (1 + e) is the larger of the two and
-// e q the smaller), so neither tail overflows or loses its relative precision. exp is cpu_exp.h's, which
+// sigmoid(z) and sigmoid(-z) both come from e = exp(-|z|) <= 1 (cpu_exp.h's sigmoid_pair), so neither tail
+// overflows or loses its relative precision. exp is cpu_exp.h's, which
 // `omp simd` vectorises in every target clone: two exps per element instead of logsigmoid's exp and log1p
 // and then two more. NaN stays NaN.
 
@@ -30,17 +30,13 @@ WKV_INLINE void decay_body(const float* z, float* d, float* dd, int64_t n, float
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const int32_t az = abs_bits(z[i]);  // bits of |z|
-    // exp(-|z|) for |z| <= 87, else exp(-87) ~ 2^-125.5 (the tails of sigmoid are then exact in fp32, and the
-    // gradient term it scales is below 1e-37)
-    const float e = exp_neg_abs_bits(az);
-    const float q = 1.f / (1.f + e), eq = e * q;
-    const bool pos = z[i] >= 0.f;
-    const float s = pos ? q : eq, s_neg = pos ? eq : q;  // sigmoid(z), sigmoid(-z)
-    const float u = -c * s;
+    // sigmoid(z), sigmoid(-z); beyond |z| = 87 the gradient term they scale is below 1e-37
+    const SigmoidPair sg = sigmoid_pair(z[i], az);
+    const float u = -c * sg.s;
     const float di = exp_small(u);
-    const float bad = __builtin_bit_cast(float, az > kInfBits ? kNaNBits : 0);  // NaN where z is NaN, else +0
+    const float bad = nan_or_zero(az);  // NaN where z is NaN, else +0
     d[i] = di + bad;
-    if constexpr (kGrad) dd[i] = di * u * s_neg + bad;
+    if constexpr (kGrad) dd[i] = di * u * sg.s_neg + bad;
   }
 }
 

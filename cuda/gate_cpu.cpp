@@ -6,7 +6,7 @@
 //   bias_sigmoid    s = sigmoid(p + bias)                          (the in-context learning rate a)
 //   value_residual  o = v + (v_first - v) sigmoid(p + bias)       (layers >= 1: v mixed toward layer 0's)
 //
-// sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x) both come from e = exp(-|x|) <= 1 (as decay_cpu.cpp), so the
+// sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x) both come from e = exp(-|x|) <= 1 (cpu_exp.h, as the decay), so the
 // value residual's gradient s (1 - s) keeps its relative precision where s rounds to 1. bias_sigmoid's backward
 // takes its output s, as torch's sigmoid does (the model keeps s anyway: key_prep reads a). NaN stays NaN.
 //
@@ -28,18 +28,12 @@
 
 namespace {
 
-// {sigmoid(x), sigmoid(-x)}, NaN for both where x is NaN. The NaN is an integer select on the bits (cpu_exp.h).
-struct Sig {
-  float s, s_neg;
-};
-
-WKV_INLINE Sig sigmoid_pair(float x) {
+// {sigmoid(x), sigmoid(-x)} (cpu_exp.h), NaN for both where x is NaN.
+WKV_INLINE SigmoidPair gate_sigmoid(float x) {
   const int32_t ax = abs_bits(x);
-  const float e = exp_neg_abs_bits(ax);  // exp(-|x|); exp(-87) below that (both tails then exact in fp32)
-  const float q = 1.f / (1.f + e), eq = e * q;
-  const bool pos = x >= 0.f;
-  const float bad = __builtin_bit_cast(float, ax > kInfBits ? kNaNBits : 0);  // NaN where x is NaN, else +0
-  return {(pos ? q : eq) + bad, (pos ? eq : q) + bad};
+  const SigmoidPair sg = sigmoid_pair(x, ax);
+  const float bad = nan_or_zero(ax);
+  return {sg.s + bad, sg.s_neg + bad};
 }
 
 // T: the rows' element type (p, v, v_first, the outputs and their gradients); the bias and its partials fp32.
@@ -57,7 +51,7 @@ WKV_INLINE void sig_forward(const Gate<T>& g, int64_t r0, int64_t r1, T* s) {
     const T* p = g.p + row * g.C;
     T* o = s + row * g.C;
 #pragma omp simd
-    for (int64_t c = 0; c < g.C; ++c) st(&o[c], sigmoid_pair(ld(p[c]) + bias[c]).s);
+    for (int64_t c = 0; c < g.C; ++c) st(&o[c], gate_sigmoid(ld(p[c]) + bias[c]).s);
   }
 }
 
@@ -89,7 +83,7 @@ WKV_INLINE void res_forward(const Gate<T>& g, int64_t r0, int64_t r1, T* out) {
     const T *p = g.p + o, *v = g.v + o, *vf = g.vf + o;
 #pragma omp simd
     for (int64_t c = 0; c < g.C; ++c) {
-      const float s = sigmoid_pair(ld(p[c]) + bias[c]).s;
+      const float s = gate_sigmoid(ld(p[c]) + bias[c]).s;
       st(&out[o + c], ld(v[c]) + (ld(vf[c]) - ld(v[c])) * s);
     }
   }
@@ -106,7 +100,7 @@ WKV_INLINE void res_backward(const Gate<T>& g, const T* go, int64_t r0, int64_t 
     const T *p = g.p + o, *v = g.v + o, *vf = g.vf + o, *d = go + o;
 #pragma omp simd
     for (int64_t c = 0; c < g.C; ++c) {
-      const Sig sg = sigmoid_pair(ld(p[c]) + bias[c]);
+      const SigmoidPair sg = gate_sigmoid(ld(p[c]) + bias[c]);
       const float dc = ld(d[c]);
       if constexpr (kV) st(&gv[o + c], dc * sg.s_neg);
       if constexpr (kVF) st(&gvf[o + c], dc * sg.s);
