@@ -49,8 +49,8 @@ def _add_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the model runs (auto: cuda when available)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="weights in memory (auto: bf16 on cuda and on a cpu measured fast at bf16 matmuls, "
-                        "else fp32); the WKV state stays fp32")
+                        help="weights in memory (auto: bf16 on a gpu with native bf16 and on a cpu measured fast at "
+                        "bf16 matmuls, else fp32); the WKV state stays fp32")
 
 
 def _add_model(parser: argparse.ArgumentParser, model_help: str = "model: .pth, .st or HF directory",

@@ -100,7 +100,9 @@ def _bf16_info(cuda: bool) -> dict:
         cpu = "ok" if y.dtype == torch.bfloat16 and err < 1e-2 else f"wrong result (dtype {y.dtype}, error {err:.1e})"
     except Exception as e:
         cpu = f"fails ({type(e).__name__}: {_first_line(str(e))})"
-    gpu = ("ok" if torch.cuda.is_bf16_supported() else "not supported by this GPU") if cuda else None
+    gpu = None
+    if cuda:
+        gpu = "ok" if precision.cuda_bf16_native() else "emulated on this GPU (slow): precision auto takes fp32"
     return {"cpu_autocast": cpu, "gpu": gpu}
 
 
@@ -111,7 +113,7 @@ def _precision_info(cuda: bool) -> dict:
     return {"cpu_bf16": {"fast": check.fast, "ratio": check.ratio, "gflops": check.gflops, "cpu": check.cpu,
                          "cached": check.cached, "seconds": check.seconds, "summary": check.summary(),
                          "row_chunks": check.row_chunks, "row_chunks_speedup": check.row_chunks_speedup},
-            "auto": {"cuda": "bf16" if cuda else None, "cpu": cpu}}
+            "auto": {"cuda": ("bf16" if precision.cuda_bf16_native() else "fp32") if cuda else None, "cpu": cpu}}
 
 
 def _nvcc() -> str | None:

@@ -67,7 +67,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "loha": ("lora", ["kind=loha"]),
     "lokr": ("lora", ["kind=lokr"]),
     "oft": ("lora", ["kind=oft", "r={block}"]),
-    "boft": ("lora", ["kind=boft", "r={block}", "boft_factors=2"]),
+    "boft": ("lora", ["kind=boft", "r={block}"]),
     "ia3": ("lora", ["kind=ia3"]),
     "vera": ("lora", ["kind=vera", "r={vera}"]),
     "adalora": ("lora", ["kind=adalora", "adalora.target_r=8"]),

@@ -1,17 +1,18 @@
 """Training throughput on the CPU against the machine's own GEMM bound, measured in the same run.
 
     python scripts/bench_train.py [--methods state lora pissa full] [--ctx 512 4096] [--precisions fp32 bf16]
-                                  [--steps 2] [--src PATH] [--layout packed|sft]
+                                  [--steps 2] [--src PATH] [--layout packed|sft] [--batch 1]
 
 For each method, context length and precision (bf16 only where ops/precision.py measures this CPU's bf16
 GEMMs fast; say --precisions bf16 to force it), one process builds the 0.1B shape (L12 C768 V65536,
 random weights), attaches the method, and times `--steps` optimizer steps after a warm-up step at batch
-1, as train/loop.py runs them (bf16: frozen weights stored bf16, trained tensors fp32, CPU autocast).
+`--batch` (1: one row of ctx tokens; the recipes' default micro_bsz is 4), as train/loop.py runs them (bf16:
+frozen weights stored bf16, trained tensors fp32, CPU autocast).
 
 GEMM bound: the step's matmul FLOP -- 4 per matmul weight per token (forward and input gradient; 6 for
 full fine-tuning, which adds the weight gradient) -- over the GEMM rate measured in that process, at that
 precision: right after each timed step, one pass of the step's big GEMMs (each layer's own weights, in a
-step's order, ctx rows; bench_util.GemmPass), about as long as the step's own GEMMs, so
+step's order, batch x ctx rows; bench_util.GemmPass), about as long as the step's own GEMMs, so
 step and pass see the VM at the same speed (it drifts by 10-30% within minutes, and a short best-of-few GEMM
 timing catches fast moments no whole step gets). "% bound" = bound time / step time, each step against its
 own pass: the (lower) median over the timed steps, their range in brackets; 100% would be a step doing nothing but
@@ -79,12 +80,12 @@ def child(args) -> None:
         p.data = p.data.float()
     opt = build_optimizer(named, TrainConfig(lr=1e-5), torch.device("cpu"))  # the trainer's own (src's)
     CpuBlocks(True)  # after the model is built, as loop.train does (one shape every step: it stays)
-    x, y = batch(torch, args.layout, args.ctx, SHAPE["vocab_size"])
+    x, y = batch(torch, args.layout, args.ctx, SHAPE["vocab_size"], args.batch)
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     times, passes = [], []
     full = args.method == "full"
-    gemms = GemmPass(adapted, args.ctx, torch.bfloat16 if bf16 else torch.float32, weight_grads=full,
-                     row_chunks=chunks)
+    rows = x.numel() if args.layout == "packed" else args.ctx  # a step's products have batch x ctx rows
+    gemms = GemmPass(adapted, rows, torch.bfloat16 if bf16 else torch.float32, weight_grads=full, row_chunks=chunks)
 
     def step() -> float:  # a function, as the trainer's: the graph is gone before the next forward (tasks.py)
         with amp():
@@ -118,13 +119,13 @@ def child(args) -> None:
                       "loss": loss, "trainable": sum(p.numel() for _, p in named)}))
 
 
-def batch(torch, layout: str, ctx: int, vocab: int):
-    """(inputs, labels): `packed` is one row of ctx scored tokens (text/binidx windows); `sft` is 4 rows as
+def batch(torch, layout: str, ctx: int, vocab: int, rows: int = 1):
+    """(inputs, labels): `packed` is `rows` rows of ctx scored tokens (text/binidx windows); `sft` is 4 rows as
     instruction data gives them (data.sampling: pad), each right-padded to ctx: documents of 3/4, 1/2, 3/8
     and 1/4 of ctx, the first 40% of each (the prompt) and the padding labelled -100."""
     g = torch.Generator().manual_seed(0)
     if layout == "packed":
-        idx = torch.randint(0, vocab, (1, ctx + 1), generator=g)
+        idx = torch.randint(0, vocab, (rows, ctx + 1), generator=g)
         return idx[:, :-1], idx[:, 1:].clone()
     x = torch.randint(0, vocab, (4, ctx), generator=g)
     y = torch.full((4, ctx), -100, dtype=torch.long)
@@ -153,6 +154,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--layout", default="packed", choices=["packed", "sft"],
                     help="packed: one row of ctx scored tokens; sft: 4 right-padded rows, prompts unscored (see batch)")
+    ap.add_argument("--batch", type=int, default=1, help="packed layout: rows of ctx tokens per step (micro_bsz)")
     ap.add_argument("--src", default=str(ROOT), help="the rwkv-peft checkout to benchmark (default: this one)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="state", help=argparse.SUPPRESS)
@@ -171,7 +173,9 @@ def main() -> None:
     if precisions is None:
         precisions = ["fp32", "bf16"] if fast else ["fp32"]
     print(f"CPU: {isa_flags()}; {torch.get_num_threads()} threads; {why}")
-    shape = "batch 1" if args.layout == "packed" else "sft layout: 4 right-padded rows, 28% of positions scored"
+    shape = f"batch {args.batch}"
+    if args.layout == "sft":
+        shape = "sft layout: 4 right-padded rows, 28% of positions scored"
     print(f"source: {args.src}; 0.1B shape (L12 C768 V65536), {shape}, best of {args.steps} steps after a warm-up")
     print("| method | ctx | precision | tokens/s | step s | % GEMM bound | GEMM GFLOP/s | peak RSS MiB |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -179,7 +183,8 @@ def main() -> None:
         for method in args.methods:
             for prec in precisions:
                 cmd = [sys.executable, __file__, "--child", "--method", method, "--precision", prec,
-                       "--one-ctx", str(ctx), "--steps", str(args.steps), "--src", args.src, "--layout", args.layout]
+                       "--one-ctx", str(ctx), "--steps", str(args.steps), "--src", args.src, "--layout", args.layout,
+                       "--batch", str(args.batch)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode:
                     why = child_error(out.stderr)

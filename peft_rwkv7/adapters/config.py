@@ -97,7 +97,9 @@ class MethodConfig(ConfigModel):
     loftq_iters: int = Field(2, gt=0, description="LoftQ: alternating quantize/SVD rounds")
     eva_tokens: int = Field(4096, gt=0, description="EVA: input rows per layer taken from the training data")
     adalora: AdaLoraOptions = Field(default_factory=AdaLoraOptions, description="AdaLoRA's rank budget")
-    boft_factors: int = Field(1, gt=0, description="BOFT: butterfly factors (1 = block-diagonal OFT)")
+    boft_factors: int = Field(1, gt=0, description=(
+        "BOFT: butterfly factors; only 1 (block-diagonal OFT): peft makes more with its CUDA extension alone, "
+        "which gives wrong results for CPU tensors (merges, CPU inference)"))
     dropout: Number = Field(0.0, ge=0, lt=1, description="LoRA/PiSSA/Bone input dropout probability (Bat has none)")
     target_modules: list[str] = Field(default_factory=lambda: list(PROJECTIONS), description=(
         f"Linears that get an adapter: projections of every block and the head, some of {', '.join(TARGETS)}; "
@@ -134,6 +136,18 @@ class MethodConfig(ConfigModel):
         wrong = [t for t in v if t not in TARGETS]
         if wrong:
             raise invalid(f"{{key}}: unknown {', '.join(map(str, wrong))}; expected some of {', '.join(TARGETS)}")
+        return v
+
+    @field_validator("boft_factors")
+    @classmethod
+    def _one_butterfly_factor(cls, v: int) -> int:
+        # peft 0.21 builds factors > 1 only where it can compile its CUDA block-diagonal extension, and then runs
+        # that extension for CPU tensors too (zeros come back: a merge into .pth or CPU inference would be wrong);
+        # without it peft quietly trains 1 instead. So 1 everywhere, said, instead of a silent difference.
+        if v != 1:
+            raise invalid(f"{{key}}: {v} is not supported; use 1 (peft makes more butterfly factors only with its "
+                          "CUDA extension, which computes wrong results for the CPU tensors of a merge or of CPU "
+                          "inference, and on a CPU-only machine it quietly trains 1)")
         return v
 
     @field_validator("train_parts", mode="before")

@@ -53,7 +53,7 @@ class BatLinear(nn.Module):
             raise ValueError(f"Bat needs r dividing both dimensions of a [{out_f}, {in_f}] weight, got r={r}")
         self.base_layer = base_layer
         self.in_features, self.out_features, self.r = in_f, out_f, r
-        self.disha = nn.Parameter(torch.zeros(in_f // r, r, r))
+        self.disha = nn.Parameter(torch.zeros(in_f // r, r, r, device=base_layer.weight.device))  # the base's device
         self.enabled = True  # False: the frozen layer alone (adapters.disable_adapter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,18 @@ def capability(method: Any) -> Capability:
     return CAPABILITIES[capability_key(method)]
 
 
+def boft_in_torch(module: Any) -> None:
+    """Every peft BOFT layer under `module` forms its block-diagonal rotation with torch's ops, on any device.
+
+    peft 0.21 switches a BOFT layer to its CUDA extension whenever it can compile it (a machine with nvcc and a
+    CUDA build of torch), whatever device the layer's tensors are on; for CPU tensors (a merge into .pth, CPU
+    inference on that machine) the extension returns zeros. With one butterfly factor (config.boft_factors) both
+    ways compute the same rotation."""
+    for m in module.modules():
+        if hasattr(m, "fbd_cuda_available"):
+            m.fbd_cuda_available = False
+
+
 def peft_config(method: Any, targets: list[str], total_steps: int | None = None):
     """The HF peft config of a peft tuner kind (method.kind in config.PEFT_TUNERS) on `targets` (module
     names or suffixes). IA3 scales the input of ffn.value (the FFN's inner activation, as the paper scales

@@ -131,7 +131,9 @@ def _pissa_start(linear: nn.Linear, method: MethodConfig) -> tuple[torch.Tensor,
     # residual, so the residual would not be fl(W - s B0 A0) of the factors saved), and the residual is ours.
     copy = nn.Linear(linear.in_features, linear.out_features, bias=False)
     copy.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=False)
-    with torch.random.fork_rng(devices=[]):
+    # torch.manual_seed seeds the GPU's generator too: fork_rng gives back the one the weight's device uses as well
+    w = linear.weight
+    with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
         torch.manual_seed(PISSA_SVD_SEED)
         layer = PeftLoraLinear(copy, "default", config=lc, r=method.r, lora_alpha=method.alpha,
                                use_rslora=method.use_rslora)
@@ -176,7 +178,7 @@ def _peft_tuner(model: RWKV7, method: MethodConfig, targets: list[str], total_st
     """Inject a peft tuner kind (loha, lokr, oft, boft, ia3, vera, adalora) and return peft's tuner object."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
-    from .kinds import peft_config
+    from .kinds import boft_in_torch, peft_config
 
     if method.kind in ("oft", "boft"):  # peft would quietly pick another OFT block size
         for t in targets:
@@ -186,7 +188,9 @@ def _peft_tuner(model: RWKV7, method: MethodConfig, targets: list[str], total_st
                                 f"use a divisor of {n_in}")
     pc = peft_config(method, targets, total_steps)
     try:
-        return PEFT_TYPE_TO_TUNER_MAPPING[pc.peft_type](model, pc, adapter_name="default")
+        tuner = PEFT_TYPE_TO_TUNER_MAPPING[pc.peft_type](model, pc, adapter_name="default")
+        boft_in_torch(model)
+        return tuner
     except ValueError as e:  # peft's shape checks (e.g. an OFT block size that does not divide a matrix)
         raise UserError(f"method: {method.kind} r={method.r} does not fit these matrices ({str(e).splitlines()[0]})"
                         ) from None

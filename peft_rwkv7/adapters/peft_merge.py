@@ -48,7 +48,7 @@ def merged_peft_weight(method, proj: str, weight: torch.Tensor, leaves: dict[str
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from .kinds import peft_config
+    from .kinds import boft_in_torch, peft_config
     from .methods import canonical_name, is_adapter_leaf
 
     root = _holder(proj, weight)
@@ -58,6 +58,7 @@ def merged_peft_weight(method, proj: str, weight: torch.Tensor, leaves: dict[str
     else:
         pc = peft_config(method, [proj])
     tuner = PEFT_TYPE_TO_TUNER_MAPPING[pc.peft_type](root, pc, adapter_name="default")
+    boft_in_torch(root)
     for k, t in (shared or {}).items():
         getattr(tuner, k)["default"] = t.float().clone()
     layer = root.get_submodule(proj)

@@ -11,10 +11,12 @@ from ..errors import UserError
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """One token id from logits [V]: greedy at temperature 0, else nucleus (top-p) sampling."""
+    """One token id from logits [V]: greedy at temperature 0, else nucleus (top-p) sampling with `generator` (the
+    logits go to its device: torch.multinomial takes no generator of another device, e.g. a CPU one for GPU
+    logits)."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.to(generator.device).float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_p, dim=-1)

@@ -72,7 +72,7 @@ def load_for_eval(model: str, adapter: str | None = None, state: str | None = No
 
     dev = eval_device(device)
     dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype == "auto":  # as `rwkv-peft eval --dtype auto`: bf16 on CUDA and on a CPU measured fast at it
+    if dtype == "auto":  # as `rwkv-peft eval --dtype auto`: bf16 on a GPU with native bf16, on a CPU measured fast
         dtypes["auto"] = torch.bfloat16 if choose_bf16("auto", dev.type, "dtype") else torch.float32
     if dtype not in dtypes:
         raise UserError(f"dtype {dtype!r} is not one of auto, fp32, bf16")

@@ -295,19 +295,35 @@ def _record(record: dict, fields: dict, cached: bool) -> Bf16Check:
                      row_chunks_speedup=None if speedup is None else float(speedup))
 
 
+def cuda_bf16_native() -> bool:
+    """Whether the current CUDA device computes bf16 natively (torch.cuda.is_bf16_supported also says yes where it
+    only emulates it)."""
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def choose_bf16(precision: str, device_type: str, setting: str, say: bool = True,
                 check: Callable[[], Bf16Check] | None = None) -> bool:
     """Whether `precision` ("auto", "fp32" or "bf16", read from `setting`) computes in bf16 on `device_type`.
 
-    auto: bf16 on CUDA; on CPU only where the check finds bf16 fast, with one stderr line saying what it chose
-    and why. bf16 forced on a CPU the check finds slow: bf16 all the same, with one warning line. `say` False
-    (every process but the main one) keeps stderr quiet. `check` defaults to cpu_bf16_check."""
+    auto: bf16 on a GPU with native bf16 (compute capability 8.0 and later: torch emulates it on older ones, slowly);
+    on CPU only where the check finds bf16 fast, with one stderr line saying what it chose and why (on a GPU only
+    where it chooses fp32). bf16 forced on a CPU the check finds slow, or on a GPU without native bf16: bf16 all the
+    same, with one warning line. `say` False (every process but the main one) keeps stderr quiet. `check` defaults
+    to cpu_bf16_check."""
     if precision == "fp32":
         return False
-    if device_type != "cpu":
-        return precision == "bf16" or device_type == "cuda"
-    result = (check or cpu_bf16_check)()
     sep = " " if setting.startswith("-") else ": "
+    if device_type == "cuda":
+        native = cuda_bf16_native()
+        if not native and say:
+            gpu = torch.cuda.get_device_name()
+            print(f"{setting}{sep}auto chose fp32: {gpu} has no native bf16 (torch would emulate it)" if
+                  precision == "auto" else f"warning: {setting}{sep}bf16: {gpu} has no native bf16 (torch emulates "
+                  f"it): expect a much slower run; {setting}{sep}fp32 or auto avoids it", file=sys.stderr, flush=True)
+        return precision == "bf16" or native
+    if device_type != "cpu":
+        return precision == "bf16"
+    result = (check or cpu_bf16_check)()
     if precision == "auto" and say:
         print(f"{setting}{sep}auto chose {'bf16' if result.fast else 'fp32'}: {result.summary()}; bf16 needs "
               f"{FAST_MARGIN}x", file=sys.stderr, flush=True)

@@ -104,21 +104,40 @@ def _prune(run_dir: Path, keep: int) -> None:
 # --- one process --------------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int = 2,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, precision: str | None = None) -> Path:
     """Write checkpoints/step_{step}.pt and prune all but the newest `keep` (0 keeps all). extra: {name: object
-    with state_dict()} of more training state (AdaLoRA's rank allocator, train/adalora.py)."""
+    with state_dict()} of more training state (AdaLoRA's rank allocator, train/adalora.py). precision: what the
+    run computes in ("bf16", "fp32"; saved_precision reads it back)."""
     path = Path(run_dir) / "checkpoints" / f"step_{step:06d}.pt"
     payload = {
         "step": step,
         "params": {name: p.detach().cpu().clone() for name, p in named_params},
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
+        "precision": precision,
     }
     if extra:
         payload["extra"] = {name: obj.state_dict() for name, obj in extra.items()}
     atomic_save(payload, path)
     _prune(run_dir, keep)
     return path
+
+
+def saved_precision(run_dir: Path) -> str | None:
+    """The precision ("bf16", "fp32") the newest checkpoint of run_dir was made in, or None where it has none or
+    does not say (made before it was recorded). A resume under `train.precision: auto` goes on in it."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    path = found[-1][1]
+    try:
+        if path.is_dir():
+            saved = _read_meta(path).get("precision")
+        else:  # mmap: the tensors are not read
+            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("precision")
+    except Exception:  # unreadable: resume's own checks say so
+        return None
+    return saved if saved in ("bf16", "fp32") else None
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict | None:
@@ -189,7 +208,7 @@ def _fsync(path: Path) -> None:
 
 
 def save_engine_checkpoint(engine, run_dir: Path, step: int, named_params, keep: int, rank: int, world_size: int,
-                           stage: int, writer: bool | None = None) -> Path:
+                           stage: int, writer: bool | None = None, precision: str | None = None) -> Path:
     """Every process calls this: DeepSpeed's sharded checkpoint + this rank's RNG into step_N.tmp/,
     then the folder's writer (default: rank 0) commits it by renaming it to step_N/ and, once every
     writer has, prunes (see the module docstring)."""
@@ -205,7 +224,7 @@ def save_engine_checkpoint(engine, run_dir: Path, step: int, named_params, keep:
     _barrier()  # every shard is written
     if writer:
         meta = {
-            "step": step, "world_size": world_size, "zero_stage": stage,
+            "step": step, "world_size": world_size, "zero_stage": stage, "precision": precision,
             "params": {n: {"shape": list(_full_shape(p)), "dtype": str(p.dtype).removeprefix("torch.")}
                        for n, p in named_params},
         }

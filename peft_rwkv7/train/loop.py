@@ -81,6 +81,7 @@ class Run:
     metrics: dict = field(default_factory=dict)  # the last step's loss and metrics (reward margin, ...)
     step_tokens: float = 0.0  # positions the model ran in the last step, all ranks (tasks.Task.tokens_run)
     task: Task = field(default_factory=SftTask)  # the objective (train/tasks.py: SftTask, ...; train/grpo.py)
+    computes_in: str = "fp32"  # "bf16" (autocast) or "fp32": recorded in the run's checkpoints (saved_precision)
 
     @property
     def out_dir(self) -> Path:
@@ -93,7 +94,14 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     dist = dist or Dist()
     tc = recipe.train
     device = pick_device(tc.device, "train.device")
-    use_bf16 = choose_bf16(tc.precision, device.type, "train.precision", say=dist.is_main)  # auto: CUDA, fast CPUs
+    precision = tc.precision
+    if resume and precision == "auto" and (saved := ckpt.saved_precision(Path(recipe.out_dir))) is not None:
+        # the run goes on as it began, whatever this machine or device would choose (an exact resume)
+        precision = saved
+        if dist.is_main:
+            print(f"train.precision: auto resumes in {saved}, the precision of the run's checkpoints", file=sys.stderr,
+                  flush=True)
+    use_bf16 = choose_bf16(precision, device.type, "train.precision", say=dist.is_main)  # auto: CUDA, fast CPUs
     torch.manual_seed(tc.seed)
     # Under bf16 autocast the frozen weights are stored in bf16 too (half the memory); trained
     # tensors always live in fp32 so small updates are not rounded away.
@@ -152,7 +160,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
         engine, optimizer = deepspeed_engine(model, optimizer, recipe, dist)
     run = Run(recipe, dist, device, base, base_path, model, named, data, eval_docs, optimizer, engine,
               _precision_context(device, use_bf16), start=0, objective=objective, reference=reference,
-              eval_pairs=eval_pairs, eval_masks=eval_masks, task=task)
+              eval_pairs=eval_pairs, eval_masks=eval_masks, task=task, computes_in="bf16" if use_bf16 else "fp32")
     if resume:
         run.start = ckpt.resume(run.out_dir, named, optimizer, engine, stage=tc.deepspeed.stage, rank=dist.rank,
                                 world_size=dist.world_size, extra=_extra_state(run))
@@ -230,8 +238,9 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
 
 def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dict:
     """Run the recipe; returns a summary dict (steps, first/last loss, out_dir, eval)."""
-    keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in again (train/memory.py)
     run = setup(recipe, resume, dist)
+    if run.device.type == "cpu":  # a step's CPU tensors: each step reuses the last one's memory (train/memory.py)
+        keep_freed_memory()
     blocks = CpuBlocks(enabled=run.device.type == "cpu")  # and without the heap's holes (train/memory.py)
     tc, out_dir = recipe.train, run.out_dir
     run.logger = logger = RunLogger(out_dir, recipe, resume_step=run.start, enabled=run.dist.is_main)
@@ -327,10 +336,11 @@ def _save(run: Run, step: int) -> None:
     with ckpt.ctrl_c_after_save():
         if run.engine is None:
             ckpt.save_checkpoint(run.out_dir, step, run.named, run.optimizer, keep=keep,
-                                 extra=_extra_state(run))
+                                 extra=_extra_state(run), precision=run.computes_in)
         else:
             ckpt.save_engine_checkpoint(run.engine, run.out_dir, step, run.named, keep=keep, rank=dist.rank,
-                                        world_size=dist.world_size, stage=stage, writer=dist.writes_out_dir)
+                                        world_size=dist.world_size, stage=stage, writer=dist.writes_out_dir,
+                                        precision=run.computes_in)
         with gathered(run.named, stage):
             if dist.is_main:
                 save_adapter(run.model, run.out_dir, base_path=run.base_path)

@@ -154,8 +154,9 @@ class TrainConfig(_Objective):
     stop_after: int = Field(0, ge=0, description=(
         "> 0: end this invocation after that step (checkpointed); --resume goes on"))
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
-        "auto: bf16 autocast on GPU, and on a CPU whose bf16 matmuls a measured check finds fast (cached; "
-        "rwkv-peft doctor shows it), else fp32; bf16 on a CPU without fast bf16 runs but warns"))
+        "auto: bf16 autocast on a GPU with native bf16 (compute capability 8.0 and later), and on a CPU whose "
+        "bf16 matmuls a measured check finds fast (cached; rwkv-peft doctor shows it), else fp32; a resumed run "
+        "keeps the precision it began in; bf16 where it is slow or emulated runs but warns"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="multi-GPU training")
     grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="objective grpo: sampling, rewards, loss")

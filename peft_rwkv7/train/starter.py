@@ -31,8 +31,8 @@ STARTERS: dict[str, tuple[dict, float, str]] = {
     "loha": ({"r": 8, "alpha": 16}, 1e-4, "LoHa: a Hadamard product of two rank-8 pairs per matrix"),
     "lokr": ({"r": 8, "alpha": 16}, 1e-4, "LoKr: a Kronecker product of a small and a rank-8 factor per matrix"),
     "oft": ({"r": 32}, 1e-4, "OFT: an orthogonal rotation of each weight's inputs in 32 x 32 blocks"),
-    "boft": ({"r": 32, "boft_factors": 1}, 1e-4, "BOFT: butterfly-factored orthogonal rotations in 32 x 32 blocks "
-             "(boft_factors > 1 mixes blocks; peft needs its CUDA extension for that)"),
+    "boft": ({"r": 32, "boft_factors": 1}, 1e-4, "BOFT: orthogonal rotations in 32 x 32 blocks (one butterfly "
+             "factor: more need peft's CUDA extension, which miscomputes CPU tensors)"),
     "ia3": ({}, 3e-3, "IA3: one learned scale per channel of each projection"),
     "vera": ({"r": 256}, 1e-3, "VeRA: two scale vectors per matrix over frozen random rank-256 projections"),
     "adalora": ({"r": 12, "alpha": 32, "adalora": {"target_r": 4, "tinit": 20, "tfinal": 40, "delta_t": 10}}, 1e-4,

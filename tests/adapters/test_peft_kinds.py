@@ -240,3 +240,59 @@ def test_an_adapted_head_scores_tokens_as_its_logits_do(load_base, train):
                            ignore_index=-100).view(labels.shape)
     assert torch.equal(nll.detach(), want)
     assert adapted.model.head.lora_A["default"].weight.requires_grad
+
+
+class _FakeFbdCuda:
+    """peft's CUDA block-diagonal extension as it behaves for CPU tensors on a machine that can compile it: the
+    output it allocated comes back unwritten (zeros)."""
+
+    calls = 0
+
+    @classmethod
+    def forward(cls, x):
+        cls.calls += 1
+        n, d, h, _ = x.shape
+        return [x.new_zeros(n, d * h, d * h)]
+
+
+def test_boft_uses_torchs_block_diagonal_where_peft_could_build_its_cuda_extension(monkeypatch, base_path,
+                                                                                    load_base, train, tmp_path):
+    """On a machine with nvcc and a CUDA build of torch peft compiles its BOFT extension and runs it for every
+    BOFT layer, CPU tensors included, where it gives zeros. Faked here: attach, training, the in-memory merge and
+    the merge into .pth must all compute with torch's block_diag, as on a machine without the extension."""
+    import peft.tuners.boft.layer as boft_layer
+
+    adapted = _attach(load_base(), "boft")
+    train(adapted)
+    want = logits(adapted)
+    save_adapter(adapted, tmp_path / "run", base_path=str(base_path))
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: _FakeFbdCuda)
+    _FakeFbdCuda.calls = 0
+    again = load_adapter(load_base(), tmp_path / "run")  # the layers made where the extension "exists"
+    assert torch.equal(logits(again), want)
+    merge_into_pth(base_path, tmp_path / "run", tmp_path / "merged.pth", dtype="fp32")
+    from_file = load_model(tmp_path / "merged.pth", wkv_backend="reference")
+    tol = min(fp32_logits_bound(from_file), MERGE_REL * want.abs().max().item())
+    assert (logits(from_file) - want).abs().max() <= tol
+    fresh = _attach(load_base(), "boft")
+    train(fresh, steps=1)
+    assert _FakeFbdCuda.calls == 0
+
+
+def test_more_than_one_boft_butterfly_factor_is_a_one_line_error():
+    from peft_rwkv7.errors import UserError
+
+    with pytest.raises(UserError, match="boft_factors: 2 is not supported; use 1") as e:
+        MethodConfig(kind="boft", r=16, boft_factors=2)
+    assert "\n" not in str(e.value)
+    assert MethodConfig(kind="boft", r=16, boft_factors=1).boft_factors == 1
+
+
+def test_bat_makes_its_parameter_on_the_base_layers_device():
+    """DiSHA's Bat shards start on the frozen weight's device (a model already on a GPU gets them there); the meta
+    device stands in for one here."""
+    from peft_rwkv7.adapters.disha import BatLinear
+
+    with torch.device("meta"):
+        base = nn.Linear(32, 16, bias=False)
+    assert BatLinear(base, 8).disha.device == base.weight.device

@@ -105,14 +105,56 @@ def test_dtype_auto_loads_for_inference_by_the_check_on_cpu(tmp_path, machine, c
     assert capsys.readouterr().err == ""
 
 
-def test_choose_bf16_on_cuda_and_fp32_never_measures():
+def test_a_resumed_auto_run_goes_on_in_the_precision_it_began_in(tiny_world, tmp_path, machine, capsys):  # noqa: F811
+    """`auto` chose bf16 (a CPU measured fast). The run is cut and resumed where the check says slow (another
+    machine, or another device: train.device may change on resume): it goes on in bf16, as its checkpoints were
+    made, and ends bit for bit as the run that was never cut."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    lora = str(ROOT / "recipes" / "lora.yaml")
+    extra = {"train.precision": "auto", "train.save_every": 2, "train.device": "cpu"}
+    machine(True)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_from_cli(lora, tiny_overrides(tiny_world, full, steps=4, **extra))
+    train_from_cli(lora, tiny_overrides(tiny_world, cut, steps=4, **extra) + ["train.stop_after=2"])
+    shutil.rmtree(tmp_path / "bf16-cache")  # the cached verdict is this machine's: now a slow one
+    machine(False)
+    capsys.readouterr()
+    train_from_cli(lora, tiny_overrides(tiny_world, cut, steps=4, **extra), resume=True)
+    err = capsys.readouterr().err
+    assert lines_with(err, "train.precision: auto resumes in bf16, the precision of the run's checkpoints"), err
+    assert not lines_with(err, "auto chose fp32")
+    a, b = load_file(full / "adapter.safetensors"), load_file(cut / "adapter.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_choose_bf16_on_cuda_and_fp32_never_measures(monkeypatch, capsys):
     def never():
         raise AssertionError("measured although the answer needs no measurement")
 
+    monkeypatch.setattr(precision, "cuda_bf16_native", lambda: True)  # an Ampere or later GPU
     assert precision.choose_bf16("auto", "cuda", "train.precision", check=never) is True
     assert precision.choose_bf16("bf16", "cuda", "train.precision", check=never) is True
     assert precision.choose_bf16("fp32", "cpu", "train.precision", check=never) is False
     assert precision.choose_bf16("fp32", "cuda", "--dtype", check=never) is False
+    assert capsys.readouterr().err == ""
+
+
+def test_auto_takes_fp32_on_a_gpu_that_only_emulates_bf16(monkeypatch, capsys):
+    """A GPU before compute capability 8.0 (T4, V100) runs bf16 emulated: `auto` takes fp32 there and says so; bf16
+    asked for runs all the same, with a warning, as on a slow CPU."""
+    monkeypatch.setattr(precision, "cuda_bf16_native", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    assert precision.choose_bf16("auto", "cuda", "train.precision") is False
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == ["train.precision: auto chose fp32: Tesla T4 has no native bf16 (torch would emulate it)"]
+    assert precision.choose_bf16("bf16", "cuda", "--dtype") is True
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("warning: --dtype bf16: Tesla T4 has no native bf16")
+    assert precision.choose_bf16("auto", "cuda", "train.precision", say=False) is False
+    assert capsys.readouterr().err == ""
 
 
 def test_the_verdict_is_cached_and_a_broken_cache_is_measured_again(tmp_path):
