@@ -5,7 +5,9 @@ Per head, with S value-major (S[i, j]: i = value index, j = key index):
     S_t = S_{t-1} (diag(d_t) + a_t b_t^T) + v_t k_t^T,    y_t = S_t r_t,    d_t = exp(-exp(w_t))
 
 Written as a plain loop over time so that autograd differentiates every input, the initial
-state included. The state is carried in fp32 whatever the input dtype.
+state included. The state is carried in fp32 whatever the input dtype, under autocast too (which would
+otherwise run the products with the state in bf16: a GPU's token-by-token generation under bf16 autocast,
+GRPO's rollouts, takes this step).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ def wkv7_reference(
 
     Returns y [B, T, H, N] in the dtype of r and the final state [B, H, N, N] fp32.
     """
+    with torch.autocast(r.device.type, enabled=False):
+        return _wkv7_reference(r, w, k, v, a, b, state)
+
+
+def _wkv7_reference(r, w, k, v, a, b, state):
     B, T, H, N = r.shape
     dtype = r.dtype
     r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
@@ -54,9 +61,10 @@ def wkv7_reference(
 def wkv7_step_reference(r, w, k, v, a, b, state):
     """One token of the same recurrence without autograd's time loop: inputs [B, H, N], state
     [B, H, N, N] or None. Returns y [B, H, N] and the new state [B, H, N, N], both fp32."""
-    r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
-    d = torch.exp(-torch.exp(w))
-    s = r.new_zeros(*r.shape, r.shape[-1]) if state is None else state.float()
-    sa = (s @ a.unsqueeze(-1)).squeeze(-1)
-    s = s * d.unsqueeze(-2) + sa.unsqueeze(-1) * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
-    return (s @ r.unsqueeze(-1)).squeeze(-1), s
+    with torch.autocast(r.device.type, enabled=False):
+        r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
+        d = torch.exp(-torch.exp(w))
+        s = r.new_zeros(*r.shape, r.shape[-1]) if state is None else state.float()
+        sa = (s @ a.unsqueeze(-1)).squeeze(-1)
+        s = s * d.unsqueeze(-2) + sa.unsqueeze(-1) * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
+        return (s @ r.unsqueeze(-1)).squeeze(-1), s

@@ -12,6 +12,8 @@ the kernel objects themselves and never read the environment.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -49,6 +51,12 @@ def _blocks(N: int, value_block: int | None) -> tuple[int, int, int]:
     return BK, BV, triton.cdiv(N, BV)
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device, not the tensors': the tensors' GPU made current for the launch
+    (a model on cuda:1 while cuda:0 is current); nothing on the CPU (the interpreter's tests)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class _Wkv7Triton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state, value_block):
@@ -60,10 +68,11 @@ class _Wkv7Triton(torch.autograd.Function):
         s_out = r.new_empty(B, H, N, N, dtype=torch.float32)
         s0 = s_out if state is None else state.to(torch.float32).contiguous()  # s_out: unused placeholder
         ckpt = r.new_empty(B, H, triton.cdiv(T, CHUNK_LEN), N, N, dtype=torch.float32) if need_grad else s_out
-        wkv7_fwd_kernel[(B * H, n_vb)](
-            *inputs, s0, y, s_out, ckpt, T, H,
-            N=N, BK=BK, BV=BV, L=CHUNK_LEN, HAS_S0=state is not None, SAVE_CKPT=need_grad, num_warps=4,
-        )  # fmt: skip
+        with _on(r.device):
+            wkv7_fwd_kernel[(B * H, n_vb)](
+                *inputs, s0, y, s_out, ckpt, T, H,
+                N=N, BK=BK, BV=BV, L=CHUNK_LEN, HAS_S0=state is not None, SAVE_CKPT=need_grad, num_warps=4,
+            )  # fmt: skip
         ctx.save_for_backward(*inputs, ckpt)
         ctx.state_dtype = None if state is None else state.dtype
         ctx.value_block = value_block
@@ -84,10 +93,11 @@ class _Wkv7Triton(torch.autograd.Function):
         # partial sums that are added here.
         dkey = r.new_empty(5, n_vb, B, T, H, N, dtype=r.dtype if n_vb == 1 else torch.float32)
         dv = torch.empty_like(v)
-        wkv7_bwd_kernel[(B * H, n_vb)](
-            r, w, k, v, a, b, dy, ds_out, ckpt, dkey, dv, ds0, T, H, r.numel(),
-            N=N, BK=BK, BV=BV, L=CHUNK_LEN, HAS_DS_OUT=has_ds_out, WANT_DS0=want_ds0, num_warps=8,
-        )  # fmt: skip
+        with _on(r.device):
+            wkv7_bwd_kernel[(B * H, n_vb)](
+                r, w, k, v, a, b, dy, ds_out, ckpt, dkey, dv, ds0, T, H, r.numel(),
+                N=N, BK=BK, BV=BV, L=CHUNK_LEN, HAS_DS_OUT=has_ds_out, WANT_DS0=want_ds0, num_warps=8,
+            )  # fmt: skip
         dkey = dkey.sum(1).to(r.dtype) if n_vb > 1 else dkey[:, 0]
         dr, dw, dk, da, db = dkey.unbind(0)
         return dr, dw, dk, dv, da, db, ds0.to(ctx.state_dtype) if want_ds0 else None, None

@@ -9,8 +9,9 @@ written to a temp file and renamed.
 DeepSpeed (any number of processes): `checkpoints/step_000120/` holds DeepSpeed's own sharded engine
 checkpoint in `ds/` (each rank writes its ZeRO optimizer partition, under ZeRO-3 its parameter
 partition too; nothing is gathered, frozen weights are left out), `rng_rank00000.pt` ... written by
-each rank for itself, and `meta.json` (step, processes, ZeRO stage, the trained tensors' names, shapes
-and dtypes). Every rank writes into `step_000120.tmp/`; after a barrier the folder's writer writes
+each rank for itself (and `extra_rank00000.pt` ... where the run has more state, e.g. GRPO's rollouts,
+which are each rank's own), and `meta.json` (step, processes, ZeRO stage, precision, the trained tensors'
+names, shapes and dtypes). Every rank writes into `step_000120.tmp/`; after a barrier the folder's writer writes
 meta.json and renames the folder. The rename is the commit point: only renamed folders are checkpoints,
 so a run killed mid-save keeps its last good one. Old checkpoints are renamed away (and deleted) only
 once every out_dir has committed the new one.
@@ -169,16 +170,20 @@ def _check_params(saved: dict[str, list[int]], named_params, source: str) -> Non
             raise UserError(f"{source}: checkpoint tensor {name} is {list(saved[name])}, the recipe makes {shape}")
 
 
+def _check_extra(extra: dict | None, saved_extra: dict, source: str) -> None:
+    for name in extra or {}:
+        if name not in saved_extra:
+            raise UserError(f"{source}: the checkpoint holds no {name} state, which this run needs; resume with the "
+                            "run's own recipe or train into a new out_dir")
+
+
 def restore(payload: dict, named_params, optimizer, source: str, extra: dict | None = None) -> int:
     """Load a one-process checkpoint into the live trainable tensors and optimizer (and each object of
     `extra`, by load_state_dict); returns its step."""
     params = payload["params"]
     _check_params({n: list(t.shape) for n, t in params.items()}, named_params, source)
     saved_extra = payload.get("extra", {})
-    for name in extra or {}:
-        if name not in saved_extra:
-            raise UserError(f"{source}: the checkpoint holds no {name} state, which this run needs; resume with the "
-                            "run's own recipe or train into a new out_dir")
+    _check_extra(extra, saved_extra, source)
     with torch.no_grad():
         for name, p in named_params:
             p.copy_(params[name])
@@ -208,10 +213,11 @@ def _fsync(path: Path) -> None:
 
 
 def save_engine_checkpoint(engine, run_dir: Path, step: int, named_params, keep: int, rank: int, world_size: int,
-                           stage: int, writer: bool | None = None, precision: str | None = None) -> Path:
-    """Every process calls this: DeepSpeed's sharded checkpoint + this rank's RNG into step_N.tmp/,
-    then the folder's writer (default: rank 0) commits it by renaming it to step_N/ and, once every
-    writer has, prunes (see the module docstring)."""
+                           stage: int, writer: bool | None = None, precision: str | None = None,
+                           extra: dict | None = None) -> Path:
+    """Every process calls this: DeepSpeed's sharded checkpoint + this rank's RNG (and its `extra` state, as
+    save_checkpoint's: GRPO's rollouts are each rank's own) into step_N.tmp/, then the folder's writer (default:
+    rank 0) commits it by renaming it to step_N/ and, once every writer has, prunes (see the module docstring)."""
     writer = rank == 0 if writer is None else writer
     folder = Path(run_dir) / "checkpoints"
     final, tmp = folder / f"step_{step:06d}", folder / f"step_{step:06d}.tmp"
@@ -220,6 +226,8 @@ def save_engine_checkpoint(engine, run_dir: Path, step: int, named_params, keep:
         tmp.mkdir(parents=True)
     _barrier()
     atomic_save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    if extra:
+        atomic_save({name: obj.state_dict() for name, obj in extra.items()}, tmp / f"extra_rank{rank:05d}.pt")
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
     _barrier()  # every shard is written
     if writer:
@@ -251,7 +259,8 @@ def _read_meta(path: Path) -> dict:
         raise UserError(f"{path}: not a readable checkpoint ({e})") from None
 
 
-def _load_engine_checkpoint(engine, path: Path, named_params, rank: int, world_size: int, stage: int) -> int:
+def _load_engine_checkpoint(engine, path: Path, named_params, rank: int, world_size: int, stage: int,
+                            extra: dict | None = None) -> int:
     meta = _read_meta(path)
     saved_world, saved_stage = meta["world_size"], meta["zero_stage"]
     if (saved_world, saved_stage) != (world_size, stage):
@@ -261,12 +270,17 @@ def _load_engine_checkpoint(engine, path: Path, named_params, rank: int, world_s
             f"process), not {world_size} under ZeRO-{stage}"
         )
     _check_params({n: v["shape"] for n, v in meta["params"].items()}, named_params, str(path))
+    extra_file = path / f"extra_rank{rank:05d}.pt"
+    saved_extra = torch.load(extra_file, map_location="cpu", weights_only=False) if extra_file.exists() else {}
+    _check_extra(extra, saved_extra, str(path))
     # Frozen weights are not in the checkpoint (they come from model.path), hence load_module_strict=False;
     # the trained tensors come back from the fp32 ZeRO partitions (load_from_fp32_weights).
     loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=False)
     if loaded is None:
         raise UserError(f"{path}: DeepSpeed found no checkpoint in {path / DS_TAG}")
+    for name, obj in (extra or {}).items():
+        obj.load_state_dict(saved_extra[name])
     set_rng_state(torch.load(path / f"rng_rank{rank:05d}.pt", map_location="cpu", weights_only=False))
     return int(meta["step"])
 
@@ -305,7 +319,7 @@ def resume(run_dir: Path, named_params, optimizer, engine=None, stage: int = 0, 
                 f"{path}: checkpoint was written with DeepSpeed; resume with train.deepspeed.stage="
                 f"{meta['zero_stage']} on {meta['world_size']} processes"
             )
-        return _load_engine_checkpoint(engine, path, named_params, rank, world_size, stage)
+        return _load_engine_checkpoint(engine, path, named_params, rank, world_size, stage, extra)
     if engine is not None:
         raise UserError(f"{path}: checkpoint was written without DeepSpeed; resume without train.deepspeed")
     payload = load_latest_checkpoint(run_dir)

@@ -303,8 +303,8 @@ def finish(run: Run, completed: int, stopped_early: bool) -> dict:
     if result is not None:
         summary["eval"] = result
         run.logger.eval(tc.max_steps, result)
-    if run.recipe.method.kind == "full":
-        with gathered(run.named, tc.deepspeed.stage):
+    if run.recipe.method.kind == "full":  # every weight whole, the frozen ones too (ZeRO-3 partitions those as well)
+        with gathered(list(run.base.named_parameters()), tc.deepspeed.stage):
             if run.dist.is_main:
                 save_model(run.base, run.out_dir / "model.pth")
     run.logger.close(plot=True)
@@ -340,7 +340,7 @@ def _save(run: Run, step: int) -> None:
         else:
             ckpt.save_engine_checkpoint(run.engine, run.out_dir, step, run.named, keep=keep, rank=dist.rank,
                                         world_size=dist.world_size, stage=stage, writer=dist.writes_out_dir,
-                                        precision=run.computes_in)
+                                        precision=run.computes_in, extra=_extra_state(run))
         with gathered(run.named, stage):
             if dist.is_main:
                 save_adapter(run.model, run.out_dir, base_path=run.base_path)

@@ -241,3 +241,26 @@ def run_two_processes(overrides: list[str], expect_ok: bool = True) -> list[str]
     for p, (_, err) in zip(procs, outs):
         assert (p.returncode == 0) == expect_ok, err[-3000:]
     return [err for _, err in outs]
+
+
+def test_full_finetuning_gathers_every_weight_for_model_pth(tiny_world, tmp_path, monkeypatch):
+    """ZeRO-3 partitions the frozen weights too (layer 0's unused v0/v1/v2: past its 1e5-element threshold from 2.9B
+    up), so the model.pth that full fine-tuning writes must gather every weight of the base, not the trained ones
+    alone (which left those as empty placeholders)."""
+    from peft_rwkv7.train import loop
+    from peft_rwkv7.train.runner import train_from_cli
+
+    names: list[list[str]] = []
+    real = loop.gathered
+
+    def spy(named, stage):
+        names.append([n for n, _ in named])
+        return real(named, stage)
+
+    monkeypatch.setattr(loop, "gathered", spy)
+    out = tmp_path / "run"
+    train_from_cli(str(ROOT / "recipes" / "full.yaml"), tiny_overrides(tiny_world, out, steps=1))
+    saved = torch.load(out / "model.pth", map_location="cpu", weights_only=True)
+    last = names[-1]
+    assert len(last) == len(saved)  # one gathered weight for each tensor of the file
+    assert any(n.endswith("blocks.0.att.v1") for n in last) and any(k.endswith("att.v1") for k in saved)

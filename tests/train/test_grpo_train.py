@@ -212,3 +212,23 @@ def test_grpo_trains_in_bf16(tiny_world, prompts, tmp_path):
     steps = [r for r in records(out) if "loss" in r]
     assert len(steps) == 2 and all(r["logp_gap"] < 0.1 for r in steps)
     assert all(t.dtype == torch.float32 for t in load_file(out / "adapter.safetensors").values())
+
+
+@pytest.mark.slow
+def test_a_cut_grpo_run_under_deepspeed_resumes_bit_for_bit(tiny_world, prompts, tmp_path):
+    """Two processes under ZeRO-2 with num_iterations 2, cut after step 3: the rollouts sampled for steps 3 and 4
+    are each rank's checkpointed state (extra_rank*.pt beside the rank's RNG), so the resumed step 4 reuses them
+    instead of sampling again with the updated policy; the run ends as the uncut one, bit for bit."""
+    pytest.importorskip("deepspeed")
+    from tests.train.test_deepspeed import run_two_processes
+
+    extra = {"train.save_every": 1, "train.grpo.num_iterations": 2, "train.grpo.loss_type": "grpo",
+             "train.deepspeed.stage": 2, "train.device": "cpu"}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_two_processes(grpo(tiny_world, prompts, full, steps=4, **extra))
+    run_two_processes(grpo(tiny_world, prompts, cut, steps=4, **extra) + ["train.stop_after=3"])
+    assert sorted(p.name for p in (cut / "checkpoints/step_000003").glob("extra_rank*.pt")) == [
+        "extra_rank00000.pt", "extra_rank00001.pt"]
+    run_two_processes([*grpo(tiny_world, prompts, cut, steps=4, **extra), "--resume"])
+    a, b = load_file(full / "adapter.safetensors"), load_file(cut / "adapter.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
