@@ -222,13 +222,17 @@ def test_a_cut_grpo_run_under_deepspeed_resumes_bit_for_bit(tiny_world, prompts,
     pytest.importorskip("deepspeed")
     from tests.train.test_deepspeed import run_two_processes
 
+    # a reward that differs between completions (their length in characters): advantages are not all 0, so each
+    # step moves the policy and rollouts sampled again after step 3 would differ from the checkpointed ones
     extra = {"train.save_every": 1, "train.grpo.num_iterations": 2, "train.grpo.loss_type": "grpo",
-             "train.deepspeed.stage": 2, "train.device": "cpu"}
+             "train.deepspeed.stage": 2, "train.device": "cpu", "train.grad_clip": 0.0,
+             "train.grpo.rewards": "[{fn: length, max_tokens: 60, buffer: 60, unit: chars}]"}
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_two_processes(grpo(tiny_world, prompts, full, steps=4, **extra))
     run_two_processes(grpo(tiny_world, prompts, cut, steps=4, **extra) + ["train.stop_after=3"])
     assert sorted(p.name for p in (cut / "checkpoints/step_000003").glob("extra_rank*.pt")) == [
         "extra_rank00000.pt", "extra_rank00001.pt"]
     run_two_processes([*grpo(tiny_world, prompts, cut, steps=4, **extra), "--resume"])
+    assert all(r["reward_std"] > 0 for r in records(full) if "reward_std" in r)
     a, b = load_file(full / "adapter.safetensors"), load_file(cut / "adapter.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
