@@ -163,12 +163,15 @@ def _cmd_eval_rewards(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     adapters = [args.adapter] if args.compare is None else [None, *([args.adapter] if args.adapter else []),
                                                              *args.compare]
-    models = []
-    for adapter in adapters:
-        args.adapter = adapter
-        models.append((adapter or "base", _load_for_inference(args, say=not models)))
-    device = next(models[0][1].parameters()).device
-    result = eval_rewards(args.rewards, args.data, models, tokenizer, args.samples, device=device)
+    def loader(adapter, first: bool):
+        def load():
+            args.adapter = adapter
+            return _load_for_inference(args, say=first)
+        return load
+
+    # loaded, scored and let go one at a time: a GPU holds one model of the comparison, not all of them
+    models = [(adapter or "base", loader(adapter, i == 0)) for i, adapter in enumerate(adapters)]
+    result = eval_rewards(args.rewards, args.data, models, tokenizer, args.samples)
     if args.out:
         from .infer.longctx import write_json
 

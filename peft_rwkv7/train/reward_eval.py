@@ -48,7 +48,9 @@ def reward_spec(spec: str) -> tuple[GrpoConfig, dict]:
 
 def eval_rewards(spec: str, data_path: str, models: list[tuple[str, object]], tokenizer, samples: int | None,
                  seed: int = 0, device=None, max_prompt_tokens: int = 4096) -> dict:
-    """{label: {reward, pass@1, [pass@k], prompts}} for each (label, model)."""
+    """{label: {reward, pass@1, [pass@k], prompts}} for each (label, model). A model may be a function that loads
+    it: each is then loaded, scored and let go before the next (one model in memory at a time). `device`: where
+    the prompts go, by default the model's own."""
     import torch
 
     from ..data.prompts import load_prompts
@@ -58,8 +60,14 @@ def eval_rewards(spec: str, data_path: str, models: list[tuple[str, object]], to
     data_cfg = DataConfig(path=data_path, kind="prompts", **data_keys)
     prompts = load_prompts(data_path, data_cfg, tokenizer, seed, max_prompt_tokens)
     scorer = Scorer(cfg, tokenizer, list(prompts.columns[0]))
-    device = device or torch.device("cpu")
-    return {label: evaluate_rewards(scorer, model, prompts, seed, device, samples=samples) for label, model in models}
+    results = {}
+    for label, model in models:
+        if not isinstance(model, torch.nn.Module):  # a loader
+            model = model()
+        where = device or next(model.parameters()).device
+        results[label] = evaluate_rewards(scorer, model, prompts, seed, where, samples=samples)
+        del model  # before the next one loads
+    return results
 
 
 def plot_rewards(results: dict, path: str | os.PathLike) -> None:

@@ -139,6 +139,35 @@ def test_eval_rewards_scores_the_base_and_the_run_as_the_loop_does(tiny_world, p
         main(["eval", "--model", str(tiny_world[0]), "--rewards", "{fn: x}", "--data", str(prompts), "--debug"])
 
 
+def test_eval_rewards_compare_holds_one_model_at_a_time(tiny_world, prompts, tmp_path, monkeypatch, capsys):
+    """`eval --rewards --compare` loads, scores and lets go of each model before the next loads: on a GPU the
+    comparison needs one model's memory, not the sum of them."""
+    import gc
+    import weakref
+
+    from peft_rwkv7 import cli
+
+    alive_at_load, loaded = [], []
+    real = cli._load_for_inference
+
+    def spy(args, **kw):
+        gc.collect()
+        alive_at_load.append(sum(ref() is not None for ref in loaded))
+        model = real(args, **kw)
+        loaded.append(weakref.ref(model))
+        return model
+
+    run = tmp_path / "run"
+    train_from_cli(LORA, tiny_overrides(tiny_world, run, steps=1))
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "_load_for_inference", spy)
+    assert cli.main(["eval", "--model", str(tiny_world[0]), "--rewards", "[{fn: length, max_tokens: 8, buffer: 4}]",
+                     "--data", str(prompts), "--compare", str(run), str(run), "--json", "--device", "cpu", "--dtype",
+                     "fp32", "--samples", "2"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"base", str(run)}
+    assert alive_at_load == [0, 0, 0]
+
+
 def test_init_grpo_writes_a_recipe_that_loads(tmp_path, prompts):
     from peft_rwkv7.train.recipe import load_recipe
     from peft_rwkv7.train.starter import write_starter
