@@ -313,21 +313,29 @@ def choose_bf16(precision: str, device_type: str, setting: str, say: bool = True
     if precision == "fp32":
         return False
     sep = " " if setting.startswith("-") else ": "
+
+    def tell(line: str) -> None:
+        if say:
+            print(line, file=sys.stderr, flush=True)
+
+    def warn_slow(why: str) -> None:  # bf16 asked for where it is slow
+        tell(f"warning: {setting}{sep}bf16: {why}: expect a much slower run; {setting}{sep}fp32 or auto avoids it")
+
     if device_type == "cuda":
         native = cuda_bf16_native()
-        if not native and say:
-            gpu = torch.cuda.get_device_name()
-            print(f"{setting}{sep}auto chose fp32: {gpu} has no native bf16 (torch would emulate it)" if
-                  precision == "auto" else f"warning: {setting}{sep}bf16: {gpu} has no native bf16 (torch emulates "
-                  f"it): expect a much slower run; {setting}{sep}fp32 or auto avoids it", file=sys.stderr, flush=True)
+        if not native:
+            gpu = torch.cuda.get_device_name() if say else ""
+            if precision == "auto":
+                tell(f"{setting}{sep}auto chose fp32: {gpu} has no native bf16 (torch would emulate it)")
+            else:
+                warn_slow(f"{gpu} has no native bf16 (torch emulates it)")
         return precision == "bf16" or native
     if device_type != "cpu":
         return precision == "bf16"
     result = (check or cpu_bf16_check)()
-    if precision == "auto" and say:
-        print(f"{setting}{sep}auto chose {'bf16' if result.fast else 'fp32'}: {result.summary()}; bf16 needs "
-              f"{FAST_MARGIN}x", file=sys.stderr, flush=True)
-    elif not result.fast and say:
-        print(f"warning: {setting}{sep}bf16: {result.summary()}: expect a much slower run; {setting}{sep}fp32 "
-              "or auto avoids it", file=sys.stderr, flush=True)
+    if precision == "auto":
+        tell(f"{setting}{sep}auto chose {'bf16' if result.fast else 'fp32'}: {result.summary()}; bf16 needs "
+             f"{FAST_MARGIN}x")
+    elif not result.fast:
+        warn_slow(result.summary())
     return precision == "bf16" or result.fast

@@ -271,7 +271,9 @@ def _load_engine_checkpoint(engine, path: Path, named_params, rank: int, world_s
         )
     _check_params({n: v["shape"] for n, v in meta["params"].items()}, named_params, str(path))
     extra_file = path / f"extra_rank{rank:05d}.pt"
-    saved_extra = torch.load(extra_file, map_location="cpu", weights_only=False) if extra_file.exists() else {}
+    saved_extra = {}
+    if extra and extra_file.exists():  # only a run with extra state reads it
+        saved_extra = torch.load(extra_file, map_location="cpu", weights_only=False)
     _check_extra(extra, saved_extra, str(path))
     # Frozen weights are not in the checkpoint (they come from model.path), hence load_module_strict=False;
     # the trained tensors come back from the fp32 ZeRO partitions (load_from_fp32_weights).
