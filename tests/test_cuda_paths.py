@@ -45,3 +45,60 @@ def test_pissa_leaves_the_gpus_random_state_alone():
     before = torch.cuda.get_rng_state()
     attach(model, MethodConfig(kind="pissa", r=4))
     assert torch.equal(torch.cuda.get_rng_state(), before)
+
+
+def _float_projection_bytes(model) -> int:
+    from peft_rwkv7.adapters.config import PROJECTIONS
+
+    return sum(model.get_submodule(f"blocks.{i}.{p}").weight.numel() * 4
+               for i in range(model.config.n_layer) for p in PROJECTIONS)
+
+
+def test_qlora_never_holds_the_float_base_on_the_gpu(tmp_path):
+    """A QLoRA run's adapter for generate/eval/chat, and a QLoRA training run: the base loads on the CPU and each
+    projection is quantized onto the GPU (adapters.quant.staging_device). Before, the float base went onto the GPU
+    whole, so QLoRA's peak was the float model's."""
+    pytest.importorskip("bitsandbytes")
+    from peft_rwkv7.adapters import MethodConfig, attach, save_adapter
+    from peft_rwkv7.infer.load import load_for_inference
+    from peft_rwkv7.model import RWKV7Config, load_model, new_model, save_model
+
+    base = new_model(RWKV7Config.new(2, 1024, 128, head_size=64))  # projections: 25M weights, 100 MB in fp32
+    save_model(base, tmp_path / "base.pth", dtype=torch.float32)
+    float_bytes = _float_projection_bytes(base)
+    save_adapter(attach(load_model(tmp_path / "base.pth"), MethodConfig(kind="lora", quant="nf4", r=4)),
+                 tmp_path / "run")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    loaded = load_for_inference(str(tmp_path / "base.pth"), adapter=str(tmp_path / "run"), device="cuda",
+                                dtype="fp32", say=False)
+    peak = torch.cuda.max_memory_allocated()
+    assert all(t.device.type == "cuda" for t in loaded.state_dict().values())
+    assert peak < float_bytes / 3, (peak, float_bytes)  # nf4 is ~1/7 of fp32, plus one layer's float copy
+
+
+def test_qlora_training_setup_on_the_gpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from pathlib import Path
+
+    from peft_rwkv7.model import RWKV7Config, new_model, save_model
+    from peft_rwkv7.train.loop import setup
+    from peft_rwkv7.train.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    base = new_model(RWKV7Config.new(8, 1024, 65536, head_size=64))  # projections 100M weights, the rest 136M
+    save_model(base, tmp_path / "base.pth", dtype=torch.bfloat16)
+    n_proj = _float_projection_bytes(base) // 4
+    n_rest = sum(t.numel() for t in base.state_dict().values()) - n_proj
+    del base
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    run = setup(load_recipe(root / "recipes/qlora.yaml", [
+        f"model.path={tmp_path / 'base.pth'}", f"data.path={root / 'data/demo/ship_log.jsonl'}",
+        "train.device=cuda", "train.max_steps=1", "train.eval_every=0", f"out_dir={tmp_path / 'out'}",
+        "log.progress=false"]))
+    peak = torch.cuda.max_memory_allocated()
+    assert all(p.device.type == "cuda" for p in run.model.parameters())
+    size = 2 if run.computes_in == "bf16" else 4  # the frozen weights' dtype
+    # the float base on the GPU would be (n_rest + n_proj) * size; staged: the rest, nf4 projections, one layer
+    assert peak < (n_rest + n_proj / 2) * size, (peak, n_rest, n_proj, size)

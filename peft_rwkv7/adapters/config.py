@@ -106,7 +106,8 @@ class MethodConfig(ConfigModel):
         "those in a train_parts group (ffn, head) are trained in full instead"))
     quant: Quant = Field("none", description=(
         "quantize the frozen projection weights of every block with bitsandbytes (QLoRA-style); "
-        "embedding, head and the small time-mix tensors stay float"))
+        "embedding, head and the small time-mix tensors stay float; on a GPU the base is read on the CPU and "
+        "each projection quantized onto the GPU, which never holds the float projections"))
     train_parts: list[str] = Field(default_factory=list, description=(
         f"groups of base parameters trained in full, some of {', '.join(PART_PATTERNS)}"))
     state: bool = Field(False, description='also train the initial WKV state per layer ([H, N, N]); kind "state" '

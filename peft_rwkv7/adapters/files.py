@@ -201,16 +201,19 @@ def check_base(af: AdapterFile, fingerprint: str, base_name: str) -> None:
         )
 
 
-def load_adapter(model: RWKV7, run_dir_or_file: str | os.PathLike, lora_alpha: float | None = None) -> AdaptedRWKV7:
-    """Attach a saved adapter to a freshly loaded base `model` (modified in place); returns it adapted.
+def load_adapter(model: RWKV7, run_dir_or_file: str | os.PathLike | AdapterFile, lora_alpha: float | None = None,
+                 device: torch.device | str | None = None) -> AdaptedRWKV7:
+    """Attach a saved adapter (a path, or an AdapterFile read_adapter returned) to a freshly loaded base `model`
+    (modified in place); returns it adapted. `device`: as attach's (where a CPU-loaded base goes, a quantized
+    one quantized layer by layer onto it: adapters.quant.staging_device).
 
     The adapted model computes what was trained: for PiSSA the saved SVD start is reused (no new
     SVD), and a quantized base is quantized again exactly as in training.
     """
-    af = read_adapter(run_dir_or_file, lora_alpha)
+    af = run_dir_or_file if isinstance(run_dir_or_file, AdapterFile) else read_adapter(run_dir_or_file, lora_alpha)
     check_base(af, base_fingerprint(model.state_dict()), "this model")
     pissa = af.method.residual_init is not None
-    adapted = attach(model, af.method, af.pissa_start() if pissa else None, batches=())
+    adapted = attach(model, af.method, af.pissa_start() if pissa else None, batches=(), device=device)
     used = set()
     if adapted.tuner is not None and hasattr(adapted.tuner, "vera_A"):
         with torch.no_grad():

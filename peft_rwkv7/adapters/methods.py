@@ -203,18 +203,38 @@ def _apply_pissa_residual(linear: nn.Linear, a0: torch.Tensor, b0: torch.Tensor,
     w.copy_((w.float() - (scale * b0.to(w.device)) @ a0.to(w.device)).to(w.dtype))
 
 
+def _quantized_names(model: RWKV7, cfg: MethodConfig) -> list[str]:
+    """The projections a quantized base quantizes: every block's, less the FFN's where it trains in full."""
+    if cfg.quant == "none":
+        return []
+    full_ffn = "ffn" in cfg.train_parts  # trained in full: stays a float Linear
+    return [f"blocks.{i}.{p}" for i in range(model.config.n_layer) for p in PROJECTIONS
+            if not (full_ffn and p.startswith("ffn."))]
+
+
+def _in_layer_order(names: set[str], n_layer: int) -> list[str]:
+    """`names` block by block (each block's projections in PROJECTIONS order), then the head."""
+    order = [f"blocks.{i}.{p}" for i in range(n_layer) for p in PROJECTIONS]
+    rest = sorted(names - set(order))  # other targets ("head") after the blocks
+    return [n for n in order if n in names] + rest
+
+
 def attach(
     model: RWKV7,
     cfg: MethodConfig,
     pissa_start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     total_steps: int | None = None,
     batches=None,
+    device: torch.device | str | None = None,
 ) -> AdaptedRWKV7:
     """Attach the method `cfg` to `model` (modified in place) and freeze everything else.
 
     pissa_start: {module name: (A0, B0)} to rebuild a saved residual start (PiSSA, OLoRA, LoftQ) instead
     of computing it again. total_steps: the run's optimizer steps (AdaLoRA's schedule). batches: token-id
     tensors [B, T] of the training data (EVA's start), an iterable; () when a saved adapter will be loaded.
+    device: move the model there as it is attached (default: it stays where it is). For a quantized base
+    loaded on the CPU, each projection is quantized straight onto `device`, so the device never holds the
+    unquantized projections (QLoRA on a GPU smaller than the float model).
     """
     if isinstance(model, AdaptedRWKV7) or not isinstance(model, RWKV7):
         raise TypeError("attach expects a plain RWKV7 (load a fresh base model to attach another method)")
@@ -225,32 +245,31 @@ def attach(
     target_names = [f"blocks.{i}.{t}" for i in range(n_layer) for t in targets if t != "head"]
     target_names += ["head"] if "head" in targets else []
 
-    if cfg.residual_init:
-        scale = cfg.lora_scale
-        for name in target_names:
-            linear = model.get_submodule(name)
+    # A residual start (PiSSA, OLoRA, LoftQ) and the quantization, projection by projection in layer order
+    residual = set(target_names) if cfg.residual_init else set()
+    quantized = set(_quantized_names(model, cfg))
+    before = after = 0
+    for name in _in_layer_order(residual | quantized, n_layer):
+        linear = model.get_submodule(name)
+        if device is not None and name in residual:
+            linear.to(device)  # the start is computed where the layer will live (a GPU's SVD)
+        if name in residual:
             if pissa_start is None:
                 adapted.pissa_init[name] = _residual_start(linear, cfg)
             elif name not in pissa_start:
                 raise UserError(f"PiSSA adapter has no start for {name}")
             else:
                 a0, b0 = pissa_start[name]
-                _apply_pissa_residual(linear, a0, b0, scale)
+                _apply_pissa_residual(linear, a0, b0, cfg.lora_scale)
                 adapted.pissa_init[name] = (a0.float(), b0.float())
-
+        if name in quantized:
+            q = quantize_linear(linear.weight, cfg.quant, dtype, device=device)
+            before += linear.weight.numel() * linear.weight.element_size()
+            after += quantized_bytes(q)
+            _set_module(model, name, q)  # the float weight (on the CPU where `device` is given) goes
+    if device is not None:
+        model.to(device)  # the rest: embeddings, head, norms, the mixing vectors
     if cfg.quant != "none":
-        full_ffn = "ffn" in cfg.train_parts
-        before = after = 0
-        for i in range(n_layer):
-            for p in PROJECTIONS:
-                if full_ffn and p.startswith("ffn."):
-                    continue  # trained in full: stays a float Linear
-                name = f"blocks.{i}.{p}"
-                linear = model.get_submodule(name)
-                q = quantize_linear(linear.weight, cfg.quant, dtype)
-                before += linear.weight.numel() * linear.weight.element_size()
-                after += quantized_bytes(q)
-                _set_module(model, name, q)
         adapted.quant_bytes = (before, after)
         # peft picks its bitsandbytes LoRA layers (which can merge) only when the model says so.
         model.is_loaded_in_4bit = cfg.quant in ("nf4", "fp4")

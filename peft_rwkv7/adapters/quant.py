@@ -50,8 +50,11 @@ def _int8_linear() -> type:
     return Int8Linear
 
 
-def quantize_linear(weight: torch.Tensor, quant: str, compute_dtype: torch.dtype) -> nn.Module:
-    """A frozen bias-free bitsandbytes Linear holding `weight` [out, in] quantized as `quant`.
+def quantize_linear(weight: torch.Tensor, quant: str, compute_dtype: torch.dtype,
+                    device: torch.device | str | None = None) -> nn.Module:
+    """A frozen bias-free bitsandbytes Linear holding `weight` [out, in] quantized as `quant`, on `device`
+    (default: the weight's; the CPU for a meta weight). The float weight is read on the CPU, so a weight on
+    the CPU is quantized onto a GPU without ever being there in full.
 
     nf4/fp4: 4-bit blockwise; int8: row-wise absmax int8 (LLM.int8 without outlier split).
     Matmuls run in `compute_dtype`.
@@ -83,7 +86,16 @@ def quantize_linear(weight: torch.Tensor, quant: str, compute_dtype: torch.dtype
     else:
         raise ValueError(f"unknown quantization {quant!r}")
     # Moving to a device is what quantizes (bitsandbytes' convention), on CPU too.
-    return layer.to(weight.device if weight.device.type != "meta" else "cpu")
+    if device is None:
+        device = weight.device if weight.device.type != "meta" else "cpu"
+    return layer.to(device)
+
+
+def staging_device(quant: str, device: torch.device) -> torch.device:
+    """Where to load a base that will be quantized as `quant` for `device`: the CPU for a quantized base on a
+    GPU (attach(device=...) then quantizes each projection onto it, so its peak is the quantized model plus
+    one layer, not the float model), else `device` itself."""
+    return torch.device("cpu") if quant != "none" and device.type != "cpu" else device
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:

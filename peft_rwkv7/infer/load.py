@@ -16,11 +16,16 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "au
 
     dev = pick_device(device, "--device")
     dt = torch.bfloat16 if choose_bf16(dtype, dev.type, "--dtype", say=say) else torch.float32
-    loaded = load_model(resolve_model_path(model), dtype=dt, device=dev)
+    saved = None
+    if adapter:  # read first: an adapter over a quantized base loads the base on the CPU (staging_device)
+        from ..adapters import load_adapter, read_adapter
+        from ..adapters.quant import staging_device
+
+        saved = read_adapter(adapter, lora_alpha)
+    load_on = staging_device(saved.method.quant, dev) if saved is not None else dev
+    loaded = load_model(resolve_model_path(model), dtype=dt, device=load_on)
     if dt == torch.bfloat16 and dev.type == "cpu":  # row chunks where the (cached) bf16 check found them faster
         loaded.set_bf16_row_chunks(cpu_bf16_check().row_chunks)
-    if adapter:
-        from ..adapters import load_adapter
-
-        loaded = load_adapter(loaded, adapter, lora_alpha=lora_alpha)
+    if saved is not None:
+        loaded = load_adapter(loaded, saved, device=dev if load_on != dev else None)
     return loaded.eval()

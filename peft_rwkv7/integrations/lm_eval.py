@@ -64,7 +64,8 @@ def load_for_eval(model: str, adapter: str | None = None, state: str | None = No
                   device: str = "auto", dtype: str = "auto") -> nn.Module:
     """Base model (local path or hf://) with `adapter` (run directory or RWKV-PEFT .pth) and/or a
     tuned `state` file (keys blocks.N.att.time_state [H, N, N], e.g. a run's state.pth) applied."""
-    from ..adapters import load_adapter
+    from ..adapters import load_adapter, read_adapter
+    from ..adapters.quant import staging_device
     from ..model import load_model
     from ..model.hub import resolve_model_path
     from ..model.io import read_state_dict
@@ -76,9 +77,14 @@ def load_for_eval(model: str, adapter: str | None = None, state: str | None = No
         dtypes["auto"] = torch.bfloat16 if choose_bf16("auto", dev.type, "dtype") else torch.float32
     if dtype not in dtypes:
         raise UserError(f"dtype {dtype!r} is not one of auto, fp32, bf16")
-    net = load_model(resolve_model_path(model), dtype=dtypes[dtype], device=dev)
+    # the adapter read first: over a quantized base the base loads on the CPU and is quantized onto `dev` layer by
+    # layer (staging_device), so a GPU never holds the float model
+    saved = read_adapter(adapter or state, lora_alpha) if adapter or state else None
+    load_on = staging_device(saved.method.quant, dev) if saved is not None else dev
+    onto = dev if load_on != dev else None
+    net = load_model(resolve_model_path(model), dtype=dtypes[dtype], device=load_on)
     if adapter and state:
-        out = load_adapter(net, adapter, lora_alpha=lora_alpha)
+        out = load_adapter(net, saved, device=onto)
         if out.method.trains_state:
             raise UserError(f"{adapter}: this adapter carries its own tuned state; drop state={state}")
         sd = read_state_dict(state)
@@ -93,7 +99,7 @@ def load_for_eval(model: str, adapter: str | None = None, state: str | None = No
             blk.att.register_buffer("time_state", ts.to(device=dev, dtype=torch.float32))
         net = out
     elif adapter or state:
-        net = load_adapter(net, adapter or state, lora_alpha=lora_alpha)
+        net = load_adapter(net, saved, device=onto)
     return net.eval()
 
 

@@ -22,7 +22,7 @@ def eva_batches(data, micro_bsz: int) -> Iterator[torch.Tensor]:
         yield data.batch(i, 0, micro_bsz, 1)[0]
 
 
-def attach_for_run(base, recipe, data, resume: bool):
+def attach_for_run(base, recipe, data, resume: bool, device=None):
     """`attach(base, recipe.method)` for a run: AdaLoRA gets train.max_steps, EVA the run's first batches.
 
     On --resume EVA's pass over the data is skipped (batches=(), as for loading a saved adapter): the
@@ -30,5 +30,6 @@ def attach_for_run(base, recipe, data, resume: bool):
     method = recipe.method
     adalora.check_run(method, recipe.train)
     if method.kind == "lora" and method.init == "eva":
-        return attach(base, method, batches=() if resume else eva_batches(data, recipe.train.micro_bsz))
-    return attach(base, method, total_steps=recipe.train.max_steps if method.kind == "adalora" else None)
+        return attach(base, method, batches=() if resume else eva_batches(data, recipe.train.micro_bsz), device=device)
+    return attach(base, method, total_steps=recipe.train.max_steps if method.kind == "adalora" else None,
+                  device=device)

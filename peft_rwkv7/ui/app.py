@@ -33,7 +33,7 @@ class Ui:
     lang: str = "en"
     trainers: Trainers = field(default_factory=Trainers)
     labelled: list[tuple[Any, str, str]] = field(default_factory=list)
-    cache: dict = field(default_factory=dict)  # loaded models by (path, adapter, dtype): chat keeps them warm
+    cache: dict = field(default_factory=dict)  # tokenizers; the chat's models, one pair (chat_tab.load)
 
     def t(self, key: str, **fmt: object) -> str:
         return text(self.lang, key, **fmt)

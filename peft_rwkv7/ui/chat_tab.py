@@ -17,8 +17,11 @@ DEFAULT_MODEL = "data/demo/rwkv7-demo.pth"
 DEFAULT_ADAPTER = "runs/state_tune"
 
 
-def load(ui, model: str, adapter: str | None):
-    """The model (cached on the Ui: a second chat with it starts at once), as the CLI's --model/--adapter load it."""
+def load(ui, model: str, adapter: str | None, keep: tuple = ()):
+    """The model, as the CLI's --model/--adapter (and its default --dtype auto) load it. Cached on the Ui, so a
+    second chat with it starts at once; the cache holds the models of one chat only: loading another drops every
+    cached model but this one and `keep` (keys ("chat", model, adapter), the other side of an A/B pair), before
+    it loads, so a session that tries many models holds at most a pair."""
     from ..infer.load import load_for_inference
     from ..path_checks import need_model, need_path
 
@@ -30,8 +33,10 @@ def load(ui, model: str, adapter: str | None):
         need_path("--adapter", adapter)
     key = ("chat", model, adapter)
     if key not in ui.cache:
+        for old in [k for k in ui.cache if k[0] == "chat" and k != key and k not in keep]:
+            del ui.cache[old]
         try:
-            ui.cache[key] = load_for_inference(model, adapter, dtype="fp32", say=False)
+            ui.cache[key] = load_for_inference(model, adapter, dtype="auto", say=False)
         except (OSError, RuntimeError, ValueError) as e:  # as the CLI shows them: the first line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(first) from None
@@ -50,9 +55,11 @@ def sessions(ui, cfg: tuple) -> dict:
     tokenizer = ui.cache[("tokenizer", tok)]
     opts = {"system": (system or "").strip() or None, "max_tokens": int(max_tokens), "temperature": float(temperature),
             "top_p": float(top_p), "seed": int(seed)}
-    out = {"tuned": ChatSession(load(ui, model, adapter), tokenizer, **opts)}
+    pair = {("chat", m, a) for m, a in ((model.strip(), (adapter or "").strip() or None),
+                                         *([(model.strip(), None)] if compare else []))}
+    out = {"tuned": ChatSession(load(ui, model, adapter, keep=tuple(pair)), tokenizer, **opts)}
     if compare:
-        out["base"] = ChatSession(load(ui, model, None), tokenizer, **opts)
+        out["base"] = ChatSession(load(ui, model, None, keep=tuple(pair)), tokenizer, **opts)
     return out
 
 

@@ -203,7 +203,7 @@ def cli_chat(workdir, adapter: str | None) -> str:
     """The reply `rwkv-peft generate --chat` gives to the same message with the same sampling and seed."""
     model = ["--model", "data/demo/rwkv7-demo.pth", *(["--adapter", adapter] if adapter else [])]
     out = subprocess.run([*CLI, "generate", "--chat", "--prompt", "Where are we?", *model, "--max-tokens", "24",
-                          "--temperature", "1.0", "--top-p", "0.85", "--seed", "0", "--dtype", "fp32"],
+                          "--temperature", "1.0", "--top-p", "0.85", "--seed", "0", "--dtype", "auto"],
                          cwd=workdir, capture_output=True, text=True, check=True)
     return " ".join(out.stdout.split())
 

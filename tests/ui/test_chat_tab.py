@@ -53,3 +53,32 @@ def test_a_and_b_share_seed_and_settings_and_the_model_is_cached(tmp_path):
     assert a == b and len(a) > 12  # 12 tokens sampled (not an empty reply, where any seed would agree)
     assert chats["tuned"].model is chats["base"].model  # loaded once, kept on the Ui
     assert list(sessions(ui, cfg[:-1] + (False,))) == ["tuned"]
+
+
+def test_the_cache_holds_one_chats_models_in_the_clis_dtype(tmp_path):
+    """Each model tried in the tab used to stay loaded, in fp32, for the life of the server. Now the cache keeps
+    the current chat's pair (tuned and base) and loads as `rwkv-peft chat` does (--dtype auto)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from peft_rwkv7.model import save_model
+    from peft_rwkv7.ops.precision import choose_bf16
+    from tests.conftest import make_model
+
+    ui = Ui(tmp_path)
+    paths = []
+    for seed in (3, 4):
+        paths.append(str(tmp_path / f"m{seed}.pth"))
+        save_model(make_model(seed=seed, n_layer=1, n_embd=64, head_size=16, vocab_size=65536), paths[-1])
+    first = sessions(ui, (paths[0], "", "world", "", 4, 1.0, 0.85, 0, True))
+    want = torch.bfloat16 if choose_bf16("auto", "cpu", "--dtype", say=False) else torch.float32
+    assert first["tuned"].model.emb.weight.dtype == want
+    gone = weakref.ref(first["tuned"].model)
+    del first
+    second = sessions(ui, (paths[1], "", "world", "", 4, 1.0, 0.85, 0, True))
+    gc.collect()
+    assert gone() is None  # the first chat's model was let go
+    assert [k for k in ui.cache if k[0] == "chat"] == [("chat", paths[1], None)]
+    assert second["tuned"].model is second["base"].model
