@@ -65,8 +65,8 @@ def is_adapter_leaf(peft_name: str) -> bool:
 class AdaptedRWKV7(nn.Module):
     """An RWKV7 with a PEFT method attached (the model is modified in place and held as `.model`).
 
-    forward(idx [B, T], state=None, return_state=False) -> logits [B, T, V] as RWKV7's; with
-    state tuning the trained `time_state` [H, N, N] per layer is the default initial state.
+    forward(idx [B, T], state=None, return_state=False) -> logits [B, T, V] as RWKV7's (with labels=: token_nll);
+    with state tuning the trained `time_state` [H, N, N] per layer is the default initial state.
     """
 
     def __init__(self, model: RWKV7, method: MethodConfig, fingerprint: str):
@@ -90,12 +90,19 @@ class AdaptedRWKV7(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, idx: torch.Tensor, state=None, return_state: bool = False):
+    def forward(self, idx: torch.Tensor, state=None, return_state: bool = False, labels=None):
+        """RWKV7's forward; with `labels` [B, T] instead (per-token NLL [B, T], final state), as token_nll."""
+        if labels is not None:
+            return self.model.token_nll(idx, labels, state)
         return self.model(idx, state, return_state)
 
     def token_nll(self, idx: torch.Tensor, labels: torch.Tensor, state=None):
-        """Per-token NLL [B, T] of labels and the final state (RWKV7.token_nll: the fused chunked head)."""
-        return self.model.token_nll(idx, labels, state)
+        """Per-token NLL [B, T] of labels and the final state (RWKV7.token_nll: the fused chunked head).
+
+        Made through this module's own call (forward with labels), so hooks on the root module run as for any
+        forward: DeepSpeed ZeRO-3 starts a step's parameter trace there, and prefetches the next layer's weights
+        only once a step's trace is complete (called past the root, it gathered each weight on demand)."""
+        return self(idx, state, labels=labels)
 
     def initial_state(self):
         return self.model.initial_state()

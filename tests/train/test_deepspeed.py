@@ -228,14 +228,15 @@ def test_rank_0_alone_tokenizes_a_cold_cache(tiny_world, tmp_path):
     assert "rank 0 stopped" in errs[1] and ":2: invalid JSON" in errs[1]
 
 
-def run_two_processes(overrides: list[str], expect_ok: bool = True) -> list[str]:
+def run_two_processes(overrides: list[str], expect_ok: bool = True, launcher: tuple = ("-m", "peft_rwkv7.cli"),
+                      env_extra: dict | None = None) -> list[str]:
     """`rwkv-peft train LORA overrides` as ranks 0 and 1 of a gloo group; returns each rank's stderr."""
     port = str(free_port())
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, DS_ACCELERATOR="cpu")
-        procs.append(subprocess.Popen([sys.executable, "-m", "peft_rwkv7.cli", "train", LORA, *overrides], env=env,
+                   MASTER_PORT=port, DS_ACCELERATOR="cpu", **(env_extra or {}))
+        procs.append(subprocess.Popen([sys.executable, *launcher, "train", LORA, *overrides], env=env,
                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
@@ -264,3 +265,40 @@ def test_full_finetuning_gathers_every_weight_for_model_pth(tiny_world, tmp_path
     last = names[-1]
     assert len(last) == len(saved)  # one gathered weight for each tensor of the file
     assert any(n.endswith("blocks.0.att.v1") for n in last) and any(k.endswith("att.v1") for k in saved)
+
+
+# Wraps the CLI in a rank: the trace mode of each ZeRO-3 module fetch, in runs of one mode ("complete": the state
+# in which DeepSpeed prefetches the next modules' weights), written to $SPY_OUT<rank> at exit.
+FETCH_SPY = """
+import atexit, json, os, sys
+from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
+seen = []  # [trace mode, fetches in a row]
+real = ppc.PartitionedParameterCoordinator.fetch_sub_module
+def spy(self, module, forward):
+    mode = "complete" if self.is_complete_trace() else ("record" if self.is_record_trace() else "invalid")
+    if seen and seen[-1][0] == mode:
+        seen[-1][1] += 1
+    else:
+        seen.append([mode, 1])
+    return real(self, module, forward)
+ppc.PartitionedParameterCoordinator.fetch_sub_module = spy
+atexit.register(lambda: open(os.environ["SPY_OUT"] + os.environ["RANK"], "w").write(json.dumps(seen)))
+from peft_rwkv7.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_zero3_prefetches_once_a_step_is_traced(tiny_world, tmp_path):
+    """ZeRO-3 prefetches a module's weights only with a complete trace of a step, which it starts in a hook on the
+    root module's call. The loop's loss (token_nll) went past that call, so no trace was ever made and every
+    weight was gathered on demand; now it goes through it. Steps 2-4 of 4 fetch with a complete trace."""
+    pytest.importorskip("deepspeed")
+    spy = tmp_path / "spy.py"
+    spy.write_text(FETCH_SPY)
+    over = tiny_overrides(tiny_world, tmp_path / "run", steps=4, **COMMON, **{"train.deepspeed.stage": 3})
+    run_two_processes(over, launcher=(str(spy),), env_extra={"SPY_OUT": str(tmp_path / "seen")})
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"seen{rank}").read_text())
+        (first, n), (then, m) = seen[:2]  # (after them: the final evaluation's forward, another order of modules)
+        assert (first, then, m) == ("record", "complete", 3 * n), seen  # step 1 records, steps 2-4 prefetch
