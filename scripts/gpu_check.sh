@@ -6,6 +6,7 @@
 # Needs a CUDA build of torch and triton; fla is optional. Exit code 0 = every correctness check passed,
 # 1 = something computes wrong or crashed, 2 = no CUDA device. About 3 minutes on an H200, capped to stay
 # under 5 (see scripts/gpu_check.py); --dry-run runs every part on the CPU at tiny shapes, without a GPU.
+# In the same session, also run: python -m pytest -q tests/test_cuda_paths.py (the GPU-only paths; ~1 min).
 set -euo pipefail
 out=gpu_check.json
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then out="$1"; shift; fi
