@@ -106,6 +106,7 @@ def disable_adapter(adapted: AdaptedRWKV7) -> Iterator[AdaptedRWKV7]:
     tuner_layers = [m for m in model.modules() if _is_tuner(m)]
     bats = [m for m in model.modules() if isinstance(m, BatLinear)]
     pissa_swaps = []
+    dropouts = []  # (the dropout of a residual start's adapter, its training flag)
     states = []
     try:
         if adapted.pissa_init:  # off = at the start, where residual + (alpha/r) B0 A0 is the base weight
@@ -114,6 +115,10 @@ def disable_adapter(adapted: AdaptedRWKV7) -> Iterator[AdaptedRWKV7]:
                 a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
                 pissa_swaps.append((a, b, a.data, b.data))
                 a.data, b.data = a0.to(a.device), b0.to(b.device)
+                # the start's term runs through the adapter: no dropout on it, or "off" is the base plus noise
+                drop = layer.lora_dropout["default"]
+                dropouts.append((drop, drop.training))
+                drop.eval()
         else:
             for layer in tuner_layers:
                 layer.enable_adapters(False)
@@ -129,6 +134,8 @@ def disable_adapter(adapted: AdaptedRWKV7) -> Iterator[AdaptedRWKV7]:
     finally:
         for a, b, a_data, b_data in pissa_swaps:
             a.data, b.data = a_data, b_data
+        for drop, training in dropouts:
+            drop.train(training)
         if not adapted.pissa_init:
             for layer in tuner_layers:
                 layer.enable_adapters(True)

@@ -259,6 +259,10 @@ class Recipe(ConfigModel):
         if self.train.objective == "dpo" and self.method.trains_state and self.train.deepspeed.stage == 3:
             raise invalid("{key}: dpo with a trained state runs under ZeRO-1/2, not 3 (ZeRO-3 partitions the state "
                           "that the reference switches off); use train.deepspeed.stage=2", "train.deepspeed.stage")
+        if self.train.objective == "dpo" and self.method.residual_init and self.train.deepspeed.stage == 3:
+            raise invalid(f"{{key}}: dpo with a start moved into the base ({self.method.residual_init}) runs under "
+                          "ZeRO-1/2, not 3 (its reference swaps the start into the adapter's weights, which ZeRO-3 "
+                          "gathers over); use train.deepspeed.stage=2", "train.deepspeed.stage")
         if self.train.lora_plus_ratio is not None and not has_lora_b(self.method.kind):
             raise invalid(f"{{key}}: method.kind {self.method.kind} has no LoRA B factor (LoRA+ raises the lr of B "
                           f"in B @ A); use method.kind {', '.join(LORA_B_KINDS[:-1])} or {LORA_B_KINDS[-1]}, or "

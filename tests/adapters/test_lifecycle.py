@@ -89,6 +89,22 @@ def test_disable_adapter_gives_the_base_and_comes_back(method, load_base, train)
     assert [p.requires_grad for p in adapted.parameters()] == flags
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_disable_adapter_of_a_residual_start_is_the_base_in_train_mode(init, load_base, train):
+    """A start moved into the base is switched off by swapping the start back into A and B: the adapter still runs,
+    so its dropout must not (DPO's reference pass runs in train mode). Without dropout off, "off" was the base plus
+    noise on the start's term."""
+    cfg = MethodConfig(kind="lora", init=init, r=8, dropout=0.5)
+    start = logits(attach(load_base(), cfg).eval())
+    adapted = attach(load_base(), cfg)
+    train(adapted)
+    adapted.train()
+    with disable_adapter(adapted):
+        off = logits(adapted)
+    assert adapted.training and all(m.training for m in adapted.modules())  # train mode comes back
+    assert (off - start).abs().max() <= two_forwards(load_base(), start)
+
+
 def test_disable_adapter_restores_a_checkpoints_own_state(tmp_path):
     # a base that carries a tuned time_state (a merged state-tuning run) keeps it while the adapter is off
     base = load_model(make_base(tmp_path / "b.pth", seed=3), wkv_backend="reference")

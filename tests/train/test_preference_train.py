@@ -181,6 +181,10 @@ BASE = "model: {path: m.pth}\ndata: {path: d.jsonl}\n"
     (BASE + "train: {optimizer: muon, deepspeed: {stage: 2}}\n", "train.optimizer: muon is not available"),
     (BASE + "method: {kind: state}\ntrain: {objective: dpo, deepspeed: {stage: 3}}\n",
      "train.deepspeed.stage: dpo with a trained state runs under ZeRO-1/2"),
+    (BASE + "method: {kind: pissa}\ntrain: {objective: dpo, deepspeed: {stage: 3}}\n",
+     "train.deepspeed.stage: dpo with a start moved into the base (pissa) runs under ZeRO-1/2"),
+    (BASE + "method: {kind: lora, init: olora}\ntrain: {objective: dpo, deepspeed: {stage: 3}}\n",
+     "train.deepspeed.stage: dpo with a start moved into the base (olora)"),
     (BASE + "train: {objective: kto}\n", "train.objective must be one of sft, dpo, orpo, simpo, grpo"),
     (BASE + "train: {beta: 0}\n", "train.beta"),
 ])
