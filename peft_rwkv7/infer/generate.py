@@ -48,8 +48,8 @@ def generate(
     """Continue `prompt`, yielding the new text piece by piece as it becomes decodable (streaming).
 
     `model` is an RWKV7 or an adapted model: anything with forward(idx, state, return_state=True).
-    The prompt is read in one forward pass, then one RNN step per token. Join the pieces for the
-    whole text: `"".join(generate(model, tok, "Hello"))`."""
+    The prompt is read in one forward pass (the head on its last position only), then one RNN step per token.
+    Join the pieces for the whole text: `"".join(generate(model, tok, "Hello"))`."""
     check_sampling(max_tokens, temperature, top_p)
     return _stream(model, tokenizer, prompt, max_tokens, temperature, top_p, seed, stop_at_eot)
 
@@ -62,7 +62,12 @@ def _stream(model, tokenizer, prompt, max_tokens, temperature, top_p, seed, stop
     gen = torch.Generator().manual_seed(seed)
     model.eval()
     with torch.no_grad():
-        logits, state = model(torch.tensor([ids], device=device), None, return_state=True)
+        prompt_ids = torch.tensor([ids], device=device)
+        if hasattr(model, "hidden"):  # the head on the last position only: a long prompt's [T, V] logits not held
+            h, state = model.hidden(prompt_ids, None)
+            logits = model.head_logits(h[:, -1:])
+        else:
+            logits, state = model(prompt_ids, None, return_state=True)
     logits = logits[0, -1]
     out: list[int] = []
     shown = ""

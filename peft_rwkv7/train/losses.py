@@ -38,6 +38,9 @@ def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: in
 
     tokens = (labels != -100).sum(dim=1)
     end = scored_end(labels)
+    if chunk_len and _zero3_ranks(model):  # every rank runs as many chunks as the one that runs most
+        end = _longest_end(end, idx, labels)
+        idx, labels = _padded(idx, end, 0), _padded(labels, end, -100)
     idx, labels = idx[:, :end], labels[:, :end]
     if not chunk_len or idx.shape[1] <= chunk_len:
         return chunk_logps(idx, labels, None)[0], tokens
@@ -47,6 +50,30 @@ def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: in
         part, state = checkpoint(chunk_logps, x, y, state, use_reentrant=False)
         total = total + part
     return total, tokens
+
+
+def _zero3_ranks(model) -> bool:
+    """Whether `model` runs under ZeRO-3 with other processes: each module call then gathers the module's weights
+    with a collective, so every rank must make the same calls, chunk for chunk (a rank with more chunks than
+    another waits for it forever)."""
+    from ..ops import partitioned
+
+    first = next(model.parameters(), None)
+    return (first is not None and partitioned(first) and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def _longest_end(end: int, idx: torch.Tensor, labels: torch.Tensor) -> int:
+    """The largest scored end over the ranks (each rank's own micro-batch)."""
+    t = torch.tensor([end], device=idx.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _padded(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """`t` [B, T] right-padded with `value` to `length` columns (unchanged when it has them): a padded tail scores
+    nothing and, the model being causal, changes no earlier position."""
+    return F.pad(t, (0, length - t.shape[1]), value=value) if t.shape[1] < length else t
 
 
 def sequence_loss_sum(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: int = 0) -> torch.Tensor:

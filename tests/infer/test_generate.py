@@ -27,6 +27,22 @@ def test_greedy_generation_matches_full_recompute():
     assert len(streamed) > 1  # streamed piece by piece
 
 
+def test_the_prompt_runs_the_head_on_its_last_position_only():
+    """A long prompt's [T, V] logits (4 GiB in bf16 at 32k tokens, V 65536) are not made: the head reads one row."""
+    tok = load_tokenizer("world")
+    model = make_model(seed=41, n_embd=64, vocab_size=65536).eval()
+    rows = []
+    model.head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[:-1]))
+    prompt = "Ship's log, day 7. " * 8
+    text = "".join(generate(model, tok, prompt, max_tokens=3, temperature=0.0, stop_at_eot=False))
+    assert len(tok.encode(prompt)) > 40 and rows and all(r.numel() == 1 for r in rows), rows
+    ids, expect = tok.encode(prompt), []
+    with torch.no_grad():
+        for _ in range(3):
+            expect.append(int(model(torch.tensor([ids + expect]))[0, -1].argmax()))
+    assert text == tok.decode(expect)
+
+
 @pytest.mark.parametrize("kwargs,match", [({"temperature": float("nan")}, "--temperature must be a number >= 0"),
                                           ({"temperature": -1.0}, "--temperature"), ({"top_p": 0.0}, "--top-p"),
                                           ({"max_tokens": 0}, "--max-tokens")])

@@ -119,6 +119,28 @@ def test_two_processes_split_the_same_global_batch(tiny_world, tmp_path, stage, 
     assert max_diff(whole, multi) <= adam_bound(3) * LR
 
 
+@pytest.mark.slow
+def test_zero3_ranks_run_the_same_chunks(tiny_world, tmp_path):
+    """train.chunk_len under ZeRO-3: each module call gathers its weights with a collective, so the ranks must run
+    the same number of chunks. A micro-batch runs up to its last scored token, which differs from rank to rank on
+    padded data: the rank with fewer chunks finished its step while the other waited on a gather (a hang). Now each
+    micro-batch runs to the longest end over the ranks, and the run is the one-process run's."""
+    pytest.importorskip("deepspeed")
+    from tests.train.test_deepspeed import run_two_processes
+
+    chunks = {"train.chunk_len": 8}  # ctx 48: the records end from ~12 to 48 tokens, 2 to 6 chunks
+    whole, multi = tmp_path / "4x1", tmp_path / "2x1x2"
+    assert train_from_cli(LORA, split_overrides(tiny_world, tmp_path, whole, 4, 1, **chunks)) == 0
+    run_two_processes(split_overrides(tiny_world, tmp_path, multi, 2, 1, **{"train.deepspeed.stage": 3}, **chunks),
+                      timeout=240)
+    a, b = step_losses(whole), step_losses(multi)
+    want, tol = step_one_expectation(tiny_world, tmp_path)  # the same step, unchunked, in fp64
+    tol += LOGGED
+    assert abs(a[0] - want) <= tol and abs(b[0] - want) <= tol, (a[0], b[0], want, tol)
+    assert len(a) == len(b) == 3
+    assert max_diff(whole, multi) <= adam_bound(3) * LR
+
+
 def optimizer_gradient(recipe) -> tuple[dict[str, torch.Tensor], object]:
     """(the gradient the optimizer steps with at step 1, by trained-tensor name; the run before the step)."""
     run = setup(recipe)

@@ -229,8 +229,9 @@ def test_rank_0_alone_tokenizes_a_cold_cache(tiny_world, tmp_path):
 
 
 def run_two_processes(overrides: list[str], expect_ok: bool = True, launcher: tuple = ("-m", "peft_rwkv7.cli"),
-                      env_extra: dict | None = None) -> list[str]:
-    """`rwkv-peft train LORA overrides` as ranks 0 and 1 of a gloo group; returns each rank's stderr."""
+                      env_extra: dict | None = None, timeout: float = 900) -> list[str]:
+    """`rwkv-peft train LORA overrides` as ranks 0 and 1 of a gloo group; returns each rank's stderr. Ranks still
+    running after `timeout` seconds are killed and the test fails (a hang)."""
     port = str(free_port())
     procs = []
     for rank in range(2):
@@ -238,7 +239,13 @@ def run_two_processes(overrides: list[str], expect_ok: bool = True, launcher: tu
                    MASTER_PORT=port, DS_ACCELERATOR="cpu", **(env_extra or {}))
         procs.append(subprocess.Popen([sys.executable, *launcher, "train", LORA, *overrides], env=env,
                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=900) for p in procs]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        pytest.fail(f"the two ranks did not finish in {timeout:.0f} s (a hang)")
     for p, (_, err) in zip(procs, outs):
         assert (p.returncode == 0) == expect_ok, err[-3000:]
     return [err for _, err in outs]
