@@ -120,6 +120,25 @@ def test_two_processes_split_the_same_global_batch(tiny_world, tmp_path, stage, 
 
 
 @pytest.mark.slow
+def test_qlora_under_zero3_is_the_one_process_run(tiny_world, tmp_path):
+    """An NF4 base under ZeRO-3 (bitsandbytes' packed weights among the parameters it partitions), never run
+    before: two processes give the one-process run's losses and adapter."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("bitsandbytes")
+    from tests.train.test_deepspeed import run_two_processes
+
+    nf4 = {"method.quant": "nf4"}
+    whole, multi = tmp_path / "4x1", tmp_path / "2x1x2"
+    assert train_from_cli(LORA, split_overrides(tiny_world, tmp_path, whole, 4, 1, **nf4)) == 0
+    run_two_processes(split_overrides(tiny_world, tmp_path, multi, 2, 1, **{"train.deepspeed.stage": 3}, **nf4),
+                      timeout=300)
+    a, b = step_losses(whole), step_losses(multi)
+    _, tol = step_one_expectation(tiny_world, tmp_path)  # the fp32 rounding of one such step (the float base's)
+    assert len(a) == len(b) == 3 and abs(a[0] - b[0]) <= 2 * tol + LOGGED, (a, b)
+    assert max_diff(whole, multi) <= adam_bound(3) * LR
+
+
+@pytest.mark.slow
 def test_zero3_ranks_run_the_same_chunks(tiny_world, tmp_path):
     """train.chunk_len under ZeRO-3: each module call gathers its weights with a collective, so the ranks must run
     the same number of chunks. A micro-batch runs up to its last scored token, which differs from rank to rank on
