@@ -216,6 +216,24 @@ def deepspeed_engine(model, optimizer, recipe: Recipe, dist: Dist):
     return engine, ds_optimizer
 
 
+def partitioned_reference(reference, recipe: Recipe, dist: Dist):
+    """A frozen reference model (DPO's, GRPO's: a copy of a model trained in full) partitioned over the ranks by
+    ZeRO-3 as the trained model is: an engine without optimizer, its weights whole only inside their modules' calls.
+    Returns the partitioned module."""
+    import deepspeed
+
+    config = deepspeed_config(recipe, node_local_out_dir=not dist.shared_out_dir)
+    config.pop("gradient_clipping")
+    engine, *_ = deepspeed.initialize(model=reference, config=config)
+    external_weights(engine.module)
+    if dist.is_main:
+        params = list(engine.module.parameters())
+        held = sum(p.ds_tensor.numel() for p in params) / max(1, sum(p.ds_numel for p in params))
+        print(f"{recipe.train.objective}: the frozen reference is partitioned over {dist.world_size} processes "
+              f"(ZeRO-3): this one holds {held:.0%} of its weights", file=sys.stderr, flush=True)
+    return engine.module.eval()
+
+
 def micro_backward(engine, part: torch.Tensor, scale: float, step: int) -> None:
     """Backward of one micro-batch's summed loss `part` times `scale` (its share of the step's mean),
     through the DeepSpeed engine when there is one (it counts micro-batches itself and steps at the last);

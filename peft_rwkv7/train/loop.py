@@ -163,6 +163,10 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
         from .distributed import deepspeed_engine
 
         engine, optimizer = deepspeed_engine(model, optimizer, recipe, dist)
+        if reference is not None and tc.deepspeed.stage == 3:  # not a whole copy on every rank
+            from .distributed import partitioned_reference
+
+            reference = partitioned_reference(reference, recipe, dist)
     run = Run(recipe, dist, device, base, base_path, model, named, data, eval_docs, optimizer, engine,
               _precision_context(device, use_bf16), start=0, objective=objective, reference=reference,
               eval_pairs=eval_pairs, eval_masks=eval_masks, task=task, computes_in="bf16" if use_bf16 else "fp32")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,25 @@ def test_two_processes_split_the_same_global_batch(tiny_world, tmp_path):
     assert train_from_cli(DPO, overrides(tiny_world, tmp_path, whole, 4, 1)) == 0
     run_two_processes(overrides(tiny_world, tmp_path, multi, 2, 1, **{"train.deepspeed.stage": 2}))
     assert_one_update(whole, multi, step_one_logp_tol(tiny_world), "dpo")
+
+
+@pytest.mark.slow
+def test_full_finetuning_dpo_under_zero3_partitions_its_reference(tiny_world, tmp_path):
+    """Full fine-tuning's DPO reference is a frozen copy of the whole model. Under ZeRO-3 it is partitioned over
+    the ranks as the trained model is (every rank held all of it in fp32: 28 GB a GPU at 7B); the run is still the
+    one-process run."""
+    pytest.importorskip("deepspeed")
+    from tests.train.test_deepspeed import run_two_processes
+
+    full = {"method.kind": "full", "method.state": "false", "train.lr": 1e-5, "train.lr_final": 1e-5}
+    whole, multi = tmp_path / "4x1", tmp_path / "2x1x2"
+    assert train_from_cli(DPO, overrides(tiny_world, tmp_path, whole, 4, 1, **full)) == 0
+    errs = run_two_processes(overrides(tiny_world, tmp_path, multi, 2, 1, **{"train.deepspeed.stage": 3}, **full))
+    held = re.search(r"dpo: the frozen reference is partitioned over 2 processes \(ZeRO-3\): this one holds "
+                     r"(\d+)% of its weights", errs[0])
+    assert held and 45 <= int(held.group(1)) <= 55, errs[0][-2000:]  # half, with ZeRO's padding
+    tol = step_one_logp_tol(tiny_world)
+    for key in ("chosen_logp", "rejected_logp"):
+        assert abs(step_values(whole, key)[0] - step_values(multi, key)[0]) <= tol + 2 * LOGGED, key
+    assert step_values(whole, "reward_margin")[0] == step_values(multi, "reward_margin")[0] == 0.0
+    assert all(abs(a - b) <= 1e-3 for a, b in zip(step_values(whole), step_values(multi)))
