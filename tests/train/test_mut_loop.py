@@ -48,6 +48,7 @@ class Rows:
 def make_run(data, *, grad_clip, lr=1.0, schedule="constant", warmup_steps=0, max_steps=10, decay_frac=0.2):
     base = make_model(seed=21, n_layer=2, n_embd=64, head_size=16, vocab_size=V)
     base.set_wkv_backend("reference")
+    torch.manual_seed(0)  # peft draws lora_A from the global generator: the same start in any process and order
     model = attach(base, MethodConfig(kind="lora", r=4, alpha=8, state=True))
     named = trainable_parameters(model)
     with torch.no_grad():  # LoRA B and the state off zero, so that every trained tensor has a gradient
