@@ -55,9 +55,9 @@ def _float_projection_bytes(model) -> int:
 
 
 def test_qlora_never_holds_the_float_base_on_the_gpu(tmp_path):
-    """A QLoRA run's adapter for generate/eval/chat, and a QLoRA training run: the base loads on the CPU and each
-    projection is quantized onto the GPU (adapters.quant.staging_device). Before, the float base went onto the GPU
-    whole, so QLoRA's peak was the float model's."""
+    """A QLoRA run's adapter for generate/eval/chat (the training run: the next test): the base loads on the CPU and
+    each projection is quantized onto the GPU (adapters.quant.staging_device). Before, the float base went onto the
+    GPU whole, so QLoRA's peak was the float model's."""
     pytest.importorskip("bitsandbytes")
     from peft_rwkv7.adapters import MethodConfig, attach, save_adapter
     from peft_rwkv7.infer.load import load_for_inference

@@ -258,9 +258,9 @@ def attach(
     before = after = 0
     for name in _in_layer_order(residual | quantized, n_layer):
         linear = model.get_submodule(name)
-        if device is not None and name in residual:
-            linear.to(device)  # the start is computed where the layer will live (a GPU's SVD)
         if name in residual:
+            if device is not None:
+                linear.to(device)  # the start is computed where the layer will live (a GPU's SVD)
             if pissa_start is None:
                 adapted.pissa_init[name] = _residual_start(linear, cfg)
             elif name not in pissa_start:

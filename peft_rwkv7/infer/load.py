@@ -27,5 +27,5 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "au
     if dt == torch.bfloat16 and dev.type == "cpu":  # row chunks where the (cached) bf16 check found them faster
         loaded.set_bf16_row_chunks(cpu_bf16_check().row_chunks)
     if saved is not None:
-        loaded = load_adapter(loaded, saved, device=dev if load_on != dev else None)
+        loaded = load_adapter(loaded, saved, device=dev)  # a staged base goes to dev (elsewhere it is there)
     return loaded.eval()

@@ -81,10 +81,9 @@ def load_for_eval(model: str, adapter: str | None = None, state: str | None = No
     # layer (staging_device), so a GPU never holds the float model
     saved = read_adapter(adapter or state, lora_alpha) if adapter or state else None
     load_on = staging_device(saved.method.quant, dev) if saved is not None else dev
-    onto = dev if load_on != dev else None
     net = load_model(resolve_model_path(model), dtype=dtypes[dtype], device=load_on)
     if adapter and state:
-        out = load_adapter(net, saved, device=onto)
+        out = load_adapter(net, saved, device=dev)
         if out.method.trains_state:
             raise UserError(f"{adapter}: this adapter carries its own tuned state; drop state={state}")
         sd = read_state_dict(state)
@@ -99,7 +98,7 @@ def load_for_eval(model: str, adapter: str | None = None, state: str | None = No
             blk.att.register_buffer("time_state", ts.to(device=dev, dtype=torch.float32))
         net = out
     elif adapter or state:
-        net = load_adapter(net, saved, device=onto)
+        net = load_adapter(net, saved, device=dev)
     return net.eval()
 
 

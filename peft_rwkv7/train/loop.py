@@ -109,8 +109,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     frozen_dtype = torch.bfloat16 if use_bf16 and recipe.method.kind != "full" else torch.float32
     # a quantized base for a GPU is loaded on the CPU and quantized onto it layer by layer by attach (QLoRA's
     # peak is then the quantized model, not the float one)
-    load_on = staging_device(recipe.method.quant, device)
-    base, base_path = build_base(recipe, load_on, frozen_dtype)
+    base, base_path = build_base(recipe, staging_device(recipe.method.quant, device), frozen_dtype)
     if use_bf16 and device.type == "cpu":  # products in row chunks where the (cached) bf16 check found them faster
         base.set_bf16_row_chunks(cpu_bf16_check().row_chunks)
     base.grad_cp = tc.grad_cp
@@ -125,8 +124,8 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
         data = main_first(dist, lambda build: make_dataset(
             recipe.data, tokenizer, seed=tc.seed, vocab_size=base.config.vocab_size,
             progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
-    # AdaLoRA: the run's steps; EVA: its first batches; a staged base goes to `device`
-    model = attach_for_run(base, recipe, data, resume, device=device if load_on != device else None)
+    # AdaLoRA: the run's steps; EVA: its first batches; a staged base goes to `device` (elsewhere it is there)
+    model = attach_for_run(base, recipe, data, resume, device=device)
     named = trainable_parameters(model)
     for _, p in named:
         p.data = p.data.float()

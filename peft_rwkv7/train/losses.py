@@ -39,7 +39,7 @@ def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: in
     tokens = (labels != -100).sum(dim=1)
     end = scored_end(labels)
     if chunk_len and _zero3_ranks(model):  # every rank runs as many chunks as the one that runs most
-        end = _longest_end(end, idx, labels)
+        end = _longest_end(end, idx.device)
         idx, labels = _padded(idx, end, 0), _padded(labels, end, -100)
     idx, labels = idx[:, :end], labels[:, :end]
     if not chunk_len or idx.shape[1] <= chunk_len:
@@ -65,9 +65,9 @@ def _zero3_ranks(model) -> bool:
     return first is not None and partitioned(first)
 
 
-def _longest_end(end: int, idx: torch.Tensor, labels: torch.Tensor) -> int:
+def _longest_end(end: int, device: torch.device) -> int:
     """The largest scored end over the ranks (each rank's own micro-batch)."""
-    t = torch.tensor([end], device=idx.device)
+    t = torch.tensor([end], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
 

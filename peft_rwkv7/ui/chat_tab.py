@@ -17,6 +17,11 @@ DEFAULT_MODEL = "data/demo/rwkv7-demo.pth"
 DEFAULT_ADAPTER = "runs/state_tune"
 
 
+def _key(model: str, adapter: str | None) -> tuple:
+    """The cache key of a chat model: ("chat", model, adapter or None), as typed less surrounding blanks."""
+    return "chat", (model or "").strip(), (adapter or "").strip() or None
+
+
 def load(ui, model: str, adapter: str | None, keep: tuple = ()):
     """The model, as the CLI's --model/--adapter (and its default --dtype auto) load it. Cached on the Ui, so a
     second chat with it starts at once; the cache holds the models of one chat only: loading another drops every
@@ -31,7 +36,7 @@ def load(ui, model: str, adapter: str | None, keep: tuple = ()):
     need_model("--model", model)  # the CLI's checks of --model and --adapter, in its words
     if adapter:
         need_path("--adapter", adapter)
-    key = ("chat", model, adapter)
+    key = _key(model, adapter)
     if key not in ui.cache:
         for old in [k for k in ui.cache if k[0] == "chat" and k != key and k not in keep]:
             del ui.cache[old]
@@ -55,11 +60,10 @@ def sessions(ui, cfg: tuple) -> dict:
     tokenizer = ui.cache[("tokenizer", tok)]
     opts = {"system": (system or "").strip() or None, "max_tokens": int(max_tokens), "temperature": float(temperature),
             "top_p": float(top_p), "seed": int(seed)}
-    pair = {("chat", m, a) for m, a in ((model.strip(), (adapter or "").strip() or None),
-                                         *([(model.strip(), None)] if compare else []))}
-    out = {"tuned": ChatSession(load(ui, model, adapter, keep=tuple(pair)), tokenizer, **opts)}
+    pair = (_key(model, adapter), _key(model, None)) if compare else (_key(model, adapter),)
+    out = {"tuned": ChatSession(load(ui, model, adapter, keep=pair), tokenizer, **opts)}
     if compare:
-        out["base"] = ChatSession(load(ui, model, None, keep=tuple(pair)), tokenizer, **opts)
+        out["base"] = ChatSession(load(ui, model, None, keep=pair), tokenizer, **opts)
     return out
 
 

@@ -56,7 +56,7 @@ def test_quantized_onto_the_device_one_projection_at_a_time(load_base, monkeypat
     adapted = attach(model, MethodConfig(kind=kind, quant="nf4"), device="meta")
     n = model.config.n_layer * len(PROJECTIONS)
     assert calls == [("cpu", "meta", 0)] * n  # each read on the CPU, none of them float on the device first
-    assert adapted.quant_bytes is not None
+    assert adapted.quant_bytes[0] > 0  # counted as the projections were quantized
     leftovers = [k for k, t in adapted.model.state_dict().items() if t.device.type != "meta"]
     assert leftovers == []  # then the rest of the model went to the device
     assert all(p.device.type == "meta" for p in adapted.parameters())
