@@ -107,6 +107,18 @@ def launcher_dist(recipe: Recipe) -> Dist:
     return dist
 
 
+def close_dist() -> None:
+    """The end of a run that finished on every rank: the ranks wait for each other, then the process groups go.
+
+    Without it, gloo's worker threads could still hold ZeRO-3's last gathers when the interpreter finalises, and
+    a rank whose run had finished died there with SIGABRT ("terminate called without an active exception",
+    pytorch#190489). Not after an error: a rank that failed can leave the others inside a collective, where a
+    barrier would wait for ever."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _raise_anywhere(dist: Dist, error: str | None) -> None:
     """Every process calls this with its error (or None): the first one, if any, is raised on all of them."""
     errors: list = [None] * dist.world_size

@@ -63,13 +63,14 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
             print(f"{out_dir} already holds this finished run ({done} steps); nothing to do — to train again "
                   f"pick another out_dir=...{longer}", flush=True)
             return 0
-        from .distributed import launcher_dist
+        from .distributed import close_dist, launcher_dist
         from .loop import describe, train
 
         dist = launcher_dist(recipe)
         if dist.is_main:
             print(describe(recipe), flush=True)
         summary = train(recipe, resume=resume, dist=dist)
+        close_dist()
     if dist.is_main:
         print(summary_line(summary, out_dir), flush=True)
         if not summary.get("stopped_early"):
