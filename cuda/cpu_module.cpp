@@ -1,6 +1,6 @@
 // The Python module of the CPU extension (peft_rwkv7/ops/cpu.py builds wkv7_cpu.cpp, rnn_step_cpu.cpp,
-// token_mix_cpu.cpp, timemix_cpu.cpp, gate_cpu.cpp, decay_cpu.cpp, loss_cpu.cpp, cpu_alloc.cpp and this file
-// into one library): every function it exports.
+// token_mix_cpu.cpp, timemix_cpu.cpp, gate_cpu.cpp, decay_cpu.cpp, loss_cpu.cpp, thin_cpu.cpp, cpu_alloc.cpp and
+// this file into one library): every function it exports.
 
 #include <torch/python.h>  // pybind11 and its tensor casters, without the C++ frontend (torch/extension.h)
 
@@ -54,6 +54,12 @@ void logsumexp_f64(const torch::Tensor& z, torch::Tensor out, torch::Tensor ok);
 torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& y);
 torch::Tensor relu_square_backward_x(const torch::Tensor& g, const torch::Tensor& x);
 
+// thin_cpu.cpp
+bool thin_rank_supported(int64_t r);
+bool thin_measured_cpu();
+at::Tensor thin_nt(const at::Tensor& x, const at::Tensor& w, double alpha, bool w_rk);
+at::Tensor thin_tn(const at::Tensor& g, const at::Tensor& x, double alpha, bool out_kr);
+
 // cpu_alloc.cpp
 void cpu_cache_install(int64_t min_bytes);
 bool cpu_cache_uninstall();
@@ -77,6 +83,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("logsumexp_f64", &logsumexp_f64, "fp64 log-sum-exp of each row of fp32 or bf16 logits (evaluation)");
   m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32 or bf16)");
   m.def("relu_square_backward", &relu_square_backward, "its gradient g * sqrt(y) * 2 from the output y (fp32)");
+  m.def("thin_rank_supported", &thin_rank_supported, "whether thin_nt/thin_tn take this rank (8, 16, 32, 64)");
+  m.def("thin_measured_cpu", &thin_measured_cpu, "whether the thin products run their measured (AVX-512) clone");
+  m.def("thin_nt", &thin_nt, "alpha x [T, K] w [K, R] (or w [R, K] transposed) -> [T, R] (fp32; x A^T, g B)");
+  m.def("thin_tn", &thin_tn, "alpha g [T, R]^T x [T, K] -> [R, K] or [K, R] (fp32; the factors' gradients)");
   m.def("relu_square_backward_x", &relu_square_backward_x, "its gradient (g * relu(x)) * 2 from x (bf16)");
   m.def("key_prep_forward", &key_prep_forward, "TimeMix's k, -kk and kk a (fp32 or bf16 rows)");
   m.def("key_prep_backward", &key_prep_backward, "their gradients (parameter ones summed in fixed row blocks)");

@@ -19,6 +19,8 @@ autograd would give x two gradients, (g W) and (s g B) A, each a fresh [tokens, 
 the node adds the second into the first in place (addmm_), and scales A's and B's gradients after their thin
 GEMMs. Same products, one pass over the largest gradient fewer per adapted Linear. Under bf16 autocast
 (issue 23, round 15) that sum was ~18 ms of a 0.53 s bf16 LoRA step at 0.1B ctx 512 on a CPU with AMX.
+In fp32 on an AVX-512 CPU the thin products (x A^T, g B and the factors' gradients) run in the CPU extension's
+kernel (ops.cpu.thin_nt/thin_tn), about twice BLAS's speed on those shapes (issue 23, round 21).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as PeftLoraLinear
 
 from ..model.rwkv7 import Linear
-from ..ops import partitioned
+from ..ops import cpu, partitioned
 from ..ops.rowsplit import mm_rows, row_chunks
 
 
@@ -91,27 +93,29 @@ class _LoraMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, a, b, s: float, chunks: int = 1):
+        thin = cpu.thin_takes(x, a.shape[0])  # fp32 on an AVX-512 CPU: the thin products in the CPU kernel
         y = mm_rows(x, w.t(), chunks)  # the base product in row chunks where ops.rowsplit says so
-        xa = torch.mm(x, a.t())
+        xa = cpu.thin_nt(x, a, w_rk=True) if thin else torch.mm(x, a.t())
         y.addmm_(xa, b.t(), alpha=s)
         ctx.save_for_backward(x, w, a, b, xa)
-        ctx.s, ctx.chunks = s, chunks
+        ctx.s, ctx.chunks, ctx.thin = s, chunks, thin
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, w, a, b, xa = ctx.saved_tensors
-        s, need = ctx.s, ctx.needs_input_grad
+        s, need, thin = ctx.s, ctx.needs_input_grad, ctx.thin
         g = g.contiguous()
-        dx = da = db = None
-        gb = torch.mm(g, b) if need[0] or need[2] else None  # [tokens, r]: g B, unscaled
+        dx = da = db = gb = None
+        if need[0] or need[2]:  # [tokens, r]: g B, unscaled
+            gb = cpu.thin_nt(g, b) if thin else torch.mm(g, b)
         if need[0]:
             dx = mm_rows(g, w, ctx.chunks)
             dx.addmm_(gb, a, alpha=s)  # x's second gradient added in place
         if need[2]:
-            da = torch.mm(gb.t(), x).mul_(s)
+            da = cpu.thin_tn(gb, x, s) if thin else torch.mm(gb.t(), x).mul_(s)
         if need[3]:
-            db = torch.mm(g.t(), xa).mul_(s)
+            db = cpu.thin_tn(xa, g, s, out_kr=True) if thin else torch.mm(g.t(), xa).mul_(s)
         return dx, None, da, db, None, None
 
 

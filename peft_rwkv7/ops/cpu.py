@@ -40,8 +40,8 @@ CHUNK = 32  # steps between stored states; must match kChunk in wkv7_cpu.cpp (th
 LANES = 8  # the kernel's head size must be a multiple of this (kLanes in wkv7_cpu.cpp)
 _KERNELS = Path(__file__).parent / "kernels"  # a link to the repository's cuda/
 _SOURCES = tuple(_KERNELS / f for f in ("wkv7_cpu.cpp", "rnn_step_cpu.cpp", "token_mix_cpu.cpp", "timemix_cpu.cpp",
-                                          "gate_cpu.cpp", "decay_cpu.cpp", "loss_cpu.cpp", "cpu_alloc.cpp",
-                                          "cpu_module.cpp"))
+                                          "gate_cpu.cpp", "decay_cpu.cpp", "loss_cpu.cpp", "thin_cpu.cpp",
+                                          "cpu_alloc.cpp", "cpu_module.cpp"))
 # Portable flags only: the source itself compiles an AVX2+FMA variant beside the baseline one and
 # picks between them from the CPU it runs on (GCC target_clones), so no -march=native here.
 # Threads come from torch: at::parallel_for splits the (batch, head) sequences. With torch's OpenMP
@@ -265,6 +265,42 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def vecmat(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The K elements of x times weight [K, O] (contiguous fp32) -> [O] fp32, no autograd."""
     return _ext("vecmat").vecmat(x, weight)
+
+
+def _thin_ext(*tensors: torch.Tensor, rank: int) -> ModuleType | None:
+    """The extension where its thin products take these tensors: fp32 CPU matrices, a rank of 8, 16, 32 or 64, on
+    a CPU with AVX-512, where they were measured faster than BLAS (on AVX2 alone they are not yet measured)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 for t in tensors):
+        return None
+    ext = _extension()
+    return ext if ext is not None and ext.thin_measured_cpu() and ext.thin_rank_supported(rank) else None
+
+
+def thin_takes(x: torch.Tensor, rank: int) -> bool:
+    """Whether thin_nt/thin_tn run the extension's kernel for an activation like x and this rank."""
+    return _thin_ext(x, rank=rank) is not None
+
+
+def thin_nt(x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0, *, w_rk: bool = False) -> torch.Tensor:
+    """alpha x [T, K] w [K, R] -> [T, R] (w_rk: w is [R, K], used transposed), no autograd: LoRA's g B and x A^T.
+
+    fp32 CPU tensors of rank 8, 16, 32 or 64 on an AVX-512 CPU take the extension's kernel (cuda/thin_cpu.cpp:
+    about twice BLAS's speed on these shapes), anything else torch's product."""
+    ext = _thin_ext(x, w, rank=w.shape[0] if w_rk else w.shape[1])
+    if ext is not None:
+        return ext.thin_nt(x.contiguous(), w.contiguous(), alpha, w_rk)
+    out = torch.mm(x, w.t() if w_rk else w)
+    return out if alpha == 1.0 else out.mul_(alpha)
+
+
+def thin_tn(g: torch.Tensor, x: torch.Tensor, alpha: float = 1.0, *, out_kr: bool = False) -> torch.Tensor:
+    """alpha g [T, R]^T x [T, K] -> [R, K] (out_kr: its transpose [K, R], contiguous), no autograd: LoRA's factor
+    gradients, A's (g B)^T x and B's (x A^T)^T g. The kernel where thin_nt takes it, else torch's product."""
+    ext = _thin_ext(g, x, rank=g.shape[1])
+    if ext is not None:
+        return ext.thin_tn(g.contiguous(), x.contiguous(), alpha, out_kr)
+    out = torch.mm(x.t(), g) if out_kr else torch.mm(g.t(), x)
+    return out if alpha == 1.0 else out.mul_(alpha)
 
 
 def logsumexp_f64(rows: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,15 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 
 from peft_rwkv7.adapters import MethodConfig, attach, disable_adapter
 from peft_rwkv7.adapters.fused_lora import FusedLoraLinear
+from peft_rwkv7.ops import cpu
 from tests.conftest import make_model
 
 U = 2.0**-24
 
 
-def _adapted(**method):
+def _adapted(r: int = 4, **method):
     model = make_model(seed=0, n_layer=1, n_embd=64, head_size=16)
-    adapted = attach(model, MethodConfig(kind="lora", r=4, alpha=8, **method))
+    adapted = attach(model, MethodConfig(kind="lora", r=r, alpha=2 * r, **method))
     lin = model.blocks[0].ffn.key
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B is zero at init: give the low-rank term a size
@@ -53,11 +54,21 @@ def test_the_models_linears_get_the_fused_layer():
                for n in ("receptance", "key", "value", "output"))
 
 
-def test_fused_equals_peft_and_the_fp64_formula():
-    _, lin = _adapted()
+@pytest.mark.parametrize("r", [4, 16])
+def test_fused_equals_peft_and_the_fp64_formula(r, monkeypatch):
+    """r 16: in fp32 on an AVX-512 CPU the thin products run in the CPU extension's kernel (ops.cpu.thin_nt/tn);
+    r 4 (not a kernel rank) and other CPUs: torch's products."""
+    _, lin = _adapted(r)
     g = torch.Generator().manual_seed(2)
     x, gy = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, lin.out_features, generator=g)
-    fused, plain = _run(lin, FusedLoraLinear, x, gy), _run(lin, PeftLoraLinear, x, gy)
+    calls = []
+    for name in ("thin_nt", "thin_tn"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    fused = _run(lin, FusedLoraLinear, x, gy)
+    thin = cpu.thin_takes(x.reshape(-1, 64), r)
+    assert sorted(calls) == (["thin_nt"] * 2 + ["thin_tn"] * 2 if thin else []), calls
+    plain = _run(lin, PeftLoraLinear, x, gy)
     w = lin.base_layer.weight.double()
     a, b = lin.lora_A["default"].weight.double(), lin.lora_B["default"].weight.double()
     s = lin.scaling["default"]
@@ -70,9 +81,14 @@ def test_fused_equals_peft_and_the_fp64_formula():
     # the fused one after them: a few ulps of each product
     for name, f, p in zip(("dx", "dA", "dB"), fused[1:], plain[1:]):
         assert (f - p).abs().max() <= 64 * U * p.abs().max(), name
-    # and they are the gradients of the formula: dB = s (x A^T)^T gy summed over tokens
-    db64 = s * (gy.double().reshape(-1, gy.shape[-1]).t() @ (x64 @ a.t()).reshape(-1, a.shape[0]))
-    assert (fused[3].double() - db64).abs().max() <= 64 * U * db64.abs().max()
+    # and they are the gradients of the formula: dx = gy W + s (gy B) A, dA = s (gy B)^T x, dB = s gy^T (x A^T),
+    # summed over tokens
+    g64, x2 = gy.double().reshape(-1, gy.shape[-1]), x64.reshape(-1, x64.shape[-1])
+    dx64 = (g64 @ w + s * (g64 @ b) @ a).reshape(x.shape)
+    da64 = s * (g64 @ b).t() @ x2
+    db64 = s * (g64.t() @ (x2 @ a.t()))
+    for name, got, want in zip(("dx", "dA", "dB"), fused[1:], (dx64, da64, db64)):
+        assert (got.double() - want).abs().max() <= 64 * U * want.abs().max(), name
 
 
 def test_fused_equals_peft_under_bf16_autocast():

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 QEMU = shutil.which("qemu-x86_64")
 TESTS = ["tests/ops/test_cpu_backend.py", "tests/ops/test_timemix.py", "tests/ops/test_gates.py",
          "tests/ops/test_pointwise.py", "tests/ops/test_matvec.py", "tests/ops/test_decay.py",
-         "tests/ops/test_loss_cpu.py"]
+         "tests/ops/test_loss_cpu.py", "tests/ops/test_thin.py"]
 # What torch reports under each emulated model: proof that the child saw that CPU (GCC's clone resolver reads the
 # same CPUID bits: AVX2+FMA+BMI+MOVBE... selects x86-64-v3, SSE4.2 alone the baseline). QEMU's TCG has no AVX-512.
 MODELS = {"EPYC-Rome": "AVX2", "Westmere": "DEFAULT"}
