@@ -58,7 +58,10 @@ class FusedLoraLinear(PeftLoraLinear):
         # bf16, an exact round trip of two copies forward and two backward ([tokens, in] each: ~37 ms of a 0.55 s
         # bf16 LoRA step at 0.1B ctx 512), so there x goes in as it is: the same bits.
         amp = torch.is_autocast_enabled(x2.device.type)
-        xa = F.linear(x2 if amp else self._cast_input_dtype(x2, a.dtype), a)
+        xin = x2 if amp else self._cast_input_dtype(x2, a.dtype)
+        # the training node's x A^T where it takes the CPU kernel, so a no-grad pass (DPO's reference, evaluation)
+        # gives the bits a training forward gives
+        xa = cpu.thin_nt(xin, a, w_rk=True) if cpu.thin_takes(xin, a.shape[0]) else F.linear(xin, a)
         # under autocast the base output is bf16: the low-rank product joins it in that dtype, as peft's does
         result.addmm_(xa.to(result.dtype), b.to(result.dtype).t(), alpha=self.scaling[name])
         return result.view(*x.shape[:-1], result.shape[-1])

@@ -276,9 +276,16 @@ def _thin_ext(*tensors: torch.Tensor, rank: int) -> ModuleType | None:
     return ext if ext is not None and ext.thin_measured_cpu() and ext.thin_rank_supported(rank) else None
 
 
+# Rows from which the thin kernel beats BLAS even on an activation in cache (round 21, AVX-512: 256 rows 0.88x of
+# BLAS's time, 128 rows equal, 1 row 3x: the factor's transpose and the call cost ~6 us); training's are 512 and up.
+THIN_MIN_ROWS = 256
+
+
 def thin_takes(x: torch.Tensor, rank: int) -> bool:
-    """Whether thin_nt/thin_tn run the extension's kernel for an activation like x and this rank."""
-    return _thin_ext(x, rank=rank) is not None
+    """Whether LoRA's layer routes its products with an activation like x [rows, in] and this rank to thin_nt and
+    thin_tn's kernel: fp32 CPU, a kernel rank, an AVX-512 CPU, and at least THIN_MIN_ROWS rows (one-row generation
+    keeps BLAS). The training node and the no-grad forward decide alike, so both give the same bits."""
+    return x.dim() == 2 and x.shape[0] >= THIN_MIN_ROWS and _thin_ext(x, rank=rank) is not None
 
 
 def thin_nt(x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0, *, w_rk: bool = False) -> torch.Tensor:

@@ -56,11 +56,11 @@ def test_the_models_linears_get_the_fused_layer():
 
 @pytest.mark.parametrize("r", [4, 16])
 def test_fused_equals_peft_and_the_fp64_formula(r, monkeypatch):
-    """r 16: in fp32 on an AVX-512 CPU the thin products run in the CPU extension's kernel (ops.cpu.thin_nt/tn);
-    r 4 (not a kernel rank) and other CPUs: torch's products."""
+    """r 16: in fp32 on an AVX-512 CPU the thin products of 256 rows and more run in the CPU extension's kernel
+    (ops.cpu.thin_nt/tn); r 4 (not a kernel rank) and other CPUs: torch's products."""
     _, lin = _adapted(r)
     g = torch.Generator().manual_seed(2)
-    x, gy = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, lin.out_features, generator=g)
+    x, gy = torch.randn(2, 130, 64, generator=g), torch.randn(2, 130, lin.out_features, generator=g)  # 260 rows
     calls = []
     for name in ("thin_nt", "thin_tn"):
         real = getattr(cpu, name)
@@ -184,3 +184,20 @@ def test_under_autocast_the_layer_is_one_node_that_sums_x_gradients_in_place():
     assert y.grad_fn.next_functions[0][0].name() == "_LoraMatmulBackward" and y.dtype == torch.bfloat16
     for name, f, p in zip(("y", "dx", "dA", "dB"), fused, plain):
         assert (f - p).abs().max() <= 4 * 2.0**-8 * p.abs().max(), name
+
+
+@pytest.mark.parametrize("r", [4, 16])
+def test_a_no_grad_forward_gives_the_training_forwards_bits(r):
+    """DPO's reference pass and evaluation run without grad (the plain path), training through the node: the same
+    products in the same kernels (the CPU kernel's x A^T at r 16 on an AVX-512 CPU), so the same bits. DPO's first
+    step relies on it: its policy and reference are one network there, and its margin is exactly 0."""
+    adapted, _ = _adapted(r)
+    lin = (adapted.model if hasattr(adapted, "model") else adapted).blocks[0].ffn.value  # 256 inputs: sums long
+    with torch.no_grad():  # enough to be summed in another order by another kernel
+        lin.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(5))
+    x = torch.randn(3, 100, 256, generator=torch.Generator().manual_seed(4))  # 300 rows: the kernel's at r 16
+    trained = lin(x.clone().requires_grad_())
+    node = trained.grad_fn.next_functions[0][0]  # under the view back to [..., out]
+    assert "LoraMatmul" in type(node).__name__, node
+    with torch.no_grad():
+        assert torch.equal(lin(x), trained.detach())

@@ -84,11 +84,13 @@ def test_ops_route_only_what_the_kernel_takes(ext):
     """fp32 and a kernel rank on a CPU where the kernel was measured: the kernel; anything else torch's own
     product, bit for bit."""
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(20, 48, generator=g)
+    x = torch.randn(cpu.THIN_MIN_ROWS, 48, generator=g)
     measured = ext.thin_measured_cpu()
     assert cpu.thin_takes(x, 16) is measured and cpu.thin_takes(x, 64) is measured
+    assert not cpu.thin_takes(x[1:], 16)  # fewer rows (generation's one): BLAS, faster there
     assert not cpu.thin_takes(x, 12) and not cpu.thin_takes(x, 128)
     assert not cpu.thin_takes(x.bfloat16(), 16) and not cpu.thin_takes(x.double(), 16)
+    x = x[:20]
     for r in (12, 128):  # not a kernel rank: torch's products
         a, gr = torch.randn(r, 48, generator=g), torch.randn(20, r, generator=g)
         assert torch.equal(cpu.thin_nt(x, a, 0.5, w_rk=True), torch.mm(x, a.t()).mul_(0.5))
