@@ -15,6 +15,7 @@
 // over t for thin_tn): the result does not depend on the thread count.
 
 #include "cpu_aten.h"
+#include "cpu_rows.h"  // check_f32
 
 #include <algorithm>
 #include <cstdint>
@@ -140,11 +141,6 @@ at::Tensor transposed(const at::Tensor& m) {
   return out;
 }
 
-void check(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous(), what,
-              ": expected a contiguous 2-D fp32 CPU tensor");
-}
-
 }  // namespace
 
 bool thin_rank_supported(int64_t r) { return r == 8 || r == 16 || r == 32 || r == 64; }
@@ -153,12 +149,12 @@ bool thin_rank_supported(int64_t r) { return r == 8 || r == 16 || r == 32 || r =
 bool thin_measured_cpu() { return THIN_WIDE_CPU(); }
 
 at::Tensor thin_nt(const at::Tensor& x, const at::Tensor& w, double alpha, bool w_rk) {
-  check(x, "thin_nt x");
-  check(w, "thin_nt w");
-  const at::Tensor wt = w_rk ? transposed(w) : w;  // [K, R]
-  const int64_t T = x.size(0), K = x.size(1), R = wt.size(1);
-  TORCH_CHECK(wt.size(0) == K, "thin_nt: x is [T, ", K, "] but wt is [", wt.size(0), ", R]");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "thin_nt: x and w must be matrices");
+  const int64_t T = x.size(0), K = x.size(1), R = w.size(w_rk ? 0 : 1);
+  check_f32(x, "thin_nt", "x", {T, K});
+  check_f32(w, "thin_nt", "w", w_rk ? at::IntArrayRef({R, K}) : at::IntArrayRef({K, R}));
   TORCH_CHECK(thin_rank_supported(R), "thin_nt: rank ", R, " is not 8, 16, 32 or 64");
+  const at::Tensor wt = w_rk ? transposed(w) : w;  // [K, R]
   at::Tensor out = at::empty({T, R}, x.options());
   const float *xp = x.data_ptr<float>(), *wp = wt.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -174,10 +170,10 @@ at::Tensor thin_nt(const at::Tensor& x, const at::Tensor& w, double alpha, bool 
 }
 
 at::Tensor thin_tn(const at::Tensor& g, const at::Tensor& x, double alpha, bool out_kr) {
-  check(g, "thin_tn g");
-  check(x, "thin_tn x");
+  TORCH_CHECK(g.dim() == 2 && x.dim() == 2, "thin_tn: g and x must be matrices");
   const int64_t T = x.size(0), K = x.size(1), R = g.size(1);
-  TORCH_CHECK(g.size(0) == T, "thin_tn: g has ", g.size(0), " rows but x has ", T);
+  check_f32(x, "thin_tn", "x", {T, K});
+  check_f32(g, "thin_tn", "g", {T, R});
   TORCH_CHECK(thin_rank_supported(R), "thin_tn: rank ", R, " is not 8, 16, 32 or 64");
   at::Tensor out = out_kr ? at::empty({K, R}, x.options()) : at::empty({R, K}, x.options());
   const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>();

@@ -96,29 +96,29 @@ class _LoraMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, a, b, s: float, chunks: int = 1):
-        thin = cpu.thin_takes(x, a.shape[0])  # fp32 on an AVX-512 CPU: the thin products in the CPU kernel
+        # the thin products (here and in the backward) in the CPU kernel where ops.cpu.thin_takes(x, r) (fp32 on an
+        # AVX-512 CPU), torch's products elsewhere
         y = mm_rows(x, w.t(), chunks)  # the base product in row chunks where ops.rowsplit says so
-        xa = cpu.thin_nt(x, a, w_rk=True) if thin else torch.mm(x, a.t())
+        xa = cpu.thin_nt(x, a, w_rk=True)
         y.addmm_(xa, b.t(), alpha=s)
         ctx.save_for_backward(x, w, a, b, xa)
-        ctx.s, ctx.chunks, ctx.thin = s, chunks, thin
+        ctx.s, ctx.chunks = s, chunks
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, w, a, b, xa = ctx.saved_tensors
-        s, need, thin = ctx.s, ctx.needs_input_grad, ctx.thin
+        s, need = ctx.s, ctx.needs_input_grad
         g = g.contiguous()
-        dx = da = db = gb = None
-        if need[0] or need[2]:  # [tokens, r]: g B, unscaled
-            gb = cpu.thin_nt(g, b) if thin else torch.mm(g, b)
+        dx = da = db = None
+        gb = cpu.thin_nt(g, b) if need[0] or need[2] else None  # [tokens, r]: g B, unscaled
         if need[0]:
             dx = mm_rows(g, w, ctx.chunks)
             dx.addmm_(gb, a, alpha=s)  # x's second gradient added in place
         if need[2]:
-            da = cpu.thin_tn(gb, x, s) if thin else torch.mm(gb.t(), x).mul_(s)
+            da = cpu.thin_tn(gb, x, s)
         if need[3]:
-            db = cpu.thin_tn(xa, g, s, out_kr=True) if thin else torch.mm(g.t(), xa).mul_(s)
+            db = cpu.thin_tn(xa, g, s, out_kr=True)  # [out, r]
         return dx, None, da, db, None, None
 
 

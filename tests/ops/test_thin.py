@@ -74,9 +74,9 @@ def test_what_the_kernel_refuses_says_so(ext):
     x = torch.randn(4, 6)
     with pytest.raises(RuntimeError, match="rank 12 is not 8, 16, 32 or 64"):
         ext.thin_nt(x, torch.randn(6, 12), 1.0, False)
-    with pytest.raises(RuntimeError, match="contiguous 2-D fp32"):
+    with pytest.raises(RuntimeError, match="thin_tn: g must be a contiguous fp32 CPU tensor"):
         ext.thin_tn(torch.randn(4, 8, dtype=torch.float64), x, 1.0, False)
-    with pytest.raises(RuntimeError, match="g has 3 rows but x has 4"):
+    with pytest.raises(RuntimeError, match=r"thin_tn: g has shape \[3, 8\], expected \[4, 8\]"):
         ext.thin_tn(torch.randn(3, 8), x, 1.0, False)
 
 
@@ -90,6 +90,10 @@ def test_ops_route_only_what_the_kernel_takes(ext):
     assert not cpu.thin_takes(x[1:], 16)  # fewer rows (generation's one): BLAS, faster there
     assert not cpu.thin_takes(x, 12) and not cpu.thin_takes(x, 128)
     assert not cpu.thin_takes(x.bfloat16(), 16) and not cpu.thin_takes(x.double(), 16)
+    if measured:  # a kernel rank: the kernel's bits; fewer rows: torch's
+        a = torch.randn(16, 48, generator=g)
+        assert torch.equal(cpu.thin_nt(x, a, w_rk=True), ext.thin_nt(x, a, 1.0, True))
+        assert torch.equal(cpu.thin_nt(x[:20], a, w_rk=True), torch.mm(x[:20], a.t()))
     x = x[:20]
     for r in (12, 128):  # not a kernel rank: torch's products
         a, gr = torch.randn(r, 48, generator=g), torch.randn(20, r, generator=g)
@@ -98,6 +102,3 @@ def test_ops_route_only_what_the_kernel_takes(ext):
         assert torch.equal(cpu.thin_tn(gr, x, 0.5, out_kr=True), torch.mm(x.t(), gr).mul_(0.5))
     xb, ab = x.bfloat16(), torch.randn(16, 48, generator=g).bfloat16()
     assert torch.equal(cpu.thin_nt(xb, ab, w_rk=True), torch.mm(xb, ab.t()))
-    if measured:  # a kernel rank: the kernel's bits
-        a = torch.randn(16, 48, generator=g)
-        assert torch.equal(cpu.thin_nt(x, a, w_rk=True), ext.thin_nt(x, a, 1.0, True))
