@@ -12,7 +12,8 @@
 // round 21). Here each thread takes bands of rows (thin_nt) or of columns (thin_tn) and keeps the whole band of
 // outputs in registers while it walks the activation once: the factor (R x K floats, 48 KB at R 16, K 768) stays
 // in L1/L2, the activation streams. Each output is one thread's fp32 sum in a fixed order (over k for thin_nt,
-// over t for thin_tn): the result does not depend on the thread count.
+// over t for thin_tn): the result does not depend on the thread count. LoRA takes them only for the ranks and
+// products that a measured check found faster than BLAS on this CPU (ops/thin_check.py, issue 23, round 22).
 
 #include "cpu_aten.h"
 #include "cpu_rows.h"  // check_f32
@@ -108,15 +109,18 @@ void tn_cols(const float* g, const float* x, float* out, int64_t T, int64_t K, f
   });
 }
 
-// Band sizes (accumulator floats), measured with AVX-512's 32 registers: 128 (8 zmm) walking rows, 512 walking
-// columns (256 ran at 70%, 1024 at 60% of it). With AVX2's 16 registers a quarter of that, not measured: the
-// Python side (ops.cpu.thin_nt) routes products here only on AVX-512 CPUs.
+// Band sizes (accumulator floats), measured on a 2-core AMD EPYC (Zen 4) with each clone:
+// - walking rows with AVX-512's 32 registers: 128 (8 zmm) up to R 16; 384 (24 zmm) at R 32 and 64, where a band of
+//   fewer rows reads the factor (up to 768 KB at R 64, K 3072) from L2 more often: R 64, K 3072 1.86 -> 1.51 ms;
+// - walking rows with AVX2's 16 registers: 96 (12 ymm), R 16 at K 768 0.135 -> 0.090 ms (32 floats before);
+// - walking columns: 512 with AVX-512 (256 ran at 70%, 1024 at 60% of it), a quarter of that with AVX2.
+// Which products run here at all is decided per CPU by a measured check against BLAS (ops/thin_check.py).
 template <int R>
 void nt_dispatch(const float* x, const float* wt, float* out, int64_t T, int64_t K, float alpha, bool wide) {
   if (wide) {
-    nt_rows<R, std::max(1, 128 / R)>(x, wt, out, T, K, alpha);
+    nt_rows<R, (R >= 32 ? 384 / R : 128 / R)>(x, wt, out, T, K, alpha);
   } else {
-    nt_rows<R, std::max(1, 32 / R)>(x, wt, out, T, K, alpha);
+    nt_rows<R, std::max(1, 96 / R)>(x, wt, out, T, K, alpha);
   }
 }
 
@@ -144,9 +148,6 @@ at::Tensor transposed(const at::Tensor& m) {
 }  // namespace
 
 bool thin_rank_supported(int64_t r) { return r == 8 || r == 16 || r == 32 || r == 64; }
-
-// Whether this CPU runs the AVX-512 clone, the one whose speed was measured (issue 23, round 21).
-bool thin_measured_cpu() { return THIN_WIDE_CPU(); }
 
 at::Tensor thin_nt(const at::Tensor& x, const at::Tensor& w, double alpha, bool w_rk) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "thin_nt: x and w must be matrices");

@@ -1,7 +1,8 @@
 """`rwkv-peft doctor`: what this machine can run, on one screen.
 
 Python / torch, the CUDA device, bf16 support and whether this CPU's bf16 matmuls are fast (the measured,
-cached check behind `train.precision: auto` and `--dtype auto`), nvcc, which WKV7 backends build here and which pass
+cached check behind `train.precision: auto` and `--dtype auto`), which of LoRA's thin products run in the CPU kernel
+(ops/thin_check.py, measured and cached the same way), nvcc, which WKV7 backends build here and which pass
 the check against the reference op (`ops.verify`, the same cached verdicts `wkv_backend: auto`
 uses), what auto picks, and the optional packages. Without a CUDA device but with nvcc, the CUDA
 kernels are compiled (compile-only, `nvcc -c` for sm_80, nothing runs) to tell whether they build.
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .ops import dispatch, precision, rowsplit
+from .ops import dispatch, precision, rowsplit, thin_check
 from .ops.reference import wkv7_reference
 from .ops.verify import PROBLEM
 
@@ -107,12 +108,17 @@ def _bf16_info(cuda: bool) -> dict:
 
 
 def _precision_info(cuda: bool) -> dict:
-    """The CPU bf16 check (precision.cpu_bf16_check: cached, else measured now) and what auto picks."""
+    """The CPU bf16 check (precision.cpu_bf16_check: cached, else measured now), what auto picks, and the check that
+    routes LoRA's fp32 thin products (thin_check.cpu_thin_check, likewise)."""
     check = precision.cpu_bf16_check()
     cpu = "bf16" if check.fast else "fp32"
+    thin = thin_check.cpu_thin_check()
     return {"cpu_bf16": {"fast": check.fast, "ratio": check.ratio, "gflops": check.gflops, "cpu": check.cpu,
                          "cached": check.cached, "seconds": check.seconds, "summary": check.summary(),
                          "row_chunks": check.row_chunks, "row_chunks_speedup": check.row_chunks_speedup},
+            "cpu_thin": {"nt": sorted(thin.nt), "tn": sorted(thin.tn), "cached": thin.cached, "seconds": thin.seconds,
+                         "speedup": {k: {str(r): x for r, x in v.items()} for k, v in thin.speedup.items()},
+                         "summary": thin.summary()},
             "auto": {"cuda": ("bf16" if precision.cuda_bf16_native() else "fp32") if cuda else None, "cpu": cpu}}
 
 
@@ -310,7 +316,8 @@ def _line(label: str, text: str) -> str:
 
 
 def _precision_lines(p: dict) -> list[str]:
-    """The CPU bf16 check (verdict, then GFLOP/s per op) and what train.precision / --dtype auto pick."""
+    """The CPU bf16 check (verdict, then GFLOP/s per op), the thin products' routing, and what train.precision /
+    --dtype auto pick."""
     c, auto = p["cpu_bf16"], p["auto"]
     lines = [_line("cpu-bf16", f"{'fast' if c['fast'] else 'slow'}: {c['summary']}; {c['cpu']}")]
     lines += [f"  {'':<15}{op}: fp32 {r['fp32']:.1f}, bf16 {r['bf16']:.1f} GFLOP/s" for op, r in c["gflops"].items()]
@@ -319,6 +326,7 @@ def _precision_lines(p: dict) -> list[str]:
         lo, hi = rowsplit.ZONE
         lines.append(f"  {'':<15}products of {lo}-{hi} rows: {verdict} (chunks {c['row_chunks_speedup']:.2f}x "
                      "the whole calls' speed)")
+    lines.append(_line("cpu-thin", f"LoRA's fp32 thin products, {p['cpu_thin']['summary']}"))
     picks = f"{auto['cpu']} on this CPU" + (f", {auto['cuda']} on the GPU" if auto["cuda"] else "")
     lines.append(_line("precision", f"auto (train.precision, --dtype) picks {picks}"))
     return lines

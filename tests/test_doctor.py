@@ -16,7 +16,7 @@ import torch
 
 from peft_rwkv7 import doctor
 from peft_rwkv7.cli import main
-from peft_rwkv7.ops import cpu, dispatch, precision, wkv7_reference
+from peft_rwkv7.ops import cpu, dispatch, precision, thin_check, wkv7_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = {"ok": True, "arch": "sm_80", "seconds": 1.5, "error": None}
@@ -39,6 +39,11 @@ def measured_as(monkeypatch, tmp_path, record: dict) -> None:
     """This CPU's bf16 check measures `record` now (the cache in tmp_path: never the user's)."""
     monkeypatch.setattr(precision, "default_cache_dir", lambda: tmp_path / "bf16-cache")
     monkeypatch.setattr(precision, "measure_bf16", lambda: dict(record))
+    monkeypatch.setattr(thin_check, "measure_thin", lambda: dict(THIN))  # the same cache folder
+
+
+THIN = {"speedup": {"nt": {"8": 0.9, "16": 1.2, "32": 1.0, "64": 0.8},
+                    "tn": {"8": 3.0, "16": 2.5, "32": 2.0, "64": 1.05}}, "seconds": 0.3}
 
 
 @pytest.fixture
@@ -61,8 +66,8 @@ def _screen(capsys, status: int = 0) -> tuple[str, dict[str, str]]:
 
 def test_doctor_screen_without_gpu_or_nvcc(cpu_machine, capsys):
     out, lines = _screen(capsys)
-    for label in ("python", "torch", "GPU", "bf16", "cpu-bf16", "precision", "nvcc", "cpu", "cuda", "triton",
-                  "reference", "auto", "peft", "bitsandbytes", "deepspeed", "wandb"):
+    for label in ("python", "torch", "GPU", "bf16", "cpu-bf16", "cpu-thin", "precision", "nvcc", "cpu", "cuda",
+                  "triton", "reference", "auto", "peft", "bitsandbytes", "deepspeed", "wandb"):
         assert label in lines, f"no {label} line in:\n{out}"
     assert "  cpu          fp32 PASS" in out and "bf16 PASS" in out
     assert lines["cuda"] == "  cuda         skipped: no CUDA device; no nvcc, so not compiled"  # not a failure
@@ -88,8 +93,11 @@ def test_doctor_shows_the_bf16_check_and_what_auto_picks(cpu_machine, tmp_path, 
         assert "row chunks" not in out and "products of" not in out  # not measured where bf16 is slow
     picks = "bf16" if fast else "fp32"
     assert lines["precision"] == f"  precision    auto (train.precision, --dtype) picks {picks} on this CPU"
+    assert lines["cpu-thin"] == ("  cpu-thin     LoRA's fp32 thin products, kernel's speed over BLAS's: nt: r8 0.90x "
+                                 "(BLAS), r16 1.20x, r32 1.00x (BLAS), r64 0.80x (BLAS); tn: r8 3.00x, r16 2.50x, "
+                                 "r32 2.00x, r64 1.05x (BLAS) (needs 1.1x; measured now in 0.30 s)")
     _, lines = _screen(capsys)  # a second run reads the cache
-    assert "(cached measurement)" in lines["cpu-bf16"]
+    assert "(cached measurement)" in lines["cpu-bf16"] and "; cached measurement)" in lines["cpu-thin"]
 
 
 @pytest.mark.parametrize("result", [COMPILED, BROKEN], ids=["compiles", "broken"])
@@ -154,6 +162,9 @@ def test_doctor_json_in_a_fresh_process():
     check = report["precision"]["cpu_bf16"]  # this machine's real measurement (or its cached one)
     assert report["precision"]["auto"]["cpu"] == ("bf16" if check["fast"] else "fp32")
     assert check["fast"] == (check["ratio"] >= precision.FAST_MARGIN) and check["gflops"]
+    thin = report["precision"]["cpu_thin"]  # this machine's real routing of LoRA's thin products (or its cached one)
+    assert set(thin["speedup"]) == {"nt", "tn"} and all(len(v) == 4 for v in thin["speedup"].values())
+    assert thin["nt"] == sorted(int(r) for r, x in thin["speedup"]["nt"].items() if x >= thin_check.MARGIN)
     if report["device"]["cuda"]:  # the real build and checks, no compile-only check
         assert backends["cuda"]["built"] is not None and backends["cuda"]["compile"] is None
         return

@@ -19,8 +19,10 @@ autograd would give x two gradients, (g W) and (s g B) A, each a fresh [tokens, 
 the node adds the second into the first in place (addmm_), and scales A's and B's gradients after their thin
 GEMMs. Same products, one pass over the largest gradient fewer per adapted Linear. Under bf16 autocast
 (issue 23, round 15) that sum was ~18 ms of a 0.53 s bf16 LoRA step at 0.1B ctx 512 on a CPU with AMX.
-In fp32 on an AVX-512 CPU the thin products (x A^T, g B and the factors' gradients) run in the CPU extension's
-kernel (ops.cpu.thin_nt/thin_tn), about twice BLAS's speed on those shapes (issue 23, round 21).
+In fp32 on CPU the thin products (x A^T, g B and the factors' gradients) run in the CPU extension's kernel
+(ops.cpu.thin_nt/thin_tn: about twice BLAS's speed on those shapes on a 2-core AVX-512 EPYC, issue 23, round 21) for
+the ranks and kinds of product that its measured check found faster on this CPU (ops/thin_check.py: cached per
+machine, read at a layer's first call that could take the kernel, or set with `route_thin`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from ..model.rwkv7 import Linear
 from ..ops import cpu, partitioned
 from ..ops.rowsplit import mm_rows, row_chunks
+from ..ops.thin_check import ThinCheck, cpu_thin_check
 
 
 class FusedLoraLinear(PeftLoraLinear):
+    # which thin products run in the CPU kernel (ops/thin_check.py); None: this CPU's cached check, at first need
+    thin_check: ThinCheck | None = None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._plain_adapter(args, kwargs)
         if name is None:
@@ -51,7 +57,9 @@ class FusedLoraLinear(PeftLoraLinear):
             # under autocast its casts (to bf16) are made here, outside the node, as F.linear would make them:
             # A's and B's gradients come back to fp32 through them; inside, every product is in `dt`
             chunks = row_chunks(x2.shape[0], w) if dt == torch.bfloat16 and self.base_layer.bf16_row_chunks else 1
-            y = _LoraMatmul.apply(x2.to(dt), w.to(dt), a.to(dt), b.to(dt), float(self.scaling[name]), chunks)
+            x2 = x2.to(dt)
+            nt, tn = self._thin_kernel(x2, a.shape[0])
+            y = _LoraMatmul.apply(x2, w.to(dt), a.to(dt), b.to(dt), float(self.scaling[name]), chunks, nt, tn)
             return y.view(*x.shape[:-1], y.shape[-1])
         result = self.base_layer(x2)
         # peft casts x to A's dtype (fp32: trained tensors stay fp32); under autocast F.linear casts it back to
@@ -60,11 +68,21 @@ class FusedLoraLinear(PeftLoraLinear):
         amp = torch.is_autocast_enabled(x2.device.type)
         xin = x2 if amp else self._cast_input_dtype(x2, a.dtype)
         # the training node's x A^T where it takes the CPU kernel, so a no-grad pass (DPO's reference, evaluation)
-        # gives the bits a training forward gives
-        xa = cpu.thin_nt(xin, a, w_rk=True) if cpu.thin_takes(xin, a.shape[0]) else F.linear(xin, a)
+        # gives the bits a training forward gives (under autocast the node computes in bf16, as F.linear does)
+        nt = not amp and self._thin_kernel(xin, a.shape[0])[0]
+        xa = cpu.thin_nt(xin, a, w_rk=True, kernel=True) if nt else F.linear(xin, a)
         # under autocast the base output is bf16: the low-rank product joins it in that dtype, as peft's does
         result.addmm_(xa.to(result.dtype), b.to(result.dtype).t(), alpha=self.scaling[name])
         return result.view(*x.shape[:-1], result.shape[-1])
+
+    def _thin_kernel(self, x2: torch.Tensor, rank: int) -> tuple[bool, bool]:
+        """Whether this call's (x A^T and g B, factors' gradients) run in the CPU kernel: where it can take them
+        (ops.cpu.thin_takes) and this CPU's check found it faster at this rank."""
+        if not cpu.thin_takes(x2, rank):
+            return False, False
+        if self.thin_check is None:
+            self.thin_check = cpu_thin_check()  # cached per machine: measured once, ~0.5 s
+        return rank in self.thin_check.nt, rank in self.thin_check.tn
 
     def _node_dtype(self, x2, w, a, b) -> torch.dtype | None:
         """The dtype _LoraMatmul computes this call in, or None where it does not: it does in training (a
@@ -95,14 +113,14 @@ class _LoraMatmul(torch.autograd.Function):
     """y = x W^T + s (x A^T) B^T for x [tokens, in], frozen W [out, in], A [r, in], B [out, r]."""
 
     @staticmethod
-    def forward(ctx, x, w, a, b, s: float, chunks: int = 1):
-        # the thin products (here and in the backward) in the CPU kernel where ops.cpu.thin_takes(x, r) (fp32 on an
-        # AVX-512 CPU), torch's products elsewhere
+    def forward(ctx, x, w, a, b, s: float, chunks: int = 1, nt: bool = False, tn: bool = False):
+        # the thin products (here and in the backward) in the CPU kernel where nt (x A^T, g B) and tn (the factors'
+        # gradients) say so (FusedLoraLinear._thin_kernel), torch's products elsewhere
         y = mm_rows(x, w.t(), chunks)  # the base product in row chunks where ops.rowsplit says so
-        xa = cpu.thin_nt(x, a, w_rk=True)
+        xa = cpu.thin_nt(x, a, w_rk=True, kernel=nt)
         y.addmm_(xa, b.t(), alpha=s)
         ctx.save_for_backward(x, w, a, b, xa)
-        ctx.s, ctx.chunks = s, chunks
+        ctx.s, ctx.chunks, ctx.nt, ctx.tn = s, chunks, nt, tn
         return y
 
     @staticmethod
@@ -111,15 +129,24 @@ class _LoraMatmul(torch.autograd.Function):
         s, need = ctx.s, ctx.needs_input_grad
         g = g.contiguous()
         dx = da = db = None
-        gb = cpu.thin_nt(g, b) if need[0] or need[2] else None  # [tokens, r]: g B, unscaled
+        gb = cpu.thin_nt(g, b, kernel=ctx.nt) if need[0] or need[2] else None  # [tokens, r]: g B, unscaled
         if need[0]:
             dx = mm_rows(g, w, ctx.chunks)
             dx.addmm_(gb, a, alpha=s)  # x's second gradient added in place
         if need[2]:
-            da = cpu.thin_tn(gb, x, s)
+            da = cpu.thin_tn(gb, x, s, kernel=ctx.tn)
         if need[3]:
-            db = cpu.thin_tn(xa, g, s, out_kr=True)  # [out, r]
-        return dx, None, da, db, None, None
+            db = cpu.thin_tn(xa, g, s, out_kr=True, kernel=ctx.tn)  # [out, r]
+        return dx, None, da, db, None, None, None, None
 
 
-__all__ = ["FusedLoraLinear"]
+def route_thin(model: nn.Module, check: ThinCheck) -> int:
+    """Route every FusedLoraLinear of `model` by `check` instead of this CPU's cached check (a test's injected
+    measurement, or one check read once for a whole model); returns how many layers it set."""
+    layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+    for m in layers:
+        m.thin_check = check
+    return len(layers)
+
+
+__all__ = ["FusedLoraLinear", "route_thin"]

@@ -270,42 +270,43 @@ def vecmat(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # Rows from which the thin kernel beats BLAS even on an activation in cache (round 21, AVX-512: 256 rows 0.88x of
 # BLAS's time, 128 rows equal, 1 row 3x: the factor's transpose and the call cost ~6 us); training's are 512 and up.
 THIN_MIN_ROWS = 256
+THIN_RANKS = (8, 16, 32, 64)  # the ranks the kernel takes
 
 
 def _thin_ext(*tensors: torch.Tensor, rank: int, rows: int) -> ModuleType | None:
-    """The extension where its thin products take these tensors: fp32 CPU matrices, a rank of 8, 16, 32 or 64, at
-    least THIN_MIN_ROWS rows, on a CPU with AVX-512, where they were measured faster than BLAS (on AVX2 alone they
-    are not yet measured)."""
-    if rows < THIN_MIN_ROWS or not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2
-                                       for t in tensors):
+    """The extension where its thin products can take these tensors: fp32 CPU matrices, a rank of THIN_RANKS, at
+    least THIN_MIN_ROWS rows. Whether they are faster there than BLAS is ops/thin_check.py's to measure."""
+    if rank not in THIN_RANKS or rows < THIN_MIN_ROWS or not all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 for t in tensors):
         return None
-    ext = _extension()
-    return ext if ext is not None and ext.thin_measured_cpu() and ext.thin_rank_supported(rank) else None
+    return _extension()
 
 
 def thin_takes(x: torch.Tensor, rank: int) -> bool:
-    """Whether thin_nt and thin_tn run the kernel for an activation like x [rows, in] and this rank: fp32 CPU, a
-    kernel rank, an AVX-512 CPU, and at least THIN_MIN_ROWS rows (one-row generation keeps BLAS). LoRA's no-grad
-    forward asks it, so it gives the bits its training node gives."""
+    """Whether the kernel of thin_nt and thin_tn can take an activation like x [rows, in] at this rank: fp32 CPU, a
+    kernel rank, at least THIN_MIN_ROWS rows (one-row generation keeps BLAS), the extension built. LoRA's layer
+    runs it where this holds and its measured check (ops/thin_check.py) found the kernel faster."""
     return x.dim() == 2 and _thin_ext(x, rank=rank, rows=x.shape[0]) is not None
 
 
-def thin_nt(x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0, *, w_rk: bool = False) -> torch.Tensor:
+def thin_nt(x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0, *, w_rk: bool = False,
+            kernel: bool = False) -> torch.Tensor:
     """alpha x [T, K] w [K, R] -> [T, R] (w_rk: w is [R, K], used transposed), no autograd: LoRA's g B and x A^T.
 
-    Where thin_takes(x, R) the extension's kernel (cuda/thin_cpu.cpp: about twice BLAS's speed on these shapes),
-    anything else torch's product."""
-    ext = _thin_ext(x, w, rank=w.shape[0] if w_rk else w.shape[1], rows=x.shape[0])
+    With `kernel`, where thin_takes(x, R), the extension's kernel (cuda/thin_cpu.cpp); anything else torch's product."""
+    ext = _thin_ext(x, w, rank=w.shape[0] if w_rk else w.shape[1], rows=x.shape[0]) if kernel else None
     if ext is not None:
         return ext.thin_nt(x.contiguous(), w.contiguous(), alpha, w_rk)
     out = torch.mm(x, w.t() if w_rk else w)
     return out if alpha == 1.0 else out.mul_(alpha)
 
 
-def thin_tn(g: torch.Tensor, x: torch.Tensor, alpha: float = 1.0, *, out_kr: bool = False) -> torch.Tensor:
+def thin_tn(g: torch.Tensor, x: torch.Tensor, alpha: float = 1.0, *, out_kr: bool = False,
+            kernel: bool = False) -> torch.Tensor:
     """alpha g [T, R]^T x [T, K] -> [R, K] (out_kr: its transpose [K, R], contiguous), no autograd: LoRA's factor
-    gradients, A's (g B)^T x and B's (x A^T)^T g. The kernel where thin_takes(x, R), else torch's product."""
-    ext = _thin_ext(g, x, rank=g.shape[1], rows=g.shape[0])
+    gradients, A's (g B)^T x and B's (x A^T)^T g. With `kernel`, where thin_takes(x, R), the extension's kernel;
+    anything else torch's product."""
+    ext = _thin_ext(g, x, rank=g.shape[1], rows=g.shape[0]) if kernel else None
     if ext is not None:
         return ext.thin_tn(g.contiguous(), x.contiguous(), alpha, out_kr)
     out = torch.mm(x.t(), g) if out_kr else torch.mm(g.t(), x)

@@ -125,9 +125,9 @@ def default_cache_dir() -> Path:
     return extensions_root() / "peft_rwkv7"
 
 
-def cache_file(cache_dir: Path, fields: dict[str, object]) -> Path:
+def cache_file(cache_dir: Path, fields: dict[str, object], prefix: str = "bf16-check") -> Path:
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"bf16-check-{key}.json"
+    return Path(cache_dir) / f"{prefix}-{key}.json"
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -252,7 +252,7 @@ def _valid(record: object) -> bool:
                and all(map(number, v.values())) for k, v in record["gflops"].items())
 
 
-def _write_atomic(path: Path, data: dict) -> None:
+def write_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -281,7 +281,7 @@ def cpu_bf16_check(cache_dir: Path | None = None, measure: Callable[[], dict] | 
     if not _valid(record):
         raise TypeError(f"bf16 measurement returned {record!r}")
     try:
-        _write_atomic(path, {**record, "fields": fields})
+        write_atomic(path, {**record, "fields": fields})
     except OSError as e:
         print(f"peft_rwkv7: could not cache the bf16 check in {path} ({e})", file=sys.stderr, flush=True)
     return _record(record, fields, cached=False)

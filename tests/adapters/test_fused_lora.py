@@ -15,6 +15,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from peft_rwkv7.adapters import MethodConfig, attach, disable_adapter
 from peft_rwkv7.adapters.fused_lora import FusedLoraLinear
 from peft_rwkv7.ops import cpu
+from peft_rwkv7.ops.thin_check import ThinCheck
 from tests.conftest import make_model
 
 U = 2.0**-24
@@ -54,21 +55,33 @@ def test_the_models_linears_get_the_fused_layer():
                for n in ("receptance", "key", "value", "output"))
 
 
-@pytest.mark.parametrize("r", [4, 16])
-def test_fused_equals_peft_and_the_fp64_formula(r, monkeypatch):
-    """r 16: in fp32 on an AVX-512 CPU the thin products of 256 rows and more run in the CPU extension's kernel
-    (ops.cpu.thin_nt/tn); r 4 (not a kernel rank) and other CPUs: torch's products."""
-    _, lin = _adapted(r)
-    g = torch.Generator().manual_seed(2)
-    x, gy = torch.randn(2, 130, 64, generator=g), torch.randn(2, 130, lin.out_features, generator=g)  # 260 rows
-    calls = []  # the kernel's own calls (ops.cpu's wrappers run either way)
+def _spy_kernel(monkeypatch) -> list[str]:
+    """The thin kernel's own calls (ops.cpu's wrappers run either way)."""
+    calls: list[str] = []
     ext = cpu._extension()
     for name in ("thin_nt", "thin_tn"):
         real = getattr(ext, name)
         monkeypatch.setattr(ext, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+ROUTES = {"kernel": (True, True), "nt": (True, False), "tn": (False, True), "blas": (False, False)}
+
+
+@pytest.mark.parametrize("r, route", [(4, "kernel"), (16, "kernel"), (16, "nt"), (16, "tn"), (16, "blas")])
+def test_fused_equals_peft_and_the_fp64_formula(r, route, monkeypatch):
+    """In fp32 the thin products of 256 rows and more run in the CPU extension's kernel (ops.cpu.thin_nt/tn) as the
+    layer's check routes them (here injected: each kind of product alone, both, neither); r 4 (not a kernel rank):
+    torch's products."""
+    _, lin = _adapted(r)
+    nt, tn = ROUTES[route]
+    lin.thin_check = ThinCheck(nt=frozenset({r} if nt else ()), tn=frozenset({r} if tn else ()))
+    g = torch.Generator().manual_seed(2)
+    x, gy = torch.randn(2, 130, 64, generator=g), torch.randn(2, 130, lin.out_features, generator=g)  # 260 rows
+    calls = _spy_kernel(monkeypatch)
     fused = _run(lin, FusedLoraLinear, x, gy)
-    thin = cpu.thin_takes(x.reshape(-1, 64), r)
-    assert sorted(calls) == (["thin_nt"] * 2 + ["thin_tn"] * 2 if thin else []), calls
+    takes = cpu.thin_takes(x.reshape(-1, 64), r)  # r 16, 260 rows, fp32: where the extension is built
+    assert sorted(calls) == ["thin_nt"] * (2 * (takes and nt)) + ["thin_tn"] * (2 * (takes and tn)), calls
     plain = _run(lin, PeftLoraLinear, x, gy)
     w = lin.base_layer.weight.double()
     a, b = lin.lora_A["default"].weight.double(), lin.lora_B["default"].weight.double()
@@ -187,13 +200,17 @@ def test_under_autocast_the_layer_is_one_node_that_sums_x_gradients_in_place():
         assert (f - p).abs().max() <= 4 * 2.0**-8 * p.abs().max(), name
 
 
-@pytest.mark.parametrize("r", [4, 16])
-def test_a_no_grad_forward_gives_the_training_forwards_bits(r):
+@pytest.mark.parametrize("r, route", [(4, "kernel"), (16, "kernel"), (16, "nt"), (16, "tn"), (16, "blas")])
+def test_a_no_grad_forward_gives_the_training_forwards_bits(r, route, monkeypatch):
     """DPO's reference pass and evaluation run without grad (the plain path), training through the node: the same
-    products in the same kernels (the CPU kernel's x A^T at r 16 on an AVX-512 CPU), so the same bits. DPO's first
-    step relies on it: its policy and reference are one network there, and its margin is exactly 0."""
+    products in the same kernels (the CPU kernel's x A^T where the check routes r 16's nt products to it), so the same
+    bits. DPO's first step relies on it: its policy and reference are one network there, and its margin is exactly
+    0."""
     adapted, _ = _adapted(r)
     lin = (adapted.model if hasattr(adapted, "model") else adapted).blocks[0].ffn.value  # 256 inputs: sums long
+    nt, tn = ROUTES[route]
+    lin.thin_check = ThinCheck(nt=frozenset({r} if nt else ()), tn=frozenset({r} if tn else ()))
+    calls = _spy_kernel(monkeypatch)
     with torch.no_grad():  # enough to be summed in another order by another kernel
         lin.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(5))
     x = torch.randn(3, 100, 256, generator=torch.Generator().manual_seed(4))  # 300 rows: the kernel's at r 16
@@ -202,3 +219,29 @@ def test_a_no_grad_forward_gives_the_training_forwards_bits(r):
     assert "LoraMatmul" in type(node).__name__, node
     with torch.no_grad():
         assert torch.equal(lin(x), trained.detach())
+    assert calls == ["thin_nt"] * (2 * (r == 16 and nt)), calls  # the training forward's and the no-grad one's
+
+
+def test_a_layer_reads_this_cpus_check_once_at_its_first_call_that_could_take_the_kernel(monkeypatch):
+    """Unrouted, a layer asks ops/thin_check.cpu_thin_check (cached per machine) at its first call that the kernel could
+    take (fp32, a kernel rank, 256 rows or more), never for one that it could not (generation's single row), and keeps
+    the answer; route_thin sets one check on every layer instead."""
+    from peft_rwkv7.adapters import fused_lora
+
+    asked = []
+    check = ThinCheck(nt=frozenset({16}), tn=frozenset())
+    monkeypatch.setattr(fused_lora, "cpu_thin_check", lambda: asked.append(1) or check)
+    adapted, lin = _adapted(16)
+    calls = _spy_kernel(monkeypatch)
+    with torch.no_grad():
+        lin(torch.randn(1, 64))
+        assert not asked and lin.thin_check is None
+        lin(torch.randn(300, 64))
+        lin(torch.randn(300, 64))
+    assert len(asked) == 1 and lin.thin_check is check and calls == ["thin_nt"] * 2
+    other = ThinCheck()
+    assert fused_lora.route_thin(adapted, other) == 6  # r, k, v, o and the FFN's key and value
+    assert lin.thin_check is other
+    with torch.no_grad():
+        lin(torch.randn(300, 64))
+    assert len(asked) == 1 and calls == ["thin_nt"] * 2

@@ -4,7 +4,7 @@ products: every rank the kernel takes, row and column counts that leave partial 
 Bound: each output is an fp32 sum of n products (n = K for thin_nt, T for thin_tn) in some order, then scaled:
 gamma_(n+1) of alpha times the sum of the products' magnitudes (Higham 3.1; one more rounding for the scale).
 The kernels are called through the extension directly, so they run on any CPU (the AVX2 and baseline clones under
-tests/ops/test_cpu_isa.py's emulated CPUs), whether or not ops.cpu routes LoRA's products to them there."""
+tests/ops/test_cpu_isa.py's emulated CPUs), whether or not LoRA's measured check routes its products to them there."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def ext():
 
 
 # (T, K, R): rows not a multiple of any band, columns not a multiple of a column block, the model's shapes
-SHAPES = [(1, 5, 8), (13, 37, 16), (515, 768, 16), (64, 3072, 16), (33, 70, 32), (40, 200, 64), (9, 1, 8)]
+SHAPES = [(1, 5, 8), (29, 50, 8), (13, 37, 16), (515, 768, 16), (64, 3072, 16), (33, 70, 32), (40, 200, 64), (9, 1, 8)]
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, mag: torch.Tensor, n: int) -> None:
@@ -81,24 +81,28 @@ def test_what_the_kernel_refuses_says_so(ext):
 
 
 def test_ops_route_only_what_the_kernel_takes(ext):
-    """fp32 and a kernel rank on a CPU where the kernel was measured: the kernel; anything else torch's own
-    product, bit for bit."""
+    """With `kernel` (a layer's measured check found it faster, ops/thin_check.py), fp32 and a kernel rank at 256 rows
+    or more: the kernel; anything else torch's own product, bit for bit."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(cpu.THIN_MIN_ROWS, 48, generator=g)
-    measured = ext.thin_measured_cpu()
-    assert cpu.thin_takes(x, 16) is measured and cpu.thin_takes(x, 64) is measured
+    assert cpu.thin_takes(x, 16) and cpu.thin_takes(x, 64)
     assert not cpu.thin_takes(x[1:], 16)  # fewer rows (generation's one): BLAS, faster there
     assert not cpu.thin_takes(x, 12) and not cpu.thin_takes(x, 128)
     assert not cpu.thin_takes(x.bfloat16(), 16) and not cpu.thin_takes(x.double(), 16)
-    if measured:  # a kernel rank: the kernel's bits; fewer rows: torch's
-        a = torch.randn(16, 48, generator=g)
-        assert torch.equal(cpu.thin_nt(x, a, w_rk=True), ext.thin_nt(x, a, 1.0, True))
-        assert torch.equal(cpu.thin_nt(x[:20], a, w_rk=True), torch.mm(x[:20], a.t()))
+    a, gr = torch.randn(16, 48, generator=g), torch.randn(cpu.THIN_MIN_ROWS, 16, generator=g)
+    # the kernel's bits where asked for; torch's where not, or with fewer rows
+    assert torch.equal(cpu.thin_nt(x, a, 0.5, w_rk=True, kernel=True), ext.thin_nt(x, a, 0.5, True))
+    assert torch.equal(cpu.thin_tn(gr, x, 0.5, kernel=True), ext.thin_tn(gr, x, 0.5, False))
+    assert torch.equal(cpu.thin_tn(gr, x, 0.5, out_kr=True, kernel=True), ext.thin_tn(gr, x, 0.5, True))
+    assert torch.equal(cpu.thin_nt(x, a, w_rk=True), torch.mm(x, a.t()))
+    assert torch.equal(cpu.thin_tn(gr, x, 0.5), torch.mm(gr.t(), x).mul_(0.5))
+    assert torch.equal(cpu.thin_nt(x[:20], a, w_rk=True, kernel=True), torch.mm(x[:20], a.t()))
+    assert not torch.equal(ext.thin_tn(gr, x, 0.5, False), torch.mm(gr.t(), x).mul_(0.5))  # the checks can tell
     x = x[:20]
     for r in (12, 128):  # not a kernel rank: torch's products
         a, gr = torch.randn(r, 48, generator=g), torch.randn(20, r, generator=g)
-        assert torch.equal(cpu.thin_nt(x, a, 0.5, w_rk=True), torch.mm(x, a.t()).mul_(0.5))
-        assert torch.equal(cpu.thin_tn(gr, x, 0.5), torch.mm(gr.t(), x).mul_(0.5))
-        assert torch.equal(cpu.thin_tn(gr, x, 0.5, out_kr=True), torch.mm(x.t(), gr).mul_(0.5))
+        assert torch.equal(cpu.thin_nt(x, a, 0.5, w_rk=True, kernel=True), torch.mm(x, a.t()).mul_(0.5))
+        assert torch.equal(cpu.thin_tn(gr, x, 0.5, kernel=True), torch.mm(gr.t(), x).mul_(0.5))
+        assert torch.equal(cpu.thin_tn(gr, x, 0.5, out_kr=True, kernel=True), torch.mm(x.t(), gr).mul_(0.5))
     xb, ab = x.bfloat16(), torch.randn(16, 48, generator=g).bfloat16()
-    assert torch.equal(cpu.thin_nt(xb, ab, w_rk=True), torch.mm(xb, ab.t()))
+    assert torch.equal(cpu.thin_nt(xb, ab, w_rk=True, kernel=True), torch.mm(xb, ab.t()))
