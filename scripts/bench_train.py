@@ -3,7 +3,8 @@
     python scripts/bench_train.py [--methods state lora pissa full] [--ctx 512 4096] [--precisions fp32 bf16]
                                   [--steps 2] [--src PATH] [--layout packed|sft] [--batch 1]
 
-For each method, context length and precision (bf16 only where ops/precision.py measures this CPU's bf16
+Methods: state, lora (rank 16), pissa, full, and lora<r> for LoRA at another rank (e.g. lora64). For each method,
+context length and precision (bf16 only where ops/precision.py measures this CPU's bf16
 GEMMs fast; say --precisions bf16 to force it), one process builds the 0.1B shape (L12 C768 V65536,
 random weights), attaches the method, and times `--steps` optimizer steps after a warm-up step at batch
 `--batch` (1: one row of ctx tokens; the recipes' default micro_bsz is 4), as train/loop.py runs them (bf16:

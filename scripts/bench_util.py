@@ -36,8 +36,11 @@ def child_error(stderr: str) -> str:
 
 
 def method_config(method: str):
+    """state, lora (rank 16), pissa, full; lora<r> (e.g. lora64): LoRA at rank r, alpha 2r."""
     from peft_rwkv7.adapters import MethodConfig
 
+    if method.startswith("lora") and method[4:].isdigit():
+        return MethodConfig(kind="lora", r=int(method[4:]), alpha=2 * int(method[4:]))
     return {"state": MethodConfig(kind="state"), "lora": MethodConfig(kind="lora", r=16, alpha=32),
             "pissa": MethodConfig(kind="pissa", r=16, alpha=32, svd_niter=2), "full": MethodConfig(kind="full")}[method]
 

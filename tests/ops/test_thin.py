@@ -97,7 +97,6 @@ def test_ops_route_only_what_the_kernel_takes(ext):
     assert torch.equal(cpu.thin_nt(x, a, w_rk=True), torch.mm(x, a.t()))
     assert torch.equal(cpu.thin_tn(gr, x, 0.5), torch.mm(gr.t(), x).mul_(0.5))
     assert torch.equal(cpu.thin_nt(x[:20], a, w_rk=True, kernel=True), torch.mm(x[:20], a.t()))
-    assert not torch.equal(ext.thin_tn(gr, x, 0.5, False), torch.mm(gr.t(), x).mul_(0.5))  # the checks can tell
     x = x[:20]
     for r in (12, 128):  # not a kernel rank: torch's products
         a, gr = torch.randn(r, 48, generator=g), torch.randn(20, r, generator=g)
