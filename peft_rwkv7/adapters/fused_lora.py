@@ -76,12 +76,12 @@ class FusedLoraLinear(PeftLoraLinear):
         return result.view(*x.shape[:-1], result.shape[-1])
 
     def _thin_kernel(self, x2: torch.Tensor, rank: int) -> tuple[bool, bool]:
-        """Whether this call's (x A^T and g B, factors' gradients) run in the CPU kernel: where it can take them
-        (ops.cpu.thin_takes) and this CPU's check found it faster at this rank."""
+        """(nt, tn): whether this call's x A^T and g B, and its factors' gradients, run in the CPU kernel: where the
+        kernel can take them (ops.cpu.thin_takes) and this CPU's check found it faster for that kind at this rank."""
         if not cpu.thin_takes(x2, rank):
             return False, False
         if self.thin_check is None:
-            self.thin_check = cpu_thin_check()  # cached per machine: measured once, ~0.5 s
+            self.thin_check = cpu_thin_check()  # cached per machine: measured once, ~0.3 s
         return rank in self.thin_check.nt, rank in self.thin_check.tn
 
     def _node_dtype(self, x2, w, a, b) -> torch.dtype | None:
