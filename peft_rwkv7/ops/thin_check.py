@@ -1,17 +1,19 @@
 """Which of LoRA's thin products run faster in the CPU extension's kernel (cuda/thin_cpu.cpp, ops.cpu.thin_nt /
 thin_tn) than in torch's BLAS on this CPU: the measured check behind their routing (issue 23, round 22).
 
-The products of an activation [tokens, K] with a rank-R factor are shapes BLAS blocks badly for (55-90 GFLOP/s on a
-2-core AVX-512 EPYC, where the step's big products run at ~190); the kernel ran them about twice as fast there, but
-not at rank 64 and K 3072, and its AVX2 clone at other ranks than its AVX-512 one. Which wins depends on the CPU, so
-it is measured, as `train.precision: auto`'s bf16 check is (ops/precision.py), once per machine:
+The products of an activation [tokens, K] with a rank-R factor are shapes BLAS blocks badly for (55-90 GFLOP/s in a
+step on a 2-core AVX-512 EPYC, whose big products run at ~190). There the kernel beats BLAS on the factors' gradients
+at ranks 8-32 (1.7-3x) and on x A^T at rank 16 (1.2-1.3x), and loses on x A^T at ranks 8, 32 and 64; its AVX2 clone,
+timed on the same CPU, wins and loses at other ranks again. Which wins depends on the CPU, so it is measured, as
+`train.precision: auto`'s bf16 check is (ops/precision.py), once per machine:
 
 - for each rank the kernel takes (8, 16, 32, 64), both kinds of product at a 0.1B block's two widths (K 768 and
   3072) and a training step's 512 rows: "nt" x [512, K] A^T (also g B: LoRA's forward and x's gradient) and "tn"
   (g B)^T x (the factors' gradients), kernel and BLAS in alternate rounds, each product's best call;
 - a (kind, rank) runs in the kernel where BLAS's summed time over both widths is MARGIN times the kernel's;
-- about 0.3-0.6 s on a 2-core CPU; cached as JSON beside the kernel cache, keyed like the bf16 check (the CPU's
-  name and flags, torch, the thread count) and by the kernel's source, so a changed kernel is measured again.
+- about 0.3 s on a 2-core AVX-512 EPYC, at the process's thread count; cached as JSON beside the kernel cache,
+  keyed like the bf16 check (the CPU's name and flags, torch, the thread count) and by the kernel's source, so a
+  changed kernel is measured again.
 
 A layer decides per call by its rank, so the same rank gives the same products in training and in a no-grad
 forward (DPO's reference pass, evaluation).
