@@ -52,16 +52,16 @@ THIN_CLONES void nt_band(const float* __restrict x, const float* __restrict wt, 
     for (int j = 0; j < R; ++j) o[b * R + j] = alpha * acc[b][j];
 }
 
-// out columns [k0, k0 + KB) of g^T x, for every t (R x KB accumulators)
-template <int R, int KB>
-THIN_CLONES void tn_band(const float* __restrict g, const float* __restrict x, float* __restrict out, int64_t T,
-                         int64_t K, int64_t k0, float alpha, bool out_kr) {
-  float acc[R][KB] = {};
+// out rows [j0, j0 + RS) x columns [k0, k0 + KB) of g^T x for g [T, R], over every t (RS x KB accumulators)
+template <int RS, int KB>
+THIN_CLONES void tn_band(const float* __restrict g, int64_t R, int64_t j0, const float* __restrict x,
+                         float* __restrict out, int64_t T, int64_t K, int64_t k0, float alpha, bool out_kr) {
+  float acc[RS][KB] = {};
   for (int64_t t = 0; t < T; ++t) {
     const float* xr = x + t * K + k0;
-    const float* gr = g + t * R;
+    const float* gr = g + t * R + j0;
 #pragma GCC unroll 64
-    for (int j = 0; j < R; ++j) {
+    for (int j = 0; j < RS; ++j) {
       const float gv = gr[j];
 #pragma omp simd
       for (int c = 0; c < KB; ++c) acc[j][c] += gv * xr[c];
@@ -69,11 +69,11 @@ THIN_CLONES void tn_band(const float* __restrict g, const float* __restrict x, f
   }
   if (out_kr) {  // out [K, R]
     for (int c = 0; c < KB; ++c)
-      for (int j = 0; j < R; ++j) out[(k0 + c) * R + j] = alpha * acc[j][c];
+      for (int j = 0; j < RS; ++j) out[(k0 + c) * R + j0 + j] = alpha * acc[j][c];
   } else {
-    for (int j = 0; j < R; ++j)
+    for (int j = 0; j < RS; ++j)
 #pragma omp simd
-      for (int c = 0; c < KB; ++c) out[j * K + k0 + c] = alpha * acc[j][c];
+      for (int c = 0; c < KB; ++c) out[(j0 + j) * K + k0 + c] = alpha * acc[j][c];
   }
 }
 
@@ -93,17 +93,18 @@ void nt_rows(const float* x, const float* wt, float* out, int64_t T, int64_t K, 
   });
 }
 
-// columns in blocks of KB (the last block one column at a time), split over threads
-template <int R, int KB>
-void tn_cols(const float* g, const float* x, float* out, int64_t T, int64_t K, float alpha, bool out_kr) {
-  const int64_t blocks = (K + KB - 1) / KB;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t k0 = b * KB;
+// columns in blocks of KB (the last block one column at a time) by rows of the output in blocks of RS, split over
+// threads (each output is still one sequential sum over t: the same bits for any RS and thread count)
+template <int RS, int KB>
+void tn_cols(const float* g, const float* x, float* out, int64_t T, int64_t K, int64_t R, float alpha, bool out_kr) {
+  const int64_t blocks = (K + KB - 1) / KB, parts = R / RS;
+  at::parallel_for(0, blocks * parts, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k0 = (i / parts) * KB, j0 = (i % parts) * RS;
       if (k0 + KB <= K) {
-        tn_band<R, KB>(g, x, out, T, K, k0, alpha, out_kr);
+        tn_band<RS, KB>(g, R, j0, x, out, T, K, k0, alpha, out_kr);
       } else {
-        for (int64_t k = k0; k < K; ++k) tn_band<R, 1>(g, x, out, T, K, k, alpha, out_kr);
+        for (int64_t k = k0; k < K; ++k) tn_band<RS, 1>(g, R, j0, x, out, T, K, k, alpha, out_kr);
       }
     }
   });
@@ -113,7 +114,10 @@ void tn_cols(const float* g, const float* x, float* out, int64_t T, int64_t K, f
 // - walking rows with AVX-512's 32 registers: 128 (8 zmm) up to R 16; 384 (24 zmm) at R 32 and 64, where a band of
 //   fewer rows reads the factor (up to 768 KB at R 64, K 3072) from L2 more often: R 64, K 3072 1.86 -> 1.51 ms;
 // - walking rows with AVX2's 16 registers: 96 (12 ymm), R 16 at K 768 0.135 -> 0.090 ms (32 floats before);
-// - walking columns: 512 with AVX-512 (256 ran at 70%, 1024 at 60% of it), a quarter of that with AVX2.
+// - walking columns with AVX-512: all R outputs x 512 / R columns (256 floats ran at 70%, 1024 at 60% of it);
+// - walking columns with AVX2: 4 of the R outputs x 16 columns (8 ymm; 8 x 16 at R 64, where x's column block is
+//   read R / 8 times instead of R / 4), R 16 at K 768 0.104 -> 0.071 ms, K 3072 0.59 -> 0.37 (all R outputs x 8
+//   columns before: 16-64 accumulator registers, most spilled).
 // Which products run here at all is decided per CPU by a measured check against BLAS (ops/thin_check.py).
 template <int R>
 void nt_dispatch(const float* x, const float* wt, float* out, int64_t T, int64_t K, float alpha, bool wide) {
@@ -128,9 +132,9 @@ template <int R>
 void tn_dispatch(const float* g, const float* x, float* out, int64_t T, int64_t K, float alpha, bool out_kr,
                  bool wide) {
   if (wide) {
-    tn_cols<R, std::max(8, 512 / R)>(g, x, out, T, K, alpha, out_kr);
+    tn_cols<R, std::max(8, 512 / R)>(g, x, out, T, K, R, alpha, out_kr);
   } else {
-    tn_cols<R, std::max(8, 128 / R)>(g, x, out, T, K, alpha, out_kr);
+    tn_cols<(R == 64 ? 8 : 4), 16>(g, x, out, T, K, R, alpha, out_kr);
   }
 }
 
