@@ -55,7 +55,6 @@ torch::Tensor relu_square_backward(const torch::Tensor& g, const torch::Tensor& 
 torch::Tensor relu_square_backward_x(const torch::Tensor& g, const torch::Tensor& x);
 
 // thin_cpu.cpp
-bool thin_rank_supported(int64_t r);
 at::Tensor thin_nt(const at::Tensor& x, const at::Tensor& w, double alpha, bool w_rk);
 at::Tensor thin_tn(const at::Tensor& g, const at::Tensor& x, double alpha, bool out_kr);
 
@@ -82,7 +81,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("logsumexp_f64", &logsumexp_f64, "fp64 log-sum-exp of each row of fp32 or bf16 logits (evaluation)");
   m.def("relu_square_forward", &relu_square_forward, "ChannelMix's relu(x)^2 (fp32 or bf16)");
   m.def("relu_square_backward", &relu_square_backward, "its gradient g * sqrt(y) * 2 from the output y (fp32)");
-  m.def("thin_rank_supported", &thin_rank_supported, "whether thin_nt/thin_tn take this rank (8, 16, 32, 64)");
   m.def("thin_nt", &thin_nt, "alpha x [T, K] w [K, R] (or w [R, K] transposed) -> [T, R] (fp32; x A^T, g B)");
   m.def("thin_tn", &thin_tn, "alpha g [T, R]^T x [T, K] -> [R, K] or [K, R] (fp32; the factors' gradients)");
   m.def("relu_square_backward_x", &relu_square_backward_x, "its gradient (g * relu(x)) * 2 from x (bf16)");

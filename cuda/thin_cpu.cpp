@@ -149,9 +149,10 @@ at::Tensor transposed(const at::Tensor& m) {
   return out;
 }
 
-}  // namespace
-
+// the ranks it is compiled for (ops.cpu.THIN_RANKS on the Python side, which routes only these here)
 bool thin_rank_supported(int64_t r) { return r == 8 || r == 16 || r == 32 || r == 64; }
+
+}  // namespace
 
 at::Tensor thin_nt(const at::Tensor& x, const at::Tensor& w, double alpha, bool w_rk) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "thin_nt: x and w must be matrices");
