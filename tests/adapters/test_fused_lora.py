@@ -222,6 +222,25 @@ def test_a_no_grad_forward_gives_the_training_forwards_bits(r, route, monkeypatc
     assert calls == ["thin_nt"] * (2 * (r == 16 and nt)), calls  # the training forward's and the no-grad one's
 
 
+def test_under_autocast_a_no_grad_forward_gives_the_training_forwards_bits(monkeypatch):
+    """Under bf16 autocast the node computes x A^T in bf16 (BLAS: the kernel is fp32 only), so the no-grad path keeps
+    F.linear's bf16 product for an fp32 activation as well, even where the check routes fp32 rank 16 to the kernel."""
+    adapted, _ = _adapted(16)
+    lin = (adapted.model if hasattr(adapted, "model") else adapted).blocks[0].ffn.value
+    lin.base_layer.weight.data = lin.base_layer.weight.data.bfloat16()  # frozen weights stored bf16
+    with torch.no_grad():
+        lin.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(5))
+    lin.thin_check = ThinCheck(nt=frozenset({16}), tn=frozenset({16}))
+    x = torch.randn(3, 100, 256, generator=torch.Generator().manual_seed(4))  # fp32, 300 rows
+    calls = _spy_kernel(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = lin(x.clone().requires_grad_())
+        assert "LoraMatmul" in type(trained.grad_fn.next_functions[0][0]).__name__
+        with torch.no_grad():
+            assert torch.equal(lin(x), trained.detach())
+    assert calls == []
+
+
 def test_a_layer_reads_this_cpus_check_once_at_its_first_call_that_could_take_the_kernel(monkeypatch):
     """Unrouted, a layer asks ops/thin_check.cpu_thin_check (cached per machine) at its first call that the kernel could
     take (fp32, a kernel rank, 256 rows or more), never for one that it could not (generation's single row), and keeps
