@@ -10,10 +10,10 @@ DeepSpeed (any number of processes): `checkpoints/step_000120/` holds DeepSpeed'
 checkpoint in `ds/` (each rank writes its ZeRO optimizer partition, under ZeRO-3 its parameter
 partition too; nothing is gathered, frozen weights are left out), `rng_rank00000.pt` ... written by
 each rank for itself (and `extra_rank00000.pt` ... where the run has more state, e.g. GRPO's rollouts,
-which are each rank's own), and `meta.json` (step, processes, ZeRO stage, precision, the trained tensors'
-names, shapes and dtypes). Every rank writes into `step_000120.tmp/`; after a barrier the folder's writer writes
-meta.json and renames the folder. The rename is the commit point: only renamed folders are checkpoints,
-so a run killed mid-save keeps its last good one. Old checkpoints are renamed away (and deleted) only
+which are each rank's own), and `meta.json` (step, processes, ZeRO stage, precision, measured kernel choices,
+the trained tensors' names, shapes and dtypes). Every rank writes into `step_000120.tmp/`; after a barrier the
+folder's writer writes meta.json and renames the folder. The rename is the commit point: only renamed folders are
+checkpoints, so a run killed mid-save keeps its last good one. Old checkpoints are renamed away (and deleted) only
 once every out_dir has committed the new one.
 
 The writer is global rank 0 when every process sees the same out_dir. Several machines without a
@@ -105,10 +105,11 @@ def _prune(run_dir: Path, keep: int) -> None:
 # --- one process --------------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int = 2,
-                    extra: dict | None = None, precision: str | None = None) -> Path:
+                    extra: dict | None = None, precision: str | None = None, routes: dict | None = None) -> Path:
     """Write checkpoints/step_{step}.pt and prune all but the newest `keep` (0 keeps all). extra: {name: object
     with state_dict()} of more training state (AdaLoRA's rank allocator, train/adalora.py). precision: what the
-    run computes in ("bf16", "fp32"; saved_precision reads it back)."""
+    run computes in ("bf16", "fp32"; saved_precision reads it back); routes: its measured kernel choices
+    (train/routes.py, JSON; saved_routes reads them back)."""
     path = Path(run_dir) / "checkpoints" / f"step_{step:06d}.pt"
     payload = {
         "step": step,
@@ -116,6 +117,7 @@ def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
         "precision": precision,
+        "routes": routes,
     }
     if extra:
         payload["extra"] = {name: obj.state_dict() for name, obj in extra.items()}
@@ -124,21 +126,34 @@ def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int
     return path
 
 
-def saved_precision(run_dir: Path) -> str | None:
-    """The precision ("bf16", "fp32") the newest checkpoint of run_dir was made in, or None where it has none or
-    does not say (made before it was recorded). A resume under `train.precision: auto` goes on in it."""
+def _newest_record(run_dir: Path) -> dict:
+    """The newest checkpoint's meta.json (sharded) or payload without reading its tensors (one process); {} where
+    the run has none or it cannot be read (resume's own checks say so)."""
     found = list_checkpoints(run_dir)
     if not found:
-        return None
+        return {}
     path = found[-1][1]
     try:
         if path.is_dir():
-            saved = _read_meta(path).get("precision")
+            record = _read_meta(path)
         else:  # mmap: the tensors are not read
-            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("precision")
-    except Exception:  # unreadable: resume's own checks say so
-        return None
+            record = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def saved_precision(run_dir: Path) -> str | None:
+    """The precision ("bf16", "fp32") the newest checkpoint of run_dir was made in, or None where it has none or
+    does not say (made before it was recorded). A resume under `train.precision: auto` goes on in it."""
+    saved = _newest_record(run_dir).get("precision")
     return saved if saved in ("bf16", "fp32") else None
+
+
+def saved_routes(run_dir: Path) -> object:
+    """The measured kernel choices the newest checkpoint of run_dir was made with (train/routes.py validates
+    them), None where it has none."""
+    return _newest_record(run_dir).get("routes")
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict | None:
@@ -214,7 +229,7 @@ def _fsync(path: Path) -> None:
 
 def save_engine_checkpoint(engine, run_dir: Path, step: int, named_params, keep: int, rank: int, world_size: int,
                            stage: int, writer: bool | None = None, precision: str | None = None,
-                           extra: dict | None = None) -> Path:
+                           extra: dict | None = None, routes: dict | None = None) -> Path:
     """Every process calls this: DeepSpeed's sharded checkpoint + this rank's RNG (and its `extra` state, as
     save_checkpoint's: GRPO's rollouts are each rank's own) into step_N.tmp/, then the folder's writer (default:
     rank 0) commits it by renaming it to step_N/ and, once every writer has, prunes (see the module docstring)."""
@@ -232,7 +247,7 @@ def save_engine_checkpoint(engine, run_dir: Path, step: int, named_params, keep:
     _barrier()  # every shard is written
     if writer:
         meta = {
-            "step": step, "world_size": world_size, "zero_stage": stage, "precision": precision,
+            "step": step, "world_size": world_size, "zero_stage": stage, "precision": precision, "routes": routes,
             "params": {n: {"shape": list(_full_shape(p)), "dtype": str(p.dtype).removeprefix("torch.")}
                        for n, p in named_params},
         }

@@ -28,9 +28,9 @@ from ..errors import UserError
 from ..infer.evaluate import load_eval_data
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
-from ..ops.precision import choose_bf16, cpu_bf16_check
 from . import adalora
 from . import checkpoint as ckpt
+from . import routes as routes_mod
 from .distributed import Dist, gathered, main_first
 from .logger import RunLogger
 from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
@@ -82,7 +82,12 @@ class Run:
     metrics: dict = field(default_factory=dict)  # the last step's loss and metrics (reward margin, ...)
     step_tokens: float = 0.0  # positions the model ran in the last step, all ranks (tasks.Task.tokens_run)
     task: Task = field(default_factory=SftTask)  # the objective (train/tasks.py: SftTask, ...; train/grpo.py)
-    computes_in: str = "fp32"  # "bf16" (autocast) or "fp32": recorded in the run's checkpoints (saved_precision)
+    routes: routes_mod.Routes = field(default_factory=routes_mod.Routes)  # measured choices, kept in checkpoints
+
+    @property
+    def computes_in(self) -> str:
+        """"bf16" (autocast) or "fp32": recorded in the run's checkpoints (saved_precision)."""
+        return self.routes.precision
 
     @property
     def out_dir(self) -> Path:
@@ -96,13 +101,18 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     tc = recipe.train
     device = pick_device(tc.device, "train.device")
     precision = tc.precision
-    if resume and precision == "auto" and (saved := ckpt.saved_precision(Path(recipe.out_dir))) is not None:
+    saved = ckpt.saved_precision(Path(recipe.out_dir)) if resume else None
+    if precision == "auto" and saved is not None:
         # the run goes on as it began, whatever this machine or device would choose (an exact resume)
         precision = saved
         if dist.is_main:
             print(f"train.precision: auto resumes in {saved}, the precision of the run's checkpoints", file=sys.stderr,
                   flush=True)
-    use_bf16 = choose_bf16(precision, device.type, "train.precision", say=dist.is_main)  # auto: CUDA, fast CPUs
+    # auto: bf16 on CUDA and fast CPUs; the measured choices are rank 0's (several processes), a resume's as it began
+    # (a resume in another precision than its checkpoint's chooses again: those choices were for that one)
+    kept = routes_mod.saved(ckpt.saved_routes(Path(recipe.out_dir))) if saved == precision else {}
+    routes = routes_mod.decide_precision(precision, device, dist, kept)
+    use_bf16 = routes.bf16
     torch.manual_seed(tc.seed)
     # Under bf16 autocast the frozen weights are stored in bf16 too (half the memory); trained
     # tensors always live in fp32 so small updates are not rounded away.
@@ -111,7 +121,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     # peak is then the quantized model, not the float one)
     base, base_path = build_base(recipe, staging_device(recipe.method.quant, device), frozen_dtype)
     if use_bf16 and device.type == "cpu":  # products in row chunks where the (cached) bf16 check found them faster
-        base.set_bf16_row_chunks(cpu_bf16_check().row_chunks)
+        base.set_bf16_row_chunks(routes.row_chunks)
     base.grad_cp = tc.grad_cp
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     # Several processes: rank 0 (each node's local rank 0 where the cache is not shared) tokenizes while
@@ -126,6 +136,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
             progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
     # AdaLoRA: the run's steps; EVA: its first batches; a staged base goes to `device` (elsewhere it is there)
     model = attach_for_run(base, recipe, data, resume, device=device)
+    routes = routes_mod.decide_thin(model, routes, device, dist, kept)  # LoRA's thin products: kernel or BLAS
     named = trainable_parameters(model)
     for _, p in named:
         p.data = p.data.float()
@@ -166,9 +177,10 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
             from .distributed import partitioned_reference
 
             reference = partitioned_reference(reference, recipe, dist)
+    routes_mod.apply_thin(reference, routes)
     run = Run(recipe, dist, device, base, base_path, model, named, data, eval_docs, optimizer, engine,
               _precision_context(device, use_bf16), start=0, objective=objective, reference=reference,
-              eval_pairs=eval_pairs, eval_masks=eval_masks, task=task, computes_in="bf16" if use_bf16 else "fp32")
+              eval_pairs=eval_pairs, eval_masks=eval_masks, task=task, routes=routes)
     if resume:
         run.start = ckpt.resume(run.out_dir, named, optimizer, engine, stage=tc.deepspeed.stage, rank=dist.rank,
                                 world_size=dist.world_size, extra=_extra_state(run))
@@ -344,11 +356,12 @@ def _save(run: Run, step: int) -> None:
     with ckpt.ctrl_c_after_save():
         if run.engine is None:
             ckpt.save_checkpoint(run.out_dir, step, run.named, run.optimizer, keep=keep,
-                                 extra=_extra_state(run), precision=run.computes_in)
+                                 extra=_extra_state(run), precision=run.computes_in, routes=run.routes.record())
         else:
             ckpt.save_engine_checkpoint(run.engine, run.out_dir, step, run.named, keep=keep, rank=dist.rank,
                                         world_size=dist.world_size, stage=stage, writer=dist.writes_out_dir,
-                                        precision=run.computes_in, extra=_extra_state(run))
+                                        precision=run.computes_in, extra=_extra_state(run),
+                                        routes=run.routes.record())
         with gathered(run.named, stage):
             if dist.is_main:
                 save_adapter(run.model, run.out_dir, base_path=run.base_path)

@@ -1,0 +1,167 @@
+"""train/routes.py: a run's measured choices (precision auto's bf16 check, its row chunks, LoRA's thin-product
+routing) are made once, by rank 0, and kept in its checkpoints: a resume computes as the run began whatever the
+machine measures now, and two processes compute alike whatever each would have measured. The measurements are
+injected, so both hold on any machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft_rwkv7.adapters.fused_lora import FusedLoraLinear
+from peft_rwkv7.ops import cpu, precision, thin_check
+from peft_rwkv7.train import checkpoint as ckpt
+from peft_rwkv7.train import routes
+from peft_rwkv7.train.loop import setup
+from peft_rwkv7.train.recipe import load_recipe
+from peft_rwkv7.train.runner import train_from_cli
+from tests.train.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+LORA = str(ROOT / "recipes" / "lora.yaml")
+
+
+def thin_record(nt: dict, tn: dict) -> dict:
+    """A thin-check measurement: the kernel's speed over BLAS's per kind and rank (1.0 where not given)."""
+    return {"speedup": {"nt": {str(r): float(nt.get(r, 1.0)) for r in cpu.THIN_RANKS},
+                        "tn": {str(r): float(tn.get(r, 1.0)) for r in cpu.THIN_RANKS}}, "seconds": 0.2}
+
+
+@pytest.fixture
+def thin_machine(monkeypatch, tmp_path):
+    """thin_machine(record) makes this CPU measure the thin check as `record`, with the cache in a temporary
+    folder (never the user's); returns the list of measurements taken from then on."""
+
+    def as_(record: dict) -> list[dict]:
+        taken: list[dict] = []
+
+        def measure() -> dict:
+            taken.append(record)
+            return dict(record)
+
+        monkeypatch.setattr(precision, "default_cache_dir", lambda: tmp_path / "cache")
+        monkeypatch.setattr(thin_check, "measure_thin", measure)
+        return taken
+
+    return as_
+
+
+def test_a_checkpoints_record_is_read_back_and_a_bad_one_chosen_again():
+    kept = routes.Routes(bf16=False, row_chunks=True, thin=((16, 64), (8,)))
+    assert routes.saved(json.loads(json.dumps(kept.record()))) == {"row_chunks": True, "thin": ((16, 64), (8,))}
+    assert routes.saved(routes.Routes().record()) == {"row_chunks": False}  # thin not decided: decided again
+    assert routes.saved(None) == {} and routes.saved("x") == {}  # a checkpoint from before routes were kept
+    assert routes.saved({"row_chunks": 1, "thin": {"nt": [12], "tn": []}}) == {}  # 12 is not a kernel rank
+    assert routes.saved({"thin": {"nt": [True], "tn": []}}) == {}
+    assert routes.saved({"thin": {"nt": [16]}}) == {}
+
+
+def _layers_thin(model) -> set[tuple[frozenset, frozenset]]:
+    return {(m.thin_check.nt, m.thin_check.tn) for m in model.modules() if isinstance(m, FusedLoraLinear)}
+
+
+def test_a_resumed_run_keeps_the_thin_routes_it_began_with(tiny_world, tmp_path, thin_machine):
+    """LoRA r16 in fp32 with 256-row micro-batches (the kernel's least): the check routes both kinds of rank 16 to
+    the kernel and the run is cut. The cache is lost and this CPU now measures BLAS faster: the resume still runs
+    them in the kernel, as its checkpoint says, and ends bit for bit as the run that was never cut. A new run
+    routes by the new measurement: its bits differ, which is what lets this test fail."""
+    if cpu._extension() is None:
+        pytest.skip("the CPU extension is not built here: nothing to route")
+    extra = {"train.save_every": 2, "train.device": "cpu", "method.r": 16, "train.micro_bsz": 8,
+             "train.lr": 3e-3, "data.eval_path": "null"}
+    taken = thin_machine(thin_record(nt={16: 2.0}, tn={16: 2.0}))
+    full, cut, fresh = tmp_path / "full", tmp_path / "cut", tmp_path / "fresh"
+    train_from_cli(LORA, tiny_overrides(tiny_world, full, steps=4, **extra))
+    train_from_cli(LORA, tiny_overrides(tiny_world, cut, steps=4, **extra) + ["train.stop_after=2"])
+    assert len(taken) == 1  # measured once, then cached
+    assert ckpt.saved_routes(cut) == {"row_chunks": False, "thin": {"nt": [16], "tn": [16]}}
+
+    shutil.rmtree(tmp_path / "cache")
+    taken = thin_machine(thin_record(nt={}, tn={}))
+    run = setup(load_recipe(LORA, tiny_overrides(tiny_world, cut, steps=4, **extra)), resume=True)
+    assert run.routes.thin == ((16,), (16,)) and not taken
+    assert _layers_thin(run.model) == {(frozenset({16}), frozenset({16}))}
+    del run
+    train_from_cli(LORA, tiny_overrides(tiny_world, cut, steps=4, **extra), resume=True)
+    assert not taken  # the resume measured nothing
+    train_from_cli(LORA, tiny_overrides(tiny_world, fresh, steps=4, **extra))
+    assert len(taken) == 1 and ckpt.saved_routes(fresh)["thin"] == {"nt": [], "tn": []}
+
+    a, b, c = (load_file(d / "adapter.safetensors") for d in (full, cut, fresh))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a), "the kernel and BLAS gave the same bits: nothing tested"
+
+
+def test_another_precision_on_resume_chooses_again(tiny_world, tmp_path, thin_machine):
+    """A run made in fp32 and resumed in bf16 (forced): the checkpoint's thin routes were for fp32; nothing of
+    them is taken (under bf16 no thin product runs in the kernel)."""
+    extra = {"train.save_every": 2, "train.device": "cpu", "method.r": 16, "data.eval_path": "null"}
+    thin_machine(thin_record(nt={16: 2.0}, tn={}))
+    cut = tmp_path / "cut"
+    train_from_cli(LORA, tiny_overrides(tiny_world, cut, steps=4, **extra) + ["train.stop_after=2"])
+    resumed = load_recipe(LORA, tiny_overrides(tiny_world, cut, steps=4, **{**extra, "train.precision": "bf16"}))
+    run = setup(resumed, resume=True)
+    assert run.routes.bf16 and run.routes.thin is None
+
+
+# Wraps the CLI in a rank whose CPU measures its own way: rank 0 finds bf16 slow and rank 16's x A^T faster in the
+# kernel, rank 1 finds bf16 fast and the kernel never faster (caches: each rank its own folder). At setup's end it
+# writes to $SPY_OUT<rank> what the run computes in, its LoRA layers' thin routing and the measurements it took.
+RANK_SPY = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, os.getcwd())  # the checkout (this file is in a temporary folder): its tests' records
+from peft_rwkv7.adapters.fused_lora import FusedLoraLinear
+from peft_rwkv7.ops import precision, thin_check
+from peft_rwkv7.train import loop
+from tests.ops.test_precision_auto import FAST, SLOW
+from tests.train.test_routes import thin_record
+rank, out = int(os.environ["RANK"]), os.environ["SPY_OUT"]
+taken = []
+def bf16():
+    taken.append("bf16")
+    return dict(SLOW if rank == 0 else FAST)
+def thin():
+    taken.append("thin")
+    return thin_record(nt={16: 2.0} if rank == 0 else {}, tn={})
+precision.default_cache_dir = lambda: Path(out + f"cache{rank}")
+precision.measure_bf16, thin_check.measure_thin = bf16, thin
+real = loop.setup
+def setup(*args, **kwargs):
+    run = real(*args, **kwargs)
+    checks = {(tuple(sorted(m.thin_check.nt)), tuple(sorted(m.thin_check.tn))) if m.thin_check else None
+              for m in run.model.modules() if isinstance(m, FusedLoraLinear)}
+    Path(out + str(rank)).write_text(json.dumps({"computes_in": run.computes_in, "thin": sorted(checks, key=str),
+                                                 "taken": taken}))
+    return run
+loop.setup = setup
+from peft_rwkv7.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_computes_as_rank_0_measured(tiny_world, tmp_path):
+    """Two processes whose CPUs measure differently (injected): rank 0 alone measures, and both train in its
+    precision (fp32; rank 1 alone would have taken bf16) with its thin routing (rank 16's x A^T in the kernel)."""
+    pytest.importorskip("deepspeed")
+    if cpu._extension() is None:
+        pytest.skip("the CPU extension is not built here: nothing to route")
+    from tests.train.test_deepspeed import run_two_processes
+
+    spy = tmp_path / "spy.py"
+    spy.write_text(RANK_SPY)
+    over = tiny_overrides(tiny_world, tmp_path / "run", steps=1, **{
+        "train.precision": "auto", "train.device": "cpu", "train.deepspeed.stage": 2, "train.micro_bsz": 1,
+        "method.r": 16, "data.eval_path": "null"})
+    errs = run_two_processes(over, launcher=(str(spy),), env_extra={"SPY_OUT": str(tmp_path / "seen")}, timeout=300)
+    seen = [json.loads((tmp_path / f"seen{rank}").read_text()) for rank in range(2)]
+    assert seen[0] == {"computes_in": "fp32", "thin": [[[16], []]], "taken": ["bf16", "thin"]}, (seen, errs[0])
+    assert seen[1] == {"computes_in": "fp32", "thin": [[[16], []]], "taken": []}, (seen, errs[1])
+    assert "train.precision: auto chose fp32" in errs[0] and "auto chose" not in errs[1]
+    assert ckpt.saved_routes(tmp_path / "run") == {"row_chunks": False, "thin": {"nt": [16], "tn": []}}
