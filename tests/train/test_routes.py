@@ -61,6 +61,21 @@ def test_a_checkpoints_record_is_read_back_and_a_bad_one_chosen_again():
     assert routes.saved({"thin": {"nt": [16]}}) == {}
 
 
+def test_bf16_row_chunks_are_the_checkpoints_where_it_has_them(monkeypatch):
+    """A resume in bf16 takes the row chunks its checkpoint says, whatever the check says now; a new run the check's."""
+    from types import SimpleNamespace
+
+    from peft_rwkv7.train.distributed import Dist
+
+    cpu_dev = torch.device("cpu")
+    monkeypatch.setattr(routes, "choose_bf16", lambda *a, **k: True)
+    monkeypatch.setattr(routes, "cpu_bf16_check", lambda: SimpleNamespace(row_chunks=False))
+    assert routes.decide_precision("auto", cpu_dev, Dist(), {"row_chunks": True}) == routes.Routes(True, True)
+    assert routes.decide_precision("auto", cpu_dev, Dist(), {}) == routes.Routes(True, False)
+    monkeypatch.setattr(routes, "choose_bf16", lambda *a, **k: False)
+    assert routes.decide_precision("auto", cpu_dev, Dist(), {"row_chunks": True}) == routes.Routes()
+
+
 def _layers_thin(model) -> set[tuple[frozenset, frozenset]]:
     return {(m.thin_check.nt, m.thin_check.tn) for m in model.modules() if isinstance(m, FusedLoraLinear)}
 
