@@ -173,8 +173,20 @@ def _eva_start(model: RWKV7, method: MethodConfig, names: list[str], batches) ->
     if batches is None:
         raise UserError("method.init: eva takes its start from the training data; attach it with batches "
                         "(the recipe's data does this) or choose another init")
-    with torch.random.fork_rng(devices=[]):
-        inputs = inits.collect_inputs(model, names, batches, method.eva_tokens)
+    from ..ops.thin_check import ThinCheck
+    from .fused_lora import FusedLoraLinear
+
+    # B is 0, so how x A^T is computed cannot change what a layer passes on: this pass takes BLAS's thin products
+    # rather than measure the thin check (which a run then decides once, for every process: train/routes.py)
+    layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear) and m.thin_check is None]
+    for m in layers:
+        m.thin_check = ThinCheck()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            inputs = inits.collect_inputs(model, names, batches, method.eva_tokens)
+    finally:
+        for m in layers:
+            m.thin_check = None
     with torch.no_grad():
         for name in names:
             a = model.get_submodule(name).lora_A["default"].weight

@@ -76,8 +76,9 @@ def test_bf16_row_chunks_are_the_checkpoints_where_it_has_them(monkeypatch):
     assert routes.decide_precision("auto", cpu_dev, Dist(), {"row_chunks": True}) == routes.Routes()
 
 
-def _layers_thin(model) -> set[tuple[frozenset, frozenset]]:
-    return {(m.thin_check.nt, m.thin_check.tn) for m in model.modules() if isinstance(m, FusedLoraLinear)}
+def _layers_thin(model) -> set[tuple[frozenset, frozenset] | None]:
+    return {m.thin_check and (m.thin_check.nt, m.thin_check.tn) for m in model.modules()
+            if isinstance(m, FusedLoraLinear)}
 
 
 def test_a_resumed_run_keeps_the_thin_routes_it_began_with(tiny_world, tmp_path, thin_machine):
@@ -110,6 +111,21 @@ def test_a_resumed_run_keeps_the_thin_routes_it_began_with(tiny_world, tmp_path,
     a, b, c = (load_file(d / "adapter.safetensors") for d in (full, cut, fresh))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a), "the kernel and BLAS gave the same bits: nothing tested"
+
+
+def test_evas_start_measures_nothing(tiny_world, tmp_path, thin_machine, monkeypatch):
+    """EVA's pass over the first batches (256-row micro-batches: the kernel could take them) runs before the run
+    decides the routing; with B at 0 it takes BLAS's products instead of measuring the check in every process.
+    The run then routes by its decision (here: switched off, so nothing at all is measured and the layers are
+    left to their own lazy check)."""
+    if cpu._extension() is None:
+        pytest.skip("the CPU extension is not built here: nothing to route")
+    taken = thin_machine(thin_record(nt={16: 2.0}, tn={16: 2.0}))
+    monkeypatch.setattr(routes, "decide_thin", lambda model, kept, *a: kept)
+    over = tiny_overrides(tiny_world, tmp_path / "eva", steps=2, **{
+        "method.init": "eva", "method.r": 16, "train.micro_bsz": 8, "train.device": "cpu"})
+    run = setup(load_recipe(LORA, over))
+    assert not taken and _layers_thin(run.model) == {None}
 
 
 def test_another_precision_on_resume_chooses_again(tiny_world, tmp_path, thin_machine):
