@@ -88,8 +88,9 @@ def on_rank0(dist: Dist, decide: Callable[[], object]) -> object:
 
 def decide_precision(precision: str, device: torch.device, dist: Dist, saved_record: dict) -> Routes:
     """bf16 or not (choose_bf16 for `precision`, which a resume under auto has already replaced by the
-    checkpoint's), and under bf16 on a CPU the row chunks: rank 0's (several CPU processes), the checkpoint's where
-    it has them (a resume in the checkpoint's precision)."""
+    checkpoint's), and under bf16 on a CPU the row chunks: the checkpoint's where it has them (a resume in the
+    checkpoint's precision). On several CPU processes rank 0 decides all of it, from its precision and its
+    checkpoint read."""
     if device.type != "cpu":  # nothing measured: each rank asks its GPU (the same answer on the same GPUs)
         return Routes(bf16=choose_bf16(precision, device.type, "train.precision", say=dist.is_main))
 
@@ -113,13 +114,21 @@ def _lora_layers(model: torch.nn.Module) -> list:
 def decide_thin(model: torch.nn.Module, routes: Routes, device: torch.device, dist: Dist,
                 saved_record: dict) -> Routes:
     """In fp32 on a CPU, where `model` has a LoRA layer the kernel can take: which thin products run in it (the
-    checkpoint's, else rank 0's cached or measured check), set on every such layer. Otherwise `routes` as given."""
-    if routes.bf16 or device.type != "cpu" or not any(
-            r in cpu.THIN_RANKS for m in _lora_layers(model) for r in m.r.values()):
+    checkpoint's, else the cached or measured check), set on every such layer. Otherwise `routes` as given. On
+    several CPU processes every rank calls this and rank 0 decides all of it, the checkpoint read included, so no
+    rank can be left alone in the broadcast."""
+    if device.type != "cpu":
         return routes
-    thin = saved_record.get("thin")
+
+    def decide() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        if routes.bf16 or not any(r in cpu.THIN_RANKS for m in _lora_layers(model) for r in m.r.values()):
+            return None
+        kept = saved_record.get("thin")
+        return _measured_thin() if kept is None else kept
+
+    thin = on_rank0(dist, decide)
     if thin is None:
-        thin = on_rank0(dist, _measured_thin)
+        return routes
     routes = replace(routes, thin=thin)
     apply_thin(model, routes)
     return routes
