@@ -136,7 +136,8 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
             progress=recipe.log.progress and dist.is_main, build=build), what=f"tokenizing {recipe.data.path}")
     # AdaLoRA: the run's steps; EVA: its first batches; a staged base goes to `device` (elsewhere it is there)
     model = attach_for_run(base, recipe, data, resume, device=device)
-    routes = routes_mod.decide_thin(model, routes, device, dist, kept)  # LoRA's thin products: kernel or BLAS
+    # LoRA's thin products: kernel or BLAS (a frozen reference made below is a copy: it routes as the model does)
+    routes = routes_mod.decide_thin(model, routes, device, dist, kept)
     named = trainable_parameters(model)
     for _, p in named:
         p.data = p.data.float()
@@ -177,7 +178,6 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
             from .distributed import partitioned_reference
 
             reference = partitioned_reference(reference, recipe, dist)
-    routes_mod.apply_thin(reference, routes)
     run = Run(recipe, dist, device, base, base_path, model, named, data, eval_docs, optimizer, engine,
               _precision_context(device, use_bf16), start=0, objective=objective, reference=reference,
               eval_pairs=eval_pairs, eval_masks=eval_masks, task=task, routes=routes)

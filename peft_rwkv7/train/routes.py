@@ -129,18 +129,13 @@ def decide_thin(model: torch.nn.Module, routes: Routes, device: torch.device, di
     thin = on_rank0(dist, decide)
     if thin is None:
         return routes
-    routes = replace(routes, thin=thin)
-    apply_thin(model, routes)
-    return routes
+    # the layers exist (rank 0 found them), so fused_lora is loaded
+    sys.modules["peft_rwkv7.adapters.fused_lora"].route_thin(model, ThinCheck(nt=frozenset(thin[0]),
+                                                                             tn=frozenset(thin[1])))
+    return replace(routes, thin=thin)
 
 
 def _measured_thin() -> tuple[tuple[int, ...], tuple[int, ...]]:
     check = cpu_thin_check()  # cached per machine, else measured now (~0.3 s)
     return tuple(sorted(check.nt)), tuple(sorted(check.tn))
 
-
-def apply_thin(model: torch.nn.Module | None, routes: Routes) -> None:
-    """Route `model`'s LoRA layers (a DPO/GRPO reference too) by the run's decided thin products, if decided."""
-    fused = sys.modules.get("peft_rwkv7.adapters.fused_lora")  # none of its layers exist where it is not loaded
-    if model is not None and routes.thin is not None and fused is not None:
-        fused.route_thin(model, ThinCheck(nt=frozenset(routes.thin[0]), tn=frozenset(routes.thin[1])))
