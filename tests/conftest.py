@@ -78,6 +78,22 @@ def make_model(seed: int = 0, **shape):
     return randomize(new_model(cfg, seed=seed), seed=seed)
 
 
+def inject_measurement(monkeypatch, cache_dir: Path, module, name: str, record: dict) -> list[dict]:
+    """Make `module.name`, a CPU check's measurement (precision.measure_bf16, thin_check.measure_thin), return
+    `record`, with the checks' cache in `cache_dir` (never the user's); returns the measurements taken from now."""
+    from peft_rwkv7.ops import precision
+
+    taken: list[dict] = []
+
+    def measure() -> dict:
+        taken.append(record)
+        return dict(record)
+
+    monkeypatch.setattr(precision, "default_cache_dir", lambda: cache_dir)
+    monkeypatch.setattr(module, name, measure)
+    return taken
+
+
 def graph_nodes(t: torch.Tensor) -> set[str]:
     """Names of the autograd nodes t's graph holds (which ops a forward took)."""
     names, todo, done = set(), [t.grad_fn], set()

@@ -18,6 +18,7 @@ from peft_rwkv7.ops import precision
 from peft_rwkv7.train.loop import setup
 from peft_rwkv7.train.recipe import load_recipe
 from peft_rwkv7.train.runner import train_from_cli
+from tests.conftest import inject_measurement
 from tests.train.conftest import tiny_overrides, tiny_world  # noqa: F401 (tiny_world: a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,20 +34,8 @@ FAST = {"fast": True, "ratio": 3.0, "seconds": 0.6,
 def machine(monkeypatch, tmp_path):
     """machine(fast) makes this CPU measure as FAST or SLOW, with the cache in a temporary folder (never the
     user's); returns the list of measurements taken."""
-    taken: list[dict] = []
-
-    def as_(fast: bool) -> list[dict]:
-        record = FAST if fast else SLOW
-
-        def measure() -> dict:
-            taken.append(record)
-            return dict(record)
-
-        monkeypatch.setattr(precision, "default_cache_dir", lambda: tmp_path / "bf16-cache")
-        monkeypatch.setattr(precision, "measure_bf16", measure)
-        return taken
-
-    return as_
+    return lambda fast: inject_measurement(monkeypatch, tmp_path / "bf16-cache", precision, "measure_bf16",
+                                           FAST if fast else SLOW)
 
 
 def lines_with(text: str, needle: str) -> list[str]:

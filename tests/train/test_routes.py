@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from peft_rwkv7.adapters.fused_lora import FusedLoraLinear
-from peft_rwkv7.ops import cpu, precision, thin_check
+from peft_rwkv7.ops import cpu, thin_check
 from peft_rwkv7.train import checkpoint as ckpt
 from peft_rwkv7.train import routes
 from peft_rwkv7.train.loop import setup
 from peft_rwkv7.train.recipe import load_recipe
 from peft_rwkv7.train.runner import train_from_cli
+from tests.conftest import inject_measurement
 from tests.train.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,19 +37,7 @@ def thin_record(nt: dict, tn: dict) -> dict:
 def thin_machine(monkeypatch, tmp_path):
     """thin_machine(record) makes this CPU measure the thin check as `record`, with the cache in a temporary
     folder (never the user's); returns the list of measurements taken from then on."""
-
-    def as_(record: dict) -> list[dict]:
-        taken: list[dict] = []
-
-        def measure() -> dict:
-            taken.append(record)
-            return dict(record)
-
-        monkeypatch.setattr(precision, "default_cache_dir", lambda: tmp_path / "cache")
-        monkeypatch.setattr(thin_check, "measure_thin", measure)
-        return taken
-
-    return as_
+    return lambda record: inject_measurement(monkeypatch, tmp_path / "cache", thin_check, "measure_thin", record)
 
 
 def test_a_checkpoints_record_is_read_back_and_a_bad_one_chosen_again():
