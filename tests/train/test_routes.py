@@ -185,3 +185,51 @@ def test_every_rank_computes_as_rank_0_measured(tiny_world, tmp_path):
     assert seen[1] == {"computes_in": "fp32", "thin": [[[16], []]], "taken": []}, (seen, errs[1])
     assert "train.precision: auto chose fp32" in errs[0] and "auto chose" not in errs[1]
     assert ckpt.saved_routes(tmp_path / "run") == {"row_chunks": False, "thin": {"nt": [16], "tn": []}}
+
+
+def test_a_dpo_reference_copied_from_the_model_routes_as_it_does(tiny_world, tmp_path, thin_machine):
+    """LoRA with parts trained in full cannot be switched off, so DPO's reference is a frozen copy: made after the
+    routing, it routes as the model does (one routing, no second measurement)."""
+    from tests.train.test_preference_train import DPO, overrides
+
+    taken = thin_machine(thin_record(nt={16: 2.0}, tn={8: 2.0}))
+    over = overrides(tiny_world, tmp_path, tmp_path / "dpo", **{"method.train_parts": "[time]",
+                                                               "method.state": "false"})
+    run = setup(load_recipe(DPO, over))
+    assert run.reference is not None and run.reference is not run.model and len(taken) == 1
+    assert _layers_thin(run.model) == _layers_thin(run.reference) == {(frozenset({16}), frozenset({8}))}
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    """A process of test_an_error_on_rank_0_stops_every_rank: rank 0's decision fails."""
+    from peft_rwkv7.errors import UserError
+    from peft_rwkv7.train.distributed import Dist
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    calls = []
+
+    def decide():
+        calls.append(rank)
+        raise UserError("the bf16 check failed here")
+
+    try:
+        routes.on_rank0(Dist(rank=rank, world_size=2), decide)
+        seen = "returned"
+    except UserError as e:
+        seen = str(e)
+    finally:
+        torch.distributed.destroy_process_group()
+    Path(f"{out}{rank}").write_text(json.dumps({"seen": seen, "calls": calls}))
+
+
+def test_an_error_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 alone decides; its error is raised there as it was and on the other ranks as one line naming rank 0,
+    instead of leaving them waiting in the broadcast."""
+    import torch.multiprocessing as mp
+
+    from tests.train.test_deepspeed import free_port
+
+    mp.start_processes(_rank, args=(free_port(), str(tmp_path / "seen")), nprocs=2, start_method="spawn")
+    seen = [json.loads((tmp_path / f"seen{r}").read_text()) for r in range(2)]
+    assert seen[0] == {"seen": "the bf16 check failed here", "calls": [0]}
+    assert seen[1] == {"seen": "the bf16 check failed here (on rank 0)", "calls": []}
