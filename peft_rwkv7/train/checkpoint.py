@@ -108,8 +108,8 @@ def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int
                     extra: dict | None = None, precision: str | None = None, routes: dict | None = None) -> Path:
     """Write checkpoints/step_{step}.pt and prune all but the newest `keep` (0 keeps all). extra: {name: object
     with state_dict()} of more training state (AdaLoRA's rank allocator, train/adalora.py). precision: what the
-    run computes in ("bf16", "fp32"; saved_precision reads it back); routes: its measured kernel choices
-    (train/routes.py, JSON; saved_routes reads them back)."""
+    run computes in ("bf16", "fp32"); routes: its measured kernel choices (train/routes.py, JSON); saved_choices
+    reads both back."""
     path = Path(run_dir) / "checkpoints" / f"step_{step:06d}.pt"
     payload = {
         "step": step,
@@ -143,17 +143,13 @@ def _newest_record(run_dir: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def saved_precision(run_dir: Path) -> str | None:
-    """The precision ("bf16", "fp32") the newest checkpoint of run_dir was made in, or None where it has none or
-    does not say (made before it was recorded). A resume under `train.precision: auto` goes on in it."""
-    saved = _newest_record(run_dir).get("precision")
-    return saved if saved in ("bf16", "fp32") else None
-
-
-def saved_routes(run_dir: Path) -> object:
-    """The measured kernel choices the newest checkpoint of run_dir was made with (train/routes.py validates
-    them), None where it has none."""
-    return _newest_record(run_dir).get("routes")
+def saved_choices(run_dir: Path) -> tuple[str | None, object]:
+    """(precision, routes) the newest checkpoint of run_dir was made with, read once: the precision ("bf16", "fp32";
+    None where it has none or does not say, made before it was recorded), in which a resume under
+    `train.precision: auto` goes on, and the measured kernel choices (train/routes.py validates them; None)."""
+    record = _newest_record(run_dir)
+    precision = record.get("precision")
+    return (precision if precision in ("bf16", "fp32") else None), record.get("routes")
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict | None:

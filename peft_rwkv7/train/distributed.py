@@ -20,6 +20,7 @@ import datetime
 import os
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,26 @@ def _raise_anywhere(dist: Dist, error: str | None) -> None:
     first = next((e for e in errors if e), None)
     if first:
         raise UserError(first if first == error else f"{first} (on another process)")
+
+
+def on_rank0(dist: Dist, decide: Callable[[], object]) -> object:
+    """decide() on rank 0 alone, its answer on every rank (one process: decide()). An error on rank 0 stops every
+    rank: there as raised, elsewhere as a one-line UserError."""
+    if dist.world_size == 1:
+        return decide()
+    box: list = [None, None]
+    error: BaseException | None = None
+    if dist.is_main:
+        try:
+            box[0] = decide()
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then re-raised
+            error, box[1] = e, str(e) or type(e).__name__
+    torch.distributed.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise UserError(f"{box[1]} (on rank 0)")
+    return box[0]
 
 
 def folder_is_shared(folder: Path, what: str, token: str, dist: Dist) -> bool:

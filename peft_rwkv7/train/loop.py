@@ -86,7 +86,7 @@ class Run:
 
     @property
     def computes_in(self) -> str:
-        """"bf16" (autocast) or "fp32": recorded in the run's checkpoints (saved_precision)."""
+        """"bf16" (autocast) or "fp32": recorded in the run's checkpoints (saved_choices)."""
         return self.routes.precision
 
     @property
@@ -101,7 +101,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
     tc = recipe.train
     device = pick_device(tc.device, "train.device")
     precision = tc.precision
-    saved = ckpt.saved_precision(Path(recipe.out_dir)) if resume else None
+    saved, saved_routes = ckpt.saved_choices(Path(recipe.out_dir)) if resume else (None, None)
     if precision == "auto" and saved is not None:
         # the run goes on as it began, whatever this machine or device would choose (an exact resume)
         precision = saved
@@ -110,7 +110,7 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
                   flush=True)
     # auto: bf16 on CUDA and fast CPUs; the measured choices are rank 0's (several processes), a resume's as it began
     # (a resume in another precision than its checkpoint's chooses again: those choices were for that one)
-    kept = routes_mod.saved(ckpt.saved_routes(Path(recipe.out_dir))) if saved == precision else {}
+    kept = routes_mod.saved(saved_routes) if saved == precision else {}
     routes = routes_mod.decide_precision(precision, device, dist, kept)
     use_bf16 = routes.bf16
     torch.manual_seed(tc.seed)

@@ -19,16 +19,14 @@ layers keep their own lazy check (inference, the Python API).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
-from ..errors import UserError
 from ..ops import cpu
 from ..ops.precision import choose_bf16, cpu_bf16_check
 from ..ops.thin_check import ThinCheck, cpu_thin_check
-from .distributed import Dist
+from .distributed import Dist, on_rank0
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class Routes:
 
 
 def saved(record: object) -> dict:
-    """The valid parts of a checkpoint's routes record (ckpt.saved_routes): {"row_chunks": bool} and/or
+    """The valid parts of a checkpoint's routes record (ckpt.saved_choices): {"row_chunks": bool} and/or
     {"thin": (nt, tn)}; a part that is missing or malformed (an older checkpoint) is chosen again."""
     out: dict = {}
     if not isinstance(record, dict):
@@ -64,26 +62,6 @@ def saved(record: object) -> dict:
             for k in ("nt", "tn")):
         out["thin"] = (tuple(sorted(thin["nt"])), tuple(sorted(thin["tn"])))
     return out
-
-
-def on_rank0(dist: Dist, decide: Callable[[], object]) -> object:
-    """decide() on rank 0 alone, its answer on every rank (one process: decide()). An error on rank 0 stops every
-    rank: there as raised, elsewhere as a one-line UserError."""
-    if dist.world_size == 1:
-        return decide()
-    box: list = [None, None]
-    error: BaseException | None = None
-    if dist.is_main:
-        try:
-            box[0] = decide()
-        except Exception as e:  # noqa: BLE001 - told to the other ranks, then re-raised
-            error, box[1] = e, str(e) or type(e).__name__
-    torch.distributed.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    if box[1] is not None:
-        raise UserError(f"{box[1]} (on rank 0)")
-    return box[0]
 
 
 def decide_precision(precision: str, device: torch.device, dist: Dist, saved_record: dict) -> Routes:

@@ -12,17 +12,18 @@ from peft_rwkv7.ops import cpu, thin_check
 from peft_rwkv7.ops.thin_check import MARGIN, ThinCheck, cpu_thin_check
 
 
-def _record(nt: dict, tn: dict) -> dict:
+def thin_record(nt: dict, tn: dict) -> dict:
+    """A thin-check measurement: the kernel's speed over BLAS's per kind and rank (1.0 where not given)."""
     return {"speedup": {"nt": {str(r): nt.get(r, 1.0) for r in cpu.THIN_RANKS},
                         "tn": {str(r): tn.get(r, 1.0) for r in cpu.THIN_RANKS}}, "seconds": 0.25}
 
 
 def test_a_kind_and_rank_run_in_the_kernel_only_where_it_was_measured_faster_by_the_margin(tmp_path):
-    record = _record(nt={8: 0.9, 16: MARGIN, 32: MARGIN - 0.01, 64: 2.5}, tn={8: 3.0, 16: 0.5})
+    record = thin_record(nt={8: 0.9, 16: MARGIN, 32: MARGIN - 0.01, 64: 2.5}, tn={8: 3.0, 16: 0.5})
     check = cpu_thin_check(cache_dir=tmp_path, measure=lambda: record)
     assert check.nt == {16, 64} and check.tn == {8}
     assert check.speedup["nt"][32] == pytest.approx(MARGIN - 0.01) and not check.cached
-    slow = cpu_thin_check(cache_dir=tmp_path / "slow", measure=lambda: _record(nt={}, tn={}))
+    slow = cpu_thin_check(cache_dir=tmp_path / "slow", measure=lambda: thin_record(nt={}, tn={}))
     assert slow.nt == slow.tn == frozenset()
     assert "r16 1.10x, r32 1.09x (BLAS)" in check.summary() and "measured now" in check.summary()
 
@@ -32,7 +33,7 @@ def test_the_check_is_measured_once_and_then_read_from_its_cache(tmp_path, monke
 
     def measure():
         runs.append(1)
-        return _record(nt={16: 1.5}, tn={16: 2.0})
+        return thin_record(nt={16: 1.5}, tn={16: 2.0})
 
     first = cpu_thin_check(cache_dir=tmp_path, measure=measure)
     second = cpu_thin_check(cache_dir=tmp_path, measure=measure)
@@ -54,7 +55,7 @@ def test_a_bad_measurement_is_refused_and_an_unwritable_cache_only_costs_a_measu
         cpu_thin_check(cache_dir=tmp_path, measure=lambda: {"speedup": {"nt": {}}, "seconds": 1.0})
     blocked = tmp_path / "file"
     blocked.write_text("")
-    check = cpu_thin_check(cache_dir=blocked, measure=lambda: _record(nt={16: 2.0}, tn={}))
+    check = cpu_thin_check(cache_dir=blocked, measure=lambda: thin_record(nt={16: 2.0}, tn={}))
     assert check.nt == {16} and "could not cache the thin-product check" in capsys.readouterr().err
 
 

@@ -21,16 +21,11 @@ from peft_rwkv7.train.loop import setup
 from peft_rwkv7.train.recipe import load_recipe
 from peft_rwkv7.train.runner import train_from_cli
 from tests.conftest import inject_measurement
+from tests.ops.test_thin_check import thin_record
 from tests.train.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = str(ROOT / "recipes" / "lora.yaml")
-
-
-def thin_record(nt: dict, tn: dict) -> dict:
-    """A thin-check measurement: the kernel's speed over BLAS's per kind and rank (1.0 where not given)."""
-    return {"speedup": {"nt": {str(r): float(nt.get(r, 1.0)) for r in cpu.THIN_RANKS},
-                        "tn": {str(r): float(tn.get(r, 1.0)) for r in cpu.THIN_RANKS}}, "seconds": 0.2}
 
 
 @pytest.fixture
@@ -84,7 +79,7 @@ def test_a_resumed_run_keeps_the_thin_routes_it_began_with(tiny_world, tmp_path,
     train_from_cli(LORA, tiny_overrides(tiny_world, full, steps=4, **extra))
     train_from_cli(LORA, tiny_overrides(tiny_world, cut, steps=4, **extra) + ["train.stop_after=2"])
     assert len(taken) == 1  # measured once, then cached
-    assert ckpt.saved_routes(cut) == {"row_chunks": False, "thin": {"nt": [16], "tn": [16]}}
+    assert ckpt.saved_choices(cut)[1] == {"row_chunks": False, "thin": {"nt": [16], "tn": [16]}}
 
     shutil.rmtree(tmp_path / "cache")
     taken = thin_machine(thin_record(nt={}, tn={}))
@@ -95,7 +90,7 @@ def test_a_resumed_run_keeps_the_thin_routes_it_began_with(tiny_world, tmp_path,
     train_from_cli(LORA, tiny_overrides(tiny_world, cut, steps=4, **extra), resume=True)
     assert not taken  # the resume measured nothing
     train_from_cli(LORA, tiny_overrides(tiny_world, fresh, steps=4, **extra))
-    assert len(taken) == 1 and ckpt.saved_routes(fresh)["thin"] == {"nt": [], "tn": []}
+    assert len(taken) == 1 and ckpt.saved_choices(fresh)[1]["thin"] == {"nt": [], "tn": []}
 
     a, b, c = (load_file(d / "adapter.safetensors") for d in (full, cut, fresh))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -140,7 +135,7 @@ from peft_rwkv7.adapters.fused_lora import FusedLoraLinear
 from peft_rwkv7.ops import precision, thin_check
 from peft_rwkv7.train import loop
 from tests.ops.test_precision_auto import FAST, SLOW
-from tests.train.test_routes import thin_record
+from tests.ops.test_thin_check import thin_record
 rank, out = int(os.environ["RANK"]), os.environ["SPY_OUT"]
 taken = []
 def bf16():
@@ -184,7 +179,7 @@ def test_every_rank_computes_as_rank_0_measured(tiny_world, tmp_path):
     assert seen[0] == {"computes_in": "fp32", "thin": [[[16], []]], "taken": ["bf16", "thin"]}, (seen, errs[0])
     assert seen[1] == {"computes_in": "fp32", "thin": [[[16], []]], "taken": []}, (seen, errs[1])
     assert "train.precision: auto chose fp32" in errs[0] and "auto chose" not in errs[1]
-    assert ckpt.saved_routes(tmp_path / "run") == {"row_chunks": False, "thin": {"nt": [16], "tn": []}}
+    assert ckpt.saved_choices(tmp_path / "run")[1] == {"row_chunks": False, "thin": {"nt": [16], "tn": []}}
 
 
 def test_a_dpo_reference_copied_from_the_model_routes_as_it_does(tiny_world, tmp_path, thin_machine):
@@ -203,7 +198,7 @@ def test_a_dpo_reference_copied_from_the_model_routes_as_it_does(tiny_world, tmp
 def _rank(rank: int, port: int, out: str) -> None:
     """A process of test_an_error_on_rank_0_stops_every_rank: rank 0's decision fails."""
     from peft_rwkv7.errors import UserError
-    from peft_rwkv7.train.distributed import Dist
+    from peft_rwkv7.train.distributed import Dist, on_rank0
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     calls = []
@@ -213,7 +208,7 @@ def _rank(rank: int, port: int, out: str) -> None:
         raise UserError("the bf16 check failed here")
 
     try:
-        routes.on_rank0(Dist(rank=rank, world_size=2), decide)
+        on_rank0(Dist(rank=rank, world_size=2), decide)
         seen = "returned"
     except UserError as e:
         seen = str(e)
@@ -223,8 +218,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_an_error_on_rank_0_stops_every_rank(tmp_path):
-    """Rank 0 alone decides; its error is raised there as it was and on the other ranks as one line naming rank 0,
-    instead of leaving them waiting in the broadcast."""
+    """distributed.on_rank0: rank 0 alone decides; its error is raised there as it was and on the other ranks as
+    one line naming rank 0, instead of leaving them waiting in the broadcast."""
     import torch.multiprocessing as mp
 
     from tests.train.test_deepspeed import free_port
