@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 from peft_rwkv7.adapters.fused_lora import FusedLoraLinear
 from peft_rwkv7.ops import cpu, thin_check
+from peft_rwkv7.ops import precision as ops_precision
 from peft_rwkv7.train import checkpoint as ckpt
 from peft_rwkv7.train import routes
+from peft_rwkv7.train.distributed import Dist
 from peft_rwkv7.train.loop import setup
 from peft_rwkv7.train.recipe import load_recipe
 from peft_rwkv7.train.runner import train_from_cli
@@ -228,3 +230,23 @@ def test_an_error_on_rank_0_stops_every_rank(tmp_path):
     seen = [json.loads((tmp_path / f"seen{r}").read_text()) for r in range(2)]
     assert seen[0] == {"seen": "the bf16 check failed here", "calls": [0]}
     assert seen[1] == {"seen": "the bf16 check failed here (on rank 0)", "calls": []}
+
+
+def test_on_a_gpu_nothing_is_measured_and_each_rank_asks_its_gpu(monkeypatch, capsys):
+    """On a GPU no CPU check runs and no broadcast is made (a rank of several asks its own GPU): bf16 where the GPU
+    has native bf16, fp32 under auto where it would emulate it; the thin routing is left undecided (the CPU
+    kernel never takes GPU tensors)."""
+    def no_cpu_check(*a, **k):
+        raise AssertionError("a CPU check was measured for a GPU run")
+
+    monkeypatch.setattr(routes, "cpu_bf16_check", no_cpu_check)
+    monkeypatch.setattr(routes, "cpu_thin_check", no_cpu_check)
+    monkeypatch.setattr(routes, "on_rank0", no_cpu_check)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    gpu, rank1 = torch.device("cuda"), Dist(rank=1, world_size=2)
+    for native, auto in ((True, routes.Routes(bf16=True)), (False, routes.Routes())):
+        monkeypatch.setattr(ops_precision, "cuda_bf16_native", lambda native=native: native)
+        assert routes.decide_precision("auto", gpu, rank1, {"row_chunks": True}) == auto
+        assert routes.decide_precision("fp32", gpu, rank1, {}) == routes.Routes()
+        assert routes.decide_thin(torch.nn.Linear(2, 2), auto, gpu, rank1, {"thin": ((16,), ())}) == auto
+    assert capsys.readouterr().err == ""  # rank 1 says nothing
