@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut 3) of one module against the few test files that cover it. Not in CI: slow.
 #   bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants "NAME ..."]
-#     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7   (the map below)
+#     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision
+#                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
 #     --mutants    only these mutants (mutmut names or globs, e.g. the survivors of an earlier run)
@@ -62,8 +63,21 @@ case "$module" in
         src=peft_rwkv7/model/rwkv7.py
         globs="*.x__shift__mutmut_* *ǁforward__mutmut_* *ǁinitial_state__mutmut_* *ǁstep__mutmut_*"
         tests="tests/model/test_parity.py tests/model/test_state.py tests/model/test_mut_rwkv7.py" ;;
+    routes)
+        # a run's measured choices (issue 23): made once by rank 0, kept in checkpoints, taken back at a resume
+        src=peft_rwkv7/train/routes.py
+        tests="tests/train/test_routes.py tests/train/test_mut_routes.py" ;;
+    thin_check)
+        # which of LoRA's fp32 thin products run in the CPU kernel: the measurement, its cache and its verdict
+        src=peft_rwkv7/ops/thin_check.py
+        tests="tests/ops/test_thin_check.py tests/ops/test_mut_thin_check.py" ;;
+    precision)
+        # precision: auto's bf16 check on the CPU (measured, cached per machine) and the choice from it
+        src=peft_rwkv7/ops/precision.py
+        tests="tests/ops/test_precision_auto.py tests/ops/test_mut_precision.py" ;;
     *)
-        echo "usage: bash scripts/mutation.sh losses|objectives|loop|pth_merge|formats|rwkv7 [--rev REV [--new-tests]]" \
+        echo "usage: bash scripts/mutation.sh losses|objectives|loop|pth_merge|formats|rwkv7|routes|thin_check|precision" \
+             "[--rev REV [--new-tests]]" \
              "[--mutants 'NAME ...']" >&2
         exit 2 ;;
 esac
