@@ -260,3 +260,65 @@ def test_native_bf16_on_a_gpu_does_not_count_emulation(monkeypatch, emulates, na
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
     assert p.cuda_bf16_native() is native
+
+
+GOOD = {"fast": True, "ratio": 2.5, "seconds": 0.375, "row_chunks": True, "row_chunks_speedup": 1.375,
+        "gflops": {"F.linear": {"fp32": 60.0, "bf16": 150.0}}}
+
+
+def test_a_checks_fields_come_from_its_record(tmp_path):
+    name = str(p.machine_fields()["cpu"])
+    first = p.cpu_bf16_check(cache_dir=tmp_path, measure=lambda: dict(GOOD))
+    again = p.cpu_bf16_check(cache_dir=tmp_path, measure=lambda: pytest.fail("measured twice"))
+    for check, cached in ((first, False), (again, True)):
+        assert (check.fast, check.ratio, check.seconds, check.cpu, check.cached) == (True, 2.5, 0.375, name, cached)
+        assert check.row_chunks is True and check.row_chunks_speedup == 1.375 and check.gflops == GOOD["gflops"]
+    plain = {k: v for k, v in GOOD.items() if not k.startswith("row_chunks")}  # a CPU where bf16 is slow has none
+    check = p.cpu_bf16_check(cache_dir=tmp_path / "plain", measure=lambda: dict(plain))
+    assert check.row_chunks is False and check.row_chunks_speedup is None
+
+
+def _bad_bf16_records() -> list:
+    out = [{**GOOD, key: value} for key, value in (
+        ("fast", 1), ("fast", None), ("ratio", None), ("ratio", "2.5"), ("ratio", float("inf")), ("ratio", True),
+        ("seconds", None), ("seconds", float("nan")), ("gflops", [1.0]), ("row_chunks", "yes"), ("row_chunks", 1),
+        ("row_chunks_speedup", "1.3"), ("row_chunks_speedup", float("inf")),
+        ("gflops", {"op": {"fp32": 60.0}}), ("gflops", {"op": {"fp32": 60.0, "bf16": "fast"}}),
+        ("gflops", {"op": [60.0, 150.0]}))]
+    out += [{k: v for k, v in GOOD.items() if k != key} for key in ("fast", "ratio", "seconds", "gflops")]
+    return out + [[GOOD], "good"]
+
+
+@pytest.mark.parametrize("bad", _bad_bf16_records())
+def test_a_malformed_cached_bf16_record_is_measured_again(tmp_path, bad):
+    runs = []
+    measure = lambda: (runs.append(1), dict(GOOD))[1]  # noqa: E731
+    p.cpu_bf16_check(cache_dir=tmp_path, measure=measure)
+    (path,) = tmp_path.glob("bf16-check-*.json")
+    fields = json.loads(path.read_text())["fields"]
+    path.write_text(json.dumps({**bad, "fields": fields} if isinstance(bad, dict) else bad))
+    assert p.cpu_bf16_check(cache_dir=tmp_path, measure=measure).cached is False and len(runs) == 2
+
+
+def test_another_machines_record_is_not_read_and_a_bad_measurement_is_refused(tmp_path, monkeypatch, capsys):
+    p.cpu_bf16_check(cache_dir=tmp_path, measure=lambda: dict(GOOD))
+    (path,) = tmp_path.glob("bf16-check-*.json")
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "fields": {**record["fields"], "cpu": "another CPU"}}))
+    assert p.cpu_bf16_check(cache_dir=tmp_path, measure=lambda: dict(GOOD)).cached is False
+    with pytest.raises(TypeError, match="^bf16 measurement returned {'fast': 'yes'}$"):
+        p.cpu_bf16_check(cache_dir=tmp_path / "new", measure=lambda: {"fast": "yes"})
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    capsys.readouterr()
+    assert p.cpu_bf16_check(cache_dir=blocked, measure=lambda: dict(GOOD)).fast
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"peft_rwkv7: could not cache the bf16 check in {blocked}/")
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "check.json"
+    p.write_atomic(path, {"x": 1})
+    with pytest.raises(TypeError):
+        p.write_atomic(path, {"x": object()})  # not JSON: fails halfway through the write
+    assert json.loads(path.read_text()) == {"x": 1} and [q.name for q in tmp_path.iterdir()] == ["check.json"]
