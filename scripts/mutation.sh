@@ -66,7 +66,8 @@ case "$module" in
     routes)
         # a run's measured choices (issue 23): made once by rank 0, kept in checkpoints, taken back at a resume
         src=peft_rwkv7/train/routes.py
-        tests="tests/train/test_routes.py tests/train/test_mut_routes.py" ;;
+        tests="tests/train/test_routes.py tests/train/test_mut_routes.py
+               tests/ops/test_precision_auto.py::test_a_resumed_auto_run_goes_on_in_the_precision_it_began_in" ;;
     thin_check)
         # which of LoRA's fp32 thin products run in the CPU kernel: the measurement, its cache and its verdict
         src=peft_rwkv7/ops/thin_check.py

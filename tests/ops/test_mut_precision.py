@@ -16,6 +16,7 @@ import torch
 
 from peft_rwkv7.ops import build, cpu, rowsplit
 from peft_rwkv7.ops import precision as p
+from tests.conftest import inject_measurement
 
 X86 = """processor\t: 0
 model name\t: AMD EPYC 9R14: 96-Core Processor
@@ -290,14 +291,13 @@ def _bad_bf16_records() -> list:
 
 
 @pytest.mark.parametrize("bad", _bad_bf16_records())
-def test_a_malformed_cached_bf16_record_is_measured_again(tmp_path, bad):
-    runs = []
-    measure = lambda: (runs.append(1), dict(GOOD))[1]  # noqa: E731
-    p.cpu_bf16_check(cache_dir=tmp_path, measure=measure)
+def test_a_malformed_cached_bf16_record_is_measured_again(tmp_path, monkeypatch, bad):
+    runs = inject_measurement(monkeypatch, tmp_path, p, "measure_bf16", GOOD)
+    p.cpu_bf16_check(cache_dir=tmp_path)
     (path,) = tmp_path.glob("bf16-check-*.json")
     fields = json.loads(path.read_text())["fields"]
     path.write_text(json.dumps({**bad, "fields": fields} if isinstance(bad, dict) else bad))
-    assert p.cpu_bf16_check(cache_dir=tmp_path, measure=measure).cached is False and len(runs) == 2
+    assert p.cpu_bf16_check(cache_dir=tmp_path).cached is False and len(runs) == 2
 
 
 def test_another_machines_record_is_not_read_and_a_bad_measurement_is_refused(tmp_path, monkeypatch, capsys):

@@ -13,17 +13,8 @@ import torch
 
 from peft_rwkv7.ops import cpu, precision, thin_check
 from peft_rwkv7.ops.thin_check import ThinCheck, cpu_thin_check
+from tests.conftest import inject_measurement
 from tests.ops.test_thin_check import thin_record
-
-
-def _counting(record: dict) -> tuple[list, callable]:
-    runs: list = []
-
-    def measure() -> dict:
-        runs.append(1)
-        return json.loads(json.dumps(record))
-
-    return runs, measure
 
 
 def _bad_records() -> list:
@@ -46,13 +37,13 @@ def _bad_records() -> list:
 
 
 @pytest.mark.parametrize("bad", _bad_records())
-def test_a_malformed_cached_record_is_measured_again(tmp_path, bad):
-    runs, measure = _counting(thin_record(nt={16: 2.0}, tn={}))
-    cpu_thin_check(cache_dir=tmp_path, measure=measure)
+def test_a_malformed_cached_record_is_measured_again(tmp_path, monkeypatch, bad):
+    runs = inject_measurement(monkeypatch, tmp_path, thin_check, "measure_thin", thin_record(nt={16: 2.0}, tn={}))
+    cpu_thin_check(cache_dir=tmp_path)
     (path,) = tmp_path.glob("thin-check-*.json")
     fields = json.loads(path.read_text())["fields"]
     path.write_text(json.dumps({**bad, "fields": fields} if isinstance(bad, dict) else bad))
-    check = cpu_thin_check(cache_dir=tmp_path, measure=measure)
+    check = cpu_thin_check(cache_dir=tmp_path)
     assert len(runs) == 2 and check.cached is False and check.nt == {16}
 
 
@@ -60,17 +51,17 @@ def test_each_machine_keeps_its_own_cache(tmp_path, monkeypatch):
     """Two machines sharing a cache folder (a home on NFS): neither's measurement replaces the other's, and a
     record measured on another machine is never read as this one's."""
     real = precision.machine_fields()
-    runs, measure = _counting(thin_record(nt={16: 2.0}, tn={}))
+    runs = inject_measurement(monkeypatch, tmp_path, thin_check, "measure_thin", thin_record(nt={16: 2.0}, tn={}))
     for cpu_name in ("CPU A", "CPU B", "CPU A", "CPU B"):
         monkeypatch.setattr(precision, "machine_fields", lambda cpu_name=cpu_name: {**real, "cpu": cpu_name})
-        check = cpu_thin_check(cache_dir=tmp_path, measure=measure)
+        check = cpu_thin_check(cache_dir=tmp_path)
         assert check.cpu == cpu_name
     assert len(runs) == 2 and len(list(tmp_path.glob("thin-check-*.json"))) == 2
     (a, b) = sorted(tmp_path.glob("thin-check-*.json"))
     b.write_text(a.read_text())  # machine A's record where machine B's cache is: not B's
     for cpu_name in ("CPU A", "CPU B"):
         monkeypatch.setattr(precision, "machine_fields", lambda cpu_name=cpu_name: {**real, "cpu": cpu_name})
-        cpu_thin_check(cache_dir=tmp_path, measure=measure)
+        cpu_thin_check(cache_dir=tmp_path)
     assert len(runs) == 3
 
 
@@ -78,19 +69,18 @@ def test_a_changed_kernel_source_is_measured_again_and_the_check_names_its_cpu(t
     source = tmp_path / "thin_cpu.cpp"
     source.write_text("// one kernel")
     monkeypatch.setattr(thin_check, "_SOURCE", source)
-    monkeypatch.setattr(precision, "default_cache_dir", lambda: tmp_path / "cache")
     record = {**thin_record(nt={}, tn={8: 3.0}), "seconds": 0.375}
-    runs, measure = _counting(record)
+    runs = inject_measurement(monkeypatch, tmp_path / "cache", thin_check, "measure_thin", record)
     name = str(precision.machine_fields()["cpu"])
-    first = cpu_thin_check(measure=measure)  # the default folder (default_cache_dir)
+    first = cpu_thin_check()  # the default folder (default_cache_dir)
     assert list((tmp_path / "cache").glob("thin-check-*.json"))
     assert (first.cpu, first.seconds, first.cached, first.tn) == (name, 0.375, False, {8})
-    again = cpu_thin_check(measure=measure)
+    again = cpu_thin_check()
     assert (again.cpu, again.seconds, again.cached) == (name, 0.375, True) and len(runs) == 1
     source.write_text("// another kernel")
-    assert cpu_thin_check(measure=measure).cached is False and len(runs) == 2
+    assert cpu_thin_check().cached is False and len(runs) == 2
     source.unlink()  # no source to hash: measured again, then cached under that name
-    assert cpu_thin_check(measure=measure).cached is False and cpu_thin_check(measure=measure).cached
+    assert cpu_thin_check().cached is False and cpu_thin_check().cached
     monkeypatch.setattr(cpu, "_extension", lambda: None)
     assert cpu_thin_check(cache_dir=tmp_path / "none") == ThinCheck(cpu=name)
 

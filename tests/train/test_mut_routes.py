@@ -1,13 +1,13 @@
 """train/routes.py, what its mutation run (scripts/mutation.sh routes) found untested: auto on a CPU follows the
-bf16 check and says so under the recipe's setting name, rank 0 on a GPU says what auto chose, a run begun in bf16
-under auto resumes in bf16 whatever the machine measures now (the checkpoint's precision, read back), and a model
-without LoRA layers, where fused_lora was never imported, is routed without importing it. The measurements are
-injected, so each holds on any machine."""
+bf16 check and says so under the recipe's setting name, rank 0 on a GPU says what auto chose, and a model without
+LoRA layers, where fused_lora was never imported, is routed without importing it. (That a bf16 run under auto
+resumes in bf16 on a CPU now measured slow, which the checkpoint's `Routes.precision` decides, is
+tests/ops/test_precision_auto.py's, in the routes map too.) The measurements are injected, so each holds on any
+machine."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,15 +16,9 @@ from peft_rwkv7.ops import precision as ops_precision
 from peft_rwkv7.ops import thin_check
 from peft_rwkv7.train import routes
 from peft_rwkv7.train.distributed import Dist
-from peft_rwkv7.train.loop import setup
-from peft_rwkv7.train.recipe import load_recipe
-from peft_rwkv7.train.runner import train_from_cli
 from tests.conftest import inject_measurement
 from tests.ops.test_precision_auto import FAST, SLOW
-from tests.train.conftest import tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[2]
-STATE = str(ROOT / "recipes" / "state_tune.yaml")
 CPU = torch.device("cpu")
 
 
@@ -47,23 +41,6 @@ def test_on_a_gpu_rank_0_says_what_auto_chose(monkeypatch, capsys):
     assert routes.decide_precision("auto", torch.device("cuda"), Dist(), {}) == routes.Routes()
     said = capsys.readouterr().err
     assert said == "train.precision: auto chose fp32: Tesla T4 has no native bf16 (torch would emulate it)\n"
-
-
-def test_a_run_begun_in_bf16_under_auto_resumes_in_bf16(tiny_world, tmp_path, monkeypatch, capsys):
-    """The checkpoint keeps the precision the run computed in; a resume under auto takes it, even where this CPU's
-    check (its cache lost) now measures bf16 slow."""
-    extra = {"train.save_every": 2, "train.precision": "auto", "train.device": "cpu", "data.eval_path": "null"}
-    inject_measurement(monkeypatch, tmp_path / "cache-fast", ops_precision, "measure_bf16", FAST)
-    cut = tmp_path / "cut"
-    train_from_cli(STATE, tiny_overrides(tiny_world, cut, steps=4, **extra) + ["train.stop_after=2"])
-    taken = inject_measurement(monkeypatch, tmp_path / "cache-slow", ops_precision, "measure_bf16", SLOW)
-    capsys.readouterr()
-    run = setup(load_recipe(STATE, tiny_overrides(tiny_world, cut, steps=4, **extra)), resume=True)
-    assert run.computes_in == "bf16"
-    assert "train.precision: auto resumes in bf16" in capsys.readouterr().err
-    assert len(taken) <= 1  # forced bf16 may measure, to warn; it never decides
-    fresh = setup(load_recipe(STATE, tiny_overrides(tiny_world, tmp_path / "fresh", steps=4, **extra)))
-    assert fresh.computes_in == "fp32"  # a new run on this CPU: the check's answer
 
 
 def test_a_model_without_lora_is_routed_without_importing_fused_lora(monkeypatch, tmp_path):
