@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut 3) of one module against the few test files that cover it. Not in CI: slow.
 #   bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants "NAME ..."]
-#     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision
+#     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision |
+#                  linear_ce | fused_lora | rowsplit | timemix | pointwise
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -76,8 +77,31 @@ case "$module" in
         # precision: auto's bf16 check on the CPU (measured, cached per machine) and the choice from it
         src=peft_rwkv7/ops/precision.py
         tests="tests/ops/test_precision_auto.py tests/ops/test_mut_precision.py" ;;
+    linear_ce)
+        # the head and loss over row chunks (issue 23): never all logits at once, the same loss and gradients
+        src=peft_rwkv7/ops/linear_ce.py
+        tests="tests/ops/test_linear_ce.py tests/ops/test_loss_cpu.py tests/train/test_fused_loss.py
+               tests/ops/test_mut_linear_ce.py" ;;
+    fused_lora)
+        # LoRA's layer as one autograd node (issue 23): its thin products, its sum, its backward
+        src=peft_rwkv7/adapters/fused_lora.py
+        tests="tests/adapters/test_fused_lora.py tests/adapters/test_mut_fused_lora.py
+               tests/ops/test_rowsplit.py::test_the_model_and_the_lora_layer_take_row_chunks" ;;
+    rowsplit)
+        # bf16 products in row chunks where oneDNN runs them on one thread (issue 23)
+        src=peft_rwkv7/ops/rowsplit.py
+        tests="tests/ops/test_rowsplit.py tests/ops/test_mut_rowsplit.py" ;;
+    timemix)
+        # TimeMix's fused element-wise ops and their backward (issue 23)
+        src=peft_rwkv7/ops/timemix.py
+        tests="tests/ops/test_timemix.py tests/ops/test_gates.py tests/ops/test_mut_timemix.py" ;;
+    pointwise)
+        # relu^2 and the other fused element-wise ops (issue 23)
+        src=peft_rwkv7/ops/pointwise.py
+        tests="tests/ops/test_pointwise.py tests/ops/test_mut_pointwise.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh losses|objectives|loop|pth_merge|formats|rwkv7|routes|thin_check|precision" \
+             "|linear_ce|fused_lora|rowsplit|timemix|pointwise" \
              "[--rev REV [--new-tests]]" \
              "[--mutants 'NAME ...']" >&2
         exit 2 ;;
