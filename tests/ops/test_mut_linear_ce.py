@@ -188,7 +188,7 @@ def test_the_extension_folds_every_block_of_the_callers_size(grad, monkeypatch):
     """fp32 on the CPU: each vocabulary block of the caller's `vocab_block` is folded by the C++ pass, with and
     without autograd (V = 700 in blocks of 64: 11 blocks per chunk)."""
     spy = _Spy(cpu._extension(), ["online_softmax_block"])
-    monkeypatch.setattr(lce, "_cpu_extension", lambda: spy)
+    monkeypatch.setattr(cpu, "_extension", lambda: spy)
     h, w, y, _ = _problem(n=20, c=8, v=700, seed=9)
     with torch.set_grad_enabled(grad):
         linear_cross_entropy(h.clone().requires_grad_(grad), w, y, vocab_block=64)
@@ -198,7 +198,7 @@ def test_the_extension_folds_every_block_of_the_callers_size(grad, monkeypatch):
 @pytest.mark.skipif(not HAS_EXT, reason="the CPU extension did not build")
 def test_bf16_chunks_on_the_cpu_take_the_extensions_softmax(monkeypatch):
     spy = _Spy(cpu._extension(), ["softmax_grad_bf16"])
-    monkeypatch.setattr(lce, "_cpu_extension", lambda: spy)
+    monkeypatch.setattr(cpu, "_extension", lambda: spy)
     h, w, y, _ = _problem(n=20, c=8, v=700, seed=10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         linear_cross_entropy(h.clone().requires_grad_(), w, y, chunk_elements=5 * 700)
@@ -252,3 +252,53 @@ def test_without_a_trained_head_the_backward_keeps_neither_h_nor_the_weight():
     assert node is not None
     kept = node.saved_tensors
     assert [t is None for t in kept] == [False, True, True, True, False]  # dh, dW, h, W, labels
+
+
+def test_a_small_vocabulary_under_many_rows_takes_every_rows_log_sum_exp():
+    """A trained 256-word head (a byte-level vocabulary) over 2,100 rows in one chunk: the softmax blocks of
+    BLOCK_ELEMENTS logits hold 2,048 rows each, so the chunk takes two, and the last 52 rows are not skipped."""
+    g = torch.Generator().manual_seed(13)
+    h, w = torch.randn(2100, 8, generator=g), torch.randn(256, 8, generator=g)
+    y = torch.randint(0, 256, (2100,), generator=g)
+    nll = linear_cross_entropy(h, w.clone().requires_grad_(), y, chunk_elements=2100 * 256)
+    want = F.cross_entropy(h.double() @ w.double().t(), y, reduction="none")
+    assert ((nll.double() - want).abs() <= 1e-5 * (1 + want.abs())).all()
+
+
+@pytest.mark.parametrize("case", ["fp32-online", "fp32-trained-head", "bf16-extension", "bf16-torch"])
+def test_a_workspace_serves_a_few_more_rows_without_a_new_buffer(case, monkeypatch):
+    """Scored rows grow a little from batch to batch: the workspace's buffers, made for twice the first request
+    (up to a full chunk), serve the next call of 12 rows after one of 10 without being made again."""
+    if case == "bf16-torch" or not HAS_EXT:
+        _no_extension(monkeypatch)
+    h, w, y, _ = _problem(n=12, c=8, v=500, seed=14)
+    y[:] = 3
+    ws = Workspace()
+
+    def call(rows):
+        ww = w.clone().requires_grad_(case == "fp32-trained-head")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.startswith("bf16")):
+            linear_cross_entropy(h[:rows].clone().requires_grad_(), ww, y[:rows], workspace=ws)
+        return dict(ws._bufs)  # the buffer tensors themselves: held here, so none can be freed and made again
+
+    first = call(10)
+    second = call(12)
+    assert first and second.keys() == first.keys() and all(second[k] is first[k] for k in first)
+
+
+def test_a_trained_heads_backward_recomputes_the_logits_only_for_per_row_weights():
+    """dW for a token-sum or token-mean loss (one weight for every row) is the forward's sum scaled: no head product
+    in the backward. Per-row weights (per-sequence log-probs) recompute each chunk, in chunks of the forward's rows."""
+    h, w, y, weights = _problem(n=30, c=8, v=500, seed=15)
+    for per_row in (False, True):
+        ww = w.clone().requires_grad_()
+        nll = linear_cross_entropy(h, ww, y, chunk_elements=6 * 500)
+        loss = (nll * (weights if per_row else 0.5)).sum()
+        with _HeadProducts(500) as rec:
+            loss.backward()
+        if per_row:
+            assert rec.seen and max(rows for _, rows in rec.seen) == 6, rec.seen
+        else:
+            assert rec.seen == []
+        _, _, dw0 = _oracle(h, w, y, weights if per_row else torch.full((30,), 0.5))
+        assert ((ww.grad.double() - dw0).abs() <= 1e-5 * (1 + dw0.abs().max())).all()
