@@ -302,3 +302,39 @@ def test_a_trained_heads_backward_recomputes_the_logits_only_for_per_row_weights
             assert rec.seen == []
         _, _, dw0 = _oracle(h, w, y, weights if per_row else torch.full((30,), 0.5))
         assert ((ww.grad.double() - dw0).abs() <= 1e-5 * (1 + dw0.abs().max())).all()
+
+
+@pytest.mark.parametrize("extension", [True, False], ids=["extension", "torch"])
+def test_a_trained_head_under_bf16_with_a_minus_inf_logit(extension, monkeypatch):
+    """A head row of -inf (a word the model must never emit) under bf16 autocast with the head trained: every row's
+    logit there is -inf, which the C++ softmax op leaves to torch's ops (the row's q = softmax - onehot made in fp32
+    there). dW of the other words is the plain bf16 path's within its bounds (dL/dh is NaN on both: 0 x -inf)."""
+    if not extension:
+        _no_extension(monkeypatch)
+    h, w, y, _ = _problem(n=40, c=16, v=300, seed=16)
+    weights = torch.full((40,), 0.5)  # a token mean: dW is the forward's sum, made from the forward's q
+    h[:, 0] = h[:, 0].abs() + 0.5  # so that h_t0 x -inf is -inf for every row, not NaN
+    w[7] = 0.0
+    w[7, 0] = -float("inf")
+    y[y == 7] = 8
+
+    def run(fn):
+        ww = w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll = fn(h, ww)
+        (nll * weights).sum().backward()
+        return nll.detach(), ww.grad
+
+    nf, gwf = run(lambda hh, ww: linear_cross_entropy(hh, ww, y, chunk_elements=10 * 300))
+    npl, gwp = run(lambda hh, ww: F.cross_entropy(F.linear(hh, ww).float(), y, ignore_index=-100, reduction="none"))
+    hb, wb = h.bfloat16().float(), w.bfloat16().float()
+    z = hb @ wb.t()
+    assert torch.isneginf(z[:, 7]).all()
+    finite = z.masked_fill(torch.isinf(z), 0.0)
+    d = UBF16 * finite.abs().amax(dim=1) + gamma(16) * (hb.abs() @ wb.masked_fill(torch.isinf(wb), 0).abs().t()).amax(1)
+    assert ((nf - npl).abs() <= 4 * d + 2 * gamma(304) * (1 + 2 * finite.abs().amax(dim=1))).all()
+    pq = (torch.softmax(z, 1) + F.one_hot(y.clamp(min=0), 300)).mul((y != -100)[:, None])
+    bound_w = (weights[:, None] * (6 * UBF16 + 4 * d[:, None]) * pq).t() @ hb.abs()
+    others = torch.arange(300) != 7
+    assert gwf[others].isfinite().all()
+    assert ((gwf - gwp)[others].abs() <= bound_w[others] + 1e-30).all()
