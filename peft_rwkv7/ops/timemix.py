@@ -139,7 +139,7 @@ class _KeyPrep(torch.autograd.Function):
         shape = k0.shape
         ins = [t.detach().reshape(-1, shape[-1]).contiguous() for t in (k0, a)] + [k_k.detach(), k_a.detach()]
         ctx.save_for_backward(*ins)
-        ctx.H, ctx.shape, ctx.pshape = H, shape, (1,) * (len(shape) - 1) + (-1,)
+        ctx.H, ctx.shape = H, shape
         return tuple(t.view(shape) for t in _ext().key_prep_forward(*ins, H))
 
     @staticmethod

@@ -175,3 +175,13 @@ def test_one_wkv_output_parameter_trained_alone_gets_the_references_gradient(par
             _close(got[F32][name], got[F64][name], f"d{name}")
         else:
             assert got[F32][name] is None
+
+
+def test_a_one_element_previous_token_gets_its_gradient():
+    """One sequence of one channel: `prev` holds a single element, which still counts as given (its gradient is the
+    reference's), as an empty one would not."""
+    x, prev, mix = _rnd(1, 1, T, 1), _rnd(2, 1, 1), _rnd(3, 2, 1).abs()
+    got = _grads(timemix.token_mix, [x, prev, mix], [True, True, False], F32)
+    want = _grads(timemix.token_mix_reference, [x, prev, mix], [True, True, False], F64)
+    for name, g, w in zip(("x", "prev"), got, want):
+        _close(g, w, f"d{name}")
