@@ -100,14 +100,13 @@ case "$module" in
                *.x__result_dtype__mutmut_* *.x__params__mutmut_*"
         tests="tests/ops/test_timemix.py tests/ops/test_gates.py tests/ops/test_mut_timemix.py" ;;
     pointwise)
-        # relu^2 and the other fused element-wise ops (issue 23)
+        # relu^2 in one pass each way (issue 23)
         src=peft_rwkv7/ops/pointwise.py
         tests="tests/ops/test_pointwise.py tests/ops/test_mut_pointwise.py" ;;
     *)
-        echo "usage: bash scripts/mutation.sh losses|objectives|loop|pth_merge|formats|rwkv7|routes|thin_check|precision" \
-             "|linear_ce|fused_lora|rowsplit|timemix|pointwise" \
-             "[--rev REV [--new-tests]]" \
-             "[--mutants 'NAME ...']" >&2
+        echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
+        echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
+             "linear_ce fused_lora rowsplit timemix pointwise" >&2
         exit 2 ;;
 esac
 

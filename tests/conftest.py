@@ -94,6 +94,19 @@ def inject_measurement(monkeypatch, cache_dir: Path, module, name: str, record: 
     return taken
 
 
+def spy_extension(monkeypatch, *names: str) -> list[str]:
+    """Record the calls of these ops of the CPU extension itself (the module ops.cpu loads): their names, in order.
+    ops' Python wrappers, which may take torch's path instead, run either way."""
+    from peft_rwkv7.ops import cpu
+
+    calls: list[str] = []
+    ext = cpu._extension()
+    for name in names:
+        real = getattr(ext, name)
+        monkeypatch.setattr(ext, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
 def graph_nodes(t: torch.Tensor) -> set[str]:
     """Names of the autograd nodes t's graph holds (which ops a forward took)."""
     names, todo, done = set(), [t.grad_fn], set()

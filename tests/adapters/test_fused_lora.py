@@ -16,7 +16,7 @@ from peft_rwkv7.adapters import MethodConfig, attach, disable_adapter
 from peft_rwkv7.adapters.fused_lora import FusedLoraLinear
 from peft_rwkv7.ops import cpu
 from peft_rwkv7.ops.thin_check import ThinCheck
-from tests.conftest import make_model
+from tests.conftest import make_model, spy_extension
 
 U = 2.0**-24
 
@@ -57,12 +57,7 @@ def test_the_models_linears_get_the_fused_layer():
 
 def _spy_kernel(monkeypatch) -> list[str]:
     """The thin kernel's own calls (ops.cpu's wrappers run either way)."""
-    calls: list[str] = []
-    ext = cpu._extension()
-    for name in ("thin_nt", "thin_tn"):
-        real = getattr(ext, name)
-        monkeypatch.setattr(ext, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    return calls
+    return spy_extension(monkeypatch, "thin_nt", "thin_tn")
 
 
 ROUTES = {"kernel": (True, True), "nt": (True, False), "tn": (False, True), "blas": (False, False)}

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from peft_rwkv7.ops import cpu
 from peft_rwkv7.ops import linear_ce as lce
 from peft_rwkv7.ops.linear_ce import Workspace, linear_cross_entropy
+from tests.conftest import spy_extension
 from tests.fp_oracle import UBF16, gamma
 from tests.ops.test_linear_ce import _bounds, _oracle, _problem, test_bf16_autocast_matches_the_plain_bf16_path
 
@@ -35,6 +36,32 @@ def test_bf16_without_the_extension_matches_the_plain_bf16_path(monkeypatch):
     test_bf16_autocast_matches_the_plain_bf16_path()
 
 
+def _bf16_trained_head(h, w, y, weights, chunk_elements: int, h_grad: bool):
+    """The fused and the plain bf16 path (under CPU bf16 autocast) with the head trained: ((NLL, dL/dh, dL/dW) fused,
+    (the same) plain), for L = sum_t weights_t nll_t."""
+    def run(fn):
+        hh, ww = h.clone().requires_grad_(h_grad), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll = fn(hh, ww)
+        (nll * weights).sum().backward()
+        return nll.detach(), hh.grad, ww.grad
+
+    return (run(lambda hh, ww: linear_cross_entropy(hh, ww, y, chunk_elements=chunk_elements)),
+            run(lambda hh, ww: F.cross_entropy(F.linear(hh, ww).float(), y, ignore_index=-100, reduction="none")))
+
+
+def _bf16_bounds(h, w, y, weights):
+    """test_bf16_autocast_matches_the_plain_bf16_path's bounds between the two bf16 paths, over the finite logits (a
+    -inf logit has softmax 0): (d [N], the largest finite |z| [N], the dL/dh bound [N, C], the dL/dW bound [V, C])."""
+    hb, wb = h.bfloat16().float(), w.bfloat16().float()
+    z, wf = hb @ wb.t(), wb.masked_fill(torch.isinf(wb), 0.0)
+    zmax = z.masked_fill(torch.isinf(z), 0.0).abs().amax(dim=1)
+    d = UBF16 * zmax + gamma(h.shape[1]) * (hb.abs() @ wf.abs().t()).amax(dim=1)
+    pq = (torch.softmax(z, 1) + F.one_hot(y.clamp(min=0), w.shape[0])).mul((y != -100)[:, None])
+    scale = weights[:, None] * (6 * UBF16 + 4 * d[:, None])
+    return d, zmax, scale * (pq @ wf.abs()), (scale * pq).t() @ hb.abs()
+
+
 @pytest.mark.parametrize("extension", [True, False], ids=["extension", "torch"])
 def test_a_trained_head_under_bf16_gets_the_plain_paths_gradient(extension, monkeypatch):
     """`train_parts: [head]` under bf16 autocast: dW = sum_t g_t q_t^T h_t from bf16 q and h, within the roundings
@@ -42,25 +69,10 @@ def test_a_trained_head_under_bf16_gets_the_plain_paths_gradient(extension, monk
     if not extension:
         _no_extension(monkeypatch)
     h, w, y, weights = _problem(n=120, c=32, v=900, seed=2)
-
-    def run(fn):
-        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            nll = fn(hh, ww)
-        (nll * weights).sum().backward()
-        return nll.detach(), hh.grad, ww.grad
-
-    nf, ghf, gwf = run(lambda hh, ww: linear_cross_entropy(hh, ww, y, chunk_elements=50 * 900))
-    npl, ghp, gwp = run(lambda hh, ww: F.cross_entropy(F.linear(hh, ww).float(), y, ignore_index=-100,
-                                                       reduction="none"))
+    (_, ghf, gwf), (_, ghp, gwp) = _bf16_trained_head(h, w, y, weights, 50 * 900, h_grad=True)
     assert gwf.dtype == torch.float32 and ghf.dtype == torch.float32
-    hb, wb = h.bfloat16().float(), w.bfloat16().float()
-    z = hb @ wb.t()
-    d = UBF16 * z.abs().amax(dim=1) + gamma(32) * (hb.abs() @ wb.abs().t()).amax(dim=1)
-    pq = (torch.softmax(z, 1) + F.one_hot(y.clamp(min=0), 900)).mul((y != -100)[:, None])
-    bound_w = (weights[:, None] * (6 * UBF16 + 4 * d[:, None]) * pq).t() @ hb.abs()
+    _, _, bound_h, bound_w = _bf16_bounds(h, w, y, weights)
     assert ((gwf - gwp).abs() <= bound_w + 1e-30).all()
-    bound_h = weights[:, None] * (6 * UBF16 + 4 * d[:, None]) * (pq @ wb.abs())
     assert ((ghf - ghp).abs() <= bound_h + 1e-30).all()
 
 
@@ -164,45 +176,25 @@ def test_bf16_h_without_autocast_gives_an_fp32_loss():
     assert not torch.equal(nll.double(), nll.bfloat16().double())  # values bf16 cannot hold
 
 
-class _Spy:
-    """Wraps the CPU extension, counting calls of some of its ops."""
-
-    def __init__(self, ext, names):
-        self._ext, self.calls = ext, dict.fromkeys(names, 0)
-
-    def __getattr__(self, name):
-        real = getattr(self._ext, name)
-        if name not in self.calls:
-            return real
-
-        def counted(*a):
-            self.calls[name] += 1
-            return real(*a)
-
-        return counted
-
-
 @pytest.mark.skipif(not HAS_EXT, reason="the CPU extension did not build")
 @pytest.mark.parametrize("grad", [True, False])
 def test_the_extension_folds_every_block_of_the_callers_size(grad, monkeypatch):
     """fp32 on the CPU: each vocabulary block of the caller's `vocab_block` is folded by the C++ pass, with and
     without autograd (V = 700 in blocks of 64: 11 blocks per chunk)."""
-    spy = _Spy(cpu._extension(), ["online_softmax_block"])
-    monkeypatch.setattr(cpu, "_extension", lambda: spy)
+    calls = spy_extension(monkeypatch, "online_softmax_block")
     h, w, y, _ = _problem(n=20, c=8, v=700, seed=9)
     with torch.set_grad_enabled(grad):
         linear_cross_entropy(h.clone().requires_grad_(grad), w, y, vocab_block=64)
-    assert spy.calls["online_softmax_block"] == 11
+    assert len(calls) == 11
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="the CPU extension did not build")
 def test_bf16_chunks_on_the_cpu_take_the_extensions_softmax(monkeypatch):
-    spy = _Spy(cpu._extension(), ["softmax_grad_bf16"])
-    monkeypatch.setattr(cpu, "_extension", lambda: spy)
+    calls = spy_extension(monkeypatch, "softmax_grad_bf16")
     h, w, y, _ = _problem(n=20, c=8, v=700, seed=10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         linear_cross_entropy(h.clone().requires_grad_(), w, y, chunk_elements=5 * 700)
-    assert spy.calls["softmax_grad_bf16"] == 4  # 17 scored rows in chunks of 5
+    assert len(calls) == 4  # 17 scored rows in chunks of 5
 
 
 class _HeadProducts(TorchDispatchMode):
@@ -317,24 +309,10 @@ def test_a_trained_head_under_bf16_with_a_minus_inf_logit(extension, monkeypatch
     w[7] = 0.0
     w[7, 0] = -float("inf")
     y[y == 7] = 8
-
-    def run(fn):
-        ww = w.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            nll = fn(h, ww)
-        (nll * weights).sum().backward()
-        return nll.detach(), ww.grad
-
-    nf, gwf = run(lambda hh, ww: linear_cross_entropy(hh, ww, y, chunk_elements=10 * 300))
-    npl, gwp = run(lambda hh, ww: F.cross_entropy(F.linear(hh, ww).float(), y, ignore_index=-100, reduction="none"))
-    hb, wb = h.bfloat16().float(), w.bfloat16().float()
-    z = hb @ wb.t()
-    assert torch.isneginf(z[:, 7]).all()
-    finite = z.masked_fill(torch.isinf(z), 0.0)
-    d = UBF16 * finite.abs().amax(dim=1) + gamma(16) * (hb.abs() @ wb.masked_fill(torch.isinf(wb), 0).abs().t()).amax(1)
-    assert ((nf - npl).abs() <= 4 * d + 2 * gamma(304) * (1 + 2 * finite.abs().amax(dim=1))).all()
-    pq = (torch.softmax(z, 1) + F.one_hot(y.clamp(min=0), 300)).mul((y != -100)[:, None])
-    bound_w = (weights[:, None] * (6 * UBF16 + 4 * d[:, None]) * pq).t() @ hb.abs()
+    (nf, _, gwf), (npl, _, gwp) = _bf16_trained_head(h, w, y, weights, 10 * 300, h_grad=False)
+    assert torch.isneginf(h.bfloat16().float() @ w.bfloat16().float()[7]).all()
+    d, zmax, _, bound_w = _bf16_bounds(h, w, y, weights)
+    assert ((nf - npl).abs() <= 4 * d + 2 * gamma(304) * (1 + 2 * zmax)).all()
     others = torch.arange(300) != 7
     assert gwf[others].isfinite().all()
     assert ((gwf - gwp)[others].abs() <= bound_w[others] + 1e-30).all()

@@ -12,6 +12,7 @@ from torch import nn
 
 from peft_rwkv7.ops import cpu, timemix
 from tests.conftest import graph_nodes
+from tests.ops.test_timemix import _close
 
 pytestmark = pytest.mark.skipif(not cpu.is_available(torch.device("cpu")), reason="the CPU extension is not built")
 
@@ -26,11 +27,6 @@ def _rnd(seed: int, *shape) -> torch.Tensor:
 
 def _exact(t: torch.Tensor) -> torch.Tensor:
     return t.bfloat16().double()
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-5) -> None:
-    err = (got.double() - want.double()).abs().max().item()
-    assert err <= rel * want.double().abs().max().item(), f"{what}: max error {err:.3g}"
 
 
 def _ln(dtype=F32) -> nn.GroupNorm:
