@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from peft_rwkv7.run_dir import read_log
+from peft_rwkv7.train.runlock import held, holder_pid
+
 pytest.importorskip("gradio", reason="the web UI needs the [ui] extra (gradio)")
 playwright = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 
@@ -123,11 +126,52 @@ def set_field(pg, key: str, value: str) -> None:
     box.press("Tab")
 
 
+class Trainer:
+    """The run's trainer process as the test holds it: paused (SIGSTOP) and let go for a few steps at a time, so
+    each phase below happens at a step the test chose, however fast the machine trains (a fast one finished all 60
+    steps while the page was still catching up). A paused trainer still holds the run lock, so the page shows it
+    running; a Stop sent while it is paused is taken when it goes on."""
+
+    def __init__(self, run: Path):
+        self.run, self.pid = run, None
+
+    def logged(self) -> int:
+        return max((r["step"] for r in read_log(self.run) if "loss" in r), default=0)
+
+    def until(self, step: int, then: signal.Signals | None = signal.SIGSTOP, timeout: float = TIMEOUT / 1000) -> int:
+        """Let the trainer (the run lock's holder) train until log.jsonl holds `step`, then send it `then`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = holder_pid(self.run) if held(self.run) else None  # a stopped run's lock names a dead pid
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                    self.pid = pid
+                    if self.logged() >= step:
+                        if then is not None:
+                            os.kill(pid, then)
+                        return self.logged()
+                except ProcessLookupError:  # a trainer that ended, or one not yet written into the lock
+                    pass
+            time.sleep(0.005)
+        raise AssertionError(f"the trainer never logged step {step}; last {self.logged()}")
+
+    def go_on(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
 def test_start_stop_kill_resume_finish_from_the_form(page, workdir, request, browser, server):
     """A state-tuning run of the demo recipe started from the form with two keys changed: the loss plot gains
     points, Stop (Ctrl-C) keeps a checkpoint, Resume continues; the trainer killed with SIGKILL shows as stopped
     with its last checkpoint and Resume finishes it: log.jsonl then holds every step once, as one run."""
     pg = page
+    run = workdir / "runs" / "state_tune"
+    trainer = Trainer(run)
+    request.addfinalizer(trainer.go_on)  # never leave a paused trainer behind a failed test
     set_field(pg, "train.max_steps", "60")
     set_field(pg, "train.save_every", "10")
     pg.click("#train-check")
@@ -136,7 +180,10 @@ def test_start_stop_kill_resume_finish_from_the_form(page, workdir, request, bro
     command = pg.locator("#train-command").locator("textarea, input").first.input_value()
     assert command == "rwkv-peft train state_tune train.max_steps=60 train.save_every=10", command
     pg.click("#train-start")
+    at = trainer.until(3)  # paused at step 3 (or the one after)
     first = wait_progress(pg, lambda p: p["status"] == "running" and p["points"] >= 3, "a running run with points")
+    assert first["step"] == at, (first, at)
+    trainer.until(at + 2)
     later = wait_progress(pg, lambda p: p["points"] > first["points"], "the loss plot gaining points")
     assert later["step"] > first["step"]
     other = browser.new_page()  # a tab opened later (the first one could be closed) finds the run training
@@ -148,22 +195,19 @@ def test_start_stop_kill_resume_finish_from_the_form(page, workdir, request, bro
     # the loss line is drawn in its colour (a plot first drawn from an empty frame has stroke-less paths)
     pg.wait_for_selector("#train-plot .mark-line path[stroke]")
     pg.click("#train-stop")
+    trainer.go_on()  # the Stop waiting for it is taken at once
     stopped = wait_progress(pg, lambda p: p["status"] == "stopped", "the stopped run")
-    run = workdir / "runs" / "state_tune"
     ckpts = sorted(int(re.match(r"step_(\d+)", p.name).group(1)) for p in (run / "checkpoints").iterdir()
                    if re.match(r"step_\d+\.pt$", p.name))
     assert ckpts and ckpts[-1] == stopped["step"], (ckpts, stopped)  # Ctrl-C saved the last step
-    assert stopped["step"] < 60
+    assert stopped["step"] < 20  # paused near step 5 when Stop was sent
 
     pg.click("#train-resume")
-    past = 10 * (stopped["step"] // 10 + 1) + 1  # a periodic checkpoint after the stop exists by then
-    wait_progress(pg, lambda p: p["status"] == "running" and p["step"] >= past, "the resumed run")
-    pid = int((run / ".lock").read_text().split()[1])
-    os.kill(pid, signal.SIGKILL)
+    trainer.until(21, then=signal.SIGKILL)  # a periodic checkpoint (step 20) after the stop exists by then
     killed = wait_progress(pg, lambda p: p["status"] == "stopped", "the killed run as stopped")
     last = max(int(re.match(r"step_(\d+)", p.name).group(1)) for p in (run / "checkpoints").iterdir()
                if re.match(r"step_\d+\.pt$", p.name))
-    assert last % 10 == 0 and stopped["step"] < last <= killed["step"], (last, killed)
+    assert last % 10 == 0 and stopped["step"] < last <= killed["step"] < 60, (last, killed)
 
     pg.click("#train-resume")
     done = wait_progress(pg, lambda p: p["status"] == "finished", "the finished run")
