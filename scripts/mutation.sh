@@ -103,10 +103,23 @@ case "$module" in
         # relu^2 in one pass each way (issue 23)
         src=peft_rwkv7/ops/pointwise.py
         tests="tests/ops/test_pointwise.py tests/ops/test_mut_pointwise.py" ;;
+    cpu)
+        # the CPU kernels' Python side (issue 23): the WKV autograd Function and its staging, the thin products' and
+        # matvec's routes, the one-token step, fp64 log-sum-exp. Not the block cache's switches (their tests start
+        # processes, ~30 s each) nor the build's flags
+        src=peft_rwkv7/ops/cpu.py
+        globs="*.x_kernel_threads__mutmut_* *.x_is_available__mutmut_* *.x__forward__mutmut_* *.x__backward__mutmut_*
+               *.x__backward_state__mutmut_* *.x__rows__mutmut_* *.x__fp32__mutmut_* *.x__pad_square__mutmut_*
+               *ǁforward__mutmut_* *ǁbackward__mutmut_* *.x_wkv7_cpu__mutmut_* *.x_matvec__mutmut_*
+               *.x_vecmat__mutmut_* *.x__thin_ext__mutmut_* *.x_thin_takes__mutmut_* *.x_thin_nt__mutmut_*
+               *.x_thin_tn__mutmut_* *.x_logsumexp_f64__mutmut_* *.x_wkv7_step_cpu__mutmut_* *.x__empty__mutmut_*"
+        tests="tests/ops/test_cpu_backend.py tests/ops/test_thin.py tests/ops/test_matvec.py
+               tests/adapters/test_rnn_step.py tests/infer/test_longctx.py tests/ops/test_loss_cpu.py
+               tests/ops/test_decay.py tests/ops/test_mut_cpu.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
-             "linear_ce fused_lora rowsplit timemix pointwise" >&2
+             "linear_ce fused_lora rowsplit timemix pointwise cpu" >&2
         exit 2 ;;
 esac
 
