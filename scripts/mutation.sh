@@ -92,12 +92,12 @@ case "$module" in
         src=peft_rwkv7/ops/rowsplit.py
         tests="tests/ops/test_rowsplit.py tests/ops/test_mut_rowsplit.py" ;;
     timemix)
-        # TimeMix's fused element-wise ops: which inputs take them, their dtypes, their Functions (issue 23). Not the
-        # torch references (the tests' oracles, ~170 mutants): left out for time
+        # TimeMix's fused element-wise ops: which inputs take them, their dtypes, their Functions (issue 23), and the
+        # torch references (a GPU's path and the tests' oracle). Not `_ext` (the op's name for an error message)
         src=peft_rwkv7/ops/timemix.py
-        globs="*ǁforward__mutmut_* *ǁbackward__mutmut_* *.x_token_mix__mutmut_* *.x_key_prep__mutmut_* *.x_wkv_output__mutmut_*
-               *.x_bias_sigmoid__mutmut_* *.x_value_residual__mutmut_* *.x_fused_available__mutmut_*
-               *.x__result_dtype__mutmut_* *.x__params__mutmut_*"
+        globs="*ǁforward__mutmut_* *ǁbackward__mutmut_* *.x_token_mix__mutmut_* *.x_key_prep__mutmut_*
+               *.x_wkv_output__mutmut_* *.x_bias_sigmoid__mutmut_* *.x_value_residual__mutmut_*
+               *.x_fused_available__mutmut_* *.x__result_dtype__mutmut_* *.x__params__mutmut_* *_reference__mutmut_*"
         tests="tests/ops/test_timemix.py tests/ops/test_gates.py tests/ops/test_mut_timemix.py" ;;
     pointwise)
         # relu^2 in one pass each way (issue 23)

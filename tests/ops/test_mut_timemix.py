@@ -105,12 +105,29 @@ def test_a_bf16_activation_with_an_fp32_previous_token_is_mixed_in_bf16():
         assert (err <= 2.0**-8 * w.abs() + 1e-6).all()
 
 
-def test_the_reference_path_mixes_in_the_previous_token_it_was_given():
+@pytest.mark.parametrize("t", [1, 2, T])  # one token (an RNN step: no concatenation), two, several
+def test_the_reference_path_mixes_in_the_previous_token_it_was_given(t):
     """fp64 takes the reference: its first token mixes with `prev`, the rest with the token before, by hand."""
-    x, prev, mix = _rnd(1, B, T, C), _rnd(2, B, C), _rnd(3, 2, C).abs()
+    x, prev, mix = _rnd(1, B, t, C), _rnd(2, B, C), _rnd(3, 2, C).abs()
     before = torch.cat([prev[:, None], x[:, :-1]], dim=1)
     for m, out in enumerate(timemix.token_mix(x, prev, mix)):
         assert torch.allclose(out, x + (before - x) * mix[m], rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("t", [1, T])
+def test_the_torch_reference_mixes_a_bf16_activation_in_bf16(t):
+    """The reference itself (a GPU's path) with x bf16 and prev and mix fp32 (a state and parameters kept in fp32):
+    both cast to x's dtype first, so the outputs are bf16, within bf16's roundings of the formula on the cast
+    values (dx rounded once, then x + dx m once)."""
+    x = _rnd(1, B, t, C)
+    prev = torch.randn(B, C, generator=torch.Generator().manual_seed(2), dtype=F64)  # not bf16-exact
+    mix = torch.rand(2, C, generator=torch.Generator().manual_seed(3), dtype=F64)
+    before = torch.cat([_exact(prev)[:, None], x[:, :-1]], dim=1)
+    for m, out in enumerate(timemix.token_mix_reference(x.to(BF), prev.float(), mix.float())):
+        assert out.dtype == BF
+        mb = _exact(mix[m])
+        want = x + (before - x) * mb
+        assert ((out.double() - want).abs() <= 2.0**-8 * (want.abs() + (before - x).abs() * mb)).all()
 
 
 @pytest.mark.parametrize("which", ["weight", "bias"])
