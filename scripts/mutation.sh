@@ -103,6 +103,17 @@ case "$module" in
         # relu^2 in one pass each way (issue 23)
         src=peft_rwkv7/ops/pointwise.py
         tests="tests/ops/test_pointwise.py tests/ops/test_mut_pointwise.py" ;;
+    checkpoint)
+        # one process's checkpoints (exact resume; issue 23 keeps a run's measured choices in them): what a
+        # checkpoint holds, which one a resume takes, what it refuses. Not DeepSpeed's (their tests start processes)
+        src=peft_rwkv7/train/checkpoint.py
+        globs="*.x_rng_state__mutmut_* *.x_set_rng_state__mutmut_* *.x_ctrl_c_after_save__mutmut_*
+               *.x_has_checkpoint__mutmut_* *.x__prune__mutmut_* *.x_save_checkpoint__mutmut_* *.x__newest_record__mutmut_*
+               *.x_saved_choices__mutmut_* *.x_load_latest_checkpoint__mutmut_* *.x__check_params__mutmut_*
+               *.x__check_extra__mutmut_* *.x_restore__mutmut_* *.x__full_shape__mutmut_* *.x__read_meta__mutmut_*
+               *.x_resume__mutmut_*"
+        tests="tests/train/test_resume.py tests/train/test_routes.py tests/train/test_mut_routes.py
+               tests/train/test_mut_checkpoint.py" ;;
     cpu)
         # the CPU kernels' Python side (issue 23): the WKV autograd Function and its staging, the thin products' and
         # matvec's routes, the one-token step, fp64 log-sum-exp. Not the block cache's switches (their tests start
@@ -119,7 +130,7 @@ case "$module" in
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
-             "linear_ce fused_lora rowsplit timemix pointwise cpu" >&2
+             "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint" >&2
         exit 2 ;;
 esac
 
