@@ -336,3 +336,24 @@ def test_a_deepspeed_checkpoint_resumes_through_the_engine_with_this_ranks_own_s
     wrong = [("a", torch.nn.Parameter(torch.zeros(3, 2))), ("b", torch.nn.Parameter(torch.zeros(4)))]
     with pytest.raises(UserError, match=r"checkpoint tensor a is \[2, 3\], the recipe makes \[3, 2\]$"):
         ckpt.resume(tmp_path, wrong, None, engine=_FakeEngine(), stage=2, world_size=1)
+
+
+def test_several_processes_resume_from_the_newest_checkpoint_every_one_finds(tmp_path, monkeypatch):
+    """Two processes under DeepSpeed, each node with its own out_dir: rank 1's lacks step 4 (killed between two
+    commits), so both resume from step 2, through the engine (the other rank's list faked, as in test_multinode)."""
+    params, _ = _trained()
+    d = _layout(tmp_path, files=(), folders=(2, 4))
+    for step in (2, 4):
+        meta = {"step": step, "world_size": 2, "zero_stage": 2, "params": {"a": {"shape": [2, 3]}, "b": {"shape": [4]}}}
+        (d / f"step_{step:06d}" / "meta.json").write_text(json.dumps(meta))
+        torch.save(ckpt.rng_state(), d / f"step_{step:06d}" / "rng_rank00000.pt")
+    monkeypatch.setattr(torch.distributed, "all_gather_object",
+                        lambda out, mine: out.__setitem__(slice(None), [mine, [2]]))
+    engine = _FakeEngine()
+    assert ckpt.resume(tmp_path, params, None, engine=engine, stage=2, rank=0, world_size=2) == 2
+    assert [path for path, _ in engine.loads] == [str(d / "step_000002")]
+    monkeypatch.setattr(torch.distributed, "all_gather_object",
+                        lambda out, mine: out.__setitem__(slice(None), [mine, []]))  # rank 1 finds none
+    with pytest.raises(UserError) as e:
+        ckpt.resume(tmp_path, params, None, engine=engine, stage=2, rank=0, world_size=2)
+    assert str(e.value).startswith(f"{tmp_path}: no checkpoint is there for every process (rank 0 finds steps [2, 4]")
