@@ -27,6 +27,22 @@ def built():
     assert cpu.is_available(torch.device("cpu")), "the CPU kernel did not build (see the warning above)"
 
 
+def _decay_pair(offset: float | None, T: int, N: int):
+    """(the kernel, the reference, their bound) for w given (offset None) or z given (decay_offset): the reference
+    is then fed w = logsigmoid(z) - offset by autograd, and the bound is test_decay's, the WKV op's plus the decay's
+    ~12 u."""
+    tol = wkv_rtol(T, N, torch.float32)
+    if offset is None:
+        return kernel, wkv7_reference, tol
+    return (lambda r, z, *t: kernel(r, z, *t, decay_offset=offset),
+            lambda r, z, *t: wkv7_reference(r, F.logsigmoid(z) - offset, *t), tol + 12 * U32)
+
+
+def _z(shape, seed: int) -> torch.Tensor:
+    """Decay pre-activations of a model's range and beyond."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
 def _run(fn, inputs: list[torch.Tensor], state: torch.Tensor | None, trained=range(7), seed: int = 1):
     """[y, final state, each trained input's gradient] for upstream gradients exact in bf16 (so an output in bf16
     and one in fp32 meet the same ones)."""
@@ -49,12 +65,10 @@ def test_a_head_size_off_the_kernels_lanes_is_padded_inside(N, dtype):
 
 def test_a_padded_head_takes_the_decay_from_z():
     """decay_offset given: the decay and its gradient made from z (decay_forward) on the padded rows too."""
-    (r, _, k, v, a, b), state = wkv_inputs(2, 33, 3, 12, seed=4, with_state=True)
-    z = torch.randn(r.shape, generator=torch.Generator().manual_seed(5)) * 3
-    inputs = [r, z, k, v, a, b]
-    got = _run(lambda r, z, k, v, a, b, s: kernel(r, z, k, v, a, b, s, decay_offset=OFFSET), inputs, state)
-    want = _run(lambda r, z, k, v, a, b, s: wkv7_reference(r, F.logsigmoid(z) - OFFSET, k, v, a, b, s), inputs, state)
-    tol = wkv_rtol(33, 12, torch.float32) + 12 * U32  # test_decay's bound: the WKV op's plus the decay's ~12 u
+    inputs, state = wkv_inputs(2, 33, 3, 12, seed=4, with_state=True)
+    inputs[1] = _z(inputs[1].shape, 5)
+    fn, ref, tol = _decay_pair(OFFSET, 33, 12)
+    got, want = _run(fn, inputs, state), _run(ref, inputs, state)
     for name, x, y in zip(NAMES, got, want):
         assert_close(x, y, tol, name)
 
@@ -91,15 +105,10 @@ def test_inputs_of_two_dtypes_are_computed_in_fp32_and_y_is_rs(r_dtype, others):
 def test_the_decay_alone_trained(offset):
     """Only w (or z) wants a gradient: dL/dd chained to it by dd/dw (dd/dz), which is made only where it is wanted."""
     inputs, state = wkv_inputs(2, 33, 3, 16, seed=8, with_state=True)
-    if offset is None:
-        got = _run(kernel, inputs, state, trained=[1])
-        want = _run(wkv7_reference, inputs, state, trained=[1])
-        tol = wkv_rtol(33, 16, torch.float32)
-    else:
-        inputs[1] = torch.randn(inputs[1].shape, generator=torch.Generator().manual_seed(9)) * 3
-        got = _run(lambda r, z, *t: kernel(r, z, *t, decay_offset=offset), inputs, state, trained=[1])
-        want = _run(lambda r, z, *t: wkv7_reference(r, F.logsigmoid(z) - offset, *t), inputs, state, trained=[1])
-        tol = wkv_rtol(33, 16, torch.float32) + 12 * U32
+    if offset is not None:
+        inputs[1] = _z(inputs[1].shape, 9)
+    fn, ref, tol = _decay_pair(offset, 33, 16)
+    got, want = _run(fn, inputs, state, trained=[1]), _run(ref, inputs, state, trained=[1])
     for name, x, y in zip(("y", "state", "dw"), got, want):
         assert_close(x, y, tol, name)
 
@@ -111,13 +120,9 @@ def test_a_frozen_decay_keeps_no_factor_for_its_gradient(offset):
     reference's."""
     inputs, state = wkv_inputs(2, 33, 3, 16, seed=10, with_state=True)
     trained = [0, 2, 3, 4, 5, 6]
-    if offset is None:
-        fn, ref, tol = kernel, wkv7_reference, wkv_rtol(33, 16, torch.float32)
-    else:
-        inputs[1] = torch.randn(inputs[1].shape, generator=torch.Generator().manual_seed(11)) * 3
-        fn = lambda r, z, *t: kernel(r, z, *t, decay_offset=offset)  # noqa: E731
-        ref = lambda r, z, *t: wkv7_reference(r, F.logsigmoid(z) - offset, *t)  # noqa: E731
-        tol = wkv_rtol(33, 16, torch.float32) + 12 * U32
+    if offset is not None:
+        inputs[1] = _z(inputs[1].shape, 11)
+    fn, ref, tol = _decay_pair(offset, 33, 16)
     kept = []
 
     def keeping(*t):

@@ -306,6 +306,18 @@ def test_the_newest_record_is_read_without_its_tensors(tmp_path, monkeypatch):
     assert ckpt.saved_choices(tmp_path) == (None, None)
 
 
+def _deepspeed_checkpoint(run: Path, step: int, world_size: int) -> Path:
+    """A committed DeepSpeed checkpoint of `_trained`'s parameters under ZeRO-2 as resume reads it: meta.json and
+    rank 0's RNG states (now's), the engine's shards left to the fake engine."""
+    folder = run / "checkpoints" / f"step_{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"step": step, "world_size": world_size, "zero_stage": 2,
+            "params": {"a": {"shape": [2, 3]}, "b": {"shape": [4]}}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    torch.save(ckpt.rng_state(), folder / "rng_rank00000.pt")
+    return folder
+
+
 class _FakeEngine:
     """DeepSpeed's engine as resume sees it: load_checkpoint's arguments recorded, its shards not read."""
 
@@ -321,10 +333,7 @@ def test_a_deepspeed_checkpoint_resumes_through_the_engine_with_this_ranks_own_s
     """One process under DeepSpeed: the engine loads its shards (frozen weights left out), this rank's RNG states
     and extra state come from its own files, the step from meta.json."""
     params, _ = _trained()
-    folder = _layout(tmp_path, files=(), folders=(5,)) / "step_000005"
-    meta = {"step": 5, "world_size": 1, "zero_stage": 2, "params": {"a": {"shape": [2, 3]}, "b": {"shape": [4]}}}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    torch.save(ckpt.rng_state(), folder / "rng_rank00000.pt")
+    folder = _deepspeed_checkpoint(tmp_path, 5, world_size=1)
     first = _draws()
     torch.save({"alloc": {"value": 9}}, folder / "extra_rank00000.pt")
     engine, extra = _FakeEngine(), _Extra(0)
@@ -342,16 +351,13 @@ def test_several_processes_resume_from_the_newest_checkpoint_every_one_finds(tmp
     """Two processes under DeepSpeed, each node with its own out_dir: rank 1's lacks step 4 (killed between two
     commits), so both resume from step 2, through the engine (the other rank's list faked, as in test_multinode)."""
     params, _ = _trained()
-    d = _layout(tmp_path, files=(), folders=(2, 4))
-    for step in (2, 4):
-        meta = {"step": step, "world_size": 2, "zero_stage": 2, "params": {"a": {"shape": [2, 3]}, "b": {"shape": [4]}}}
-        (d / f"step_{step:06d}" / "meta.json").write_text(json.dumps(meta))
-        torch.save(ckpt.rng_state(), d / f"step_{step:06d}" / "rng_rank00000.pt")
+    older = _deepspeed_checkpoint(tmp_path, 2, world_size=2)
+    _deepspeed_checkpoint(tmp_path, 4, world_size=2)
     monkeypatch.setattr(torch.distributed, "all_gather_object",
                         lambda out, mine: out.__setitem__(slice(None), [mine, [2]]))
     engine = _FakeEngine()
     assert ckpt.resume(tmp_path, params, None, engine=engine, stage=2, rank=0, world_size=2) == 2
-    assert [path for path, _ in engine.loads] == [str(d / "step_000002")]
+    assert [path for path, _ in engine.loads] == [str(older)]
     monkeypatch.setattr(torch.distributed, "all_gather_object",
                         lambda out, mine: out.__setitem__(slice(None), [mine, []]))  # rank 1 finds none
     with pytest.raises(UserError) as e:
