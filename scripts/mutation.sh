@@ -2,7 +2,8 @@
 # Mutation testing (mutmut 3) of one module against the few test files that cover it. Not in CI: slow.
 #   bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants "NAME ..."]
 #     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision |
-#                  linear_ce | fused_lora | rowsplit | timemix | pointwise
+#                  linear_ce | fused_lora | rowsplit | timemix | pointwise | cpu | checkpoint | dispatch |
+#                  verify | ops_entry | memory | optim
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -127,10 +128,35 @@ case "$module" in
         tests="tests/ops/test_cpu_backend.py tests/ops/test_thin.py tests/ops/test_matvec.py
                tests/adapters/test_rnn_step.py tests/infer/test_longctx.py tests/ops/test_loss_cpu.py
                tests/ops/test_decay.py tests/ops/test_mut_cpu.py" ;;
+    dispatch)
+        # which WKV kernel a call gets (issue 23's speed rests on it): auto's order per device, the first-use check's
+        # verdict cached per (backend, head size, dtype, device type), the fall-back to the reference
+        src=peft_rwkv7/ops/dispatch.py
+        tests="tests/ops/test_verify.py tests/ops/test_mut_dispatch.py" ;;
+    verify)
+        # the first-use check itself: the problem, every output and gradient compared, the tolerance per dtype
+        src=peft_rwkv7/ops/verify.py
+        tests="tests/ops/test_verify.py tests/ops/test_mut_dispatch.py" ;;
+    ops_entry)
+        # ops/__init__.py: wkv7's input checks and dtype, the decay from z, one-row products and the one-token step
+        src=peft_rwkv7/ops/__init__.py
+        tests="tests/ops/test_cpu_backend.py tests/ops/test_matvec.py tests/ops/test_decay.py tests/ops/test_rowsplit.py
+               tests/adapters/test_rnn_step.py tests/ops/test_mut_dispatch.py" ;;
+    memory)
+        # where a CPU run's memory comes from (issue 23, rounds 7 and 10): glibc kept from unmapping and trimming,
+        # the block cache around each step, given up where shapes change, closed at the run's end
+        src=peft_rwkv7/train/memory.py
+        tests="tests/train/test_memory.py tests/train/test_block_cache.py tests/train/test_mut_memory.py" ;;
+    optim)
+        # the run's optimizer: fused AdamW, Muon beside AdamW as one optimizer, LoRA+'s groups, DeepSpeed's CPU Adam
+        src=peft_rwkv7/train/optim.py
+        tests="tests/train/test_lora_plus.py tests/train/test_weight_decay.py
+               tests/train/test_preference_train.py::test_muon_takes_the_hidden_matrices_and_adamw_the_rest
+               tests/train/test_mut_optim.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
-             "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint" >&2
+             "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" >&2
         exit 2 ;;
 esac
 

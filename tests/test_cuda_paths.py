@@ -102,3 +102,20 @@ def test_qlora_training_setup_on_the_gpu(tmp_path):
     size = 2 if run.computes_in == "bf16" else 4  # the frozen weights' dtype
     # the float base on the GPU would be (n_rest + n_proj) * size; staged: the rest, nf4 projections, one layer
     assert peak < (n_rest + n_proj / 2) * size, (peak, n_rest, n_proj, size)
+
+
+def test_the_kernel_check_runs_its_problem_on_the_gpu():
+    """ops/verify.py makes the first-use check's problem on the kernel's device: made on the CPU (a generator or a
+    draw without the device), a CUDA kernel would crash on CPU tensors, fail its check, and auto would hand every
+    run the next backend (mutation testing, round 27: the CPU cannot tell those apart)."""
+    from peft_rwkv7.ops import verify, wkv7_reference
+
+    seen = set()
+
+    def kernel(*args):
+        seen.update(x.device.type for x in args)
+        return wkv7_reference(*args)
+
+    (inputs, state, dy, ds) = verify._problem(16, torch.float32, torch.device("cuda"), 0)
+    assert {x.device.type for x in (*inputs, state, dy, ds)} == {"cuda"}
+    assert verify.check(kernel, 16, torch.float32, "cuda").ok and seen == {"cuda"}
