@@ -198,3 +198,182 @@ def test_a_crash_is_a_failed_verdict_with_its_first_line():
 def test_describe_says_which_side_of_the_tolerance():
     assert verify.Verdict(True, 2e-6, "dk", 1e-4, 0.1).describe() == "max rel. error 2.0e-06 (dk) <= 1e-04"
     assert verify.Verdict(False, 5e-2, "y", 3e-2, 0.1).describe() == "max rel. error 5.0e-02 (y) > 3e-02"
+
+
+# --- ops/__init__.py: wkv7's entry, the one-row products, the one-token step ----------------------------------
+
+
+def _inputs(T=3, N=16, dtype=torch.float32):
+    from tests.ops.conftest import wkv_inputs
+
+    return wkv_inputs(1, T, 2, N, dtype=dtype, seed=3)[0]
+
+
+def test_wkv7_refuses_wrong_shapes_in_one_line():
+    from peft_rwkv7.ops import wkv7
+
+    r, w, k, v, a, b = _inputs()
+    with pytest.raises(ValueError) as e:
+        wkv7(r[0], w[0], k[0], v[0], a[0], b[0])
+    assert str(e.value) == "wkv7: inputs must be [B, T, H, N], got r of shape (3, 2, 16)"
+    with pytest.raises(ValueError) as e:
+        wkv7(r, w, k[:, :2], v, a, b)
+    assert str(e.value) == "wkv7: k has shape (1, 2, 2, 16), expected (1, 3, 2, 16) like r"
+    with pytest.raises(ValueError) as e:
+        wkv7(r, w, k, v, a, b, state=torch.zeros(1, 2, 16, 8))
+    assert str(e.value) == "wkv7: state has shape (1, 2, 16, 8), expected (1, 2, 16, 16)"
+    with pytest.raises(ValueError) as e:
+        wkv7(r, w, k, v, a, b, backend="fast")
+    assert str(e.value) == "wkv7: unknown backend 'fast'; expected one of auto, reference, cpu, cuda, triton"
+    wkv7(r, w, k, v, a, b, state=torch.zeros(1, 2, 16, 16), backend="reference")  # the right shapes run
+
+
+@pytest.mark.parametrize("dtypes, want", [
+    ((torch.bfloat16,) * 6, torch.bfloat16),
+    ((torch.bfloat16,) * 5 + (torch.float32,), torch.float32),  # b alone fp32: the kernels compute in fp32
+    ((torch.float32,) + (torch.bfloat16,) * 5, torch.float32),
+], ids=["bf16", "b-fp32", "r-fp32"])
+def test_wkv7_asks_for_the_kernel_of_its_inputs_dtype_and_head_size(monkeypatch, dtypes, want):
+    import peft_rwkv7.ops as ops
+
+    asked = []
+
+    def resolve(backend, device, head_size, dtype):
+        asked.append((backend, device, head_size, dtype))
+        return wkv7_reference
+
+    monkeypatch.setattr(ops, "_resolve", resolve)
+    xs = [x.to(d) for x, d in zip(_inputs(N=8), dtypes)]
+    ops.wkv7(*xs, backend="cpu")
+    assert asked == [("cpu", CPU, 8, want)]
+
+
+def test_the_decay_from_z_goes_to_a_kernel_that_takes_it_and_is_made_for_one_that_does_not(monkeypatch):
+    import torch.nn.functional as F
+
+    import peft_rwkv7.ops as ops
+
+    r, z, k, v, a, b = _inputs()
+    got = {}
+
+    def takes_z(r, w, k, v, a, b, state, decay_offset=None):
+        got["takes"] = (w, decay_offset)
+        return r, state
+
+    takes_z.takes_decay_logit = True
+
+    def takes_w(r, w, k, v, a, b, state):
+        got["made"] = w
+        return r, state
+
+    for fn in (takes_z, takes_w):
+        monkeypatch.setattr(ops, "_resolve", lambda *args, fn=fn: fn)
+        ops.wkv7(r, z, k, v, a, b, decay_offset=0.5)
+    assert got["takes"][0] is z and got["takes"][1] == 0.5
+    assert torch.equal(got["made"], F.logsigmoid(z) - 0.5)
+    monkeypatch.setattr(ops, "_resolve", lambda *args: takes_w)
+    ops.wkv7(r, z, k, v, a, b)  # no offset: w is the log-log decay itself
+    assert got["made"] is z
+
+
+def test_partitioned_and_available_backends():
+    from peft_rwkv7.ops import available_backends, partitioned
+
+    plain, zero3 = torch.zeros(2), torch.zeros(2)
+    zero3.ds_id = 7
+    assert partitioned(zero3) and partitioned(plain, zero3) and not partitioned(plain) and not partitioned()
+    assert available_backends("cpu") == available_backends(CPU) == dispatch.available(CPU)
+    assert available_backends() == dispatch.available(CPU)
+
+
+def test_one_row_products_take_the_kernel_only_where_it_can(monkeypatch):
+    import peft_rwkv7.ops as ops
+
+    calls = []
+    real_mv, real_vm = cpu.matvec, cpu.vecmat
+    monkeypatch.setattr(cpu, "matvec", lambda w, x: calls.append(("matvec", x.dtype)) or real_mv(w, x))
+    monkeypatch.setattr(cpu, "vecmat", lambda x, w: calls.append(("vecmat", x.dtype)) or real_vm(x, w))
+    w_out_in, w_in_out, x = torch.randn(5, 4), torch.randn(4, 5), torch.randn(1, 4)
+    with torch.no_grad():
+        assert ops.linear(x, w_out_in).shape == (1, 5) and ops.matmul(x, w_in_out).shape == (1, 5)
+        ops.linear(x.bfloat16(), w_out_in.bfloat16())
+        ops.matmul(x.bfloat16(), w_in_out.bfloat16())  # vecmat is fp32 only: torch's product
+        ops.linear(x.half(), w_out_in.half())  # neither kernel takes fp16
+        ops.matmul(torch.randn(1, 5), w_in_out.t())  # [in, out] is read as x @ weight: 5 inputs here
+    assert calls == [("matvec", torch.float32), ("vecmat", torch.float32), ("matvec", torch.bfloat16)]
+    calls.clear()
+    w_grad = w_out_in.clone().requires_grad_()
+    ops.linear(x, w_grad)  # autograd wants the weight's gradient: torch's product
+    ops.linear(x.requires_grad_(), w_out_in)
+    with torch.no_grad():
+        ops.linear(x, w_grad)  # no graph is made: the kernel may take it
+    assert calls == [("matvec", torch.float32)]
+    calls.clear()
+    monkeypatch.setattr(cpu, "is_available", lambda device: False)
+    with torch.no_grad():
+        ops.linear(x, w_out_in)
+        ops.matmul(x, w_in_out)
+    assert calls == []
+
+
+def test_row_chunks_take_the_chunked_product_unless_the_weight_is_partitioned(monkeypatch):
+    import peft_rwkv7.ops as ops
+    import peft_rwkv7.ops.rowsplit as rowsplit
+
+    seen = []
+    monkeypatch.setattr(rowsplit, "chunked_linear", lambda x, w: seen.append(w) or torch.full((x.shape[0], 3), 9.0))
+    x, w = torch.randn(4, 2), torch.randn(3, 2)
+    assert torch.equal(ops.linear(x, w, row_chunks=True), torch.full((4, 3), 9.0))
+    assert torch.equal(ops.linear(x, w), x @ w.t()) and len(seen) == 1  # without row_chunks: not asked
+    w.ds_id = 1
+    assert torch.equal(ops.linear(x, w, row_chunks=True), x @ w.t()) and len(seen) == 1
+    monkeypatch.setattr(rowsplit, "chunked_linear", lambda x, w: None)  # outside its zone: torch's product
+    assert torch.equal(ops.linear(x, torch.ones(3, 2), row_chunks=True), x @ torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["extension", "without"])
+def test_the_one_token_step_gives_y_in_rs_dtype(monkeypatch, kernel):
+    from peft_rwkv7.ops import wkv7_step, wkv7_step_reference
+
+    if not kernel:
+        monkeypatch.setattr(cpu, "is_available", lambda device: False)
+    calls = []
+    real = cpu.wkv7_step_cpu
+    monkeypatch.setattr(cpu, "wkv7_step_cpu", lambda *a: calls.append(1) or real(*a))
+    r, w, k, v, a, b = (x[:, 0] for x in _inputs(T=1, dtype=torch.bfloat16))
+    state = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y, s = wkv7_step(r, w, k, v, a, b, state)
+        y_ref, s_ref = wkv7_step_reference(*(x.float() for x in (r, w, k, v, a, b)), state)
+    assert calls == ([1] if kernel else [])
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert torch.allclose(y.float(), y_ref, rtol=1e-2, atol=1e-2) and torch.allclose(s, s_ref, atol=1e-5)
+
+
+def test_wkv7_hands_auto_its_head_size_dtype_and_state(monkeypatch):
+    import peft_rwkv7.ops as ops
+
+    asked, states = [], []
+
+    def resolve(backend, device, head_size, dtype):
+        asked.append((backend, device, head_size, dtype))
+        return lambda *args: states.append(args[6]) or (args[0], args[6])
+
+    monkeypatch.setattr(dispatch, "resolve", resolve)
+    xs = _inputs(N=8, dtype=torch.bfloat16)
+    state = torch.zeros(1, 2, 8, 8)
+    ops.wkv7(*xs, state=state)  # backend: auto by default
+    assert asked == [("auto", CPU, 8, torch.bfloat16)] and states[0] is state
+
+
+def test_linear_with_a_weight_that_does_not_fit_is_torchs_error():
+    import torch.nn.functional as F
+
+    import peft_rwkv7.ops as ops
+
+    x, w = torch.randn(1, 4), torch.randn(5, 3)
+    with pytest.raises(RuntimeError) as want:
+        F.linear(x, w)
+    with torch.no_grad(), pytest.raises(RuntimeError) as got:
+        ops.linear(x, w)
+    assert str(got.value) == str(want.value)
