@@ -13,6 +13,7 @@ import torch
 
 from peft_rwkv7.train import memory
 from peft_rwkv7.train.memory import CpuBlocks, keep_freed_memory
+from tests.train.test_block_cache import _FakeCpu as _StepsFake
 
 
 class _Mallopt:
@@ -77,11 +78,12 @@ def test_not_glibc_changes_nothing(monkeypatch, libc, platform):
         assert libc.mallopt.calls == []
 
 
-class _FakeCpu:
-    """ops.cpu as CpuBlocks sees it: each step adds the given (hits, misses)."""
+class _FakeCpu(_StepsFake):
+    """test_block_cache's fake ops.cpu (each step adds the given hits and misses) that also records the
+    availability asked and the counts read, and can be unavailable or refuse to install."""
 
     def __init__(self, per_step=(), available=True, installs=True):
-        self.per_step, self.stats, self.calls = list(per_step), {"hits": 0, "misses": 0}, []
+        super().__init__(per_step)
         self.available, self.installs = available, installs
 
     def is_available(self, device):
@@ -89,24 +91,12 @@ class _FakeCpu:
         return self.available
 
     def cache_large_blocks(self):
-        self.calls.append("install")
+        super().cache_large_blocks()
         return self.installs
 
     def block_cache_stats(self):
         self.calls.append("stats")
-        return dict(self.stats)
-
-    def uncache_large_blocks(self):
-        self.calls.append("uninstall")
-        return True
-
-    def trim_block_cache(self):
-        self.calls.append("trim")
-        return 0
-
-    def run_step(self):
-        hits, misses = self.per_step.pop(0)
-        self.stats = {"hits": self.stats["hits"] + hits, "misses": self.stats["misses"] + misses}
+        return super().block_cache_stats()
 
 
 def test_it_is_on_only_where_the_extension_installs_it():
