@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +71,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name
     scale = expected.abs().max().clamp_min(1e-6)
     err = ((actual - expected).abs().max() / scale).item()
     assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """An empty per-process cache of wkv7 kernel verdicts (ops.dispatch) for this test; the real one is restored
+    afterwards."""
+    from peft_rwkv7.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_VERDICTS", {})

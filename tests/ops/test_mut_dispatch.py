@@ -8,32 +8,14 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 
 import pytest
 import torch
 
 from peft_rwkv7.ops import cpu, dispatch, verify, wkv7_reference
+from tests.ops.test_verify import _recorded, perturbed_output
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def fresh(monkeypatch):
-    """An empty per-process verdict cache for this test (the real one is restored afterwards)."""
-    monkeypatch.setattr(dispatch, "_VERDICTS", {})
-
-
-def _warnings(fn):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = fn()
-    return result, [w for w in caught if "failed its check" in str(w.message)]
-
-
-def off_by_a_percent(r, w, k, v, a, b, state=None):
-    y, s = wkv7_reference(r, w, k, v, a, b, state)
-    return y + 0.01 * y.detach(), s  # y 1% off, the gradients right
 
 
 # --- dispatch -----------------------------------------------------------------------------------------------
@@ -72,8 +54,8 @@ def test_auto_skips_a_module_that_imports_but_cannot_run_here(fresh, monkeypatch
 
 
 def test_auto_without_a_head_size_or_dtype_checks_the_models_own(fresh):
-    fn, caught = _warnings(lambda: dispatch.resolve("auto", CPU))
-    assert fn is cpu.wkv7_cpu and caught == []
+    fn, messages = _recorded(lambda: dispatch.resolve("auto", CPU))
+    assert fn is cpu.wkv7_cpu and messages == []
     assert set(dispatch._VERDICTS) == {("cpu", 64, torch.float32, "cpu")}
 
 
@@ -84,14 +66,14 @@ def test_a_bf16_verdict_is_a_bf16_check(fresh):
 
 
 def test_the_warning_names_the_dtype_without_torch_and_is_a_runtime_warning(fresh):
-    _, caught = _warnings(lambda: dispatch.verdict("cpu", off_by_a_percent, 16, torch.float32, CPU))
-    assert len(caught) == 1 and caught[0].category is RuntimeWarning
-    msg = str(caught[0].message)
+    _, messages = _recorded(lambda: dispatch.verdict("cpu", perturbed_output, 16, torch.float32, CPU))
+    assert len(messages) == 1  # a RuntimeWarning (_recorded counts no other kind)
+    msg = messages[0]
     assert msg.startswith("wkv7: the cpu kernel failed its check against the reference for head size 16, float32 "
                           "on cpu (max rel. error 1.0e-02 (y) > 1e-04); using the next backend instead"), msg
     assert "torch." not in msg
     # cached: the second call neither checks nor warns again
-    assert _warnings(lambda: dispatch.verdict("cpu", off_by_a_percent, 16, torch.float32, CPU))[1] == []
+    assert _recorded(lambda: dispatch.verdict("cpu", perturbed_output, 16, torch.float32, CPU))[1] == []
 
 
 # --- verify: the first-use check ----------------------------------------------------------------------------

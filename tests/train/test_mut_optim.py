@@ -11,14 +11,13 @@ import torch
 from peft_rwkv7.errors import UserError
 from peft_rwkv7.train import optim
 from peft_rwkv7.train.optim import build_optimizer, cpu_adam_op
-from tests.train.test_lora_plus import CPU, SHAPES, train_config
+from tests.train.test_lora_plus import CPU, SHAPES, tensors, train_config
 
 deepspeed_builder = pytest.importorskip("deepspeed.ops.op_builder")
 
 
 def _named():
-    g = torch.Generator().manual_seed(0)
-    return [(n, torch.nn.Parameter(torch.randn(s, generator=g))) for n, s in SHAPES.items()]
+    return [(n, torch.nn.Parameter(t)) for n, t in tensors(steps=0)[0].items()]
 
 
 def test_cpu_adam_op_builds_quietly_and_says_so_when_asked(monkeypatch, capsys):
