@@ -77,7 +77,8 @@ case "$module" in
     precision)
         # precision: auto's bf16 check on the CPU (measured, cached per machine) and the choice from it
         src=peft_rwkv7/ops/precision.py
-        tests="tests/ops/test_precision_auto.py tests/ops/test_mut_precision.py" ;;
+        tests="tests/ops/test_precision_auto.py tests/ops/test_mut_precision.py
+               tests/ops/test_precision_isa.py::test_a_library_isa_cap_is_part_of_the_cache_key" ;;
     linear_ce)
         # the head and loss over row chunks (issue 23): never all logits at once, the same loss and gradients
         src=peft_rwkv7/ops/linear_ce.py

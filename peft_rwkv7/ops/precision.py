@@ -19,8 +19,9 @@ weight shapes, forward and input gradient; chunks count as faster at ROW_CHUNKS_
 (~0.3 s).
 
 The result is cached as JSON beside the kernel cache (`<torch extensions root>/peft_rwkv7/`), keyed by
-what changes it: the CPU's model name and flags, torch's version and CPU capability, the thread count and
-the probe itself. An unreadable cache is measured again.
+what changes it: the CPU's model name and flags, torch's version and CPU capability, the thread count, the
+libraries' ISA caps (LIBRARY_ISA_CAPS, e.g. ONEDNN_MAX_CPU_ISA) and the probe itself. An unreadable cache is
+measured again.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ ROW_CHUNKS_MARGIN, ROW_CHUNKS_ROUNDS = 1.1, 3
 SCREEN_ROUNDS, SCREEN_BUDGET_S = 3, 0.1
 FULL_ROUNDS, FULL_BUDGET_S = 2, 0.5
 MAX_REPEAT = 8
+# The libraries' own settings that cap the instructions they use on the same CPU (oneDNN's, MKL's, torch's own
+# kernels'). They are not this project's settings, but they change the answer: oneDNN capped at AVX2 runs bf16
+# products at 0.01-0.2x fp32's speed on a CPU with AVX512-BF16 (issue 23, round 28), so a verdict cached
+# without the cap must not be read under it, nor the other way round. Part of the cache key.
+LIBRARY_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_CPU_ISA_HINTS", "DNNL_CPU_ISA_HINTS",
+                    "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "ATEN_CPU_CAPABILITY")
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ def machine_fields() -> dict[str, object]:
         "probe": _VERSION, "cpu": name, "flags": flags, "machine": platform.machine(),
         "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
         "torch": f"{torch.__version__} {torch.version.git_version}",
+        "isa_caps": {var: os.environ[var] for var in LIBRARY_ISA_CAPS if os.environ.get(var)},
     }
 
 
