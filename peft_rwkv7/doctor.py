@@ -115,7 +115,8 @@ def _precision_info(cuda: bool) -> dict:
     thin = thin_check.cpu_thin_check()
     return {"cpu_bf16": {"fast": check.fast, "ratio": check.ratio, "gflops": check.gflops, "cpu": check.cpu,
                          "cached": check.cached, "seconds": check.seconds, "summary": check.summary(),
-                         "row_chunks": check.row_chunks, "row_chunks_speedup": check.row_chunks_speedup},
+                         "row_chunks": check.row_chunks, "row_chunks_speedup": check.row_chunks_speedup,
+                         "isa_caps": precision.machine_fields()["isa_caps"]},
             "cpu_thin": {"nt": sorted(thin.nt), "tn": sorted(thin.tn), "cached": thin.cached, "seconds": thin.seconds,
                          "speedup": {k: {str(r): x for r, x in v.items()} for k, v in thin.speedup.items()},
                          "summary": thin.summary()},
@@ -321,6 +322,9 @@ def _precision_lines(p: dict) -> list[str]:
     c, auto = p["cpu_bf16"], p["auto"]
     lines = [_line("cpu-bf16", f"{'fast' if c['fast'] else 'slow'}: {c['summary']}; {c['cpu']}")]
     lines += [f"  {'':<15}{op}: fp32 {r['fp32']:.1f}, bf16 {r['bf16']:.1f} GFLOP/s" for op, r in c["gflops"].items()]
+    if c["isa_caps"]:  # the math libraries told to use fewer instructions than the CPU has: measured under them
+        caps = ", ".join(f"{k}={v}" for k, v in sorted(c["isa_caps"].items()))
+        lines.append(f"  {'':<15}measured under the libraries' instruction caps {caps}")
     if c["row_chunks_speedup"] is not None:  # measured where bf16 is fast (ops/rowsplit.py)
         verdict = "in row chunks" if c["row_chunks"] else "whole"
         lo, hi = rowsplit.ZONE

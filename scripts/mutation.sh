@@ -3,7 +3,7 @@
 #   bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants "NAME ..."]
 #     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision |
 #                  linear_ce | fused_lora | rowsplit | timemix | pointwise | cpu | checkpoint | dispatch |
-#                  verify | ops_entry | memory | optim
+#                  verify | ops_entry | memory | optim | sampling | binidx | schedule
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -154,10 +154,24 @@ case "$module" in
         tests="tests/train/test_lora_plus.py tests/train/test_weight_decay.py
                tests/train/test_preference_train.py::test_muon_takes_the_hidden_matrices_and_adamw_the_rest
                tests/train/test_mut_optim.py" ;;
+    sampling)
+        # which sample each step reads (exact resume rests on it): get's windows, pad's pieces, each epoch's order and
+        # data.group_by_length's grouping (issue 23, round 6: less padding run)
+        src=peft_rwkv7/data/sampling.py
+        tests="tests/data/test_sampling.py tests/data/test_group_by_length.py" ;;
+    binidx)
+        # Megatron's .bin/.idx pairs, read and written as RWKV-LM's trainer does
+        src=peft_rwkv7/data/binidx.py
+        tests="tests/data/test_binidx.py" ;;
+    schedule)
+        # the learning rate of each step and its share per param group
+        src=peft_rwkv7/train/schedule.py
+        tests="tests/train/test_schedule.py tests/train/test_lora_plus.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
-             "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" >&2
+             "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" \
+             "sampling binidx schedule" >&2
         exit 2 ;;
 esac
 

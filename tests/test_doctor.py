@@ -100,6 +100,19 @@ def test_doctor_shows_the_bf16_check_and_what_auto_picks(cpu_machine, tmp_path, 
     assert "(cached measurement)" in lines["cpu-bf16"] and "; cached measurement)" in lines["cpu-thin"]
 
 
+def test_doctor_names_the_libraries_instruction_caps_it_measured_under(cpu_machine, tmp_path, capsys, monkeypatch):
+    measured_as(cpu_machine, tmp_path, SLOW_BF16)
+    for var in precision.LIBRARY_ISA_CAPS:
+        monkeypatch.delenv(var, raising=False)
+    out, _ = _screen(capsys)
+    assert "instruction caps" not in out
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    out, _ = _screen(capsys)
+    assert ("                 measured under the libraries' instruction caps MKL_ENABLE_INSTRUCTIONS=AVX2, "
+            "ONEDNN_MAX_CPU_ISA=AVX2\n") in out
+
+
 @pytest.mark.parametrize("result", [COMPILED, BROKEN], ids=["compiles", "broken"])
 def test_doctor_reports_the_cuda_compile_where_nvcc_is_but_no_gpu(cpu_machine, capsys, result):
     cpu_machine.setattr(doctor, "_nvcc", lambda: "/opt/cuda/bin/nvcc (CUDA 13.0)")
