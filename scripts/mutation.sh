@@ -3,7 +3,7 @@
 #   bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants "NAME ..."]
 #     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision |
 #                  linear_ce | fused_lora | rowsplit | timemix | pointwise | cpu | checkpoint | dispatch |
-#                  verify | ops_entry | memory | optim | sampling | binidx | schedule
+#                  verify | ops_entry | memory | optim | sampling | binidx | dataset | schedule
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -158,20 +158,26 @@ case "$module" in
         # which sample each step reads (exact resume rests on it): get's windows, pad's pieces, each epoch's order and
         # data.group_by_length's grouping (issue 23, round 6: less padding run)
         src=peft_rwkv7/data/sampling.py
-        tests="tests/data/test_sampling.py tests/data/test_group_by_length.py" ;;
+        tests="tests/data/test_sampling.py tests/data/test_group_by_length.py tests/data/test_mut_sampling.py" ;;
     binidx)
         # Megatron's .bin/.idx pairs, read and written as RWKV-LM's trainer does
         src=peft_rwkv7/data/binidx.py
-        tests="tests/data/test_binidx.py" ;;
+        tests="tests/data/test_binidx.py tests/data/test_mut_binidx.py" ;;
+    dataset)
+        # the samples a step reads: TrainData's windows and pieces, their labels under the loss mask, the batch of a
+        # rank, documents held out for evaluation; make_dataset's kind, cache and refusals
+        src=peft_rwkv7/data/dataset.py
+        tests="tests/data/test_dataset.py tests/data/test_sampling.py tests/data/test_group_by_length.py
+               tests/train/test_eval_split.py" ;;
     schedule)
         # the learning rate of each step and its share per param group
         src=peft_rwkv7/train/schedule.py
-        tests="tests/train/test_schedule.py tests/train/test_lora_plus.py" ;;
+        tests="tests/train/test_schedule.py tests/train/test_lora_plus.py tests/train/test_mut_schedule.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
              "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" \
-             "sampling binidx schedule" >&2
+             "sampling binidx dataset schedule" >&2
         exit 2 ;;
 esac
 

@@ -144,7 +144,8 @@ class BinIdxWriter:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        pointers = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))[:-1]]) * self.dtype.itemsize
+        counts = sizes.astype(np.int64)
+        pointers = (np.cumsum(counts) - counts) * self.dtype.itemsize  # each entry's first byte; none for none
         doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
         code = next(c for c, t in DTYPE_CODES.items() if np.dtype(t).newbyteorder("<") == self.dtype)
         self._tmp_idx = _temp_name(Path(self.prefix).parent, Path(self.prefix).name, ".idx")
