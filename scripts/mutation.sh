@@ -165,8 +165,11 @@ case "$module" in
         tests="tests/data/test_binidx.py tests/data/test_mut_binidx.py" ;;
     dataset)
         # the samples a step reads: TrainData's windows and pieces, their labels under the loss mask, the batch of a
-        # rank, documents held out for evaluation; make_dataset's kind, cache and refusals
+        # rank, documents held out for evaluation, the cache's reopening and the vocabulary scan. Not make_dataset,
+        # resolve_format and _sft_format (~400 mutants, each running tokenizer builds: left out for time)
         src=peft_rwkv7/data/dataset.py
+        globs="*ǁTrainDataǁ* *.x_eval_count__mutmut_* *.x__held_out_choice__mutmut_* *.x__held_out_docs__mutmut_*
+               *.x__without__mutmut_* *.x__hold_out_pairs__mutmut_* *.x__open_cached__mutmut_* *.x__check_vocab__mutmut_*"
         tests="tests/data/test_dataset.py tests/data/test_sampling.py tests/data/test_group_by_length.py
                tests/train/test_eval_split.py" ;;
     schedule)
