@@ -7,7 +7,6 @@ The token stream is np.arange(N) where it can be, so every token names its own p
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from peft_rwkv7.data import DataConfig, TrainData, make_dataset
 from peft_rwkv7.data.dataset import _without, eval_count
 from peft_rwkv7.errors import UserError
 from tests.data.conftest import write_jsonl
+from tests.data.test_binidx import write_mmidx
 from tests.data.test_sampling import stream_data
 
 
@@ -83,20 +83,15 @@ def test_what_is_left_of_the_stream_after_holding_documents_out():
     assert s.tolist() == [0, 3] and z.tolist() == [3, 4]
 
 
-def raw_binidx(prefix: Path, docs: list[list[int]]) -> Path:
-    """A uint16 MMIDIDX pair by hand (no end-of-text added)."""
-    sizes = [len(d) for d in docs]
-    pointers = [2 * sum(sizes[:i]) for i in range(len(docs))]
-    Path(f"{prefix}.idx").write_bytes(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, len(docs), len(docs) + 1)
-                                      + struct.pack(f"<{len(docs)}i", *sizes) + struct.pack(f"<{len(docs)}q", *pointers)
-                                      + struct.pack(f"<{len(docs) + 1}q", *range(len(docs) + 1)))
-    Path(f"{prefix}.bin").write_bytes(b"".join(struct.pack(f"<{len(d)}H", *d) for d in docs))
+def binidx_of(prefix: Path, docs: list[list[int]]) -> Path:
+    """A uint16 MMIDIDX pair written by hand (test_binidx's), no end-of-text added: its prefix."""
+    write_mmidx(prefix, docs)
     return prefix
 
 
 def test_held_out_text_documents_lose_their_end_of_text_only(tmp_path):
     docs = [[5, 6, 7, 0], [8, 9, 10], [11, 0], [12, 13, 14, 15]] * 5  # some without a final 0 (another tool's)
-    cfg = DataConfig(path=str(raw_binidx(tmp_path / "b", docs)), ctx_len=4, eval_split=0.4)
+    cfg = DataConfig(path=str(binidx_of(tmp_path / "b", docs)), ctx_len=4, eval_split=0.4)
     ds = make_dataset(cfg, None, seed=0, progress=False)
     assert len(ds.held_out) == 8
     for d in ds.held_out:
@@ -110,7 +105,7 @@ def test_the_vocabulary_scan_finds_an_id_at_the_edge_anywhere(tmp_path, at, bad)
     docs = [[1, 2, 3, 0], [4, 5, 6, 7, 0]]
     pos = [(0, 0), (1, 3)][at == 7]
     docs[pos[0]][pos[1]] = 100 + bad
-    cfg = DataConfig(path=str(raw_binidx(tmp_path / "b", docs)), ctx_len=4)
+    cfg = DataConfig(path=str(binidx_of(tmp_path / "b", docs)), ctx_len=4)
     with pytest.raises(UserError) as e:
         make_dataset(cfg, None, seed=0, vocab_size=100, progress=False)
     assert str(e.value) == (f"{tmp_path}/b.bin: document {pos[0]}: token id {100 + bad} is beyond the model's "
