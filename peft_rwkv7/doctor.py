@@ -116,7 +116,7 @@ def _precision_info(cuda: bool) -> dict:
     return {"cpu_bf16": {"fast": check.fast, "ratio": check.ratio, "gflops": check.gflops, "cpu": check.cpu,
                          "cached": check.cached, "seconds": check.seconds, "summary": check.summary(),
                          "row_chunks": check.row_chunks, "row_chunks_speedup": check.row_chunks_speedup,
-                         "isa_caps": precision.machine_fields()["isa_caps"]},
+                         "isa_caps": check.isa_caps},
             "cpu_thin": {"nt": sorted(thin.nt), "tn": sorted(thin.tn), "cached": thin.cached, "seconds": thin.seconds,
                          "speedup": {k: {str(r): x for r, x in v.items()} for k, v in thin.speedup.items()},
                          "summary": thin.summary()},

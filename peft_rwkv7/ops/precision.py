@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -94,6 +94,7 @@ class Bf16Check:
     cached: bool = False
     row_chunks: bool = False  # bf16 products of ops.rowsplit's zone are faster in row chunks here
     row_chunks_speedup: float | None = None  # whole calls' time over chunked calls' (None: not measured)
+    isa_caps: dict[str, str] = field(default_factory=dict)  # the libraries' ISA caps it was measured under
 
     def summary(self) -> str:
         """The worst ratio and whether it was measured now, in words."""
@@ -300,7 +301,8 @@ def _record(record: dict, fields: dict, cached: bool) -> Bf16Check:
     return Bf16Check(fast=record["fast"], ratio=float(record["ratio"]), gflops=record["gflops"],
                      cpu=str(fields["cpu"]), seconds=float(record["seconds"]), cached=cached,
                      row_chunks=record.get("row_chunks", False),
-                     row_chunks_speedup=None if speedup is None else float(speedup))
+                     row_chunks_speedup=None if speedup is None else float(speedup),
+                     isa_caps=dict(fields["isa_caps"]))
 
 
 def cuda_bf16_native() -> bool:
