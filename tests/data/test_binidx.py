@@ -34,15 +34,26 @@ def read_mmidx(prefix: Path) -> dict:
     return {"version": version, "code": code, "docs": docs, "doc_idx": list(doc_idx), "bin_bytes": len(data)}
 
 
-def write_mmidx(prefix: Path, docs: list[list[int]]) -> None:
-    """An MMIDIDX pair written by hand (uint16), to check the package's reader independently."""
-    sizes = [len(d) for d in docs]
-    pointers = [2 * sum(sizes[:i]) for i in range(len(docs))]
-    with open(f"{prefix}.idx", "wb") as f:
-        f.write(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, len(docs), len(docs) + 1))
-        f.write(struct.pack(f"<{len(docs)}i", *sizes) + struct.pack(f"<{len(docs)}q", *pointers))
-        f.write(struct.pack(f"<{len(docs) + 1}q", *range(len(docs) + 1)))
-    Path(f"{prefix}.bin").write_bytes(b"".join(struct.pack(f"<{len(d)}H", *d) for d in docs))
+def raw_pair(prefix: Path, sizes, pointers=None, doc_idx=None, *, version=1, code=8, width=2, tokens=None,
+             n=None, m=None, cut=0) -> Path:
+    """An MMIDIDX pair written by hand, field by field (not with the package's writer): uint16 `tokens` (default
+    0, 1, 2, ... for the sizes), any field wrong on request, the .idx cut by `cut` bytes; returns the prefix."""
+    pointers = [width * sum(sizes[:i]) for i in range(len(sizes))] if pointers is None else pointers
+    doc_idx = list(range(len(sizes) + 1)) if doc_idx is None else doc_idx
+    n = len(sizes) if n is None else n
+    m = len(doc_idx) if m is None else m
+    raw = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", version, code, n, m)
+    raw += struct.pack(f"<{len(sizes)}i", *sizes) + struct.pack(f"<{len(pointers)}q", *pointers)
+    raw += struct.pack(f"<{len(doc_idx)}q", *doc_idx)
+    Path(f"{prefix}.idx").write_bytes(raw[:len(raw) - cut])
+    total = sum(sizes) if tokens is None else len(tokens)
+    Path(f"{prefix}.bin").write_bytes(struct.pack(f"<{total}H", *(tokens or range(total))))
+    return prefix
+
+
+def write_mmidx(prefix: Path, docs: list[list[int]]) -> Path:
+    """An MMIDIDX pair of these documents written by hand (uint16), to check the package's reader independently."""
+    return raw_pair(prefix, [len(d) for d in docs], tokens=[t for d in docs for t in d])
 
 
 def test_build_world_equals_trie_per_document(tmp_path, trie):

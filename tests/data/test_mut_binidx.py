@@ -16,23 +16,7 @@ import pytest
 from peft_rwkv7.data import binidx
 from peft_rwkv7.data.binidx import BinIdxWriter, MMapIndexedDataset, is_binidx, split_prefix, token_dtype
 from peft_rwkv7.errors import UserError
-from tests.data.test_binidx import read_mmidx
-
-
-def raw_pair(prefix: Path, sizes, pointers=None, doc_idx=None, *, version=1, code=8, width=2, tokens=None,
-             n=None, m=None, cut=0) -> Path:
-    """An MMIDIDX pair written field by field (uint16 tokens unless told), any field wrong on request."""
-    pointers = [width * sum(sizes[:i]) for i in range(len(sizes))] if pointers is None else pointers
-    doc_idx = list(range(len(sizes) + 1)) if doc_idx is None else doc_idx
-    n = len(sizes) if n is None else n
-    m = len(doc_idx) if m is None else m
-    raw = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", version, code, n, m)
-    raw += struct.pack(f"<{len(sizes)}i", *sizes) + struct.pack(f"<{len(pointers)}q", *pointers)
-    raw += struct.pack(f"<{len(doc_idx)}q", *doc_idx)
-    Path(f"{prefix}.idx").write_bytes(raw[:len(raw) - cut])
-    total = sum(sizes) if tokens is None else len(tokens)
-    Path(f"{prefix}.bin").write_bytes(struct.pack(f"<{total}H", *(tokens or range(total))))
-    return prefix
+from tests.data.test_binidx import raw_pair, read_mmidx
 
 
 @pytest.mark.parametrize("fields, line", [

@@ -7,7 +7,6 @@ The token stream is np.arange(N) where it can be, so every token names its own p
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,15 +82,9 @@ def test_what_is_left_of_the_stream_after_holding_documents_out():
     assert s.tolist() == [0, 3] and z.tolist() == [3, 4]
 
 
-def binidx_of(prefix: Path, docs: list[list[int]]) -> Path:
-    """A uint16 MMIDIDX pair written by hand (test_binidx's), no end-of-text added: its prefix."""
-    write_mmidx(prefix, docs)
-    return prefix
-
-
 def test_held_out_text_documents_lose_their_end_of_text_only(tmp_path):
     docs = [[5, 6, 7, 0], [8, 9, 10], [11, 0], [12, 13, 14, 15]] * 5  # some without a final 0 (another tool's)
-    cfg = DataConfig(path=str(binidx_of(tmp_path / "b", docs)), ctx_len=4, eval_split=0.4)
+    cfg = DataConfig(path=str(write_mmidx(tmp_path / "b", docs)), ctx_len=4, eval_split=0.4)
     ds = make_dataset(cfg, None, seed=0, progress=False)
     assert len(ds.held_out) == 8
     for d in ds.held_out:
@@ -105,7 +98,7 @@ def test_the_vocabulary_scan_finds_an_id_at_the_edge_anywhere(tmp_path, at, bad)
     docs = [[1, 2, 3, 0], [4, 5, 6, 7, 0]]
     pos = [(0, 0), (1, 3)][at == 7]
     docs[pos[0]][pos[1]] = 100 + bad
-    cfg = DataConfig(path=str(binidx_of(tmp_path / "b", docs)), ctx_len=4)
+    cfg = DataConfig(path=str(write_mmidx(tmp_path / "b", docs)), ctx_len=4)
     with pytest.raises(UserError) as e:
         make_dataset(cfg, None, seed=0, vocab_size=100, progress=False)
     assert str(e.value) == (f"{tmp_path}/b.bin: document {pos[0]}: token id {100 + bad} is beyond the model's "
