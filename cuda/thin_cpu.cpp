@@ -23,7 +23,10 @@
 
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(PEFT_RWKV7_NO_AVX512)
+#define THIN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))  // see wkv7_cpu_simd.h
+#define THIN_WIDE_CPU() false
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define THIN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define THIN_WIDE_CPU() __builtin_cpu_supports("avx512f")
 #else

@@ -199,7 +199,7 @@ WKV_INLINE void by_head_shape(const Head& h, bool wide, Fn&& fn) {
 // tiles: 0 = by the CPU (64 where it has AVX-512F, else 16), or 16 / 64 (tests run both anywhere).
 bool wide_tiles(int64_t tiles) {
   TORCH_CHECK(tiles == 0 || tiles == 16 || tiles == 64, "wkv7_cpu: tiles must be 0, 16 or 64, got ", tiles);
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(PEFT_RWKV7_NO_AVX512)  // see wkv7_cpu_simd.h
   if (tiles == 0) return __builtin_cpu_supports("avx512f");
 #else
   if (tiles == 0) return false;

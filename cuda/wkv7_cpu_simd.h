@@ -6,7 +6,11 @@
 
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// PEFT_RWKV7_NO_AVX512: a build without the AVX-512 clones, so that an AVX-512 CPU runs the AVX2 code an AVX2-only
+// CPU runs (scripts/bench_train.py --isa avx2 times it; the library never sets it).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(PEFT_RWKV7_NO_AVX512)
+#define WKV_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define WKV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define WKV_CLONES

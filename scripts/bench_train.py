@@ -1,7 +1,7 @@
 """Training throughput on the CPU against the machine's own GEMM bound, measured in the same run.
 
     python scripts/bench_train.py [--methods state lora pissa full] [--ctx 512 4096] [--precisions fp32 bf16]
-                                  [--steps 2] [--src PATH] [--layout packed|sft] [--batch 1]
+                                  [--steps 2] [--src PATH] [--layout packed|sft] [--batch 1] [--isa avx2]
 
 Methods: state, lora (rank 16), pissa, full, and lora<r> for LoRA at another rank (e.g. lora64). For each method,
 context length and precision (bf16 only where ops/precision.py measures this CPU's bf16
@@ -24,6 +24,12 @@ counts every position of the batch, padding included, and the bound every positi
 
 --src PATH runs the children against another checkout of rwkv-peft (e.g. a `git worktree` of an older
 commit), so a before/after table comes from one machine in one sitting. Prints the CPU's ISA flags.
+
+--isa avx2 runs an AVX-512 CPU the way an AVX2-only CPU runs (default precision fp32): the children get the math
+libraries' own instruction caps (ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2, ATEN_CPU_CAPABILITY=avx2)
+and the CPU kernels built without their AVX-512 clones (-DPEFT_RWKV7_NO_AVX512, a build of its own in the kernel
+cache), so every product and kernel of a step takes its AVX2 code. The cores, caches and clock stay this CPU's:
+it measures the AVX2 code paths against an AVX2 GEMM bound, not another machine.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -39,6 +46,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# The math libraries' documented instruction caps that make them run AVX2 code (ops/precision.py reads the same
+# names into its checks' cache key, so their verdicts are measured again under them)
+AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def child(args) -> None:
@@ -53,6 +63,13 @@ def child(args) -> None:
     from peft_rwkv7.train.optim import build_optimizer
     from peft_rwkv7.train.recipe import TrainConfig
 
+    if args.isa == "avx2":  # before the first op builds or loads the CPU kernels
+        from peft_rwkv7.ops import cpu
+
+        flag_sets = cpu._build_flags()
+        cpu._build_flags = lambda: [{**f, "extra_cflags": [*f["extra_cflags"], "-DPEFT_RWKV7_NO_AVX512"]}
+                                    for f in flag_sets]
+        assert torch.backends.cpu.get_cpu_capability() == "AVX2", torch.backends.cpu.get_cpu_capability()
     bf16 = args.precision == "bf16"
     try:  # as loop.train does where the benchmarked checkout has it (train/memory.py)
         from peft_rwkv7.train.memory import keep_freed_memory
@@ -156,6 +173,8 @@ def main() -> None:
     ap.add_argument("--layout", default="packed", choices=["packed", "sft"],
                     help="packed: one row of ctx scored tokens; sft: 4 right-padded rows, prompts unscored (see batch)")
     ap.add_argument("--batch", type=int, default=1, help="packed layout: rows of ctx tokens per step (micro_bsz)")
+    ap.add_argument("--isa", default="native", choices=["native", "avx2"],
+                    help="avx2: the libraries and the CPU kernels on their AVX2 code (see above)")
     ap.add_argument("--src", default=str(ROOT), help="the rwkv-peft checkout to benchmark (default: this one)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="state", help=argparse.SUPPRESS)
@@ -170,7 +189,9 @@ def main() -> None:
     from bench_util import child_error, isa_flags
 
     precisions = args.precisions
-    fast, why = bf16_fast()
+    env = {**os.environ, **AVX2_CAPS} if args.isa == "avx2" else None
+    fast, why = (False, "AVX2 code only: " + " ".join(f"{k}={v}" for k, v in AVX2_CAPS.items())
+                 + ", the CPU kernels without their AVX-512 clones") if env else bf16_fast()
     if precisions is None:
         precisions = ["fp32", "bf16"] if fast else ["fp32"]
     print(f"CPU: {isa_flags()}; {torch.get_num_threads()} threads; {why}")
@@ -185,8 +206,8 @@ def main() -> None:
             for prec in precisions:
                 cmd = [sys.executable, __file__, "--child", "--method", method, "--precision", prec,
                        "--one-ctx", str(ctx), "--steps", str(args.steps), "--src", args.src, "--layout", args.layout,
-                       "--batch", str(args.batch)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                       "--batch", str(args.batch), "--isa", args.isa]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode:
                     why = child_error(out.stderr)
                     print(f"| {method} | {ctx} | {prec} | failed (exit {out.returncode}): {why} |||||")

@@ -3,7 +3,7 @@
 #   bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants "NAME ..."]
 #     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision |
 #                  linear_ce | fused_lora | rowsplit | timemix | pointwise | cpu | checkpoint | dispatch |
-#                  verify | ops_entry | memory | optim | sampling | binidx | dataset | schedule
+#                  verify | ops_entry | memory | optim | sampling | binidx | dataset | schedule | build
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -176,11 +176,20 @@ case "$module" in
         # the learning rate of each step and its share per param group
         src=peft_rwkv7/train/schedule.py
         tests="tests/train/test_schedule.py tests/train/test_lora_plus.py tests/train/test_mut_schedule.py" ;;
+    build)
+        # the kernels' first-run compile and its cache: the build key, the marker, the OS lock several processes
+        # share, the private temp folder. test_build.py's five tests that compile in child processes (~60 s) are
+        # left out for time (and mutmut cannot see what a child process calls)
+        src=peft_rwkv7/ops/build.py
+        tests="tests/ops/test_build_notice.py tests/ops/test_build.py::test_builds_find_the_interpreters_own_tools
+               tests/ops/test_build.py::test_each_installed_package_builds_its_own_and_copies_of_a_source_share_one
+               tests/ops/test_build.py::test_only_the_binding_source_includes_torchs_python_headers
+               tests/ops/test_mut_build.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
              "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" \
-             "sampling binidx dataset schedule" >&2
+             "sampling binidx dataset schedule build" >&2
         exit 2 ;;
 esac
 

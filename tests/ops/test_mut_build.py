@@ -1,0 +1,662 @@
+"""The kernels' build cache (ops/build.py) without a compiler: what its key holds, when a folder counts as built,
+the OS lock several processes share, and the private temp folder a build runs in.
+
+test_build.py compiles a real extension in child processes (~60 s, and mutmut cannot see a child's calls); these
+tests put a fake `torch.utils.cpp_extension.load` in its place, which writes a Python module where torch would put
+the shared library, so every branch of load_extension runs in milliseconds. Written against the mutants
+`scripts/mutation.sh build` left (docs/mutation.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import sys
+import sysconfig
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from peft_rwkv7.ops import build
+
+fcntl = pytest.importorskip("fcntl")  # POSIX: the lock tests hold real locks
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _tool(tmp_path: Path, name: str, stdout: str, stderr: str = "") -> str:
+    """An executable that prints `stdout` (and `stderr`) when asked `--version`, and "usage" otherwise."""
+    out, err = _write(tmp_path / f"{name}.out", stdout), _write(tmp_path / f"{name}.err", stderr)
+    script = _write(tmp_path / name, f'#!/bin/sh\n[ "$*" = --version ] || {{ echo usage; exit 1; }}\n'
+                                     f'cat "{out}"\ncat "{err}" >&2\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+# --- the tools' and the CPU's identities ---------------------------------------------------------------------
+
+def test_a_tools_identity_is_its_first_or_last_non_blank_line_of_stdout(tmp_path):
+    ident = build._tool_identity.__wrapped__
+    cc = _tool(tmp_path, "cc", "\n  cc (Debian 12.2) 12.2.0  \nCopyright\n\n  Built on 2024  \n\n")
+    assert ident(cc) == "cc (Debian 12.2) 12.2.0"
+    assert ident(cc, last_line=True) == "Built on 2024"
+    assert ident(cc, True) == "Built on 2024"
+    assert ident(_tool(tmp_path, "quiet", "", "version 1 on stderr\n")) == "no version"  # stderr is not read
+    assert ident(_tool(tmp_path, "blank", "\n  \n")) == "no version"
+    assert ident(str(tmp_path / "absent")) == "unavailable (FileNotFoundError)"
+    assert build._tool_identity(cc) == build._tool_identity(cc)  # cached per process
+
+
+def test_the_cpus_features_are_the_flags_line_else_the_processor_name(monkeypatch):
+    real = Path.read_text
+
+    def fake(text):
+        return lambda self, *a, **k: text if str(self) == "/proc/cpuinfo" else real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", fake("processor\t: 0\nflags\t\t: fpu sse avx2 x:y \nflags\t: later\n"))
+    assert build._cpu_features() == "fpu sse avx2 x:y"
+    monkeypatch.setattr(Path, "read_text", fake("processor\t: 0\nFeatures\t: fp asimd\n"))  # arm64
+    assert build._cpu_features() == "fp asimd"
+
+    def unreadable(self, *a, **k):
+        raise PermissionError("no /proc here")
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    monkeypatch.setattr(build.platform, "processor", lambda: "some cpu")
+    assert build._cpu_features() == "some cpu"
+    monkeypatch.setattr(Path, "read_text", fake("processor\t: 0\nmodel name\t: X\n"))  # no flags line
+    assert build._cpu_features() == "some cpu"
+
+
+# --- the files a build reads -----------------------------------------------------------------------------------
+
+def test_headers_included_with_quotes_are_followed_from_the_sources_folder_then_the_include_paths(tmp_path):
+    src = _write(tmp_path / "src" / "k.cpp",
+                 '#include <vector>\n  #  include "a.h"\n#include "inc.h"\n#include "missing.h"\n')
+    a = _write(tmp_path / "src" / "a.h", '#include "b.h"\n#include "k.cpp"\n')
+    b = _write(tmp_path / "src" / "b.h", '#include "a.h"\n')
+    _write(tmp_path / "inc" / "a.h", "// shadowed by the source's own a.h\n")
+    inc = _write(tmp_path / "inc" / "inc.h", "// found in the include path\n")
+    other = _write(tmp_path / "src" / "other.cpp", '#include "b.h"\n')
+    _write(tmp_path / "src" / "vector", "// an angle-bracket include is not followed\n")
+    files = build._with_headers([tmp_path / "src" / ".." / "src" / "k.cpp", other], [tmp_path / "inc"])
+    assert files == [src, other, a, inc, b]  # breadth first, each once, resolved
+    assert build._with_headers([b], []) == [b, a, src.parent / "k.cpp"]
+
+
+# --- the build key ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ident(monkeypatch):
+    """_tool_identity replaced by a recorder: (command, last_line) of every call; answers `answers[command]`."""
+    calls, answers = [], {}
+
+    def fake(command, last_line=False):
+        calls.append((command, last_line))
+        return answers.get(command, "tool 1.0")
+
+    monkeypatch.setattr(build, "_tool_identity", fake)
+    return types.SimpleNamespace(calls=calls, answers=answers)
+
+
+def _key(src, name="ext", **kwargs):
+    return build._build_key(name, [src], kwargs)
+
+
+def test_the_key_is_a_sha256_that_changes_with_each_input_a_build_reads(tmp_path, monkeypatch, ident):
+    src = _write(tmp_path / "s" / "k.cpp", '#include "k.h"\nint x;\n')
+    header = _write(tmp_path / "s" / "k.h", "// v1\n")
+    base = _key(src)
+    assert re.fullmatch(r"[0-9a-f]{64}", base) and _key(src) == base
+    changed = {"name": _key(src, name="ext2"), "flags": _key(src, extra_cflags=["-O2"])}
+    assert _key(src, extra_cflags=["-O2"], with_cuda=False) == _key(src, with_cuda=False, extra_cflags=["-O2"])
+    header.write_text("// v2\n")
+    changed["header"] = _key(src)
+    header.write_text("// v1\n")
+    src.write_text('#include "k.h"\nint y;\n')
+    changed["source"] = _key(src)
+    src.write_text('#include "k.h"\nint x;\n')
+    renamed = _write(tmp_path / "s" / "j.cpp", src.read_text())
+    changed["source's name"] = _key(renamed)
+    assert _key(src) == base
+    for attr, value in [("_LAYOUT", 2), ("_PACKAGE", tmp_path / "other-install")]:
+        with monkeypatch.context() as m:
+            m.setattr(build, attr, value)
+            changed[attr] = _key(src)
+    for obj, attr in [(torch, "__version__"), (torch.version, "git_version"), (torch.version, "cuda"),
+                      (torch.version, "hip"), (sys, "version"), (sys, "platform")]:
+        with monkeypatch.context() as m:
+            m.setattr(obj, attr, "something else")
+            changed[attr] = _key(src)
+    with monkeypatch.context() as m:
+        m.setattr(build.platform, "machine", lambda: "riscv64")
+        changed["machine"] = _key(src)
+    with monkeypatch.context() as m:
+        m.setattr(build.sysconfig, "get_config_var",
+                  lambda v: ".other.so" if v == "EXT_SUFFIX" else sysconfig.get_config_var(v))
+        changed["EXT_SUFFIX"] = _key(src)
+    for var in build._TORCH_BUILD_ENV:
+        with monkeypatch.context() as m:
+            m.setenv(var, "/somewhere/else")
+            changed[var] = _key(src)
+    with monkeypatch.context() as m:
+        m.setenv("PEFT_RWKV7_UNRELATED", "1")
+        assert _key(src) == base  # only the variables torch's build reads
+    assert _key(src) == base
+    assert [k for k, v in changed.items() if v == base] == []
+    assert len(set(changed.values())) == len(changed)
+
+
+def test_headers_from_the_include_paths_and_bytes_that_are_not_utf8_are_in_the_key(tmp_path, ident):
+    src = _write(tmp_path / "s" / "k.cpp", '#include "inc.h"\n')
+    header = _write(tmp_path / "inc" / "inc.h", "// v1\n")
+    header.write_bytes(b"// \xff\xfe latin-1 comment\n")  # not UTF-8: still read, as bytes are hashed
+    for paths in ([str(tmp_path / "inc")], [tmp_path / "inc"]):  # str or Path, as torch takes either
+        before = _key(src, extra_include_paths=paths)
+        header.write_bytes(b"// \xff\xfe latin-1 comment, edited\n")
+        assert _key(src, extra_include_paths=paths) != before
+        header.write_bytes(b"// \xff\xfe latin-1 comment\n")
+        assert _key(src, extra_include_paths=paths) == before
+
+
+def test_the_key_holds_the_compilers_identity(tmp_path, monkeypatch, ident):
+    src = _write(tmp_path / "k.cpp", "int x;\n")
+    monkeypatch.setattr(cpp_extension, "get_cxx_compiler", lambda: "/opt/cc")
+    ident.answers["/opt/cc"] = "cc 12"
+    base = _key(src)
+    assert ident.calls == [("/opt/cc", False)]  # a .cpp source alone: no nvcc asked
+    ident.answers["/opt/cc"] = "cc 13"
+    assert _key(src) != base
+    monkeypatch.delattr(cpp_extension, "get_cxx_compiler")  # older torch: CXX, else c++
+    monkeypatch.delenv("CXX", raising=False)
+    ident.calls.clear()
+    _key(src)
+    assert ident.calls == [("c++", False)]
+    monkeypatch.setenv("CXX", "/opt/cxx")
+    ident.calls.clear()
+    _key(src)
+    assert ident.calls == [("/opt/cxx", False)]
+
+
+def test_cuda_sources_add_nvccs_identity_and_the_visible_gpus(tmp_path, monkeypatch, ident):
+    cu, cpp = _write(tmp_path / "k.cu", "int x;\n"), _write(tmp_path / "k.cpp", "int x;\n")
+    monkeypatch.setattr(cpp_extension, "get_cxx_compiler", lambda: "cxx")
+    for var in ("PYTORCH_NVCC", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/cuda")
+    nvcc = str(Path("/cuda", "bin", "nvcc"))
+    ident.answers[nvcc] = "Build cuda_12.4"
+    base = _key(cu)
+    assert (nvcc, True) in ident.calls
+    ident.answers[nvcc] = "Build cuda_12.6"
+    assert _key(cu) != base
+    ident.calls.clear()
+    _key(cpp, with_cuda=True)
+    assert (nvcc, True) in ident.calls
+    ident.calls.clear()
+    _key(cu, with_cuda=False)  # as torch: with_cuda=False compiles no .cu with nvcc
+    assert ident.calls == [("cxx", False)]
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    ident.calls.clear()
+    _key(cu)
+    assert ("nvcc", True) in ident.calls
+    monkeypatch.setenv("PYTORCH_NVCC", "/my/nvcc")
+    ident.calls.clear()
+    _key(cu)
+    assert ("/my/nvcc", True) in ident.calls
+
+    # without TORCH_CUDA_ARCH_LIST torch compiles for the visible GPUs
+    monkeypatch.delenv("PYTORCH_NVCC")
+    caps = [(8, 0), (9, 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    two, cpu_two = _key(cu), _key(cpp)
+    caps[1] = (8, 0)
+    one = _key(cu)
+    caps[:] = [(8, 0)]
+    assert one != two and _key(cu) == one  # the set of architectures, not the count
+    assert _key(cpp) == cpu_two  # no GPU in a CPU build's key
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    listed = _key(cu)
+    caps[:] = [(9, 0)]
+    assert _key(cu) == listed  # the list decides, not the GPUs
+
+
+def test_native_flags_add_the_cpus_features(tmp_path, monkeypatch, ident):
+    src = _write(tmp_path / "k.cpp", "int x;\n")
+    cpu = ["avx2"]
+    monkeypatch.setattr(build, "_cpu_features", lambda: cpu[0])
+    portable, native = _key(src, extra_cflags=["-O3"]), _key(src, extra_cflags=["-march=native"])
+    cpu[0] = "avx512f"
+    assert _key(src, extra_cflags=["-march=native"]) != native
+    assert _key(src, extra_cflags=["-O3"]) == portable  # portable code does not depend on this CPU
+
+
+# --- where a build lives ---------------------------------------------------------------------------------------
+
+def test_the_folder_is_named_by_the_key_under_the_roots_peft_rwkv7(tmp_path, monkeypatch):
+    src = _write(tmp_path / "k.cpp", "int x;\n")
+    folder = build.extension_folder("ext", [src], root=tmp_path / "r", extra_cflags=["-O3"])
+    assert folder.parent == tmp_path / "r" / "peft_rwkv7" and re.fullmatch(r"ext-[0-9a-f]{16}", folder.name)
+    assert folder.name[4:] == build._build_key("ext", [src], {"extra_cflags": ["-O3"]})[:16]
+    same = build.extension_folder("ext", [src], root=str(tmp_path / "r"), extra_cflags=["-O3"], verbose=True)
+    assert same == folder  # verbose changes what is printed, not what is built
+    assert build.extension_folder("ext", [src], root=tmp_path / "r") != folder
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "env"))
+    assert build.extensions_root() == tmp_path / "env"
+    assert build.extension_folder("ext", [src], extra_cflags=["-O3"]) == tmp_path / "env" / "peft_rwkv7" / folder.name
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")
+    assert build.extensions_root() == Path(cpp_extension.get_default_build_root())
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert build.extensions_root() == Path(cpp_extension.get_default_build_root())
+
+
+# --- when a folder counts as built -----------------------------------------------------------------------------
+
+def _built(folder: Path, module: str = "ext_mod", library: str = "ext_mod.py", code: str = "ANSWER = 42\n") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder / library, code)
+    (folder / build.MARKER).write_text(json.dumps({"module": module, "library": library}))
+    return folder
+
+
+def test_a_folder_is_built_only_with_a_marker_naming_a_library_inside_it(tmp_path):
+    folder = _built(tmp_path / "f")
+    module = build._import_built(folder)
+    assert module.ANSWER == 42 and module.__name__ == "ext_mod" and Path(module.__file__) == folder / "ext_mod.py"
+    marker = folder / build.MARKER
+    for bad in ["{not json", "[]", '{"module": "ext_mod"}', '{"library": "ext_mod.py"}', "null"]:
+        marker.write_text(bad)
+        assert build._import_built(folder) is None, bad
+    _write(tmp_path / "outside.py", "ANSWER = 1\n")
+    marker.write_text(json.dumps({"module": "ext_mod", "library": "../outside.py"}))
+    assert build._import_built(folder) is None  # a marker never points outside its folder
+    marker.write_text(json.dumps({"module": "ext_mod", "library": "gone.py"}))
+    assert build._import_built(folder) is None
+    (folder / "sub").mkdir()
+    marker.write_text(json.dumps({"module": "ext_mod", "library": "sub"}))
+    assert build._import_built(folder) is None  # a folder is not a library
+    marker.unlink()
+    assert build._import_built(folder) is None
+    assert build._import_built(tmp_path / "nothing") is None
+
+
+def test_a_library_that_does_not_load_says_which_folder_to_delete(tmp_path):
+    folder = _built(tmp_path / "f", code="raise RuntimeError('undefined symbol: foo')\n")
+    with pytest.raises(ImportError) as e:
+        build._import_built(folder)
+    assert str(e.value) == f"{folder / 'ext_mod.py'}: undefined symbol: foo (delete {folder} to rebuild it)"
+    folder = _built(tmp_path / "g", library="ext_mod.txt")  # no loader for this suffix
+    with pytest.raises(ImportError) as e:
+        build._import_built(folder)
+    assert str(e.value) == (f"{folder / 'ext_mod.txt'}: not a loadable extension: {folder / 'ext_mod.txt'} "
+                            f"(delete {folder} to rebuild it)")
+
+
+# --- the lock --------------------------------------------------------------------------------------------------
+
+def test_a_lock_is_taken_refused_while_held_elsewhere_or_missing(tmp_path, monkeypatch):
+    path = tmp_path / "l"
+    path.touch()
+    a, b = os.open(path, os.O_RDWR), os.open(path, os.O_RDWR)
+    try:
+        assert build._try_lock(a) is True
+        assert build._try_lock(b) is False  # another open file: another process, to flock
+        os.close(a)
+        a = -1
+        assert build._try_lock(b) is True
+    finally:
+        for fd in (a, b):
+            if fd >= 0:
+                os.close(fd)
+
+    def raising(exc):
+        def flock(fd, op):
+            assert op == fcntl.LOCK_EX | fcntl.LOCK_NB  # never a blocking call
+            raise exc
+        return types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+
+    monkeypatch.setattr(build, "fcntl", raising(BlockingIOError(errno.EWOULDBLOCK, "held")))
+    assert build._try_lock(0) is False
+    monkeypatch.setattr(build, "fcntl", raising(PermissionError(errno.EACCES, "held")))
+    assert build._try_lock(0) is False
+    monkeypatch.setattr(build, "fcntl", raising(OSError(errno.ENOLCK, "no locks on this file system")))
+    assert build._try_lock(0) is None
+    monkeypatch.setattr(build, "fcntl", raising(OSError(errno.EDEADLK, "deadlock")))
+    assert build._try_lock(0) is None  # EDEADLK means "held" only to Windows' msvcrt
+
+    monkeypatch.setattr(build, "fcntl", None)
+    monkeypatch.setattr(build, "msvcrt", None)
+    assert build._try_lock(0) is None
+
+    calls = []
+
+    def locking(exc):
+        def lock(fd, mode, n):
+            calls.append((fd, mode, n))
+            if exc:
+                raise exc
+        return types.SimpleNamespace(locking=lock, LK_NBLCK=2)
+
+    monkeypatch.setattr(build, "msvcrt", locking(None))
+    assert build._try_lock(7) is True and calls == [(7, 2, 1)]
+    monkeypatch.setattr(build, "msvcrt", locking(OSError(errno.EDEADLK, "held")))
+    assert build._try_lock(7) is False
+    monkeypatch.setattr(build, "msvcrt", locking(OSError(errno.EACCES, "held")))  # PermissionError's errno
+    assert build._try_lock(7) is False
+    monkeypatch.setattr(build, "msvcrt", locking(OSError(errno.EIO, "broken")))
+    assert build._try_lock(7) is None
+
+
+def test_the_lock_holder_writes_its_pid_and_releases_the_lock_on_exit(tmp_path, capsys):
+    lock = tmp_path / "deep" / "er" / "x.lock"
+    with build._exclusive(lock, "the kernels") as held:
+        assert held is True and lock.read_text() == f"{os.getpid()}\n"
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            assert build._try_lock(fd) is False
+        finally:
+            os.close(fd)
+    lock.write_text("123456789012345\n")  # a longer pid from an earlier holder: replaced, not overwritten in part
+    with build._exclusive(lock, "the kernels") as held:
+        assert held is True and lock.read_text() == f"{os.getpid()}\n"
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        assert build._try_lock(fd) is True
+    finally:
+        os.close(fd)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError), build._exclusive(lock, "the kernels"):
+        raise ValueError("a failed build")
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        assert build._try_lock(fd) is True  # released on an exception too
+    finally:
+        os.close(fd)
+
+
+def test_the_lock_file_is_readable_by_all_and_writable_by_its_owner(tmp_path):
+    lock = tmp_path / "x.lock"
+    umask = os.umask(0o022)
+    try:
+        with build._exclusive(lock, "the kernels"):
+            pass
+    finally:
+        os.umask(umask)
+    assert lock.stat().st_mode & 0o777 == 0o644
+
+
+def _wait_for_lock(lock: Path, holder: str | bytes, capsys, hold_s: float = 0.3) -> tuple[list[bool], str, float]:
+    """Hold `lock` (its file holding `holder`) while another thread asks for it; release after `hold_s`."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    got, when = [], []
+    with open(lock, "wb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(holder.encode() if isinstance(holder, str) else holder)
+        f.flush()
+
+        def waiter():
+            with build._exclusive(lock, "the kernels") as held:
+                when.append(time.monotonic())
+                got.append(held)
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(hold_s)
+        assert not got  # still waiting
+        released = time.monotonic()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    return got, capsys.readouterr().err, when[0] - released
+
+
+def test_a_process_waiting_for_the_lock_says_once_who_holds_it(tmp_path, capsys):
+    lock = tmp_path / "x.lock"
+    got, err, waited = _wait_for_lock(lock, "4242\n", capsys)
+    assert got == [True] and lock.read_text() == f"{os.getpid()}\n"
+    assert err == (f"peft_rwkv7: another process (pid 4242) is building the kernels; waiting for it to finish "
+                   f"(lock file {lock})\n")
+    assert waited < 5.0
+    anonymous = f"peft_rwkv7: another process is building the kernels; waiting for it to finish (lock file {lock})\n"
+    for holder in ("not a pid\n", b"\xff\xfe\n", ""):  # not a number, not text, nothing yet
+        got, err, _ = _wait_for_lock(lock, holder, capsys)
+        assert got == [True] and err == anonymous, holder
+
+
+def test_an_unreadable_lock_file_still_waits_for_its_holder(tmp_path, capsys, monkeypatch):
+    lock, real = tmp_path / "x.lock", Path.read_text
+
+    def read_text(self, *a, **k):
+        if self == lock:
+            raise PermissionError(errno.EACCES, "denied")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    got, err, _ = _wait_for_lock(lock, "4242\n", capsys)
+    assert got == [True] and "another process is building" in err and "pid" not in err
+
+
+def test_a_released_lock_is_taken_within_a_poll(tmp_path, capsys):
+    """Polled every 0.05 s at first, doubling up to 0.5 s: a short build's waiter goes on almost at once."""
+    _, _, waited = _wait_for_lock(tmp_path / "x.lock", "1\n", capsys, hold_s=0.1)
+    assert waited < 0.6
+
+
+def test_without_a_lock_the_build_goes_on_unlocked(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "_try_lock", lambda fd: None)
+    lock = tmp_path / "x.lock"
+    with build._exclusive(lock, "the kernels") as held:
+        assert held is False and lock.read_text() == ""  # nothing claimed
+
+
+# --- the build itself, with a fake compiler ---------------------------------------------------------------------
+
+@pytest.fixture
+def fake_load(monkeypatch):
+    """torch's load replaced: it writes `<build_directory>/<name>.py` (ANSWER = 42) and imports it from there."""
+    calls = []
+    scripts = sysconfig.get_path("scripts")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+
+    def load(name, sources, build_directory, **kwargs):
+        folder = Path(build_directory)
+        calls.append({"name": name, "sources": sources, "dir": folder, "kwargs": kwargs,
+                      "contents": sorted(p.name for p in folder.iterdir()),
+                      "path_first": os.environ["PATH"].split(os.pathsep)[0] == scripts})
+        if fake.fail:
+            raise RuntimeError("compiler error")
+        lib = _write(folder / f"{name}.py", f"ANSWER = {fake.answer}\n")
+        _write(folder / "build.ninja", "# torch's build files stay behind\n")
+        spec = build.importlib.util.spec_from_file_location(name, lib)
+        module = build.importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return fake.returns(module)
+
+    fake = types.SimpleNamespace(calls=calls, fail=False, answer=42, returns=lambda m: m)
+    monkeypatch.setattr(cpp_extension, "load", load)
+    return fake
+
+
+def _sources(tmp_path: Path) -> list[Path]:
+    return [_write(tmp_path / "src" / "a.cpp", "int a;\n"), _write(tmp_path / "src" / "b.cpp", "int b;\n")]
+
+
+def test_a_first_load_builds_in_a_private_folder_and_a_second_reads_the_marker(tmp_path, fake_load):
+    srcs, root = _sources(tmp_path), tmp_path / "root"
+    folder = build.extension_folder("ext", srcs, root=root, extra_cflags=["-O3"])
+    before = time.strftime("%Y-%m-%d %H:%M:%S")
+    module = build.load_extension("ext", srcs, "the test kernels", root=root, extra_cflags=["-O3"])
+    (call,) = fake_load.calls
+    assert call["name"] == "ext" and call["sources"] == [str(p) for p in srcs]
+    assert call["dir"] == folder.with_name(f"{folder.name}.tmp-{os.getpid()}") and call["contents"] == []
+    assert call["kwargs"] == {"verbose": False, "extra_cflags": ["-O3"]} and call["path_first"]
+    assert module.ANSWER == 42 and Path(module.__file__) == folder / "ext.py"
+    assert sorted(p.name for p in folder.iterdir()) == [build.MARKER, "ext.py"]
+    marker = json.loads((folder / build.MARKER).read_text())
+    assert {k: marker[k] for k in ("module", "library", "sources")} == {
+        "module": "ext", "library": "ext.py", "sources": [str(p) for p in srcs]}
+    assert before <= marker["built_at"] <= time.strftime("%Y-%m-%d %H:%M:%S")
+    assert sorted(p.name for p in root.joinpath("peft_rwkv7").iterdir()) == [folder.name, folder.name + ".lock"]
+
+    fake_load.answer = 43  # a rebuild would say so
+    again = build.load_extension("ext", srcs, "the test kernels", root=root, extra_cflags=["-O3"], verbose=False)
+    assert again.ANSWER == 42 and len(fake_load.calls) == 1
+    build.load_extension("ext", srcs, "the test kernels", root=root, extra_cflags=["-O3"], verbose=True)
+    assert len(fake_load.calls) == 1  # verbose is not part of the key
+    other = build.load_extension("ext", srcs, "the test kernels", root=root, extra_cflags=["-O2"], verbose=True)
+    assert other.ANSWER == 43 and fake_load.calls[-1]["kwargs"] == {"verbose": True, "extra_cflags": ["-O2"]}
+
+
+def test_a_build_replaces_leftovers_of_killed_builds(tmp_path, fake_load):
+    srcs, root = _sources(tmp_path), tmp_path / "root"
+    folder = build.extension_folder("ext", srcs, root=root)
+    _write(folder / "ext.py", "ANSWER = 0\n")  # moved in, then killed before the marker
+    _write(folder / "junk", "")
+    mine = _write(folder.with_name(f"{folder.name}.tmp-{os.getpid()}") / "lock", "")  # torch's baton
+    dead = _write(folder.with_name(f"{folder.name}.tmp-999999") / "lock", "")
+    other = _write(folder.with_name("ext-0123456789abcdef.tmp-999999") / "lock", "")  # another build's
+    assert build.load_extension("ext", srcs, "the test kernels", root=root).ANSWER == 42
+    assert fake_load.calls[0]["contents"] == []  # torch's stale baton is gone before torch looks
+    assert sorted(p.name for p in folder.iterdir()) == [build.MARKER, "ext.py"]
+    assert not mine.parent.exists() and not dead.parent.exists() and other.exists()
+
+
+def test_without_a_lock_other_builds_temp_folders_are_left_alone(tmp_path, fake_load, monkeypatch):
+    monkeypatch.setattr(build, "_try_lock", lambda fd: None)
+    srcs, root = _sources(tmp_path), tmp_path / "root"
+    folder = build.extension_folder("ext", srcs, root=root)
+    live = _write(folder.with_name(f"{folder.name}.tmp-999999") / "lock", "")  # perhaps a live build
+    assert build.load_extension("ext", srcs, "the test kernels", root=root).ANSWER == 42
+    assert live.exists()
+
+
+def test_a_failed_build_leaves_nothing_behind_and_keeps_its_error(tmp_path, fake_load):
+    srcs, root = _sources(tmp_path), tmp_path / "root"
+    folder = build.extension_folder("ext", srcs, root=root)
+    fake_load.fail = True
+    with pytest.raises(RuntimeError, match="^compiler error$"):
+        build.load_extension("ext", srcs, "the test kernels", root=root)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name + ".lock"]
+    fake_load.fail = False
+    fake_load.returns = lambda m: types.SimpleNamespace(__file__=m.__file__)
+    with pytest.raises(TypeError, match="^load_extension builds Python extension modules only$"):
+        build.load_extension("ext", srcs, "the test kernels", root=root)
+
+    def no_file(m):
+        m.__file__ = ""
+        return m
+
+    fake_load.returns = no_file
+    with pytest.raises(TypeError, match="^load_extension builds Python extension modules only$"):
+        build.load_extension("ext", srcs, "the test kernels", root=root)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name + ".lock"]
+
+
+def test_a_build_finished_by_the_process_waited_for_is_loaded_not_redone(tmp_path, fake_load, monkeypatch):
+    srcs, root = _sources(tmp_path), tmp_path / "root"
+    folder = build.extension_folder("ext", srcs, root=root)
+    real = build._exclusive
+    seen = []
+
+    def exclusive(lock, what):
+        seen.append((lock, what))
+        _built(folder, module="ext", library="ext.py", code="ANSWER = 7\n")  # the other process finished
+        return real(lock, what)
+
+    monkeypatch.setattr(build, "_exclusive", exclusive)
+    assert build.load_extension("ext", srcs, "the test kernels", root=root).ANSWER == 7
+    assert seen == [(folder.with_name(folder.name + ".lock"), "the test kernels")] and fake_load.calls == []
+
+
+def test_a_built_folder_loads_without_taking_the_lock(tmp_path, fake_load, monkeypatch):
+    """A finished build is read even while another process holds the lock (another build of the same name)."""
+    srcs, root = _sources(tmp_path), tmp_path / "root"
+    _built(build.extension_folder("ext", srcs, root=root), module="ext", library="ext.py", code="ANSWER = 5\n")
+
+    def no_lock(lock, what):
+        raise AssertionError("the lock was asked for")
+
+    monkeypatch.setattr(build, "_exclusive", no_lock)
+    assert build.load_extension("ext", srcs, "the test kernels", root=root).ANSWER == 5
+
+
+def test_an_unlocked_build_clears_its_own_temp_folder_first(tmp_path, fake_load, monkeypatch):
+    monkeypatch.setattr(build, "_try_lock", lambda fd: None)
+    srcs, root = _sources(tmp_path), tmp_path / "root"
+    folder = build.extension_folder("ext", srcs, root=root)
+    mine = _write(folder.with_name(f"{folder.name}.tmp-{os.getpid()}") / "lock", "")  # a killed build's, same pid
+    assert build.load_extension("ext", srcs, "the test kernels", root=root).ANSWER == 42
+    assert fake_load.calls[0]["contents"] == [] and not mine.parent.exists()
+
+
+def test_the_notice_waits_three_seconds_on_a_timer_that_never_keeps_a_process_alive(monkeypatch):
+    timers = []
+
+    class Timer:
+        def __init__(self, interval, fn):
+            self.interval, self.fn, self.daemon, self.started, self.cancelled = interval, fn, False, False, False
+            timers.append(self)
+
+        def start(self):
+            self.started = True
+
+        def cancel(self):
+            self.cancelled = True
+
+    monkeypatch.setattr(build.threading, "Timer", Timer)
+    with build.build_notice("the kernels"):
+        (timer,) = timers
+        assert timer.interval == 3.0 and timer.daemon is True and timer.started and not timer.cancelled
+    assert timer.cancelled
+
+
+def test_the_build_is_announced_under_the_callers_name(tmp_path, fake_load, monkeypatch):
+    said = []
+    monkeypatch.setattr(build, "build_notice", lambda what: said.append(what) or build.contextlib.nullcontext())
+    build.load_extension("ext", _sources(tmp_path), "the CPU kernels", root=tmp_path / "root")
+    assert said == ["the CPU kernels"]
+
+
+def test_missing_sources_and_a_chosen_build_folder_are_refused(tmp_path, fake_load):
+    srcs = _sources(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        build.load_extension("ext", [srcs[0], tmp_path / "x.cpp", tmp_path / "y.cpp"], "k", root=tmp_path)
+    assert str(e.value) == f"kernel sources not found: {tmp_path / 'x.cpp'}, {tmp_path / 'y.cpp'}"
+    with pytest.raises(FileNotFoundError):
+        build.load_extension("ext", [tmp_path / "src"], "k", root=tmp_path)  # a folder is not a source
+    with pytest.raises(TypeError, match="^load_extension chooses the build directory itself$"):
+        build.load_extension("ext", srcs, "k", root=tmp_path, build_directory=str(tmp_path))
+    assert fake_load.calls == []
+
+
+# --- the interpreter's own tools --------------------------------------------------------------------------------
+
+def test_the_interpreters_scripts_folder_comes_first_once_and_path_is_restored(monkeypatch):
+    scripts = sysconfig.get_path("scripts")
+    monkeypatch.setenv("PATH", os.pathsep.join([scripts, "/usr/bin"]))
+    with build._interpreter_tools_first():
+        assert os.environ["PATH"] == os.pathsep.join([scripts, "/usr/bin"])  # already first: not added twice
+    monkeypatch.setenv("PATH", "")
+    with build._interpreter_tools_first():
+        assert os.environ["PATH"] == scripts  # no empty entry (the current folder) after it
+    assert os.environ["PATH"] == ""
+    monkeypatch.setenv("PATH", "/usr/bin")
+    with pytest.raises(KeyError), build._interpreter_tools_first():
+        assert os.environ["PATH"] == os.pathsep.join([scripts, "/usr/bin"])
+        raise KeyError("a failed build")
+    assert os.environ["PATH"] == "/usr/bin"
+    monkeypatch.delenv("PATH")
+    with build._interpreter_tools_first():
+        assert os.environ["PATH"] == scripts
