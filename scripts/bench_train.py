@@ -46,9 +46,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# The math libraries' documented instruction caps that make them run AVX2 code (ops/precision.py reads the same
-# names into its checks' cache key, so their verdicts are measured again under them)
-AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def child(args) -> None:
@@ -64,12 +61,9 @@ def child(args) -> None:
     from peft_rwkv7.train.recipe import TrainConfig
 
     if args.isa == "avx2":  # before the first op builds or loads the CPU kernels
-        from peft_rwkv7.ops import cpu
+        from bench_util import avx2_only
 
-        flag_sets = cpu._build_flags()
-        cpu._build_flags = lambda: [{**f, "extra_cflags": [*f["extra_cflags"], "-DPEFT_RWKV7_NO_AVX512"]}
-                                    for f in flag_sets]
-        assert torch.backends.cpu.get_cpu_capability() == "AVX2", torch.backends.cpu.get_cpu_capability()
+        avx2_only()
     bf16 = args.precision == "bf16"
     try:  # as loop.train does where the benchmarked checkout has it (train/memory.py)
         from peft_rwkv7.train.memory import keep_freed_memory
@@ -186,7 +180,7 @@ def main() -> None:
         return child(args)
     sys.path.insert(0, str(HERE))
     import torch
-    from bench_util import child_error, isa_flags
+    from bench_util import AVX2_CAPS, child_error, isa_flags
 
     precisions = args.precisions
     env = {**os.environ, **AVX2_CAPS} if args.isa == "avx2" else None

@@ -3,6 +3,7 @@ attached, the matmul weights a step multiplies by, and the GEMM rate measured at
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -22,6 +23,24 @@ def isa_flags() -> str:
         return f"torch cpu capability {torch.backends.cpu.get_cpu_capability()}"
     keep = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return f"{model}; {' '.join(keep)}; torch {torch.backends.cpu.get_cpu_capability()}"
+
+
+# --isa avx2 (bench_train.py, profile_train.py): the math libraries' documented instruction caps that make them run
+# AVX2 code, set before torch loads (ops/precision.py keys its checks' cache on the same names)
+AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def avx2_only() -> None:
+    """This process runs the AVX2 code an AVX2-only CPU runs: the CPU kernels built without their AVX-512 clones
+    (-DPEFT_RWKV7_NO_AVX512, a build of its own in the kernel cache), before the first op builds or loads them.
+    The libraries' caps (AVX2_CAPS) must have been in the environment when torch loaded."""
+    from peft_rwkv7.ops import cpu
+
+    missing = [k for k, v in AVX2_CAPS.items() if os.environ.get(k) != v]
+    assert not missing and torch.backends.cpu.get_cpu_capability() == "AVX2", f"AVX2 caps not in force: {missing}"
+    flag_sets = cpu._build_flags()
+    cpu._build_flags = lambda: [{**f, "extra_cflags": [*f["extra_cflags"], "-DPEFT_RWKV7_NO_AVX512"]}
+                                for f in flag_sets]
 
 
 def child_error(stderr: str) -> str:

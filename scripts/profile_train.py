@@ -2,6 +2,9 @@
 and per kind of work (GEMM, WKV kernel, elementwise, ...), with the GEMM bound measured in the same run.
 
     python scripts/profile_train.py [--method state|lora] [--ctx 512] [--precision fp32|bf16] [--top 25]
+                                    [--isa avx2]
+
+--isa avx2: the AVX2 code an AVX2-only CPU runs, on this one (bench_train.py's docstring says how).
 
 GEMM bound: the frozen matmul weights do 4 FLOP per weight per token (2 forward, 2 for the input
 gradient); the step's GEMM FLOP over the GEMM rate measured here at the model's shapes (one pass of the
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_util import GemmPass, isa_flags, matmul_weights, method_config  # noqa: E402
+from bench_util import AVX2_CAPS, GemmPass, avx2_only, isa_flags, matmul_weights, method_config  # noqa: E402
 
 from peft_rwkv7.adapters import attach, trainable_parameters  # noqa: E402
 from peft_rwkv7.model import RWKV7Config, new_model  # noqa: E402
@@ -63,7 +67,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--embd", type=int, default=768)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--isa", default="native", choices=["native", "avx2"])
     args = ap.parse_args()
+    if args.isa == "avx2":
+        if any(os.environ.get(k) != v for k, v in AVX2_CAPS.items()):  # the caps act only before torch loads
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_CAPS})
+        avx2_only()
     bf16 = args.precision == "bf16"
     keep_freed_memory()  # as train/loop.py does
     model = build(args.method, args.layers, args.embd)
@@ -113,7 +122,8 @@ def main() -> None:
     rate = gemms.flop / gemm_s
     flop = (6 if full else 4) * matmul_weights(model) * args.ctx
     bound = flop / rate
-    print(f"CPU: {isa_flags()}; threads {torch.get_num_threads()}")
+    print(f"CPU: {isa_flags()}; threads {torch.get_num_threads()}"
+          + ("; AVX2 code only (--isa avx2)" if args.isa == "avx2" else ""))
     print(f"{args.method}, ctx {args.ctx}, {args.precision}: step {wall:.2f} s ({args.ctx / wall:.1f} tok/s); "
           f"GEMM bound {bound:.2f} s at {rate / 1e9:.0f} GFLOP/s ({args.ctx / bound:.1f} tok/s): "
           f"{100 * bound / wall:.0f}% of the bound")

@@ -464,11 +464,13 @@ def test_without_a_lock_the_build_goes_on_unlocked(tmp_path, monkeypatch):
 # --- the build itself, with a fake compiler ---------------------------------------------------------------------
 
 @pytest.fixture
-def fake_load(monkeypatch):
-    """torch's load replaced: it writes `<build_directory>/<name>.py` (ANSWER = 42) and imports it from there."""
+def fake_load(monkeypatch, tmp_path):
+    """torch's load replaced: it writes `<build_directory>/<name>.py` (ANSWER = 42) and imports it from there.
+    The default extensions root is a temporary folder too, so that no mistake writes into the real cache."""
     calls = []
     scripts = sysconfig.get_path("scripts")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "default-root"))
 
     def load(name, sources, build_directory, **kwargs):
         folder = Path(build_directory)
