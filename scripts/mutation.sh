@@ -3,7 +3,8 @@
 #   bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants "NAME ..."]
 #     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision |
 #                  linear_ce | fused_lora | rowsplit | timemix | pointwise | cpu | checkpoint | dispatch |
-#                  verify | ops_entry | memory | optim | sampling | binidx | dataset | schedule | build
+#                  verify | ops_entry | memory | optim | sampling | binidx | dataset | dataset_make | schedule |
+#                  build
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -172,6 +173,22 @@ case "$module" in
                *.x__without__mutmut_* *.x__hold_out_pairs__mutmut_* *.x__open_cached__mutmut_* *.x__check_vocab__mutmut_*"
         tests="tests/data/test_dataset.py tests/data/test_sampling.py tests/data/test_group_by_length.py
                tests/train/test_eval_split.py" ;;
+    dataset_make)
+        # what a recipe's data section turns into: the format guessed from the path and the first record (sft fields
+        # from the known pairs), the token cache's key and reuse, the vocabulary check's trigger, the sampling chosen
+        # by kind, documents held out. Not test_eval_split's tests that train (~90 s)
+        src=peft_rwkv7/data/dataset.py
+        globs="*.x_make_dataset__mutmut_* *.x_resolve_format__mutmut_* *.x__sft_format__mutmut_*
+               *.x_file_digest__mutmut_* *.x__record_where__mutmut_*"
+        tests="tests/data/test_dataset.py tests/data/test_cache_build.py tests/data/test_sharegpt.py
+               tests/data/test_preference.py tests/data/test_group_by_length.py tests/data/test_formats.py
+               tests/data/test_mut_dataset.py
+               tests/train/test_eval_split.py::test_held_out_documents_leave_the_training_stream
+               tests/train/test_eval_split.py::test_masked_data_hold_out_whole_documents_with_their_loss_masks
+               tests/train/test_eval_split.py::test_an_explicit_eval_split_of_sft_data
+               tests/train/test_eval_split.py::test_preference_data_hold_out_pairs
+               tests/train/test_eval_split.py::test_too_few_documents_to_hold_out_say_so_in_the_summary
+               tests/data/test_mut_dataset_make.py" ;;
     schedule)
         # the learning rate of each step and its share per param group
         src=peft_rwkv7/train/schedule.py
@@ -189,7 +206,7 @@ case "$module" in
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
              "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" \
-             "sampling binidx dataset schedule build" >&2
+             "sampling binidx dataset dataset_make schedule build" >&2
         exit 2 ;;
 esac
 
@@ -296,6 +313,12 @@ use_git_change_detection = false
 EOF
 
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
+# A mutant that drops a test's cache folder writes to the default one under ~ (the data cache, ~/.cache/rwkv-peft):
+# the run gets a home of its own, and keeps the real kernel cache (built kernels and the measured checks beside them).
+TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$py" -c 'from peft_rwkv7.ops.build import extensions_root
+print(extensions_root())')}
+export TORCH_EXTENSIONS_DIR HOME=$work/home
+mkdir -p "$HOME"
 echo "mutating $src with: $(echo $tests)${globs:+ (mutants: $(echo $globs))}; log: $work/mutmut.log"
 start=$(date +%s)
 # shellcheck disable=SC2086
