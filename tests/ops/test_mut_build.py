@@ -360,31 +360,29 @@ def test_a_lock_is_taken_refused_while_held_elsewhere_or_missing(tmp_path, monke
     assert build._try_lock(7) is None
 
 
+def _free(lock: Path) -> bool | None:
+    """Whether another open file (another process, to flock) could take `lock` now; it is let go at once."""
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        return build._try_lock(fd)
+    finally:
+        os.close(fd)
+
+
 def test_the_lock_holder_writes_its_pid_and_releases_the_lock_on_exit(tmp_path, capsys):
     lock = tmp_path / "deep" / "er" / "x.lock"
     with build._exclusive(lock, "the kernels") as held:
         assert held is True and lock.read_text() == f"{os.getpid()}\n"
-        fd = os.open(lock, os.O_RDWR)
-        try:
-            assert build._try_lock(fd) is False
-        finally:
-            os.close(fd)
+        assert _free(lock) is False
+    assert _free(lock) is True  # checked before this process asks again: a lock kept would make it wait forever
     lock.write_text("123456789012345\n")  # a longer pid from an earlier holder: replaced, not overwritten in part
     with build._exclusive(lock, "the kernels") as held:
         assert held is True and lock.read_text() == f"{os.getpid()}\n"
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        assert build._try_lock(fd) is True
-    finally:
-        os.close(fd)
+    assert _free(lock) is True
     assert capsys.readouterr().err == ""
     with pytest.raises(ValueError), build._exclusive(lock, "the kernels"):
         raise ValueError("a failed build")
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        assert build._try_lock(fd) is True  # released on an exception too
-    finally:
-        os.close(fd)
+    assert _free(lock) is True  # released on an exception too
 
 
 def test_the_lock_file_is_readable_by_all_and_writable_by_its_owner(tmp_path):
