@@ -16,9 +16,12 @@ from tests.data.conftest import CORPUS, write_jsonl
 
 
 def make(tmp_path, world, path, **kw):
-    vocab = kw.pop("vocab_size", None)
+    """make_dataset on `path` with data settings `kw` (ctx_len 32 unless given; vocab_size and build are
+    make_dataset's own), caching under tmp_path, one worker, no progress bar."""
+    vocab, build = kw.pop("vocab_size", None), kw.pop("build", True)
     cfg = DataConfig(path=str(path), **{"ctx_len": 32, **kw})
-    return make_dataset(cfg, world, seed=0, vocab_size=vocab, cache_dir=tmp_path / "cache", workers=1, progress=False)
+    return make_dataset(cfg, world, seed=0, vocab_size=vocab, cache_dir=tmp_path / "cache", workers=1, progress=False,
+                        build=build)
 
 
 def test_text_stream_equals_trie_and_kind_is_guessed(tmp_path, world, trie):

@@ -14,20 +14,13 @@ from peft_rwkv7.data.dataset import resolve_format
 from peft_rwkv7.errors import UserError
 from tests.data.conftest import write_jsonl
 from tests.data.test_binidx import write_mmidx
+from tests.data.test_dataset import make
 
 
 @pytest.fixture(autouse=True)
 def _home(tmp_path, monkeypatch):
     """The default cache (~/.cache/rwkv-peft/data) under a temporary home: no mistake writes into the real one."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-def make(tmp_path, tok, path, progress=False, **kw):
-    vocab = kw.pop("vocab_size", None)
-    build = kw.pop("build", True)
-    cfg = DataConfig(path=str(path), **{"ctx_len": 32, **kw})
-    return make_dataset(cfg, tok, seed=0, vocab_size=vocab, cache_dir=tmp_path / "cache", workers=1,
-                        progress=progress, build=build)
 
 
 QA = [{"question": f"what is {i}?", "answer": f"it is {i}."} for i in range(6)]
