@@ -4,7 +4,7 @@
 #     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision |
 #                  linear_ce | fused_lora | rowsplit | timemix | pointwise | cpu | checkpoint | dispatch |
 #                  verify | ops_entry | memory | optim | sampling | binidx | dataset | dataset_make | schedule |
-#                  build
+#                  build | records | data_build | tokenizer | preference
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -202,11 +202,33 @@ case "$module" in
                tests/ops/test_build.py::test_each_installed_package_builds_its_own_and_copies_of_a_source_share_one
                tests/ops/test_build.py::test_only_the_binding_source_includes_torchs_python_headers
                tests/ops/test_mut_build.py" ;;
+    records)
+        # reading every user data file record by record (.jsonl, .json arrays and JSON Lines, .parquet): the BOM, blank
+        # lines, the line numbers and every one-line refusal that names the file and line
+        src=peft_rwkv7/data/records.py
+        tests="tests/data/test_cache_build.py tests/data/test_formats.py tests/data/test_sharegpt.py
+               tests/data/test_dataset.py tests/data/test_binidx.py tests/test_cli_inputs.py tests/infer/test_eval_chat.py
+               tests/data/test_mut_records.py" ;;
+    data_build)
+        # `rwkv-peft data build` and the token cache's tokenizing: chunks in order on worker processes, the loss mask
+        # file beside the pair, nothing renamed into place before the whole input succeeded
+        src=peft_rwkv7/data/build.py
+        tests="tests/data/test_cache_build.py tests/data/test_binidx.py tests/data/test_dataset.py
+               tests/data/test_mut_data_build.py" ;;
+    tokenizer)
+        # the World tokenizer (pyrwkv-tokenizer, checked against RWKV's trie) and tokenizer.json files
+        src=peft_rwkv7/data/tokenizer.py
+        tests="tests/data/test_tokenizer.py tests/data/test_formats.py tests/data/test_mut_tokenizer.py" ;;
+    preference)
+        # preference pairs (DPO/ORPO/SimPO): each side's rendering and loss mask, the pairs a step reads, their cache
+        src=peft_rwkv7/data/preference.py
+        tests="tests/data/test_preference.py tests/data/test_group_by_length.py tests/data/test_mut_dataset_make.py
+               tests/train/test_eval_split.py::test_preference_data_hold_out_pairs tests/data/test_mut_preference.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
              "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" \
-             "sampling binidx dataset dataset_make schedule build" >&2
+             "sampling binidx dataset dataset_make schedule build records data_build tokenizer preference" >&2
         exit 2 ;;
 esac
 

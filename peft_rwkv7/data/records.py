@@ -30,6 +30,11 @@ def json_type(v: object) -> str:
     return {str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
 
 
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """json's message without its own trailing "at" ("Invalid control character at"): we add where."""
+    return e.msg.removesuffix(" at")
+
+
 def check_file(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
@@ -45,8 +50,9 @@ def parse_line(raw: bytes, where: str) -> dict:
         rec = json.loads(raw)
     except UnicodeDecodeError:
         raise UserError(f"{where}: not valid UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except json.JSONDecodeError as e:  # a line's only newline is its last character: line 2 is its end
+        at = f"column {e.colno}" if e.lineno == 1 else "the end of the line"
+        raise UserError(f"{where}: invalid JSON ({_json_msg(e)} at {at})") from None
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {json_type(rec)}")
     return rec
@@ -96,7 +102,7 @@ def iter_json_array(path: Path) -> Iterator[tuple[str, dict]]:
     except UnicodeDecodeError:
         raise UserError(f"{path}: not valid UTF-8") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({_json_msg(e)} at column {e.colno})") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected an array of objects or JSON Lines, got a JSON {json_type(data)}")
     for i, rec in enumerate(data):

@@ -85,12 +85,9 @@ class WorldTokenizer(Tokenizer):
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         """Raw bytes of `ids` (for incremental decoding, where a character may span tokens)."""
+        _check_ids(ids, self.vocab_size, "the World vocabulary")  # a negative id would index from the end
         table = self.id_to_bytes
-        try:
-            return b"".join(table[i] for i in ids)
-        except IndexError:
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ValueError(f"token id {bad} outside the World vocabulary (0..{self.vocab_size - 1})") from None
+        return b"".join(table[i] for i in ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
@@ -125,7 +122,15 @@ class JsonTokenizer(Tokenizer):
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
+        _check_ids(ids, self.vocab_size, "the tokenizer's vocabulary")  # `tokenizers` gives "" past it
         return self._tok.decode([i for i in ids if i != EOT_ID], skip_special_tokens=False)
+
+
+def _check_ids(ids, vocab_size: int, what: str) -> None:
+    """ValueError naming the first id outside 0..vocab_size-1."""
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} outside {what} (0..{vocab_size - 1})")
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:

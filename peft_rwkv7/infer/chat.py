@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import torch
 
 from ..data.formats import ASSISTANT_PROMPT, ChatFormat, clean_turn, encode_segments
-from .generate import check_sampling, sample_next
+from .generate import check_sampling, in_vocab, sample_next
 
 TURN_END = "\n\n"  # the World format's turn separator
 CHUNK = 256  # tokens per forward pass while reading (bounds the [T, V] logits held at once)
@@ -128,7 +128,7 @@ class ChatSession:
         shown, reply = "", None
         for _ in range(self.max_tokens):
             assert self._logits is not None
-            token = sample_next(self._logits, self.temperature, self.top_p, self._generator)
+            token = sample_next(in_vocab(self._logits, self.tokenizer), self.temperature, self.top_p, self._generator)
             if token == 0:  # end-of-text: the model ends the conversation here
                 break
             out.append(token)

@@ -25,6 +25,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def in_vocab(logits: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The logits of the ids `tokenizer` has (a view). A model's embedding is padded past its vocabulary (World:
+    65536 rows for 65530 tokens; GPT-NeoX 20B: 50304 for 50277), and an id past it is no token: sampled, it has
+    no text. A tokenizer without `vocab_size` leaves the logits whole."""
+    n = getattr(tokenizer, "vocab_size", None)
+    return logits[..., :n] if n is not None and n < logits.shape[-1] else logits
+
+
 def check_sampling(max_tokens: int, temperature: float, top_p: float) -> None:
     """One-line UserErrors for sampling settings (call before loading a model)."""
     if max_tokens <= 0:
@@ -72,7 +80,7 @@ def _stream(model, tokenizer, prompt, max_tokens, temperature, top_p, seed, stop
     out: list[int] = []
     shown = ""
     for _ in range(max_tokens):
-        token = sample_next(logits.cpu(), temperature, top_p, gen)
+        token = sample_next(in_vocab(logits, tokenizer).cpu(), temperature, top_p, gen)
         if token == 0 and stop_at_eot:
             break
         out.append(token)

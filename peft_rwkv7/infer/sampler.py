@@ -21,7 +21,9 @@ Log-probs per sampled token, all fp32 from the step's logits z (the training for
 plain one over prompt + completion; the gap between the two is a metric, never part of the update):
   logp_sampled  log q(token), q = the distribution actually sampled from: softmax(z / temperature)
                 with top-p applied (the smallest set of most likely tokens whose mass reaches top_p,
-                as generate.sample_next keeps) and renormalised over that set;
+                as generate.sample_next keeps) and renormalised over that set; with `vocab_size`, only
+                the tokenizer's ids (the first vocab_size) are in q, as generate.in_vocab keeps: a
+                model's padding rows past its vocabulary are no tokens;
   logp_scaled   log softmax(z / temperature)[token], no top-p (what TRL's trainer scores);
   logp_plain    log softmax(z)[token].
 At temperature 0 sampling is greedy (argmax) and q is a point mass: logp_sampled = logp_scaled = 0.
@@ -90,34 +92,39 @@ class Rollouts:
 
 
 def sample_token(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | Sequence[torch.Generator]
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | Sequence[torch.Generator],
+    vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token per row of logits [B, V] (any float dtype), sampled on `generator`'s device.
 
     Returns (tokens [B] long, logp_sampled, logp_scaled, logp_plain: [B] fp32, see the module docstring).
     temperature 0: argmax, no draw from the generator. top_p 1: no filtering. `generator` may be one per row:
     each row then draws one uniform number from its own (inverse-CDF sampling), so a row's token does not
-    depend on which other rows share the batch."""
+    depend on which other rows share the batch. `vocab`: only ids below it are drawn (q renormalised over them;
+    logp_scaled and logp_plain stay over every id, as the training forward scores them)."""
     per_row = not isinstance(generator, torch.Generator)
     z = logits.to(device=(generator[0] if per_row else generator).device, dtype=torch.float32)
     plain = torch.log_softmax(z, dim=-1)
+    limit = vocab is not None and vocab < z.shape[-1]
     if temperature <= 0:
-        tokens = z.argmax(dim=-1)
+        tokens = (z[:, :vocab] if limit else z).argmax(dim=-1)
         zero = torch.zeros(tokens.shape, device=z.device)
         return tokens, zero, zero, plain.gather(-1, tokens[:, None])[:, 0]
     scaled = plain if temperature == 1 else torch.log_softmax(z / temperature, dim=-1)
-    logq = scaled
+    logq = torch.log_softmax(scaled[:, :vocab], dim=-1) if limit else scaled
+    if limit:  # the padding rows at -inf: q over the tokenizer's ids, which top-p then cuts
+        logq = torch.cat([logq, logq.new_full((logq.shape[0], z.shape[-1] - vocab), -math.inf)], dim=-1)
     if top_p < 1.0:
-        sorted_p, order = torch.sort(scaled.exp(), dim=-1, descending=True)
+        sorted_p, order = torch.sort(logq.exp(), dim=-1, descending=True)
         # keep token j (in sorted order) iff the mass of the tokens before it is < top_p: the smallest
         # prefix reaching top_p (the exclusive cumsum, so a token's own mass never counts against it)
         before = torch.cat([sorted_p.new_zeros(sorted_p.shape[0], 1), sorted_p.cumsum(dim=-1)[:, :-1]], dim=-1)
         drop = torch.zeros_like(before, dtype=torch.bool).scatter_(-1, order, before >= top_p)
-        logq = torch.log_softmax(scaled.masked_fill(drop, -math.inf), dim=-1)
+        logq = torch.log_softmax(logq.masked_fill(drop, -math.inf), dim=-1)
     if per_row:
         cdf = logq.exp().cumsum(dim=-1)
         u = torch.stack([torch.rand((), generator=g, device=z.device) for g in generator]) * cdf[:, -1]
-        tokens = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_max(z.shape[-1] - 1)
+        tokens = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_max((vocab if limit else z.shape[-1]) - 1)
     else:
         tokens = torch.multinomial(logq.exp(), 1, generator=generator)[:, 0]
     pick = tokens[:, None]
@@ -159,6 +166,7 @@ def sample_groups(
     stop_strings: Sequence[str] = (),
     decode: Callable[[list[int]], str] | None = None,
     prefill_chunk: int = DEFAULT_CHUNK,
+    vocab_size: int | None = None,
 ) -> Rollouts:
     """G completions of each prompt (token ids; an empty prompt starts from end-of-text, 0, as `generate`
     does) sampled as one batch. `model` is an RWKV7 or an AdaptedRWKV7 (its own initial state: a trained
@@ -166,7 +174,8 @@ def sample_groups(
     module's train/eval flag is restored afterwards. See the module docstring for what a row holds.
     `generator`: one for the whole batch, or one per prompt (its G rows draw from it alone, so a prompt's
     completions do not depend on the other prompts of the batch: GRPO's rollouts are then the same however
-    the step's prompts are split into micro-batches and processes)."""
+    the step's prompts are split into micro-batches and processes). `vocab_size`: the tokenizer's; only its ids
+    are drawn, never the model's padding rows past it (which have no text to decode)."""
     if not isinstance(generator, torch.Generator) and len(generator) != len(prompts):
         raise ValueError(f"sample_groups: {len(generator)} generators for {len(prompts)} prompts")
     _check(prompts, G, max_new_tokens, temperature, top_p, stop_strings, decode, prefill_chunk, model.config.vocab_size)
@@ -175,7 +184,7 @@ def sample_groups(
     try:
         tokens, lps, finished, prefill_s, sample_s = _rollout(
             model, [list(p) or [0] for p in prompts], G, max_new_tokens, temperature, top_p, generator,
-            set(stop_token_ids), tuple(stop_strings), decode, prefill_chunk,
+            set(stop_token_ids), tuple(stop_strings), decode, prefill_chunk, vocab_size,
         )  # fmt: skip
     finally:
         for m, training in modes:
@@ -231,7 +240,8 @@ def _repeat_rows(states: list[list[LayerState]], G: int) -> list[LayerState]:
 
 @torch.inference_mode()
 def _rollout(
-    model, prompts, G, max_new_tokens, temperature, top_p, generator, stop_ids, stop_strings, decode, prefill_chunk
+    model, prompts, G, max_new_tokens, temperature, top_p, generator, stop_ids, stop_strings, decode, prefill_chunk,
+    vocab_size,
 ):
     """Per row (as Python lists): the tokens, their log-probs [sampled, scaled, plain] per token, whether
     it finished; then the prefill and sampling seconds."""
@@ -259,7 +269,7 @@ def _rollout(
     window = max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 2
     for t in range(max_new_tokens):
         gen = generator if isinstance(generator, torch.Generator) else [generator[r // G] for r in active]
-        tok, *lp = sample_token(logits, temperature, top_p, gen)
+        tok, *lp = sample_token(logits, temperature, top_p, gen, vocab_size)
         z = logits.float()
         entropy = -(torch.softmax(z, dim=-1) * torch.log_softmax(z, dim=-1)).sum(dim=-1).to(lp[0].device)
         tok_list, lp_rows = tok.tolist(), torch.stack([*lp, entropy], dim=1).tolist()

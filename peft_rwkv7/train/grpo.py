@@ -101,7 +101,8 @@ class Scorer:
         prompts = [data.ids[i] for i in idxs]
         with precision():
             ro = sample_groups(model, prompts, G, g.max_new_tokens, temperature, g.top_p, generator,
-                               stop_strings=g.stop, decode=self.tokenizer.decode)
+                               stop_strings=g.stop, decode=self.tokenizer.decode,
+                               vocab_size=getattr(self.tokenizer, "vocab_size", None))
         texts = [data.texts[i] for i in idxs for _ in range(G)]
         columns = {k: [data.columns[i][k] for i in idxs for _ in range(G)] for k in data.columns[idxs[0]]}
         columns[COMPLETION_IDS] = [ro.completion_ids[r, : int(ro.lengths[r])].tolist() for r in range(len(texts))]
