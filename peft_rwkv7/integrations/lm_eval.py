@@ -254,14 +254,15 @@ class RWKVPeftLM(LM):
         until = [until] if isinstance(until, str) else list(until)
         limit = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0) if kwargs.pop("do_sample", False) else 0.0
-        from ..infer.generate import sample_next
+        from ..infer.generate import in_vocab, sample_next
 
         gen = torch.Generator().manual_seed(int(kwargs.pop("seed", 0) or 0))
         last, state = self._read((EOT, *self.tokenizer.encode(context)))
         ids: list[int] = []
         text = ""
+        top_p = float(kwargs.get("top_p", 1.0) or 1.0)
         for _ in range(limit):
-            tok = sample_next(last.float(), temperature, float(kwargs.get("top_p", 1.0) or 1.0), gen)
+            tok = sample_next(in_vocab(last, self.tokenizer).float(), temperature, top_p, gen)
             if tok == EOT:
                 break
             ids.append(tok)

@@ -160,3 +160,19 @@ def test_grpo_scores_rollouts_of_the_tokenizers_ids(tmp_path):
     _, ro, _, total, _ = scorer._sample(padded_model(), data, [0, 1], 2, 1.0, torch.Generator().manual_seed(0),
                                         nullcontext)
     assert bool((ro.completion_ids < VOCAB).all()) and len(total) == 4 and all(len(t) == 6 for t in ro.texts)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"do_sample": True, "temperature": 1.0}])
+def test_lm_eval_generation_never_draws_a_padding_row(kwargs):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from peft_rwkv7.integrations.lm_eval import RWKVPeftLM
+
+    lm = RWKVPeftLM(padded_model(best_in_vocab=7), tokenizer=Chars(), chunk_len=4)
+    req = Instance(request_type="generate_until", doc={}, arguments=("Hi", {"until": [], "max_gen_toks": 5, **kwargs}),
+                   idx=0)
+    (text,) = lm.generate_until([req], disable_tqdm=True)
+    assert len(text) == 5
+    if not kwargs:
+        assert text == chr(32 + 7) * 5
