@@ -254,6 +254,9 @@ for f in $tests; do  # test files of this map that do not exist (yet) are left o
     [ -e "$work/${f%%::*}" ] || tests=$(echo "$tests" | tr -s ' \n' '\n\n' | grep -vxF "$f" || true)
 done
 [ -n "$only" ] && globs=$only
+# the tests' third-party data (tests/conftest.SHARED_DATA: ../shared/data beside the tree, which for mutmut's copy in
+# $work/mutants is $work/shared): without it, the tests that read it skip and their mutants count as "no tests"
+[ -d "$root/../shared/data" ] && ln -sfn "$(cd "$root/../shared" && pwd)" "$work/shared"
 cd "$work"
 
 # mutmut skips decorated functions (@torch.no_grad(), @property, ...): lift such decorators to an assignment

@@ -217,3 +217,27 @@ def test_evaluation_documents_are_each_records_tokens(tmp_path, world, trie):
     assert _refusal(R.load_eval_docs, bad, world) == (
         f"{bad}:2: text contains an unpaired surrogate (not valid Unicode)")
     assert R.encode_checked(world, "Hello", "w") == trie.encode("Hello")
+
+
+def test_a_json_file_that_is_not_an_array_read_as_one_is_refused(tmp_path):
+    # iter_records only hands arrays to iter_json_array; `data build`'s jobs call it the same way
+    p = tmp_path / "o.json"
+    p.write_text('{"text": "a"}')
+    assert _refusal(R.iter_json_array, p) == f"{p}: expected an array of objects or JSON Lines, got a JSON object"
+
+
+def test_parquet_is_streamed_not_copied_into_the_hf_cache(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"]}), p)
+    real, made = datasets.load_dataset, []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    assert [rec for _, rec in R.iter_records(p)] == [{"text": "a"}, {"text": "b"}]
+    assert len(made) == 1 and isinstance(made[0], datasets.IterableDataset)
+
+
+def test_an_evaluation_document_without_its_field_is_named_by_line(tmp_path, world):
+    p = write_jsonl(tmp_path / "e.jsonl", [{"text": "a"}, {"body": "b"}])
+    assert _refusal(R.load_eval_docs, p, world) == f"{p}:2: missing field 'text' (keys: 'body')"
