@@ -29,6 +29,9 @@ def test_default_workers_are_the_cores_this_process_may_use(monkeypatch):
     assert B.default_workers() == 5
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert B.default_workers() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)  # pinned to one of 8 cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert B.default_workers() == 1
 
 
 def test_a_worker_gets_its_tokenizer_given_or_by_spec(world, trie, monkeypatch):
@@ -50,7 +53,7 @@ def test_a_worker_gets_its_tokenizer_given_or_by_spec(world, trie, monkeypatch):
 
     B._init_worker(Spy())
     tokens, mask, sizes = B._worker_job("spy", TextFormat(), np.uint16, ("lines", [b'{"text": "Hi there"}\n'], 1, "f"))
-    assert calls == ["Hi there"] and mask is None
+    assert calls == ["Hi there"] and mask is None and tokens.dtype == np.uint16
     assert tokens.tolist() == trie.encode("Hi there") + [0] and sizes.tolist() == [len(trie.encode("Hi there")) + 1]
 
 
@@ -62,7 +65,22 @@ def test_a_job_of_lines_or_of_records(world, trie):
         B._encode_job(world, TextFormat(), np.uint16, True, ("lines", [b"\n", b'{"x": 1}\n'], 7, "f.jsonl"))
     assert str(e.value) == "f.jsonl:8: missing field 'text' (keys: 'x')"
     tokens, _, _ = B._encode_job(world, TextFormat(), np.uint16, False, ("records", [("w", {"text": "bc"})]))
-    assert tokens.tolist() == trie.encode("bc") + [0]
+    assert tokens.tolist() == trie.encode("bc") + [0] and tokens.dtype == np.uint16  # the pair's own width
+    calls = []
+
+    class Spy(B.Tokenizer):
+        def encode(self, text):
+            calls.append("one")
+            return trie.encode(text)
+
+        def encode_batch(self, texts):
+            calls.append("batch")
+            return [trie.encode(t) for t in texts]
+
+    for batched in (True, False):
+        tokens, _, _ = B._encode_job(Spy(), TextFormat(), np.int32, batched, ("records", [("w", {"text": "bc"})]))
+        assert tokens.dtype == np.int32
+    assert calls == ["batch", "one"]
 
 
 def test_jobs_are_raw_line_chunks_of_jsonl_and_record_batches_of_arrays(tmp_path):
@@ -78,6 +96,12 @@ def test_jobs_are_raw_line_chunks_of_jsonl_and_record_batches_of_arrays(tmp_path
     jobs = list(B._jobs(arr, 100))
     assert [(j[0], len(j[1]), u) for j, u in jobs] == [("records", n, n), ("records", n, n), ("records", 3, 3)]
     assert jobs[2][0][1][-1] == (f"{arr}: item {2 * n + 2}", {"text": str(2 * n + 2)})
+    lines = tmp_path / "l.json"  # JSON Lines under a .json name, and a .jsonl whose first line is an array
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert [j[0] for j, _ in B._jobs(lines, 100)] == ["lines"]
+    odd = tmp_path / "o.jsonl"
+    odd.write_text('[{"text": "a"}]\n')
+    assert [j[0] for j, _ in B._jobs(odd, 100)] == ["lines"]
     exact = tmp_path / "e.JSON"
     exact.write_text(json.dumps([{"text": str(i)} for i in range(n)]))
     assert [len(j[1]) for j, _ in B._jobs(exact, 100)] == [n]  # no empty batch after a full one
@@ -96,6 +120,18 @@ def _slow_square(job):
 
 
 _PREFIX: list = []
+
+
+def _pid(job):
+    time.sleep(0.01)
+    return os.getpid()
+
+
+_SET_AFTER_IMPORT = ["at import"]
+
+
+def _seen_by_worker(job):
+    return _SET_AFTER_IMPORT[-1]
 
 
 def _init(p):
@@ -123,6 +159,20 @@ def test_ordered_map_keeps_the_order_and_two_jobs_a_worker_in_flight(workers):
     assert got == [(k * k, 10 + k) for k in range(12)]
     out = list(B.ordered_map(_with_prefix, ((k, 1) for k in range(3)), workers, _init, ("p",)))
     assert out == [("p0", 1), ("p1", 1), ("p2", 1)]
+    pids = {pid for pid, _ in B.ordered_map(_pid, ((k, 1) for k in range(4 * workers)), workers)}
+    assert len(pids) <= workers and os.getpid() not in pids  # that many processes, none of them this one
+
+
+def test_ordered_map_forks_where_it_can():
+    # a forked worker sees what the parent set after import (a loaded tokenizer); Python 3.14 makes forkserver the
+    # default start method on Linux, which would not
+    if B._START_METHOD != "fork":
+        pytest.skip("this platform cannot fork")
+    _SET_AFTER_IMPORT.append("in the parent")
+    try:
+        assert [r for r, _ in B.ordered_map(_seen_by_worker, [(0, 1)], 1)] == ["in the parent"]
+    finally:
+        _SET_AFTER_IMPORT.pop()
 
 
 def test_tokenize_file_workers_in_process_or_capped_by_the_chunks(tmp_path, world, monkeypatch):
@@ -138,8 +188,10 @@ def test_tokenize_file_workers_in_process_or_capped_by_the_chunks(tmp_path, worl
     monkeypatch.setattr(B, "ordered_map", spy)
     B.tokenize_file(src, tmp_path / "a", TextFormat(), world, workers=8, progress=False)
     assert asked == []  # one chunk: one worker, in this process
-    B.tokenize_file(src, tmp_path / "b", TextFormat(), world, workers=8, progress=False, chunk_bytes=size // 3 + 1)
+    stats = B.tokenize_file(src, tmp_path / "b", TextFormat(), world, workers=8, progress=False,
+                            chunk_bytes=size // 3 + 1)
     assert asked == [3]  # ceil(size / chunk): 2 chunks and a bit
+    assert stats["docs"] == 40  # summed over the chunks
     B.tokenize_file(src, tmp_path / "c", TextFormat(), world, workers=0, progress=False, chunk_bytes=100)
     B.tokenize_file(src, tmp_path / "d", TextFormat(), world, workers=-3, progress=False, chunk_bytes=100)
     assert asked == [3]  # fewer than one worker: one, in this process
@@ -198,29 +250,68 @@ def test_an_empty_input_leaves_no_pair_and_no_mask(tmp_path, world):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "json"])
+@pytest.mark.parametrize("kind", ["jsonl", "json lines", "json", "parquet"])
 def test_the_progress_bar_counts_bytes_or_documents(tmp_path, world, capsys, kind):
     recs = [{"text": f"doc {i}"} for i in range(5)]
     if kind == "jsonl":
         src = write_jsonl(tmp_path / "d.jsonl", recs)
-    else:
+    elif kind == "json lines":
+        src = write_jsonl(tmp_path / "d.json", recs)
+    elif kind == "json":
         src = tmp_path / "d.json"
         src.write_text(json.dumps(recs))
-    B.tokenize_file(src, tmp_path / "o", TextFormat(), world, workers=1, progress=True)
+    else:
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        pytest.importorskip("datasets")
+        src = tmp_path / "d.parquet"
+        pq.write_table(pa.table({"text": [r["text"] for r in recs]}), src)
+    B.tokenize_file(src, tmp_path / "o", TextFormat(), world, workers=1)  # a bar by default
     err = capsys.readouterr().err
     assert f"tokenizing {src.name}" in err
-    if kind == "jsonl":
+    if kind in ("jsonl", "json lines"):
         assert f"{src.stat().st_size}.0/{src.stat().st_size}.0" in err and "B/s" in err  # bytes, scaled
     else:
-        assert "tokenizing d.json: 5 doc [" in err and " doc/s]" in err  # documents, no total
+        assert f"tokenizing {src.name}: 5 doc [" in err and " doc/s]" in err  # documents, no total
     B.tokenize_file(src, tmp_path / "q", TextFormat(), world, workers=1, progress=False)
     assert capsys.readouterr().err == ""
 
 
-def test_build_binidx_takes_a_tokenizer_or_its_name_and_the_field(tmp_path, world, trie):
+def test_in_this_process_a_job_is_tokenized_as_a_batch(tmp_path, trie):
+    calls = []
+
+    class Spy(B.Tokenizer):
+        spec, vocab_size = "spy", 65530
+
+        def encode(self, text):
+            calls.append("one")
+            return trie.encode(text)
+
+        def encode_batch(self, texts):
+            calls.append("batch")
+            return [trie.encode(t) for t in texts]
+
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b"}])
+    B.tokenize_file(src, tmp_path / "o", TextFormat(), Spy(), workers=1, progress=False)
+    assert calls == ["batch"]
+
+
+def test_build_binidx_takes_a_tokenizer_or_its_name_and_the_field(tmp_path, world, trie, capsys, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", [{"body": "first"}, {"body": "second"}])
     B.build_binidx(src, tmp_path / "a", world, field="body", workers=1, progress=False)
     stats = B.build_binidx(src, tmp_path / "b", "world", field="body", progress=False)
     want = [trie.encode("first") + [0], trie.encode("second") + [0]]
     assert read_mmidx(tmp_path / "a")["docs"] == want == read_mmidx(tmp_path / "b")["docs"]
     assert stats["docs"] == 2
+    assert capsys.readouterr().err == ""
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "third"}])
+    B.build_binidx(text, tmp_path / "c")  # World, the text field and a progress bar by default
+    assert read_mmidx(tmp_path / "c")["docs"] == [trie.encode("third") + [0]]
+    assert "tokenizing t.jsonl" in capsys.readouterr().err
+    B.build_binidx(text, tmp_path / "d", progress=True)
+    assert "tokenizing t.jsonl" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(B, "tokenize_file", lambda *a: seen.append(a[4:]))
+    B.build_binidx(text, tmp_path / "e", world, workers=3, progress=False)
+    B.build_binidx(text, tmp_path / "e", world, workers=None, progress=True)
+    assert seen == [(3, False), (None, True)]  # workers and progress handed on
