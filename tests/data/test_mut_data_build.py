@@ -21,6 +21,23 @@ from tests.data.conftest import write_jsonl
 from tests.data.test_binidx import read_mmidx
 
 
+class Spy(B.Tokenizer):
+    """The trie's tokens (World's), logging which method made them: "one" per encode, "batch" per encode_batch."""
+
+    spec, vocab_size = "spy", 65530
+
+    def __init__(self, trie):
+        self.trie, self.calls = trie, []
+
+    def encode(self, text):
+        self.calls.append("one")
+        return self.trie.encode(text)
+
+    def encode_batch(self, texts):
+        self.calls.append("batch")
+        return [self.trie.encode(t) for t in texts]
+
+
 def test_default_workers_are_the_cores_this_process_may_use(monkeypatch):
     if hasattr(os, "sched_getaffinity"):
         assert B.default_workers() == len(os.sched_getaffinity(0))
@@ -42,18 +59,10 @@ def test_a_worker_gets_its_tokenizer_given_or_by_spec(world, trie, monkeypatch):
     B._init_worker("world")  # a spawned worker loads it by name
     assert isinstance(B._worker_tokenizers["world"], type(world)) and B._worker_tokenizers["world"] is not world
     # a worker's job: one text at a time (encode, never encode_batch: its thread pool deadlocks after a fork)
-    calls = []
-
-    class Spy(B.Tokenizer):
-        spec = "spy"
-
-        def encode(self, text):
-            calls.append(text)
-            return trie.encode(text)
-
-    B._init_worker(Spy())
+    spy = Spy(trie)
+    B._init_worker(spy)
     tokens, mask, sizes = B._worker_job("spy", TextFormat(), np.uint16, ("lines", [b'{"text": "Hi there"}\n'], 1, "f"))
-    assert calls == ["Hi there"] and mask is None and tokens.dtype == np.uint16
+    assert spy.calls == ["one"] and mask is None and tokens.dtype == np.uint16
     assert tokens.tolist() == trie.encode("Hi there") + [0] and sizes.tolist() == [len(trie.encode("Hi there")) + 1]
 
 
@@ -66,21 +75,11 @@ def test_a_job_of_lines_or_of_records(world, trie):
     assert str(e.value) == "f.jsonl:8: missing field 'text' (keys: 'x')"
     tokens, _, _ = B._encode_job(world, TextFormat(), np.uint16, False, ("records", [("w", {"text": "bc"})]))
     assert tokens.tolist() == trie.encode("bc") + [0] and tokens.dtype == np.uint16  # the pair's own width
-    calls = []
-
-    class Spy(B.Tokenizer):
-        def encode(self, text):
-            calls.append("one")
-            return trie.encode(text)
-
-        def encode_batch(self, texts):
-            calls.append("batch")
-            return [trie.encode(t) for t in texts]
-
+    spy = Spy(trie)
     for batched in (True, False):
-        tokens, _, _ = B._encode_job(Spy(), TextFormat(), np.int32, batched, ("records", [("w", {"text": "bc"})]))
+        tokens, _, _ = B._encode_job(spy, TextFormat(), np.int32, batched, ("records", [("w", {"text": "bc"})]))
         assert tokens.dtype == np.int32
-    assert calls == ["batch", "one"]
+    assert spy.calls == ["batch", "one"]
 
 
 def test_jobs_are_raw_line_chunks_of_jsonl_and_record_batches_of_arrays(tmp_path):
@@ -278,22 +277,10 @@ def test_the_progress_bar_counts_bytes_or_documents(tmp_path, world, capsys, kin
 
 
 def test_in_this_process_a_job_is_tokenized_as_a_batch(tmp_path, trie):
-    calls = []
-
-    class Spy(B.Tokenizer):
-        spec, vocab_size = "spy", 65530
-
-        def encode(self, text):
-            calls.append("one")
-            return trie.encode(text)
-
-        def encode_batch(self, texts):
-            calls.append("batch")
-            return [trie.encode(t) for t in texts]
-
     src = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b"}])
-    B.tokenize_file(src, tmp_path / "o", TextFormat(), Spy(), workers=1, progress=False)
-    assert calls == ["batch"]
+    spy = Spy(trie)
+    B.tokenize_file(src, tmp_path / "o", TextFormat(), spy, workers=1, progress=False)
+    assert spy.calls == ["batch"]
 
 
 def test_build_binidx_takes_a_tokenizer_or_its_name_and_the_field(tmp_path, world, trie, capsys, monkeypatch):
