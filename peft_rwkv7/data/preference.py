@@ -88,10 +88,20 @@ class PreferenceFormat:
         segs = ChatFormat(messages_field=field, system=system).segments({field: messages}, where)
         return [(text, flag and loss) for text, flag in segs]
 
+    def _reply(self, field: str, response: str | list, where: str) -> Segments:
+        reply = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+        segs = self._chat(field, reply, where, loss=True)
+        if not any(loss and text.strip() for text, loss in segs):
+            raise UserError(f"{where}: field {field!r} has no assistant reply with text")
+        return segs
+
     def segments(self, rec: dict, where: str) -> Segments:
         prompt = self._prompt(rec, where)
-        responses = {s: self._response(rec, f, where) for s, f in zip(SIDES, (self.chosen_field, self.rejected_field))}
-        field = self.chosen_field if self.side == "chosen" else self.rejected_field
+        fields = dict(zip(SIDES, (self.chosen_field, self.rejected_field)))
+        responses = {s: self._response(rec, f, where) for s, f in fields.items()}
+        for s, response in responses.items():  # the other side's messages too: a bad one fails in either cache
+            if s != self.side and isinstance(response, list):
+                self._reply(fields[s], response, where)
         response = responses[self.side]
         if isinstance(prompt, str) and isinstance(response, str):  # the sft rendering
             sft = SftFormat(("prompt",), "response", self.prompt_template, self.response_template, self.system)
@@ -99,11 +109,7 @@ class PreferenceFormat:
         pfield = next(f for f in self.prompt_fields if f in rec and rec[f] is not None)
         turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         segs = self._chat(pfield, turns, where, loss=False, system=self.system)
-        reply = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
-        reply_segs = self._chat(field, reply, where, loss=True)
-        if not any(loss and text.strip() for text, loss in reply_segs):
-            raise UserError(f"{where}: field {field!r} has no assistant reply with text")
-        return segs + reply_segs
+        return segs + self._reply(fields[self.side], response, where)
 
 
 def preference_format(cfg: DataConfig, side: str = "chosen") -> PreferenceFormat:

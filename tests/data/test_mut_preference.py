@@ -174,6 +174,19 @@ def test_both_sides_are_checked_whichever_is_rendered(rendered):
         fmt.segments({**REC, "rejected": ""}, "w")
     with pytest.raises(UserError, match="field 'chosen' is empty"):
         fmt.segments({**REC, "chosen": ""}, "w")
+    # messages too: a bad one fails while the first cache (chosen) is built, not after it
+    for bad, line in [
+        ([{"content": "x"}], "w: {s}[0]: missing field 'role' (keys: 'content')"),
+        ([{"role": "assistant", "content": 3}], "w: {s}[0]: field 'content' must be a string, got number"),
+        ([{"role": "user", "content": "?"}], "w: field '{s}' has no assistant reply with text"),
+    ]:
+        for s in ("chosen", "rejected"):
+            with pytest.raises(UserError) as e:
+                fmt.segments({**REC, "prompt": [{"role": "user", "content": "Q"}], s: bad}, "w")
+            assert str(e.value) == line.format(s=s)
+            with pytest.raises(UserError) as e:  # a string prompt: the sft rendering for the other side
+                fmt.segments({**REC, s: bad}, "w")
+            assert str(e.value) == line.format(s=s)
 
 
 def test_string_sides_render_with_the_templates_and_system():
