@@ -4,7 +4,8 @@
 #     MODULE       losses | objectives | loop | pth_merge | formats | rwkv7 | routes | thin_check | precision |
 #                  linear_ce | fused_lora | rowsplit | timemix | pointwise | cpu | checkpoint | dispatch |
 #                  verify | ops_entry | memory | optim | sampling | binidx | dataset | dataset_make | schedule |
-#                  build | records | data_build | tokenizer | preference
+#                  build | records | data_build | tokenizer | preference | model_io | model_config | inits |
+#                  sampler | grpo_loss
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -224,11 +225,34 @@ case "$module" in
         src=peft_rwkv7/data/preference.py
         tests="tests/data/test_preference.py tests/data/test_group_by_length.py tests/data/test_mut_dataset_make.py
                tests/train/test_eval_split.py::test_preference_data_hold_out_pairs tests/data/test_mut_preference.py" ;;
+    model_io)
+        # every model a user loads or writes: .pth read (mmap, legacy, damaged), the config from key shapes, a
+        # trained state kept, weights made in the load dtype, atomic writes under the umask, the device choice
+        src=peft_rwkv7/model/io.py
+        tests="tests/model/test_io.py tests/model/test_formats.py tests/model/test_state.py tests/model/test_formats_hf.py
+               tests/model/test_mut_model_io.py" ;;
+    model_config)
+        # a model's shape from its checkpoint's keys, and the one-line refusals of RWKV-4/5/6 and damaged files
+        src=peft_rwkv7/model/config.py
+        tests="tests/model/test_io.py tests/model/test_formats.py tests/model/test_mut_model_io.py" ;;
+    inits)
+        # OLoRA, LoftQ and EVA starts (checked against HF peft and bitsandbytes), EVA's calibration inputs
+        src=peft_rwkv7/adapters/inits.py
+        tests="tests/adapters/test_inits.py tests/train/test_adalora_eva.py tests/adapters/test_mut_inits.py" ;;
+    sampler)
+        # GRPO's rollouts: each group's tokens, the sampling distribution and its log-probabilities, stops, the mask
+        src=peft_rwkv7/infer/sampler.py
+        tests="tests/infer/test_sampler.py tests/infer/test_padding_rows.py tests/infer/test_mut_sampler.py" ;;
+    grpo_loss)
+        # GRPO's advantages and clipped objective (TRL's loss types and scales), its group-size checks
+        src=peft_rwkv7/train/grpo_loss.py
+        tests="tests/train/test_grpo_loss.py tests/train/test_mut_grpo_loss.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
              "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" \
-             "sampling binidx dataset dataset_make schedule build records data_build tokenizer preference" >&2
+             "sampling binidx dataset dataset_make schedule build records data_build tokenizer preference" \
+             "model_io model_config inits sampler grpo_loss" >&2
         exit 2 ;;
 esac
 
