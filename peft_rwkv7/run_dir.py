@@ -27,18 +27,29 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def read_log(run_dir: Path) -> list[dict]:
-    """log.jsonl's records; a line still being written (no newline yet) or broken is skipped, so a running run
-    can be read at any moment."""
+    """log.jsonl's records, in order. A line still being written (no newline yet), broken (not JSON, not UTF-8) or
+    not a record (a JSON object whose "step" is an integer and whose loss, eval_loss and time, where present, are
+    numbers) is skipped, so a running run, or one killed mid-write or edited by hand, can be read at any moment."""
     import json
 
     try:
-        text = (Path(run_dir) / "log.jsonl").read_text(encoding="utf-8")
+        text = (Path(run_dir) / "log.jsonl").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
     out = []
     for line in text.split("\n")[:-1]:
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if _is_record(record):
+            out.append(record)
     return out
+
+
+def _is_record(record) -> bool:
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    return (isinstance(record, dict) and number(record.get("step")) and isinstance(record["step"], int)
+            and all(number(record[k]) for k in ("loss", "eval_loss", "time") if k in record))

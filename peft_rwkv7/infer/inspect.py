@@ -30,30 +30,47 @@ def describe_model(path: Path) -> dict:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path` (adapter.json, a DeepSpeed checkpoint's meta.json); one line naming the file if not."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}), expected a JSON file") from None
+    except json.JSONDecodeError as e:  # json's "Invalid control character at": we say where
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _field(data: dict, key: str, kind: type | tuple[type, ...], where: str, default=None):
+    """data[key] when it is a `kind` (bool is no number), `default` when absent or null; else one line naming it."""
+    v = data.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        raise UserError(f"{where}: {key} is {type(v).__name__} {v!r:.40}, not what rwkv-peft writes there")
+    return v
 
 
 def describe_run(path: Path) -> dict:
     info: dict = {"kind": "run", "path": str(path)}
     if (path / "adapter.json").is_file():
-        meta = _read_json(path / "adapter.json")
-        method = meta.get("method", {})
+        where = path / "adapter.json"
+        meta = _read_json(where)
+        method = _field(meta, "method", dict, where, {})
         info["method"] = {k: v for k, v in method.items() if _relevant(method, k)}
-        info["trainable_parameters"] = meta.get("trainable_parameters")
-        info["base"] = {k: meta.get("base", {}).get(k) for k in ("path", "fingerprint", "dtype")}
-        if "ranks" in meta:  # AdaLoRA: {module: rank} after allocation
-            info["ranks"] = meta["ranks"]
+        info["trainable_parameters"] = _field(meta, "trainable_parameters", int, where)
+        base = _field(meta, "base", dict, where, {})
+        info["base"] = {k: base.get(k) for k in ("path", "fingerprint", "dtype")}
+        ranks = _field(meta, "ranks", dict, where)
+        if ranks is not None:  # AdaLoRA: {module: rank} after allocation
+            if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks.values()):
+                raise UserError(f"{where}: ranks holds a value that is not an integer")
+            info["ranks"] = ranks
     if (path / "recipe.yaml").is_file():
-        import yaml
-
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text()) or {}
-        info["max_steps"] = recipe.get("train", {}).get("max_steps")
-        info["data"] = recipe.get("data", {}).get("path")
+        info.update(_recipe_summary(path / "recipe.yaml"))
     if (path / "log.jsonl").is_file():
-        records = read_log(path)
+        records = read_log(path)  # only well-formed records
         steps = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval_loss" in r]
         if steps:
@@ -85,6 +102,21 @@ _WHEN_SET = ("use_dora", "use_rslora", "init", "quant", "train_parts", "state")
 _OF_INIT = {"loftq_iters": "loftq", "eva_tokens": "eva"}
 
 
+def _recipe_summary(path: Path) -> dict:
+    """max_steps and the data path of a run's recipe.yaml (None where absent)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not a readable YAML file ({type(e).__name__})") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: expected a YAML mapping, got {type(recipe).__name__}")
+    train, data = _field(recipe, "train", dict, path, {}), _field(recipe, "data", dict, path, {})
+    return {"max_steps": _field(train, "max_steps", int, f"{path}: train"),
+            "data": _field(data, "path", str, f"{path}: data")}
+
+
 def _relevant(method: dict, key: str) -> bool:
     """adapter.json keys that mean something for this method (no LoRA fields on a state run)."""
     if key in _READ_BY:
@@ -98,17 +130,24 @@ def _relevant(method: dict, key: str) -> bool:
 
 def describe_checkpoint(path: Path) -> dict:
     if path.is_dir():  # DeepSpeed: step_N/ with meta.json and one shard per rank
-        meta = _read_json(path / "meta.json")
-        return {"kind": "checkpoint", "path": str(path), "layout": "deepspeed", "step": meta.get("step"),
-                "processes": meta.get("world_size"), "zero_stage": meta.get("zero_stage"),
-                "tensors": len(meta.get("tensors", meta.get("params", [])) or [])}
+        where = path / "meta.json"
+        meta = _read_json(where)
+        tensors = _field(meta, "tensors", (list, dict), where) or _field(meta, "params", (list, dict), where, [])
+        return {"kind": "checkpoint", "path": str(path), "layout": "deepspeed",
+                "step": _field(meta, "step", int, where), "processes": _field(meta, "world_size", int, where),
+                "zero_stage": _field(meta, "zero_stage", int, where), "tensors": len(tensors)}
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
-    params = payload.get("params", {})
-    return {"kind": "checkpoint", "path": str(path), "layout": "single process", "step": payload.get("step"),
-            "tensors": len(params), "trained_values": sum(t.numel() for t in params.values())}
+    if not isinstance(payload, dict):
+        raise UserError(f"{path}: not a training checkpoint of rwkv-peft (it holds a {type(payload).__name__})")
+    params = _field(payload, "params", dict, path, {})
+    if not all(isinstance(t, torch.Tensor) for t in params.values()):
+        raise UserError(f"{path}: params holds a value that is not a tensor")
+    return {"kind": "checkpoint", "path": str(path), "layout": "single process",
+            "step": _field(payload, "step", int, path), "tensors": len(params),
+            "trained_values": sum(t.numel() for t in params.values())}
 
 
 def describe_binidx(path: Path) -> dict:
@@ -154,9 +193,10 @@ def render(info: dict) -> str:
         lines = [f"{info['path']}: run directory"]
         if "method" in info:
             m = info["method"]
-            shown = "  ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in m.items())
+            shown = "  ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in m.items())
             lines.append(f"  method: {shown}")
-            lines.append(f"  trains {info['trainable_parameters']:,} values; base {info['base']['path'] or '?'} "
+            trains = "?" if info["trainable_parameters"] is None else f"{info['trainable_parameters']:,}"
+            lines.append(f"  trains {trains} values; base {info['base']['path'] or '?'} "
                          f"(fingerprint {info['base']['fingerprint']})")
         if "ranks" in info:
             lines += _rank_lines(info["ranks"], info["method"].get("r"))

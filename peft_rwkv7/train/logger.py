@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..model import atomic_write
+from ..run_dir import read_log
 from .recipe import Recipe, dump_recipe
 
 
@@ -32,11 +33,9 @@ class RunLogger:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "recipe.yaml", dump_recipe(recipe))
         log = self.out_dir / "log.jsonl"
-        if resume_step and log.exists():
-            kept = [line for line in log.read_text().splitlines() if line.strip()
-                    and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_text(log, "".join(line + "\n" for line in kept))
-            self.records = [json.loads(line) for line in kept]
+        if resume_step and log.exists():  # a line cut short by the kill, or broken, is dropped too
+            self.records = [r for r in read_log(self.out_dir) if r["step"] <= resume_step]
+            atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in self.records))
         elif log.exists():
             log.unlink()
         self.file = open(log, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run

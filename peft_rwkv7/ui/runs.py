@@ -53,8 +53,14 @@ def read_recipe(run: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _section(recipe: dict, key: str) -> dict:
+    """recipe[key] when it is a mapping, else {} (a recipe.yaml edited by hand must not stop the runs table)."""
+    v = recipe.get(key)
+    return v if isinstance(v, dict) else {}
+
+
 def method_name(recipe: dict) -> str:
-    m = recipe.get("method") or {}
+    m = _section(recipe, "method")
     kind = str(m.get("kind", "?"))
     extra = [x for x, on in (("state", m.get("state") and kind != "state"), (str(m.get("quant")),
                                                                               m.get("quant") not in (None, "none")))
@@ -69,7 +75,8 @@ def run_info(run: Path) -> RunInfo:
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     saved = list_checkpoints(run)
-    max_steps = int((recipe.get("train") or {}).get("max_steps") or 0)
+    max_steps = _section(recipe, "train").get("max_steps")
+    max_steps = max_steps if isinstance(max_steps, int) and not isinstance(max_steps, bool) else 0
     checkpoint = saved[-1][0] if saved else 0
     if held(run):
         status = "running"
@@ -77,7 +84,7 @@ def run_info(run: Path) -> RunInfo:
         status = "finished"
     else:
         status = "stopped"
-    return RunInfo(run, status, method_name(recipe), str((recipe.get("train") or {}).get("objective", "sft")),
+    return RunInfo(run, status, method_name(recipe), str(_section(recipe, "train").get("objective", "sft")),
                    max_steps, steps[-1]["step"] if steps else 0, checkpoint,
                    steps[-1]["loss"] if steps else None, evals[-1]["eval_loss"] if evals else None, records)
 

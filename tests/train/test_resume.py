@@ -64,6 +64,22 @@ def test_resume_with_batches_grouped_by_length_equals_uninterrupted(tiny_world, 
     assert summary.endswith("epochs; micro-batches grouped by length"), summary
 
 
+def test_resume_after_a_log_line_cut_short(tiny_world, tmp_path):
+    """A run killed while it wrote a log line (a full disk, a power cut) resumes: the cut line, and one broken by
+    hand, are dropped with the records past the checkpoint, and the log reads steps 1..N once each."""
+    extra = {"train.save_every": 2}
+    out = tmp_path / "cut"
+    train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=4, **extra) + ["train.stop_after=2"])
+    log = out / "log.jsonl"
+    kept = log.read_text().splitlines()
+    assert [json.loads(x)["step"] for x in kept] == [1, 2]  # one record per step, no eval before the end
+    log.write_text(kept[0] + "\n{not json\n" + kept[1] + '\n{"step": 3, "loss": 2.7')
+    train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=4, **extra), resume=True)
+    lines = log.read_text().splitlines()
+    assert lines[:2] == kept  # the records up to the checkpoint, as written
+    assert [r["step"] for r in map(json.loads, lines) if "loss" in r] == [1, 2, 3, 4]  # and the final eval's
+
+
 def test_existing_run_is_not_overwritten(tiny_world, tmp_path):
     out = tmp_path / "r"
     train_from_cli(LORA, tiny_overrides(tiny_world, out, steps=1))
