@@ -17,9 +17,10 @@ import safetensors.torch
 import torch
 
 from ..errors import UserError
-from ..model import RWKV7, atomic_save, atomic_write, read_state_dict
+from ..model import RWKV7, RWKV7Config, atomic_save, atomic_write, read_state_dict
 from .config import TARGETS, MethodConfig, part_of
 from .methods import AdaptedRWKV7, attach, base_fingerprint, trainable_parameters
+from .tensor_checks import check_adapter_tensors
 
 ADAPTER_FILE, META_FILE, STATE_FILE = "adapter.safetensors", "adapter.json", "state.pth"
 FORMAT, VERSION = "rwkv-peft-adapter", 1
@@ -132,8 +133,31 @@ def _read_run_dir(d: Path, lora_alpha: float | None) -> AdapterFile:
         tensors = safetensors.torch.load_file(str(tensor_path))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{tensor_path}: cannot read ({e})") from e
-    base = meta.get("base") or {}
-    return AdapterFile(method, tensors, str(d), base.get("fingerprint"), base.get("path"), base.get("dtype", "fp32"))
+    fingerprint, base_path, base_dtype, cfg = _base_section(meta.get("base"), meta_path)
+    check_adapter_tensors(tensors, method, str(tensor_path), cfg)
+    tensors = {k: t.float() for k, t in tensors.items()}  # fp32, as written (an fp16 copy made elsewhere reads too)
+    return AdapterFile(method, tensors, str(d), fingerprint, base_path, base_dtype)
+
+
+def _base_section(base, meta_path: Path) -> tuple[str | None, str | None, str, RWKV7Config | None]:
+    """adapter.json's base: (fingerprint, path, the dtype training held it in, its shape), each checked."""
+    if base is None:
+        return None, None, "fp32", None
+    if not isinstance(base, dict):
+        raise UserError(f"{meta_path}: base is {type(base).__name__}, expected an object (fingerprint, path, dtype)")
+    for key in ("fingerprint", "path"):
+        if base.get(key) is not None and not isinstance(base[key], str):
+            raise UserError(f"{meta_path}: base.{key} is {base[key]!r}, expected a string")
+    dtype = base.get("dtype", "fp32")
+    if dtype not in _DTYPE_NAMES.values():
+        raise UserError(f"{meta_path}: base.dtype is {dtype!r}, expected one of {', '.join(_DTYPE_NAMES.values())}")
+    cfg = base.get("config")
+    if cfg is not None:
+        try:
+            cfg = RWKV7Config(**cfg)
+        except TypeError:
+            raise UserError(f"{meta_path}: base.config is not a model shape (n_layer, n_embd, ...)") from None
+    return base.get("fingerprint"), base.get("path"), dtype, cfg
 
 
 def _read_rwkv_peft(path: Path, lora_alpha: float | None) -> AdapterFile:
@@ -176,7 +200,9 @@ def _read_rwkv_peft(path: Path, lora_alpha: float | None) -> AdapterFile:
         fields.update(kind="state")
     if targets:
         fields["target_modules"] = [p for p in TARGETS if p in targets]
-    return AdapterFile(MethodConfig.from_dict(fields, where=f"{path}: inferred method"), sd, str(path))
+    method = MethodConfig.from_dict(fields, where=f"{path}: inferred method")
+    check_adapter_tensors(sd, method, str(path))
+    return AdapterFile(method, sd, str(path))
 
 
 def read_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> AdapterFile:

@@ -27,6 +27,7 @@ from .kinds import capability, capability_key
 from .methods import base_fingerprint
 from .peft_merge import adapter_module, merged_peft_weight
 from .quant import roundtrip
+from .tensor_checks import check_adapter_tensors
 
 # Who reads a merged `att.time_state`: rwkv-peft itself (as the default initial state), not the `rwkv`
 # pip package, which reads it for RWKV-5/6 only and starts RWKV-7 from zeros.
@@ -75,6 +76,7 @@ def merged_weight(af: AdapterFile, module: str, base: torch.Tensor) -> torch.Ten
 def merged_state_dict(base_sd: dict[str, torch.Tensor], af: AdapterFile) -> tuple[dict, int]:
     """(state dict with fp32 merged tensors and untouched base tensors, number of tensors changed)."""
     cfg = infer_config(base_sd, "base")
+    check_adapter_tensors(af.tensors, af.method, af.source, cfg)
     out = dict(base_sd)
     changed = 0
     adapted = {adapter_module(k) for k in af.tensors} - {None}

@@ -42,8 +42,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not isinstance(e, RuntimeError) or not reason:
             reason = type(e).__name__
         raise CheckpointError(f"{p}: cannot read as a PyTorch checkpoint (truncated or corrupt?): {reason}") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{p}: expected a dict of tensors (an RWKV .pth state dict)")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{p}: expected a dict of tensors under string names (an RWKV .pth state dict)")
     return sd
 
 
