@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import torch
 from ..errors import UserError
 from ..model import atomic_save, atomic_write
 from ..run_dir import list_checkpoints  # noqa: F401 (the loop and tests read it here too)
+from .checkpoint_payload import payload_problem
 
 _GARBAGE = re.compile(r"^step_\d{6,}\.(tmp|old)$")  # a save cut short, a checkpoint being deleted
 DS_TAG = "ds"  # DeepSpeed's tag: the engine checkpoint lives in step_N/ds/
@@ -152,20 +154,50 @@ def saved_choices(run_dir: Path) -> tuple[str | None, object]:
     return (precision if precision in ("bf16", "fp32") else None), record.get("routes")
 
 
-def load_latest_checkpoint(run_dir: Path) -> dict | None:
-    """The newest readable one-process checkpoint, or None when the run has none."""
+def _read_checkpoint(path: Path, step: int) -> tuple[dict | None, str]:
+    """(payload, "") for a file that reads back as save_checkpoint wrote it, else (None, why it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            if not f.read(1):
+                return None, "empty file"
+    except OSError as e:  # no permission, deleted meanwhile
+        return None, e.strerror or type(e).__name__
+    try:
+        # Optimizer and RNG states hold numpy and python objects, so weights_only cannot be used;
+        # these files are written by this program into the user's own run directory.
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # what torch.load raises on a file cut short or overwritten (should not happen: atomic)
+        return None, f"truncated or corrupt: {type(e).__name__}"
+    problem = payload_problem(payload, step)
+    return (None, problem) if problem else (payload, "")
+
+
+def _latest_readable(run_dir: Path) -> tuple[dict | None, list[tuple[Path, str]]]:
+    """The newest one-process checkpoint that reads back whole (None: none does) and the newer files passed over,
+    newest first, each with why it cannot be read."""
+    skipped = []
     for step, path in reversed(list_checkpoints(run_dir)):
         if path.is_dir():
             continue
-        try:
-            # Optimizer and RNG states hold numpy and python objects, so weights_only cannot be used;
-            # these files are written by this program into the user's own run directory.
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # a damaged file (should not happen with atomic writes): fall back to the one before
-            continue
-        if payload.get("step") == step:
-            return payload
-    return None
+        payload, why = _read_checkpoint(path, step)
+        if payload is not None:
+            return payload, skipped
+        skipped.append((path, why))
+    return None, skipped
+
+
+def _warn_skipped(skipped: list[tuple[Path, str]], step: int) -> None:
+    for path, why in skipped:  # left as they are: the user may want to look at them
+        print(f"warning: {path}: cannot be read ({why}); resuming from step {step}", file=sys.stderr, flush=True)
+
+
+def load_latest_checkpoint(run_dir: Path) -> dict | None:
+    """The newest readable one-process checkpoint, or None when the run has none; each newer file that cannot be
+    read is passed over with a warning line on stderr."""
+    payload, skipped = _latest_readable(run_dir)
+    if payload is not None:
+        _warn_skipped(skipped, payload["step"])
+    return payload
 
 
 def _check_params(saved: dict[str, list[int]], named_params, source: str) -> None:
@@ -335,7 +367,10 @@ def resume(run_dir: Path, named_params, optimizer, engine=None, stage: int = 0, 
         return _load_engine_checkpoint(engine, path, named_params, rank, world_size, stage, extra)
     if engine is not None:
         raise UserError(f"{path}: checkpoint was written without DeepSpeed; resume without train.deepspeed")
-    payload = load_latest_checkpoint(run_dir)
-    if payload is None:
-        raise UserError(f"{run_dir}: no readable checkpoint in checkpoints/; run without --resume")
+    payload, skipped = _latest_readable(run_dir)
+    if payload is None:  # the newest is a file, so skipped holds it
+        newest, why = skipped[0]
+        raise UserError(f"{newest}: cannot be read ({why}); no readable checkpoint to resume from (train into a "
+                        "new out_dir=... to start over)")
+    _warn_skipped(skipped, payload["step"])
     return restore(payload, named_params, optimizer, str(run_dir), extra)

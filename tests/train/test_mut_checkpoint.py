@@ -255,7 +255,8 @@ def test_resume_refusals_are_one_line_each(tmp_path):
     d = _layout(tmp_path, files=(2,))
     with pytest.raises(UserError) as e:
         ckpt.resume(tmp_path, params, opt)  # its only checkpoint is damaged
-    assert str(e.value) == f"{tmp_path}: no readable checkpoint in checkpoints/; run without --resume"
+    assert str(e.value) == (f"{d / 'step_000002.pt'}: cannot be read (truncated or corrupt: UnpicklingError); no "
+                            "readable checkpoint to resume from (train into a new out_dir=... to start over)")
     (d / "step_000003").mkdir()
     with pytest.raises(UserError) as e:
         ckpt.resume(tmp_path, params, opt)  # a DeepSpeed folder without a meta.json
