@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config, atomic_save, atomic_write, read_state_dict
+from ..run_dir import CHECKPOINT_NAME
 from .config import TARGETS, MethodConfig, part_of
 from .methods import AdaptedRWKV7, attach, base_fingerprint, trainable_parameters
 from .tensor_checks import check_adapter_tensors
@@ -214,6 +215,9 @@ def read_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> Ad
         return _read_run_dir(p.parent, lora_alpha)
     if not p.exists():
         raise UserError(f"{p}: no such adapter (expected a run directory or an RWKV-PEFT .pth)")
+    if p.parent.name == "checkpoints" and CHECKPOINT_NAME.match(p.name):
+        raise UserError(f"{p}: a training checkpoint (for --resume), not an adapter; give the run directory "
+                        f"{p.parent.parent}: its adapter is the one of its newest checkpoint")
     return _read_rwkv_peft(p, lora_alpha)
 
 

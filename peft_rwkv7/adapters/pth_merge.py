@@ -131,6 +131,7 @@ def merge_into_pth(
         raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     af = read_adapter(adapter_path, lora_alpha)
     base_sd = read_state_dict(base_path)
+    infer_config(base_sd, str(base_path))  # a damaged base is named as such, not as "base"
     check_base(af, base_fingerprint(base_sd), str(base_path))
     merged, changed = merged_state_dict(base_sd, af)
     for k, t in merged.items():

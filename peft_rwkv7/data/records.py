@@ -38,6 +38,9 @@ def _json_msg(e: json.JSONDecodeError) -> str:
 def check_file(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
+        if Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file():
+            raise UserError(f"{p}: a binidx dataset (PREFIX.bin and PREFIX.idx), not a .jsonl, .json or .parquet file; "
+                            "set data.kind: binidx (or auto)")
         raise UserError(f"{p}: no such file")
     if p.is_dir():
         raise UserError(f"{p}: is a directory, expected a .jsonl, .json or .parquet file")

@@ -169,3 +169,21 @@ def test_a_state_dict_with_a_name_that_is_no_string_is_refused(tmp_path, base_pa
         read_state_dict(tmp_path / "intkey.pth")
     assert str(e.value) == f"{tmp_path / 'intkey.pth'}: expected a dict of tensors under string names (an RWKV .pth " \
                            "state dict)"
+
+
+def test_a_training_checkpoint_given_as_the_adapter_says_what_to_give(runs, base_path, tmp_path, capsys):
+    pt = tmp_path / "run" / "checkpoints" / "step_000002.pt"
+    pt.parent.mkdir(parents=True)
+    torch.save({"step": 2}, pt)
+    msg = merge_error(capsys, base_path, pt, tmp_path)
+    assert msg == (f"{pt}: a training checkpoint (for --resume), not an adapter; give the run directory "
+                   f"{tmp_path / 'run'}: its adapter is the one of its newest checkpoint")
+
+
+def test_a_damaged_base_is_named_by_its_path(runs, base_path, tmp_path, capsys):
+    sd = read_state_dict(base_path)
+    sd["blocks.1.att.key.weight"] = torch.zeros(64, 32)
+    torch.save(sd, tmp_path / "shape.pth")
+    msg = merge_error(capsys, tmp_path / "shape.pth", runs["lora"], tmp_path)
+    assert msg == (f"{tmp_path / 'shape.pth'}: inconsistent shapes: blocks.1.att.key.weight is [64, 32], expected "
+                   "[64, 64]")

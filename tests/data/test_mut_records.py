@@ -241,3 +241,17 @@ def test_parquet_is_streamed_not_copied_into_the_hf_cache(tmp_path, monkeypatch)
 def test_an_evaluation_document_without_its_field_is_named_by_line(tmp_path, world):
     p = write_jsonl(tmp_path / "e.jsonl", [{"text": "a"}, {"body": "b"}])
     assert _refusal(R.load_eval_docs, p, world) == f"{p}:2: missing field 'text' (keys: 'body')"
+
+
+def test_a_binidx_prefix_given_as_a_records_file_says_so(tmp_path):
+    from peft_rwkv7.data.records import check_file
+
+    (tmp_path / "c.bin").write_bytes(b"")
+    (tmp_path / "c.idx").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        check_file(tmp_path / "c")
+    assert str(e.value) == (f"{tmp_path / 'c'}: a binidx dataset (PREFIX.bin and PREFIX.idx), not a .jsonl, .json or "
+                            ".parquet file; set data.kind: binidx (or auto)")
+    (tmp_path / "c.idx").unlink()
+    with pytest.raises(UserError, match=r": no such file$"):
+        check_file(tmp_path / "c")
