@@ -1,9 +1,12 @@
 """The base of every config model (recipe sections, `MethodConfig`, `DataConfig`): a strict pydantic
 model whose validation errors become one-line UserErrors naming the dotted key and what it allows.
 
-Strict: an integer is not a string, `"yes"` is not a boolean. Two YAML habits are kept: a string
-field takes a number (`project: 7`), and a number field takes a numeric string (YAML 1.1 reads
-`1e-4`, without a dot, as a string).
+Strict: an integer is not a string, `"yes"` is not a boolean, a number is finite (`.inf` and `.nan` are
+refused; `NumberOrInf` where infinity means "no limit"). Two YAML habits are kept: a number field takes a
+numeric string (YAML 1.1 reads `1e-4`, without a dot, as a string), and a `Text` field (a label such as
+`log.project: 7`) takes a number as its text. Other string fields (`str`: paths, templates) refuse a number
+with a hint to quote it: YAML reads `0755` as 493 and `1.50` as 1.5, not as what was written. On the
+command line a string key takes the text as typed (train/recipe.py `recipe_data`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import annotated_types as at
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 from typing_extensions import Self
@@ -36,8 +39,9 @@ def _number_as_str(v: Any) -> Any:
     return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
-Number = Annotated[float, BeforeValidator(_yaml_float)]
-Text = Annotated[str, BeforeValidator(_number_as_str)]
+Number = Annotated[float, AllowInfNan(False), BeforeValidator(_yaml_float)]  # finite
+NumberOrInf = Annotated[float, BeforeValidator(_yaml_float)]  # .inf allowed (bounds still refuse .nan)
+Text = Annotated[str, BeforeValidator(_number_as_str)]  # a label: a YAML number is taken as its text
 
 
 def invalid(text: str, field: str | None = None) -> PydanticCustomError:
@@ -59,7 +63,9 @@ RECIPE_WORDING = Wording(
     "{key} must be {type}, got {value}", "{key} must be {allowed}, got {value}",
     "{key} must be one of {choices}, got {value}",
 )
-_BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+_BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+# after a string field's type error for a number (YAML's reading of a bare 5, 1.50 or 0755)
+QUOTE_HINT = " (YAML read a number there: quote it if it is meant as text)"
 
 
 class ConfigModel(BaseModel):
@@ -115,11 +121,22 @@ def _message(err: ErrorDetails, model: type[BaseModel], prefix: str) -> str:
     if kind == "missing":
         return f"missing key {key} ({type_name(info.annotation)})"
     wording: Wording = getattr(owner, "wording", RECIPE_WORDING)
+    tp = _strip(info.annotation)[0]
+    if loc and isinstance(loc[-1], int) and typing.get_origin(tp) is list:
+        # an item of a list: its own type ("train.grpo.stop[0] must be a string")
+        return wording.type.format(key=key, value=repr(value), type=type_name(typing.get_args(tp)[0]),
+                                   allowed="") + _hint(kind, value)
     if kind == "literal_error":
-        choices = ", ".join(map(str, typing.get_args(_strip(info.annotation)[0])))
+        choices = ", ".join(map(str, typing.get_args(tp)))
         return wording.choice.format(key=key, value=repr(value), choices=choices)
     form = wording.bounds if kind in _BOUNDS else wording.type
-    return form.format(key=key, value=repr(value), type=type_name(info.annotation), allowed=allowed(info))
+    bounds = allowed(info, finite=kind == "finite_number")
+    return form.format(key=key, value=repr(value), type=type_name(info.annotation), allowed=bounds) + _hint(kind, value)
+
+
+def _hint(kind: str, value: Any) -> str:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return QUOTE_HINT if kind == "string_type" and number else ""
 
 
 def _dotted(prefix: str, loc: list[int | str]) -> str:
@@ -136,7 +153,7 @@ def _locate(model: type[BaseModel], loc: list[int | str]) -> tuple[type[BaseMode
         if isinstance(part, int):
             continue
         if info is not None:
-            sub = _model_in(info.annotation)
+            sub = _model_in(info.annotation, items=True)
             if sub is None:
                 break
             owner = sub
@@ -156,9 +173,32 @@ def _strip(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _model_in(tp: Any) -> type[BaseModel] | None:
+def _model_in(tp: Any, items: bool = False) -> type[BaseModel] | None:
+    """The model a field holds (items: or a list of; None: none)."""
     tp = _strip(tp)[0]
+    if items and typing.get_origin(tp) is list:
+        tp = _strip(typing.get_args(tp)[0])[0]
     return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def field_at(model: type[BaseModel], key: str) -> FieldInfo | None:
+    """The field a dotted key (`train.grpo.top_p`) names in `model` and its sections (None: no such field)."""
+    info = None
+    for part in key.split("."):
+        if info is not None:
+            sub = _model_in(info.annotation)
+            if sub is None:
+                return None
+            model = sub
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+    return info
+
+
+def is_text(info: FieldInfo) -> bool:
+    """Whether the field holds a string (or null)."""
+    return _strip(info.annotation)[0] is str
 
 
 def type_name(tp: Any) -> str:
@@ -176,10 +216,13 @@ def type_name(tp: Any) -> str:
     return name + (" or null" if nullable else "")
 
 
-def allowed(info: FieldInfo) -> str:
-    """The field's type with its bounds: "a positive integer", "a number in [0, 1)", "an integer >= 0"."""
+def allowed(info: FieldInfo, finite: bool = False) -> str:
+    """The field's type with its bounds: "a positive integer", "a number in [0, 1)", "an integer >= 0";
+    finite: "a finite number" where no upper bound says so."""
     tp, nullable = _strip(info.annotation)
     name, null = type_name(tp), " or null" if nullable else ""
+    if finite:
+        name = name.replace("a number", "a finite number")
     lo = hi = None
     for m in info.metadata:
         if isinstance(m, (at.Gt, at.Ge)):
@@ -187,9 +230,9 @@ def allowed(info: FieldInfo) -> str:
         elif isinstance(m, (at.Lt, at.Le)):
             hi = (m.lt, ")") if isinstance(m, at.Lt) else (m.le, "]")
     if lo and hi:
-        name = f"{name} in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+        name = f"{type_name(tp)} in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
     elif lo == ("(", 0):
-        name = name.replace("an integer", "a positive integer").replace("a number", "a positive number")
+        name = name.replace("an integer", "a positive integer").replace("number", "positive number")
     elif lo:
         name = f"{name} {'>' if lo[0] == '(' else '>='} {lo[1]}"
     return name + null

@@ -154,7 +154,7 @@ class MethodConfig(ConfigModel):
     @field_validator("train_parts", mode="before")
     @classmethod
     def _known_parts(cls, v: Any) -> Any:
-        if not isinstance(v, list) or any(p not in PART_PATTERNS for p in v):
+        if not isinstance(v, list) or any(not isinstance(p, str) or p not in PART_PATTERNS for p in v):
             raise invalid(f"{{key}}: {v!r}: expected a list of {', '.join(PART_PATTERNS)}")
         return v
 

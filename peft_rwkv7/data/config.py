@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 from typing_extensions import Self
 
-from ..config_base import ConfigModel, Text, Wording, invalid
+from ..config_base import ConfigModel, Number, Wording, invalid
 
 Kind = Literal["auto", "text", "sft", "chat", "binidx", "preference", "prompts"]
 Sampling = Literal["auto", "get", "pad"]
@@ -23,7 +23,7 @@ def _not_blank(v: str) -> str:
     return v
 
 
-Name = Annotated[Text, AfterValidator(_not_blank)]
+Name = Annotated[str, AfterValidator(_not_blank)]
 
 # data.group_by_length's refusals (after "data.group_by_length: "): at load where kind/sampling say so, in
 # make_dataset / make_prompt_data where kind auto resolves to them
@@ -67,7 +67,7 @@ class DataConfig(ConfigModel):
         "held-out records scored during training, their kind found from the file (text: every token; sft/chat: "
         "rendered like data.path, their loss tokens only, as eval --data scores them); for kind preference, "
         "held-out pairs like data.path"))
-    eval_split: float | None = Field(None, ge=0, lt=0.5, description=(
+    eval_split: Number | None = Field(None, ge=0, lt=0.5, description=(
         "share of the documents (preference: pairs) held out of training and scored as the eval set, every kind "
         "(sft/chat: on their loss tokens); default 0.02 without an eval_path; not with one"))
     text_field: Name = Field("text", description="the text key for kind text")
@@ -75,12 +75,12 @@ class DataConfig(ConfigModel):
         "sft prompt keys (one name or a list); unset: guessed from the first record among instruction+input/output, "
         "query/response, prompt/response, prompt/completion, question/answer, input/output"))
     response_field: Name | None = Field(None, description="sft response key; unset: guessed with prompt_fields")
-    prompt_template: Text = Field("User: {prompt}\n\nAssistant:", description=(
+    prompt_template: str = Field("User: {prompt}\n\nAssistant:", description=(
         "sft rendering of the prompt ({prompt} is replaced by the record's text); with the default response_template "
         "this is the World chat format, so an sft pair trains like a one-turn chat"))
-    response_template: Text = Field(" {response}\n\n", description=(
+    response_template: str = Field(" {response}\n\n", description=(
         "sft rendering of the response; loss is taken on it and on end-of-text"))
-    system: Text | None = Field(None, description=(
+    system: str | None = Field(None, description=(
         "system message, rendered 'System: ...' first (sft, and chat records that have none)"))
     messages_field: Name = Field("messages", description=(
         "the chat key: a list of {role, content}; records without it are read from ShareGPT's conversations "

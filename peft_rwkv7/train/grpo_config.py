@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 from typing_extensions import Self
 
-from ..config_base import ConfigModel, Number, invalid
+from ..config_base import ConfigModel, Number, NumberOrInf, invalid
 from .rewards import RewardConfig
 
 
@@ -31,8 +31,8 @@ class GrpoConfig(ConfigModel):
     importance: Literal["token", "sequence"] = Field("token", description=(
         "importance ratio per token (PPO/GRPO) or per sequence (GSPO)"))
     epsilon: Number = Field(0.2, gt=0, lt=1, description="PPO clip: the ratio is clipped at 1 - epsilon")
-    epsilon_high: Number | None = Field(None, gt=0, description=(
-        "upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); null: epsilon"))
+    epsilon_high: NumberOrInf | None = Field(None, gt=0, description=(
+        "upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); null: epsilon; .inf: no upper clip"))
     num_iterations: int = Field(1, gt=0, description=(
         "optimizer steps per batch of rollouts (mu); more than 1 reuses the rollouts with importance ratios"))
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description=(

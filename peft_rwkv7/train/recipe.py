@@ -7,6 +7,7 @@ Every field is validated at load with a message that names the dotted key; `rwkv
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -16,7 +17,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 from typing_extensions import Self
 
 from ..adapters.config import MethodConfig
-from ..config_base import ConfigModel, Number, Text, invalid
+from ..config_base import ConfigModel, Number, Text, field_at, invalid, is_text
 from ..data.config import DataConfig
 from ..errors import UserError
 from .grpo_config import GrpoConfig
@@ -39,6 +40,9 @@ OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
     "simpo": ("beta", "gamma", "length_norm", "nll_weight"), "grpo": (),
 }
 _SHOWN = {"dpo": "DPO", "orpo": "ORPO", "simpo": "SimPO"}
+# train.seed's largest value: torch.manual_seed takes up to 2**64 - 1, numpy's generators any size >= 0; 2**63 - 1
+# also fits a signed 64-bit integer (a torch.Generator's seed)
+SEED_MAX = 2**63 - 1
 # The method kinds that train LoRA B factors (tensors named *.lora_B), which train.lora_plus_ratio speeds up.
 LORA_B_KINDS = ("lora", "pissa", "adalora")
 
@@ -70,8 +74,8 @@ class ModelSection(ConfigModel):
 
     section: ClassVar[str] = "model"
 
-    path: Text = Field("", description="local .pth, .st (web-rwkv/Ai00) or HF RWKV-7 directory (fla-hub layout), "
-                                       "or hf://OWNER/REPO/FILE.pth (downloaded once, cached)")
+    path: str = Field("", description="local .pth, .st (web-rwkv/Ai00) or HF RWKV-7 directory (fla-hub layout), "
+                                      "or hf://OWNER/REPO/FILE.pth (downloaded once, cached)")
     new: NewModel | None = Field(None, description="train from scratch instead (pretraining); needs method.kind full")
     wkv_backend: WkvBackend = Field("auto", description="WKV7 kernel; auto picks the fastest for the device")
 
@@ -140,9 +144,10 @@ class TrainConfig(_Objective):
                                  "decay/bonus vectors or the time-mix low-rank maps")
     beta1: Number = Field(0.9, ge=0, lt=1, description="AdamW beta1")
     beta2: Number = Field(0.99, ge=0, lt=1, description="AdamW beta2")
-    eps: Number = Field(1e-8, description="AdamW epsilon")
+    eps: Number = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: Number = Field(1.0, ge=0, description="max global grad norm; 0 = off")
-    seed: int = Field(0, description="seeds torch (initialisation, dropout) and the data order")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description=(
+        "seeds torch (initialisation, dropout), the data order and GRPO's sampling; 0 .. 2**63 - 1"))
     grad_cp: bool = Field(False, description="recompute each block in backward (less memory)")
     chunk_len: int = Field(0, ge=0, description=(
         "> 0: long-context (infctx) training in chunks of this many tokens carrying state; divides data.ctx_len"))
@@ -183,8 +188,10 @@ class TrainConfig(_Objective):
             # key is neutralised on the command line by setting it back (train.beta=null)
             if key in reads or key not in self.model_fields_set or getattr(self, key) == default:
                 continue
-            if self.objective == "sft":
+            if not reads:  # sft, grpo
                 hint = "only " + ", ".join(o for o, keys in OBJECTIVE_KEYS.items() if key in keys) + " read it"
+                if self.objective == "grpo" and key == "beta":
+                    hint += "; GRPO's KL weight is train.grpo.beta"
             else:
                 hint = f"{_SHOWN[self.objective]} reads " + ", ".join(f"train.{k}" for k in reads)
                 if self.objective == "orpo" and key == "nll_weight":
@@ -224,7 +231,7 @@ class Recipe(ConfigModel):
     data: DataConfig = Field(description="the training data and how it becomes samples")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the optimisation")
     log: LogConfig = Field(default_factory=LogConfig, description="reporting")
-    out_dir: Text = Field("runs/run", description="the run directory: recipe.yaml, adapter, checkpoints/, log.jsonl")
+    out_dir: str = Field("runs/run", description="the run directory: recipe.yaml, adapter, checkpoints/, log.jsonl")
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Self:
@@ -279,13 +286,29 @@ def recipe_data(path: str, overrides: list[str] | None = None) -> dict:
     if not data:
         raise UserError(f"{path}: the recipe is empty; it needs at least model: and data: sections "
                         f"(rwkv-peft init --model M --data D writes a starter)")
-    overrides = overrides or []
+    overrides = [_as_typed(o) for o in overrides or []]
     given = {o.partition("=")[0] for o in overrides}
     if "data.path" in given and "data.eval_path" not in given and isinstance(data.get("data"), dict):
         # the recipe's eval file belongs to the recipe's data, not to the data given here: hold out part of
         # the user's own data instead (data.eval_split), unless they name an eval file
         data["data"].pop("eval_path", None)
     return apply_overrides(data, overrides)
+
+
+def _as_typed(item: str) -> str:
+    """A `key=value` override of a string key (out_dir=5, data.path=2024, model.path=007) as the text typed,
+    not the number YAML reads it as (a recipe file refuses a bare number there; a shell has no quotes to keep)."""
+    key, sep, raw = item.partition("=")
+    info = field_at(Recipe, key) if sep else None
+    if info is None or not is_text(info):
+        return item
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return item
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{key}={json.dumps(raw.strip())}"
+    return item
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
