@@ -60,7 +60,8 @@ def export_model(out: str | os.PathLike, fmt: str, model: str | os.PathLike, ada
     what = f"{model} ({FORMAT_NAMES[detect_format(model)]})"
     if af is not None:
         what = f"{model} + {_describe(af)} from {adapter}"
-    return f"exported {what} to " + write_model(sd, out, fmt, torch_dtype)
+    source = str(model) if af is None else f"{model} + {adapter}"
+    return f"exported {what} to " + write_model(sd, out, fmt, torch_dtype, source=source)
 
 
 def _run_config(adapter: str | os.PathLike, model: str | os.PathLike | None) -> RWKV7Config | None:

@@ -123,8 +123,10 @@ def _read_run_dir(d: Path, lora_alpha: float | None) -> AdapterFile:
         raise UserError(f"{d}: --lora-alpha is for RWKV-PEFT files; a run directory stores its alpha")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{meta_path}: not UTF-8 text (byte {e.start}), expected a JSON file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise UserError(f"{meta_path}: expected format {FORMAT} version {VERSION}")
     if not isinstance(meta.get("method"), dict):

@@ -162,4 +162,7 @@ def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> RWK
             raise CheckpointError(
                 f"{source}: inconsistent shapes: {k} is {list(sd[k].shape)}, expected {list(shape)}"
             )
+    for k, t in sd.items():
+        if t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise CheckpointError(f"{source}: {k} has dtype {t.dtype}, expected bf16, fp16 or fp32")
     return cfg

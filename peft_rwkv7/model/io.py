@@ -15,7 +15,6 @@ from .config import CheckpointError, RWKV7Config, infer_config
 from .rwkv7 import RWKV7
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -55,10 +54,7 @@ def model_from_state_dict(
     **model_kwargs,
 ) -> RWKV7:
     """Build an RWKV7 whose config is inferred from `sd` and load the weights into it."""
-    cfg = infer_config(sd, source)
-    for k, t in sd.items():
-        if t.dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"{source}: {k} has dtype {t.dtype}, expected bf16, fp16 or fp32")
+    cfg = infer_config(sd, source)  # shapes and dtypes
     with torch.device("meta"):
         model = RWKV7(cfg, **model_kwargs)
     # cast on the meta device, then allocate: the weights are made in `dtype` at once (a bf16 load never holds an

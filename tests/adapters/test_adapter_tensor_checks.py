@@ -187,3 +187,10 @@ def test_a_damaged_base_is_named_by_its_path(runs, base_path, tmp_path, capsys):
     msg = merge_error(capsys, tmp_path / "shape.pth", runs["lora"], tmp_path)
     assert msg == (f"{tmp_path / 'shape.pth'}: inconsistent shapes: blocks.1.att.key.weight is [64, 32], expected "
                    "[64, 64]")
+
+
+def test_an_adapter_json_that_is_no_text_says_so(runs, base_path, tmp_path, capsys):
+    run = damaged(runs["lora"], tmp_path)
+    (run / "adapter.json").write_bytes(b"\xc9\x00\xff{}")
+    msg = merge_error(capsys, base_path, run, tmp_path)
+    assert msg == f"{run / 'adapter.json'}: not UTF-8 text (byte 0), expected a JSON file"

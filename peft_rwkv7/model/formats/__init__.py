@@ -78,18 +78,19 @@ def format_for_output(out: str | os.PathLike, fmt: str | None = None) -> str:
 
 
 def write_model(
-    sd: dict[str, torch.Tensor], out: str | os.PathLike, fmt: str, dtype: torch.dtype | None = None
+    sd: dict[str, torch.Tensor], out: str | os.PathLike, fmt: str, dtype: torch.dtype | None = None,
+    source: str = "model",
 ) -> str:
     """Write an official state dict as `fmt`; returns what was written (for a summary line).
 
     dtype: pth and hf default to the source's (`emb.weight`'s) dtype; st is always fp16.
     time_state stays fp32 in pth (and hf's state.pth); st stores it fp16 like every tensor.
     """
-    infer_config(sd, "model")  # a complete RWKV-7 before anything is written
+    infer_config(sd, source)  # a complete RWKV-7 before anything is written
     if fmt == "st":
         if dtype not in (None, torch.float16):
             raise CheckpointError(f"{out}: the .st format is fp16 only (got --dtype {_DTYPE_NAMES[dtype]})")
-        write_st(to_st(sd, str(out)), out)
+        write_st(to_st(sd, source), out)
         return f"{out} (web-rwkv/Ai00 .st, fp16, {len(sd)} tensors)"
     dtype = dtype or sd["emb.weight"].dtype
     if fmt == "pth":
@@ -122,4 +123,4 @@ def convert(
     if Path(src).resolve() == Path(out).resolve():
         raise CheckpointError(f"{out}: is the input; write the converted model elsewhere")
     sd, src_fmt = read_model(src)
-    return f"converted {src} ({FORMAT_NAMES[src_fmt]}) to " + write_model(sd, out, fmt, dtype)
+    return f"converted {src} ({FORMAT_NAMES[src_fmt]}) to " + write_model(sd, out, fmt, dtype, source=str(src))

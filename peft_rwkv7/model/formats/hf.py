@@ -145,7 +145,9 @@ def _read_config(d: Path) -> dict:
                               f"directory")
     try:
         conf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not UTF-8 text (byte {e.start}), expected a JSON file") from None
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(conf, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
@@ -195,6 +197,12 @@ def _load_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def _check_config(conf: dict, cfg: RWKV7Config, cfg_path: Path, shown: dict[str, str]) -> None:
     """Every config.json dimension must match the one read from the weights (`shown`: key -> evidence)."""
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "num_heads", "intermediate_size",
+                "decay_low_rank_dim", "a_low_rank_dim", "gate_low_rank_dim", "v_low_rank_dim", "hidden_ratio"):
+        said = conf.get(key)
+        number, what = ((int, float), "a number") if key == "hidden_ratio" else (int, "an integer")
+        if said is not None and (isinstance(said, bool) or not isinstance(said, number)):
+            raise CheckpointError(f"{cfg_path}: {key} is {said!r}, expected {what}")
     ffn = conf.get("intermediate_size")
     if ffn is None and conf.get("hidden_ratio") is not None and conf.get("hidden_size") is not None:
         ffn = 32 * ((int(conf["hidden_size"] * conf["hidden_ratio"]) + 31) // 32)  # fla's rounding

@@ -18,6 +18,7 @@ Reading reverses exactly that, so `.pth -> .st -> .pth` gives the fp16-rounded t
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -125,7 +126,9 @@ def to_st(sd: dict[str, torch.Tensor], source: str = "model") -> dict[str, torch
         name = key.replace("lora_A", "lora.0").replace("lora_B", "lora.1").lower()
         t = t.detach().to("cpu")
         big = t.float().abs().max().item() if t.numel() else 0.0
-        if not big <= FP16_MAX:  # also catches NaN
+        if math.isnan(big) or math.isinf(big):
+            raise CheckpointError(f"{source}: {key} has non-finite values (NaN or inf); the model is damaged")
+        if not big <= FP16_MAX:
             raise CheckpointError(f"{source}: {key} has values beyond the fp16 range (max |x| = {big:g}); "
                                   f"the .st format stores fp16")
         h = t.to(torch.float16)
