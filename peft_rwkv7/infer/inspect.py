@@ -142,7 +142,9 @@ def describe_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict):
         raise UserError(f"{path}: not a training checkpoint of rwkv-peft (it holds a {type(payload).__name__})")
-    params = _field(payload, "params", dict, path, {})
+    params = _field(payload, "params", dict, path)
+    if params is None:
+        raise UserError(f"{path}: not a training checkpoint of rwkv-peft (it holds no params)")
     if not all(isinstance(t, torch.Tensor) for t in params.values()):
         raise UserError(f"{path}: params holds a value that is not a tensor")
     return {"kind": "checkpoint", "path": str(path), "layout": "single process",

@@ -85,9 +85,10 @@ def test_a_damaged_deepspeed_meta_json_is_one_line_naming_it(tmp_path, capsys, c
 @pytest.mark.parametrize(("payload", "expected"), [
     ([1, 2], "not a training checkpoint of rwkv-peft (it holds a list)"),
     ({"step": 2, "params": [torch.zeros(2)]}, "params is list"),
+    ({"step": 2, "optimizer": {}}, "not a training checkpoint of rwkv-peft (it holds no params)"),
     ({"step": 2, "params": {"a": 1.0}}, "params holds a value that is not a tensor"),
     ({"step": "2", "params": {"a": torch.zeros(2)}}, "step is str '2'"),
-], ids=["list", "params-list", "params-value", "step"])
+], ids=["list", "params-list", "no-params", "params-value", "step"])
 def test_a_foreign_pt_checkpoint_is_one_line_naming_it(tmp_path, capsys, payload, expected):
     pt = tmp_path / "run" / "checkpoints" / "step_000002.pt"
     pt.parent.mkdir(parents=True)
