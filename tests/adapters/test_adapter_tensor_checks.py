@@ -91,14 +91,6 @@ LORA_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(LORA_CASES))
-def test_a_damaged_lora_is_refused_by_merge(runs, base_path, tmp_path, capsys, case):
-    edit, expected = LORA_CASES[case]
-    run = damaged(runs["lora"], tmp_path, edit_tensors=edit)
-    msg = merge_error(capsys, base_path, run, tmp_path)
-    assert msg.startswith(str(run)) and msg.endswith(expected), msg
-
-
 STATE_CASES = {
     "shape": (_set("blocks.1.att.time_state", torch.zeros(2, 32, 16)),
               "blocks.1.att.time_state is [2, 32, 16], expected [4, 16, 16]"),
@@ -109,10 +101,13 @@ STATE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(STATE_CASES))
-def test_a_damaged_state_is_refused_by_merge(runs, base_path, tmp_path, capsys, case):
-    edit, expected = STATE_CASES[case]
-    run = damaged(runs["state"], tmp_path, edit_tensors=edit)
+CASES = {**{("lora", k): v for k, v in LORA_CASES.items()}, **{("state", k): v for k, v in STATE_CASES.items()}}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=[f"{run}-{name}" for run, name in CASES])
+def test_a_damaged_adapter_is_refused_by_merge(runs, base_path, tmp_path, capsys, case):
+    edit, expected = CASES[case]
+    run = damaged(runs[case[0]], tmp_path, edit_tensors=edit)
     msg = merge_error(capsys, base_path, run, tmp_path)
     assert msg.startswith(str(run)) and msg.endswith(expected), msg
 

@@ -36,49 +36,37 @@ def write(path: Path, content: str | bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    (b'\xff\xfe{"method": {}}', "not UTF-8 text (byte 0), expected a JSON file"),
-    ('{"a": "x\x01y"}', ":1: invalid JSON (Invalid control character at column 9)"),
-    ('{\n  "method": {"kind": "lora"},\n', ":3: invalid JSON (Expecting property name enclosed in double quotes "
-                                         "at column 1)"),
-    ("[1, 2]", "expected a JSON object, got list"),
-    ('{"method": "lora"}', "method is str 'lora'"),
-    ('{"trainable_parameters": "1234"}', "trainable_parameters is str '1234'"),
-    ('{"trainable_parameters": true}', "trainable_parameters is bool True"),
-    ('{"base": ["base.pth"]}', "base is list"),
-    ('{"ranks": [3, 3]}', "ranks is list"),
-    ('{"ranks": {"blocks.0.att.key": "3"}}', "ranks holds a value that is not an integer"),
-], ids=["not-utf8", "control-char", "cut-short", "list", "method", "params-str", "params-bool", "base", "ranks-list",
-        "ranks-value"])
-def test_a_damaged_adapter_json_is_one_line_naming_it(tmp_path, capsys, content, expected):
-    bad = write(tmp_path / "run" / "adapter.json", content)
-    msg = inspect_error(capsys, tmp_path / "run")
-    assert msg.startswith(str(bad)) and expected in msg, msg
+ADAPTER_JSON, RECIPE, META = "adapter.json", "recipe.yaml", "checkpoints/step_000002/meta.json"
+DAMAGED = {  # the file, what it holds, the line's end
+    "json-not-utf8": (ADAPTER_JSON, b'\xff\xfe{"method": {}}', "not UTF-8 text (byte 0), expected a JSON file"),
+    "json-control-char": (ADAPTER_JSON, '{"a": "x\x01y"}', ":1: invalid JSON (Invalid control character at column 9)"),
+    "json-cut-short": (ADAPTER_JSON, '{\n  "method": {"kind": "lora"},\n',
+                       ":3: invalid JSON (Expecting property name enclosed in double quotes at column 1)"),
+    "json-list": (ADAPTER_JSON, "[1, 2]", "expected a JSON object, got list"),
+    "method": (ADAPTER_JSON, '{"method": "lora"}', "method is str 'lora'"),
+    "params-str": (ADAPTER_JSON, '{"trainable_parameters": "1234"}', "trainable_parameters is str '1234'"),
+    "params-bool": (ADAPTER_JSON, '{"trainable_parameters": true}', "trainable_parameters is bool True"),
+    "base": (ADAPTER_JSON, '{"base": ["base.pth"]}', "base is list"),
+    "ranks-list": (ADAPTER_JSON, '{"ranks": [3, 3]}', "ranks is list"),
+    "ranks-value": (ADAPTER_JSON, '{"ranks": {"blocks.0.att.key": "3"}}', "ranks holds a value that is not an integer"),
+    "yaml": (RECIPE, "train: {max_steps: [1\n", "not a readable YAML file (ParserError)"),
+    "yaml-not-utf8": (RECIPE, b"train:\n  max_steps: \xff\n", "not a readable YAML file (UnicodeDecodeError)"),
+    "yaml-list": (RECIPE, "- 1\n- 2\n", "expected a YAML mapping, got list"),
+    "train": (RECIPE, "train: 5\n", "train is int 5"),
+    "max-steps": (RECIPE, "train: {max_steps: ten}\n", "train: max_steps is str 'ten'"),
+    "data-path": (RECIPE, "data: {path: 3}\n", "data: path is int 3"),
+    "meta-str": (META, '"step 2"', "expected a JSON object, got str"),
+    "meta-step": (META, '{"step": "2", "world_size": 2}', "step is str '2'"),
+    "world-size": (META, '{"step": 2, "world_size": 2.5}', "world_size is float 2.5"),
+    "tensors": (META, '{"step": 2, "tensors": 5}', "tensors is int 5"),
+}
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    ("train: {max_steps: [1\n", "not a readable YAML file (ParserError)"),
-    (b"train:\n  max_steps: \xff\n", "not a readable YAML file (UnicodeDecodeError)"),
-    ("- 1\n- 2\n", "expected a YAML mapping, got list"),
-    ("train: 5\n", "train is int 5"),
-    ("train: {max_steps: ten}\n", "train: max_steps is str 'ten'"),
-    ("data: {path: 3}\n", "data: path is int 3"),
-], ids=["yaml", "not-utf8", "list", "train", "max-steps", "data-path"])
-def test_a_damaged_recipe_yaml_is_one_line_naming_it(tmp_path, capsys, content, expected):
-    bad = write(tmp_path / "run" / "recipe.yaml", content)
-    msg = inspect_error(capsys, tmp_path / "run")
-    assert msg.startswith(str(bad)) and expected in msg, msg
-
-
-@pytest.mark.parametrize(("content", "expected"), [
-    ('"step 2"', "expected a JSON object, got str"),
-    ('{"step": "2", "world_size": 2}', "step is str '2'"),
-    ('{"step": 2, "world_size": 2.5}', "world_size is float 2.5"),
-    ('{"step": 2, "tensors": 5}', "tensors is int 5"),
-], ids=["str", "step", "world-size", "tensors"])
-def test_a_damaged_deepspeed_meta_json_is_one_line_naming_it(tmp_path, capsys, content, expected):
-    bad = write(tmp_path / "run" / "checkpoints" / "step_000002" / "meta.json", content)
-    msg = inspect_error(capsys, bad.parent)
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_run_file_is_one_line_naming_it(tmp_path, capsys, case):
+    name, content, expected = DAMAGED[case]
+    bad = write(tmp_path / "run" / name, content)
+    msg = inspect_error(capsys, bad.parent if name == META else tmp_path / "run")  # a DeepSpeed step_N/ folder
     assert msg.startswith(str(bad)) and expected in msg, msg
 
 

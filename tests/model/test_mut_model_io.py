@@ -171,19 +171,6 @@ def test_the_reason_a_file_cannot_be_read_is_one_short_phrase(tmp_path, content,
     assert str(e.value) == head + reason
 
 
-def test_a_truncated_zip_names_torchs_first_sentence(tmp_path):
-    save_model(make_model(seed=2), tmp_path / "m.pth")
-    data = (tmp_path / "m.pth").read_bytes()
-    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError) as e:
-        read_state_dict(tmp_path / "cut.pth")
-    head = f"{tmp_path / 'cut.pth'}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
-    msg = str(e.value)
-    assert msg.startswith(head) and "\n" not in msg
-    reason = msg[len(head):]
-    assert reason and ". " not in reason and len(reason) < 120  # torch's first sentence only
-
-
 def test_load_model_and_new_model_pass_their_settings_on(tmp_path):
     save_model(make_model(seed=2), tmp_path / "m.pth", dtype=torch.float32)
     m = load_model(tmp_path / "m.pth", torch.bfloat16, "cpu", wkv_backend="reference")
