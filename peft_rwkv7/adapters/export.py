@@ -38,12 +38,7 @@ def merged_model(sd: dict[str, torch.Tensor], source: str, adapter: str | os.Pat
     if adapter is None:
         return sd, None
     af = read_adapter(adapter, lora_alpha)
-    infer_config(sd, source)  # a damaged model is named as such, not as "base"
-    check_base(af, base_fingerprint(sd), source)
-    merged, _ = merged_state_dict(sd, af)
-    for k, t in merged.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"{af.source}: merging gives non-finite values in {k}; the adapter is broken")
+    merged, _ = merged_state_dict(sd, af, source)
     return merged, af
 
 

@@ -73,9 +73,12 @@ def merged_weight(af: AdapterFile, module: str, base: torch.Tensor) -> torch.Ten
     return w
 
 
-def merged_state_dict(base_sd: dict[str, torch.Tensor], af: AdapterFile) -> tuple[dict, int]:
-    """(state dict with fp32 merged tensors and untouched base tensors, number of tensors changed)."""
-    cfg = infer_config(base_sd, "base")
+def merged_state_dict(base_sd: dict[str, torch.Tensor], af: AdapterFile, source: str = "base") -> tuple[dict, int]:
+    """(state dict with fp32 merged tensors and untouched base tensors, number of tensors changed). The base, read
+    from `source` (the name its errors give), is checked first: an RWKV-7 checkpoint, the one the adapter was trained
+    on; the adapter's tensors against its shapes; the merged tensors finite."""
+    cfg = infer_config(base_sd, source)
+    check_base(af, base_fingerprint(base_sd), source)
     check_adapter_tensors(af.tensors, af.method, af.source, cfg)
     out = dict(base_sd)
     changed = 0
@@ -96,6 +99,9 @@ def merged_state_dict(base_sd: dict[str, torch.Tensor], af: AdapterFile) -> tupl
         out[k] = t.float()
         changed += 1
     infer_config(out, f"{af.source} merged")  # shapes of every merged tensor (time_state included)
+    for k, t in out.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{af.source}: merging gives non-finite values in {k}; the adapter is broken")
     return out, changed
 
 
@@ -131,12 +137,7 @@ def merge_into_pth(
         raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     af = read_adapter(adapter_path, lora_alpha)
     base_sd = read_state_dict(base_path)
-    infer_config(base_sd, str(base_path))  # a damaged base is named as such, not as "base"
-    check_base(af, base_fingerprint(base_sd), str(base_path))
-    merged, changed = merged_state_dict(base_sd, af)
-    for k, t in merged.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"{af.source}: merging gives non-finite values in {k}; the adapter is broken")
+    merged, changed = merged_state_dict(base_sd, af, str(base_path))
     out_dtype = DTYPES[dtype]
     atomic_save(
         {

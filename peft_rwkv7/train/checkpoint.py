@@ -128,76 +128,76 @@ def save_checkpoint(run_dir: Path, step: int, named_params, optimizer, keep: int
     return path
 
 
-def _newest_record(run_dir: Path) -> dict:
-    """The newest checkpoint's meta.json (sharded) or payload without reading its tensors (one process); {} where
-    the run has none or it cannot be read (resume's own checks say so)."""
-    found = list_checkpoints(run_dir)
-    if not found:
-        return {}
-    path = found[-1][1]
-    try:
+def _newest_record(run_dir: Path) -> tuple[int | None, dict]:
+    """(step, record) of the checkpoint a resume goes on from, without reading its tensors: a DeepSpeed folder's
+    meta.json ({} where it cannot be read: resume says why), or the newest one-process file that reads back as
+    resume reads it, loaded with mmap; (None, {}) where there is none."""
+    for step, path in reversed(list_checkpoints(run_dir)):
         if path.is_dir():
-            record = _read_meta(path)
-        else:  # mmap: the tensors are not read
+            try:
+                return step, _read_meta(path)
+            except UserError:
+                return step, {}
+        try:
             record = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        return {}
-    return record if isinstance(record, dict) else {}
+        except Exception:
+            continue
+        if payload_problem(record, step) is None:
+            return step, record
+    return None, {}
 
 
 def saved_choices(run_dir: Path) -> tuple[str | None, object]:
-    """(precision, routes) the newest checkpoint of run_dir was made with, read once: the precision ("bf16", "fp32";
-    None where it has none or does not say, made before it was recorded), in which a resume under
+    """(precision, routes) the checkpoint a resume of run_dir goes on from was made with, read once: the precision
+    ("bf16", "fp32"; None where it has none or does not say, made before it was recorded), in which a resume under
     `train.precision: auto` goes on, and the measured kernel choices (train/routes.py validates them; None)."""
-    record = _newest_record(run_dir)
+    record = _newest_record(run_dir)[1]
     precision = record.get("precision")
     return (precision if precision in ("bf16", "fp32") else None), record.get("routes")
+
+
+def resumable_step(run_dir: Path) -> int | None:
+    """The step a --resume of run_dir goes on from: its newest checkpoint, or the newest before it where that one
+    cannot be read (None: none can; resume says why)."""
+    return _newest_record(run_dir)[0]
 
 
 def _read_checkpoint(path: Path, step: int) -> tuple[dict | None, str]:
     """(payload, "") for a file that reads back as save_checkpoint wrote it, else (None, why it cannot be read)."""
     try:
-        with open(path, "rb") as f:
-            if not f.read(1):
-                return None, "empty file"
-    except OSError as e:  # no permission, deleted meanwhile
-        return None, e.strerror or type(e).__name__
-    try:
+        if path.stat().st_size == 0:
+            return None, "empty file"
         # Optimizer and RNG states hold numpy and python objects, so weights_only cannot be used;
         # these files are written by this program into the user's own run directory.
         payload = torch.load(path, map_location="cpu", weights_only=False)
+    except OSError as e:  # no permission, deleted meanwhile
+        return None, e.strerror or type(e).__name__
     except Exception as e:  # what torch.load raises on a file cut short or overwritten (should not happen: atomic)
         return None, f"truncated or corrupt: {type(e).__name__}"
     problem = payload_problem(payload, step)
     return (None, problem) if problem else (payload, "")
 
 
-def _latest_readable(run_dir: Path) -> tuple[dict | None, list[tuple[Path, str]]]:
-    """The newest one-process checkpoint that reads back whole (None: none does) and the newer files passed over,
-    newest first, each with why it cannot be read."""
+def load_latest_checkpoint(run_dir: Path) -> dict | None:
+    """The newest readable one-process checkpoint (None: the run has no checkpoint file); each newer file that
+    cannot be read is passed over with a warning line on stderr, and where none can be read, a one-line error
+    names the newest."""
     skipped = []
     for step, path in reversed(list_checkpoints(run_dir)):
         if path.is_dir():
             continue
         payload, why = _read_checkpoint(path, step)
         if payload is not None:
-            return payload, skipped
+            for old, reason in skipped:  # left as they are: the user may want to look at them
+                print(f"warning: {old}: cannot be read ({reason}); resuming from step {step}", file=sys.stderr,
+                      flush=True)
+            return payload
         skipped.append((path, why))
-    return None, skipped
-
-
-def _warn_skipped(skipped: list[tuple[Path, str]], step: int) -> None:
-    for path, why in skipped:  # left as they are: the user may want to look at them
-        print(f"warning: {path}: cannot be read ({why}); resuming from step {step}", file=sys.stderr, flush=True)
-
-
-def load_latest_checkpoint(run_dir: Path) -> dict | None:
-    """The newest readable one-process checkpoint, or None when the run has none; each newer file that cannot be
-    read is passed over with a warning line on stderr."""
-    payload, skipped = _latest_readable(run_dir)
-    if payload is not None:
-        _warn_skipped(skipped, payload["step"])
-    return payload
+    if skipped:
+        newest, why = skipped[0]
+        raise UserError(f"{newest}: cannot be read ({why}); no readable checkpoint to resume from (train into a "
+                        "new out_dir=... to start over)")
+    return None
 
 
 def _check_params(saved: dict[str, list[int]], named_params, source: str) -> None:
@@ -367,10 +367,4 @@ def resume(run_dir: Path, named_params, optimizer, engine=None, stage: int = 0, 
         return _load_engine_checkpoint(engine, path, named_params, rank, world_size, stage, extra)
     if engine is not None:
         raise UserError(f"{path}: checkpoint was written without DeepSpeed; resume without train.deepspeed")
-    payload, skipped = _latest_readable(run_dir)
-    if payload is None:  # the newest is a file, so skipped holds it
-        newest, why = skipped[0]
-        raise UserError(f"{newest}: cannot be read ({why}); no readable checkpoint to resume from (train into a "
-                        "new out_dir=... to start over)")
-    _warn_skipped(skipped, payload["step"])
-    return restore(payload, named_params, optimizer, str(run_dir), extra)
+    return restore(load_latest_checkpoint(run_dir), named_params, optimizer, str(run_dir), extra)

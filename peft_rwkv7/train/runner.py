@@ -182,7 +182,10 @@ def check_resume(recipe: Recipe, out_dir: Path) -> None:
     saved = list_checkpoints(out_dir)
     if not saved:
         raise UserError(f"{out_dir}: nothing to resume (no checkpoints/); run without --resume")
-    done = saved[-1][0]
+    from .checkpoint import resumable_step  # torch: imported where a resume needs it
+
+    readable = resumable_step(out_dir)  # a damaged newest checkpoint is passed over (None: resume says why)
+    done = saved[-1][0] if readable is None else readable
     old, new, changed = _changes(recipe, out_dir)
     if "train.max_steps" in changed and _same_lr_so_far(recipe, old, done):
         changed.remove("train.max_steps")
@@ -194,7 +197,7 @@ def check_resume(recipe: Recipe, out_dir: Path) -> None:
         raise UserError(f"{out_dir}: --resume with a recipe that differs from the run's: {_show(old, new, changed)}; "
                         f"resume with the run's own recipe ({out_dir / 'recipe.yaml'}), or train into a new "
                         "out_dir=...")
-    if done >= recipe.train.max_steps:
+    if readable is not None and done >= recipe.train.max_steps:
         raise UserError(f"{out_dir}: the run is finished ({done} of {recipe.train.max_steps} steps); nothing to "
                         f"resume (to train on, raise train.max_steps where the schedule allows: constant or wsd)")
 

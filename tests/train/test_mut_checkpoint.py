@@ -201,7 +201,11 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     (d / "step_000006").mkdir()  # a DeepSpeed folder: not one process's, skipped
     assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 2
     os.replace(d / "step_000002.pt", d / "step_000003.pt")  # a file whose name and step disagree: not trusted
-    assert ckpt.load_latest_checkpoint(tmp_path) is None
+    with pytest.raises(UserError, match=r"step_000004\.pt: cannot be read \(truncated or corrupt: "):
+        ckpt.load_latest_checkpoint(tmp_path)
+    (d / "step_000004.pt").unlink()
+    (d / "step_000003.pt").unlink()
+    assert ckpt.load_latest_checkpoint(tmp_path) is None  # no file: a DeepSpeed run's folders only
 
 
 def test_the_checkpoints_tensors_load_onto_the_cpu(tmp_path, monkeypatch):
@@ -295,7 +299,7 @@ def test_a_delete_that_fails_never_stops_a_run_and_the_next_prune_finishes_it(tm
 
 def test_the_newest_record_is_read_without_its_tensors(tmp_path, monkeypatch):
     """saved_choices maps the newest checkpoint (mmap, onto the CPU) instead of reading its tensors into memory,
-    and a file holding something else than a checkpoint's dict says nothing."""
+    and a file holding something else than a checkpoint's dict is passed over, as resume passes it over."""
     params, opt = _trained()
     ckpt.save_checkpoint(tmp_path, 1, params, opt, precision="fp32")
     seen = []
@@ -304,7 +308,9 @@ def test_the_newest_record_is_read_without_its_tensors(tmp_path, monkeypatch):
     assert ckpt.saved_choices(tmp_path) == ("fp32", None)
     assert seen == [{"map_location": "cpu", "weights_only": False, "mmap": True}]
     torch.save([1, 2], tmp_path / "checkpoints" / "step_000002.pt")
-    assert ckpt.saved_choices(tmp_path) == (None, None)
+    assert ckpt.saved_choices(tmp_path) == ("fp32", None) and ckpt.resumable_step(tmp_path) == 1
+    torch.save([1, 2], tmp_path / "checkpoints" / "step_000001.pt")
+    assert ckpt.saved_choices(tmp_path) == (None, None) and ckpt.resumable_step(tmp_path) is None
 
 
 def _deepspeed_checkpoint(run: Path, step: int, world_size: int) -> Path:

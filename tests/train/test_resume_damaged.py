@@ -108,8 +108,23 @@ def test_a_damaged_only_checkpoint_is_one_error_line(tmp_path, capsys, damage, r
         ckpt.resume(tmp_path, [("p", p)], torch.optim.AdamW([p]))
     assert str(e.value) == f"{tmp_path}/checkpoints/step_000004.pt: cannot be read ({reason}); {NONE_LEFT}"
     assert p.tolist() == [0.0, 0.0, 0.0]
-    assert ckpt.load_latest_checkpoint(tmp_path) is None
+    with pytest.raises(UserError) as e:
+        ckpt.load_latest_checkpoint(tmp_path)
+    assert str(e.value) == f"{tmp_path}/checkpoints/step_000004.pt: cannot be read ({reason}); {NONE_LEFT}"
+    assert ckpt.resumable_step(tmp_path) is None and ckpt.saved_choices(tmp_path) == (None, None)
     assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("damage, reason", DAMAGES.values(), ids=DAMAGES.keys())
+def test_the_step_and_choices_a_resume_goes_on_with_are_the_readable_checkpoints(tmp_path, damage, reason):
+    """What --resume checks before it trains (runner.check_resume: is the run finished?) and the precision and kernel
+    choices it goes on with come from the checkpoint it resumes from, not from a damaged newer one."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    ckpt.save_checkpoint(tmp_path, 2, [("p", p)], torch.optim.AdamW([p]), precision="bf16", routes={"r": 2})
+    newest = ckpt.save_checkpoint(tmp_path, 4, [("p", p)], torch.optim.AdamW([p]), precision="fp32", routes=None)
+    assert (ckpt.resumable_step(tmp_path), ckpt.saved_choices(tmp_path)) == (4, ("fp32", None))
+    damage(newest)
+    assert (ckpt.resumable_step(tmp_path), ckpt.saved_choices(tmp_path)) == (2, ("bf16", {"r": 2}))
 
 
 def test_every_file_passed_over_gets_its_line_and_the_error_names_the_newest(tmp_path, capsys):
@@ -168,3 +183,28 @@ def test_the_cli_resumes_past_a_damaged_newest_checkpoint(tiny_world, tmp_path, 
     steps = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps[-1] == 6
     assert ckpt.load_latest_checkpoint(out)["step"] == 6
+
+
+def test_a_finished_run_whose_last_checkpoint_is_damaged_resumes_to_the_same_adapter(tiny_world, tmp_path, capsys):
+    """Found by fuzzing: --resume read the damaged file's step from its name and said the run was finished; it goes
+    on from the readable checkpoint before it, and the steps taken again give the adapter bit for bit (exact
+    resume), so a damaged final checkpoint costs the steps since the one before, never the run."""
+    from safetensors.torch import load_file
+
+    from peft_rwkv7.cli import main
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_world, out, steps=4, **{"train.save_every": 2})
+    assert main(["train", LORA, *overrides]) == 0
+    finished = load_file(out / "adapter.safetensors")
+    final = out / "checkpoints" / "step_000004.pt"
+    final.write_bytes(final.read_bytes()[:100])
+    (out / "adapter.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["train", LORA, *overrides, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {final}: cannot be read (truncated or corrupt: RuntimeError); resuming from step 2\n" in err
+    assert "error" not in err and "Traceback" not in err
+    again = load_file(out / "adapter.safetensors")
+    assert set(again) == set(finished) and all(torch.equal(again[k], finished[k]) for k in finished)
+    assert ckpt.resumable_step(out) == 4
