@@ -51,5 +51,5 @@ def _is_record(record) -> bool:
     def number(v) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool)
 
-    return (isinstance(record, dict) and number(record.get("step")) and isinstance(record["step"], int)
+    return (isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
             and all(number(record[k]) for k in ("loss", "eval_loss", "time") if k in record))

@@ -47,7 +47,7 @@ def _field(data: dict, key: str, kind: type | tuple[type, ...], where: str, defa
     v = data.get(key)
     if v is None:
         return default
-    if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+    if not isinstance(v, kind) or isinstance(v, bool):  # no caller asks for a bool
         raise UserError(f"{where}: {key} is {type(v).__name__} {v!r:.40}, not what rwkv-peft writes there")
     return v
 

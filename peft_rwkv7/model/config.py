@@ -130,7 +130,7 @@ def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> RWK
                                   f"only")
         shown = ", ".join(missing[:4]) + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else "")
         raise CheckpointError(f"{source}: not an RWKV-7 checkpoint, missing keys: {shown}")
-    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)) and not k.endswith("time_state")}
     n_layer = max(layers) + 1
     V, C = sd["emb.weight"].shape
     v1 = next((sd[f"blocks.{i}.att.v1"] for i in range(n_layer) if f"blocks.{i}.att.v1" in sd), None)
@@ -154,9 +154,11 @@ def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> RWK
     if absent:
         shown = ", ".join(absent[:4]) + (f" (+{len(absent) - 4} more)" if len(absent) > 4 else "")
         raise CheckpointError(f"{source}: incomplete RWKV-7 checkpoint, missing keys: {shown}")
-    unknown = [k for k in sd if k not in want and not k.endswith(".att.time_state")]
+    states = {f"blocks.{i}.att.time_state" for i in range(n_layer)}  # a state-tuned model's (H, N, N) per layer
+    unknown = [k for k in sd if k not in want and k not in states]
     if unknown:
         raise CheckpointError(f"{source}: unexpected keys for RWKV-7: {', '.join(unknown[:4])}")
+    want.update({k: (H, N, N) for k in states if k in sd})
     for k, shape in want.items():
         if tuple(sd[k].shape) != shape:
             raise CheckpointError(

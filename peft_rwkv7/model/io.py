@@ -63,10 +63,7 @@ def model_from_state_dict(
     model = model.to(dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     for i, blk in enumerate(model.blocks):
         ts = sd.get(f"blocks.{i}.att.time_state")
-        if ts is not None:
-            if tuple(ts.shape) != (cfg.n_head, cfg.head_size, cfg.head_size):
-                raise CheckpointError(f"{source}: blocks.{i}.att.time_state is {list(ts.shape)}, "
-                                      f"expected {[cfg.n_head, cfg.head_size, cfg.head_size]}")
+        if ts is not None:  # its shape checked by infer_config
             blk.att.register_buffer("time_state", torch.empty(ts.shape, device=device, dtype=torch.float32))
     with torch.no_grad():
         own = model.state_dict()

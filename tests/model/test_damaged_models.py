@@ -100,3 +100,24 @@ def test_a_config_that_is_no_text_says_so(hf_dir, tmp_path, capsys):
     (d / "config.json").write_bytes(b"\xc9\x00\xff{}")
     msg = convert_error(capsys, d, tmp_path / "m.pth")
     assert msg == f"{d / 'config.json'}: not UTF-8 text (byte 0), expected a JSON file"
+
+
+@pytest.mark.parametrize("key, shape, want", [
+    ("blocks.0.att.time_state", (4, 16, 8), "inconsistent shapes: blocks.0.att.time_state is [4, 16, 8], expected "
+                                            "[4, 16, 16]"),
+    ("blocks.1.att.time_state", (64,), "inconsistent shapes: blocks.1.att.time_state is [64], expected [4, 16, 16]"),
+    ("blocks.7.att.time_state", (4, 16, 16), "unexpected keys for RWKV-7: blocks.7.att.time_state"),
+    ("blocks.x.att.time_state", (4, 16, 16), "unexpected keys for RWKV-7: blocks.x.att.time_state"),
+])
+def test_a_state_tuned_models_time_state_is_checked_like_its_weights(good, tmp_path, capsys, key, shape, want):
+    """Found by fuzzing: convert wrote a model whose time_state had any shape, or was for a layer the model does not
+    have (the 2-layer model here has 4 heads of 16: a state is 4 x 16 x 16 per layer)."""
+    src = damaged(good, tmp_path, "state.pth", lambda sd: sd.update({key: torch.zeros(shape)}))
+    assert convert_error(capsys, src, tmp_path / "m.pth") == f"{src}: {want}"
+
+
+def test_a_well_shaped_time_state_converts(good, tmp_path, capsys):
+    state = torch.randn(4, 16, 16)
+    src = damaged(good, tmp_path, "state.pth", lambda sd: sd.update({"blocks.1.att.time_state": state}))
+    assert main(["convert", str(src), str(tmp_path / "m.pth")]) == 0, capsys.readouterr().err
+    assert torch.equal(torch.load(tmp_path / "m.pth", weights_only=True)["blocks.1.att.time_state"].float(), state)

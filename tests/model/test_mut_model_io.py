@@ -45,8 +45,8 @@ def test_a_tuned_state_stays_fp32_through_a_bf16_save_and_load(tmp_path):
 def test_a_state_of_the_wrong_shape_is_refused(tmp_path):
     sd = tuned_state_dict()
     sd["blocks.1.att.time_state"] = torch.zeros(4, 16, 8)
-    with pytest.raises(CheckpointError, match=r"^m.pth: blocks.1.att.time_state is \[4, 16, 8\], expected "
-                                              r"\[4, 16, 16\]$"):
+    with pytest.raises(CheckpointError, match=r"^m.pth: inconsistent shapes: blocks.1.att.time_state is "
+                                              r"\[4, 16, 8\], expected \[4, 16, 16\]$"):
         model_from_state_dict(sd, source="m.pth")
 
 
@@ -208,7 +208,7 @@ def test_torchs_reason_for_a_cut_zip_is_kept(tmp_path):
 def test_defaults_name_the_checkpoint_and_seed_zero():
     sd = tuned_state_dict()
     sd["blocks.1.att.time_state"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"^checkpoint: blocks\.1\.att\.time_state is \[1\]"):
+    with pytest.raises(CheckpointError, match=r"^checkpoint: inconsistent shapes: blocks\.1\.att\.time_state is \[1\]"):
         model_from_state_dict(sd)
     from peft_rwkv7.model import RWKV7Config, new_model
     from peft_rwkv7.model.init import init_weights
