@@ -186,6 +186,8 @@ class MethodConfig(ConfigModel):
     @classmethod
     def from_dict(cls, d: dict, where: str = "method") -> MethodConfig:
         """Build from a recipe/adapter.json mapping; unknown keys are a UserError naming them."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: expected a mapping of method fields (kind, r, ...), got {type(d).__name__}")
         unknown = sorted(set(d) - set(cls.model_fields))
         if unknown:
             known = ", ".join(sorted(cls.model_fields))

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..model import RWKV7, RWKV7Config, atomic_save, atomic_write, read_state_dict
 from ..run_dir import CHECKPOINT_NAME
 from .config import TARGETS, MethodConfig, part_of
-from .methods import AdaptedRWKV7, attach, base_fingerprint, trainable_parameters
+from .methods import AdaptedRWKV7, attach, base_fingerprint, check_attachable, trainable_parameters
 from .tensor_checks import check_adapter_tensors
 
 ADAPTER_FILE, META_FILE, STATE_FILE = "adapter.safetensors", "adapter.json", "state.pth"
@@ -77,8 +77,14 @@ def shared_tensors(adapted: AdaptedRWKV7) -> dict[str, torch.Tensor]:
 
 def save_adapter(adapted: AdaptedRWKV7, run_dir: str | os.PathLike, base_path: str | None = None) -> None:
     """Write adapter.safetensors, state.pth (state tuning) and adapter.json (last) into run_dir."""
+    if not isinstance(adapted, AdaptedRWKV7):
+        raise TypeError(f"save_adapter: expected an adapted model (what attach or load_adapter returns), got "
+                        f"{type(adapted).__name__}; a plain RWKV7 is saved with save_model")
     d = Path(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file there, no permission
+        raise UserError(f"{d}: cannot write an adapter folder here ({e.strerror or e}); choose another path") from None
     cfg = adapted.method
     tensors = adapter_tensors(adapted)
     blob = safetensors.torch.save(tensors)
@@ -242,6 +248,7 @@ def load_adapter(model: RWKV7, run_dir_or_file: str | os.PathLike | AdapterFile,
     The adapted model computes what was trained: for PiSSA the saved SVD start is reused (no new
     SVD), and a quantized base is quantized again exactly as in training.
     """
+    check_attachable(model, "load_adapter")
     af = run_dir_or_file if isinstance(run_dir_or_file, AdapterFile) else read_adapter(run_dir_or_file, lora_alpha)
     check_base(af, base_fingerprint(model.state_dict()), "this model")
     pissa = af.method.residual_init is not None

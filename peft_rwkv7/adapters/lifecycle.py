@@ -17,14 +17,17 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..model import RWKV7, model_from_state_dict
+from ..errors import UserError
+from ..model import DTYPES, RWKV7, model_from_state_dict
 from ..model.rwkv7 import Linear
 from .config import PEFT_TUNERS, PROJECTIONS
 from .disha import BatLinear, bat_delta, bone_delta
 from .files import shared_tensors
-from .methods import AdaptedRWKV7, canonical_name, is_adapter_leaf
+from .methods import ATTACHED, AdaptedRWKV7, canonical_name, is_adapter_leaf
 from .peft_merge import merged_peft_weight
 from .quant import dequantized_weight
+
+_DISABLED = "_adapter_disabled"  # in an AdaptedRWKV7's __dict__ while disable_adapter holds it off
 
 
 def _is_tuner(layer: nn.Module) -> bool:
@@ -44,6 +47,16 @@ def _projections(model: RWKV7) -> Iterator[tuple[str, nn.Module]]:
 
 def _base_of(layer: nn.Module) -> nn.Module:
     return layer.get_base_layer() if _is_tuner(layer) else getattr(layer, "base_layer", layer)
+
+
+def _require_adapted(adapted, fn: str) -> None:
+    """TypeError for what is no adapted model; UserError for one whose method detach took off already."""
+    if not isinstance(adapted, AdaptedRWKV7):
+        raise TypeError(f"{fn}: expected an adapted model (what attach or load_adapter returns), got "
+                        f"{type(adapted).__name__}")
+    if adapted.detached:
+        raise UserError(f"{fn}: the method was detached from this model already (detach gave back the base RWKV7); "
+                        "attach or load_adapter again")
 
 
 def _full_parts(adapted: AdaptedRWKV7) -> bool:
@@ -74,7 +87,14 @@ def merge(adapted: AdaptedRWKV7, dtype: torch.dtype = torch.float32) -> RWKV7:
     """A new RWKV7 (on the adapted model's device, in `dtype`) computing what `adapted` computes.
 
     Projections: base (dequantized for a quantized base; the residual for PiSSA) + adapter delta;
-    parameters trained in full: their trained values; a trained state: `att.time_state`."""
+    parameters trained in full: their trained values; a trained state: `att.time_state`. dtype: a torch float
+    dtype or its name (bf16, fp16, fp32)."""
+    _require_adapted(adapted, "merge")
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"merge: dtype must be a float dtype (torch.float32, torch.bfloat16, ...) or one of "
+                         f"{', '.join(DTYPES)}, got {dtype!r}")
     model = adapted.model
     projections = {f"{n}.weight": merged_projection(adapted, n) for n, _ in _projections(model)}
     sd = {}
@@ -97,7 +117,12 @@ def merge(adapted: AdaptedRWKV7, dtype: torch.dtype = torch.float32) -> RWKV7:
 def disable_adapter(adapted: AdaptedRWKV7) -> Iterator[AdaptedRWKV7]:
     """Within the context `adapted` computes the base model's outputs (see the module docstring).
 
-    Parameters trained in full (kind full, train_parts) have no "off": keep a frozen copy instead."""
+    Parameters trained in full (kind full, train_parts) have no "off": keep a frozen copy instead. Nested
+    contexts are one: the adapter comes back when the outermost ends."""
+    _require_adapted(adapted, "disable_adapter")
+    if adapted.__dict__.get(_DISABLED):  # already off: an inner context must not switch it back on at its end
+        yield adapted
+        return
     if _full_parts(adapted):
         raise ValueError("disable_adapter: parameters trained in full (kind full / train_parts) cannot be "
                          "switched off; keep a frozen copy of the base for them")
@@ -108,6 +133,7 @@ def disable_adapter(adapted: AdaptedRWKV7) -> Iterator[AdaptedRWKV7]:
     pissa_swaps = []
     dropouts = []  # (the dropout of a residual start's adapter, its training flag)
     states = []
+    adapted.__dict__[_DISABLED] = True
     try:
         if adapted.pissa_init:  # off = at the start, where residual + (alpha/r) B0 A0 is the base weight
             for name, (a0, b0) in adapted.pissa_init.items():
@@ -132,6 +158,7 @@ def disable_adapter(adapted: AdaptedRWKV7) -> Iterator[AdaptedRWKV7]:
                     blk.att.register_buffer("time_state", base_state, persistent=False)
         yield adapted
     finally:
+        adapted.__dict__.pop(_DISABLED, None)
         for a, b, a_data, b_data in pissa_swaps:
             a.data, b.data = a_data, b_data
         for drop, training in dropouts:
@@ -153,6 +180,7 @@ def detach(adapted: AdaptedRWKV7) -> RWKV7:
     """Take the method off: the base RWKV7 (the same module object, modified in place) as it was before
     attach, except that a quantized base comes back dequantized (4/8-bit rounding cannot be undone)
     and parameters trained in full keep their trained values. PiSSA's residual gets its start back."""
+    _require_adapted(adapted, "detach")
     model = adapted.model
     for name, layer in list(_projections(model)):
         base = _base_of(layer)
@@ -166,7 +194,7 @@ def detach(adapted: AdaptedRWKV7) -> RWKV7:
         plain.weight.copy_(w)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, plain)
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "peft_config"):  # peft's: a later attach starts afresh
         model.__dict__.pop(attr, None)
     if adapted.method.trains_state:
         for blk, base_state in zip(model.blocks, adapted.base_time_states):
@@ -174,4 +202,6 @@ def detach(adapted: AdaptedRWKV7) -> RWKV7:
             if base_state is not None:
                 blk.att.register_buffer("time_state", base_state)
     model.requires_grad_(True)
+    model.__dict__.pop(ATTACHED, None)
+    adapted.detached = True
     return model

@@ -28,6 +28,9 @@ PISSA_SVD_SEED = 0
 _UNUSED = re.compile(r"blocks\.0\.att\.v[012]")
 # Values sampled per tensor for the base-model fingerprint (strided over the flattened tensor).
 FINGERPRINT_SAMPLES = 256
+# Set in an RWKV7's __dict__ (not its state dict) while a method is attached to it: a second attach would stack
+# adapters on adapters (detach clears it).
+ATTACHED = "_peft_rwkv7_attached"
 
 
 def base_fingerprint(sd: dict[str, torch.Tensor]) -> str:
@@ -85,6 +88,8 @@ class AdaptedRWKV7(nn.Module):
         # The peft tuner object of a kind in PEFT_TUNERS (VeRA keeps its shared projections there, AdaLoRA
         # its rank allocator); held outside the module tree so its parameters are not registered twice.
         self.__dict__["tuner"] = None
+        # detach took the method off (the model is the base again): merge, detach and disable_adapter refuse it
+        self.detached = False
 
     @property
     def config(self):
@@ -238,6 +243,18 @@ def _in_layer_order(names: set[str], n_layer: int) -> list[str]:
     return [n for n in order if n in names] + rest
 
 
+def check_attachable(model, fn: str) -> None:
+    """That `model` can take a method (attach, load_adapter): a plain RWKV7 with weights and none attached yet."""
+    if isinstance(model, AdaptedRWKV7) or not isinstance(model, RWKV7):
+        raise TypeError(f"{fn} expects a plain RWKV7 (load a fresh base model to attach another method), "
+                        f"got {type(model).__name__}")
+    if model.__dict__.get(ATTACHED):
+        raise UserError(f"{fn}: this RWKV7 has a method attached already (it is an adapted model's .model); "
+                        "detach it first, or load a fresh base model to attach another method")
+    if model.emb.weight.device.type == "meta":
+        raise UserError(f"{fn}: the model's weights are on the meta device (no values); load it with load_model")
+
+
 def attach(
     model: RWKV7,
     cfg: MethodConfig,
@@ -255,8 +272,10 @@ def attach(
     loaded on the CPU, each projection is quantized straight onto `device`, so the device never holds the
     unquantized projections (QLoRA on a GPU smaller than the float model).
     """
-    if isinstance(model, AdaptedRWKV7) or not isinstance(model, RWKV7):
-        raise TypeError("attach expects a plain RWKV7 (load a fresh base model to attach another method)")
+    check_attachable(model, "attach")
+    if not isinstance(cfg, MethodConfig):
+        raise TypeError(f"attach: cfg must be a MethodConfig (e.g. MethodConfig(kind='lora')), "
+                        f"got {type(cfg).__name__}")
     cfg.validate()
     adapted = AdaptedRWKV7(model, cfg, base_fingerprint(model.state_dict()))
     n_layer, dtype = model.config.n_layer, adapted.base_dtype
@@ -345,11 +364,15 @@ def attach(
                 adapted.base_time_states[i] = start.detach().clone()
                 del blk.att.time_state  # the base's state (a buffer) becomes the trainable start
             blk.att.time_state = nn.Parameter(start.detach().float().clone())
+    model.__dict__[ATTACHED] = True
     return adapted
 
 
 def trainable_parameters(adapted: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(canonical name, parameter) of everything that trains, in module order (stable across runs)."""
+    if not isinstance(adapted, nn.Module):
+        raise TypeError(f"trainable_parameters: expected a model (attach's result or an RWKV7), got "
+                        f"{type(adapted).__name__}")
     model = adapted.model if isinstance(adapted, AdaptedRWKV7) else adapted
     return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
 

@@ -73,12 +73,28 @@ def model_from_state_dict(
 
 
 def pick_device(name: str, field: str) -> torch.device:
-    """"auto" (cuda when available), "cpu" or "cuda"; `field` names the setting in the error when CUDA is missing."""
+    """"auto" (cuda when available), "cpu", "cuda" or "cuda:N"; `field` names the setting in the error when the name
+    is no device or CUDA is missing."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{field} cuda: no CUDA device is available (use cpu or auto)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{field} {name}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{field} {name}: no CUDA device is available (use cpu or auto)")
+    return device
+
+
+def float_dtype(dtype: torch.dtype | str, fn: str) -> torch.dtype:
+    """A model's weight dtype given as torch.bfloat16/float16/float32 or its name (bf16, fp16, fp32); a ValueError
+    naming `fn` for anything else."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"{fn}: dtype must be one of {', '.join(DTYPES)} (or torch.bfloat16, torch.float16, "
+                         f"torch.float32), got {dtype!r}")
+    return dtype
 
 
 def load_model(
@@ -91,8 +107,10 @@ def load_model(
     directory (`read_state_dict` converts the last two); the config is inferred from key shapes.
 
     Weights are cast to `dtype`; the WKV state is always computed in fp32.
-    `model_kwargs` go to RWKV7 (wkv_backend, grad_cp).
+    `model_kwargs` go to RWKV7 (wkv_backend, grad_cp). dtype: also by name (bf16, fp16, fp32); device: also "auto".
     """
+    dtype = float_dtype(dtype, "load_model")
+    device = pick_device(str(device), "load_model: device")
     return model_from_state_dict(read_state_dict(path), dtype, device, source=str(path), **model_kwargs)
 
 
@@ -141,8 +159,11 @@ def official_state_dict(model: RWKV7, dtype: torch.dtype = torch.bfloat16) -> di
 
 
 def save_model(model: RWKV7, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write an official RWKV-7 `.pth` (bf16 by default), atomically."""
-    atomic_save(official_state_dict(model, dtype), path)
+    """Write an official RWKV-7 `.pth` (bf16 by default; dtype also by name: bf16, fp16, fp32), atomically."""
+    if not isinstance(model, RWKV7):
+        raise TypeError(f"save_model: expected an RWKV7, got {type(model).__name__}; an adapted model is saved with "
+                        "save_adapter, or merge(adapted) gives the RWKV7 to save")
+    atomic_save(official_state_dict(model, float_dtype(dtype, "save_model")), path)
 
 
 def new_model(cfg: RWKV7Config, seed: int = 0, **model_kwargs) -> RWKV7:

@@ -34,6 +34,35 @@ class LayerState(NamedTuple):
     ffn_shift: torch.Tensor | None  # [B, C] ln2 output of the previous token
 
 
+# token-id dtypes nn.Embedding and the loss's gather take as they are; other integer widths are widened to int64
+_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str, dims: int = 2, values: bool = True) -> torch.Tensor:
+    """`ids` ([B, T] with dims 2, [B] with dims 1) checked at an entry point: a ValueError/TypeError naming `what`
+    for a wrong type, shape, dtype or an id outside [0, vocab_size); returned as int64/int32 (other integer
+    widths widened). The range (values=True) costs one min/max, on the CPU only: on a GPU it would stall every
+    forward on a device sync, and a bad id there stops the run with torch's device-side assert instead."""
+    shape = "[B, T] (a batch of sequences)" if dims == 2 else "[B] (one per sequence)"
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{what}: expected a LongTensor of token ids {shape}, got {type(ids).__name__}")
+    if ids.dim() != dims:
+        hint = "; add a batch dimension: x[None]" if ids.dim() == dims - 1 else ""
+        raise ValueError(f"{what}: expected token ids {shape}, got shape {tuple(ids.shape)}{hint}")
+    if ids.dtype not in _ID_DTYPES:
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{what}: expected integer token ids (int64), got {ids.dtype}")
+        ids = ids.long()
+    if dims == 2 and ids.shape[1] == 0:
+        raise ValueError(f"{what}: no tokens (shape {tuple(ids.shape)}); each sequence needs at least one")
+    if values and ids.numel() and ids.device.type == "cpu":
+        least, most = torch.stack(torch.aminmax(ids)).tolist()
+        if least < 0 or most >= vocab_size:
+            raise ValueError(f"{what}: token ids must be in [0, {vocab_size}) (the model's vocabulary), "
+                             f"got {least}..{most}")
+    return ids
+
+
 class Linear(nn.Linear):
     """nn.Linear without bias whose single-row CPU inference (batch-1 generation) takes ops.linear's
     fast matvec. Same parameter, same state-dict key; adapters wrap it like any nn.Linear."""
@@ -175,6 +204,9 @@ class RWKV7(nn.Module):
     """idx [B, T] -> logits [B, T, V]; optionally takes and returns per-layer LayerState."""
 
     def __init__(self, cfg: RWKV7Config, wkv_backend: str = "auto", grad_cp: bool = False):
+        if not isinstance(cfg, RWKV7Config):
+            raise TypeError(f"RWKV7: expected an RWKV7Config (RWKV7Config.new(n_layer, n_embd, vocab_size, "
+                            f"head_size)), got {type(cfg).__name__}")
         super().__init__()
         self.config = cfg
         # zeros, not nn.Embedding's normal_: init_weights sets it (new_model) or a checkpoint does, and normal_ on
@@ -241,6 +273,7 @@ class RWKV7(nn.Module):
         """Per-token NLL [B, T] fp32 of labels [B, T] (-100 = not scored, NLL 0) and the final state: the
         same numbers as cross-entropy on forward's logits, through the fused chunked head (the head's
         [B, T, V] logits are never all in memory)."""
+        labels = _checked_labels(labels, idx)
         h, new_state = self.hidden(idx, state)
         if isinstance(self.head, Linear):
             return self.head(h, labels), new_state
@@ -253,9 +286,18 @@ class RWKV7(nn.Module):
         self, idx: torch.Tensor, state: list[LayerState] | None = None
     ) -> tuple[torch.Tensor, list[LayerState]]:
         """The last block's output after ln_out [B, T, C] (what the head reads) and the final state."""
+        idx = check_token_ids(idx, self.config.vocab_size, "idx")
+        if self.emb.weight.device.type == "meta" and idx.device.type != "meta":
+            raise ValueError("model: its weights are on the meta device (no values); load it (load_model) or "
+                             "materialize it (to_empty + weights) before running it")
         B = idx.shape[0]
         if state is None:  # each layer starts from its own time_state, or zeros (TimeMix.forward)
             state = [LayerState(None, None, None)] * len(self.blocks)
+        elif len(state) != len(self.blocks) or not all(isinstance(st, LayerState) for st in state):
+            got = (f"{len(state)} ({', '.join(sorted({type(st).__name__ for st in state}))})"
+                   if isinstance(state, (list, tuple)) else type(state).__name__)
+            raise ValueError(f"state: expected a list of {len(self.blocks)} LayerState (one per layer, as "
+                             f"return_state=True gives), got {got}")
         x = self.emb(idx)
         v_first = None
         new_state = []
@@ -274,5 +316,19 @@ class RWKV7(nn.Module):
         self, token: torch.Tensor, state: list[LayerState] | None = None
     ) -> tuple[torch.Tensor, list[LayerState]]:
         """One RNN step for generation. token: LongTensor [B]; returns logits [B, V] and the state."""
+        token = check_token_ids(token, self.config.vocab_size, "token", dims=1, values=False)  # values: in hidden
         logits, state = self.forward(token[:, None], state, return_state=True)
         return logits[:, -1], state
+
+
+def _checked_labels(labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """labels of token_nll: a tensor of idx's shape [B, T], integer (int64; other widths widened). Their values are
+    checked where the NLL is taken (ops.linear_ce)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a LongTensor [B, T] (-100 = not scored), got {type(labels).__name__}")
+    if isinstance(idx, torch.Tensor) and labels.shape != idx.shape:
+        raise ValueError(f"labels: shape {tuple(labels.shape)} differs from idx's {tuple(idx.shape)}; labels[b, t] "
+                         "is the token after idx[b, t] (idx = ids[:, :-1], labels = ids[:, 1:])")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected integer token ids (int64, -100 = not scored), got {labels.dtype}")
+    return labels if labels.dtype == torch.int64 else labels.long()

@@ -3,6 +3,8 @@ optimizers' parameter groups."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 
 import torch
@@ -28,6 +30,8 @@ def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: in
     BPTT through the kernels' state gradient) while each chunk's activations are recomputed in backward, so
     memory is O(chunk_len) instead of O(T)."""
 
+    _check_inputs(model, idx, labels, chunk_len)
+
     def chunk_logps(x, y, state):
         if hasattr(model, "token_nll"):  # the fused chunked head: no [B, T, V] logits held
             nll, new_state = model.token_nll(x, y, state)
@@ -50,6 +54,23 @@ def sequence_logps(model, idx: torch.Tensor, labels: torch.Tensor, chunk_len: in
         part, state = checkpoint(chunk_logps, x, y, state, use_reentrant=False)
         total = total + part
     return total, tokens
+
+
+def _check_inputs(model, idx, labels, chunk_len) -> None:
+    """TypeError/ValueError naming the argument a caller got wrong (shapes and types only: the token ids' values are
+    checked by the model, labels' by the loss)."""
+    if not callable(model):
+        raise TypeError(f"model: expected an RWKV7 or an adapted model, got {type(model).__name__}")
+    for name, t in (("idx", idx), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a LongTensor [B, T], got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected [B, T] (a batch of sequences), got shape {tuple(t.shape)}")
+    if labels.shape != idx.shape:
+        raise ValueError(f"labels: shape {tuple(labels.shape)} differs from idx's {tuple(idx.shape)}; labels[b, t] is "
+                         "the token after idx[b, t] (idx = ids[:, :-1], labels = ids[:, 1:])")
+    if isinstance(chunk_len, bool) or not isinstance(chunk_len, numbers.Integral) or chunk_len < 0:
+        raise ValueError(f"chunk_len: expected an integer >= 0 (0 = the whole sequence at once), got {chunk_len!r}")
 
 
 def _zero3_ranks(model) -> bool:
@@ -104,7 +125,18 @@ def decays(name: str) -> bool:
 
 
 def param_groups(named, weight_decay: float):
-    """Two AdamW groups: tensors decayed by role (see `decays`) and the rest."""
+    """Two AdamW groups: tensors decayed by role (see `decays`) and the rest. `named`: (name, parameter) pairs,
+    e.g. trainable_parameters(model) (a one-pass iterator such as model.named_parameters() is fine)."""
+    if isinstance(named, torch.nn.Module):
+        raise TypeError(f"param_groups: expected (name, parameter) pairs, got the model ({type(named).__name__}); "
+                        "pass trainable_parameters(model)")
+    named = list(named)  # read twice below: a generator (model.named_parameters()) would give the second group nothing
+    if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in named):
+        raise TypeError("param_groups: expected (name, parameter) pairs such as trainable_parameters(model) gives")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real):
+        raise TypeError(f"param_groups: weight_decay must be a number >= 0, got {type(weight_decay).__name__}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"param_groups: weight_decay must be a finite number >= 0, got {weight_decay!r}")
     decay = [p for n, p in named if decays(n)]
     rest = [p for n, p in named if not decays(n)]
     groups = [{"params": rest, "weight_decay": 0.0}]
