@@ -8,7 +8,7 @@ the trainer as the CLI in a process, evaluation, inference, export) and show the
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,10 @@ class Ui:
 
     def t(self, key: str, **fmt: object) -> str:
         return text(self.lang, key, **fmt)
+
+    def in_lang(self, lang: str) -> Ui:
+        """This Ui speaking `lang` (one browser tab's choice); runs, trainers and cache stay shared."""
+        return self if lang == self.lang else replace(self, lang=lang)
 
     def label(self, component, key: str, prop: str = "label"):
         """Register `component` so that its `prop` shows text `key` in the chosen language; returns it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 from itertools import islice
+from pathlib import Path
 
 from ..errors import UserError
 from ..path_checks import need_data, need_output, need_path, need_tokenizer
@@ -197,10 +198,17 @@ def build_data(path: str, out: str, tokenizer: str) -> dict:
     from ..data import build_binidx
 
     path, out, tokenizer = (path or "").strip(), (out or "").strip(), (tokenizer or "").strip()
+    if not path:
+        raise UserError("data.path: give the data file to build from (jsonl, json or parquet)")
     need_path("INPUT", path)
     if not out:
         raise UserError("--out is required: the output prefix (writes PREFIX.bin and PREFIX.idx)")
     need_output("--out", out)
+    for ext in (".bin", ".idx"):  # nothing a user made is written over (the CLI's data build would)
+        if Path(out + ext).exists():
+            raise UserError(f"--out {out}: {out}{ext} exists; pick another prefix (nothing is overwritten)")
+    if not tokenizer:
+        raise UserError("--tokenizer: give 'world' or a tokenizer.json file, got nothing")
     need_tokenizer("--tokenizer", tokenizer)
     return build_binidx(path, out, tokenizer_spec=tokenizer, progress=False)
 

@@ -58,6 +58,8 @@ def eval_args(mode: str, model: str, adapter: str | None, data: str | None, comp
     flags it reads (the CLI refuses the others)."""
     if mode not in MODES:
         raise UserError(f"evaluation mode {mode!r}: expected one of {', '.join(MODES)}")
+    if not (model or "").strip():
+        raise UserError("--model: give a model file (.pth, .st or an HF directory)")
     args = ["eval", "--model", (model or "").strip()]
     adapter = (adapter or "").strip()
     if mode == "pairs":
@@ -170,14 +172,19 @@ def evaluate(mode: str, model: str, adapter: str | None, data: str | None, compa
             yield {"error": error_line(stderr)}
             return
         out = tmp / "result.json"
-        result = json.loads(out.read_text() if out.is_file() else last_line(stdout))
+        try:
+            result = json.loads(out.read_text() if out.is_file() else last_line(stdout))
+            markdown = result_markdown(mode, result)
+        except (ValueError, KeyError, TypeError, AttributeError):  # not the JSON result this mode writes
+            yield {"error": f"rwkv-peft eval ended without a {mode} result: {last_line(stdout) or 'no output'}"}
+            return
         image = None
         if (tmp / "plot.png").is_file():
             from PIL import Image
 
             with Image.open(tmp / "plot.png") as im:
                 image = im.convert("RGB")
-        yield {"result": result, "markdown": result_markdown(mode, result), "image": image,
+        yield {"result": result, "markdown": markdown, "image": image,
                "command": cli_command(args)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,7 @@ Pure Python (no gradio): field specs, values <-> overrides, error -> field.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import typing
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from pydantic import BaseModel
 from ..config_base import _model_in, _strip, allowed
 from ..errors import UserError
 from ..train.recipe import Recipe, dump_recipe, load_recipe, recipe_data
+
+# text keys that the recipe takes empty but no run can use: out_dir "" trains into the working directory
+REQUIRED_TEXT = {"out_dir": "the run directory, e.g. runs/my_run"}
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,16 @@ def flatten(data: dict, prefix: str = "", keys: set[str] | None = None) -> dict[
 def recipe_values(path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """The effective value of every form key for `path` with `overrides` (defaults filled in), as the run
     would see them; a bad recipe is the CLI's one-line UserError."""
-    recipe = load_recipe(path, overrides or [])
+    recipe = _load(path, overrides or [])
     return flatten(yaml.safe_load(dump_recipe(recipe)))
+
+
+def _load(path: str, extra: list[str]) -> Recipe:
+    """load_recipe, with a file that is not UTF-8 text as a one-line UserError naming it."""
+    try:
+        return load_recipe(path, extra)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}), expected a recipe .yaml file") from None
 
 
 def shown(spec: FieldSpec, value: Any) -> Any:
@@ -110,8 +122,16 @@ def parse(spec: FieldSpec, raw: Any) -> Any:
     if spec.widget in ("bool", "int", "float"):
         if raw is None:
             raise UserError(f"{spec.key}: expected {spec.allowed}, got nothing")
-        if spec.widget == "int" and float(raw) == int(float(raw)):
-            return int(float(raw))
+        if spec.widget == "bool":
+            return raw
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):  # NaN, inf, text: no number a recipe takes
+            raise UserError(f"{spec.key}: expected {spec.allowed}, got {raw}")
+        if spec.widget == "int" and number == int(number):
+            return int(number)
         return raw
     if spec.widget == "choice":
         if raw is None:
@@ -125,6 +145,8 @@ def parse(spec: FieldSpec, raw: Any) -> Any:
     if text.strip() == "" and spec.nullable:
         return None
     if spec.widget == "str":
+        if spec.key in REQUIRED_TEXT and not text.strip():
+            raise UserError(f"{spec.key}: expected {REQUIRED_TEXT[spec.key]}, got nothing")
         return text
     try:
         return yaml.safe_load(text) if text.strip() != "" else ""
@@ -159,7 +181,7 @@ def check(recipe: str, specs: list[FieldSpec], raw: list[Any]) -> tuple[list[str
     try:
         base = recipe_values(recipe)
         extra = overrides(specs, raw, base)
-        load_recipe(recipe, extra)
+        _load(recipe, extra)
     except UserError as e:
         return [], str(e), field_of(str(e), specs)
     return extra, None, None

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ class RunInfo:
 def read_recipe(run: Path) -> dict:
     try:
         data = yaml.safe_load((Path(run) / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # damaged or not text: a run with no recipe to show
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -76,7 +77,7 @@ def run_info(run: Path) -> RunInfo:
     evals = [r for r in records if "eval_loss" in r]
     saved = list_checkpoints(run)
     max_steps = _section(recipe, "train").get("max_steps")
-    max_steps = max_steps if isinstance(max_steps, int) and not isinstance(max_steps, bool) else 0
+    max_steps = max_steps if isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps > 0 else 0
     checkpoint = saved[-1][0] if saved else 0
     if held(run):
         status = "running"
@@ -94,8 +95,18 @@ def list_runs(runs_dir: Path) -> list[RunInfo]:
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and (p / "recipe.yaml").is_file()]
-    found.sort(key=lambda p: (p / "recipe.yaml").stat().st_mtime, reverse=True)
+    try:
+        found = [p for p in root.iterdir() if p.is_dir() and (p / "recipe.yaml").is_file()]
+    except OSError:  # unreadable: no runs to show (the table must not stop)
+        return []
+
+    def mtime(p: Path) -> float:
+        try:
+            return (p / "recipe.yaml").stat().st_mtime
+        except OSError:  # deleted meanwhile
+            return 0.0
+
+    found.sort(key=mtime, reverse=True)
     return [run_info(p) for p in found]
 
 
@@ -127,16 +138,31 @@ class Trainers:
 
     def __init__(self) -> None:
         self.procs: dict[Path, subprocess.Popen] = {}
+        self.lock = threading.Lock()  # two Start clicks at once: one trainer per out_dir
 
     def start(self, recipe: str, overrides: list[str], out_dir: Path, resume: bool = False,
               cwd: Path | None = None) -> subprocess.Popen:
         """`rwkv-peft train RECIPE OVERRIDES [--resume]` in its own session, output appended to out_dir/console.log."""
         out_dir = Path(out_dir)
-        self.reap()
-        if held(out_dir):
-            raise UserError(f"{out_dir} is in use by another rwkv-peft train (pid {holder_pid(out_dir)}); wait for it "
-                            "or stop it, or train into another out_dir")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            self.reap()
+            if held(out_dir):
+                raise UserError(f"{out_dir} is in use by another rwkv-peft train (pid {holder_pid(out_dir)}); wait "
+                                "for it or stop it, or train into another out_dir")
+            starting = self.starting(out_dir)
+            if starting is not None:
+                raise UserError(f"{out_dir} is in use by another rwkv-peft train (pid {starting.pid}, starting); wait "
+                                "for it or stop it, or train into another out_dir")
+            if out_dir.exists() and not out_dir.is_dir():
+                raise UserError(f"out_dir {out_dir}: is a file, expected the run directory")
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                return self._spawn(recipe, overrides, out_dir, resume, cwd)
+            except OSError as e:
+                raise UserError(f"out_dir {out_dir}: cannot be created or written ({e.strerror or e})") from None
+
+    def _spawn(self, recipe: str, overrides: list[str], out_dir: Path, resume: bool,
+               cwd: Path | None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "peft_rwkv7.cli", "train", recipe, *overrides, *(["--resume"] if resume else [])]
         with open(out_dir / CONSOLE, "ab") as log:
             log.write(f"$ rwkv-peft train {' '.join([recipe, *overrides] + (['--resume'] if resume else []))}\n"
@@ -163,12 +189,22 @@ class Trainers:
         """Ctrl-C for the run training in `out_dir` (it saves its last step and exits); False if none runs there."""
         pid = holder_pid(out_dir)
         if pid is None or not held(out_dir):
-            return False
+            starting = self.starting(out_dir)
+            if starting is None:
+                return False
+            pid = starting.pid  # started here, not yet holding the lock: its Ctrl-C all the same
         try:
             os.kill(pid, signal.SIGINT)
         except ProcessLookupError:
             return False
         return True
+
+    def starting(self, out_dir: Path) -> subprocess.Popen | None:
+        """The trainer started here for `out_dir` that has not taken the run lock yet (the lock file names its
+        holder's pid, and keeps naming it after a trainer lets go of it while it exits), or None."""
+        self.reap()
+        proc = self.procs.get(Path(out_dir).resolve())
+        return None if proc is None or holder_pid(out_dir) == proc.pid else proc
 
     def reap(self) -> None:
         for key, proc in list(self.procs.items()):
@@ -179,8 +215,13 @@ class Trainers:
 def delete_run(run: Path) -> None:
     """Remove a run directory; refused while a trainer holds it or where it is not a run directory."""
     run = Path(run)
+    if run.is_symlink():  # rmtree refuses a link; deleting what it points at is not what the table shows
+        raise UserError(f"{run}: a link to {os.readlink(run)}, not a run directory; nothing deleted")
     if not (run / "recipe.yaml").is_file():
         raise UserError(f"{run}: not a run directory (no recipe.yaml); nothing deleted")
     if held(run):
         raise UserError(f"{run}: a trainer is running there; stop it first")
-    shutil.rmtree(run)
+    try:
+        shutil.rmtree(run)
+    except OSError as e:
+        raise UserError(f"{run}: cannot be deleted ({e.strerror or e}); what is left is still there") from None

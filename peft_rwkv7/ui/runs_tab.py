@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .app import error_html
-from .runs import delete_run, list_runs, read_log, read_recipe
+from .data_tab import probe, session_lang
+from .runs import _section, delete_run, list_runs, read_log, read_recipe
 
 # what the format dropdown offers: key -> (CLI command, whether it needs the base model, default output name)
 FORMATS: dict[str, tuple[list[str], bool, str]] = {
@@ -56,7 +57,8 @@ def default_out(fmt: str, run: Path | None) -> str:
 
 def base_model(run: Path) -> str:
     """The base model the run trained on (its recipe.yaml's model.path), or "" where none is named."""
-    return str((read_recipe(run).get("model") or {}).get("path") or "")
+    path = _section(read_recipe(run), "model").get("path")
+    return path if isinstance(path, str) else ""
 
 
 def _loss(x: float | None) -> float | None:
@@ -99,18 +101,21 @@ def curve(run: Path):
     from PIL import Image
 
     png = Path(run) / "loss.png"
-    if not png.is_file():
-        records = read_log(run)
-        if not any("loss" in r for r in records):
-            return None
-        from ..train.logger import plot_losses
-
-        with tempfile.TemporaryDirectory() as d:
-            plot_losses(records, Path(d) / "loss.png")
-            with Image.open(Path(d) / "loss.png") as im:
+    if png.is_file():
+        try:
+            with Image.open(png) as im:
                 return im.copy()
-    with Image.open(png) as im:
-        return im.copy()
+        except OSError:  # damaged or not an image: drawn from log.jsonl as where there is none
+            pass
+    records = read_log(run)
+    if not any("loss" in r for r in records):
+        return None
+    from ..train.logger import plot_losses
+
+    with tempfile.TemporaryDirectory() as d:
+        plot_losses(records, Path(d) / "loss.png")
+        with Image.open(Path(d) / "loss.png") as im:
+            return im.copy()
 
 
 def refresh(ui, current: str | None = None) -> tuple[list[list], dict]:
@@ -134,14 +139,33 @@ def open_run(ui, name: str | None, fmt: str) -> tuple[str, object, str, str, str
     return summary, curve(run), base_model(run), default_out(fmt, run), ""
 
 
+def check_out(run: Path, base: str, out: str) -> None:
+    """Refuse an output that would write over the run itself (its adapter, recipe, log, checkpoints: the CLI
+    would write an export over adapter.safetensors) or over the base model; what Write wrote before (the default
+    output names) may be written again."""
+    target = Path(out).resolve()
+    run = Path(run).resolve()
+    if base and target == Path(base).resolve():
+        raise UserError(f"{out}: is the base model; write the output elsewhere (nothing is overwritten)")
+    ours = run in target.parents and target.exists() and target.relative_to(run).parts[0] not in \
+        {name for _, _, name in FORMATS.values()}
+    if target == run or ours:
+        raise UserError(f"{out}: is part of run {run.name} (its own files); write the output elsewhere, e.g. "
+                        f"{run / 'merged.pth'} (nothing is overwritten)")
+
+
 def write(ui, fmt: str, name: str | None, base: str, out: str) -> str:
     """Run the CLI command `fmt` stands for on run `name`; its printed line, or its error as error_html."""
     try:
         run = run_path(ui, name)
         base, out = (base or "").strip(), (out or "").strip()
-        if FORMATS.get(fmt, (None, False))[1] and not base:
+        if fmt not in FORMATS:
+            raise UserError(f"{ui.t('runs.format')}: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+        if FORMATS[fmt][1] and not base:
             raise UserError(ui.t("runs.need_base", command=command_label(fmt)))
         args = cli_args(fmt, run, base, out)
+        if out:
+            check_out(run, base, out)
     except UserError as e:
         return error_html(str(e))
     if not out:  # the CLI's own message for a missing --out / OUTPUT
@@ -162,12 +186,25 @@ def delete(ui, name: str | None, confirmed: bool) -> str:
     return f'<div class="ui-ok">{html.escape(ui.t("runs.deleted", run=run))}</div>'
 
 
+def headers(t) -> list[str]:
+    return [t(f"runs.col.{c}") for c in COLUMNS]
+
+
+LANG_KEY = "status.running"  # the probe's text: tells a handler the page's language
+
+
 def build(ui) -> None:
     import gradio as gr
 
+    lang_value = probe(ui, LANG_KEY)
+
+    def at(lang_v):
+        """The Ui in this page's language (the switch relabels the probe; ui.lang is the start-up language)."""
+        return ui.in_lang(session_lang(lang_v, LANG_KEY))
+
     rows, pick0 = refresh(ui)
-    headers = [ui.t(f"runs.col.{c}") for c in COLUMNS]
-    table = ui.label(gr.Dataframe(rows, headers=headers, datatype=["str", "str", "str", "str", "number", "number"],
+    types = ["str", "str", "str", "str", "number", "number"]
+    table = ui.label(gr.Dataframe(rows, headers=headers(ui.t), datatype=types,
                                   label=ui.t("runs.table"), interactive=False, elem_id="runs-table", wrap=True),
                      "runs.table")
     refresh_btn = ui.label(gr.Button(ui.t("runs.refresh"), elem_id="runs-refresh"), "runs.refresh", "value")
@@ -195,18 +232,24 @@ def build(ui) -> None:
                               "runs.delete", "value")
     deleted = gr.HTML(elem_id="runs-delete-msg")
 
-    def on_refresh(current):
-        rows, choices = refresh(ui, current)
-        return rows, gr.update(**choices)
+    def table_value(u, rows):
+        return {"data": rows, "headers": headers(u.t)}  # the column names follow the language too
 
-    def on_delete(name, confirmed):
-        msg = delete(ui, name, confirmed)
-        rows, choices = refresh(ui, name)
-        return msg, rows, gr.update(**choices), gr.update(value=False)
+    def on_refresh(current, lang_v):
+        u = at(lang_v)
+        rows, choices = refresh(u, current)
+        return table_value(u, rows), gr.update(**choices)
 
-    refresh_btn.click(on_refresh, pick, [table, pick])
-    timer.tick(on_refresh, pick, [table, pick], show_progress="hidden")
+    def on_delete(name, confirmed, lang_v):
+        u = at(lang_v)
+        msg = delete(u, name, confirmed)
+        rows, choices = refresh(u, name)
+        return msg, table_value(u, rows), gr.update(**choices), gr.update(value=False)
+
+    refresh_btn.click(on_refresh, [pick, lang_value], [table, pick])
+    timer.tick(on_refresh, [pick, lang_value], [table, pick], show_progress="hidden")
     pick.change(lambda name, f: open_run(ui, name, f), [pick, fmt], [summary, thumb, base, out, opened])
     fmt.change(lambda f, name: default_out(f, Path(ui.runs_dir) / name if name else None), [fmt, pick], out)
-    write_btn.click(lambda f, name, b, o: write(ui, f, name, b, o), [fmt, pick, base, out], written)
-    delete_btn.click(on_delete, [pick, confirm], [deleted, table, pick, confirm])
+    write_btn.click(lambda f, name, b, o, lang_v: write(at(lang_v), f, name, b, o), [fmt, pick, base, out, lang_value],
+                    written)
+    delete_btn.click(on_delete, [pick, confirm, lang_value], [deleted, table, pick, confirm])

@@ -9,6 +9,7 @@ its one-line errors), train.runner.preflight (every check `rwkv-peft train` make
 from __future__ import annotations
 
 import html
+import math
 import os
 from pathlib import Path
 
@@ -18,12 +19,14 @@ from ..train.runner import preflight
 from ..train.starter import list_recipes, resolve_recipe
 from . import form
 from .app import error_html
+from .data_tab import probe, session_lang
 from .runs import console_tail, eta_seconds, run_info
 
 SECTIONS = ("model", "method", "data", "train", "log", "run")
 OPEN = ("method", "train")
 DEFAULT = "state_tune"
 PER_ROW = 2
+LANG_KEY = "train.ok"  # the probe's text: tells a handler the page's language
 
 
 def recipe_path(name: str | None, file: str | None) -> str:
@@ -46,7 +49,7 @@ def elem_id(key: str) -> str:
 
 
 def fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):  # a log.jsonl edited by hand: times of 1e309
         return ""
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
@@ -59,15 +62,20 @@ def progress_html(ui, out_dir: str) -> str:
         return f'<div id="train-progress-text">{html.escape(ui.t("status.none"))}</div>'
     info = run_info(run)
     steps = [r for r in info.records if "loss" in r]
+    tps = steps[-1].get("tokens_per_s", 0) if steps else None
     eta = fmt_eta(eta_seconds(info.records, info.max_steps)) if info.status == "running" else ""
     line = ui.t("train.progress", status=ui.t(f"status.{info.status}"), step=info.step, total=info.max_steps,
                 eta=ui.t("train.eta", eta=eta) if eta else "",
-                tps=f"{steps[-1].get('tokens_per_s', 0):,.0f}" if steps else "-",
+                tps=f"{tps:,.0f}" if _finite(tps) else "-",
                 loss=f"{info.loss:.4f}" if info.loss is not None else "-",
                 eval=ui.t("train.eval_loss", loss=f"{info.eval_loss:.4f}") if info.eval_loss is not None else "")
     return (f'<progress value="{info.step}" max="{max(info.max_steps, 1)}" style="width:100%"></progress>'
             f'<div id="train-progress-text" data-status="{info.status}" data-step="{info.step}" '
             f'data-points="{len(steps)}">{html.escape(line)}</div>')
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def plot_frame(out_dir: str):
@@ -93,6 +101,8 @@ def save_yaml(recipe: str, extra: list[str], path: str) -> str:
         raise UserError("save as: give a file name, e.g. my_recipe.yaml")
     if not path.endswith((".yaml", ".yml")):
         raise UserError(f"save as {path}: a recipe file ends in .yaml")
+    if os.path.isdir(path):
+        raise UserError(f"save as {path}: is a directory, expected a file name ending in .yaml")
     if os.path.exists(path):
         raise UserError(f"save as {path}: the file exists; pick another name (nothing is overwritten)")
     text = form.to_yaml(recipe, extra)
@@ -104,6 +114,12 @@ def build(ui) -> None:
     import gradio as gr
 
     specs = form.fields()
+    lang_value = probe(ui, LANG_KEY)
+
+    def at(lang_v):
+        """The Ui in this page's language (the switch relabels the probe; ui.lang is the start-up language)."""
+        return ui.in_lang(session_lang(lang_v, LANG_KEY))
+
     names = [n for n, _ in list_recipes()]
     values = form.recipe_values(resolve_recipe(DEFAULT))
     with gr.Row():
@@ -177,12 +193,12 @@ def build(ui) -> None:
             return None, error_html(err), field_updates(key, err), gr.update()
         return extra, "", field_updates(), form.command(shown_name(name, file), extra, resume_run)
 
-    def on_check(name, file, *raw):
+    def on_check(lang_v, name, file, *raw):
         extra, msg, ups, cmd = checked(name, file, raw)
-        ok = f'<div class="ui-ok">{html.escape(ui.t("train.ok"))}</div>' if extra is not None else msg
+        ok = f'<div class="ui-ok">{html.escape(at(lang_v).t("train.ok"))}</div>' if extra is not None else msg
         return [ok, cmd, *ups]
 
-    def launch(name, file, raw, resume_run: bool):
+    def launch(u, name, file, raw, resume_run: bool):
         extra, msg, ups, cmd = checked(name, file, raw, resume_run)
         if extra is None:
             return [msg, cmd, *ups]
@@ -195,20 +211,18 @@ def build(ui) -> None:
         if ui.trainers.wait_started(Path(recipe_obj.out_dir)) == "ended":
             last = console_tail(Path(recipe_obj.out_dir), 1)
             return [error_html(last.removeprefix("error: ") or "the trainer ended at once"), cmd, *ups]
-        return [html.escape(ui.t("train.started", command=cmd)), cmd, *ups]
+        return [html.escape(u.t("train.started", command=cmd)), cmd, *ups]
 
-    def on_start(name, file, *raw):
-        return launch(name, file, raw, False)
+    def on_start(lang_v, name, file, *raw):
+        return launch(at(lang_v), name, file, raw, False)
 
-    def on_resume(name, file, *raw):
-        return launch(name, file, raw, True)
+    def on_resume(lang_v, name, file, *raw):
+        return launch(at(lang_v), name, file, raw, True)
 
-    def on_stop(run):
-        if ui.trainers.stop(Path(run)):
-            return html.escape(ui.t("train.stopping", run=run))
-        return error_html(ui.t("train.no_run", run=run))
+    def on_stop(run, lang_v):
+        return stop_message(at(lang_v), run)
 
-    def on_save(name, file, path, *raw):
+    def on_save(lang_v, name, file, path, *raw):
         extra, msg, ups, cmd = checked(name, file, raw)
         if extra is None:
             return [msg, cmd, *ups]
@@ -216,20 +230,30 @@ def build(ui) -> None:
             written = save_yaml(recipe_path(name, file), extra, path)
         except UserError as e:
             return [error_html(str(e)), cmd, *ups]
-        return [html.escape(ui.t("train.saved", path=written)), cmd, *ups]
+        return [html.escape(at(lang_v).t("train.saved", path=written)), cmd, *ups]
 
-    def on_tick(run):
-        return progress_html(ui, run), plot_frame(run), console_tail(Path(run)) if run else ""
+    def on_tick(run, lang_v):
+        return progress_html(at(lang_v), run), plot_frame(run), console_tail(Path(run)) if run else ""
 
     form_out = [message, command, *widgets, *accordions.values()]
     load.click(on_load, [recipe, recipe_file], form_out)
     recipe.change(on_load, [recipe, recipe_file], form_out)
-    check.click(on_check, [recipe, recipe_file, *widgets], form_out)
-    start.click(on_start, [recipe, recipe_file, *widgets], form_out)
-    resume.click(on_resume, [recipe, recipe_file, *widgets], form_out)
-    save.click(on_save, [recipe, recipe_file, save_path, *widgets], form_out)
-    stop.click(on_stop, out_dir, message)
-    timer.tick(on_tick, out_dir, [progress, plot, console], show_progress="hidden")
+    check.click(on_check, [lang_value, recipe, recipe_file, *widgets], form_out)
+    start.click(on_start, [lang_value, recipe, recipe_file, *widgets], form_out)
+    resume.click(on_resume, [lang_value, recipe, recipe_file, *widgets], form_out)
+    save.click(on_save, [lang_value, recipe, recipe_file, save_path, *widgets], form_out)
+    stop.click(on_stop, [out_dir, lang_value], message)
+    timer.tick(on_tick, [out_dir, lang_value], [progress, plot, console], show_progress="hidden")
+
+
+def stop_message(ui, run: str | None) -> str:
+    """Stop for the run in out_dir `run` (the form's field): what was sent, or why nothing was."""
+    run = (run or "").strip()
+    if not run:
+        return error_html(ui.t("train.need_out_dir"))
+    if ui.trainers.stop(Path(run)):
+        return html.escape(ui.t("train.stopping", run=run))
+    return error_html(ui.t("train.no_run", run=run))
 
 
 def group_of(spec: form.FieldSpec) -> str:
