@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import annotated_types as at
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 from typing_extensions import Self
@@ -81,6 +81,14 @@ class ConfigModel(BaseModel):
             super().__init__(**data)
         except ValidationError as e:
             raise user_error(e, type(self), self.section) from None
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int64(cls, v: Any) -> Any:
+        """Every integer field fits torch's int64: 2**70 is refused here, not as an overflow deep in a run."""
+        if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+            raise invalid(f"{{key}} is {v}, beyond the 64-bit integers (at most 2**63-1)")
+        return v
 
     # Validation of nested models and model_validate() bypass this __init__ (as they do BaseModel's),
     # so an error inside a recipe keeps its full dotted key and file name.

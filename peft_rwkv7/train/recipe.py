@@ -233,6 +233,13 @@ class Recipe(ConfigModel):
     log: LogConfig = Field(default_factory=LogConfig, description="reporting")
     out_dir: str = Field("runs/run", description="the run directory: recipe.yaml, adapter, checkpoints/, log.jsonl")
 
+    @field_validator("out_dir")
+    @classmethod
+    def _out_dir_given(cls, v: str) -> str:
+        if not v.strip():  # "" would be the working directory: a run's files among the user's own
+            raise invalid(f"{{key}} is {v!r}; give the run directory, e.g. runs/my_run")
+        return v
+
     @model_validator(mode="after")
     def _sections_agree(self) -> Self:
         if self.model.new is not None and self.method.kind != "full":

@@ -58,6 +58,8 @@ def load_yaml(path: str) -> dict:
         raise UserError(f"{path}: no such recipe file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, expected a recipe .yaml file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}), expected a recipe .yaml file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

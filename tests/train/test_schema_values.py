@@ -80,6 +80,18 @@ OVERRIDES = [
     ("train.beta1=-0.1", "train.beta1 must be a number in [0, 1), got -0.1"),
     ("train.beta2=1.0", "train.beta2 must be a number in [0, 1), got 1.0"),
     ("train.weight_decay=-0.01", "train.weight_decay must be a number >= 0, got -0.01"),
+    # 7. every integer field fits int64 (method.r=2**70 was a traceback from torch's allocator)
+    ("method.r=1180591620717411303424",
+     "method.r is 1180591620717411303424, beyond the 64-bit integers (at most 2**63-1)"),
+    ("train.max_steps=9223372036854775808",
+     "train.max_steps is 9223372036854775808, beyond the 64-bit integers (at most 2**63-1)"),
+    ("method.adalora.target_r=1180591620717411303424",
+     "method.adalora.target_r is 1180591620717411303424, beyond the 64-bit integers (at most 2**63-1)"),
+    ("train.grpo.max_new_tokens=1180591620717411303424",
+     "train.grpo.max_new_tokens is 1180591620717411303424, beyond the 64-bit integers (at most 2**63-1)"),
+    # 8. a blank run directory would be the working directory (a run's files among the user's own)
+    ("out_dir=''", "out_dir is ''; give the run directory, e.g. runs/my_run"),
+    ("out_dir=' '", "out_dir is ' '; give the run directory, e.g. runs/my_run"),
 ]
 
 
@@ -141,6 +153,7 @@ def test_the_good_values_beside_each_boundary_load(tmp_path):
         "train.lr": ("1e308", 1e308), "train.eps": ("1e-30", 1e-30), "train.beta1": ("0", 0.0),
         "train.beta2": ("0.999999", 0.999999), "train.weight_decay": ("0", 0.0), "train.grad_clip": ("0", 0.0),
         "train.lr_final": ("0", 0.0), "train.seed": ("9223372036854775807", 2**63 - 1),
+        "train.max_steps": ("9223372036854775807", 2**63 - 1),
         "method.alpha": ("1e-9", 1e-9), "method.dropout": ("0.0", 0.0), "data.eval_split": ("0.49", 0.49),
     }
     r = load_recipe(path, [f"{k}={v}" for k, (v, _) in good.items()])
@@ -172,3 +185,10 @@ def test_a_string_key_takes_its_text(tmp_path):
     assert load_recipe(_recipe(tmp_path), ["train.lr=5e-4"]).train.lr == 5e-4
     # a label keeps YAML's number as its text
     assert load_recipe(_recipe(tmp_path, BASE + "log: {project: 7}\n")).log.project == "7"
+
+
+def test_a_recipe_that_is_not_utf8_text_names_the_file(tmp_path, capsys):
+    """It was "'utf-8' codec can't decode byte 0xff in position 0" without the file's name."""
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"model: {path: m.pth}\n\xff\xfe")
+    assert _refused(capsys, ["train", str(path)]) == f"{path}: not UTF-8 text (byte 21), expected a recipe .yaml file"
