@@ -23,7 +23,7 @@ import torch
 from ..errors import UserError
 from ..model import DTYPES, RWKV7Config, atomic_save, infer_config, read_state_dict
 from ..model.formats import FORMAT_NAMES, detect_format, to_st, write_model, write_st
-from .files import META_FILE, AdapterFile, check_base, read_adapter
+from .files import META_FILE, AdapterFile, check_base, check_output, read_adapter
 from .kinds import capability
 from .methods import base_fingerprint
 from .pth_merge import _describe, merged_state_dict
@@ -163,6 +163,7 @@ def export_adapter_st(out: str | os.PathLike, adapter: str | os.PathLike, lora_a
                        f"alpha {alpha:g})")
     if m.trains_state:
         state_out = out if m.kind == "state" else out.with_name(out.stem + "-state.st")
+        check_output(state_out, adapter=adapter)
         write_st(to_st(_states(af.tensors, str(adapter), cfg), str(adapter)), state_out)
         written.append(f"{state_out} (state file for Ai00/web-rwkv)")
     line = f"exported {_describe(af)} from {adapter} to " + " and ".join(written)
@@ -174,6 +175,7 @@ def export_adapter_st(out: str | os.PathLike, adapter: str | os.PathLike, lora_a
 def export(fmt: str, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
            model: str | os.PathLike | None = None, dtype: str | None = None, lora_alpha: float | None = None) -> str:
     """The `rwkv-peft export` dispatcher for the formats of this module (rwkv-peft is pth_merge's)."""
+    check_output(out, adapter=adapter, model=model)
     if fmt == "runner-state":
         return export_runner_state(out, adapter, model)
     if fmt not in ("st", "hf", "pth"):

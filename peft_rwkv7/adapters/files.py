@@ -229,6 +229,23 @@ def read_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> Ad
     return _read_rwkv_peft(p, lora_alpha)
 
 
+# What a run directory holds of its own: an output written over one of these would break the run
+RUN_OWN = (ADAPTER_FILE, META_FILE, STATE_FILE, "recipe.yaml", "log.jsonl", "checkpoints", "console.log")
+
+
+def check_output(out: str | os.PathLike, **inputs: str | os.PathLike | None) -> None:
+    """UserError (one line, before anything is read or written) where writing `out` would replace an input: a model
+    or adapter file given as `inputs` (flag name -> path), a run directory, or one of the run's own files."""
+    target = Path(out).resolve()
+    for flag, src in inputs.items():
+        if src is None:
+            continue
+        p = Path(src).resolve()
+        if target == p or p in target.parents and p.is_dir() and target.relative_to(p).parts[0] in RUN_OWN:
+            what = f"--{flag} {src}" if target == p else f"the run {src}'s own {target.relative_to(p).parts[0]}"
+            raise UserError(f"{out}: would write over {what}; write the output elsewhere (nothing was written)")
+
+
 def check_base(af: AdapterFile, fingerprint: str, base_name: str) -> None:
     """UserError (one line, naming both) if the adapter was trained on another base model."""
     if af.fingerprint is not None and af.fingerprint != fingerprint:

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..model import DTYPES, atomic_save, infer_config, read_state_dict
 from .config import PEFT_TUNERS, PROJECTIONS
 from .disha import bat_delta, bone_delta
-from .files import SHARED, AdapterFile, check_base, read_adapter
+from .files import SHARED, AdapterFile, check_base, check_output, read_adapter
 from .kinds import capability, capability_key
 from .methods import base_fingerprint
 from .peft_merge import adapter_module, merged_peft_weight
@@ -135,6 +135,7 @@ def merge_into_pth(
     """
     if dtype not in DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_output(out_path, base=base_path, adapter=adapter_path)
     af = read_adapter(adapter_path, lora_alpha)
     base_sd = read_state_dict(base_path)
     merged, changed = merged_state_dict(base_sd, af, str(base_path))
@@ -163,6 +164,7 @@ def export_rwkv_peft(run_dir: str | os.PathLike, out_path: str | os.PathLike) ->
     RWKV-PEFT stores no alpha: merge the file with lora_alpha = the alpha printed here (for PiSSA,
     saved as a rank-2r delta, that is 2 * alpha).
     """
+    check_output(out_path, adapter=run_dir)
     af = read_adapter(run_dir)
     if af.fingerprint is None:
         raise UserError(f"{run_dir}: already an RWKV-PEFT file; export reads a run directory")
