@@ -75,39 +75,62 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def _load_for_inference(args, say: bool = True):
+def _load_for_inference(args, say: bool = True, tokenizer=None):
     """Base model on --device in --dtype with --adapter applied (infer/load.py); `say`: print what --dtype auto
-    chose (once per command)."""
+    chose (once per command). With `tokenizer`: refused when its ids run past the model's vocabulary."""
     from .infer.load import load_for_inference
 
-    return load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
-                              lora_alpha=args.lora_alpha, say=say)
+    model = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
+                               lora_alpha=args.lora_alpha, say=say)
+    if tokenizer is not None:
+        _check_vocab(tokenizer, model, args)
+    return model
+
+
+def _check_vocab(tokenizer, model, args) -> None:
+    """A tokenizer whose ids reach past the model's embedding rows is another model's (its text would stop at
+    the first such id, deep in the forward pass)."""
+    from torch import nn
+
+    n = getattr(tokenizer, "vocab_size", None)
+    rows = next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if n is not None and rows is not None and n > rows:
+        raise UserError(f"--tokenizer {args.tokenizer} has {n} token ids, but --model {args.model} has a vocabulary "
+                        f"of {rows}: a tokenizer for another model?")
+
+
+def _damaged(args, e: Exception) -> UserError:
+    """NonFiniteLogits from sampling, naming the model (and adapter) that produced them."""
+    adapter = f" with --adapter {args.adapter}" if args.adapter else ""
+    return UserError(f"--model {args.model}{adapter}: {e}")
 
 
 def _cmd_generate(args) -> int:
     from .data import load_tokenizer
-    from .infer.generate import check_sampling, generate
+    from .infer.generate import NonFiniteLogits, check_sampling, generate
 
     check_sampling(args.max_tokens, args.temperature, args.top_p)  # before the model loads
     if args.system is not None and not args.chat:
         raise UserError("--system is for chat turns: add --chat (or put the text into --prompt)")
     tokenizer = load_tokenizer(args.tokenizer)
-    model = _load_for_inference(args)
+    model = _load_for_inference(args, tokenizer=tokenizer)
     if args.chat:
         from .infer.chat import ChatSession
 
         session = ChatSession(model, tokenizer, args.system, max_tokens=args.max_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        for piece in session.ask(args.prompt):
+        pieces = session.ask(args.prompt)
+    else:
+        sys.stdout.write(args.prompt)
+        pieces = generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    try:
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
+    except NonFiniteLogits as e:
         sys.stdout.write("\n")
-        return 0
-    sys.stdout.write(args.prompt)
-    for piece in generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        raise _damaged(args, e) from e
     sys.stdout.write("\n")
     return 0
 
@@ -115,14 +138,18 @@ def _cmd_generate(args) -> int:
 def _cmd_chat(args) -> int:
     from .data import load_tokenizer
     from .infer.chat import ChatSession, run_chat
-    from .infer.generate import check_sampling
+    from .infer.generate import NonFiniteLogits, check_sampling
 
     check_sampling(args.max_tokens, args.temperature, args.top_p)  # before the model loads
     tokenizer = load_tokenizer(args.tokenizer)
-    model = _load_for_inference(args)
+    model = _load_for_inference(args, tokenizer=tokenizer)
     session = ChatSession(model, tokenizer, args.system, max_tokens=args.max_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    return run_chat(session, None if sys.stdin.isatty() else sys.stdin, show_stats=args.stats)
+    try:
+        return run_chat(session, None if sys.stdin.isatty() else sys.stdin, show_stats=args.stats)
+    except NonFiniteLogits as e:
+        sys.stdout.write("\n")
+        raise _damaged(args, e) from e
 
 
 def _cmd_eval(args) -> int:
@@ -140,7 +167,12 @@ def _cmd_eval(args) -> int:
     if args.lambada and data.masks is not None:
         raise UserError(f"{args.data}: --lambada scores the last word of plain text, and this is {data.kind} data "
                         "(scored on its replies without --lambada)")
-    model = _load_for_inference(args)
+    if args.system is not None and data.masks is None:
+        raise UserError(f"--system is rendered before sft/chat records, and {args.data} is {data.kind} data "
+                        "(every token scored as it is)")
+    if data.masks is not None and not any(any(m) for m in data.masks):
+        raise UserError(f"{args.data}: no tokens to score (no document has a response or assistant reply)")
+    model = _load_for_inference(args, tokenizer=tokenizer)
     result = evaluate(model, data.docs, lambada=args.lambada, tokenizer=tokenizer, masks=data.masks)
     if args.out:
         from .infer.longctx import write_json
@@ -166,7 +198,7 @@ def _cmd_eval_rewards(args) -> int:
     def loader(adapter, first: bool):
         def load():
             args.adapter = adapter
-            return _load_for_inference(args, say=first)
+            return _load_for_inference(args, say=first, tokenizer=tokenizer)
         return load
 
     # loaded, scored and let go one at a time: a GPU holds one model of the comparison, not all of them
@@ -196,7 +228,7 @@ def _cmd_eval_pairs(args) -> int:
     if args.dtype == "auto":  # as the trainer's held-out evaluation ran: in the recipe's train.precision
         args = argparse.Namespace(**{**vars(args), "dtype": recipe.train.precision})
     tokenizer = load_tokenizer(args.tokenizer)
-    model = _load_for_inference(args)
+    model = _load_for_inference(args, tokenizer=tokenizer)
     reference = None if args.adapter else model  # no adapter: the base model is its own reference
     if args.adapter and needs_frozen_copy(recipe.method):  # trained in full: the base is the ref
         reference = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": None}), say=False)
@@ -241,7 +273,8 @@ def _cmd_eval_longctx(args) -> int:
     runs = []
     for adapter in adapters:
         label = "base" if adapter is None else str(adapter)
-        model = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": adapter}), say=not runs)
+        model = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": adapter}), say=not runs,
+                                    tokenizer=tokenizer)
         runs.append({"label": label, **score(model, label)})
         del model
     result = runs[0] if len(runs) == 1 else {"runs": runs}

@@ -7,19 +7,29 @@ import argparse
 from . import __version__
 
 EXIT_USER_ERROR = 2
+INT_LIMIT = 2**63 - 1  # counts and sizes past this are no real request (and overflow what reads them)
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes [0, 2**64)
+# `eval` options with a default that only some modes read (cli_checks refuses them, changed, elsewhere)
+EVAL_DEFAULTS = {"depths": "0,0.25,0.5,0.75,1", "trials": 3, "max_ctx": 16384, "chunk_len": 512}
 
 
-def _positive_int(name: str):
+def _int(name: str, least: int, below: int, what: str):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {value}")
+        if value >= below:
+            raise argparse.ArgumentTypeError(f"{name} must be below {below}, got {value}")
         return value
 
     return parse
+
+
+def _positive_int(name: str):
+    return _int(name, 1, INT_LIMIT + 1, "a positive integer")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -65,7 +75,8 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.85,
                         help="nucleus sampling: keep the smallest set of tokens with this much probability")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    parser.add_argument("--seed", type=_int("--seed", 0, SEED_LIMIT, "a non-negative integer"), default=0,
+                        help="random seed of the sampler")
     parser.add_argument("--tokenizer", default="world", help="world or a tokenizer.json path")
 
 
@@ -125,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluates them; the policy is --model with --adapter")
     e.add_argument("--samples", type=_positive_int("--samples"), default=None,
                    help="--rewards: completions per prompt (1 = greedy; k: pass@1 and pass@k)")
-    e.add_argument("--max-ctx", type=_positive_int("--max-ctx"), default=16384,
+    e.add_argument("--max-ctx", type=_positive_int("--max-ctx"), default=EVAL_DEFAULTS["max_ctx"],
                    help="longest context: the ctx-curve's last position, the grid's largest length")
     e.add_argument("--plot", default=None, metavar="PNG", help="write the curve / heatmap here")
     e.add_argument("--out", default=None, metavar="JSON", help="also write the JSON result to this file")
@@ -134,13 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "in one run")
     e.add_argument("--lengths", default=None, help="--niah/--passkey context lengths, comma-separated "
                    "(default: 1024, 2048, ... up to --max-ctx)")
-    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="--niah/--passkey needle depths in [0, 1]")
-    e.add_argument("--trials", type=_positive_int("--trials"), default=3, help="--niah/--passkey trials per cell")
+    e.add_argument("--depths", default=EVAL_DEFAULTS["depths"], help="--niah/--passkey needle depths in [0, 1]")
+    e.add_argument("--trials", type=_positive_int("--trials"), default=EVAL_DEFAULTS["trials"],
+                   help="--niah/--passkey trials per cell")
     e.add_argument("--haystack", default=None, help="--niah haystack: a .txt or jsonl file (default: generated text)")
     e.add_argument("--needle", default=None, help="--niah needle text; {answer} is replaced by the answer")
     e.add_argument("--question", default=None, help="--niah text after the haystack; the answer follows it")
     e.add_argument("--answer", default=None, help="--niah answer (default: a random 5-digit number per trial)")
-    e.add_argument("--chunk-len", type=_positive_int("--chunk-len"), default=512,
+    e.add_argument("--chunk-len", type=_positive_int("--chunk-len"), default=EVAL_DEFAULTS["chunk_len"],
                    help="long-context modes: tokens per forward pass (the state is carried between them)")
     _add_placement(e)
 

@@ -158,6 +158,8 @@ def tokenize_file(
                     mask_file.close()
             if docs == 0:
                 raise UserError(f"{path}: no records (empty dataset)")
+            if writer.num_tokens <= docs:  # one end-of-text per document and nothing else
+                raise UserError(f"{path}: every document is empty (no text to tokenize)")
             if mask_tmp:
                 os.replace(mask_tmp, mask_path)
     finally:

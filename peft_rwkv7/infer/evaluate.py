@@ -233,6 +233,8 @@ def load_eval_data(path: str | os.PathLike, tokenizer, kind: str = "auto", syste
         raise UserError(f"{path}: no records (empty dataset)")
     if isinstance(fmt, TextFormat):
         docs = [encode_checked(tokenizer, get_str(rec, fmt.field, where), where) for where, rec in records]
+        if not any(docs):  # found before the model loads, the file named
+            raise UserError(f"{path}: no tokens to score (every {fmt.field!r} is empty)")
         return EvalData(found, docs, None)
     tokens, mask, sizes = encode_records(fmt, tokenizer, records, np.int64, batched=False)
     assert mask is not None

@@ -10,10 +10,18 @@ import torch
 from ..errors import UserError
 
 
+class NonFiniteLogits(UserError):
+    """The model's logits hold NaN or inf: its weights (or an adapter's) are damaged, or its dtype overflowed.
+    The CLI names the model (and adapter) in front of this message."""
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """One token id from logits [V]: greedy at temperature 0, else nucleus (top-p) sampling with `generator` (the
     logits go to its device: torch.multinomial takes no generator of another device, e.g. a CPU one for GPU
-    logits)."""
+    logits). NonFiniteLogits where they hold NaN or inf (greedy would pick from them silently)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("the model produced non-finite logits (NaN or inf): its weights are damaged "
+                              "(or overflow in this --dtype)")
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.to(generator.device).float() / temperature, dim=-1)

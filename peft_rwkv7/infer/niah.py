@@ -57,6 +57,9 @@ _PLACES = ("near the harbour", "before breakfast", "in the market square", "afte
            "at the edge of town", "during the festival", "behind the bakery", "on a windy afternoon", "in the attic")
 
 
+MAX_LENGTH = 2**22  # the longest context a grid builds (cli_checks.MAX_GRID_LENGTH: its haystack is held in memory)
+
+
 def generated_haystack(n: int = 2000, seed: int = 0) -> list[str]:
     """`n` plain English sentences drawn from fixed word lists (the default NIAH haystack)."""
     rng = random.Random(seed)
@@ -95,6 +98,8 @@ def make_spec(passkey: bool, needle: str | None = None, question: str | None = N
             raise UserError(f"{name} must not be empty")
     if answer is not None and needle is not None and "{answer}" not in needle and answer not in needle:
         raise UserError(f"--needle does not contain the answer {answer!r} (nor {{answer}})")
+    if answer is None and needle is not None and "{answer}" not in needle:
+        raise UserError("--needle must contain {answer} (where each trial's random answer goes), or give --answer")
     return NeedleSpec(needle=needle if needle is not None else base.needle,
                       question=question if question is not None else base.question,
                       answer=answer if answer is not None else base.answer, intro=base.intro)
@@ -170,6 +175,9 @@ def check_grid(tokenizer, spec: NeedleSpec, lengths: Sequence[int], depths: Sequ
     bad = [n for n in lengths if n <= 0]
     if bad:
         raise UserError(f"--lengths must be positive, got {bad[0]}")
+    bad = [n for n in lengths if n > MAX_LENGTH]
+    if bad:
+        raise UserError(f"--lengths must be at most {MAX_LENGTH} tokens, got {bad[0]}")
     hay = _Hay(haystack if haystack is not None else generated_haystack(), tokenizer)
     build_trial(tokenizer, hay, spec, min(lengths), 0.0, random.Random(0))
     return hay
