@@ -25,6 +25,8 @@ import time
 import torch
 
 from ..adapters import disable_adapter
+from ..data.records import iter_records
+from ..errors import UserError
 from ..infer.sampler import sample_groups
 from .distributed import micro_backward
 from .grpo_loss import advantages, check_group_size, grpo_loss, zero_spread_share
@@ -114,7 +116,12 @@ class GrpoTask(Task):
     def __init__(self, recipe, tokenizer, data, dist):
         self.cfg = g = recipe.train.grpo
         check_group_size(g.num_generations, g.scale_rewards, g.loss_type)
+        if g.temperature == 0:
+            raise UserError(f"train.grpo.temperature: 0 samples one greedy completion {g.num_generations} times per "
+                            "prompt: every group scores alike and GRPO learns nothing; use > 0 (1.0 is usual)")
         self.scorer = Scorer(g, tokenizer, list(data.columns[0]))
+        for path in dict.fromkeys(p for p in (recipe.data.path, recipe.data.eval_path) if p):
+            self.scorer.rewards.check_records(iter_records(path), str(path))
         self.rewards = self.scorer.rewards
         self.buffer = _Buffer()
         self.eval_data = data.held_out

@@ -3,6 +3,8 @@ into the loss. The formulas are in train/grpo_loss.py, the rewards in train/rewa
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -20,7 +22,9 @@ class GrpoConfig(ConfigModel):
     num_generations: int = Field(8, ge=2, description=(
         "G: completions sampled per prompt; advantages compare them within their group"))
     max_new_tokens: int = Field(64, gt=0, description="most tokens a completion may have")
-    temperature: Number = Field(1.0, ge=0, description="sampling temperature of the rollouts (0 = greedy)")
+    temperature: Number = Field(1.0, ge=0, description=(
+        "sampling temperature of the rollouts; > 0 in training (a greedy group is one completion N times, which "
+        "teaches nothing), 0 = greedy in eval --rewards"))
     top_p: Number = Field(1.0, gt=0, le=1, description="nucleus sampling of the rollouts (1 = off)")
     stop: list[str] = Field(default_factory=lambda: ["\n\n"], description=(
         "strings that end a completion (kept in it), besides the end-of-text token; the World chat format ends "
@@ -51,7 +55,16 @@ class GrpoConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        for i, stop in enumerate(self.stop):
+            if not stop:
+                raise invalid("{key}: the empty string would end every completion before its first token; give "
+                              "non-empty strings, or [] for none", f"stop[{i}]")
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise invalid(f"{{key}} {self.epsilon_high} is below epsilon {self.epsilon}; clip-higher raises the upper "
                           "clip", "epsilon_high")
         return self
+
+    def rewards_from(self, recipe: str | os.PathLike) -> GrpoConfig:
+        """These settings with each relative `path.py:function` reward made absolute against the directory of
+        `recipe`, the file they were read from (as documented: a run's recipe.yaml then loads the same file)."""
+        return self.model_copy(update={"rewards": [r.absolute(Path(recipe).parent) for r in self.rewards]})

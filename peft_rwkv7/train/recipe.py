@@ -321,6 +321,8 @@ def _as_typed(item: str) -> str:
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML, apply `dotted.key=value` overrides, validate everything."""
     recipe = from_dict(Recipe, recipe_data(path, overrides), source=str(path))
+    if recipe.train.grpo.rewards:  # a path.py:function reward is relative to the recipe's folder
+        recipe.train.grpo = recipe.train.grpo.rewards_from(path)
     if Path(path).resolve().parent == BUNDLED.resolve():
         check_demo_files(recipe, str(path))
     return recipe

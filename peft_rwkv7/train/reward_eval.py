@@ -29,12 +29,18 @@ def reward_spec(spec: str) -> tuple[GrpoConfig, dict]:
             doc = yaml.safe_load(Path(spec).read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"--rewards: {spec} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if isinstance(doc, list):
+            raise UserError(f"--rewards: {spec} holds a list; a rewards list goes on the command line itself "
+                            "(--rewards '[{fn: numeric, column: answer}]'), a file must be a GRPO recipe")
+        for section in ("train", "data"):
+            if isinstance(doc, dict) and not isinstance(doc.get(section) or {}, dict):
+                raise UserError(f"--rewards: {spec}: {section} must be a mapping, got {doc[section]!r}")
         grpo = ((doc.get("train") or {}).get("grpo")) if isinstance(doc, dict) else None
         if not isinstance(grpo, dict) or not grpo.get("rewards"):
             raise UserError(f"--rewards: {spec} has no train.grpo.rewards (a GRPO recipe, or give the rewards list)")
         data = {k: v for k, v in (doc.get("data") or {}).items()
                 if k in ("prompt_fields", "prompt_template", "system", "messages_field")}
-        return from_dict(GrpoConfig, grpo, source=f"{spec}: train.grpo"), data
+        return from_dict(GrpoConfig, grpo, source=f"{spec}: train.grpo").rewards_from(spec), data
     try:
         rewards = yaml.safe_load(spec)
     except yaml.YAMLError as e:
@@ -54,12 +60,14 @@ def eval_rewards(spec: str, data_path: str, models: list[tuple[str, object]], to
     import torch
 
     from ..data.prompts import load_prompts
+    from ..data.records import iter_records
     from .grpo import Scorer, evaluate_rewards
 
     cfg, data_keys = reward_spec(spec)
     data_cfg = DataConfig(path=data_path, kind="prompts", **data_keys)
     prompts = load_prompts(data_path, data_cfg, tokenizer, seed, max_prompt_tokens)
     scorer = Scorer(cfg, tokenizer, list(prompts.columns[0]))
+    scorer.rewards.check_records(iter_records(data_path), data_path)
     results = {}
     for label, model in models:
         if not isinstance(model, torch.nn.Module):  # a loader

@@ -35,7 +35,7 @@ from typing_extensions import Self
 
 from ..config_base import ConfigModel, Number, Text, invalid, user_error
 from ..errors import UserError
-from .rewards_builtin import BUILTINS, COMPLETION_IDS
+from .rewards_builtin import BUILTINS, COLUMN_WANTS, COMPLETION_IDS, column_problem
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -44,6 +44,10 @@ USER_FORMS = "module:function or path.py:function"
 SHOWN_PROMPT = 60  # characters of a prompt an error message quotes
 MAX_ERROR = 300  # characters of a reward function's exception an error message quotes
 MAX_LISTED = 12  # functions of a module an error message lists
+# Largest reward (each function's and the weighted total) in magnitude: advantages are computed in float32, whose
+# squares overflow past ~1.8e19 (a std of inf turns every advantage into 0, a reward of inf the loss into NaN).
+MAX_REWARD = 1e15
+RAISED = (Exception, SystemExit)  # what a user's module or function may raise that we report (not ^C)
 
 
 class UserFn(NamedTuple):
@@ -164,7 +168,7 @@ def _load_user_fn(spec: UserFn, fn: str, where: str, base_dir: Path, modules: di
             sys.modules[name] = module  # dataclasses and pickling look the module up by name
             try:
                 module_spec.loader.exec_module(module)
-            except Exception as e:
+            except RAISED as e:
                 del sys.modules[name]
                 raise UserError(f"{where}.fn: loading {path} failed: {_error(e)}") from None
             modules[key] = module
@@ -177,7 +181,7 @@ def _load_user_fn(spec: UserFn, fn: str, where: str, base_dir: Path, modules: di
                 raise UserError(f"{where}.fn: {fn!r}: no module named {spec.source} on the Python path; for a file "
                                 f"write {spec.source.replace('.', '/')}.py:{spec.function}") from None
             raise UserError(f"{where}.fn: importing {spec.source} failed: {_error(e)}") from None
-        except Exception as e:
+        except RAISED as e:
             raise UserError(f"{where}.fn: importing {spec.source} failed: {_error(e)}") from None
         source = spec.source
     function = getattr(module, spec.function, None)
@@ -231,6 +235,7 @@ class RewardSet:
         configs = reward_configs([e.model_dump() if isinstance(e, RewardConfig) else e for e in entries], where)
         modules: dict[str, Any] = {}
         seen: dict[str, int] = {}
+        self._where, self._warned = where, False
         self._rewards: list[_Reward] = []
         for i, config in enumerate(configs):
             at = f"{where}[{i}]"
@@ -266,6 +271,25 @@ class RewardSet:
                                 f"{', '.join(sorted(set(columns))) or 'none'})")
             self._no_clash(r, have)
 
+    def check_records(self, records: Iterable[tuple[str, dict]], source: str) -> None:
+        """Before any sampling: each built-in reading a `column` finds a value it can use (exact: not null; numeric:
+        a number) in at least one record of `source`, and none of the wrong type (an array or object); records are
+        (where, record) as data.records.iter_records yields them. Else a UserError naming the record."""
+        checked = [r for r in self._rewards if r.fn in BUILTINS and "column" in r.options]
+        usable = dict.fromkeys((r.where for r in checked), False)
+        for where, rec in records:
+            for r in checked:
+                column = r.options["column"]
+                problem = column_problem(r.fn, rec.get(column))
+                if problem == "wrong":
+                    raise UserError(f"{where}: column {column!r} holds {_shown(rec[column], 30)} ({r.where}, fn "
+                                    f"{r.fn}, reads {COLUMN_WANTS[r.fn]})")
+                usable[r.where] = usable[r.where] or problem is None
+        for r in checked:
+            if not usable[r.where]:
+                raise UserError(f"{source}: no record has {COLUMN_WANTS[r.fn]} in column {r.options['column']!r}, "
+                                f"so {r.where} ({r.fn}) would score nothing")
+
     @staticmethod
     def _no_clash(r: _Reward, columns: Iterable[str]) -> None:
         clash = sorted(set(columns) & (set(r.options) | {"prompts", "completions"}))
@@ -297,6 +321,15 @@ class RewardSet:
                 if s is not None:
                     total[i] += r.weight * s
             per_fn[r.name] = torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
+        for i, t in enumerate(total):
+            if not abs(t) <= MAX_REWARD:
+                raise UserError(f"{self._where}: the weighted total reward is {t:.3g} for prompt {_shown(prompts[i])}; "
+                                f"weights x rewards must stay within +-{MAX_REWARD:.0e} (rewards are normalised in "
+                                "float32)")
+        if n and not self._warned and all(all(v[i] != v[i] for v in per_fn.values()) for i in range(n)):
+            self._warned = True  # once: TRL warns likewise
+            print(f"warning: {self._where}: no reward applies to any of {n} completions (every function returned "
+                  f"None; first prompt {_shown(prompts[0])}): they score 0 and teach nothing", file=sys.stderr)
         return torch.tensor(total, dtype=torch.float32), per_fn
 
     def _score(self, r: _Reward, prompts: list[str], completions: list[str],
@@ -307,8 +340,8 @@ class RewardSet:
         try:
             out = r.call(prompts=prompts, completions=completions, **r.options, **passed)
         except UserError as e:
-            raise UserError(f"{head}: {e}") from None
-        except Exception as e:
+            raise UserError(f"{head}: {_one_line(e)}") from None
+        except RAISED as e:
             i = self._first_raising(r, prompts, completions, passed)
             raise UserError(f"{head} raised {_error(e)[:MAX_ERROR]} (prompt {_shown(prompts[i])})") from None
         if not isinstance(out, (list, tuple)):
@@ -320,10 +353,13 @@ class RewardSet:
                             f"without its own: {_shown(prompts[i])})")
         scores: list[float | None] = []
         for i, s in enumerate(out):
-            if s is not None and not (isinstance(s, numbers.Real) and math.isfinite(s)):
+            if s is not None and not (isinstance(s, numbers.Real) and _finite(s)):
                 kind = "" if isinstance(s, numbers.Real) else f" (a {type(s).__name__})"
                 raise UserError(f"{head} returned {_shown(s, 30)}{kind} for prompt {_shown(prompts[i])}; a reward "
                                 "is a finite number or None")
+            if s is not None and not abs(float(s)) <= MAX_REWARD:
+                raise UserError(f"{head} returned {float(s):.3g} for prompt {_shown(prompts[i])}; a reward must be "
+                                f"within +-{MAX_REWARD:.0e} (rewards are normalised in float32)")
             scores.append(None if s is None else float(s))
         return scores
 
@@ -334,9 +370,16 @@ class RewardSet:
             try:
                 r.call(prompts=prompts[i:i + 1], completions=completions[i:i + 1], **r.options,
                        **{k: v[i:i + 1] for k, v in passed.items()})
-            except Exception:
+            except RAISED:
                 return i
         return 0
+
+
+def _finite(s: numbers.Real) -> bool:
+    try:
+        return math.isfinite(s)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _shown(value: Any, limit: int = SHOWN_PROMPT) -> str:

@@ -78,6 +78,19 @@ def _as_number(value: Any) -> Fraction | None:
     return last_number(value) if isinstance(value, str) else None
 
 
+# What the built-ins that read a column want there (RewardSet.check_records).
+COLUMN_WANTS = {"exact": "an answer (a string or a number)", "numeric": "a number (or a string holding one)"}
+
+
+def column_problem(fn: str, value: Any) -> str | None:
+    """Whether built-in `fn` can use a record's column `value`: None (it can), "none" (not applicable to the
+    record: the reward gives None) or "wrong" (an array or object, which it cannot read)."""
+    if isinstance(value, (list, dict)):
+        return "wrong"
+    usable = value is not None if fn == "exact" else _as_number(value) is not None
+    return None if usable else "none"
+
+
 def exact_match(prompts: list[str], completions: list[str], *, column: str = "answer", pattern: str | None = None,
                 **columns: Any) -> list[float | None]:
     """1.0 when the answer, normalised (normalize_answer), equals the normalised value of column `column`, else 0.0.
