@@ -155,9 +155,21 @@ class PreferenceData:
             raise UserError(f"{where}: the prompt alone is {int(prompt[k])} tokens, data.ctx_len is {ctx_len}: no "
                             f"response token fits ({len(bad)} such records); raise data.ctx_len or shorten the prompt")
         self.truncated = int(sum((s.sizes > ctx_len).sum() for s in self.sides))
+        self.identical = len(self.identical_pairs())  # no preference to learn (the loop's data line counts them)
         self.group_by_length = False
         # a pair's rows run to its longer side (data.group_by_length puts pairs of similar length together)
         self._order = EpochOrder(self.num_docs, np.minimum(np.maximum(chosen.sizes, rejected.sizes), ctx_len), seed)
+
+    def identical_pairs(self) -> list[int]:
+        """The records whose chosen and rejected documents are the same tokens with the same loss mask."""
+        (c, r) = self.sides
+        out = []
+        for k in np.flatnonzero(c.sizes == r.sizes):
+            a, b, n = int(c.starts[k]), int(r.starts[k]), int(c.sizes[k])
+            same = np.array_equal(c.tokens[a:a + n], r.tokens[b:b + n])
+            if same and np.array_equal(c.mask[a:a + n], r.mask[b:b + n]):
+                out.append(int(k))
+        return out
 
     @staticmethod
     def prompt_lengths(side: Side) -> np.ndarray:
@@ -251,8 +263,12 @@ def make_preference_data(cfg: DataConfig, tokenizer: Tokenizer | None, seed: int
         if vocab_size is not None and tokenizer.vocab_size > vocab_size:
             _check_vocab(ds, vocab_size, lambda d: _record_where(cfg.path, d))
         sides.append(Side(ds.tokens, mask, ds.pointers // ds.dtype.itemsize, ds.sizes.astype(np.int64)))
-    return PreferenceData(sides[0], sides[1], cfg.ctx_len, seed, source=str(path),
+    data = PreferenceData(sides[0], sides[1], cfg.ctx_len, seed, source=str(path),
                           locate=lambda d: _record_where(cfg.path, d))
+    if data.identical == data.num_docs:
+        raise UserError(f"{path}: chosen and rejected are the same in every record ({data.num_docs}); a pair teaches "
+                        "a preference only where its two sides differ")
+    return data
 
 
 __all__ = ["PreferenceFormat", "PreferenceData", "make_preference_data", "preference_format"]

@@ -8,6 +8,8 @@ they live in memory; `batch(...)` addresses them like TrainData's samples: a pur
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from ..errors import UserError
@@ -62,7 +64,12 @@ def render_prompt(rec: dict, cfg: DataConfig, where: str) -> str:
     """The text the model reads before its completion."""
     fields = cfg.prompt_fields or ["prompt"]
     present = [f for f in fields if f in rec and rec[f] is not None]
+    if not present and (null := next((f for f in fields if f in rec), None)) is not None:
+        raise UserError(f"{where}: field {null!r} is null, expected the prompt's text")
     if present and not isinstance(rec[present[0]], list):
+        if bad := next((f for f in present if isinstance(rec[f], (dict, list, bool))), None):
+            raise UserError(f"{where}: field {bad!r} is a {type(rec[bad]).__name__}, expected text "
+                            f"(got {json.dumps(rec[bad])[:40]})")
         text = "\n".join(str(rec[f]).strip() for f in present if str(rec[f]).strip())
         if not text:
             raise UserError(f"{where}: field {present[0]!r} is empty")

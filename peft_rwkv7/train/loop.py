@@ -212,6 +212,8 @@ def data_summary(recipe: Recipe, data, world_size: int = 1) -> str:
         line = (f"data: {data.num_docs} preference pairs, {data.num_tokens} tokens (both sides), "
                 f"{data.truncated} responses cut at ctx_len {recipe.data.ctx_len}; {tc.max_steps} steps x {per_step} "
                 f"pairs = {epochs:.3g} epochs{grouped}")
+        if data.identical:
+            line += f"; {data.identical} pairs have chosen = rejected (they teach nothing)"
         if data.held_out_pairs is not None and not recipe.data.eval_path:
             line += f"; {data.held_out_pairs.num_docs} more pairs held out for eval (data.eval_split)"
         elif data.eval_note:
