@@ -75,12 +75,14 @@ def _model_and_adapter(args) -> None:
 def _merge(args) -> None:
     need_model("--base", args.base)
     need_path("--adapter", args.adapter)
+    _lora_alpha(args, True)
     need_output("--out", args.out, file=True)
 
 
 def _export(args) -> None:
     if args.adapter is not None:
         need_path("--adapter", args.adapter)
+    _lora_alpha(args, args.adapter is not None)
     if args.model is not None:
         need_model("--model", args.model)
     need_output("--out", args.out)  # not one of its inputs: adapters.files.check_output

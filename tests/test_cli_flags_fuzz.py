@@ -102,6 +102,12 @@ CASES = {  # name: (argv, words the one line must hold)
     "export out onto model": (["export", "--model", "m.pth", "--format", "st", "--out", "m.pth"],
                               ["would write over --model m.pth"]),
     "export model empty": (["export", "--model", "", "--format", "st", "--out", "e.st"], ["--model is empty"]),
+    "merge lora-alpha nan": (["merge", "--base", "m.pth", "--adapter", "run", "--out", "o.pth", "--lora-alpha", "nan"],
+                             ["--lora-alpha must be a positive number, got nan"]),
+    "merge lora-alpha negative": (["merge", "--base", "m.pth", "--adapter", "run", "--out", "o.pth",
+                                   "--lora-alpha=-2"], ["--lora-alpha must be a positive number, got -2.0"]),
+    "export lora-alpha without adapter": (["export", "--model", "m.pth", "--format", "st", "--out", "e.st",
+                                           "--lora-alpha", "4"], ["--lora-alpha", "give --adapter"]),
 }
 
 
