@@ -128,10 +128,11 @@ def tokenize_file(
     dtype = token_dtype(tokenizer.vocab_size)
     is_lines = path.suffix.lower() != ".parquet" and not (path.suffix.lower() == ".json" and is_json_array(path))
     t0 = time.perf_counter()
-    bar = tqdm(
-        total=path.stat().st_size if is_lines else None, unit="B" if is_lines else " doc",
-        unit_scale=is_lines, desc=f"tokenizing {path.name}", disable=not progress, dynamic_ncols=True,
-    )
+    def new_bar():  # at the first chunk tokenized: a file refused at its first records prints only its error
+        return tqdm(total=path.stat().st_size if is_lines else None, unit="B" if is_lines else " doc",
+                    unit_scale=is_lines, desc=f"tokenizing {path.name}", disable=not progress, dynamic_ncols=True)
+
+    bar = None
     mask_tmp = Path(f"{mask_path}.{os.getpid()}.tmp") if mask_path else None
     docs = 0
     try:
@@ -152,6 +153,7 @@ def tokenize_file(
                     if mask_file:
                         mask_file.write(mask.astype(np.uint8).tobytes())
                     docs += len(sizes)
+                    bar = bar or new_bar()
                     bar.update(units)
             finally:
                 if mask_file:
@@ -163,7 +165,8 @@ def tokenize_file(
             if mask_tmp:
                 os.replace(mask_tmp, mask_path)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if mask_tmp:
             mask_tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0

@@ -302,3 +302,15 @@ def test_build_binidx_takes_a_tokenizer_or_its_name_and_the_field(tmp_path, worl
     B.build_binidx(text, tmp_path / "e", world, workers=3, progress=False)
     B.build_binidx(text, tmp_path / "e", world, workers=None, progress=True)
     assert seen == [(3, False), (None, True)]  # workers and progress handed on
+
+
+def test_a_file_refused_at_its_first_records_prints_no_progress_bar(tmp_path, world, capsys):
+    """Found by fuzzing `data build`: the bar was drawn (twice, when stderr is no terminal) before the one-line error;
+    it starts with the first chunk tokenized, so a file refused there prints its error alone."""
+    src = write_jsonl(tmp_path / "d.jsonl", [{"x": "no text field"}])
+    with pytest.raises(UserError, match=r"d\.jsonl:1: missing field 'text'"):
+        B.tokenize_file(src, tmp_path / "a", TextFormat(), world, workers=1, progress=True)
+    assert capsys.readouterr().err == ""
+    B.tokenize_file(write_jsonl(tmp_path / "e.jsonl", [{"text": "fine"}]), tmp_path / "b", TextFormat(), world,
+                    workers=1, progress=True)
+    assert "tokenizing e.jsonl" in capsys.readouterr().err  # a file that tokenizes still shows its bar

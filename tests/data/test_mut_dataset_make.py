@@ -147,7 +147,8 @@ def test_sft_documents_left_to_train_keep_their_loss_masks_after_some_are_held_o
 
 
 def test_held_out_documents_with_nothing_to_score_leave_a_note(tmp_path, world):
-    src = write_jsonl(tmp_path / "t.jsonl", [{"text": ""}] * 20)  # the end-of-text alone, held out as nothing
+    # the end-of-text alone, held out as nothing (one document with text: a file of only empty ones is refused)
+    src = write_jsonl(tmp_path / "t.jsonl", [{"text": "word"}] + [{"text": ""}] * 19)
     data = make(tmp_path, world, src, ctx_len=4, eval_split=0.1)
     assert data.held_out == [] and data.num_docs == 18
     assert data.eval_note == "no eval: the held-out documents have nothing to score (set data.eval_path)"
