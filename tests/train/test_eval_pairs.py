@@ -75,7 +75,7 @@ def test_pairs_load_the_model_in_the_recipes_precision(tmp_path, monkeypatch, fl
     class Loaded(Exception):
         pass
 
-    def load(args, say=True):
+    def load(args, say=True, tokenizer=None):
         seen.append(args.dtype)
         raise Loaded
 
