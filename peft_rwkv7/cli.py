@@ -14,7 +14,7 @@ import sys
 
 from .cli_args import EXIT_USER_ERROR, parse_args
 from .cli_checks import check_inputs
-from .errors import UserError
+from .errors import TokenIdError, UserError
 
 EXIT_INTERRUPTED = 130
 
@@ -75,28 +75,13 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def _load_for_inference(args, say: bool = True, tokenizer=None):
+def _load_for_inference(args, say: bool = True):
     """Base model on --device in --dtype with --adapter applied (infer/load.py); `say`: print what --dtype auto
-    chose (once per command). With `tokenizer`: refused when its ids run past the model's vocabulary."""
+    chose (once per command)."""
     from .infer.load import load_for_inference
 
-    model = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
-                               lora_alpha=args.lora_alpha, say=say)
-    if tokenizer is not None:
-        _check_vocab(tokenizer, model, args)
-    return model
-
-
-def _check_vocab(tokenizer, model, args) -> None:
-    """A tokenizer whose ids reach past the model's embedding rows is another model's (its text would stop at
-    the first such id, deep in the forward pass)."""
-    from torch import nn
-
-    n = getattr(tokenizer, "vocab_size", None)
-    rows = next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
-    if n is not None and rows is not None and n > rows:
-        raise UserError(f"--tokenizer {args.tokenizer} has {n} token ids, but --model {args.model} has a vocabulary "
-                        f"of {rows}: a tokenizer for another model?")
+    return load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
+                              lora_alpha=args.lora_alpha, say=say)
 
 
 def _damaged(args, e: Exception) -> UserError:
@@ -113,7 +98,7 @@ def _cmd_generate(args) -> int:
     if args.system is not None and not args.chat:
         raise UserError("--system is for chat turns: add --chat (or put the text into --prompt)")
     tokenizer = load_tokenizer(args.tokenizer)
-    model = _load_for_inference(args, tokenizer=tokenizer)
+    model = _load_for_inference(args)
     if args.chat:
         from .infer.chat import ChatSession
 
@@ -142,7 +127,7 @@ def _cmd_chat(args) -> int:
 
     check_sampling(args.max_tokens, args.temperature, args.top_p)  # before the model loads
     tokenizer = load_tokenizer(args.tokenizer)
-    model = _load_for_inference(args, tokenizer=tokenizer)
+    model = _load_for_inference(args)
     session = ChatSession(model, tokenizer, args.system, max_tokens=args.max_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
@@ -172,7 +157,7 @@ def _cmd_eval(args) -> int:
                         "(every token scored as it is)")
     if data.masks is not None and not any(any(m) for m in data.masks):
         raise UserError(f"{args.data}: no tokens to score (no document has a response or assistant reply)")
-    model = _load_for_inference(args, tokenizer=tokenizer)
+    model = _load_for_inference(args)
     result = evaluate(model, data.docs, lambada=args.lambada, tokenizer=tokenizer, masks=data.masks)
     if args.out:
         from .infer.longctx import write_json
@@ -198,7 +183,7 @@ def _cmd_eval_rewards(args) -> int:
     def loader(adapter, first: bool):
         def load():
             args.adapter = adapter
-            return _load_for_inference(args, say=first, tokenizer=tokenizer)
+            return _load_for_inference(args, say=first)
         return load
 
     # loaded, scored and let go one at a time: a GPU holds one model of the comparison, not all of them
@@ -228,7 +213,7 @@ def _cmd_eval_pairs(args) -> int:
     if args.dtype == "auto":  # as the trainer's held-out evaluation ran: in the recipe's train.precision
         args = argparse.Namespace(**{**vars(args), "dtype": recipe.train.precision})
     tokenizer = load_tokenizer(args.tokenizer)
-    model = _load_for_inference(args, tokenizer=tokenizer)
+    model = _load_for_inference(args)
     reference = None if args.adapter else model  # no adapter: the base model is its own reference
     if args.adapter and needs_frozen_copy(recipe.method):  # trained in full: the base is the ref
         reference = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": None}), say=False)
@@ -273,8 +258,7 @@ def _cmd_eval_longctx(args) -> int:
     runs = []
     for adapter in adapters:
         label = "base" if adapter is None else str(adapter)
-        model = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": adapter}), say=not runs,
-                                    tokenizer=tokenizer)
+        model = _load_for_inference(argparse.Namespace(**{**vars(args), "adapter": adapter}), say=not runs)
         runs.append({"label": label, **score(model, label)})
         del model
     result = runs[0] if len(runs) == 1 else {"runs": runs}
@@ -384,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TokenIdError as e:  # a text's tokens past the model's vocabulary: another model's tokenizer
+        if args.debug:
+            raise
+        print(f"error: {e}; is --tokenizer {getattr(args, 'tokenizer', None)} the tokenizer of --model "
+              f"{getattr(args, 'model', None)}?", file=sys.stderr)
+        return EXIT_USER_ERROR
     except (OSError, RuntimeError, ValueError) as e:
         if args.debug:
             raise

@@ -96,7 +96,10 @@ def test_readme_methods_table_is_generated_from_capabilities():
 
 def init(capsys, tmp_path, *argv: str) -> tuple[int, str, str, Path]:
     out = tmp_path / f"{'_'.join(a.strip('-') for a in argv) or 'default'}.yaml"
-    rc, stdout, err = run(capsys, "init", *argv, "--model", "m.pth", "--data", "d.jsonl", "--out", str(out))
+    model, data = tmp_path / "m.pth", tmp_path / "d.jsonl"  # init checks that they are there (its shape is read later)
+    model.touch()
+    data.touch()
+    rc, stdout, err = run(capsys, "init", *argv, "--model", str(model), "--data", str(data), "--out", str(out))
     return rc, stdout, err, out
 
 
@@ -151,13 +154,17 @@ def test_init_prompt_tuning_gives_the_recipes_answer(capsys, tmp_path, kind):
 
 
 def test_methods_and_init_import_no_torch(tmp_path):
+    m, d = tmp_path / "m.pth", tmp_path / "d.jsonl"
+    m.touch()
+    d.touch()
     probe = f"""
 import contextlib, io, sys
 from peft_rwkv7.cli import main
+M, D = {str(m)!r}, {str(d)!r}
 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
     rcs = [main(["methods"]), main(["methods", "--markdown"]),
-           main(["init", "adalora", "--model", "m.pth", "--data", "d.jsonl", "--out", {str(tmp_path / "a.yaml")!r}]),
-           main(["init", "prefix", "--model", "m.pth", "--data", "d.jsonl", "--out", {str(tmp_path / "b.yaml")!r}])]
+           main(["init", "adalora", "--model", M, "--data", D, "--out", {str(tmp_path / "a.yaml")!r}]),
+           main(["init", "prefix", "--model", M, "--data", D, "--out", {str(tmp_path / "b.yaml")!r}])]
 print(rcs, [m for m in ("torch", "peft", "bitsandbytes") if m in sys.modules])
 """
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import TokenIdError
 from ..ops import linear, matmul, wkv7, wkv7_step
 from ..ops.linear_ce import Workspace, linear_cross_entropy
 from ..ops.pointwise import relu_square
@@ -58,7 +59,7 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str, dims: int = 2
     if values and ids.numel() and ids.device.type == "cpu":
         least, most = torch.stack(torch.aminmax(ids)).tolist()
         if least < 0 or most >= vocab_size:
-            raise ValueError(f"{what}: token ids must be in [0, {vocab_size}) (the model's vocabulary), "
+            raise TokenIdError(f"{what}: token ids must be in [0, {vocab_size}) (the model's vocabulary), "
                              f"got {least}..{most}")
     return ids
 

@@ -57,7 +57,10 @@ def test_init_writes_a_recipe_that_trains(tiny_world, tmp_path, method, capsys):
 def test_init_never_overwrites(tmp_path, capsys):
     out = tmp_path / "r.yaml"
     out.write_text("mine\n")
-    assert main(["init", "--model", "m.pth", "--data", "d.jsonl", "--out", str(out)]) == 2
+    (tmp_path / "m.pth").touch()  # init checks its model and data are there
+    (tmp_path / "d.jsonl").touch()
+    assert main(["init", "--model", str(tmp_path / "m.pth"), "--data", str(tmp_path / "d.jsonl"), "--out",
+                 str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_text() == "mine\n"
 
 
