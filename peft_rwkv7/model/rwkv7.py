@@ -274,7 +274,7 @@ class RWKV7(nn.Module):
         """Per-token NLL [B, T] fp32 of labels [B, T] (-100 = not scored, NLL 0) and the final state: the
         same numbers as cross-entropy on forward's logits, through the fused chunked head (the head's
         [B, T, V] logits are never all in memory)."""
-        labels = _checked_labels(labels, idx)
+        labels = check_labels(labels, idx)
         h, new_state = self.hidden(idx, state)
         if isinstance(self.head, Linear):
             return self.head(h, labels), new_state
@@ -322,7 +322,7 @@ class RWKV7(nn.Module):
         return logits[:, -1], state
 
 
-def _checked_labels(labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def check_labels(labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """labels of token_nll: a tensor of idx's shape [B, T], integer (int64; other widths widened). Their values are
     checked where the NLL is taken (ops.linear_ce)."""
     if not isinstance(labels, torch.Tensor):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..model.rwkv7 import check_labels
+
 
 def scored_end(labels: torch.Tensor) -> int:
     """One past the last position any row scores (labels [B, T] != -100), at least 1 where T >= 1: the model
@@ -66,9 +68,7 @@ def _check_inputs(model, idx, labels, chunk_len) -> None:
             raise TypeError(f"{name}: expected a LongTensor [B, T], got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{name}: expected [B, T] (a batch of sequences), got shape {tuple(t.shape)}")
-    if labels.shape != idx.shape:
-        raise ValueError(f"labels: shape {tuple(labels.shape)} differs from idx's {tuple(idx.shape)}; labels[b, t] is "
-                         "the token after idx[b, t] (idx = ids[:, :-1], labels = ids[:, 1:])")
+    check_labels(labels, idx)  # the model's own: idx's shape, integer ids
     if isinstance(chunk_len, bool) or not isinstance(chunk_len, numbers.Integral) or chunk_len < 0:
         raise ValueError(f"chunk_len: expected an integer >= 0 (0 = the whole sequence at once), got {chunk_len!r}")
 
