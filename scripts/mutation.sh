@@ -234,7 +234,8 @@ case "$module" in
     model_config)
         # a model's shape from its checkpoint's keys, and the one-line refusals of RWKV-4/5/6 and damaged files
         src=peft_rwkv7/model/config.py
-        tests="tests/model/test_io.py tests/model/test_formats.py tests/model/test_mut_model_io.py" ;;
+        tests="tests/model/test_io.py tests/model/test_formats.py tests/model/test_mut_model_io.py
+               tests/model/test_mut_model_config.py tests/model/test_damaged_models.py" ;;
     inits)
         # OLoRA, LoftQ and EVA starts (checked against HF peft and bitsandbytes), EVA's calibration inputs
         src=peft_rwkv7/adapters/inits.py

@@ -26,8 +26,11 @@ class PromptData:
 
     kind = "prompts"
 
-    def __init__(self, texts: list[str], ids: list[list[int]], columns: list[dict], seed: int, source: str):
+    def __init__(self, texts: list[str], ids: list[list[int]], columns: list[dict], seed: int, source: str,
+                 wheres: list[str] | None = None):
         self.texts, self.ids, self.columns, self.seed, self.source = texts, ids, columns, seed, source
+        self.wheres = wheres or [f"{source}: prompt {i + 1}" for i in range(len(ids))]  # each prompt's file:line
+        self.whole: PromptData | None = None  # the file's prompts a subset was cut from (data.eval_split)
         self.held_out: PromptData | None = None
         self.eval_note = ""
 
@@ -56,8 +59,16 @@ class PromptData:
         return [self.index(base + j) for j in range(micro_bsz)]
 
     def subset(self, keep: list[int]) -> PromptData:
-        return PromptData([self.texts[i] for i in keep], [self.ids[i] for i in keep],
-                          [self.columns[i] for i in keep], self.seed, self.source)
+        part = PromptData([self.texts[i] for i in keep], [self.ids[i] for i in keep],
+                          [self.columns[i] for i in keep], self.seed, self.source, [self.wheres[i] for i in keep])
+        part.whole = self.whole or self
+        return part
+
+    def file_records(self) -> list[tuple[str, dict]]:
+        """(where, columns) of every prompt of the file this data came from, in file order, held-out share
+        included (what the rewards' checks read, without reading the file again)."""
+        whole = self.whole or self
+        return list(zip(whole.wheres, whole.columns, strict=True))
 
 
 def render_prompt(rec: dict, cfg: DataConfig, where: str) -> str:
@@ -95,7 +106,7 @@ def load_prompts(path: str, cfg: DataConfig, tokenizer, seed: int, max_prompt_to
     """Every record of `path` rendered and tokenized; a prompt longer than max_prompt_tokens is a UserError
     naming its line (the completion needs the rest of data.ctx_len)."""
     check_file(path)
-    texts, ids, columns = [], [], []
+    texts, ids, columns, wheres = [], [], [], []
     for where, rec in iter_records(path):
         text = render_prompt(rec, cfg, where)
         toks = tokenizer.encode(text)
@@ -107,14 +118,15 @@ def load_prompts(path: str, cfg: DataConfig, tokenizer, seed: int, max_prompt_to
         texts.append(text)
         ids.append(toks)
         columns.append(_columns(rec, cfg))
+        wheres.append(where)
     if not ids:
         raise UserError(f"{path}: no prompts (empty file)")
     keys = set(columns[0])
-    for (where, _), cols in zip(iter_records(path), columns, strict=True):
+    for where, cols in zip(wheres, columns, strict=True):
         if set(cols) != keys:
             raise UserError(f"{where}: has columns {sorted(cols)}, the first record {sorted(keys)}; every prompt "
                             f"needs the same columns (the rewards read them)")
-    return PromptData(texts, ids, columns, seed, str(path))
+    return PromptData(texts, ids, columns, seed, str(path), wheres)
 
 
 def make_prompt_data(cfg: DataConfig, tokenizer, seed: int, max_prompt_tokens: int,

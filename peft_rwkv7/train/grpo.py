@@ -25,7 +25,6 @@ import time
 import torch
 
 from ..adapters import disable_adapter
-from ..data.records import iter_records
 from ..errors import UserError
 from ..infer.sampler import sample_groups
 from .distributed import micro_backward
@@ -93,10 +92,10 @@ class Scorer:
     """Samples completions of prompts (data/prompts.PromptData) and scores them with the recipe's rewards: the
     one path of training rollouts, the loop's held-out evaluation and `rwkv-peft eval --rewards`."""
 
-    def __init__(self, cfg, tokenizer, columns: list[str]):
+    def __init__(self, cfg, tokenizer, columns: list[str], source: str | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rewards = RewardSet(cfg.rewards)
-        self.rewards.check_columns([*columns, COMPLETION_IDS])
+        self.rewards.check_columns(columns, source)  # completion_ids, which _sample adds, counts as present
 
     def _sample(self, model, data, idxs: list[int], G: int, temperature: float, generator, precision):
         g = self.cfg
@@ -119,9 +118,10 @@ class GrpoTask(Task):
         if g.temperature == 0:
             raise UserError(f"train.grpo.temperature: 0 samples one greedy completion {g.num_generations} times per "
                             "prompt: every group scores alike and GRPO learns nothing; use > 0 (1.0 is usual)")
-        self.scorer = Scorer(g, tokenizer, list(data.columns[0]))
-        for path in dict.fromkeys(p for p in (recipe.data.path, recipe.data.eval_path) if p):
-            self.scorer.rewards.check_records(iter_records(path), str(path))
+        self.scorer = Scorer(g, tokenizer, list(data.columns[0]), data.source)
+        files = {d.source: d for d in (data, data.held_out) if d is not None}  # eval_split: one file, checked once
+        for source, part in files.items():
+            self.scorer.rewards.check_records(part.file_records(), source)
         self.rewards = self.scorer.rewards
         self.buffer = _Buffer()
         self.eval_data = data.held_out

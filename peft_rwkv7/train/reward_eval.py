@@ -60,14 +60,13 @@ def eval_rewards(spec: str, data_path: str, models: list[tuple[str, object]], to
     import torch
 
     from ..data.prompts import load_prompts
-    from ..data.records import iter_records
     from .grpo import Scorer, evaluate_rewards
 
     cfg, data_keys = reward_spec(spec)
     data_cfg = DataConfig(path=data_path, kind="prompts", **data_keys)
     prompts = load_prompts(data_path, data_cfg, tokenizer, seed, max_prompt_tokens)
-    scorer = Scorer(cfg, tokenizer, list(prompts.columns[0]))
-    scorer.rewards.check_records(iter_records(data_path), data_path)
+    scorer = Scorer(cfg, tokenizer, list(prompts.columns[0]), data_path)
+    scorer.rewards.check_records(prompts.file_records(), data_path)
     results = {}
     for label, model in models:
         if not isinstance(model, torch.nn.Module):  # a loader

@@ -260,21 +260,22 @@ class RewardSet:
     def weights(self) -> list[float]:
         return [r.weight for r in self._rewards]
 
-    def check_columns(self, columns: Iterable[str]) -> None:
+    def check_columns(self, columns: Iterable[str], source: str | None = None) -> None:
         """Before any sampling: each built-in's `column` is among the data's `columns` (completion_ids, which
-        the loop adds, counts as present), and no column has the name of a reward's option; else a UserError."""
+        the loop adds, counts as present), and no column has the name of a reward's option; else a UserError
+        (naming the prompts file `source` where given)."""
         have = set(columns) | {COMPLETION_IDS}
         for r in self._rewards:
             column = r.options.get("column") if r.fn in BUILTINS else None
             if column is not None and column not in have:
-                raise UserError(f"{r.where}.column: no column {column!r} in the prompts data (its columns: "
-                                f"{', '.join(sorted(set(columns))) or 'none'})")
+                raise UserError(f"{r.where}.column: no column {column!r} in {source or 'the prompts data'} "
+                                f"(its columns: {', '.join(sorted(set(columns))) or 'none'})")
             self._no_clash(r, have)
 
     def check_records(self, records: Iterable[tuple[str, dict]], source: str) -> None:
         """Before any sampling: each built-in reading a `column` finds a value it can use (exact: not null; numeric:
         a number) in at least one record of `source`, and none of the wrong type (an array or object); records are
-        (where, record) as data.records.iter_records yields them. Else a UserError naming the record."""
+        (where, columns) as data.prompts.PromptData.file_records gives them. Else a UserError naming the record."""
         checked = [r for r in self._rewards if r.fn in BUILTINS and "column" in r.options]
         usable = dict.fromkeys((r.where for r in checked), False)
         for where, rec in records:

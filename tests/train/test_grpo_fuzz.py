@@ -197,3 +197,43 @@ def test_a_reward_file_is_found_beside_its_recipe_from_any_directory(tmp_path, m
         assert [r.fn for r in grpo.rewards] == want
         total, _ = RewardSet(grpo.rewards[:2])(P2, C2, {})
         assert total.tolist() == [3.0, 3.0]
+
+
+# ---- the prompts file: read once, named in its errors
+
+
+def test_a_missing_reward_column_names_the_prompts_file(tiny_world, tmp_path):
+    """Found by fuzzing: "no column 'answr' in the prompts data" did not say which file (data.path or eval_path)."""
+    out = tmp_path / "run"
+    path = prompts_file(tmp_path, [1, 2, 3, 4])
+    with pytest.raises(UserError) as e:
+        train_from_cli(LORA, grpo(tiny_world, path, out, **{"train.grpo.rewards": "[{fn: numeric, column: answr}]"}))
+    assert f"no column 'answr' in {path} (its columns: answer)" in str(e.value), str(e.value)
+
+
+def test_the_prompts_file_is_read_once_and_its_held_out_share_checked_with_it(tmp_path, monkeypatch):
+    """load_prompts read the file twice (the second time for its lines' names) and GRPO's column check a third time;
+    the records are kept in PromptData. With data.eval_split the held-out share is checked with the rest, in file
+    order, as one file: a bad record is found whichever share it fell in, and a column usable only in the held-out
+    share is enough."""
+    import peft_rwkv7.data.prompts as prompts
+    from peft_rwkv7.data import load_tokenizer
+    from peft_rwkv7.data.config import DataConfig
+
+    reads = []
+    real = prompts.iter_records
+    monkeypatch.setattr(prompts, "iter_records", lambda p: reads.append(p) or real(p))
+    path = prompts_file(tmp_path, [None, "x", None, [5], None, 7, None, None])
+    cfg = DataConfig(path=str(path), kind="prompts", eval_split=0.25)
+    data = prompts.make_prompt_data(cfg, load_tokenizer("world"), 0, 100)
+    assert reads == [str(path)]
+    assert data.num_docs == 6 and data.held_out.num_docs == 2
+    whole = [(f"{path}:{i + 1}", {"answer": a}) for i, a in enumerate([None, "x", None, [5], None, 7, None, None])]
+    assert data.file_records() == whole and data.held_out.file_records() == whole
+    numeric = RewardSet([{"fn": "numeric", "column": "answer"}])
+    one_line(f"{path}:4: column 'answer' holds [5]", numeric.check_records, data.held_out.file_records(), str(path))
+    ok = prompts_file(tmp_path, [None, None, None, 7])  # one usable answer, in one of the two shares
+    part = prompts.make_prompt_data(DataConfig(path=str(ok), kind="prompts", eval_split=0.25),
+                                    load_tokenizer("world"), 0, 100)
+    for d in (part, part.held_out):
+        numeric.check_records(d.file_records(), str(ok))
