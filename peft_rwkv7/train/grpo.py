@@ -88,22 +88,60 @@ class _Buffer:
         self.gen, self.micro = sd["gen"], sd["micro"]
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` now: CUDA's free memory, Linux's MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def rollout_bytes(config, rows: int) -> int:
+    """Less than `rows` rollout rows hold at once: each row's recurrent state (WKV and two token shifts a layer)
+    and its logits, in fp32."""
+    return rows * 4 * (config.n_layer * (config.n_head * config.head_size**2 + 2 * config.n_embd) + config.vocab_size)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's allocators' failures (CPU, CUDA) and the CPU block cache's (train.memory)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or any(
+        s in str(e) for s in ("can't allocate memory", "CPU allocator: out of memory"))
+
+
 class Scorer:
     """Samples completions of prompts (data/prompts.PromptData) and scores them with the recipe's rewards: the
-    one path of training rollouts, the loop's held-out evaluation and `rwkv-peft eval --rewards`."""
+    one path of training rollouts, the loop's held-out evaluation and `rwkv-peft eval --rewards`. `eval_rows_from`:
+    the key or flag that sets how many completions of each prompt an evaluation samples, named (as training's keys
+    are) when a rollout's rows do not fit in memory."""
 
-    def __init__(self, cfg, tokenizer, columns: list[str], source: str | None = None):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg, tokenizer, columns: list[str], source: str | None = None,
+                 eval_rows_from: str = "train.grpo.eval_samples"):
+        self.cfg, self.tokenizer, self.eval_rows_from = cfg, tokenizer, eval_rows_from
         self.rewards = RewardSet(cfg.rewards)
         self.rewards.check_columns(columns, source)  # completion_ids, which _sample adds, counts as present
 
-    def _sample(self, model, data, idxs: list[int], G: int, temperature: float, generator, precision):
+    def _sample(self, model, data, idxs: list[int], G: int, temperature: float, generator, precision,
+                rows_from: str = "train.grpo.num_generations or train.micro_bsz"):
         g = self.cfg
         prompts = [data.ids[i] for i in idxs]
-        with precision():
-            ro = sample_groups(model, prompts, G, g.max_new_tokens, temperature, g.top_p, generator,
-                               stop_strings=g.stop, decode=self.tokenizer.decode,
-                               vocab_size=getattr(self.tokenizer, "vocab_size", None))
+        rows = f"{len(prompts)} prompts x {G} completions = {len(prompts) * G} rows sampled at once"
+        need = rollout_bytes(model.config, len(prompts) * G)
+        free = available_memory(next(model.parameters()).device)
+        if free is not None and need > free:
+            raise UserError(f"{rows} need over {need / 2**30:.1f} GiB for their states and logits, "
+                            f"{free / 2**30:.1f} GiB is free; lower {rows_from}")
+        try:
+            with precision():
+                ro = sample_groups(model, prompts, G, g.max_new_tokens, temperature, g.top_p, generator,
+                                   stop_strings=g.stop, decode=self.tokenizer.decode,
+                                   vocab_size=getattr(self.tokenizer, "vocab_size", None))
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise UserError(f"{rows} ran out of memory; lower {rows_from}") from e
         texts = [data.texts[i] for i in idxs for _ in range(G)]
         columns = {k: [data.columns[i][k] for i in idxs for _ in range(G)] for k in data.columns[idxs[0]]}
         columns[COMPLETION_IDS] = [ro.completion_ids[r, : int(ro.lengths[r])].tolist() for r in range(len(texts))]
@@ -279,7 +317,7 @@ def evaluate_rewards(scorer: Scorer, model, data, seed: int, device, precision=c
         idxs = list(range(start, min(start + batch, data.num_docs)))
         generators = [_generator(seed, -1, i, torch.device("cpu")) for i in idxs]  # per prompt: batch-independent
         _, _, _, total, _ = scorer._sample(model, data, idxs, k, 0.0 if k == 1 else g.temperature, generators,
-                                           precision)
+                                           precision, scorer.eval_rows_from)
         total = total.view(len(idxs), k)
         rewards.append(total.flatten())
         for row in total:

@@ -65,7 +65,7 @@ def eval_rewards(spec: str, data_path: str, models: list[tuple[str, object]], to
     cfg, data_keys = reward_spec(spec)
     data_cfg = DataConfig(path=data_path, kind="prompts", **data_keys)
     prompts = load_prompts(data_path, data_cfg, tokenizer, seed, max_prompt_tokens)
-    scorer = Scorer(cfg, tokenizer, list(prompts.columns[0]), data_path)
+    scorer = Scorer(cfg, tokenizer, list(prompts.columns[0]), data_path, eval_rows_from="--samples")
     scorer.rewards.check_records(prompts.file_records(), data_path)
     results = {}
     for label, model in models:

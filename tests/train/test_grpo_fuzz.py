@@ -4,6 +4,7 @@ a NaN loss or a run that silently scores nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import textwrap
 from pathlib import Path
@@ -237,3 +238,62 @@ def test_the_prompts_file_is_read_once_and_its_held_out_share_checked_with_it(tm
                                     load_tokenizer("world"), 0, 100)
     for d in (part, part.held_out):
         numeric.check_records(d.file_records(), str(ok))
+
+
+# ---- rollouts larger than memory
+
+
+def test_rollouts_that_cannot_fit_in_memory_name_the_keys_that_size_them(tiny_world, tmp_path):
+    """Found by fuzzing: num_generations 10**12 (and eval --samples 10**8) ended in the allocator's message, which
+    names no key, or a rollout that overcommitted memory until the kernel killed the process. A rollout whose states
+    and logits alone (a lower bound of what it holds) exceed the free memory stops before sampling."""
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train_from_cli(LORA, grpo(tiny_world, prompts_file(tmp_path, [1, 2, 3, 4]), out,
+                                  **{"train.grpo.num_generations": 10**12}))
+    text = str(e.value)
+    assert "2 prompts x 1000000000000 completions = 2000000000000 rows sampled at once need over" in text, text
+    assert text.endswith("GiB is free; lower train.grpo.num_generations or train.micro_bsz") and "\n" not in text
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_eval_rewards_with_too_many_samples_names_the_flag(tiny_world, tmp_path, capsys):
+    from peft_rwkv7.cli import main
+
+    model = tiny_world[0]
+    code = main(["eval", "--model", str(model), "--data", str(prompts_file(tmp_path, [1, 2])), "--rewards",
+                 "[{fn: numeric}]", "--samples", str(10**8), "--dtype", "fp32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: 2 prompts x 100000000 completions") and err.endswith(
+        "lower --samples") and "\n" not in err, err
+
+
+def test_an_allocation_failure_while_sampling_names_the_keys(monkeypatch):
+    """What the estimate cannot see (the sampler's own buffers, another process taking memory meanwhile): the
+    allocator's failure becomes the same one line; any other RuntimeError is left as it is."""
+    import torch
+
+    import peft_rwkv7.train.grpo as grpo_mod
+    from peft_rwkv7.data import load_tokenizer
+    from peft_rwkv7.data.prompts import PromptData
+    from peft_rwkv7.model.rwkv7 import RWKV7, RWKV7Config
+    from peft_rwkv7.train.grpo_config import GrpoConfig
+
+    model = RWKV7(RWKV7Config.new(n_layer=1, n_embd=32, vocab_size=64, head_size=16))
+    data = PromptData(["p"], [[1, 2]], [{"answer": 1}], 0, "p.jsonl")
+    scorer = grpo_mod.Scorer(GrpoConfig(rewards=[{"fn": "numeric"}]), load_tokenizer("world"), ["answer"], "p.jsonl")
+    for error, caught in [(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                        "memory: you tried to allocate 1 bytes"), True),
+                          (RuntimeError("peft_rwkv7 CPU allocator: out of memory allocating 8 bytes"), True),
+                          (torch.OutOfMemoryError("CUDA out of memory"), True), (MemoryError(), True),
+                          (RuntimeError("shape mismatch"), False)]:
+        def fail(*a, error=error, **k):
+            raise error
+
+        monkeypatch.setattr(grpo_mod, "sample_groups", fail)
+        if caught:
+            one_line("1 prompts x 3 completions = 3 rows sampled at once ran out of memory; lower --samples",
+                     scorer._sample, model, data, [0], 3, 1.0, torch.Generator(), contextlib.nullcontext, "--samples")
+        else:
+            with pytest.raises(RuntimeError, match="shape mismatch"):
+                scorer._sample(model, data, [0], 3, 1.0, torch.Generator(), contextlib.nullcontext)
