@@ -24,7 +24,7 @@ _EXPECTED = {
     "pairs": "a DPO/ORPO/SimPO run's recipe.yaml", "lengths": "comma-separated context lengths",
     "input": "an input path", "output": "an output path", "field": "a field name", "path": "a path",
     "kind": "a method (rwkv-peft methods)", "kind_flag": "a method (rwkv-peft methods)",
-    "out_dir": "a run directory",
+    "out_dir": "a run directory", "system": "the system message's text (leave the flag out for none)",
 }
 _NAMES = {"input": "INPUT", "output": "OUTPUT", "path": "PATH", "kind": "KIND", "kind_flag": "--kind"}
 
@@ -164,6 +164,9 @@ def check_eval_flags(args) -> None:
         if flag := _first_given(args, ("data", "limit", "kind", "system")):
             raise UserError(f"{flag} does not apply to {mode}: its contexts come from --haystack (or built-in "
                             "text), sized by --lengths, --depths and --trials")
+        if args.lengths is not None and args.max_ctx != EVAL_DEFAULTS["max_ctx"]:
+            raise UserError(f"--max-ctx does nothing beside --lengths: for {mode} it only makes the default lengths "
+                            "(1024, 2048, ... up to it); give one of the two")
         if args.lengths is None and args.max_ctx > MAX_GRID_LENGTH:
             raise UserError(f"--max-ctx must be at most {MAX_GRID_LENGTH} for {mode}, got {args.max_ctx}")
         return
@@ -202,6 +205,8 @@ def _eval(args) -> None:
                           ("data", "model", "adapter", "compare", "haystack", "pairs", "rewards", "tokenizer"))
     if _same(args.out, args.plot):
         raise UserError(f"--out and --plot are the same file {args.out}; give each its own")
+    if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
+        raise UserError(f"--plot {args.plot}: the plot is a PNG image; give a path ending in .png")
 
 
 _CHECKS = {"merge": _merge, "export": _export, "convert": _convert, "generate": _generate, "chat": _generate,

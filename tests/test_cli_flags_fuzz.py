@@ -78,6 +78,12 @@ CASES = {  # name: (argv, words the one line must hold)
     "niah lengths empty": ([*EV, "--niah", "--lengths", ""], ["--lengths is empty"]),
     "niah lengths huge": ([*EV, "--niah", "--lengths", BIG], ["--lengths", "at most"]),
     "niah max-ctx huge": ([*EV, "--niah", "--max-ctx", str(2**40)], ["--max-ctx", "at most"]),
+    "niah max-ctx beside lengths": ([*EV, "--niah", "--lengths", "64", "--max-ctx", "32"],  # was: --max-ctx ignored
+                                    ["--max-ctx does nothing beside --lengths"]),
+    "plot not a png": ([*EV, "--ctx-curve", "--data", "docs.jsonl", "--plot", "x.txt"],  # was: a PNG named x.txt
+                       ["--plot x.txt", "ending in .png"]),
+    "chat system empty": ([*GEN, "--chat", "--system", ""], ["--system is empty"]),  # was: read as no system
+    "eval system empty": ([*EV, "--data", "docs.jsonl", "--system", " "], ["--system is empty"]),
     "passkey needle without answer": ([*EV, "--passkey", "--lengths", "64", "--needle", "x"], ["--needle", "{answer}"]),
     "compare empty": ([*EV, "--ctx-curve", "--data", "docs.jsonl", "--compare", ""], ["--compare", "empty"]),
     "rewards empty": ([*EV, "--rewards", "", "--data", "docs.jsonl"], ["--rewards is empty"]),
