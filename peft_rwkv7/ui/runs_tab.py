@@ -40,7 +40,8 @@ def cli_args(fmt: str, run: str | Path, base: str, out: str) -> list[str]:
     if fmt not in FORMATS:
         raise UserError(f"{fmt!r}: expected one of {', '.join(FORMATS)}")
     template, _, _ = FORMATS[fmt]
-    return [a.format(run=run, base=base, out=out) for a in template]
+    paths = {k: f"./{v}" if str(v).startswith("-") else v for k, v in (("run", run), ("base", base), ("out", out))}
+    return [a.format(**paths) for a in template]  # a relative path starting with "-" is not read as an option
 
 
 def command_label(fmt: str) -> str:

@@ -97,6 +97,13 @@ def test_cli_args_are_the_cli_s(runs):
             continue
         assert args.adapter == "runs/a" and args.out == "o.x"
         assert (args.base if fmt == "merge" else args.model) == (BASE if runs_tab.FORMATS[fmt][1] else None)
+        # found by fuzzing: a relative path starting with "-" was read by the CLI as an option
+        args = parser.parse_args(runs_tab.cli_args(fmt, "-a", "-b.pth", "-o.x"))
+        if fmt == "convert":
+            assert (args.input, args.output) == ("./-b.pth", "./-o.x")
+            continue
+        assert args.adapter == "./-a" and args.out == "./-o.x"
+        assert (args.base if fmt == "merge" else args.model) == ("./-b.pth" if runs_tab.FORMATS[fmt][1] else None)
     for lang in TEXTS:  # the runtime table names every command the dropdown offers
         table = TEXTS[lang]["runs.runtimes"]
         assert all(f"--format {f}" in table for f in export.choices) and "`merge`" in table and "`convert`" in table
