@@ -116,6 +116,10 @@ def _cmd_generate(args) -> int:
     except NonFiniteLogits as e:
         sys.stdout.write("\n")
         raise _damaged(args, e) from e
+    except BaseException:  # the error line (stderr) starts a line of its own, not after the prompt on a terminal
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        raise
     sys.stdout.write("\n")
     return 0
 

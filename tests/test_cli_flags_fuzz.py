@@ -128,6 +128,13 @@ def test_bad_flag_is_one_clear_line(f, monkeypatch, case):
     assert not (f / "r.yaml").exists() and not (f / "b.bin").exists()
 
 
+def test_generate_ends_the_prompt_s_line_before_an_error(f, monkeypatch):
+    """Found by fuzzing: `generate` writes the prompt to stdout first; an error while generating (here another
+    model's tokenizer) printed its stderr line after it, on the prompt's line on a terminal."""
+    rc, lines, out = run(f, [*GEN[:2], "small.pth", *GEN[3:]], monkeypatch)
+    assert rc == 2 and out == "hi\n" and lines[0].startswith("error: "), (rc, out, lines)
+
+
 def test_good_flags_still_run(f, monkeypatch):
     assert run(f, [*GEN, "--seed", str(2**64 - 1)], monkeypatch)[0] == 0
     assert run(f, [*GEN, "--adapter", "run"], monkeypatch)[0] == 0
