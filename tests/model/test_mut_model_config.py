@@ -68,3 +68,72 @@ def test_an_older_checkpoint_is_refused_by_name(att, name):
     with pytest.raises(CheckpointError) as e:
         infer_config(sd, "old.pth")
     assert str(e.value) == f"old.pth: this is an {name} checkpoint; rwkv-peft works with RWKV-7 (x070) models only"
+
+
+# ---- infer_config on whole state dicts: a model built on the meta device (shapes only, no memory) is the oracle
+
+
+def meta_state(n_embd=64, n_layer=3, layer0_v=True, head_size=16) -> tuple[RWKV7Config, dict]:
+    import dataclasses
+
+    from peft_rwkv7.model.rwkv7 import RWKV7
+
+    cfg = dataclasses.replace(RWKV7Config.new(n_layer, n_embd, 16, head_size=head_size), layer0_v=layer0_v)
+    with torch.device("meta"):
+        return cfg, dict(RWKV7(cfg).state_dict())
+
+
+@pytest.mark.parametrize("layer0_v", [True, False])
+def test_the_value_residual_width_and_layer_0_s_v_are_read_from_the_file(layer0_v):
+    """An HF-converted or fla file has no v0/v1/v2 at layer 0 (unused there): layer0_v False, and the v width
+    (64 at C 2048, not the fallback 32) comes from layer 1's v1."""
+    cfg, sd = meta_state(n_embd=2048, layer0_v=layer0_v, head_size=64)
+    assert ("blocks.0.att.v1" in sd) is layer0_v and sd["blocks.1.att.v1"].shape == (2048, 64)
+    assert infer_config(sd) == cfg and cfg.d_mv == 64 and cfg.layer0_v is layer0_v
+
+
+def test_a_one_layer_file_without_layer_0_s_v_has_no_value_residual_at_all():
+    cfg, sd = meta_state(n_layer=1, layer0_v=False)
+    assert not any(k.endswith(("att.v0", "att.v1", "att.v2")) for k in sd)
+    assert infer_config(sd) == cfg and cfg.d_mv == 32  # unused; the width a fresh model of this size gets
+
+
+def test_layer_1_s_value_residual_is_checked_where_layer_0_has_none():
+    _, sd = meta_state(layer0_v=False)
+    sd["blocks.1.att.v2"] = torch.empty(32, 65, device="meta")
+    with pytest.raises(CheckpointError) as e:
+        infer_config(sd, "m.pth")
+    assert str(e.value) == "m.pth: inconsistent shapes: blocks.1.att.v2 is [32, 65], expected [32, 64]"
+    _, sd = meta_state(layer0_v=True)
+    del sd["blocks.0.att.v2"]  # a file that has layer 0's v0 and v1 must have its v2 too
+    with pytest.raises(CheckpointError, match="incomplete RWKV-7 checkpoint, missing keys: blocks.0.att.v2$"):
+        infer_config(sd, "m.pth")
+
+
+def test_the_refusals_list_at_most_four_keys_and_count_the_rest():
+    _, sd = meta_state()
+    gone = ["ln_out.weight", "ln_out.bias", "head.weight", "blocks.0.ln1.weight", "blocks.0.ln1.bias"]
+    for n, tail in ((5, " (+1 more)"), (4, "")):
+        part = {k: v for k, v in sd.items() if k not in gone[:n]}
+        with pytest.raises(CheckpointError) as e:
+            infer_config(part)  # the default source
+        assert str(e.value) == f"checkpoint: not an RWKV-7 checkpoint, missing keys: {', '.join(gone[:4])}{tail}"
+    later = ["blocks.2.ln1.weight", "blocks.2.ln1.bias", "blocks.2.ln2.weight", "blocks.2.ln2.bias",
+             "blocks.2.att.x_r", "blocks.2.att.x_w"]
+    for n, tail in ((6, " (+2 more)"), (5, " (+1 more)"), (4, "")):
+        part = {k: v for k, v in sd.items() if k not in later[:n]}
+        with pytest.raises(CheckpointError) as e:
+            infer_config(part, "m.pth")
+        assert str(e.value) == f"m.pth: incomplete RWKV-7 checkpoint, missing keys: {', '.join(later[:4])}{tail}"
+    extra = {f"blocks.0.att.extra{i}": torch.empty(1, device="meta") for i in range(5)}
+    with pytest.raises(CheckpointError) as e:
+        infer_config({**sd, **extra}, "m.pth")
+    assert str(e.value) == f"m.pth: unexpected keys for RWKV-7: {', '.join(list(extra)[:4])}"
+
+
+def test_a_head_layout_that_does_not_cover_the_width_is_named():
+    _, sd = meta_state()
+    sd = {k: (torch.empty(3, 16, device="meta") if k.endswith("att.r_k") else v) for k, v in sd.items()}
+    with pytest.raises(CheckpointError) as e:
+        infer_config(sd, "m.pth")
+    assert str(e.value) == "m.pth: att.r_k is 3x16 but the embedding width is 64"
