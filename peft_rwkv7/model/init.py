@@ -1,4 +1,9 @@
-"""RWKV-LM-style initialisation for new RWKV-7 models (used to pretrain the bundled demo model)."""
+"""RWKV-LM-style initialisation for new RWKV-7 models (used to pretrain the bundled demo model).
+
+The formulas are RWKV-LM's x070 trainer's (RWKV-v7/train_temp, as of 2025-04, the release of the World models whose
+low-rank widths model.config reproduces): the modules' own starts, then what its generate_init_weight writes over
+them (ln_x's per-layer scale, the embedding, the head, and every other weight matrix orthogonal or zero).
+tests/model/test_init.py checks each against a transcription of that code."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from .rwkv7 import RWKV7
 # Decay speeds span exp(-exp(-7 + ...)) .. : slow channels remember ~1000 steps, fast ones a few.
 DECAY_SPEED_MIN, DECAY_SPEED_RANGE = -7.0, 5.0
 LOWRANK_GAIN = 0.1
+KEY_GAIN = 0.1
 
 
 def _ortho(t: torch.Tensor, gain: float) -> None:
@@ -53,15 +59,16 @@ def init_weights(model: RWKV7, seed: int = 0) -> RWKV7:
         att.k_k.fill_(0.85)
         att.k_a.fill_(1.0)
         att.r_k.zero_()
-        s = 1 / math.sqrt(C)
-        att.receptance.weight.uniform_(-0.5 * s, 0.5 * s)
-        att.key.weight.uniform_(-0.05 * s, 0.05 * s)
-        att.value.weight.uniform_(-0.5 * s, 0.5 * s)
+        # RWKV-LM's generate_init_weight replaces the modules' uniform starts of these matrices: orthogonal, gain 1
+        # (the attention key's 0.1); the output projections start at zero
+        _ortho(att.receptance.weight, 1.0)
+        _ortho(att.key.weight, KEY_GAIN)
+        _ortho(att.value.weight, 1.0)
         att.output.weight.zero_()
         att.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
         att.ln_x.bias.zero_()
         ffn.x_k.copy_((1 - ddd ** (r1a0**4)).view(1, 1, C))
-        ffn.key.weight.uniform_(-0.5 * s, 0.5 * s)
+        _ortho(ffn.key.weight, 1.0)
         ffn.value.weight.zero_()
         for ln in (blk.ln1, blk.ln2) + ((blk.ln0,) if i == 0 else ()):
             ln.weight.fill_(1.0)

@@ -167,7 +167,10 @@ def save_model(model: RWKV7, path: str | os.PathLike, dtype: torch.dtype = torch
 
 
 def new_model(cfg: RWKV7Config, seed: int = 0, **model_kwargs) -> RWKV7:
-    """A freshly initialised model (RWKV-LM's initialisation)."""
+    """A freshly initialised model (RWKV-LM's initialisation), a function of `seed` alone: torch's global generator
+    is left as it was (nn.Linear's own start, which init_weights writes over, would draw from it)."""
     from .init import init_weights
 
-    return init_weights(RWKV7(cfg, **model_kwargs), seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        model = RWKV7(cfg, **model_kwargs)
+    return init_weights(model, seed=seed)
