@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..infer.sampler import sample_groups
 from .distributed import micro_backward
 from .grpo_loss import advantages, check_group_size, grpo_loss, zero_spread_share
+from .memory import available_memory
 from .rewards import RewardSet
 from .rewards_builtin import COMPLETION_IDS
 from .tasks import Task, sum_over_ranks
@@ -86,17 +87,6 @@ class _Buffer:
 
     def load_state_dict(self, sd: dict) -> None:
         self.gen, self.micro = sd["gen"], sd["micro"]
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on `device` now: CUDA's free memory, Linux's MemAvailable; None where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
 
 
 def rollout_bytes(config, rows: int) -> int:

@@ -23,6 +23,7 @@ import torch
 from ..adapters import save_adapter, trainable_parameters
 from ..adapters.quant import staging_device
 from ..data import load_tokenizer, make_dataset
+from ..data.dataset import TrainData
 from ..data.prompts import make_prompt_data
 from ..errors import UserError
 from ..infer.evaluate import load_eval_data
@@ -34,7 +35,7 @@ from . import routes as routes_mod
 from .distributed import Dist, gathered, main_first
 from .logger import RunLogger
 from .losses import decays, param_groups, sequence_loss, sequence_loss_sum
-from .memory import CpuBlocks, keep_freed_memory
+from .memory import CpuBlocks, check_batch_memory, keep_freed_memory
 from .method_start import attach_for_run
 from .objectives import Objective
 from .optim import build_optimizer
@@ -168,6 +169,9 @@ def setup(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> Run
         task = SftTask(eval_docs, eval_masks)
     if dist.is_main:
         print(data_summary(recipe, data, dist.world_size), file=sys.stderr, flush=True)
+    if isinstance(data, TrainData):  # GRPO's rollouts are checked as they are sampled (train/grpo.py)
+        check_batch_memory(base.config, tc.micro_bsz, recipe.data.ctx_len,
+                           (tc.chunk_len or recipe.data.ctx_len) if data.sampling == "get" else None, device)
     optimizer = build_optimizer(named, tc, device)
     engine = None
     if tc.deepspeed.stage:

@@ -30,7 +30,9 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["CpuBlocks", "keep_freed_memory"]
+from ..errors import UserError
+
+__all__ = ["CpuBlocks", "available_memory", "check_batch_memory", "keep_freed_memory"]
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_MAX = -4
@@ -97,3 +99,30 @@ class CpuBlocks:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` now: CUDA's free memory, Linux's MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_batch_memory(config, rows: int, ctx_len: int, run_len: int | None, device: torch.device) -> None:
+    """A UserError before the first step where one micro-batch of `rows` samples cannot fit. Counted are only what
+    it surely holds: its ids and labels (int64, [rows, ctx_len] each, on the CPU), and where every row runs
+    `run_len` tokens (packed windows; None where a batch's padded tail is cut off first) its residual stream, one
+    [rows, run_len, n_embd] tensor per layer in 2-byte elements, less than any backward keeps (gradient
+    checkpointing included). A batch refused here would have failed, or been killed by the kernel, anyway."""
+    batch = rows * ctx_len * 16
+    acts = rows * run_len * config.n_embd * 2 * (config.n_layer + 1) if run_len else 0
+    for where, need in (("cpu", batch + (acts if device.type == "cpu" else 0)), (device.type, acts)):
+        free = available_memory(torch.device(where))
+        if free is not None and need > free:
+            raise UserError(f"train.micro_bsz: a micro-batch of {rows} samples of {ctx_len} tokens needs over "
+                            f"{need / 2**30:.1f} GiB ({where}), {free / 2**30:.1f} GiB is free; lower train.micro_bsz "
+                            "(raise train.grad_accum for the same batch)")
