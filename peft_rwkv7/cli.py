@@ -14,7 +14,7 @@ import sys
 
 from .cli_args import EXIT_USER_ERROR, parse_args
 from .cli_checks import check_inputs
-from .errors import TokenIdError, UserError
+from .errors import Interrupted, TokenIdError, UserError
 
 EXIT_INTERRUPTED = 130
 
@@ -362,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_inputs(args)  # every path and flag before any work (train: its recipe's, in train.runner)
         return _COMMANDS[args.command](args)
+    except Interrupted as e:  # a Ctrl-C the command stopped for in good order (train: its steps saved)
+        if args.debug:
+            raise
+        print(str(e), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except UserError as e:
         if args.debug:
             raise

@@ -26,6 +26,19 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def end_cut_short(run_dir: Path, kind: str) -> bool:
+    """Whether a run whose newest checkpoint is its last step was stopped before its end was written: a full
+    fine-tune's model.pth, written after that checkpoint (missing, or older: from before the run was extended).
+    `--resume` then takes no step and writes it."""
+    saved = list_checkpoints(run_dir)
+    if kind != "full" or not saved:
+        return False
+    try:
+        return (Path(run_dir) / "model.pth").stat().st_mtime < saved[-1][1].stat().st_mtime
+    except OSError:
+        return True
+
+
 def read_log(run_dir: Path) -> list[dict]:
     """log.jsonl's records, in order. A line still being written (no newline yet), broken (not JSON, not UTF-8) or
     not a record (a JSON object whose "step" is an integer and whose loss, eval_loss and time, where present, are

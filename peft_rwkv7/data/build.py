@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -79,6 +80,14 @@ def _jobs(path: Path, chunk_bytes: int) -> Iterator[tuple[tuple, int]]:
             yield ("lines", lines, first, str(path)), nbytes
 
 
+def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+    """A worker leaves Ctrl-C to its parent: a terminal sends it to the whole process group, and the parent stops
+    the pool (its workers finish the job at hand) and says "interrupted" once, without a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def ordered_map(fn: Callable, jobs: Iterable[tuple[tuple, int]], workers: int, initializer: Callable | None = None,
                 initargs: tuple = ()) -> Iterator[tuple[object, int]]:
     """(fn(job), units) in job order, on `workers` processes with at most 2 jobs each in flight.
@@ -88,7 +97,7 @@ def ordered_map(fn: Callable, jobs: Iterable[tuple[tuple, int]], workers: int, i
     pools the parent may have started.
     """
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(_START_METHOD),
-                               initializer=initializer, initargs=initargs)
+                               initializer=_start_worker, initargs=(initializer, initargs))
     pending: deque = deque()
     try:
         for job, units in jobs:

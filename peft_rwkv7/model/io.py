@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -129,19 +132,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     except OSError as e:  # name the file the user asked for, not our temp file
         raise UserError(f"{p}: cannot write here ({e.strerror or e}); choose another path") from None
+    ctrl_c: list[int] = []
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except OSError as e:
+        with _noting_ctrl_c(ctrl_c):
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{p}: cannot write here ({e.strerror or e}); choose another path") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if ctrl_c:  # torch.save's zip writer turns a Ctrl-C inside it into a RuntimeError: it was the Ctrl-C
+            raise KeyboardInterrupt from None
+        if isinstance(e, OSError):
+            raise UserError(f"{p}: cannot write here ({e.strerror or e}); choose another path") from None
         raise
+
+
+@contextlib.contextmanager
+def _noting_ctrl_c(noted: list[int]):
+    """Python's own Ctrl-C (KeyboardInterrupt at once), noting that it came (main thread, default handler only)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        noted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

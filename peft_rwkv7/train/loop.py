@@ -25,7 +25,7 @@ from ..adapters.quant import staging_device
 from ..data import load_tokenizer, make_dataset
 from ..data.dataset import TrainData
 from ..data.prompts import make_prompt_data
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..infer.evaluate import load_eval_data
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
@@ -298,7 +298,7 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
         logger.close()
         saved = ckpt.list_checkpoints(out_dir)
         where = f"checkpoint at step {saved[-1][0]}" if saved else "no checkpoint yet"
-        raise UserError(
+        raise Interrupted(
             f"interrupted after step {completed} ({where}); continue with: rwkv-peft train ... --resume"
         ) from None
     except FloatingPointError as e:

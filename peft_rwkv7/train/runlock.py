@@ -16,6 +16,22 @@ from pathlib import Path
 from ..errors import UserError
 
 LOCK_NAME = ".lock"
+_HELD: set[int] = set()  # this process's lock fds, closed in a forked child (see _drop_in_child)
+
+
+def _drop_in_child() -> None:
+    """A forked child (the tokenizer's worker processes) shares the lock's open file, and flock belongs to that: a
+    worker outliving its killed run would keep the directory locked. The child closes its copy; the parent holds."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_in_child)
 
 
 def _try_lock(fd: int) -> bool:
@@ -59,8 +75,10 @@ def run_lock(out_dir: Path, enabled: bool = True) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
                       .encode(), 0)
+        _HELD.add(fd)
         yield
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # closing releases the lock
 
 

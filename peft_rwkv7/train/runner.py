@@ -7,6 +7,7 @@ busy or finished out_dir, a missing file) says so at once."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,7 @@ import yaml
 from ..errors import UserError
 from ..extras import check_recipe
 from ..path_checks import check_recipe_paths
-from ..run_dir import list_checkpoints
+from ..run_dir import end_cut_short, list_checkpoints
 from .recipe import Recipe, dump_recipe, load_recipe
 from .runlock import held, holder_pid, run_lock
 from .schedule import get_lr
@@ -69,6 +70,10 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
         dist = launcher_dist(recipe)
         if dist.is_main:
             print(describe(recipe), flush=True)
+            if unread := recipe.method.unread_keys():  # a recipe's silent no-ops (kept readable: old runs resume)
+                print(f"warning: method.kind {recipe.method.kind} does not read "
+                      f"{', '.join('method.' + k for k in unread)}; they change nothing (remove them)",
+                      file=sys.stderr, flush=True)
         summary = train(recipe, resume=resume, dist=dist)
         close_dist()
     if dist.is_main:
@@ -172,6 +177,9 @@ def check_fresh(recipe: Recipe, out_dir: Path) -> int | None:
     if done < recipe.train.max_steps:
         raise UserError(f"{out_dir} already holds a run ({done} of {recipe.train.max_steps} steps); add --resume "
                         f"to continue it, or set out_dir=... for a new one")
+    if end_cut_short(out_dir, recipe.method.kind):
+        raise UserError(f"{out_dir} holds this run's {done} steps, stopped before it wrote model.pth; add --resume "
+                        f"to finish it")
     return done
 
 
@@ -197,7 +205,7 @@ def check_resume(recipe: Recipe, out_dir: Path) -> None:
         raise UserError(f"{out_dir}: --resume with a recipe that differs from the run's: {_show(old, new, changed)}; "
                         f"resume with the run's own recipe ({out_dir / 'recipe.yaml'}), or train into a new "
                         "out_dir=...")
-    if readable is not None and done >= recipe.train.max_steps:
+    if readable is not None and done >= recipe.train.max_steps and not end_cut_short(out_dir, recipe.method.kind):
         raise UserError(f"{out_dir}: the run is finished ({done} of {recipe.train.max_steps} steps); nothing to "
                         f"resume (to train on, raise train.max_steps where the schedule allows: constant or wsd)")
 

@@ -18,7 +18,7 @@ from ..config import CheckpointError, infer_config
 from ..io import atomic_save
 from .hf import is_hf_dir, read_hf, write_hf
 from .st import read_st, to_st, write_st
-from .tokenizer_files import WORLD_VOCAB_SIZE, write_world_tokenizer
+from .tokenizer_files import TOKENIZER_MODULE, WORLD_VOCAB_SIZE, write_world_tokenizer
 
 FORMATS = ("pth", "st", "hf")
 FORMAT_NAMES = {
@@ -99,12 +99,12 @@ def write_model(
         return f"{out} (official .pth, {_DTYPE_NAMES[dtype]}, {len(sd)} tensors)"
     if fmt != "hf":
         raise CheckpointError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    files = write_hf(sd, out, dtype)
+    world = sd["emb.weight"].shape[0] == WORLD_VOCAB_SIZE
+    files = write_hf(sd, out, dtype, more_files=write_world_tokenizer if world else None)
     note = ""
-    if sd["emb.weight"].shape[0] == WORLD_VOCAB_SIZE:
-        tok = write_world_tokenizer(out)
-        files += tok
-        note = "" if tok else "; no tokenizer files (pyrwkv-tokenizer's World vocabulary is missing)"
+    if world:
+        note = "" if TOKENIZER_MODULE in files else "; no tokenizer files (pyrwkv-tokenizer's World vocabulary is " \
+            "missing)"
     else:
         note = f"; no tokenizer files (vocabulary of {sd['emb.weight'].shape[0]} is not RWKV World)"
     N = sd["blocks.0.att.r_k"].shape[1]

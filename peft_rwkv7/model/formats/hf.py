@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
@@ -111,13 +112,17 @@ def hf_config(cfg: RWKV7Config, dtype: torch.dtype) -> dict:
     }  # fmt: skip
 
 
-def write_hf(sd: dict[str, torch.Tensor], out_dir: str | os.PathLike, dtype: torch.dtype) -> list[str]:
-    """Write config.json + model.safetensors (+ state.pth when `sd` has time_state); returns the file names."""
+def write_hf(sd: dict[str, torch.Tensor], out_dir: str | os.PathLike, dtype: torch.dtype,
+             more_files: Callable[[Path], list[str]] | None = None) -> list[str]:
+    """Write config.json + model.safetensors (+ state.pth when `sd` has time_state) and `more_files(dir)`'s (the
+    tokenizer's); returns the file names. config.json, which makes the folder a model (is_hf_dir), goes first and
+    comes back last: a write cut short never leaves a folder that looks complete."""
     d = Path(out_dir)
     if d.exists() and not d.is_dir():
         raise CheckpointError(f"{d}: exists and is not a directory (the hf format writes a directory)")
     cfg = infer_config(sd, "model")
     d.mkdir(parents=True, exist_ok=True)
+    (d / CONFIG_FILE).unlink(missing_ok=True)  # a folder rewritten in part is no model: never new weights, old config
     blob = safetensors.torch.save(hf_tensors(sd, dtype), metadata={"format": "pt"})
     atomic_write(d / WEIGHTS_FILE, lambda f: f.write(blob))
     written = [WEIGHTS_FILE]
@@ -127,6 +132,8 @@ def write_hf(sd: dict[str, torch.Tensor], out_dir: str | os.PathLike, dtype: tor
         written.append(STATE_FILE)
     else:
         (d / STATE_FILE).unlink(missing_ok=True)  # never leave another model's state beside these weights
+    if more_files is not None:
+        written += more_files(d)
     text = (json.dumps(hf_config(cfg, dtype), indent=2) + "\n").encode()
     atomic_write(d / CONFIG_FILE, lambda f: f.write(text))
     return [CONFIG_FILE, *written]
