@@ -225,6 +225,27 @@ class MethodConfig(ConfigModel):
         """s of the LoRA update s * B @ A: alpha / r, or alpha / sqrt(r) with use_rslora."""
         return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
 
+    def unread_keys(self) -> list[str]:
+        """The keys set away from their defaults that this kind never reads (method.r with kind state, dropout with
+        ia3, ...): a recipe's silent no-ops, which the trainer names in a warning. Kept out of the checks above so
+        that a run's own recipe.yaml and adapter.json written before still read back."""
+        k, reads = self.kind, {"kind", "quant", "train_parts", "state"}
+        if self.adapter_kind is not None:
+            reads.add("target_modules")
+        if k in ("lora", "pissa", "disha", "loha", "lokr", "oft", "boft", "vera", "adalora"):
+            reads.add("r")
+        if k in ("lora", "pissa", "loha", "lokr", "adalora"):
+            reads.add("alpha")
+        if k in ("lora", "pissa", "oft", "boft", "vera", "adalora") or self.adapter_kind == "bone":
+            reads.add("dropout")
+        reads |= {"use_dora", "use_rslora", "init"} if k in ("lora", "pissa") else set()
+        reads |= {name for name, on in (("svd_niter", k == "pissa"), ("loftq_iters", self.init == "loftq"),
+                                        ("eva_tokens", self.init == "eva"), ("adalora", k == "adalora"),
+                                        ("boft_factors", k == "boft"), ("disha_mode", k == "disha")) if on}
+        return [name if isinstance(getattr(self, name), ConfigModel) else f"{name} {getattr(self, name)!r}"
+                for name, f in type(self).model_fields.items()
+                if name not in reads and getattr(self, name) != f.get_default(call_default_factory=True)]
+
     def effective_targets(self) -> list[str]:
         """Targets in TARGETS order, minus those trained in full through train_parts."""
         if self.adapter_kind is None:

@@ -257,6 +257,9 @@ class Recipe(ConfigModel):
             if self.train.deepspeed.stage == 3:
                 raise invalid("{key}: grpo samples with the whole model on every rank; ZeRO-3 partitions it (use "
                               "train.deepspeed.stage=2)", "train.deepspeed.stage")
+            if self.train.chunk_len:
+                raise invalid(f"{{key}} {self.train.chunk_len}: grpo scores each prompt + completion (at most "
+                              "data.ctx_len tokens) in one pass, not in chunks; remove it", "train.chunk_len")
             if self.train.grpo.max_new_tokens >= self.data.ctx_len:
                 raise invalid(f"{{key}} {self.train.grpo.max_new_tokens} leaves no room for a prompt in data.ctx_len "
                               f"{self.data.ctx_len}", "train.grpo.max_new_tokens")
