@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..infer.sampler import sample_groups
 from .distributed import micro_backward
 from .grpo_loss import advantages, check_group_size, grpo_loss, zero_spread_share
-from .memory import available_memory
+from .memory import available_memory, is_out_of_memory
 from .rewards import RewardSet
 from .rewards_builtin import COMPLETION_IDS
 from .tasks import Task, sum_over_ranks
@@ -95,12 +95,6 @@ def rollout_bytes(config, rows: int) -> int:
     return rows * 4 * (config.n_layer * (config.n_head * config.head_size**2 + 2 * config.n_embd) + config.vocab_size)
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    """torch's allocators' failures (CPU, CUDA) and the CPU block cache's (train.memory)."""
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or any(
-        s in str(e) for s in ("can't allocate memory", "CPU allocator: out of memory"))
-
-
 class Scorer:
     """Samples completions of prompts (data/prompts.PromptData) and scores them with the recipe's rewards: the
     one path of training rollouts, the loop's held-out evaluation and `rwkv-peft eval --rewards`. `eval_rows_from`:
@@ -129,7 +123,7 @@ class Scorer:
                                    stop_strings=g.stop, decode=self.tokenizer.decode,
                                    vocab_size=getattr(self.tokenizer, "vocab_size", None))
         except (MemoryError, RuntimeError) as e:
-            if not _out_of_memory(e):
+            if not is_out_of_memory(e):
                 raise
             raise UserError(f"{rows} ran out of memory; lower {rows_from}") from e
         texts = [data.texts[i] for i in idxs for _ in range(G)]

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import UserError
 
-__all__ = ["CpuBlocks", "available_memory", "check_batch_memory", "keep_freed_memory"]
+__all__ = ["CpuBlocks", "available_memory", "check_batch_memory", "is_out_of_memory", "keep_freed_memory"]
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_MAX = -4
@@ -110,6 +110,12 @@ def available_memory(device: torch.device) -> int | None:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocator's failure: torch's (CPU, CUDA), Python's, or the CPU block cache's (CpuBlocks)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or any(
+        s in str(e) for s in ("can't allocate memory", "CPU allocator: out of memory"))
 
 
 def check_batch_memory(config, rows: int, ctx_len: int, run_len: int | None, device: torch.device) -> None:
