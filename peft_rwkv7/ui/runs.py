@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from ..run_dir import list_checkpoints, read_log
+from ..run_dir import end_cut_short, list_checkpoints, read_log
 from ..train.runlock import held, holder_pid
 
 CONSOLE = "console.log"  # the trainer's stdout and stderr, appended run after run
@@ -81,8 +81,8 @@ def run_info(run: Path) -> RunInfo:
     checkpoint = saved[-1][0] if saved else 0
     if held(run):
         status = "running"
-    elif max_steps and checkpoint >= max_steps:
-        status = "finished"
+    elif max_steps and checkpoint >= max_steps and not end_cut_short(run, str(_section(recipe, "method").get("kind"))):
+        status = "finished"  # (a full run without its model.pth is stopped: --resume writes it)
     else:
         status = "stopped"
     return RunInfo(run, status, method_name(recipe), str(_section(recipe, "train").get("objective", "sft")),
