@@ -26,11 +26,11 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def end_cut_short(run_dir: Path, kind: str) -> bool:
+def end_cut_short(run_dir: Path, kind: str, saved: list[tuple[int, Path]]) -> bool:
     """Whether a run whose newest checkpoint is its last step was stopped before its end was written: a full
     fine-tune's model.pth, written after that checkpoint (missing, or older: from before the run was extended).
-    `--resume` then takes no step and writes it."""
-    saved = list_checkpoints(run_dir)
+    `saved`: the run's list_checkpoints, which every caller has read already. `--resume` then takes no step and
+    writes it."""
     if kind != "full" or not saved:
         return False
     try:

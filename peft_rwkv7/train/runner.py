@@ -177,7 +177,7 @@ def check_fresh(recipe: Recipe, out_dir: Path) -> int | None:
     if done < recipe.train.max_steps:
         raise UserError(f"{out_dir} already holds a run ({done} of {recipe.train.max_steps} steps); add --resume "
                         f"to continue it, or set out_dir=... for a new one")
-    if end_cut_short(out_dir, recipe.method.kind):
+    if end_cut_short(out_dir, recipe.method.kind, saved):
         raise UserError(f"{out_dir} holds this run's {done} steps, stopped before it wrote model.pth; add --resume "
                         f"to finish it")
     return done
@@ -205,7 +205,8 @@ def check_resume(recipe: Recipe, out_dir: Path) -> None:
         raise UserError(f"{out_dir}: --resume with a recipe that differs from the run's: {_show(old, new, changed)}; "
                         f"resume with the run's own recipe ({out_dir / 'recipe.yaml'}), or train into a new "
                         "out_dir=...")
-    if readable is not None and done >= recipe.train.max_steps and not end_cut_short(out_dir, recipe.method.kind):
+    finished = readable is not None and done >= recipe.train.max_steps
+    if finished and not end_cut_short(out_dir, recipe.method.kind, saved):
         raise UserError(f"{out_dir}: the run is finished ({done} of {recipe.train.max_steps} steps); nothing to "
                         f"resume (to train on, raise train.max_steps where the schedule allows: constant or wsd)")
 

@@ -79,9 +79,10 @@ def run_info(run: Path) -> RunInfo:
     max_steps = _section(recipe, "train").get("max_steps")
     max_steps = max_steps if isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps > 0 else 0
     checkpoint = saved[-1][0] if saved else 0
+    method = _section(recipe, "method")
     if held(run):
         status = "running"
-    elif max_steps and checkpoint >= max_steps and not end_cut_short(run, str(_section(recipe, "method").get("kind"))):
+    elif max_steps and checkpoint >= max_steps and not end_cut_short(run, str(method.get("kind")), saved):
         status = "finished"  # (a full run without its model.pth is stopped: --resume writes it)
     else:
         status = "stopped"

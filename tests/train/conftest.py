@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from peft_rwkv7.errors import UserError
 from tests.conftest import make_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,3 +41,12 @@ def tiny_overrides(tiny_world, out_dir, steps=2, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def one_line_error(match: str, call, *args, **kwargs) -> str:
+    """call(*args, **kwargs) raises a UserError of one line holding `match`; its text."""
+    with pytest.raises(UserError) as e:
+        call(*args, **kwargs)
+    text = str(e.value)
+    assert "\n" not in text and match in text, text
+    return text

@@ -14,19 +14,12 @@ import pytest
 from peft_rwkv7.errors import UserError
 from peft_rwkv7.train.rewards import RewardSet
 from peft_rwkv7.train.runner import train_from_cli
+from tests.train.conftest import one_line_error as one_line
 from tests.train.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = str(ROOT / "recipes/lora.yaml")
 P2, C2 = ["p0", "p1"], ["c0", "c1"]
-
-
-def one_line(match: str, call, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as e:
-        call(*args, **kwargs)
-    text = str(e.value)
-    assert "\n" not in text and match in text, text
-    return text
 
 
 @pytest.fixture

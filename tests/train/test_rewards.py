@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from peft_rwkv7.config_base import ConfigModel
-from peft_rwkv7.errors import UserError
 from peft_rwkv7.train.rewards import RewardConfig, RewardSet, reward_configs
 from peft_rwkv7.train.rewards_builtin import (
     BUILTINS,
@@ -27,16 +26,9 @@ from peft_rwkv7.train.rewards_builtin import (
     repetition_penalty,
 )
 from peft_rwkv7.train.schema import from_dict
+from tests.train.conftest import one_line_error
 
 P4 = ["p0", "p1", "p2", "p3"]
-
-
-def one_line_error(match: str, call, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as e:
-        call(*args, **kwargs)
-    text = str(e.value)
-    assert "\n" not in text and match in text, text
-    return text
 
 
 # ---- built-ins
