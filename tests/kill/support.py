@@ -24,11 +24,12 @@ FULL = str(ROOT / "recipes/full.yaml")
 SEED = int(os.environ.get("KILL_POINTS_SEED", "7041"))
 TEMP = re.compile(r"^\..+\.tmp(\.png)?$|^step_\d{6,}\.(tmp|old)$")  # atomic_write's, plot's, a DeepSpeed save's
 SIGNALS = {"kill": signal.SIGKILL, "int": signal.SIGINT}
+STEPS = 6  # a kill test run's steps (save_every 1: a checkpoint each)
 
 
 # --- the world: a tiny World-vocabulary model, its data, a trained run ---------------------------------------------
 
-def _overrides(world: Path, out: Path, steps: int = 6, **extra) -> list[str]:
+def _overrides(world: Path, out: Path, steps: int = STEPS, **extra) -> list[str]:
     base = {"model.path": world / "tiny.pth", "data.path": world / "train.jsonl",
             "data.eval_path": world / "eval.jsonl", "data.ctx_len": 32, "train.max_steps": steps, "train.micro_bsz": 2,
             "train.grad_accum": 1,

@@ -23,6 +23,7 @@ from tests.kill.support import (
     ROOT,
     SEED,
     SIGNALS,
+    STEPS,
     TEMP,
     _check_outputs,
     _check_signal_end,
@@ -140,8 +141,12 @@ def _train_trial(world: Path, tmp_path: Path, rng: random.Random, sig: int, tria
         _check_run_dir(out, where)
         assert not held(out), f"{where}: the dead run's lock still holds"
     assert _digest([world / "tiny.pth", world / "train.jsonl", world / "eval.jsonl", LORA]) == before, where
-    # a run that had finished before the signal (rc 0) is rerun as it is ("nothing to do"): --resume refuses it
-    resume = ["--resume"] if rc != 0 and list((out / "checkpoints").glob("step_*.pt")) else []
+    # a run whose last step was checkpointed before the signal (it had finished, or was stopped in its final eval or
+    # plot: its adapter is whole) is rerun as it is ("nothing to do"): --resume refuses a finished run
+    from peft_rwkv7.run_dir import list_checkpoints
+
+    saved = list_checkpoints(out)
+    resume = ["--resume"] if saved and saved[-1][0] < STEPS else []
     res = _reap(_start(args + resume, ROOT))
     assert res[0] == 0, f"{where}; the rerun{resume}: {res[1]}"
     a, b = load_file(world / "ref/adapter.safetensors"), load_file(out / "adapter.safetensors")
