@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -88,6 +89,20 @@ def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
         initializer(*initargs)
 
 
+def _submit(pool: ProcessPoolExecutor, fn: Callable, job: tuple):
+    """pool.submit with Ctrl-C held back until it returns. The first submit forks the workers and starts the pool's
+    manager thread; a KeyboardInterrupt landing between the thread's creation and its start left a pool whose
+    shutdown fails ("cannot join thread before it is started"), which hid the interrupt and left the workers
+    waiting. A signal that arrives meanwhile stays pending and is raised as soon as the submit is done."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return pool.submit(fn, job)  # only the main thread receives Ctrl-C
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(fn, job)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def ordered_map(fn: Callable, jobs: Iterable[tuple[tuple, int]], workers: int, initializer: Callable | None = None,
                 initargs: tuple = ()) -> Iterator[tuple[object, int]]:
     """(fn(job), units) in job order, on `workers` processes with at most 2 jobs each in flight.
@@ -101,7 +116,7 @@ def ordered_map(fn: Callable, jobs: Iterable[tuple[tuple, int]], workers: int, i
     pending: deque = deque()
     try:
         for job, units in jobs:
-            pending.append((pool.submit(fn, job), units))
+            pending.append((_submit(pool, fn, job), units))
             if len(pending) >= 2 * workers:
                 fut, u = pending.popleft()
                 yield fut.result(), u
