@@ -26,12 +26,34 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+ENDING = ".ending"  # a run's marker: its last checkpoint may exist, the end written after it not yet
+
+
+def mark_ending(run_dir: Path, ending: bool) -> None:
+    """Set (before the run's last checkpoint is written) or clear (after its end is) the ENDING marker."""
+    marker = Path(run_dir) / ENDING
+    if ending:
+        marker.touch()
+    else:
+        marker.unlink(missing_ok=True)
+
+
+def end_parts(kind: str) -> str:
+    """What a run writes after its last checkpoint, for messages."""
+    return "final eval, loss plot" + (", model.pth" if kind == "full" else "")
+
+
 def end_cut_short(run_dir: Path, kind: str, saved: list[tuple[int, Path]]) -> bool:
-    """Whether a run whose newest checkpoint is its last step was stopped before its end was written: a full
-    fine-tune's model.pth, written after that checkpoint (missing, or older: from before the run was extended).
-    `saved`: the run's list_checkpoints, which every caller has read already. `--resume` then takes no step and
-    writes it."""
-    if kind != "full" or not saved:
+    """Whether a run whose newest checkpoint is its last step was stopped before its end was written: the final
+    eval record, a full fine-tune's model.pth and the loss plot, which come after that checkpoint. The ENDING marker
+    says so; for a run written before the marker, a full fine-tune's model.pth missing or older than that checkpoint
+    (from before the run was extended). `saved`: the run's list_checkpoints, which every caller has read already.
+    `--resume` then takes no step and writes the end."""
+    if not saved:
+        return False
+    if (Path(run_dir) / ENDING).exists():
+        return True
+    if kind != "full":
         return False
     try:
         return (Path(run_dir) / "model.pth").stat().st_mtime < saved[-1][1].stat().st_mtime

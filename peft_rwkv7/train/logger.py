@@ -34,7 +34,10 @@ class RunLogger:
         atomic_write_text(self.out_dir / "recipe.yaml", dump_recipe(recipe))
         log = self.out_dir / "log.jsonl"
         if resume_step and log.exists():  # a line cut short by the kill, or broken, is dropped too
-            self.records = [r for r in read_log(self.out_dir) if r["step"] <= resume_step]
+            # and the final eval (at max_steps, only written by the run's end): a resume that finishes a run cut short
+            # in its end writes it again
+            self.records = [r for r in read_log(self.out_dir) if r["step"] <= resume_step
+                            and not (r["step"] >= self.total and any(k.startswith("eval_") for k in r))]
             atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in self.records))
         elif log.exists():
             log.unlink()

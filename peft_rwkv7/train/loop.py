@@ -29,6 +29,7 @@ from ..errors import Interrupted, UserError
 from ..infer.evaluate import load_eval_data
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
+from ..run_dir import end_parts, mark_ending
 from . import adalora
 from . import checkpoint as ckpt
 from . import routes as routes_mod
@@ -287,6 +288,8 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
                 if result is not None:
                     logger.eval(completed, result)
             if completed % tc.save_every == 0 or completed in (tc.max_steps, stop_at):
+                if completed == tc.max_steps and run.dist.is_main:
+                    mark_ending(out_dir, True)  # until finish has written the end that follows this checkpoint
                 _save(run, completed)
     except KeyboardInterrupt:
         # A step cut short leaves only gradients behind: drop them and save the completed steps. Under
@@ -325,15 +328,23 @@ def finish(run: Run, completed: int, stopped_early: bool) -> dict:
     if stopped_early:
         run.logger.close()
         return {**summary, "stopped_early": True}
-    result = _run_eval(run)
-    if result is not None:
-        summary["eval"] = result
-        run.logger.eval(tc.max_steps, result)
-    if run.recipe.method.kind == "full":  # every weight whole, the frozen ones too (ZeRO-3 partitions those as well)
-        with gathered(list(run.base.named_parameters()), tc.deepspeed.stage):
-            if run.dist.is_main:
-                save_model(run.base, run.out_dir / "model.pth")
-    run.logger.close(plot=True)
+    try:
+        result = _run_eval(run)
+        if result is not None:
+            summary["eval"] = result
+            run.logger.eval(tc.max_steps, result)
+        if run.recipe.method.kind == "full":  # every weight whole, the frozen ones too (ZeRO-3 partitions those too)
+            with gathered(list(run.base.named_parameters()), tc.deepspeed.stage):
+                if run.dist.is_main:
+                    save_model(run.base, run.out_dir / "model.pth")
+        run.logger.close(plot=True)
+    except KeyboardInterrupt:
+        run.logger.close()
+        raise Interrupted(f"interrupted after step {completed}, before the run's end was written "
+                          f"({end_parts(run.recipe.method.kind)}); finish it with: rwkv-peft train ... --resume"
+                          ) from None
+    if run.dist.is_main:
+        mark_ending(run.out_dir, False)
     return summary
 
 

@@ -15,7 +15,7 @@ import yaml
 from ..errors import UserError
 from ..extras import check_recipe
 from ..path_checks import check_recipe_paths
-from ..run_dir import end_cut_short, list_checkpoints
+from ..run_dir import end_cut_short, end_parts, list_checkpoints
 from .recipe import Recipe, dump_recipe, load_recipe
 from .runlock import held, holder_pid, run_lock
 from .schedule import get_lr
@@ -178,8 +178,8 @@ def check_fresh(recipe: Recipe, out_dir: Path) -> int | None:
         raise UserError(f"{out_dir} already holds a run ({done} of {recipe.train.max_steps} steps); add --resume "
                         f"to continue it, or set out_dir=... for a new one")
     if end_cut_short(out_dir, recipe.method.kind, saved):
-        raise UserError(f"{out_dir} holds this run's {done} steps, stopped before it wrote model.pth; add --resume "
-                        f"to finish it")
+        raise UserError(f"{out_dir} holds this run's {done} steps, stopped before its end was written "
+                        f"({end_parts(recipe.method.kind)}); add --resume to finish it")
     return done
 
 

@@ -36,7 +36,8 @@ def test_a_full_run_killed_after_its_last_checkpoint_writes_model_pth_on_resume(
     rc, err = _reap(proc)
     assert rc == -signal.SIGKILL and not (out / "model.pth").exists(), err
     again = _reap(_start(args, ROOT))
-    assert again[0] == 2 and "stopped before it wrote model.pth; add --resume" in again[1], again
+    assert again[0] == 2, again
+    assert "stopped before its end was written (final eval, loss plot, model.pth); add --resume" in again[1], again
     res = _reap(_start([*args, "--resume"], ROOT))
     assert res[0] == 0, res[1]
     load_model(out / "model.pth")

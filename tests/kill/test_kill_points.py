@@ -118,12 +118,12 @@ def test_a_killed_command_leaves_whole_outputs_sweep(world, tmp_path, name):
 # --- train ---------------------------------------------------------------------------------------------------------
 
 def _check_run_dir(out: Path, where: str) -> None:
-    from peft_rwkv7.run_dir import read_log
+    from peft_rwkv7.run_dir import ENDING, read_log
 
     _check_outputs([out], {}, where)
     read_log(out)  # a line cut short is skipped, never an error
     for f in out.rglob("*"):
-        assert f.is_dir() or not f.name.startswith(".") or TEMP.match(f.name) or f.name == ".lock", where
+        assert f.is_dir() or not f.name.startswith(".") or TEMP.match(f.name) or f.name in (".lock", ENDING), where
 
 
 def _train_trial(world: Path, tmp_path: Path, rng: random.Random, sig: int, trial: int, seed: int) -> None:
@@ -141,12 +141,13 @@ def _train_trial(world: Path, tmp_path: Path, rng: random.Random, sig: int, tria
         _check_run_dir(out, where)
         assert not held(out), f"{where}: the dead run's lock still holds"
     assert _digest([world / "tiny.pth", world / "train.jsonl", world / "eval.jsonl", LORA]) == before, where
-    # a run whose last step was checkpointed before the signal (it had finished, or was stopped in its final eval or
-    # plot: its adapter is whole) is rerun as it is ("nothing to do"): --resume refuses a finished run
-    from peft_rwkv7.run_dir import list_checkpoints
+    # a run that had finished before the signal is rerun as it is ("nothing to do"; --resume refuses a finished run);
+    # one stopped before its last checkpoint, or after it but before its end was written (final eval, loss plot:
+    # the ENDING marker is there), is finished with --resume
+    from peft_rwkv7.run_dir import ENDING, list_checkpoints
 
     saved = list_checkpoints(out)
-    resume = ["--resume"] if saved and saved[-1][0] < STEPS else []
+    resume = ["--resume"] if saved and (saved[-1][0] < STEPS or (out / ENDING).exists()) else []
     res = _reap(_start(args + resume, ROOT))
     assert res[0] == 0, f"{where}; the rerun{resume}: {res[1]}"
     a, b = load_file(world / "ref/adapter.safetensors"), load_file(out / "adapter.safetensors")
@@ -156,6 +157,15 @@ def _train_trial(world: Path, tmp_path: Path, rng: random.Random, sig: int, tria
     assert torch.equal(torch.load(world / "ref/state.pth")["blocks.0.att.time_state"],
                        torch.load(out / "state.pth")["blocks.0.att.time_state"]), where
     _check_run_dir(out, where)
+    assert not (out / ENDING).exists() and (out / "loss.png").is_file(), where
+    assert _log(out) == _log(world / "ref"), f"{where}: log.jsonl differs from the uninterrupted run's"
+
+
+def _log(run: Path) -> list[dict]:
+    """log.jsonl's records without what depends on the clock."""
+    from peft_rwkv7.run_dir import read_log
+
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in read_log(run)]
 
 
 @pytest.mark.parametrize("sig", ["kill", "int"])

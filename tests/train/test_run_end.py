@@ -1,0 +1,79 @@
+"""A run's end (the final eval, a full run's model.pth, the loss plot) comes after its last checkpoint: a run
+stopped there is finished by --resume, which takes no step and writes the end as an uninterrupted run does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peft_rwkv7.run_dir import ENDING
+from tests.train.conftest import ROOT, tiny_overrides
+
+LORA = str(ROOT / "recipes/lora.yaml")
+
+
+def _cli(*argv) -> int:
+    from peft_rwkv7.cli import main
+
+    return main(list(argv))
+
+
+def _log(out: Path) -> list[dict]:
+    """log.jsonl without what depends on the clock."""
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("end") / "ref"
+    assert _cli("train", LORA, *tiny_overrides(tiny_world, out)) == 0
+    return out
+
+
+def _interrupt(monkeypatch, where: str) -> None:
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "final eval":
+        monkeypatch.setattr("peft_rwkv7.train.loop._run_eval", ctrl_c)
+    else:
+        monkeypatch.setattr("peft_rwkv7.train.logger.plot_losses", ctrl_c)
+
+
+@pytest.mark.parametrize("where", ["final eval", "loss plot"])
+def test_a_run_stopped_in_its_end_is_finished_by_resume(tiny_world, tmp_path, monkeypatch, capsys, uninterrupted,
+                                                         where):
+    from peft_rwkv7.ui.runs import run_info
+
+    out = tmp_path / "run"
+    args = ["train", LORA, *tiny_overrides(tiny_world, out)]
+    with monkeypatch.context() as m:
+        _interrupt(m, where)
+        assert _cli(*args) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == ("interrupted after step 2, before the run's end was written (final eval, loss plot); finish it "
+                    "with: rwkv-peft train ... --resume"), said
+    assert (out / ENDING).exists() and not (out / "loss.png").exists()
+    assert run_info(out).status == "stopped"
+
+    assert _cli(*args) == 2  # not "nothing to do": the end is missing
+    said = capsys.readouterr().err
+    assert "stopped before its end was written (final eval, loss plot); add --resume" in said, said
+
+    assert _cli(*args, "--resume") == 0
+    assert _log(out) == _log(uninterrupted)  # one final eval record, equal to the uninterrupted run's
+    assert any("eval_loss" in r for r in _log(out))
+    assert (out / "loss.png").stat().st_size > 0 and not (out / ENDING).exists()
+    assert run_info(out).status == "finished"
+    capsys.readouterr()
+    assert _cli(*args) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_an_uninterrupted_run_leaves_no_marker_and_a_run_stopped_early_none(tiny_world, tmp_path, uninterrupted):
+    assert not (uninterrupted / ENDING).exists()
+    out = tmp_path / "half"
+    assert _cli("train", LORA, *tiny_overrides(tiny_world, out, steps=3), "train.stop_after=1") == 0
+    assert not (out / ENDING).exists()
