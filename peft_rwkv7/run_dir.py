@@ -1,4 +1,4 @@
-"""Reading a run directory's checkpoint folder, with the standard library only.
+"""A run directory's checkpoint folder, end marker and killed writes' temp files, with the standard library only.
 
 Below both `train` (which writes checkpoints) and `infer` (`inspect` lists them), and light enough for
 the CLI to look at a run before torch is imported (the finished-run and resume checks).
@@ -10,6 +10,10 @@ import re
 from pathlib import Path
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})(\.pt)?$")
+# what a run killed mid-write leaves: atomic_write's temp files of the run's own outputs and checkpoints, the plot's
+_RUN_TEMP = re.compile(r"^\.(adapter\.safetensors|adapter\.json|state\.pth|recipe\.yaml|log\.jsonl|model\.pth)"
+                       r"\.\w+\.tmp$|^\.loss\.png\.tmp\.png$")
+_CHECKPOINT_TEMP = re.compile(r"^\.step_\d{6,}\.pt\.\w+\.tmp$")
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -24,6 +28,17 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         if m and (p.is_file() if m.group(2) else p.is_dir()):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temp files of a run killed mid-write (SIGKILL, power loss: nothing could remove them). Called by
+    the run that takes the directory up again, under its lock: no other writer of these names is running."""
+    run_dir = Path(run_dir)
+    for folder, pattern in ((run_dir, _RUN_TEMP), (run_dir / "checkpoints", _CHECKPOINT_TEMP)):
+        if folder.is_dir():
+            for f in folder.iterdir():
+                if pattern.match(f.name) and f.is_file():
+                    f.unlink(missing_ok=True)
 
 
 ENDING = ".ending"  # a run's marker: its last checkpoint may exist, the end written after it not yet

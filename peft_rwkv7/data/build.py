@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -81,12 +82,32 @@ def _jobs(path: Path, chunk_bytes: int) -> Iterator[tuple[tuple, int]]:
             yield ("lines", lines, first, str(path)), nbytes
 
 
-def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+def _start_worker(initializer: Callable | None, initargs: tuple, parent: int) -> None:
     """A worker leaves Ctrl-C to its parent: a terminal sends it to the whole process group, and the parent stops
-    the pool (its workers finish the job at hand) and says "interrupted" once, without a traceback per worker."""
+    the pool (its workers finish the job at hand) and says "interrupted" once, without a traceback per worker.
+    It ends with its parent: a parent killed outright (SIGKILL, the OOM killer) can stop no pool, and its
+    workers waited forever for the next job."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent(parent)
     if initializer is not None:
         initializer(*initargs)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this process when the thread that forked it ends (prctl PR_SET_PDEATHSIG); the pool forks
+    its workers from the caller's thread, at the first submit. Elsewhere nothing (spawned workers see their
+    call queue close)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
 
 
 def _submit(pool: ProcessPoolExecutor, fn: Callable, job: tuple):
@@ -112,7 +133,7 @@ def ordered_map(fn: Callable, jobs: Iterable[tuple[tuple, int]], workers: int, i
     pools the parent may have started.
     """
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(_START_METHOD),
-                               initializer=_start_worker, initargs=(initializer, initargs))
+                               initializer=_start_worker, initargs=(initializer, initargs, os.getpid()))
     pending: deque = deque()
     try:
         for job, units in jobs:

@@ -15,7 +15,7 @@ import yaml
 from ..errors import UserError
 from ..extras import check_recipe
 from ..path_checks import check_recipe_paths
-from ..run_dir import end_cut_short, end_parts, list_checkpoints
+from ..run_dir import end_cut_short, end_parts, list_checkpoints, remove_stale_temps
 from .recipe import Recipe, dump_recipe, load_recipe
 from .runlock import held, holder_pid, run_lock
 from .schedule import get_lr
@@ -64,6 +64,8 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
             print(f"{out_dir} already holds this finished run ({done} steps); nothing to do — to train again "
                   f"pick another out_dir=...{longer}", flush=True)
             return 0
+        if _global_rank0():
+            remove_stale_temps(out_dir)  # a killed run's, now that this one holds the directory
         from .distributed import close_dist, launcher_dist
         from .loop import describe, train
 

@@ -158,6 +158,8 @@ def _train_trial(world: Path, tmp_path: Path, rng: random.Random, sig: int, tria
                        torch.load(out / "state.pth")["blocks.0.att.time_state"]), where
     _check_run_dir(out, where)
     assert not (out / ENDING).exists() and (out / "loss.png").is_file(), where
+    left = [f.name for f in out.rglob(".*") if f.name != ".lock"]  # the killed writes' temp files are removed too
+    assert left == [], (where, left)
     assert _log(out) == _log(world / "ref"), f"{where}: log.jsonl differs from the uninterrupted run's"
 
 

@@ -77,3 +77,32 @@ def test_an_uninterrupted_run_leaves_no_marker_and_a_run_stopped_early_none(tiny
     out = tmp_path / "half"
     assert _cli("train", LORA, *tiny_overrides(tiny_world, out, steps=3), "train.stop_after=1") == 0
     assert not (out / ENDING).exists()
+
+
+def test_a_killed_runs_temp_files_are_removed_when_the_run_is_taken_up_again(tiny_world, tmp_path, monkeypatch):
+    import tempfile
+
+    made = []  # every temp file the run's atomic writes create: a SIGKILL mid-write leaves such a file behind
+    real = tempfile.mkstemp
+
+    def recording(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        made.append(Path(name))
+        return fd, name
+
+    out = tmp_path / "run"
+    args = ["train", LORA, *tiny_overrides(tiny_world, out, steps=2), "train.save_every=1", "method.state=true"]
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", recording)
+        assert _cli(*args, "train.stop_after=1") == 0
+    left = [p for p in made if out in p.parents] + [out / ".loss.png.tmp.png"]  # and the plot's
+    names = {p.name.split(".")[1] for p in left}
+    assert {"adapter", "state", "step_000001", "recipe", "loss"} <= names, names
+    for p in left:
+        p.write_bytes(b"left by a kill")
+    mine = [out / ".notes.tmp", out / "checkpoints/.mine.tmp", out / ".adapter.safetensors.bak"]
+    for p in mine:
+        p.write_text("the user's")
+    assert _cli(*args, "--resume") == 0
+    assert [p for p in left if p.exists()] == []
+    assert all(p.read_text() == "the user's" for p in mine)
