@@ -5,7 +5,7 @@
 #                  linear_ce | fused_lora | rowsplit | timemix | pointwise | cpu | checkpoint | dispatch |
 #                  verify | ops_entry | memory | optim | sampling | binidx | dataset | dataset_make | schedule |
 #                  build | records | data_build | tokenizer | preference | model_io | model_config | inits |
-#                  sampler | grpo_loss
+#                  sampler | grpo_loss | run_dir | model_init
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -248,12 +248,21 @@ case "$module" in
         # GRPO's advantages and clipped objective (TRL's loss types and scales), its group-size checks
         src=peft_rwkv7/train/grpo_loss.py
         tests="tests/train/test_grpo_loss.py tests/train/test_mut_grpo_loss.py" ;;
+    run_dir)
+        # a run directory's checkpoints, its end marker, a killed run's temp files, log.jsonl read at any moment
+        src=peft_rwkv7/run_dir.py
+        tests="tests/train/test_run_end.py tests/ui/test_run_status.py tests/train/test_resume.py
+               tests/infer/test_inspect_damaged.py tests/train/test_mut_checkpoint.py" ;;
+    model_init)
+        # a fresh model's start (pretraining from scratch), as RWKV-LM's trainer draws it
+        src=peft_rwkv7/model/init.py
+        tests="tests/model/test_init.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
              "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" \
              "sampling binidx dataset dataset_make schedule build records data_build tokenizer preference" \
-             "model_io model_config inits sampler grpo_loss" >&2
+             "model_io model_config inits sampler grpo_loss run_dir model_init" >&2
         exit 2 ;;
 esac
 

@@ -288,8 +288,6 @@ def train(recipe: Recipe, resume: bool = False, dist: Dist | None = None) -> dic
                 if result is not None:
                     logger.eval(completed, result)
             if completed % tc.save_every == 0 or completed in (tc.max_steps, stop_at):
-                if completed == tc.max_steps and run.dist.is_main:
-                    mark_ending(out_dir, True)  # until finish has written the end that follows this checkpoint
                 _save(run, completed)
     except KeyboardInterrupt:
         # A step cut short leaves only gradients behind: drop them and save the completed steps. Under
@@ -370,6 +368,8 @@ def _save(run: Run, step: int) -> None:
     """Checkpoint and adapter files. Under DeepSpeed every process takes part: each writes its own shard of
     the engine checkpoint; the adapter is one file as in a one-process run (ZeRO-3: gathered), rank 0 writes."""
     keep, stage, dist = run.recipe.train.keep_checkpoints, run.recipe.train.deepspeed.stage, run.dist
+    if step == run.recipe.train.max_steps and dist.is_main:
+        mark_ending(run.out_dir, True)  # until finish has written the end that follows this checkpoint
     with ckpt.ctrl_c_after_save():
         if run.engine is None:
             ckpt.save_checkpoint(run.out_dir, step, run.named, run.optimizer, keep=keep,

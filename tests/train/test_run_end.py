@@ -39,11 +39,22 @@ def _interrupt(monkeypatch, where: str) -> None:
 
     if where == "final eval":
         monkeypatch.setattr("peft_rwkv7.train.loop._run_eval", ctrl_c)
-    else:
+    elif where == "loss plot":
         monkeypatch.setattr("peft_rwkv7.train.logger.plot_losses", ctrl_c)
+    else:  # after the last step's record, before its checkpoint: the loop's Ctrl-C handler saves that checkpoint
+        from peft_rwkv7.train.logger import RunLogger
+
+        log_step = RunLogger.step
+
+        def ctrl_c_after(self, step, *args, **kwargs):
+            log_step(self, step, *args, **kwargs)
+            if step == 2:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(RunLogger, "step", ctrl_c_after)
 
 
-@pytest.mark.parametrize("where", ["final eval", "loss plot"])
+@pytest.mark.parametrize("where", ["last checkpoint", "final eval", "loss plot"])
 def test_a_run_stopped_in_its_end_is_finished_by_resume(tiny_world, tmp_path, monkeypatch, capsys, uninterrupted,
                                                          where):
     from peft_rwkv7.ui.runs import run_info
@@ -54,8 +65,11 @@ def test_a_run_stopped_in_its_end_is_finished_by_resume(tiny_world, tmp_path, mo
         _interrupt(m, where)
         assert _cli(*args) == 130
     said = capsys.readouterr().err.strip().splitlines()[-1]
-    assert said == ("interrupted after step 2, before the run's end was written (final eval, loss plot); finish it "
-                    "with: rwkv-peft train ... --resume"), said
+    if where == "last checkpoint":
+        assert said == "interrupted after step 2 (checkpoint at step 2); continue with: rwkv-peft train ... --resume"
+    else:
+        assert said == ("interrupted after step 2, before the run's end was written (final eval, loss plot); finish "
+                        "it with: rwkv-peft train ... --resume"), said
     assert (out / ENDING).exists() and not (out / "loss.png").exists()
     assert run_info(out).status == "stopped"
 
