@@ -252,7 +252,7 @@ case "$module" in
         # a run directory's checkpoints, its end marker, a killed run's temp files, log.jsonl read at any moment
         src=peft_rwkv7/run_dir.py
         tests="tests/train/test_run_end.py tests/ui/test_run_status.py tests/train/test_resume.py
-               tests/infer/test_inspect_damaged.py tests/train/test_mut_checkpoint.py" ;;
+               tests/infer/test_inspect_damaged.py tests/train/test_mut_checkpoint.py tests/train/test_mut_run_dir.py" ;;
     model_init)
         # a fresh model's start (pretraining from scratch), as RWKV-LM's trainer draws it
         src=peft_rwkv7/model/init.py
