@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..model import DTYPES, RWKV7, RWKV7Config, atomic_save, atomic_write, read_state_dict
 from ..run_dir import CHECKPOINT_NAME
 from .config import TARGETS, MethodConfig, part_of
-from .methods import AdaptedRWKV7, _quantized_names, attach, base_fingerprint, check_attachable, trainable_parameters
+from .methods import AdaptedRWKV7, attach, base_fingerprint, check_attachable, quantized_names, trainable_parameters
 from .tensor_checks import check_adapter_tensors
 
 ADAPTER_FILE, META_FILE, STATE_FILE = "adapter.safetensors", "adapter.json", "state.pth"
@@ -273,7 +273,7 @@ def load_adapter(model: RWKV7, run_dir_or_file: str | os.PathLike | AdapterFile,
     if model.emb.weight.dtype == torch.float32 and train_dtype != torch.float32:
         # a base quantized in training from its bf16 copy (train.precision bf16): quantize the same bf16 weights
         # (and round a PiSSA residual to bf16 as training did), as merge does, not the finer fp32 ones
-        for name in _quantized_names(model, af.method):
+        for name in quantized_names(model, af.method):
             linear = model.get_submodule(name)
             linear.weight.data = linear.weight.data.to(train_dtype)
     adapted = attach(model, af.method, af.pissa_start() if pissa else None, batches=(), device=device)

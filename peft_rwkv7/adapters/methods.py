@@ -227,7 +227,7 @@ def _apply_pissa_residual(linear: nn.Linear, a0: torch.Tensor, b0: torch.Tensor,
     w.copy_((w.float() - (scale * b0.to(w.device)) @ a0.to(w.device)).to(w.dtype))
 
 
-def _quantized_names(model: RWKV7, cfg: MethodConfig) -> list[str]:
+def quantized_names(model: RWKV7, cfg: MethodConfig) -> list[str]:
     """The projections a quantized base quantizes: every block's, less the FFN's where it trains in full."""
     if cfg.quant == "none":
         return []
@@ -285,7 +285,7 @@ def attach(
 
     # A residual start (PiSSA, OLoRA, LoftQ) and the quantization, projection by projection in layer order
     residual = set(target_names) if cfg.residual_init else set()
-    quantized = set(_quantized_names(model, cfg))
+    quantized = set(quantized_names(model, cfg))
     before = after = 0
     for name in _in_layer_order(residual | quantized, n_layer):
         linear = model.get_submodule(name)
