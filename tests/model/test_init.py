@@ -71,9 +71,13 @@ def assert_orthogonal(w: torch.Tensor, gain: float, name: str) -> None:
     assert torch.allclose(gram, eye, atol=1e-4 * gain**2), (name, (gram - eye).abs().max().item())
 
 
-@pytest.fixture(scope="module")
-def fresh():
-    cfg = RWKV7Config.new(n_layer=3, n_embd=128, vocab_size=300, head_size=32)
+# built per test, not per module: mutation testing (scripts/mutation.sh model_init) runs for each mutant only the
+# tests that called init_weights themselves, and a module-scoped model had been built by the first test alone.
+# Two layers as well as three: a layer's ratio i / (L - 1) differs from i / 2 only there.
+@pytest.fixture(params=[(3, 128, 300, 32), (2, 64, 50, 16)], ids=["L3-wide-head", "L2-narrow-head"])
+def fresh(request):
+    n_layer, n_embd, vocab_size, head_size = request.param
+    cfg = RWKV7Config.new(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, head_size=head_size)
     return cfg, new_model(cfg, seed=5)
 
 
@@ -106,8 +110,28 @@ def test_the_random_matrices_are_orthogonal_with_rwkv_lm_s_gains(fresh):
             assert_orthogonal(sd[f"blocks.{i}.{name}"], gain, f"blocks.{i}.{name}")
     V, C = cfg.vocab_size, cfg.n_embd
     assert_orthogonal(sd["head.weight"], 0.5 * math.sqrt(V / C) if V > C else 0.5, "head.weight")
-    emb = sd["emb.weight"]
+    emb = sd["emb.weight"]  # uniform on [-1e-4, 1e-4]: its range, spread and centre
     assert emb.abs().max() <= 1e-4 and emb.std() == pytest.approx(1e-4 / math.sqrt(3), rel=0.05)
+    assert emb.min() < -0.9e-4 and emb.max() > 0.9e-4 and abs(emb.mean()) < 1e-5
+
+
+def test_the_start_writes_over_every_parameter(fresh):
+    """init_weights on a model whose every parameter holds garbage gives the fresh model's start: nothing is left
+    to the modules' own defaults (layer 0's ln0 included)."""
+    from peft_rwkv7.model.init import init_weights
+
+    cfg, model = fresh
+    used = new_model(cfg, seed=9)
+    with torch.no_grad():
+        for p in used.parameters():
+            p.fill_(7.0)
+    init_weights(used, seed=5)
+    want, got = model.state_dict(), used.state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    default = new_model(cfg, seed=9)
+    init_weights(default)  # the seed's default is 0
+    again = init_weights(new_model(cfg, seed=9), seed=0).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in default.state_dict().items())
 
 
 def test_a_head_no_wider_than_the_model_has_gain_one_half():
