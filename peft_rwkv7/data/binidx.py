@@ -8,8 +8,11 @@ document (its tokens followed by end-of-text 0) and doc_idx = 0..n, as RWKV's js
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import secrets
+import socket
 import struct
 from pathlib import Path
 
@@ -108,9 +111,42 @@ class MMapIndexedDataset:
         return self.tokens[start : start + int(self.sizes[i])]
 
 
-def _temp_name(folder: Path, name: str, ext: str) -> str:
-    # Not tempfile.mkstemp: its files are mode 0600, and the renamed result should follow the umask.
-    return str(folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}{ext}.tmp")
+def temp_name(folder: Path, name: str, ext: str) -> str:
+    """`.{name}.{host}.{pid}.{8 hex}{ext}.tmp` in `folder`, for ext .bin, .idx or .mask: who made it, so that a
+    later writer of the same name can tell a killed writer's file (remove_dead_temps). Not tempfile.mkstemp: its
+    files are mode 0600, and the renamed result should follow the umask."""
+    return str(folder / f".{name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}{ext}.tmp")
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_") or "host"
+
+
+def remove_dead_temps(folder: Path, name: str) -> None:
+    """Delete the temp files of writers of `name` that were killed (SIGKILL, the OOM killer: a .bin temp can hold
+    gigabytes): those made on this host by a process that no longer runs. Another host's, on a shared file
+    system, are left alone: its processes cannot be seen from here."""
+    made = re.compile(rf"\.{re.escape(name)}\.{re.escape(_host())}\.(\d+)\.[0-9a-f]{{8}}\.(bin|idx|mask)\.tmp")
+    try:
+        found = list(Path(folder).glob(f".{glob.escape(name)}.*.tmp"))
+    except OSError:
+        return
+    for f in found:
+        m = made.fullmatch(f.name)
+        if m and not _running(int(m.group(1))):
+            f.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a pid no process can have
+        return True
+    return True
 
 
 class BinIdxWriter:
@@ -127,7 +163,8 @@ class BinIdxWriter:
         folder = Path(self.prefix).parent
         folder.mkdir(parents=True, exist_ok=True)
         name = Path(self.prefix).name
-        self._tmp_bin = _temp_name(folder, name, ".bin")
+        remove_dead_temps(folder, name)
+        self._tmp_bin = temp_name(folder, name, ".bin")
         self._bin = open(self._tmp_bin, "xb")
         self._tmp_idx: str | None = None
         self._sizes: list[np.ndarray] = []
@@ -148,7 +185,7 @@ class BinIdxWriter:
         pointers = (np.cumsum(counts) - counts) * self.dtype.itemsize  # each entry's first byte; none for none
         doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
         code = next(c for c, t in DTYPE_CODES.items() if np.dtype(t).newbyteorder("<") == self.dtype)
-        self._tmp_idx = _temp_name(Path(self.prefix).parent, Path(self.prefix).name, ".idx")
+        self._tmp_idx = temp_name(Path(self.prefix).parent, Path(self.prefix).name, ".idx")
         with open(self._tmp_idx, "xb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, code, len(sizes), len(doc_idx)))
             f.write(sizes.astype("<i4").tobytes())

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .binidx import BinIdxWriter, token_dtype
+from .binidx import BinIdxWriter, temp_name, token_dtype
 from .formats import TextFormat, encode_records
 from .records import CHUNK_BYTES, check_file, is_json_array, iter_json_array, iter_parquet, jsonl_chunks, parse_lines
 from .tokenizer import Tokenizer, load_tokenizer
@@ -178,7 +178,8 @@ def tokenize_file(
                     unit_scale=is_lines, desc=f"tokenizing {path.name}", disable=not progress, dynamic_ncols=True)
 
     bar = None
-    mask_tmp = Path(f"{mask_path}.{os.getpid()}.tmp") if mask_path else None
+    # named as the pair's temp files (the mask is `{prefix}.mask`), so that a killed build's is removed with theirs
+    mask_tmp = Path(temp_name(Path(mask_path).parent, Path(mask_path).stem, ".mask")) if mask_path else None
     docs = 0
     try:
         jobs = _jobs(path, chunk_bytes)
