@@ -164,7 +164,7 @@ case "$module" in
     binidx)
         # Megatron's .bin/.idx pairs, read and written as RWKV-LM's trainer does
         src=peft_rwkv7/data/binidx.py
-        tests="tests/data/test_binidx.py tests/data/test_mut_binidx.py" ;;
+        tests="tests/data/test_binidx.py tests/data/test_mut_binidx.py tests/data/test_dead_temps.py" ;;
     dataset)
         # the samples a step reads: TrainData's windows and pieces, their labels under the loss mask, the batch of a
         # rank, documents held out for evaluation, the cache's reopening and the vocabulary scan. Not make_dataset,

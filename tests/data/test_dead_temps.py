@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from peft_rwkv7.data import binidx
 from peft_rwkv7.data.binidx import BinIdxWriter, MMapIndexedDataset
@@ -61,6 +62,26 @@ def test_a_killed_writers_temp_files_are_removed_by_the_next_writer(tmp_path):
 def test_a_pid_that_runs_or_cannot_be_asked_is_taken_as_running():
     assert binidx._running(os.getpid()) and binidx._running(1)  # pid 1: another user's, or init
     assert binidx._running(2**70)  # no process can have it: never removed on a guess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert binidx._running(child.pid)
+        with pytest.raises(subprocess.TimeoutExpired):  # asked, not signalled: it goes on running
+            child.wait(timeout=0.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert not binidx._running(child.pid)
+
+
+def test_temp_names_hold_the_host_and_the_pid(tmp_path, monkeypatch):
+    import socket
+
+    name = Path(binidx.temp_name(tmp_path, "c", ".bin")).name
+    assert name.startswith(f".c.{socket.gethostname()}.{os.getpid()}.") and name.endswith(".bin.tmp")
+    monkeypatch.setattr(socket, "gethostname", lambda: "rack/7")
+    assert Path(binidx.temp_name(tmp_path, "c", ".idx")).name.startswith(f".c.rack_7.{os.getpid()}.")
+    monkeypatch.setattr(socket, "gethostname", lambda: "")
+    assert Path(binidx.temp_name(tmp_path, "c", ".idx")).name.startswith(f".c.host.{os.getpid()}.")
 
 
 def test_a_killed_builds_mask_temp_is_named_so_the_next_writer_removes_it(tmp_path, world, monkeypatch):
