@@ -10,9 +10,11 @@ random weights), attaches the method, and times `--steps` optimizer steps after 
 `--batch` (1: one row of ctx tokens; the recipes' default micro_bsz is 4), as train/loop.py runs them (bf16:
 frozen weights stored bf16, trained tensors fp32, CPU autocast).
 
-GEMM bound: the step's matmul FLOP -- 4 per matmul weight per token (forward and input gradient; 6 for
-full fine-tuning, which adds the weight gradient) -- over the GEMM rate measured in that process, at that
-precision: right after each timed step, one pass of the step's big GEMMs (each layer's own weights, in a
+GEMM bound: the step's matmul FLOP -- issue 23's rule: 4 per frozen matmul weight per token (forward and input
+gradient), 6 per trained one (its gradient too: every weight in full fine-tuning, the adapter factors otherwise;
+bench_util.step_flop) -- over the GEMM rate measured in that process, at that precision. "% frozen-only bound"
+leaves the adapter factors' FLOP out (the stricter figure rounds 1-34 reported alone; equal for state tuning
+and full). The rate: right after each timed step, one pass of the step's big GEMMs (each layer's own weights, in a
 step's order, batch x ctx rows; bench_util.GemmPass), about as long as the step's own GEMMs, so
 step and pass see the VM at the same speed (it drifts by 10-30% within minutes, and a short best-of-few GEMM
 timing catches fast moments no whole step gets). "% bound" = bound time / step time, each step against its
@@ -52,7 +54,7 @@ def child(args) -> None:
     sys.path.insert(0, str(Path(args.src).resolve()))
     sys.path.insert(1, str(HERE))
     import torch
-    from bench_util import SHAPE, GemmPass, matmul_weights, method_config
+    from bench_util import SHAPE, GemmPass, method_config, step_flop
 
     from peft_rwkv7.adapters import attach, trainable_parameters
     from peft_rwkv7.model import RWKV7Config, new_model
@@ -118,16 +120,17 @@ def child(args) -> None:
         if i:
             passes.append(pass_s)
     step_s = min(times[1:])
-    # bound: every position through every matmul at the big GEMMs' speed (their pass covers ctx rows)
-    flop = (6 if full else 4) * matmul_weights(adapted) * x.numel()
-    bounds = [flop * p / gemms.flop for p in passes]
-    paired = sorted(100 * b / t for b, t in zip(bounds, times[1:], strict=True))
-    middle = paired[(len(paired) - 1) // 2]  # the lower median: with two steps, the lower one
+    # bound: every position through every matmul at the big GEMMs' speed (their pass covers ctx rows), by the
+    # issue's rule (the adapter factors as trained weights) and by the frozen weights alone
+    pct = {}
+    for key, flop in zip(("bound", "frozen"), step_flop(adapted, x.numel(), full), strict=True):
+        paired = sorted(100 * flop * p / gemms.flop / t for p, t in zip(passes, times[1:], strict=True))
+        pct[key] = paired[(len(paired) - 1) // 2], [paired[0], paired[-1]]  # the lower median: of two, the lower
     rate = gemms.flop / min(passes)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(json.dumps({"tokens_per_s": x.numel() / step_s, "scored": int((y != -100).sum()), "step_s": step_s,
-                      "peak_rss_mib": rss, "bound_pct": middle,
-                      "bound_range": [paired[0], paired[-1]], "gemm_gflops": rate / 1e9,
+                      "peak_rss_mib": rss, "bound_pct": pct["bound"][0], "bound_range": pct["bound"][1],
+                      "frozen_pct": pct["frozen"][0], "frozen_range": pct["frozen"][1], "gemm_gflops": rate / 1e9,
                       "loss": loss, "trainable": sum(p.numel() for _, p in named)}))
 
 
@@ -193,8 +196,9 @@ def main() -> None:
     if args.layout == "sft":
         shape = "sft layout: 4 right-padded rows, 28% of positions scored"
     print(f"source: {args.src}; 0.1B shape (L12 C768 V65536), {shape}, best of {args.steps} steps after a warm-up")
-    print("| method | ctx | precision | tokens/s | step s | % GEMM bound | GEMM GFLOP/s | peak RSS MiB |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| method | ctx | precision | tokens/s | step s | % GEMM bound | % frozen-only bound | GEMM GFLOP/s "
+          "| peak RSS MiB |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for ctx in args.ctx:
         for method in args.methods:
             for prec in precisions:
@@ -204,11 +208,12 @@ def main() -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode:
                     why = child_error(out.stderr)
-                    print(f"| {method} | {ctx} | {prec} | failed (exit {out.returncode}): {why} |||||")
+                    print(f"| {method} | {ctx} | {prec} | failed (exit {out.returncode}): {why} ||||||")
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"| {method} | {ctx} | {prec} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | "
                       f"{r['bound_pct']:.0f}% ({r['bound_range'][0]:.0f}-{r['bound_range'][1]:.0f}) | "
+                      f"{r['frozen_pct']:.0f}% ({r['frozen_range'][0]:.0f}-{r['frozen_range'][1]:.0f}) | "
                       f"{r['gemm_gflops']:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
 
 

@@ -77,6 +77,21 @@ def matmul_weights(model) -> int:
     return n
 
 
+def factor_weights(model) -> int:
+    """Elements of the trained adapter factors the step multiplies activations by (LoRA's and PiSSA's A and B)."""
+    return sum(p.numel() for name, p in model.named_parameters() if "lora_" in name and p.requires_grad)
+
+
+def step_flop(model, tokens: int, full: bool) -> tuple[int, int]:
+    """A step's matmul FLOP over `tokens` positions, (by issue 23's rule, by the frozen weights alone). The rule: 4
+    FLOP per frozen matmul weight per token (forward and input gradient), 6 per trained one (its own gradient
+    too): every weight in full fine-tuning, the adapter factors otherwise -- LoRA r16's six thin products per
+    adapted matrix, 6 r (in + out) FLOP a token, 2.8% over the 0.1B model's frozen count. The second count
+    leaves the factors out: the stricter bound `bench_train.py` reported alone in rounds 1-34."""
+    frozen = (6 if full else 4) * matmul_weights(model) * tokens
+    return frozen + 6 * factor_weights(model) * tokens, frozen
+
+
 def big_weights(model) -> list:
     """[(weight, whether it is the head)] for each of the model's big matmul weights (each side >= 256), in the
     model's order: the GEMMs a bound is timed on."""

@@ -6,10 +6,12 @@ and per kind of work (GEMM, WKV kernel, elementwise, ...), with the GEMM bound m
 
 --isa avx2: the AVX2 code an AVX2-only CPU runs, on this one (bench_train.py's docstring says how).
 
-GEMM bound: the frozen matmul weights do 4 FLOP per weight per token (2 forward, 2 for the input
-gradient); the step's GEMM FLOP over the GEMM rate measured here at the model's shapes (one pass of the
-step's big GEMMs right after the timed step, bench_util.GemmPass) is the step time a machine doing nothing
-but those GEMMs would take. Prints the CPU's ISA flags beside the figures.
+GEMM bound (issue 23's rule, bench_util.step_flop): the frozen matmul weights do 4 FLOP per weight per token (2
+forward, 2 for the input gradient), trained ones 6 (their gradient too: the adapter factors, every weight in
+full fine-tuning); "frozen-only" leaves the adapter factors out. The step's GEMM FLOP over the GEMM rate
+measured here at the model's shapes (one pass of the step's big GEMMs right after the timed step,
+bench_util.GemmPass) is the step time a machine doing nothing but those GEMMs would take.
+Prints the CPU's ISA flags beside the figures.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_util import AVX2_CAPS, GemmPass, avx2_only, isa_flags, matmul_weights, method_config  # noqa: E402
+from bench_util import AVX2_CAPS, GemmPass, avx2_only, isa_flags, method_config, step_flop  # noqa: E402
 
 from peft_rwkv7.adapters import attach, trainable_parameters  # noqa: E402
 from peft_rwkv7.model import RWKV7Config, new_model  # noqa: E402
@@ -120,13 +122,13 @@ def main() -> None:
     for name, secs, _ in rows:
         by_kind[kind_of(name)] += secs
     rate = gemms.flop / gemm_s
-    flop = (6 if full else 4) * matmul_weights(model) * args.ctx
+    flop, frozen = step_flop(model, args.ctx, full)
     bound = flop / rate
     print(f"CPU: {isa_flags()}; threads {torch.get_num_threads()}"
           + ("; AVX2 code only (--isa avx2)" if args.isa == "avx2" else ""))
     print(f"{args.method}, ctx {args.ctx}, {args.precision}: step {wall:.2f} s ({args.ctx / wall:.1f} tok/s); "
           f"GEMM bound {bound:.2f} s at {rate / 1e9:.0f} GFLOP/s ({args.ctx / bound:.1f} tok/s): "
-          f"{100 * bound / wall:.0f}% of the bound")
+          f"{100 * bound / wall:.0f}% of the bound ({100 * frozen / rate / wall:.0f}% of the frozen-only bound)")
     print("\n| kind | self CPU s | share |\n| --- | ---: | ---: |")
     for kind, secs in by_kind.most_common():
         print(f"| {kind} | {secs:.3f} | {100 * secs / total:.1f}% |")

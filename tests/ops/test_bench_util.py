@@ -102,3 +102,26 @@ def test_the_pass_makes_the_layers_products_in_row_chunks_where_the_model_does(b
         chunked.seconds()
     # 6 weights of the layer, forward and backward, 2 chunks each; the head (1024 x 512): whole rows
     assert sorted(seen.rows) == sorted([500] * 24 + [1000] * 2)
+
+
+def test_the_bound_counts_the_adapter_factors_as_trained_weights(bench_util):
+    """Issue 23's rule: 4 FLOP per frozen matmul weight per token, 6 per trained one. LoRA r16's factors on the
+    six projections of a block add 6 r (in + out) a token each; the frozen-only count is the same model's
+    without them, as for state tuning; full fine-tuning counts every weight at 6."""
+    from peft_rwkv7.adapters import attach
+    from peft_rwkv7.model import RWKV7Config, new_model
+
+    C, V, L, r, tokens = 256, 1024, 2, 16, 100
+    counts = {}
+    for method in ("state", "lora", "full"):
+        torch.manual_seed(0)
+        model = attach(new_model(RWKV7Config.new(L, C, V, head_size=64)), bench_util.method_config(method))
+        counts[method] = bench_util.step_flop(model, tokens, full=method == "full")
+    state, lora, full = counts["state"], counts["lora"], counts["full"]
+    assert state[0] == state[1] and full[0] == full[1]  # no adapter factors
+    assert lora[1] == state[1] and 2 * full[1] == 3 * state[1]  # the same frozen weights; 6 FLOP against 4
+    # receptance, key, value, output (C -> C), the FFN's key (C -> 4C) and value (4C -> C)
+    per_block = 4 * (C + C) + (C + 4 * C) + (4 * C + C)
+    assert lora[0] - lora[1] == 6 * r * per_block * L * tokens
+    # the frozen count holds at least the big weights (the projections and the head) at 4 FLOP a token
+    assert state[1] >= 4 * tokens * (L * 12 * C * C + V * C)
