@@ -7,13 +7,21 @@ the CLI to look at a run before torch is imported (the finished-run and resume c
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
+# A run directory's own files: the adapter's (adapters/files.py writes them), the recipe and log (train/logger.py),
+# a full fine-tune's model and the loss plot. Named here, below every writer and reader of them.
+ADAPTER_FILE, META_FILE, STATE_FILE = "adapter.safetensors", "adapter.json", "state.pth"
+RECIPE_FILE, LOG_FILE, MODEL_FILE, PLOT_FILE = "recipe.yaml", "log.jsonl", "model.pth", "loss.png"
+
 CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})(\.pt)?$")
-# what a run killed mid-write leaves: atomic_write's temp files of the run's own outputs and checkpoints, the plot's
-_RUN_TEMP = re.compile(r"^\.(adapter\.safetensors|adapter\.json|state\.pth|recipe\.yaml|log\.jsonl|model\.pth)"
-                       r"\.\w+\.tmp$|^\.loss\.png\.tmp\.png$")
+# what a run killed mid-write leaves: atomic_write's temp files of the run's own outputs (model.io.atomic_write:
+# `.{name}.{random}.tmp`) and checkpoints, the plot's (`.{name}.tmp.png`), a DeepSpeed save's uncommitted folder
+_ATOMIC = (ADAPTER_FILE, META_FILE, STATE_FILE, RECIPE_FILE, LOG_FILE, MODEL_FILE)
+_RUN_TEMP = re.compile(rf"^\.({'|'.join(map(re.escape, _ATOMIC))})\.\w+\.tmp$|^\.{re.escape(PLOT_FILE)}\.tmp\.png$")
 _CHECKPOINT_TEMP = re.compile(r"^\.step_\d{6,}\.pt\.\w+\.tmp$")
+_ENGINE_TEMP = re.compile(r"^step_\d{6,}\.tmp$")  # train/checkpoint.save_engine_checkpoint's, before its rename
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -31,14 +39,20 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def remove_stale_temps(run_dir: Path) -> None:
-    """Delete the temp files of a run killed mid-write (SIGKILL, power loss: nothing could remove them). Called by
-    the run that takes the directory up again, under its lock: no other writer of these names is running."""
+    """Delete the temp files of a run killed mid-write (SIGKILL, power loss: nothing could remove them), and the
+    folder of a DeepSpeed checkpoint killed before its commit (every rank's shards so far). Called by the run that
+    takes the directory up again, under its lock: no other writer of these names is running."""
     run_dir = Path(run_dir)
     for folder, pattern in ((run_dir, _RUN_TEMP), (run_dir / "checkpoints", _CHECKPOINT_TEMP)):
         if folder.is_dir():
             for f in folder.iterdir():
                 if pattern.match(f.name) and f.is_file():
                     f.unlink(missing_ok=True)
+    folder = run_dir / "checkpoints"
+    if folder.is_dir():
+        for f in folder.iterdir():
+            if _ENGINE_TEMP.match(f.name) and f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f, ignore_errors=True)
 
 
 ENDING = ".ending"  # a run's marker: its last checkpoint may exist, the end written after it not yet
@@ -71,7 +85,7 @@ def end_cut_short(run_dir: Path, kind: str, saved: list[tuple[int, Path]]) -> bo
     if kind != "full":
         return False
     try:
-        return (Path(run_dir) / "model.pth").stat().st_mtime < saved[-1][1].stat().st_mtime
+        return (Path(run_dir) / MODEL_FILE).stat().st_mtime < saved[-1][1].stat().st_mtime
     except OSError:
         return True
 
@@ -83,7 +97,7 @@ def read_log(run_dir: Path) -> list[dict]:
     import json
 
     try:
-        text = (Path(run_dir) / "log.jsonl").read_text(encoding="utf-8", errors="replace")
+        text = (Path(run_dir) / LOG_FILE).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
     out = []

@@ -22,6 +22,13 @@ def shared_file(name: str) -> Path:
     return p
 
 
+def log_records(run: Path) -> list[dict]:
+    """A run's log.jsonl records (run_dir.read_log) without what depends on the clock: two runs' logs compare equal."""
+    from peft_rwkv7.run_dir import read_log
+
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in read_log(run)]
+
+
 @pytest.fixture(scope="session")
 def world():
     """The World tokenizer (loaded once per test session)."""

@@ -18,12 +18,11 @@ import torch
 
 from ..errors import UserError
 from ..model import DTYPES, RWKV7, RWKV7Config, atomic_save, atomic_write, read_state_dict
-from ..run_dir import CHECKPOINT_NAME
+from ..run_dir import ADAPTER_FILE, CHECKPOINT_NAME, LOG_FILE, META_FILE, RECIPE_FILE, STATE_FILE
 from .config import TARGETS, MethodConfig, part_of
 from .methods import AdaptedRWKV7, attach, base_fingerprint, check_attachable, quantized_names, trainable_parameters
 from .tensor_checks import check_adapter_tensors
 
-ADAPTER_FILE, META_FILE, STATE_FILE = "adapter.safetensors", "adapter.json", "state.pth"
 FORMAT, VERSION = "rwkv-peft-adapter", 1
 SHARED = ("vera_A", "vera_B")  # VeRA's frozen projections, one copy per adapter (not per layer)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -230,7 +229,7 @@ def read_adapter(path: str | os.PathLike, lora_alpha: float | None = None) -> Ad
 
 
 # What a run directory holds of its own: an output written over one of these would break the run
-RUN_OWN = (ADAPTER_FILE, META_FILE, STATE_FILE, "recipe.yaml", "log.jsonl", "checkpoints", "console.log")
+RUN_OWN = (ADAPTER_FILE, META_FILE, STATE_FILE, RECIPE_FILE, LOG_FILE, "checkpoints", "console.log")
 
 
 def check_output(out: str | os.PathLike, **inputs: str | os.PathLike | None) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..model import infer_config, read_state_dict
-from ..run_dir import list_checkpoints, read_log
+from ..run_dir import LOG_FILE, META_FILE, RECIPE_FILE, list_checkpoints, read_log
 
 
 def describe_model(path: Path) -> dict:
@@ -54,8 +54,8 @@ def _field(data: dict, key: str, kind: type | tuple[type, ...], where: str, defa
 
 def describe_run(path: Path) -> dict:
     info: dict = {"kind": "run", "path": str(path)}
-    if (path / "adapter.json").is_file():
-        where = path / "adapter.json"
+    if (path / META_FILE).is_file():
+        where = path / META_FILE
         meta = _read_json(where)
         method = _field(meta, "method", dict, where, {})
         info["method"] = {k: v for k, v in method.items() if _relevant(method, k)}
@@ -67,9 +67,9 @@ def describe_run(path: Path) -> dict:
             if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks.values()):
                 raise UserError(f"{where}: ranks holds a value that is not an integer")
             info["ranks"] = ranks
-    if (path / "recipe.yaml").is_file():
-        info.update(_recipe_summary(path / "recipe.yaml"))
-    if (path / "log.jsonl").is_file():
+    if (path / RECIPE_FILE).is_file():
+        info.update(_recipe_summary(path / RECIPE_FILE))
+    if (path / LOG_FILE).is_file():
         records = read_log(path)  # only well-formed records
         steps = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval_loss" in r]

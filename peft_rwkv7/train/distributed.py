@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..run_dir import RECIPE_FILE
 from .recipe import Recipe, dump_recipe
 
 PROBE = ".rwkv-peft-probe"  # out_dir/.rwkv-peft-probe-{token}-{rank}, for the moment of the check
@@ -100,7 +101,7 @@ def launcher_dist(recipe: Recipe) -> Dist:
             if dist.local_rank == 0 and not dist.is_main:  # what the resume checks of this node read
                 from .logger import atomic_write_text
 
-                atomic_write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
+                atomic_write_text(out_dir / RECIPE_FILE, dump_recipe(recipe))
             if dist.is_main:
                 print(f"out_dir {out_dir} is each node's own (not shared between the nodes): each node keeps its "
                       "processes' checkpoint shards there; the log, adapter and model files are on rank 0's node; "

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..model import atomic_write
-from ..run_dir import read_log
+from ..run_dir import LOG_FILE, PLOT_FILE, RECIPE_FILE, read_log
 from .recipe import Recipe, dump_recipe
 
 
@@ -31,8 +31,8 @@ class RunLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "recipe.yaml", dump_recipe(recipe))
-        log = self.out_dir / "log.jsonl"
+        atomic_write_text(self.out_dir / RECIPE_FILE, dump_recipe(recipe))
+        log = self.out_dir / LOG_FILE
         if resume_step and log.exists():  # a line cut short by the kill, or broken, is dropped too
             # and the final eval (at max_steps, only written by the run's end): a resume that finishes a run cut short
             # in its end writes it again
@@ -105,7 +105,7 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
         if plot:
-            plot_losses(self.records, self.out_dir / "loss.png")
+            plot_losses(self.records, self.out_dir / PLOT_FILE)
 
 
 def plot_losses(records: list[dict], path: Path) -> None:

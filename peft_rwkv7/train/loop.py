@@ -29,7 +29,7 @@ from ..errors import Interrupted, UserError
 from ..infer.evaluate import load_eval_data
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
-from ..run_dir import end_parts, mark_ending
+from ..run_dir import MODEL_FILE, end_parts, mark_ending
 from . import adalora
 from . import checkpoint as ckpt
 from . import routes as routes_mod
@@ -334,7 +334,7 @@ def finish(run: Run, completed: int, stopped_early: bool) -> dict:
         if run.recipe.method.kind == "full":  # every weight whole, the frozen ones too (ZeRO-3 partitions those too)
             with gathered(list(run.base.named_parameters()), tc.deepspeed.stage):
                 if run.dist.is_main:
-                    save_model(run.base, run.out_dir / "model.pth")
+                    save_model(run.base, run.out_dir / MODEL_FILE)
         run.logger.close(plot=True)
     except KeyboardInterrupt:
         run.logger.close()

@@ -15,7 +15,7 @@ import yaml
 from ..errors import UserError
 from ..extras import check_recipe
 from ..path_checks import check_recipe_paths
-from ..run_dir import end_cut_short, end_parts, list_checkpoints, remove_stale_temps
+from ..run_dir import RECIPE_FILE, end_cut_short, end_parts, list_checkpoints, remove_stale_temps
 from .recipe import Recipe, dump_recipe, load_recipe
 from .runlock import held, holder_pid, run_lock
 from .schedule import get_lr
@@ -143,7 +143,7 @@ def _changes(recipe: Recipe, out_dir: Path) -> tuple[dict, dict, list[str]]:
     """(the run's recipe and this one, flattened; the keys whose change moves a number). The run's recipe is
     read through today's schema, so a key added since it was written counts as its default (a new key's
     default keeps the old behaviour): the same command after an upgrade is the same run."""
-    path = out_dir / "recipe.yaml"
+    path = out_dir / RECIPE_FILE
     try:
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import log_records
 from tests.kill.support import (
     LORA,
     ROOT,
@@ -160,14 +161,7 @@ def _train_trial(world: Path, tmp_path: Path, rng: random.Random, sig: int, tria
     assert not (out / ENDING).exists() and (out / "loss.png").is_file(), where
     left = [f.name for f in out.rglob(".*") if f.name != ".lock"]  # the killed writes' temp files are removed too
     assert left == [], (where, left)
-    assert _log(out) == _log(world / "ref"), f"{where}: log.jsonl differs from the uninterrupted run's"
-
-
-def _log(run: Path) -> list[dict]:
-    """log.jsonl's records without what depends on the clock."""
-    from peft_rwkv7.run_dir import read_log
-
-    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in read_log(run)]
+    assert log_records(out) == log_records(world / "ref"), f"{where}: log.jsonl differs from the uninterrupted run's"
 
 
 @pytest.mark.parametrize("sig", ["kill", "int"])

@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from peft_rwkv7.errors import UserError
+from peft_rwkv7.run_dir import ENDING
 from peft_rwkv7.train import checkpoint as ckpt
+from tests.conftest import log_records
 from tests.train.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,12 +183,20 @@ def test_sharded_checkpoint_resumes_exactly(tiny_world, tmp_path, stage, offload
         groups = optim["base_optimizer_state"]["param_groups"]
         assert all(("bias_correction" in group) is offload for group in groups)
     assert load_file(full / "adapter.safetensors").keys() == meta["params"].keys()  # one file, as one process
+    assert not (full / ENDING).exists() and (full / "loss.png").is_file()  # the end written, its marker cleared
+
+    # Stopped in its end (after the last checkpoint, before the plot): --resume takes no step and writes the end.
+    (run / ENDING).touch()
+    (run / "loss.png").unlink()
+    run_two_processes([*over, "--resume"])
+    assert not (run / ENDING).exists() and (run / "loss.png").is_file()
+    assert log_records(run) == log_records(full) and adapter_diff(full, run) == 0.0
 
     # Resume the run from its step-2 checkpoint, as if stopped there; a save killed at step 3 left a temp folder.
     shutil.rmtree(run / "checkpoints/step_000004")
     (run / "checkpoints/step_000003.tmp/ds").mkdir(parents=True)
     run_two_processes([*over, "--resume"])
-    assert losses(run) == losses(full) and len(losses(full)) == 4
+    assert losses(run) == losses(full) and len(losses(full)) == 4 and not (run / ENDING).exists()
     assert adapter_diff(full, run) == 0.0  # bit for bit
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]  # swept
 

@@ -3,12 +3,12 @@ stopped there is finished by --resume, which takes no step and writes the end as
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from peft_rwkv7.run_dir import ENDING
+from tests.conftest import log_records
 from tests.train.conftest import ROOT, tiny_overrides
 
 LORA = str(ROOT / "recipes/lora.yaml")
@@ -18,12 +18,6 @@ def _cli(*argv) -> int:
     from peft_rwkv7.cli import main
 
     return main(list(argv))
-
-
-def _log(out: Path) -> list[dict]:
-    """log.jsonl without what depends on the clock."""
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +72,8 @@ def test_a_run_stopped_in_its_end_is_finished_by_resume(tiny_world, tmp_path, mo
     assert "stopped before its end was written (final eval, loss plot); add --resume" in said, said
 
     assert _cli(*args, "--resume") == 0
-    assert _log(out) == _log(uninterrupted)  # one final eval record, equal to the uninterrupted run's
-    assert any("eval_loss" in r for r in _log(out))
+    assert log_records(out) == log_records(uninterrupted)  # one final eval record, equal to the uninterrupted run's
+    assert any("eval_loss" in r for r in log_records(out))
     assert (out / "loss.png").stat().st_size > 0 and not (out / ENDING).exists()
     assert run_info(out).status == "finished"
     capsys.readouterr()
