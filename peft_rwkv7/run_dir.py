@@ -41,13 +41,17 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def remove_stale_temps(run_dir: Path) -> None:
     """Delete the temp files of a run killed mid-write (SIGKILL, power loss: nothing could remove them), and the
     folder of a DeepSpeed checkpoint killed before its commit (every rank's shards so far). Called by the run that
-    takes the directory up again, under its lock: no other writer of these names is running."""
+    takes the directory up again, under its lock: no other writer of these names is running. Best effort: what
+    cannot be removed (another user's file, a read-only mount) stays, and the run goes on."""
     run_dir = Path(run_dir)
     for folder, pattern in ((run_dir, _RUN_TEMP), (run_dir / "checkpoints", _CHECKPOINT_TEMP)):
         if folder.is_dir():
             for f in folder.iterdir():
                 if pattern.match(f.name) and f.is_file():
-                    f.unlink(missing_ok=True)
+                    try:
+                        f.unlink(missing_ok=True)
+                    except OSError:  # best effort, as for the folders below: the run goes on
+                        pass
     folder = run_dir / "checkpoints"
     if folder.is_dir():
         for f in folder.iterdir():

@@ -85,16 +85,8 @@ def flatten(data: dict, prefix: str = "", keys: set[str] | None = None) -> dict[
 def recipe_values(path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """The effective value of every form key for `path` with `overrides` (defaults filled in), as the run
     would see them; a bad recipe is the CLI's one-line UserError."""
-    recipe = _load(path, overrides or [])
+    recipe = load_recipe(path, overrides or [])  # a file that is not UTF-8: one line (train/schema.load_yaml)
     return flatten(yaml.safe_load(dump_recipe(recipe)))
-
-
-def _load(path: str, extra: list[str]) -> Recipe:
-    """load_recipe, with a file that is not UTF-8 text as a one-line UserError naming it."""
-    try:
-        return load_recipe(path, extra)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}), expected a recipe .yaml file") from None
 
 
 def shown(spec: FieldSpec, value: Any) -> Any:
@@ -181,7 +173,7 @@ def check(recipe: str, specs: list[FieldSpec], raw: list[Any]) -> tuple[list[str
     try:
         base = recipe_values(recipe)
         extra = overrides(specs, raw, base)
-        _load(recipe, extra)
+        load_recipe(recipe, extra)
     except UserError as e:
         return [], str(e), field_of(str(e), specs)
     return extra, None, None

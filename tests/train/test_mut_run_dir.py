@@ -110,3 +110,26 @@ def test_log_records_are_whole_json_objects_with_an_integer_step_and_numeric_fig
     assert rd.read_log(tmp_path) == [{"step": 1, "loss": 2.5, "lr": 0.1, "time": 10},
                                      {"step": 4, "eval_loss": 1.5, "note": "x"},
                                      {"step": 5, "loss": 1.25, "\ufffd": 1}]
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_the_run(tmp_path, monkeypatch):
+    """The cleanup is best effort: a killed write's temp file or a file of a killed DeepSpeed save that cannot be
+    removed (another user's, a read-only mount) is left, and the run that takes the directory up goes on."""
+    import os
+
+    engine_tmp = tmp_path / "checkpoints" / "step_000004.tmp"
+    engine_tmp.mkdir(parents=True)
+    (engine_tmp / "stuck.pt").write_bytes(b"x")
+    (engine_tmp / "other.pt").write_bytes(b"x")
+    stuck_temp = tmp_path / ".adapter.json.abcdefgh.tmp"
+    stuck_temp.write_bytes(b"x")
+    real = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).endswith(("stuck.pt", stuck_temp.name)):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    rd.remove_stale_temps(tmp_path)  # no error
+    assert sorted(p.name for p in engine_tmp.iterdir()) == ["stuck.pt"] and stuck_temp.is_file()
