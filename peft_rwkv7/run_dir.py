@@ -49,7 +49,7 @@ def remove_stale_temps(run_dir: Path) -> None:
             for f in folder.iterdir():
                 if pattern.match(f.name) and f.is_file():
                     try:
-                        f.unlink(missing_ok=True)
+                        f.unlink()
                     except OSError:  # best effort, as for the folders below: the run goes on
                         pass
     folder = run_dir / "checkpoints"
