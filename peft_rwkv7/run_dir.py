@@ -21,7 +21,9 @@ CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})(\.pt)?$")
 _ATOMIC = (ADAPTER_FILE, META_FILE, STATE_FILE, RECIPE_FILE, LOG_FILE, MODEL_FILE)
 _RUN_TEMP = re.compile(rf"^\.({'|'.join(map(re.escape, _ATOMIC))})\.\w+\.tmp$|^\.{re.escape(PLOT_FILE)}\.tmp\.png$")
 _CHECKPOINT_TEMP = re.compile(r"^\.step_\d{6,}\.pt\.\w+\.tmp$")
-_ENGINE_TEMP = re.compile(r"^step_\d{6,}\.tmp$")  # train/checkpoint.save_engine_checkpoint's, before its rename
+# checkpoint folders cut short: a DeepSpeed save's before its rename (train/checkpoint.save_engine_checkpoint), a
+# pruned checkpoint's being deleted (train/checkpoint._prune)
+_CHECKPOINT_GARBAGE = re.compile(r"^step_\d{6,}\.(tmp|old)$")
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -39,10 +41,10 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def remove_stale_temps(run_dir: Path) -> None:
-    """Delete the temp files of a run killed mid-write (SIGKILL, power loss: nothing could remove them), and the
-    folder of a DeepSpeed checkpoint killed before its commit (every rank's shards so far). Called by the run that
-    takes the directory up again, under its lock: no other writer of these names is running. Best effort: what
-    cannot be removed (another user's file, a read-only mount) stays, and the run goes on."""
+    """Delete the temp files of a run killed mid-write (SIGKILL, power loss: nothing could remove them), and its
+    checkpoint folders cut short (remove_checkpoint_garbage). Called by the run that takes the directory up again,
+    under its lock: no other writer of these names is running. Best effort: what cannot be removed (another user's
+    file, a read-only mount) stays, and the run goes on."""
     run_dir = Path(run_dir)
     for folder, pattern in ((run_dir, _RUN_TEMP), (run_dir / "checkpoints", _CHECKPOINT_TEMP)):
         if folder.is_dir():
@@ -50,12 +52,19 @@ def remove_stale_temps(run_dir: Path) -> None:
                 if pattern.match(f.name) and f.is_file():
                     try:
                         f.unlink()
-                    except OSError:  # best effort, as for the folders below: the run goes on
+                    except OSError:  # best effort, as for the folders: the run goes on
                         pass
-    folder = run_dir / "checkpoints"
+    remove_checkpoint_garbage(run_dir)
+
+
+def remove_checkpoint_garbage(run_dir: Path) -> None:
+    """Delete the checkpoint folders a kill cut short: a DeepSpeed save before its commit (every rank's shards so
+    far, `step_N.tmp/`) and a pruned checkpoint being deleted (`step_N.old/`). Best effort; a link is not followed
+    (shutil.rmtree refuses one). Called by train/checkpoint._prune after each save and by remove_stale_temps."""
+    folder = Path(run_dir) / "checkpoints"
     if folder.is_dir():
         for f in folder.iterdir():
-            if _ENGINE_TEMP.match(f.name) and f.is_dir() and not f.is_symlink():
+            if _CHECKPOINT_GARBAGE.match(f.name) and f.is_dir():
                 shutil.rmtree(f, ignore_errors=True)
 
 

@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -41,10 +40,9 @@ import torch
 
 from ..errors import UserError
 from ..model import atomic_save, atomic_write
-from ..run_dir import list_checkpoints  # noqa: F401 (the loop and tests read it here too)
+from ..run_dir import list_checkpoints, remove_checkpoint_garbage  # list_checkpoints: the loop and tests read it here
 from .checkpoint_payload import payload_problem
 
-_GARBAGE = re.compile(r"^step_\d{6,}\.(tmp|old)$")  # a save cut short, a checkpoint being deleted
 DS_TAG = "ds"  # DeepSpeed's tag: the engine checkpoint lives in step_N/ds/
 META = "meta.json"
 
@@ -91,7 +89,6 @@ def has_checkpoint(run_dir: Path, step: int) -> bool:
 
 def _prune(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (0 keeps all) and what killed saves left behind."""
-    folder = Path(run_dir) / "checkpoints"
     for _, old in list_checkpoints(run_dir)[:-keep] if keep else []:
         if old.is_dir():
             gone = old.with_name(old.name + ".old")
@@ -99,9 +96,7 @@ def _prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(gone, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-    for stale in folder.iterdir():
-        if _GARBAGE.match(stale.name) and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_checkpoint_garbage(run_dir)
 
 
 # --- one process --------------------------------------------------------------------------------------

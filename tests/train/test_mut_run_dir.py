@@ -70,10 +70,12 @@ def test_only_the_runs_own_temp_files_are_removed(tmp_path):
         p.write_bytes(b"x")
     folder_like = tmp_path / ".state.pth.folder.tmp"
     folder_like.mkdir()
-    # a DeepSpeed save killed before its commit (train/checkpoint.save_engine_checkpoint): step_N.tmp/, shards inside
+    # a DeepSpeed save killed before its commit (train/checkpoint.save_engine_checkpoint): step_N.tmp/, shards
     engine_tmp = ck / "step_000004.tmp"
     (engine_tmp / "ds").mkdir(parents=True)
     (engine_tmp / "ds" / "shard.pt").write_bytes(b"x")
+    pruned = ck / "step_000001.old"  # a pruned checkpoint folder being deleted (train/checkpoint._prune)
+    (pruned / "ds").mkdir(parents=True)
     committed, short, not_dir = ck / "step_000002", ck / "step_4.tmp", ck / "step_000005.tmp"
     committed.mkdir(), short.mkdir(), not_dir.write_bytes(b"x")
     outside = tmp_path / "elsewhere"
@@ -84,7 +86,7 @@ def test_only_the_runs_own_temp_files_are_removed(tmp_path):
     assert [p.name for p in stale if p.exists()] == []
     assert [p.name for p in kept if not p.exists()] == []
     assert folder_like.is_dir()
-    assert not engine_tmp.exists()
+    assert not engine_tmp.exists() and not pruned.exists()
     assert committed.is_dir() and short.is_dir() and not_dir.is_file() and (outside / "keep").is_file()
     rd.remove_stale_temps(tmp_path / "absent")  # no run there: nothing to do
 
