@@ -13,7 +13,7 @@ from .errors import UserError
 from .path_checks import need_data, need_model, need_output, need_path, need_tokenizer
 
 GRID_FLAGS = ("haystack", "needle", "question", "answer", "lengths")  # read only by --niah / --passkey
-MAX_GRID_LENGTH = 2**22  # --niah/--passkey: the longest context built (its haystack is held as a token list)
+MAX_GRID_LENGTH = 2**22  # --niah/--passkey: the longest context built (infer/niah.MAX_LENGTH, equal by a test)
 
 # Values argparse takes that would otherwise read as "not given" or as the working directory: an empty
 # string is refused for each of these (attribute -> what is expected there).

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 from ..errors import UserError
-from ..model import DTYPES, RWKV7, RWKV7Config, atomic_save, atomic_write, read_state_dict
+from ..model import DTYPES, RWKV7, RWKV7Config, atomic_write_all, read_state_dict
 from ..run_dir import ADAPTER_FILE, CHECKPOINT_NAME, LOG_FILE, META_FILE, RECIPE_FILE, STATE_FILE
 from .config import TARGETS, MethodConfig, part_of
 from .methods import AdaptedRWKV7, attach, base_fingerprint, check_attachable, quantized_names, trainable_parameters
@@ -75,7 +75,8 @@ def shared_tensors(adapted: AdaptedRWKV7) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(adapted: AdaptedRWKV7, run_dir: str | os.PathLike, base_path: str | None = None) -> None:
-    """Write adapter.safetensors, state.pth (state tuning) and adapter.json (last) into run_dir."""
+    """Write adapter.safetensors, state.pth (state tuning) and adapter.json into run_dir, as one save: each file
+    written in full before the first replaces its old copy (model.io.atomic_write_all)."""
     if not isinstance(adapted, AdaptedRWKV7):
         raise TypeError(f"save_adapter: expected an adapted model (what attach or load_adapter returns), got "
                         f"{type(adapted).__name__}; a plain RWKV7 is saved with save_model")
@@ -87,11 +88,10 @@ def save_adapter(adapted: AdaptedRWKV7, run_dir: str | os.PathLike, base_path: s
     cfg = adapted.method
     tensors = adapter_tensors(adapted)
     blob = safetensors.torch.save(tensors)
-    atomic_write(d / ADAPTER_FILE, lambda f: f.write(blob))
+    files = [(d / ADAPTER_FILE, lambda f: f.write(blob))]
     if cfg.trains_state:
-        atomic_save({k: t for k, t in tensors.items() if k.endswith(".att.time_state")}, d / STATE_FILE)
-    else:
-        (d / STATE_FILE).unlink(missing_ok=True)  # never leave another method's state beside this one
+        states = {k: t for k, t in tensors.items() if k.endswith(".att.time_state")}
+        files.append((d / STATE_FILE, lambda f: torch.save(states, f)))
     pissa = cfg.residual_init is not None
     rank = cfg.r * (2 if pissa else 1)
     meta = {
@@ -116,7 +116,10 @@ def save_adapter(adapted: AdaptedRWKV7, run_dir: str | os.PathLike, base_path: s
         meta["ranks"] = {k.removesuffix(".lora_E"): int(t.count_nonzero()) for k, t in tensors.items()
                          if k.endswith(".lora_E")}
     text = (json.dumps(meta, indent=2) + "\n").encode()
-    atomic_write(d / META_FILE, lambda f: f.write(text))
+    # one save's files together: a write that fails replaces none of them (model.io.atomic_write_all)
+    atomic_write_all([*files, (d / META_FILE, lambda f: f.write(text))])
+    if not cfg.trains_state:
+        (d / STATE_FILE).unlink(missing_ok=True)  # never leave another method's state beside this one
 
 
 def _read_run_dir(d: Path, lora_alpha: float | None) -> AdapterFile:

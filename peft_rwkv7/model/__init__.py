@@ -6,6 +6,7 @@ from .io import (
     DTYPES,
     atomic_save,
     atomic_write,
+    atomic_write_all,
     load_model,
     model_from_state_dict,
     new_model,
@@ -18,5 +19,6 @@ from .rwkv7 import RWKV7, Block, ChannelMix, LayerState, TimeMix
 __all__ = [
     "RWKV7", "RWKV7Config", "Block", "TimeMix", "ChannelMix", "LayerState", "CheckpointError",
     "load_model", "save_model", "new_model", "init_weights", "infer_config", "expected_shapes",
-    "read_state_dict", "model_from_state_dict", "atomic_save", "atomic_write", "DTYPES", "pick_device",
+    "read_state_dict", "model_from_state_dict", "atomic_save", "atomic_write", "atomic_write_all", "DTYPES",
+    "pick_device",
 ]  # fmt: skip

@@ -7,7 +7,7 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -126,27 +126,38 @@ def _umask() -> int:
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write through `write(file)` to a temp file in the same folder, fsync, then rename: readers
     (and a run killed mid-write) never see half a file. The result follows the umask like open()."""
-    p = Path(path)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    except OSError as e:  # name the file the user asked for, not our temp file
-        raise UserError(f"{p}: cannot write here ({e.strerror or e}); choose another path") from None
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[BinaryIO], None]]]) -> None:
+    """atomic_write for files that belong together (an adapter's tensors, its state and its metadata): every temp
+    file is written and fsynced before the first rename, then all are renamed in order. A write that fails (an
+    error, a full disk, Ctrl-C) replaces none of them, and a kill leaves all of them from one save but in the
+    instant between two renames."""
+    paths = [Path(p) for p, _ in files]
+    temps: list[str] = []
     ctrl_c: list[int] = []
+    current = paths[0]
     try:
         with _noting_ctrl_c(ctrl_c):
-            os.fchmod(fd, 0o666 & ~_umask())
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
+            for current, (_, write) in zip(paths, files, strict=True):
+                current.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".tmp", dir=current.parent)
+                temps.append(tmp)
+                os.fchmod(fd, 0o666 & ~_umask())
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            for current, tmp in zip(paths, temps, strict=True):
+                os.replace(tmp, current)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
         if ctrl_c:  # torch.save's zip writer turns a Ctrl-C inside it into a RuntimeError: it was the Ctrl-C
             raise KeyboardInterrupt from None
-        if isinstance(e, OSError):
-            raise UserError(f"{p}: cannot write here ({e.strerror or e}); choose another path") from None
+        if isinstance(e, OSError):  # name the file the user asked for, not our temp file
+            raise UserError(f"{current}: cannot write here ({e.strerror or e}); choose another path") from None
         raise
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from peft_rwkv7 import MethodConfig, attach, detach, disable_adapter, merge, merge_into_pth, save_adapter
+from peft_rwkv7.errors import UserError
 from peft_rwkv7.model import load_model
 from tests.adapters.conftest import make_base, merge_rounding
 from tests.fp_oracle import forward_rounding, logits64
@@ -140,3 +141,30 @@ def test_detach_returns_the_base(method, load_base, train):
     assert not any("lora" in n or "disha" in n or "base_layer" in n for n, _ in model.named_parameters())
     assert (logits(model) - base).abs().max() <= two_forwards(model, base)
     attach(model, MethodConfig(kind="lora", r=4))  # and it takes another method
+
+
+def test_a_save_that_fails_leaves_the_last_save_whole(tmp_path, monkeypatch):
+    """save_adapter writes the adapter's tensors and the state tuning's state.pth as one save: where writing the
+    state fails (a full disk), adapter.safetensors still holds the save that state.pth belongs to."""
+    adapted = attach(load_model(make_base(tmp_path / "b.pth", seed=3), wkv_backend="reference"),
+                     MethodConfig(kind="state"))
+    run = tmp_path / "run"
+    save_adapter(adapted, run)
+    before = {n: (run / n).read_bytes() for n in ("adapter.safetensors", "state.pth", "adapter.json")}
+    with torch.no_grad():
+        for blk in adapted.model.blocks:
+            blk.att.time_state.add_(1.0)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"state\.pth: cannot write here \(No space left on device\)"):
+        save_adapter(adapted, run)
+    monkeypatch.undo()
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(before)
+    save_adapter(adapted, run)  # the next save writes all three
+    assert all((run / n).read_bytes() != before[n] for n in ("adapter.safetensors", "state.pth"))

@@ -149,3 +149,10 @@ def test_passkey_records_render_what_passkey_scores():
             assert key.isdigit() and after[6] == "."
             assert f"The pass key is {key}. Remember it. {key} is the pass key." in before
         assert len(TOK.encode(text)) <= 500 * 3
+
+
+def test_the_cli_checks_refuse_a_grid_longer_than_the_grid_builds():
+    # cli_checks (torch-free, checked before any import) keeps its own copy of the limit niah enforces
+    from peft_rwkv7 import cli_checks
+
+    assert cli_checks.MAX_GRID_LENGTH == niah.MAX_LENGTH

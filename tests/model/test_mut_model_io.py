@@ -12,7 +12,7 @@ import torch
 
 from peft_rwkv7.errors import UserError
 from peft_rwkv7.model import CheckpointError, load_model, model_from_state_dict, pick_device, save_model
-from peft_rwkv7.model.io import atomic_write, official_state_dict, read_state_dict
+from peft_rwkv7.model.io import atomic_write, atomic_write_all, official_state_dict, read_state_dict
 from tests.conftest import make_model
 
 
@@ -119,6 +119,41 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, interrupted)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pth"] and target.read_bytes() == b"the user's file"
+
+
+def test_files_written_together_replace_none_until_all_are_written(tmp_path):
+    """atomic_write_all: an adapter's tensors, state and metadata are one save. While a later file is written the
+    earlier targets still hold the old save; a write that fails (disk full, Ctrl-C) replaces none of them."""
+    names = ["adapter.safetensors", "state.pth", "adapter.json"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"old " + n.encode())
+    seen = []
+
+    def writer(n):
+        def write(f):
+            seen.append([(tmp_path / m).read_bytes() for m in names])  # the targets while this one is written
+            f.write(b"new " + n.encode())
+        return write
+
+    atomic_write_all([(tmp_path / n, writer(n)) for n in names])
+    assert seen == [[b"old " + n.encode() for n in names]] * 3
+    assert [(tmp_path / n).read_bytes() for n in names] == [b"new " + n.encode() for n in names]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+    for fail in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        def failing(f, fail=fail):
+            f.write(b"part")
+            raise fail
+
+        files = [(tmp_path / names[0], lambda f: f.write(b"newer")), (tmp_path / names[1], failing),
+                 (tmp_path / names[2], lambda f: f.write(b"newer"))]
+        with pytest.raises(UserError if isinstance(fail, OSError) else KeyboardInterrupt) as e:
+            atomic_write_all(files)
+        if isinstance(fail, OSError):  # the file that failed, by its own name
+            assert str(e.value) == f"{tmp_path / names[1]}: cannot write here (No space left on device); " \
+                                   "choose another path"
+        assert [(tmp_path / n).read_bytes() for n in names] == [b"new " + n.encode() for n in names]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # no temp file left
 
 
 def test_a_folder_that_cannot_be_made_names_the_reason(tmp_path):
