@@ -202,7 +202,7 @@ case "$module" in
         tests="tests/ops/test_build_notice.py tests/ops/test_build.py::test_builds_find_the_interpreters_own_tools
                tests/ops/test_build.py::test_each_installed_package_builds_its_own_and_copies_of_a_source_share_one
                tests/ops/test_build.py::test_only_the_binding_source_includes_torchs_python_headers
-               tests/ops/test_mut_build.py" ;;
+               tests/ops/test_mut_build.py tests/ops/test_mut_build_lock.py" ;;
     records)
         # reading every user data file record by record (.jsonl, .json arrays and JSON Lines, .parquet): the BOM, blank
         # lines, the line numbers and every one-line refusal that names the file and line
