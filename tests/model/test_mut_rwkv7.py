@@ -178,3 +178,33 @@ def test_grad_cp_recomputes_each_block_and_keeps_the_gradients_of_a_frozen_input
         calls.clear()
         model(idx)
     assert calls == [0, 1]
+
+
+def test_a_model_needs_a_config_and_says_what_it_got():
+    with pytest.raises(TypeError) as e:
+        rwkv7.RWKV7({"n_layer": 2})
+    assert str(e.value) == ("RWKV7: expected an RWKV7Config (RWKV7Config.new(n_layer, n_embd, vocab_size, "
+                            "head_size)), got dict")
+
+
+def test_a_time_mix_built_alone_runs_on_the_automatic_backend(model, monkeypatch):
+    """TimeMix is public (peft_rwkv7.model): built outside an RWKV7, which sets every layer's backend, it picks the
+    WKV backend as the model's default does ("auto") and gives the layer's output inside the model."""
+    seen = []
+    real = rwkv7.wkv7
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rwkv7, "wkv7", spy)
+    inside = model.blocks[1].att
+    alone = rwkv7.TimeMix(model.config, 1)
+    alone.load_state_dict(inside.state_dict())
+    assert inside.wkv_backend == "auto"  # make_model's default, which RWKV7 passes down
+    x, v_first = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        want, got = inside(x, v_first, None, None), alone(x, v_first, None, None)
+    assert seen == ["auto", "auto"]
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(w, g)
