@@ -114,6 +114,21 @@ def spy_extension(monkeypatch, *names: str) -> list[str]:
     return calls
 
 
+def spy_wkv7(monkeypatch, record) -> list:
+    """Record record(args, kwargs) for each call of the model's WKV op (model/rwkv7.py's `wkv7`), which still runs."""
+    import peft_rwkv7.model.rwkv7 as rwkv7
+
+    seen = []
+    real = rwkv7.wkv7
+
+    def spy(*args, **kwargs):
+        seen.append(record(args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rwkv7, "wkv7", spy)
+    return seen
+
+
 def graph_nodes(t: torch.Tensor) -> set[str]:
     """Names of the autograd nodes t's graph holds (which ops a forward took)."""
     names, todo, done = set(), [t.grad_fn], set()

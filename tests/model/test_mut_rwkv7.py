@@ -10,7 +10,7 @@ import torch
 import peft_rwkv7.model.rwkv7 as rwkv7
 from peft_rwkv7.model import load_model, save_model
 from peft_rwkv7.ops.timemix import token_mix, token_mix_reference
-from tests.conftest import make_model, rwkv_pkg_logits
+from tests.conftest import make_model, rwkv_pkg_logits, spy_wkv7
 
 V = 97
 
@@ -59,14 +59,7 @@ def test_keys_shorter_than_one_are_normalised(tmp_path, rwkv_pkg):
 
 
 def test_the_wkv_op_gets_one_dtype_and_the_chosen_backend(monkeypatch):
-    seen = []
-    real = rwkv7.wkv7
-
-    def spy(*args, **kwargs):
-        seen.append(({t.dtype for t in args[:6]}, kwargs.get("backend")))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rwkv7, "wkv7", spy)
+    seen = spy_wkv7(monkeypatch, lambda args, kwargs: ({t.dtype for t in args[:6]}, kwargs.get("backend")))
     model = make_model(seed=0, n_layer=2, n_embd=64, head_size=16, vocab_size=V)
     model.set_wkv_backend("reference")
     # as in bf16 training with train_parts [emb, time, ln]: frozen matrices bf16, trained tensors fp32, so w, a and
@@ -190,14 +183,7 @@ def test_a_model_needs_a_config_and_says_what_it_got():
 def test_a_time_mix_built_alone_runs_on_the_automatic_backend(model, monkeypatch):
     """TimeMix is public (peft_rwkv7.model): built outside an RWKV7, which sets every layer's backend, it picks the
     WKV backend as the model's default does ("auto") and gives the layer's output inside the model."""
-    seen = []
-    real = rwkv7.wkv7
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rwkv7, "wkv7", spy)
+    seen = spy_wkv7(monkeypatch, lambda args, kwargs: kwargs.get("backend"))
     inside = model.blocks[1].att
     alone = rwkv7.TimeMix(model.config, 1)
     alone.load_state_dict(inside.state_dict())

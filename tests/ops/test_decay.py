@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_rwkv7.ops import cpu, wkv7, wkv7_reference
-from tests.conftest import make_model
+from tests.conftest import make_model, spy_wkv7
 from tests.fp_oracle import U32, forward_rounding
 from tests.ops.conftest import assert_close, wkv_inputs, wkv_rtol
 
@@ -97,14 +97,8 @@ def test_other_backends_get_w_made_from_z():
 def test_an_fp32_model_hands_the_op_z_and_the_offset(monkeypatch):
     import peft_rwkv7.model.rwkv7 as rwkv7
 
-    seen = []
     real = rwkv7.wkv7
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("decay_offset"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rwkv7, "wkv7", spy)
+    seen = spy_wkv7(monkeypatch, lambda args, kwargs: kwargs.get("decay_offset"))
     model = make_model(seed=0, n_layer=2, n_embd=64, head_size=16, vocab_size=50)
     idx = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(0))
     ours = model(idx)
