@@ -120,8 +120,8 @@ case "$module" in
                tests/train/test_mut_checkpoint.py" ;;
     cpu)
         # the CPU kernels' Python side (issue 23): the WKV autograd Function and its staging, the thin products' and
-        # matvec's routes, the one-token step, fp64 log-sum-exp. Not the block cache's switches (their tests start
-        # processes, ~30 s each) nor the build's flags
+        # matvec's routes, the one-token step, fp64 log-sum-exp. The block cache's switches and the build's flags (38
+        # more, against a fake extension) with --mutants "*.x_*block*__mutmut_* *.x__build_flags__mutmut_*"
         src=peft_rwkv7/ops/cpu.py
         globs="*.x_kernel_threads__mutmut_* *.x_is_available__mutmut_* *.x__forward__mutmut_* *.x__backward__mutmut_*
                *.x__backward_state__mutmut_* *.x__rows__mutmut_* *.x__fp32__mutmut_* *.x__pad_square__mutmut_*
@@ -130,7 +130,7 @@ case "$module" in
                *.x_thin_tn__mutmut_* *.x_logsumexp_f64__mutmut_* *.x_wkv7_step_cpu__mutmut_* *.x__empty__mutmut_*"
         tests="tests/ops/test_cpu_backend.py tests/ops/test_thin.py tests/ops/test_matvec.py
                tests/adapters/test_rnn_step.py tests/infer/test_longctx.py tests/ops/test_loss_cpu.py
-               tests/ops/test_decay.py tests/ops/test_mut_cpu.py" ;;
+               tests/ops/test_decay.py tests/ops/test_mut_cpu.py tests/ops/test_mut_cpu_cache.py" ;;
     dispatch)
         # which WKV kernel a call gets (issue 23's speed rests on it): auto's order per device, the first-use check's
         # verdict cached per (backend, head size, dtype, device type), the fall-back to the reference
