@@ -55,10 +55,12 @@ case "$module" in
                tests/train/test_preference_train.py::test_micro_batches_and_accumulation_give_one_update
                tests/train/test_mut_loop.py" ;;
     pth_merge)
-        # the merge arithmetic only (not the summary lines of merge_into_pth and export)
+        # the merge arithmetic; merge_into_pth, export_rwkv_peft and their summary lines with
+        # --mutants "*.x__describe__mutmut_* *.x_merge_into_pth__mutmut_* *.x_export_rwkv_peft__mutmut_*"
         src=peft_rwkv7/adapters/pth_merge.py
         globs="*.x__is_quantized__mutmut_* *.x_merged_weight__mutmut_* *.x_merged_state_dict__mutmut_*"
-        tests="tests/adapters/test_merge.py tests/adapters/test_mut_pth_merge.py" ;;
+        tests="tests/adapters/test_merge.py tests/adapters/test_mut_pth_merge.py tests/adapters/test_peft_kinds.py
+               tests/adapters/test_export_eval.py tests/adapters/test_mut_pth_merge_lines.py" ;;
     formats)
         src=peft_rwkv7/data/formats.py
         tests="tests/data/test_formats.py tests/data/test_sharegpt.py tests/data/test_mut_formats.py" ;;
