@@ -84,12 +84,14 @@ def test_exports_summary_keeps_every_part(base_path, load_base, tmp_path):
     (dict(kind="lora", r=4, alpha=8, use_rslora=True), "rslora r=4 alpha=8"),
     (dict(kind="pissa", r=4, alpha=8), "pissa r=4 alpha=8"),
     (dict(kind="loha", r=4, alpha=8), "loha r=4 alpha=8"),
+    (dict(kind="lokr", r=4, alpha=8), "lokr r=4 alpha=8"),
+    (dict(kind="adalora", r=4, alpha=8), "adalora r=4 alpha=8"),
     (dict(kind="ia3"), "ia3"),
     (dict(kind="disha", disha_mode="bat", r=4, state=True, train_parts=["ln", "time"]),
      "bat r=4 + state + train_parts=ln,time"),
     (dict(kind="state"), "state"),
     (dict(kind="full"), "full"),
-], ids=["lora", "rslora", "pissa", "loha", "ia3", "bat+state+ln,time", "state", "full"])
+], ids=["lora", "rslora", "pissa", "loha", "lokr", "adalora", "ia3", "bat+state+ln,time", "state", "full"])
 def test_merges_summary_names_the_method_its_rank_and_alpha(method, described, base_path, load_base, tmp_path):
     """What was merged, as `rwkv-peft methods` names it, with the rank, and the alpha where the method scales by one
     (the LoRA family); a trained state adds the note on where runtimes read it."""
