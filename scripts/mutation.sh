@@ -122,7 +122,7 @@ case "$module" in
                tests/train/test_mut_checkpoint.py" ;;
     cpu)
         # the CPU kernels' Python side (issue 23): the WKV autograd Function and its staging, the thin products' and
-        # matvec's routes, the one-token step, fp64 log-sum-exp. The block cache's switches and the build's flags (38
+        # matvec's routes, the one-token step, fp64 log-sum-exp. The block cache's switches and the build's flags (54
         # more, against a fake extension) with --mutants "*.x_*block*__mutmut_* *.x__build_flags__mutmut_*"
         src=peft_rwkv7/ops/cpu.py
         globs="*.x_kernel_threads__mutmut_* *.x_is_available__mutmut_* *.x__forward__mutmut_* *.x__backward__mutmut_*
