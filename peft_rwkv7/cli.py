@@ -15,6 +15,7 @@ import sys
 from .cli_args import EXIT_USER_ERROR, parse_args
 from .cli_checks import check_inputs
 from .errors import Interrupted, TokenIdError, UserError
+from .interrupts import import_torch
 
 EXIT_INTERRUPTED = 130
 
@@ -349,6 +350,8 @@ _COMMANDS = {
     "methods": _cmd_methods,
     "init": _cmd_init,
 }
+# Commands that need torch from the start import it with Ctrl-C held (interrupts.py); train holds it in train.runner
+_STARTS_WITH_TORCH = {"inspect", "merge", "export", "convert", "generate", "eval", "chat", "doctor"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         check_inputs(args)  # every path and flag before any work (train: its recipe's, in train.runner)
+        if args.command in _STARTS_WITH_TORCH:
+            import_torch()
         return _COMMANDS[args.command](args)
     except Interrupted as e:  # a Ctrl-C the command stopped for in good order (train: its steps saved)
         if args.debug:

@@ -25,14 +25,11 @@ process finds.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,23 +61,6 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
         else:
             torch.cuda.set_rng_state(state["cuda"])
-
-
-@contextlib.contextmanager
-def ctrl_c_after_save():
-    """Ctrl-C while checkpoint files are written takes effect once they are (raised on exit). Raised inside
-    torch.save's writer, it would surface as a RuntimeError from the zip writer and lose the finished steps."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending and callable(previous):
-            previous(signal.SIGINT, None)
 
 
 def has_checkpoint(run_dir: Path, step: int) -> bool:

@@ -27,6 +27,7 @@ from ..data.dataset import TrainData
 from ..data.prompts import make_prompt_data
 from ..errors import Interrupted, UserError
 from ..infer.evaluate import load_eval_data
+from ..interrupts import ctrl_c_held
 from ..model import RWKV7Config, load_model, new_model, pick_device, save_model
 from ..model.hub import resolve_model_path
 from ..run_dir import MODEL_FILE, end_parts, mark_ending
@@ -370,7 +371,7 @@ def _save(run: Run, step: int) -> None:
     keep, stage, dist = run.recipe.train.keep_checkpoints, run.recipe.train.deepspeed.stage, run.dist
     if step == run.recipe.train.max_steps and dist.is_main:
         mark_ending(run.out_dir, True)  # until finish has written the end that follows this checkpoint
-    with ckpt.ctrl_c_after_save():
+    with ctrl_c_held():  # a Ctrl-C inside torch.save's zip writer would lose the steps: taken once written
         if run.engine is None:
             ckpt.save_checkpoint(run.out_dir, step, run.named, run.optimizer, keep=keep,
                                  extra=_extra_state(run), precision=run.computes_in, routes=run.routes.record())

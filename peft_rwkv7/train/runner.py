@@ -14,6 +14,7 @@ import yaml
 
 from ..errors import UserError
 from ..extras import check_recipe
+from ..interrupts import ctrl_c_held
 from ..path_checks import check_recipe_paths
 from ..run_dir import RECIPE_FILE, end_cut_short, end_parts, list_checkpoints, remove_stale_temps
 from .recipe import Recipe, dump_recipe, load_recipe
@@ -66,8 +67,9 @@ def train_from_cli(recipe_path: str, overrides: list[str], resume: bool = False)
             return 0
         if _global_rank0():
             remove_stale_temps(out_dir)  # a killed run's, now that this one holds the directory
-        from .distributed import close_dist, launcher_dist
-        from .loop import describe, train
+        with ctrl_c_held():  # torch's import, cut by a Ctrl-C, breaks it (a traceback) or aborts: taken once done
+            from .distributed import close_dist, launcher_dist
+            from .loop import describe, train
 
         dist = launcher_dist(recipe)
         if dist.is_main:

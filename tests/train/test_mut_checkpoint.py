@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,36 +65,6 @@ def test_a_gpu_state_is_not_restored_where_there_is_no_gpu(monkeypatch):
     cuda = _FakeCuda(monkeypatch, available=False)
     ckpt.set_rng_state({**saved, "cuda": torch.tensor([1], dtype=torch.uint8)})  # a GPU run resumed on a CPU
     assert cuda.calls == []
-
-
-def test_ctrl_c_while_saving_takes_effect_once_the_save_is_written():
-    before = signal.getsignal(signal.SIGINT)
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with ckpt.ctrl_c_after_save():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("written")  # the body goes on to its end
-    assert done == ["written"] and signal.getsignal(signal.SIGINT) is before
-    with ckpt.ctrl_c_after_save():  # no Ctrl-C: nothing raised
-        pass
-    assert signal.getsignal(signal.SIGINT) is before
-
-
-def test_ctrl_c_after_save_in_another_thread_leaves_the_signals_alone():
-    """Only the main thread may set signal handlers: elsewhere (a save from a helper thread) it does nothing."""
-    errors = []
-
-    def save():
-        try:
-            with ckpt.ctrl_c_after_save():
-                pass
-        except Exception as e:  # signal.signal outside the main thread raises ValueError
-            errors.append(e)
-
-    t = threading.Thread(target=save)
-    t.start()
-    t.join()
-    assert errors == []
 
 
 def _layout(run: Path, files=(1, 2, 3), folders=(), garbage=()) -> Path:

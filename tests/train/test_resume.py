@@ -165,6 +165,7 @@ def test_checkpoint_from_another_process_layout_is_refused(tmp_path):
 def test_ctrl_c_during_a_save_waits_for_it(tmp_path):
     """Ctrl-C landing inside torch.save would break the zip writer (a RuntimeError, the steps lost): it is
     held until the checkpoint files are written, then raised."""
+    from peft_rwkv7.interrupts import ctrl_c_held
     from peft_rwkv7.train import checkpoint as ckpt
 
     p = torch.nn.Parameter(torch.zeros(3))
@@ -173,7 +174,7 @@ def test_ctrl_c_during_a_save_waits_for_it(tmp_path):
     # SIGINT ignored, and then no KeyboardInterrupt would come at all)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(KeyboardInterrupt), ckpt.ctrl_c_after_save():
+        with pytest.raises(KeyboardInterrupt), ctrl_c_held():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # the signal arrives while the save is still to come
             ckpt.save_checkpoint(tmp_path, 1, [("p", p)], opt)
