@@ -5,7 +5,7 @@
 #                  linear_ce | fused_lora | rowsplit | timemix | pointwise | cpu | checkpoint | dispatch |
 #                  verify | ops_entry | memory | optim | sampling | binidx | dataset | dataset_make | schedule |
 #                  build | records | data_build | tokenizer | preference | model_io | model_config | inits |
-#                  sampler | grpo_loss | run_dir | model_init
+#                  sampler | grpo_loss | run_dir | model_init | interrupts
 #                  (the map below)
 #     --rev        the tree (code and tests) of a commit (git archive REV) instead of the working tree
 #     --new-tests  with --rev: the map's test_mut_*.py files from the working tree too (REV's code, today's tests)
@@ -259,12 +259,16 @@ case "$module" in
         # a fresh model's start (pretraining from scratch), as RWKV-LM's trainer draws it
         src=peft_rwkv7/model/init.py
         tests="tests/model/test_init.py" ;;
+    interrupts)
+        # Ctrl-C held over a checkpoint's save and over a command's torch import, taken at the block's end
+        src=peft_rwkv7/interrupts.py
+        tests="tests/test_interrupts.py" ;;
     *)
         echo "usage: bash scripts/mutation.sh MODULE [--rev REV [--new-tests]] [--mutants 'NAME ...']" >&2
         echo "  MODULE: losses objectives loop pth_merge formats rwkv7 routes thin_check precision" \
              "linear_ce fused_lora rowsplit timemix pointwise cpu checkpoint dispatch verify ops_entry memory optim" \
              "sampling binidx dataset dataset_make schedule build records data_build tokenizer preference" \
-             "model_io model_config inits sampler grpo_loss run_dir model_init" >&2
+             "model_io model_config inits sampler grpo_loss run_dir model_init interrupts" >&2
         exit 2 ;;
 esac
 

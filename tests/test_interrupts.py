@@ -6,6 +6,7 @@ sweep). Here the Ctrl-C is sent from inside the import, at a module that torch i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from peft_rwkv7.interrupts import ctrl_c_held
+from peft_rwkv7.interrupts import ctrl_c_held, import_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data/demo/rwkv7-demo.pth"
@@ -84,6 +85,54 @@ def test_the_handler_in_place_decides_what_a_held_ctrl_c_does(before, rc, said):
             "print('end', flush=True)")
     res = _run("-", code)
     assert res.returncode == rc and res.stdout.split() == ["block", *([said] if said else [])], res
+
+
+@pytest.mark.parametrize("before, raised", [(signal.SIG_DFL, [signal.SIGINT]), (signal.SIG_IGN, [])])
+def test_a_held_ctrl_c_is_sent_again_where_its_default_action_was_in_place(monkeypatch, before, raised):
+    """In this process, with the signal sent again recorded instead (the subprocess test above sees its effect)."""
+    sent = []
+    monkeypatch.setattr(signal, "raise_signal", sent.append)
+    previous = signal.signal(signal.SIGINT, before)
+    try:
+        with ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == before
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sent == raised
+
+
+def test_import_torch_holds_ctrl_c_over_the_import_only_where_torch_is_not_imported(monkeypatch):
+    """A stand-in torch, found by a finder of this test, records the handler in place while it is imported."""
+    seen = []
+
+    class Loader:
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            seen.append(signal.getsignal(signal.SIGINT))
+            os.kill(os.getpid(), signal.SIGINT)
+
+    class Finder:
+        def find_spec(self, name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, Loader()) if name == "torch" else None
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        handlers = []
+        real = signal.signal
+        monkeypatch.setattr(signal, "signal", lambda *a: handlers.append(a) or real(*a))
+        import_torch()  # torch is imported (this test file's conftest): no handler is set
+        monkeypatch.setattr(signal, "signal", real)
+        assert seen == [] and handlers == []
+        monkeypatch.delitem(sys.modules, "torch")
+        monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+        with pytest.raises(KeyboardInterrupt):
+            import_torch()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(seen) == 1 and seen[0] not in (signal.default_int_handler, signal.SIG_DFL, signal.SIG_IGN)
 
 
 @pytest.mark.parametrize("target", ["numpy", "torch._C", "torch.nn"])
