@@ -1,6 +1,7 @@
-"""peft's LoRA Linear with the low-rank term added inside one GEMM: `result += scaling * (x A^T) B^T` as an
-in-place addmm on the base layer's output, and, when training without autocast, one autograd node for the
-whole layer (_LoraMatmul).
+"""peft's LoRA Linear with the low-rank term added inside one GEMM and, through the model's plain Linear (training,
+and without a gradient for more than one row), one autograd node for the whole layer (_LoraMatmul): the thin
+product `scaling * (x A^T) B^T` is written first and the base GEMM adds onto it (beta 1). Elsewhere (a quantized
+base, one row of generation) `result += scaling * (x A^T) B^T` as an in-place addmm on the base layer's output.
 
 peft computes `result + lora_B(lora_A(dropout(x))) * scaling`: two element-wise passes over the output
 ([tokens, out]) in the forward, each a fresh tensor, and one more (the scaling) in the backward, for every
@@ -16,9 +17,9 @@ peft's forward makes and this one would not.
 
 _LoraMatmul (a frozen, unquantized base weight; every tensor of one dtype, or autocast's dtype under autocast):
 autograd would give x two gradients, (g W) and (s g B) A, each a fresh [tokens, in] tensor, and then add them;
-the node adds the second into the first in place (addmm_), and scales A's and B's gradients after their thin
-GEMMs. Same products, one pass over the largest gradient fewer per adapted Linear. Under bf16 autocast
-(issue 23, round 15) that sum was ~18 ms of a 0.53 s bf16 LoRA step at 0.1B ctx 512 on a CPU with AMX.
+the node sums them as the forward does (the thin one first, the base GEMM onto it), and scales A's and B's
+gradients after their thin GEMMs. Same products, one pass over the largest gradient fewer per adapted Linear.
+Under bf16 autocast (issue 23, round 15) that sum was ~18 ms of a 0.53 s bf16 LoRA step at 0.1B ctx 512 (AMX).
 In fp32 on CPU the thin products (x A^T, g B and the factors' gradients) run in the CPU extension's kernel
 (ops.cpu.thin_nt/thin_tn: about twice BLAS's speed on those shapes on a 2-core AVX-512 EPYC, issue 23, round 21) for
 the ranks and kinds of product that its measured check found faster on this CPU (ops/thin_check.py: cached per
@@ -34,7 +35,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 
 from ..model.rwkv7 import Linear
 from ..ops import cpu, partitioned
-from ..ops.rowsplit import mm_rows, row_chunks
+from ..ops.rowsplit import row_chunks
 from ..ops.thin_check import ThinCheck, cpu_thin_check
 
 
@@ -59,7 +60,9 @@ class FusedLoraLinear(PeftLoraLinear):
             chunks = row_chunks(x2.shape[0], w) if dt == torch.bfloat16 and self.base_layer.bf16_row_chunks else 1
             x2 = x2.to(dt)
             nt, tn = self._thin_kernel(x2, a.shape[0])
-            y = _LoraMatmul.apply(x2, w.to(dt), a.to(dt), b.to(dt), float(self.scaling[name]), chunks, nt, tn)
+            args = (x2, w.to(dt), a.to(dt), b.to(dt), float(self.scaling[name]), chunks, nt)
+            # without a gradient (DPO's reference, evaluation) the node's own forward: the bits a training forward gives
+            y = _LoraMatmul.apply(*args, tn) if self._wants_grad(x2, a, b) else _lora_forward(*args)[0]
             return y.view(*x.shape[:-1], y.shape[-1])
         result = self.base_layer(x2)
         # peft casts x to A's dtype (fp32: trained tensors stay fp32); under autocast F.linear casts it back to
@@ -67,10 +70,7 @@ class FusedLoraLinear(PeftLoraLinear):
         # bf16 LoRA step at 0.1B ctx 512), so there x goes in as it is: the same bits.
         amp = torch.is_autocast_enabled(x2.device.type)
         xin = x2 if amp else self._cast_input_dtype(x2, a.dtype)
-        # the training node's x A^T where it takes the CPU kernel, so a no-grad pass (DPO's reference, evaluation)
-        # gives the bits a training forward gives (under autocast the node computes in bf16, as F.linear does)
-        nt = not amp and self._thin_kernel(xin, a.shape[0])[0]
-        xa = cpu.thin_nt(xin, a, w_rk=True, kernel=True) if nt else F.linear(xin, a)
+        xa = F.linear(xin, a)
         # under autocast the base output is bf16: the low-rank product joins it in that dtype, as peft's does
         result.addmm_(xa.to(result.dtype), b.to(result.dtype).t(), alpha=self.scaling[name])
         return result.view(*x.shape[:-1], result.shape[-1])
@@ -85,16 +85,21 @@ class FusedLoraLinear(PeftLoraLinear):
         return rank in self.thin_check.nt, rank in self.thin_check.tn
 
     def _node_dtype(self, x2, w, a, b) -> torch.dtype | None:
-        """The dtype _LoraMatmul computes this call in, or None where it does not: it does in training (a
-        gradient wanted) through the model's plain Linear with a frozen weight (not quantized, no bias), under
-        autocast in autocast's dtype (bf16 here), without it where every tensor has one dtype."""
+        """The dtype _LoraMatmul (or, without a gradient, its forward) computes this call in, or None where it does
+        not: it does through the model's plain Linear with a frozen weight (not quantized, no bias), for more than one
+        row where no gradient is wanted (one row: the Linear's own matvec, for generation), under autocast in
+        autocast's dtype (bf16 here), without it where every tensor has one dtype."""
         base = self.base_layer
-        if not (torch.is_grad_enabled() and (x2.requires_grad or a.requires_grad or b.requires_grad)
-                and type(base) is Linear and base.bias is None and not w.requires_grad and x2.device == w.device):
+        if not (type(base) is Linear and base.bias is None and not w.requires_grad and x2.device == w.device
+                and (x2.shape[0] > 1 or self._wants_grad(x2, a, b))):
             return None
         if torch.is_autocast_enabled(x2.device.type):
             return torch.get_autocast_dtype(x2.device.type)
         return x2.dtype if x2.dtype == w.dtype == a.dtype == b.dtype else None
+
+    @staticmethod
+    def _wants_grad(x2, a, b) -> bool:
+        return torch.is_grad_enabled() and (x2.requires_grad or a.requires_grad or b.requires_grad)
 
     def _plain_adapter(self, args, kwargs) -> str | None:
         """The one active adapter when the forward is plain LoRA, else None (peft's forward handles it)."""
@@ -116,9 +121,7 @@ class _LoraMatmul(torch.autograd.Function):
     def forward(ctx, x, w, a, b, s: float, chunks: int = 1, nt: bool = False, tn: bool = False):
         # the thin products (here and in the backward) in the CPU kernel where nt (x A^T, g B) and tn (the factors'
         # gradients) say so (FusedLoraLinear._thin_kernel), torch's products elsewhere
-        y = mm_rows(x, w.t(), chunks)  # the base product in row chunks where ops.rowsplit says so
-        xa = cpu.thin_nt(x, a, w_rk=True, kernel=nt)
-        y.addmm_(xa, b.t(), alpha=s)
+        y, xa = _lora_forward(x, w, a, b, s, chunks, nt)
         ctx.save_for_backward(x, w, a, b, xa)
         ctx.s, ctx.chunks, ctx.nt, ctx.tn = s, chunks, nt, tn
         return y
@@ -131,13 +134,32 @@ class _LoraMatmul(torch.autograd.Function):
         dx = da = db = None
         gb = cpu.thin_nt(g, b, kernel=ctx.nt) if need[0] or need[2] else None  # [tokens, r]: g B, unscaled
         if need[0]:
-            dx = mm_rows(g, w, ctx.chunks)
-            dx.addmm_(gb, a, alpha=s)  # x's second gradient added in place
+            dx = _sum_products(g, w, gb, a, s, ctx.chunks)  # x's two gradients, summed inside the base GEMM
         if need[2]:
             da = cpu.thin_tn(gb, x, s, kernel=ctx.tn)
         if need[3]:
             db = cpu.thin_tn(xa, g, s, out_kr=True, kernel=ctx.tn)  # [out, r]
         return dx, None, da, db, None, None, None, None
+
+
+def _lora_forward(x, w, a, b, s: float, chunks: int, nt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + s (x A^T) B^T, x A^T): x A^T in the CPU kernel where nt says so (see _LoraMatmul.forward)."""
+    xa = cpu.thin_nt(x, a, w_rk=True, kernel=nt)
+    return _sum_products(x, w.t(), xa, b.t(), s, chunks), xa
+
+
+def _sum_products(x, w, u, v, s: float, chunks: int) -> torch.Tensor:
+    """x w + s u v for a thin u v (rank columns): the thin product is written first (beta 0: the fresh tensor's
+    contents are ignored) and the base GEMM adds onto it (beta 1), in row chunks where ops.rowsplit says so. The sum
+    then happens inside the GEMM's own writes: adding the thin product afterwards was one more pass over the
+    [tokens, out] result, ~1.7% of a LoRA r16 fp32 step at 0.1B ctx 512 (issue 23, round 37)."""
+    out = x.new_empty(x.shape[0], w.shape[1])
+    torch.addmm(out, u, v, beta=0, alpha=s, out=out)
+    if chunks <= 1:
+        return out.addmm_(x, w)
+    for part, dst in zip(x.tensor_split(chunks), out.tensor_split(chunks), strict=True):
+        dst.addmm_(part, w)
+    return out
 
 
 def route_thin(model: nn.Module, check: ThinCheck) -> int:

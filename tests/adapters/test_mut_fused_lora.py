@@ -71,8 +71,8 @@ def test_every_mix_of_wanted_gradients_takes_the_node_and_gets_its_gradients(wan
 
 
 def test_without_autograd_the_node_never_runs(applied):
-    """No grad mode, or grad mode with nothing that wants a gradient: the plain path (the base layer's own product,
-    one-row generation's matvec included), never the training node."""
+    """No grad mode, or grad mode with nothing that wants a gradient: never the training node (rows: its forward
+    without autograd; one row, generation's: the base layer's own matvec)."""
     _, lin = _adapted()
     x = torch.randn(ROWS, 64)
     with torch.no_grad():

@@ -163,7 +163,13 @@ def test_dora_and_rslora_equal_peft_on_plain_linears(option, load_base, train):
                 theirs[k].copy_(ours[k])
         x_in = inp.detach().clone()
         y_ref = ref(x_in)
-        assert torch.equal(y_ref, y.detach()), name
+        if option.get("use_dora"):  # peft's own forward runs in the layer: the same bits
+            assert torch.equal(y_ref, y.detach()), name
+        else:  # the fused layer sums the two products inside the base GEMM (adapters/fused_lora.py): a few ulps
+            s = layer.scaling["default"]
+            xa = x_in.abs() @ ours["lora_A"].detach().abs().t()
+            mag = x_in.abs() @ w.abs().t() + s * xa @ ours["lora_B"].detach().abs().t()
+            assert ((y_ref - y.detach()).abs() <= 8 * 2.0**-24 * mag).all(), name
         y_ref.backward(y.grad)
         for k in ours:
             assert torch.equal(theirs[k].grad, ours[k].grad), f"{name} {k}"
