@@ -16,7 +16,8 @@ BF = torch.bfloat16
 
 
 class MmRows(TorchDispatchMode):
-    """Records the row count of every aten.mm call's first operand."""
+    """Records the row count of every product's first matrix: aten.mm's, and aten.addmm's (LoRA's layer adds its base
+    product onto the thin one's, adapters/fused_lora.py)."""
 
     def __init__(self):
         super().__init__()
@@ -25,6 +26,8 @@ class MmRows(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket is torch.ops.aten.mm:
             self.rows.append(args[0].shape[0])
+        elif func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.rows.append(args[1].shape[0])
         return func(*args, **(kwargs or {}))
 
 
