@@ -8,6 +8,8 @@ so 8 * 2^-24 of (|x| |W|^T + s |x A^T| |B|^T) per element bounds both against fp
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
@@ -224,29 +226,35 @@ def test_the_sum_ignores_what_its_fresh_result_held(chunks, monkeypatch):
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(30, 64, generator=g), torch.randn(64, 48, generator=g)
     u, v = torch.randn(30, 4, generator=g), torch.randn(4, 48, generator=g)
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size, **k: torch.full(size, float("nan")))
-    got = fused_lora._sum_products(x, w, u, v, 2.5, chunks)
     x64, w64, u64, v64 = x.double(), w.double(), u.double(), v.double()
     want = x64 @ w64 + 2.5 * u64 @ v64
     mag = x64.abs() @ w64.abs() + 2.5 * u64.abs() @ v64.abs()
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "new_empty", lambda self, *size, **k: torch.full(size, float("nan")))
+        got = fused_lora._sum_products(x, w, u, v, 2.5, chunks)
+    assert ((got.double() - want).abs() <= 8 * U * mag).all()
+    with warnings.catch_warnings():  # the fresh result has the product's shape: no out= resized (torch warns)
+        warnings.simplefilter("error")
+        got = fused_lora._sum_products(x, w, u, v, 2.5, chunks)
     assert ((got.double() - want).abs() <= 8 * U * mag).all()
 
 
 def test_one_row_without_a_gradient_takes_the_base_layers_own_forward():
-    """Generation's single rows keep the Linear's matvec (model/rwkv7.Linear); more rows take the node's forward."""
+    """Generation's single rows keep the Linear's matvec (model/rwkv7.Linear); two rows and more take the node's
+    forward."""
     _, lin = _adapted()
     rows = []
     lin.base_layer.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        one, five = lin(x[:1]), lin(x)
+        one, two, five = lin(x[:1]), lin(x[:2]), lin(x)
     assert rows == [1]
     w = lin.base_layer.weight.double()
     a, b = lin.lora_A["default"].weight.double(), lin.lora_B["default"].weight.double()
     s = lin.scaling["default"]
     want = x.double() @ w.t() + s * (x.double() @ a.t()) @ b.t()
     mag = x.double().abs() @ w.abs().t() + s * (x.double().abs() @ a.abs().t()) @ b.abs().t()
-    for got, ref, m in ((one, want[:1], mag[:1]), (five, want, mag)):
+    for got, ref, m in ((one, want[:1], mag[:1]), (two, want[:2], mag[:2]), (five, want, mag)):
         assert ((got.double() - ref).abs() <= 8 * U * m).all()
 
 

@@ -38,18 +38,20 @@ def _close(got: torch.Tensor, want: torch.Tensor, name: str, ulps: float = 64) -
     assert (got.double() - want).abs().max() <= ulps * U * want.abs().max(), name
 
 
+@pytest.mark.parametrize("rows", [ROWS, 1])
 @pytest.mark.parametrize("wants", [m for m in itertools.product([False, True], repeat=3) if any(m)],
                          ids=lambda m: "+".join(n for n, on in zip(("x", "A", "B"), m) if on))
-def test_every_mix_of_wanted_gradients_takes_the_node_and_gets_its_gradients(wants, applied, monkeypatch):
+def test_every_mix_of_wanted_gradients_takes_the_node_and_gets_its_gradients(wants, rows, applied, monkeypatch):
     """x, A, B each wanting a gradient or not (a first layer's x wants none; a frozen factor, e.g. A frozen as in
     LoRA-FA, wants none): the node runs, each wanted gradient is the formula's and no other is set; g B (the
-    [tokens, r] product) is made only where x's or A's gradient needs it."""
+    [tokens, r] product) is made only where x's or A's gradient needs it. One row too (a one-token sequence in
+    training: the node, where a no-grad row takes the Linear's matvec)."""
     want_x, want_a, want_b = wants
     _, lin = _adapted()
     lin.lora_A["default"].weight.requires_grad_(want_a)
     lin.lora_B["default"].weight.requires_grad_(want_b)
     gen = torch.Generator().manual_seed(11)
-    x, gy = torch.randn(ROWS, 64, generator=gen), torch.randn(ROWS, lin.out_features, generator=gen)
+    x, gy = torch.randn(rows, 64, generator=gen), torch.randn(rows, lin.out_features, generator=gen)
     xx = x.clone().requires_grad_(want_x)
     y = lin(xx)
     assert applied == [1]
